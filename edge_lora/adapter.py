@@ -1,0 +1,213 @@
+"""The adapter file: one ``.safetensors`` with LoRA tensors and JSON metadata.
+
+Tensors use PEFT's layout without its ``base_model.model.`` prefix:
+``<module>.lora_A`` ``[r, in]``, ``<module>.lora_B`` ``[out, r]``, and for DoRA
+``<module>.lora_magnitude`` ``[out]``. New tokens add ``model.embed_tokens.added_rows``
+(and ``lm_head.added_rows`` on an untied base). Metadata key ``edge_lora`` holds JSON:
+format version, per-module rank and alpha, scaling rule, targets, base architecture and
+base fingerprint. The full specification is docs/adapter-format.md.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from .config import ModelConfig
+from .errors import EdgeLoraError
+from .safetensors_io import SafetensorsFile, save_tensors
+from .targets import linear_modules
+
+FORMAT_VERSION = 1
+METADATA_KEY = "edge_lora"
+EMBED_ROWS = "model.embed_tokens.added_rows"
+HEAD_ROWS = "lm_head.added_rows"
+_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
+
+
+@dataclass
+class LoraWeights:
+    a: np.ndarray  # [r, in]
+    b: np.ndarray  # [out, r]
+    alpha: float
+    magnitude: np.ndarray | None = None  # DoRA: [out]
+
+    @property
+    def rank(self) -> int:
+        return self.a.shape[0]
+
+
+@dataclass
+class Adapter:
+    modules: dict[str, LoraWeights]
+    base_architecture: str
+    base_fingerprint: str | None = None
+    rslora: bool = False
+    target_modules: list[str] = field(default_factory=list)
+    added_tokens: list[str] = field(default_factory=list)
+    embed_rows: np.ndarray | None = None  # [n_new, hidden]
+    head_rows: np.ndarray | None = None  # [n_new, hidden], untied bases only
+    extra: dict = field(default_factory=dict)  # free-form provenance (trainer settings, source)
+
+    @property
+    def dora(self) -> bool:
+        return any(w.magnitude is not None for w in self.modules.values())
+
+    def scale(self, module: str) -> float:
+        w = self.modules[module]
+        return w.alpha / (math.sqrt(w.rank) if self.rslora else w.rank)
+
+    def delta(self, module: str) -> np.ndarray:
+        """``scale * B @ A`` in float32: what plain LoRA adds to the weight ``[out, in]``."""
+        w = self.modules[module]
+        return (self.scale(module) * (w.b.astype(np.float32) @ w.a.astype(np.float32))).astype(np.float32)
+
+    def merged_weight(self, module: str, weight: np.ndarray, scale: float = 1.0) -> np.ndarray:
+        """The base weight with this module folded in (DoRA's renormalisation included)."""
+        w = self.modules[module]
+        merged = weight.astype(np.float32) + scale * self.delta(module)
+        if w.magnitude is not None:
+            norm = np.linalg.norm(merged, axis=1, keepdims=True)
+            dora = w.magnitude.astype(np.float32)[:, None] / np.maximum(norm, 1e-12) * merged
+            merged = weight.astype(np.float32) + scale * (dora - weight.astype(np.float32))
+        return merged
+
+    def num_parameters(self) -> int:
+        return sum(w.a.size + w.b.size + (0 if w.magnitude is None else w.magnitude.size) for w in self.modules.values())
+
+    # --- file I/O ---------------------------------------------------------------------
+
+    def metadata(self) -> dict:
+        return {
+            "format_version": FORMAT_VERSION,
+            "base": {"architecture": self.base_architecture, "fingerprint": self.base_fingerprint},
+            "scaling": "rslora" if self.rslora else "standard",
+            "target_modules": self.target_modules or sorted(self.modules),
+            "modules": {m: {"rank": w.rank, "alpha": float(w.alpha), "dora": w.magnitude is not None} for m, w in sorted(self.modules.items())},
+            "added_tokens": self.added_tokens,
+            "extra": self.extra,
+        }
+
+    def save(self, path: str | os.PathLike, dtype=np.float32) -> None:
+        tensors = {}
+        for m, w in self.modules.items():
+            tensors[f"{m}.lora_A"] = w.a.astype(dtype)
+            tensors[f"{m}.lora_B"] = w.b.astype(dtype)
+            if w.magnitude is not None:
+                tensors[f"{m}.lora_magnitude"] = w.magnitude.astype(np.float32)
+        if self.embed_rows is not None:
+            tensors[EMBED_ROWS] = self.embed_rows.astype(np.float32)
+        if self.head_rows is not None:
+            tensors[HEAD_ROWS] = self.head_rows.astype(np.float32)
+        save_tensors(path, tensors, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
+
+    @classmethod
+    def load(cls, path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None) -> "Adapter":
+        """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` also check it fits."""
+        path = Path(path)
+        if path.is_dir():
+            raise EdgeLoraError("expected an adapter .safetensors file, found a directory", path=path,
+                                hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft")
+        st = SafetensorsFile(path)
+        meta = _read_metadata(st, path)
+        modules_meta = meta["modules"]
+        groups: dict[str, dict[str, np.ndarray]] = {}
+        embed_rows = head_rows = None
+        for name in st.keys():
+            if st.tensors[name].dtype not in ("F32", "F16", "BF16"):
+                raise EdgeLoraError(f"tensor {name!r} has dtype {st.tensors[name].dtype}; adapters hold float tensors", path=path)
+            if name in (EMBED_ROWS, HEAD_ROWS):
+                rows = _finite(st.get(name).astype(np.float32), name, path)
+                embed_rows, head_rows = (rows, head_rows) if name == EMBED_ROWS else (embed_rows, rows)
+                continue
+            match = _TENSOR.match(name)
+            if not match:
+                raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")
+            groups.setdefault(match["module"], {})[match["part"]] = _finite(st.get(name).astype(np.float32), name, path)
+        modules = {}
+        for module, parts in groups.items():
+            if "lora_A" not in parts or "lora_B" not in parts:
+                raise EdgeLoraError(f"module {module!r} needs both lora_A and lora_B", path=path)
+            a, b = parts["lora_A"], parts["lora_B"]
+            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
+                raise EdgeLoraError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank", path=path)
+            info = modules_meta.get(module)
+            if not isinstance(info, dict) or "alpha" not in info:
+                raise EdgeLoraError(f"module {module!r} has tensors but no rank/alpha in the metadata", path=path)
+            if int(info.get("rank", a.shape[0])) != a.shape[0]:
+                raise EdgeLoraError(f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}", path=path)
+            mag = parts.get("lora_magnitude")
+            if mag is not None and mag.shape != (b.shape[0],):
+                raise EdgeLoraError(f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]", path=path)
+            modules[module] = LoraWeights(a=a, b=b, alpha=float(info["alpha"]), magnitude=mag)
+        if not modules and embed_rows is None:
+            raise EdgeLoraError("adapter holds no LoRA tensors", path=path)
+        adapter = cls(
+            modules=modules,
+            base_architecture=str(meta["base"].get("architecture")),
+            base_fingerprint=meta["base"].get("fingerprint"),
+            rslora=meta.get("scaling") == "rslora",
+            target_modules=list(meta.get("target_modules") or []),
+            added_tokens=list(meta.get("added_tokens") or []),
+            embed_rows=embed_rows,
+            head_rows=head_rows,
+            extra=meta.get("extra") or {},
+        )
+        if base is not None or base_fingerprint is not None:
+            adapter.check_fits(base, base_fingerprint, path=path)
+        return adapter
+
+    def check_fits(self, base: ModelConfig | None, base_fingerprint: str | None = None, *, path=None) -> None:
+        """Refuse an adapter made for another base, naming the base it was made for."""
+        if base_fingerprint and self.base_fingerprint and base_fingerprint != self.base_fingerprint:
+            raise EdgeLoraError(
+                f"adapter was made for base {self.base_architecture} {self.base_fingerprint[:19]}…, not this base ({base_fingerprint[:19]}…)",
+                path=path, hint="wrong base model? export the adapter's own base, or retrain the adapter on this one")
+        if base is None:
+            return
+        if self.base_architecture != base.architecture:
+            raise EdgeLoraError(f"adapter was made for a {self.base_architecture}, the base is a {base.architecture}", path=path,
+                                hint="wrong base model?")
+        shapes = linear_modules(base, include_lm_head=True)
+        for module, w in self.modules.items():
+            if module not in shapes:
+                raise EdgeLoraError(f"module {module!r} is not a linear layer of this base", path=path, hint="wrong base model?")
+            out_f, in_f = shapes[module]
+            if w.a.shape[1] != in_f or w.b.shape[0] != out_f:
+                raise EdgeLoraError(
+                    f"module {module!r}: adapter shapes A{list(w.a.shape)} B{list(w.b.shape)} do not fit the base's [{out_f}, {in_f}]",
+                    path=path, hint="wrong base model?")
+        for rows in (self.embed_rows, self.head_rows):
+            if rows is not None and (rows.ndim != 2 or rows.shape[1] != base.hidden_size or rows.shape[0] != len(self.added_tokens)):
+                raise EdgeLoraError(f"added token rows {list(rows.shape)} do not fit hidden size {base.hidden_size}", path=path)
+
+
+def _read_metadata(st: SafetensorsFile, path) -> dict:
+    raw = st.metadata.get(METADATA_KEY)
+    if raw is None:
+        hint = "this looks like a PEFT file: import its directory with `edge-lora export --adapter DIR`" if any(
+            k.startswith("base_model.") for k in st.keys()) else "make it with `edge-lora train` or import a PEFT directory"
+        raise EdgeLoraError("not an edge-lora adapter (no edge_lora metadata)", path=path, hint=hint)
+    try:
+        meta = json.loads(raw)
+    except json.JSONDecodeError:
+        raise EdgeLoraError("adapter metadata is not valid JSON", path=path) from None
+    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or not isinstance(meta.get("base"), dict):
+        raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path)
+    version = meta.get("format_version")
+    if not isinstance(version, int) or version > FORMAT_VERSION:
+        raise EdgeLoraError(f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
+                            path=path, hint="upgrade edge-lora")
+    return meta
+
+
+def _finite(arr: np.ndarray, name: str, path) -> np.ndarray:
+    if not np.isfinite(arr).all():
+        raise EdgeLoraError(f"tensor {name!r} holds NaN or Inf", path=path, hint="the training diverged or the file is corrupt")
+    return arr

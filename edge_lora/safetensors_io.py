@@ -1,0 +1,156 @@
+"""A defensive safetensors reader and an atomic writer, numpy only.
+
+The ``safetensors`` package trusts the header more than a file from a network deserves and
+cannot give bf16 to numpy; this reader checks every offset against the file size before it
+touches data (no memory bomb, no overlap), and widens bf16 to float32 itself.
+Layout: 8-byte little-endian header length, a JSON header, then the data block.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import struct
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from .atomic import atomic_write_bytes
+from .errors import EdgeLoraError
+
+MAX_HEADER_BYTES = 100 * 1024 * 1024
+
+DTYPES = {
+    "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
+    "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
+}
+NUMPY_TO_ST = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
+               np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
+               np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
+
+
+@dataclass(frozen=True)
+class TensorInfo:
+    dtype: str
+    shape: tuple[int, ...]
+    start: int  # absolute offset in the file
+    end: int
+
+
+class SafetensorsFile:
+    """Open once, validate the whole header, then read tensors lazily from a memory map."""
+
+    def __init__(self, path: str | os.PathLike):
+        self.path = Path(path)
+        if not self.path.exists():
+            raise EdgeLoraError("file not found", path=self.path)
+        if not self.path.is_file():
+            raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path)
+        size = self.path.stat().st_size
+        with open(self.path, "rb") as f:
+            head = f.read(8)
+            if len(head) < 8:
+                raise EdgeLoraError("not a safetensors file (too short)", path=self.path, hint="the file is empty or truncated; copy it again")
+            (n,) = struct.unpack("<Q", head)
+            if n > MAX_HEADER_BYTES or 8 + n > size:
+                raise EdgeLoraError(f"safetensors header length {n} does not fit the file ({size} bytes)", path=self.path,
+                                    hint="the file is truncated or corrupt; copy it again")
+            raw = f.read(n)
+        try:
+            header = json.loads(raw.decode("utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError):
+            raise EdgeLoraError("safetensors header is not valid JSON", path=self.path, hint="the file is corrupt; copy it again") from None
+        if not isinstance(header, dict):
+            raise EdgeLoraError("safetensors header is not a JSON object", path=self.path)
+        metadata = header.pop("__metadata__", None) or {}
+        if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
+            raise EdgeLoraError("safetensors __metadata__ must map strings to strings", path=self.path)
+        self.metadata: dict[str, str] = metadata
+        self.data_start = 8 + n
+        self.tensors: dict[str, TensorInfo] = {}
+        spans = []
+        for name, entry in header.items():
+            info = self._parse_entry(name, entry, size)
+            self.tensors[name] = info
+            spans.append((info.start, info.end, name))
+        spans.sort()
+        for (s0, e0, n0), (s1, e1, n1) in zip(spans, spans[1:]):
+            if s1 < e0:
+                raise EdgeLoraError(f"tensors {n0!r} and {n1!r} overlap", path=self.path, hint="the file is corrupt; copy it again")
+        self._map = None
+
+    def _parse_entry(self, name, entry, size) -> TensorInfo:
+        bad = lambda why: EdgeLoraError(f"tensor {name!r}: {why}", path=self.path, hint="the file is corrupt or not a tensor file")  # noqa: E731
+        if not isinstance(entry, dict):
+            raise bad("header entry is not an object")
+        dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
+        if dtype not in DTYPES:
+            raise bad(f"unsupported dtype {dtype!r}")
+        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+            raise bad("shape must be a list of non-negative integers")
+        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
+            raise bad("data_offsets must be two integers")
+        begin, end = offsets
+        count = 1
+        for d in shape:
+            count *= d
+        nbytes = count * np.dtype(DTYPES[dtype]).itemsize
+        if not 0 <= begin <= end or end - begin != nbytes:
+            raise bad(f"data_offsets {offsets} do not match shape {shape} of {dtype}")
+        if self.data_start + end > size:
+            raise bad(f"data ends at byte {self.data_start + end} beyond the file's {size} bytes (truncated?)")
+        return TensorInfo(dtype, tuple(shape), self.data_start + begin, self.data_start + end)
+
+    def keys(self) -> list[str]:
+        return list(self.tensors)
+
+    def raw_bytes(self, name: str) -> memoryview:
+        info = self.tensors[name]
+        return memoryview(self._mmap())[info.start:info.end]
+
+    def get(self, name: str, *, widen_bf16: bool = True) -> np.ndarray:
+        """The tensor as a numpy array (a copy; bf16 widened to float32)."""
+        info = self.tensors[name]
+        buf = self._mmap()[info.start:info.end]
+        arr = np.frombuffer(buf, dtype=DTYPES[info.dtype]).reshape(info.shape)
+        if info.dtype == "BF16" and widen_bf16:
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr.copy()
+
+    def _mmap(self):
+        if self._map is None:
+            if self.path.stat().st_size == 0:
+                self._map = b""
+            else:
+                self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
+        return self._map
+
+
+def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
+    f = SafetensorsFile(path)
+    return {k: f.get(k) for k in f.keys()}, f.metadata
+
+
+def serialize(tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> bytes:
+    header: dict = {}
+    if metadata:
+        header["__metadata__"] = metadata
+    offset = 0
+    blobs = []
+    for name in sorted(tensors):
+        arr = np.ascontiguousarray(tensors[name])
+        if arr.dtype not in NUMPY_TO_ST:
+            raise EdgeLoraError(f"cannot store tensor {name!r} of dtype {arr.dtype}")
+        data = arr.tobytes()
+        header[name] = {"dtype": NUMPY_TO_ST[arr.dtype], "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        offset += len(data)
+        blobs.append(data)
+    head = json.dumps(header, separators=(",", ":")).encode("utf-8")
+    head += b" " * (-len(head) % 8)  # data block aligned to 8 bytes, as the reference writer does
+    return struct.pack("<Q", len(head)) + head + b"".join(blobs)
+
+
+def save_tensors(path: str | os.PathLike, tensors: dict[str, np.ndarray], metadata: dict[str, str] | None = None) -> None:
+    """Write atomically: a crash leaves the old file or the new one."""
+    atomic_write_bytes(path, serialize(tensors, metadata))

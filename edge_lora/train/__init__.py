@@ -1,0 +1,1 @@
+"""The host side: a readable PyTorch model of the Llama family, LoRA layers and the trainer."""

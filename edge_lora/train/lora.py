@@ -1,0 +1,187 @@
+"""LoRA layers: wrap chosen ``nn.Linear`` modules, merge/unmerge, and move to/from the adapter file.
+
+``y = W x + b + s * B(A(dropout(x)))`` with ``s = alpha / r`` (or ``alpha / sqrt(r)`` for rsLoRA).
+DoRA rescales each output row of the adapted weight to a learned magnitude ``m``:
+``y = m / ||W + s B A||_row * (W + s B A) x + b``.
+Initialisation follows PEFT: A Kaiming-uniform, B zeros, so a fresh adapter changes nothing.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..adapter import Adapter, LoraWeights
+from ..errors import EdgeLoraError
+from ..targets import select_targets
+
+
+@dataclass
+class LoraConfig:
+    rank: int = 8
+    alpha: float = 16.0
+    dropout: float = 0.0
+    targets: str | list[str] = "all-linear"
+    rslora: bool = False
+    dora: bool = False
+    rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex/suffix -> rank
+    alpha_pattern: dict[str, float] = field(default_factory=dict)
+
+    def rank_for(self, module: str) -> int:
+        return _pattern_value(self.rank_pattern, module, self.rank)
+
+    def alpha_for(self, module: str) -> float:
+        return float(_pattern_value(self.alpha_pattern, module, self.alpha))
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    import re
+
+    for key, value in patterns.items():  # PEFT semantics: suffix or regex match on the module name
+        if module == key or module.endswith("." + key) or re.fullmatch(key, module):
+            return value
+    return default
+
+
+class LoRALinear(nn.Module):
+    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False, dora: bool = False):
+        super().__init__()
+        if rank <= 0:
+            raise EdgeLoraError(f"LoRA rank must be positive, got {rank}")
+        self.base = base
+        self.rank, self.alpha = rank, alpha
+        self.scaling = alpha / (math.sqrt(rank) if rslora else rank)
+        self.dropout = nn.Dropout(dropout) if dropout > 0 else nn.Identity()
+        dev = base.weight.device
+        self.lora_A = nn.Parameter(torch.empty(rank, base.in_features, device=dev))
+        self.lora_B = nn.Parameter(torch.zeros(base.out_features, rank, device=dev))
+        nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
+        self.lora_magnitude = nn.Parameter(self._base_weight().norm(dim=1).detach().clone()) if dora else None
+        self.merged = False
+
+    @property
+    def in_features(self):
+        return self.base.in_features
+
+    @property
+    def out_features(self):
+        return self.base.out_features
+
+    def _base_weight(self) -> torch.Tensor:
+        """The frozen weight as float (a quantized base dequantizes here)."""
+        w = self.base.weight
+        return w if w.is_floating_point() else self.base.dequantized_weight()
+
+    def delta_weight(self) -> torch.Tensor:
+        return self.scaling * (self.lora_B @ self.lora_A)
+
+    def forward(self, x):
+        if self.merged:
+            return self.base(x)
+        if self.lora_magnitude is None:
+            return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+        # DoRA as in PEFT: the norm is treated as a constant for the gradient (detach)
+        weight = self._base_weight()
+        adapted = weight + self.delta_weight()
+        norm = adapted.norm(dim=1).detach()
+        ratio = (self.lora_magnitude / norm).to(x.dtype)
+        x_d = self.dropout(x)
+        base_out = F.linear(x_d, weight)
+        lora_out = self.scaling * F.linear(F.linear(x_d, self.lora_A), self.lora_B)
+        out = (ratio - 1) * base_out + ratio * lora_out
+        return self.base(x) + out
+
+    @torch.no_grad()
+    def merge(self):
+        if self.merged:
+            return
+        if not self.base.weight.is_floating_point():
+            raise EdgeLoraError("cannot merge into a quantized training base; merge at export instead")
+        self._orig = self.base.weight.detach().clone()
+        weight = self._orig + self.delta_weight()
+        if self.lora_magnitude is not None:
+            weight = self.lora_magnitude[:, None] / weight.norm(dim=1, keepdim=True) * weight
+        self.base.weight.copy_(weight)
+        self.merged = True
+
+    @torch.no_grad()
+    def unmerge(self):
+        if self.merged:
+            self.base.weight.copy_(self._orig)
+            del self._orig
+            self.merged = False
+
+
+def _parent(model: nn.Module, name: str):
+    parent_name, _, child = name.rpartition(".")
+    return model.get_submodule(parent_name), child
+
+
+def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
+    """Freeze the model and wrap the targeted linear layers; returns the wrapped module names."""
+    for p in model.parameters():
+        p.requires_grad_(False)
+    names = select_targets(model.config, config.targets)
+    if "lm_head" in names and model.config.tie_word_embeddings:
+        raise EdgeLoraError("LoRA on lm_head of a tied-embedding model is not supported", hint="target the decoder layers")
+    for name in names:
+        parent, child = _parent(model, name)
+        base = getattr(parent, child)
+        setattr(parent, child, LoRALinear(base, config.rank_for(name), config.alpha_for(name), config.dropout, config.rslora, config.dora))
+    return names
+
+
+def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
+    return {name: m for name, m in model.named_modules() if isinstance(m, LoRALinear)}
+
+
+def trainable_parameters(model: nn.Module) -> int:
+    return sum(p.numel() for p in model.parameters() if p.requires_grad)
+
+
+def merge_all(model: nn.Module):
+    for layer in lora_layers(model).values():
+        layer.merge()
+
+
+def unmerge_all(model: nn.Module):
+    for layer in lora_layers(model).values():
+        layer.unmerge()
+
+
+def to_adapter(model: nn.Module, config: LoraConfig, base_fingerprint: str | None, extra: dict | None = None) -> Adapter:
+    """The model's LoRA weights as an :class:`Adapter` ready to save."""
+    modules = {}
+    for name, layer in lora_layers(model).items():
+        mag = None if layer.lora_magnitude is None else layer.lora_magnitude.detach().float().cpu().numpy()
+        modules[name] = LoraWeights(
+            a=layer.lora_A.detach().float().cpu().numpy(),
+            b=layer.lora_B.detach().float().cpu().numpy(),
+            alpha=float(layer.alpha),
+            magnitude=mag,
+        )
+    return Adapter(modules=modules, base_architecture=model.config.architecture, base_fingerprint=base_fingerprint,
+                   rslora=config.rslora, target_modules=sorted(modules), extra=extra or {})
+
+
+def load_adapter_into(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> None:
+    """Wrap the adapter's modules with LoRA layers holding its weights (for evaluation or resuming)."""
+    adapter.check_fits(model.config)
+    for p in model.parameters():
+        p.requires_grad_(False)
+    for name, w in adapter.modules.items():
+        parent, child = _parent(model, name)
+        current = getattr(parent, child)
+        base = current.base if isinstance(current, LoRALinear) else current
+        layer = LoRALinear(base, w.rank, w.alpha, dropout, adapter.rslora, dora=w.magnitude is not None)
+        with torch.no_grad():
+            layer.lora_A.copy_(torch.from_numpy(np.ascontiguousarray(w.a)))
+            layer.lora_B.copy_(torch.from_numpy(np.ascontiguousarray(w.b)))
+            if w.magnitude is not None:
+                layer.lora_magnitude.copy_(torch.from_numpy(np.ascontiguousarray(w.magnitude)))
+        setattr(parent, child, layer)

@@ -1,0 +1,176 @@
+"""The Llama-family decoder (Llama 2/3, Mistral, Qwen2, SmolLM) in one readable file.
+
+Module names equal Hugging Face's, so a checkpoint's ``state_dict`` loads as it is and LoRA
+module names are the canonical ones. Logits match transformers' within 1e-4 in fp32.
+"""
+
+from __future__ import annotations
+
+import os
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+from ..config import ModelConfig
+from ..errors import EdgeLoraError
+from ..model_dir import ModelDir
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float):
+        super().__init__()
+        self.weight = nn.Parameter(torch.ones(dim))
+        self.eps = eps
+
+    def forward(self, x):
+        dtype = x.dtype
+        x = x.float()
+        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
+        return self.weight * x.to(dtype)
+
+
+def rotate_half(x):
+    x1, x2 = x.chunk(2, dim=-1)
+    return torch.cat((-x2, x1), dim=-1)
+
+
+class Rotary(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        inv_freq = torch.tensor(config.rope_inv_freq(), dtype=torch.float32)
+        self.register_buffer("inv_freq", inv_freq, persistent=False)
+
+    def forward(self, positions: torch.Tensor):
+        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        emb = torch.cat((freqs, freqs), dim=-1)
+        return emb.cos(), emb.sin()
+
+
+class Attention(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        h, d = config.hidden_size, config.head_dim
+        self.q_proj = nn.Linear(h, config.num_attention_heads * d, bias=config.attention_bias)
+        self.k_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.attention_bias)
+        self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.attention_bias)
+        self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=config.o_proj_bias)
+
+    def forward(self, x, cos, sin, mask):
+        c = self.config
+        b, t, _ = x.shape
+        q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
+        k = self.k_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        v = self.v_proj(x).view(b, t, c.num_key_value_heads, c.head_dim).transpose(1, 2)
+        q = q * cos + rotate_half(q) * sin
+        k = k * cos + rotate_half(k) * sin
+        groups = c.num_attention_heads // c.num_key_value_heads
+        k = k.repeat_interleave(groups, dim=1)
+        v = v.repeat_interleave(groups, dim=1)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
+
+
+class MLP(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        h, i, bias = config.hidden_size, config.intermediate_size, config.mlp_bias
+        self.gate_proj = nn.Linear(h, i, bias=bias)
+        self.up_proj = nn.Linear(h, i, bias=bias)
+        self.down_proj = nn.Linear(i, h, bias=bias)
+
+    def forward(self, x):
+        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+
+
+class DecoderLayer(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.input_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.self_attn = Attention(config)
+        self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+        self.mlp = MLP(config)
+
+    def forward(self, x, cos, sin, mask):
+        x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
+        return x + self.mlp(self.post_attention_layernorm(x))
+
+
+class Backbone(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.embed_tokens = nn.Embedding(config.vocab_size, config.hidden_size)
+        self.layers = nn.ModuleList(DecoderLayer(config) for _ in range(config.num_hidden_layers))
+        self.norm = RMSNorm(config.hidden_size, config.rms_norm_eps)
+
+
+class CausalLM(nn.Module):
+    def __init__(self, config: ModelConfig):
+        super().__init__()
+        self.config = config
+        self.model = Backbone(config)
+        self.rotary = Rotary(config)
+        self.lm_head = nn.Linear(config.hidden_size, config.vocab_size, bias=False)
+        if config.tie_word_embeddings:
+            self.lm_head.weight = self.model.embed_tokens.weight
+        self.gradient_checkpointing = False
+
+    def causal_mask(self, t: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+        """Boolean ``[b|1, 1, t, t]`` mask: causal, sliding window (Mistral), and padding."""
+        i = torch.arange(t, device=device)
+        allowed = i[None, :] <= i[:, None]
+        if self.config.sliding_window:
+            allowed &= i[:, None] - i[None, :] < self.config.sliding_window
+        mask = allowed[None, None]
+        if attention_mask is not None:
+            mask = mask & attention_mask[:, None, None, :].bool()
+            mask = mask | ~mask.any(-1, keepdim=True)  # fully padded rows: attend anywhere, output ignored
+        return mask
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        b, t = input_ids.shape
+        x = self.model.embed_tokens(input_ids)
+        cos, sin = self.rotary(torch.arange(t, device=input_ids.device))
+        mask = self.causal_mask(t, attention_mask, input_ids.device)
+        for layer in self.model.layers:
+            if self.gradient_checkpointing and self.training:
+                x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
+            else:
+                x = layer(x, cos, sin, mask)
+        return self.model.norm(x)
+
+    def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+        return self.lm_head(self.hidden_states(input_ids, attention_mask))
+
+    @classmethod
+    def from_model_dir(cls, path: str | os.PathLike, dtype=torch.float32) -> "CausalLM":
+        md = path if isinstance(path, ModelDir) else ModelDir(path)
+        with torch.device("meta"):
+            model = cls(md.config)
+        model = model.to_empty(device="cpu")
+        if md.config.tie_word_embeddings:  # to_empty unties shared parameters
+            model.lm_head.weight = model.model.embed_tokens.weight
+        model.rotary.inv_freq = torch.tensor(md.config.rope_inv_freq(), dtype=torch.float32)
+        expected = {k for k in model.state_dict() if not (md.config.tie_word_embeddings and k == "lm_head.weight")}
+        names = set(md.tensor_names())
+        missing = expected - names
+        if md.config.tie_word_embeddings:
+            names.discard("lm_head.weight")  # some tied checkpoints store it anyway
+        if missing:
+            raise EdgeLoraError(f"weights are missing {len(missing)} tensors, e.g. {sorted(missing)[0]!r}", path=md.path,
+                                hint="is this the model config.json describes?")
+        unexpected = names - expected
+        if unexpected:
+            raise EdgeLoraError(f"weights hold tensors this model does not have, e.g. {sorted(unexpected)[0]!r}", path=md.path)
+        params = dict(model.named_parameters())
+        with torch.no_grad():
+            for name in expected:
+                arr = md.get(name)
+                if tuple(arr.shape) != tuple(params[name].shape):
+                    raise EdgeLoraError(f"tensor {name!r} has shape {list(arr.shape)}, config.json implies {list(params[name].shape)}",
+                                        path=md.path)
+                params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
+        model.model_dir = md
+        return model.to(dtype)
