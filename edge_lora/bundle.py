@@ -1,0 +1,158 @@
+"""The bundle: the folder `edge-lora export` writes and the runtime loads, described by bundle.json.
+
+bundle.json (format version 1)::
+
+    {
+      "format": "edge-lora-bundle", "format_version": 1, "created_by": "edge-lora 0.1.0",
+      "model": {...ModelConfig...}, "base_fingerprint": "sha256:...",
+      "tokenizer": {"tokenizer": "tokenizer.json", "config": "tokenizer_config.json"},
+      "backends": {
+        "onnx": [{"quant": "int4", "variant": "fast", "model": "onnx/int4-fast/model.onnx"}],
+        "gguf": [{"quant": "q4_0", "model": "gguf/model-q4_0.gguf"}]
+      },
+      "adapters": {"sql": {"source": "adapters/sql.safetensors", "scale": 1.0,
+                           "onnx": "adapters/sql.onnx_adapter", "gguf": "adapters/sql.gguf"}},
+      "files": {"adapters/sql.safetensors": {"sha256": "...", "bytes": 123}, ...}
+    }
+
+Every path is relative to the bundle and must stay inside it (no ``..``, no absolute paths, no
+symlinks out). A bundle is valid only once bundle.json is in place: writers put it last.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from .atomic import atomic_write_text
+from .config import ModelConfig
+from .errors import EdgeLoraError
+
+FORMAT = "edge-lora-bundle"
+FORMAT_VERSION = 1
+MANIFEST = "bundle.json"
+MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+
+
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+    digest = hashlib.sha256()
+    with open(path, "rb") as f:
+        while block := f.read(chunk):
+            digest.update(block)
+    return digest.hexdigest()
+
+
+@dataclass
+class Bundle:
+    root: Path
+    config: ModelConfig
+    base_fingerprint: str
+    tokenizer: dict
+    backends: dict[str, list[dict]] = field(default_factory=dict)
+    adapters: dict[str, dict] = field(default_factory=dict)
+    files: dict[str, dict] = field(default_factory=dict)
+    raw: dict = field(default_factory=dict)
+
+    @property
+    def manifest_path(self) -> Path:
+        return self.root / MANIFEST
+
+    @classmethod
+    def open(cls, root: str | os.PathLike) -> "Bundle":
+        root = Path(root)
+        manifest = root / MANIFEST
+        if not root.is_dir():
+            raise EdgeLoraError("not a bundle directory", path=root, hint="pass the folder `edge-lora export --out` wrote")
+        if not manifest.is_file():
+            raise EdgeLoraError("no bundle.json: not a bundle, or its export did not finish", path=root,
+                                hint="run `edge-lora export` again")
+        if manifest.stat().st_size > MAX_MANIFEST_BYTES:
+            raise EdgeLoraError("bundle.json is implausibly large", path=manifest)
+        try:
+            raw = json.loads(manifest.read_text(encoding="utf-8"))
+        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+            raise EdgeLoraError(f"bundle.json is not valid JSON ({err.__class__.__name__})", path=manifest,
+                                hint="re-export the bundle") from None
+        if not isinstance(raw, dict) or raw.get("format") != FORMAT:
+            raise EdgeLoraError("bundle.json is not an edge-lora bundle manifest", path=manifest)
+        version = raw.get("format_version")
+        if not isinstance(version, int) or version > FORMAT_VERSION:
+            raise EdgeLoraError(f"bundle format version {version!r} is newer than this edge-lora reads ({FORMAT_VERSION})",
+                                path=manifest, hint="upgrade edge-lora")
+        for key, kind in (("model", dict), ("base_fingerprint", str), ("tokenizer", dict), ("backends", dict),
+                          ("adapters", dict), ("files", dict)):
+            if not isinstance(raw.get(key), kind):
+                raise EdgeLoraError(f"bundle.json: key {key!r} is missing or not a {kind.__name__}", path=manifest,
+                                    hint="re-export the bundle")
+        try:
+            config = ModelConfig.from_saved(raw["model"])
+            config.validate(manifest)
+        except TypeError as err:
+            raise EdgeLoraError(f"bundle.json: bad model config ({err})", path=manifest) from None
+        bundle = cls(root=root, config=config, base_fingerprint=raw["base_fingerprint"], tokenizer=raw["tokenizer"],
+                     backends=raw["backends"], adapters=raw["adapters"], files=raw["files"], raw=raw)
+        bundle._check_paths()
+        return bundle
+
+    def _check_paths(self) -> None:
+        refs = [self.tokenizer.get("tokenizer")] + list(self.files)
+        for entries in self.backends.values():
+            if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
+                raise EdgeLoraError("bundle.json: each backend lists entries as objects", path=self.manifest_path)
+            refs += [e.get("model") for e in entries]
+        for name, entry in self.adapters.items():
+            if not isinstance(entry, dict):
+                raise EdgeLoraError(f"bundle.json: adapter {name!r} is not an object", path=self.manifest_path)
+            refs += [v for k, v in entry.items() if k in ("source", "onnx", "gguf")]
+        for ref in refs:
+            self.resolve(ref)
+
+    def resolve(self, rel) -> Path:
+        """The absolute path of a bundle entry, refusing anything that escapes the bundle."""
+        if not isinstance(rel, str) or not rel:
+            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is not a relative path", path=self.manifest_path)
+        candidate = Path(rel)
+        if candidate.is_absolute() or ".." in candidate.parts or "\\" in rel:
+            raise EdgeLoraError(f"bundle.json: file entry {rel!r} points outside the bundle", path=self.manifest_path,
+                                hint="a bundle only references files inside its own folder")
+        full = self.root / candidate
+        if full.resolve().is_relative_to(self.root.resolve()) is False:
+            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is a link that leaves the bundle", path=self.manifest_path)
+        return full
+
+    def require(self, rel: str) -> Path:
+        full = self.resolve(rel)
+        if not full.is_file():
+            raise EdgeLoraError(f"bundle file {rel!r} is missing or not a file", path=self.root, hint="re-export the bundle")
+        return full
+
+    def verify_file(self, rel: str) -> Path:
+        """Check a file against the SHA-256 bundle.json records for it."""
+        full = self.require(rel)
+        expected = self.files.get(rel, {}).get("sha256")
+        if expected is None:
+            raise EdgeLoraError(f"bundle.json records no hash for {rel!r}", path=self.manifest_path, hint="re-export the bundle")
+        if sha256_file(full) != expected:
+            raise EdgeLoraError(f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)", path=self.root,
+                                hint="copy the bundle again from a trusted source")
+        return full
+
+    def backend_entry(self, backend: str, quant: str | None = None, variant: str | None = None) -> dict:
+        entries = self.backends.get(backend) or []
+        if not entries:
+            raise EdgeLoraError(f"bundle has no {backend} files (has: {', '.join(self.backends) or 'none'})", path=self.root,
+                                hint=f"export with --backends {backend}")
+        for e in entries:
+            if (quant is None or e.get("quant") == quant) and (variant is None or e.get("variant", variant) == variant):
+                return e
+        have = ", ".join(f"{e.get('quant')}/{e.get('variant', '-')}" for e in entries)
+        raise EdgeLoraError(f"bundle has no {backend} model with quant={quant} variant={variant} (has {have})", path=self.root)
+
+
+def write_manifest(root: str | os.PathLike, manifest: dict) -> None:
+    """Write bundle.json last and atomically: before it exists, the folder is not a bundle."""
+    manifest = {"format": FORMAT, "format_version": FORMAT_VERSION, **manifest}
+    atomic_write_text(Path(root) / MANIFEST, json.dumps(manifest, indent=2, sort_keys=False) + "\n")
