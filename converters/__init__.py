@@ -1,0 +1,1 @@
+"""Host-side export: HF/PEFT import, quantization, ONNX and GGUF writers, the bundle writer."""
