@@ -1,0 +1,154 @@
+"""PEFT interop: a PEFT LoRA directory to our adapter file and back.
+
+PEFT saves ``adapter_config.json`` and ``adapter_model.safetensors`` with keys like
+``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Ranks come from the tensor
+shapes (so ``rank_pattern`` is honoured whatever its keys), alphas from ``alpha_pattern`` or
+``lora_alpha``, the scaling rule from ``use_rslora``. A directory holding only a pickled
+``adapter_model.bin`` is refused: pickles run code when loaded.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import re
+from collections import Counter
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.adapter import Adapter, LoraWeights
+from edge_lora.atomic import atomic_write_text
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.safetensors_io import SafetensorsFile, save_tensors
+
+PREFIX = "base_model.model."
+CONFIG_FILE = "adapter_config.json"
+WEIGHTS_FILE = "adapter_model.safetensors"
+_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(\.weight)?)$")
+_PART = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m"}
+
+
+def is_peft_dir(path: str | os.PathLike) -> bool:
+    return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
+
+
+def _pattern_value(patterns: dict, module: str, default):
+    """PEFT's rule: a pattern key matches a module name ending in ``.key`` (or equal to it)."""
+    for key, value in (patterns or {}).items():
+        if re.match(rf"(.*\.)?({key})$", module):
+            return value
+    return default
+
+
+def read_peft_config(path: Path) -> dict:
+    cfg_path = path / CONFIG_FILE
+    if not cfg_path.is_file():
+        raise EdgeLoraError("not a PEFT adapter directory (no adapter_config.json)", path=path)
+    try:
+        cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
+    except (json.JSONDecodeError, UnicodeDecodeError):
+        raise EdgeLoraError("adapter_config.json is not valid JSON", path=cfg_path) from None
+    if not isinstance(cfg, dict):
+        raise EdgeLoraError("adapter_config.json must hold a JSON object", path=cfg_path)
+    if cfg.get("peft_type", "LORA") != "LORA":
+        raise EdgeLoraError(f"PEFT type {cfg.get('peft_type')!r} is not LoRA", path=cfg_path, hint="only LoRA adapters are supported")
+    for unsupported, hint in (("modules_to_save", "fully trained modules cannot be shipped as an adapter"),
+                              ("trainable_token_indices", "retrain new tokens with `edge-lora train --add-tokens`")):
+        if cfg.get(unsupported):
+            raise EdgeLoraError(f"adapter uses {unsupported}, which edge-lora does not import", path=cfg_path, hint=hint)
+    if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
+        raise EdgeLoraError("adapter trains biases (lora_bias / bias), which edge-lora does not import", path=cfg_path)
+    if cfg.get("fan_in_fan_out"):
+        raise EdgeLoraError("fan_in_fan_out adapters (GPT-2 Conv1D) do not fit the Llama family", path=cfg_path)
+    return cfg
+
+
+def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None) -> Adapter:
+    """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given)."""
+    path = Path(path)
+    if not path.is_dir():
+        raise EdgeLoraError("not a directory", path=path, hint="pass the folder PEFT's save_pretrained wrote")
+    cfg = read_peft_config(path)
+    weights = path / WEIGHTS_FILE
+    if not weights.is_file():
+        pickled = [p.name for p in path.glob("*.bin")]
+        hint = ("convert it on a trusted machine: load with PEFT and save_pretrained(dir, safe_serialization=True); "
+                "pickled files are never loaded") if pickled else "save the adapter with PEFT's save_pretrained"
+        raise EdgeLoraError(f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""), path=path, hint=hint)
+    st = SafetensorsFile(weights)
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    for key in st.keys():
+        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        match = _KEY.match(name)
+        if not match:
+            raise EdgeLoraError(f"unexpected tensor {key!r}", path=weights, hint="only LoRA A/B (and DoRA magnitudes) are imported")
+        if st.tensors[key].dtype not in ("F32", "F16", "BF16"):
+            raise EdgeLoraError(f"tensor {key!r} has dtype {st.tensors[key].dtype}", path=weights)
+        arr = st.get(key).astype(np.float32)
+        if not np.isfinite(arr).all():
+            raise EdgeLoraError(f"tensor {key!r} holds NaN or Inf", path=weights)
+        parts.setdefault(match["module"], {})[_PART[match["part"]]] = arr
+    modules = {}
+    default_alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    for module, p in sorted(parts.items()):
+        if "a" not in p or "b" not in p:
+            raise EdgeLoraError(f"module {module!r} lacks lora_A or lora_B", path=weights)
+        if p["a"].ndim != 2 or p["b"].ndim != 2 or p["a"].shape[0] != p["b"].shape[1]:
+            raise EdgeLoraError(f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} disagree on the rank",
+                                path=weights)
+        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, default_alpha))
+        modules[module] = LoraWeights(a=p["a"], b=p["b"], alpha=alpha, magnitude=p.get("m"))
+    if not modules:
+        raise EdgeLoraError("adapter holds no LoRA tensors", path=weights)
+    arch = (cfg.get("auto_mapping") or {}).get("base_model_class") or (base.architecture if base else "unknown")
+    adapter = Adapter(
+        modules=modules,
+        base_architecture=base.architecture if base else arch,
+        base_fingerprint=base_fingerprint,
+        rslora=bool(cfg.get("use_rslora", False)),
+        target_modules=sorted(modules),
+        extra={"imported_from": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")},
+    )
+    if base is not None:
+        adapter.check_fits(base, path=path)
+    return adapter
+
+
+def export_peft(adapter: Adapter, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+    """Write a PEFT directory that ``PeftModel.from_pretrained`` loads to the same function."""
+    if adapter.added_tokens:
+        raise EdgeLoraError("adapters with new tokens have no PEFT LoRA equivalent", hint="export to a bundle instead")
+    out = Path(out_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    ranks = {m: w.rank for m, w in adapter.modules.items()}
+    alphas = {m: w.alpha for m, w in adapter.modules.items()}
+    r = Counter(ranks.values()).most_common(1)[0][0]
+    alpha = Counter(alphas.values()).most_common(1)[0][0]
+    config = {
+        "peft_type": "LORA",
+        "task_type": "CAUSAL_LM",
+        "base_model_name_or_path": base_model_name_or_path,
+        "r": r,
+        "lora_alpha": alpha,
+        "lora_dropout": 0.0,
+        "bias": "none",
+        "target_modules": sorted(adapter.modules),
+        "use_rslora": adapter.rslora,
+        "use_dora": adapter.dora,
+        "rank_pattern": {re.escape(m): k for m, k in ranks.items() if k != r},
+        "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
+        "fan_in_fan_out": False,
+        "init_lora_weights": True,
+        "inference_mode": True,
+    }
+    tensors = {}
+    for m, w in adapter.modules.items():
+        tensors[f"{PREFIX}{m}.lora_A.weight"] = w.a.astype(np.float32)
+        tensors[f"{PREFIX}{m}.lora_B.weight"] = w.b.astype(np.float32)
+        if w.magnitude is not None:
+            tensors[f"{PREFIX}{m}.lora_magnitude_vector"] = w.magnitude.astype(np.float32)
+    save_tensors(out / WEIGHTS_FILE, tensors, {"format": "pt"})
+    atomic_write_text(out / CONFIG_FILE, json.dumps(config, indent=2) + "\n")
+    return out
