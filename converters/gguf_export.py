@@ -1,0 +1,97 @@
+"""The base model as a GGUF file llama.cpp loads: architecture keys, tokenizer, tensors.
+
+Float and the legacy block quants (q8_0, q4_0, q4_1, q5_0, q5_1) are encoded in numpy by gguf-py;
+K-quants (q4_k_m, q5_k_m, q6_k) go through llama.cpp's own quantizer from an f16 intermediate.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+from pathlib import Path
+from typing import Callable
+
+from edge_lora.atomic import atomic_path
+from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_names import ROPE_FREQS, gguf_arch, gguf_tensor, llama3_rope_factors, to_gguf_rows
+from edge_lora.gguf_quant import K_QUANTS, check_quant, encode, tensor_type
+from edge_lora.model_dir import ModelDir
+
+from .gguf_tokenizer import read_vocab
+
+FINGERPRINT_KEY = "edge_lora.base_fingerprint"  # lets the runtime check adapters against the GGUF itself
+FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+
+
+def export_gguf(model_dir: ModelDir, out_path: Path, quant: str = "q4_0",
+                progress: Callable[[str], None] | None = None) -> Path:
+    """Write ``model_dir`` as one GGUF file of the given quantization; returns ``out_path``."""
+    quant = check_quant(quant)
+    out_path = Path(out_path)
+    say = progress or (lambda _msg: None)
+    if quant in K_QUANTS:
+        from .gguf_kquant import llama_quantize
+
+        with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
+            intermediate = Path(tmp) / "model-f16.gguf"
+            _write(model_dir, intermediate, "f16", say)
+            say(f"quantizing to {quant} with llama.cpp")
+            with atomic_path(out_path) as dst:
+                llama_quantize(intermediate, dst, K_QUANTS[quant])
+        return out_path
+    with atomic_path(out_path) as dst:
+        _write(model_dir, dst, quant, say)
+    return out_path
+
+
+def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], None]) -> None:
+    import gguf
+
+    config = model_dir.config
+    if config.sliding_window and config.sliding_window < config.max_position_embeddings:
+        say(f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding window "
+            f"of {config.sliding_window} only for contexts up to that length")
+    vocab = read_vocab(model_dir.tokenizer_path, model_dir.tokenizer_config, config)
+    writer = gguf.GGUFWriter(os.fspath(path), gguf_arch(config))
+    writer.add_name(model_dir.path.name)
+    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_context_length(config.max_position_embeddings)
+    writer.add_embedding_length(config.hidden_size)
+    writer.add_block_count(config.num_hidden_layers)
+    writer.add_feed_forward_length(config.intermediate_size)
+    writer.add_head_count(config.num_attention_heads)
+    writer.add_head_count_kv(config.num_key_value_heads)
+    writer.add_key_length(config.head_dim)
+    writer.add_value_length(config.head_dim)
+    writer.add_rope_dimension_count(config.head_dim)
+    writer.add_layer_norm_rms_eps(config.rms_norm_eps)
+    writer.add_rope_freq_base(config.rope_theta)
+    writer.add_vocab_size(config.vocab_size)
+    scaling = config.rope_scaling or {}
+    if scaling.get("rope_type") == "linear":
+        writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
+        writer.add_rope_scaling_factor(float(scaling["factor"]))
+    writer.add_string(FINGERPRINT_KEY, model_dir.fingerprint)
+    vocab.write(writer)
+
+    names = [n for n in model_dir.tensor_names() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    for i, name in enumerate(names):
+        array = model_dir.get(name)
+        module = name.rsplit(".", 1)[0]
+        array = to_gguf_rows(config, module, array)
+        target = gguf_tensor(name)
+        qtype = tensor_type(target, array.shape, quant)
+        writer.add_tensor(target, encode(array, qtype), raw_dtype=qtype)
+        if i % 20 == 0:
+            say(f"gguf {quant}: tensor {i + 1}/{len(names)} {target}")
+    factors = llama3_rope_factors(config)
+    if factors is not None:
+        writer.add_tensor(ROPE_FREQS, factors, raw_dtype=gguf.GGMLQuantizationType.F32)
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except OSError as err:
+        raise EdgeLoraError(f"cannot write the GGUF file ({err.strerror})", path=path, hint="check free disk space") from None
+    finally:
+        writer.close()

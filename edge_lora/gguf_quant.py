@@ -1,0 +1,76 @@
+"""GGUF tensor types: which type each tensor gets for a quant name, and numpy encoding into it.
+
+Shared by the base exporter and the runtime's merge (dequantize, add, requantize). Lazily
+imports the ``gguf`` package.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from .errors import EdgeLoraError
+
+# quant names done in numpy by gguf-py
+NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
+# K-quants done by llama.cpp's own quantizer (name -> llama_ftype)
+K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
+QUANTS = NUMPY_QUANTS + tuple(K_QUANTS)
+
+
+def check_quant(quant: str) -> str:
+    q = quant.lower()
+    if q not in QUANTS:
+        raise EdgeLoraError(f"unknown GGUF quantization {quant!r}", hint=f"choose one of {', '.join(QUANTS)}")
+    return q
+
+
+def ggml_type(quant: str):
+    from gguf import GGMLQuantizationType as T
+
+    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
+            "q5_0": T.Q5_0, "q5_1": T.Q5_1}[quant]
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str):
+    """The type one tensor is stored in: norms, biases and rope factors stay F32 (llama.cpp wants
+    them so); a matrix whose rows do not fill whole quant blocks falls back to F16."""
+    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+
+    if len(shape) < 2 or not gguf_name.endswith(".weight") or "_norm" in gguf_name or gguf_name.startswith("rope_"):
+        return T.F32
+    wanted = ggml_type(quant)
+    block = GGML_QUANT_SIZES[wanted][0]
+    if shape[-1] % block:
+        return T.F16 if wanted != T.F32 else T.F32
+    return wanted
+
+
+def encode(arr: np.ndarray, qtype) -> np.ndarray:
+    """A float array in the given GGML type, ready for ``GGUFWriter.add_tensor(raw_dtype=qtype)``."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    arr = np.ascontiguousarray(arr, dtype=np.float32)
+    if qtype == T.F32:
+        return arr
+    if qtype == T.F16:
+        return arr.astype(np.float16)
+    return quants.quantize(arr, qtype)
+
+
+def decode(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
+    """A GGUF tensor's data back to float32 numpy in numpy order (``[rows, cols]``)."""
+    from gguf import GGMLQuantizationType as T
+    from gguf import quants
+
+    if qtype == T.F32:
+        return np.asarray(data, dtype=np.float32).reshape(shape)
+    if qtype == T.F16:
+        return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
+    return quants.dequantize(np.asarray(data), qtype).astype(np.float32).reshape(shape)
+
+
+def can_encode_in_numpy(qtype) -> bool:
+    from gguf import GGMLQuantizationType as T
+
+    return qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
