@@ -20,6 +20,7 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
+from edge_lora.signing import AdapterTrust
 
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
@@ -47,10 +48,12 @@ class DecodeState(ABC):
 class Engine(ABC):
     backend_name = "base"
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, *, verify_hashes: bool = True):
+    def __init__(self, bundle: Bundle | str | os.PathLike, *, verify_hashes: bool = True, trusted_keys=None):
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.config = self.bundle.config
         self.verify_hashes = verify_hashes
+        # trusted_keys=None: no signature checks; a list (even empty) refuses every adapter no trusted key vouches for
+        self.trust = None if trusted_keys is None else AdapterTrust(self.bundle, trusted_keys)
         self.tokenizer = Tokenizer(self.bundle.require(self.bundle.tokenizer["tokenizer"]))
         self._adapters: dict[str, LoadedAdapter] = {}
         self._default_set: dict[str, float] = {}
@@ -64,6 +67,7 @@ class Engine(ABC):
         with self._lock:
             if name in self._adapters:
                 raise EdgeLoraError(f"an adapter named {name!r} is already loaded", hint="remove_adapter() it first or pick another name")
+        entry = None
         if path is None:
             entry = self.bundle.adapters.get(name)
             if entry is None:
@@ -73,10 +77,17 @@ class Engine(ABC):
             source = self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
         else:
             source = Path(path)
+        if self.trust is not None:
+            self.trust.check(source, entry)
         adapter = Adapter.load(source, base=self.config, base_fingerprint=self.bundle.base_fingerprint)
         handle = self._attach(name, adapter, source)
         with self._lock:
-            self._adapters[name] = LoadedAdapter(name, adapter, source, handle)
+            raced = name in self._adapters  # another thread added the same name while this one loaded
+            if not raced:
+                self._adapters[name] = LoadedAdapter(name, adapter, source, handle)
+        if raced:
+            self._detach(name, handle)
+            raise EdgeLoraError(f"an adapter named {name!r} is already loaded", hint="remove_adapter() it first or pick another name")
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
