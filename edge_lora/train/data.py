@@ -1,0 +1,302 @@
+"""Training data: JSONL in three shapes, tokenized with a loss mask, truncated, optionally packed.
+
+One example per line, any of:
+
+* ``{"text": "..."}`` -- every token is a target;
+* ``{"prompt": "...", "completion": "..."}`` -- only the completion (and the end-of-sequence token) is;
+* ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}`` -- rendered
+  with the model's chat template (``chat_template`` in tokenizer_config.json, or chat_template.jinja);
+  only the assistant turns (with their end-of-turn marker) are targets. A model without a template
+  gets :data:`DEFAULT_CHAT_TEMPLATE` (ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n``).
+
+The whole file is checked before training starts; every bad line is reported as ``file:line``.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from dataclasses import dataclass
+from datetime import datetime
+from pathlib import Path
+
+import numpy as np
+
+from ..errors import EdgeLoraError
+
+DEFAULT_CHAT_TEMPLATE = (
+    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
+)
+ROLES = ("system", "user", "assistant", "tool")
+MAX_REPORTED = 8
+
+
+@dataclass
+class Example:
+    ids: np.ndarray  # int64 [T]
+    mask: np.ndarray  # bool [T]: token i is a training target (predicted from position i-1)
+
+    @property
+    def targets(self) -> int:
+        return int(self.mask[1:].sum())
+
+
+# --- reading and validating ---------------------------------------------------------------
+
+
+def read_jsonl(path: str | os.PathLike) -> list[dict]:
+    """Parse and validate every line; raise one error naming each bad ``file:line``."""
+    path = Path(path)
+    if not path.is_file():
+        raise EdgeLoraError("data file not found", path=path)
+    records, errors = [], []
+    with open(path, "rb") as f:
+        for lineno, raw in enumerate(f, 1):
+            try:
+                line = raw.decode("utf-8").strip()
+            except UnicodeDecodeError:
+                errors.append(f"{path}:{lineno}: not UTF-8")
+                continue
+            if not line:
+                continue
+            try:
+                record = json.loads(line)
+            except json.JSONDecodeError as err:
+                errors.append(f"{path}:{lineno}: not valid JSON ({err.msg} at column {err.colno})")
+                continue
+            why = _check_record(record)
+            if why:
+                errors.append(f"{path}:{lineno}: {why}")
+                continue
+            records.append(record)
+    if errors:
+        shown = "; ".join(errors[:MAX_REPORTED]) + (f"; and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else "")
+        raise EdgeLoraError(f"{len(errors)} bad line(s): {shown}", path=path,
+                            hint='each line needs {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role", "content"}...]}')
+    if not records:
+        raise EdgeLoraError("no examples in the file", path=path)
+    return records
+
+
+def _check_record(record) -> str | None:
+    if not isinstance(record, dict):
+        return "a line must be a JSON object"
+    if "messages" in record:
+        msgs = record["messages"]
+        if not isinstance(msgs, list) or not msgs:
+            return "'messages' must be a non-empty list"
+        for i, m in enumerate(msgs):
+            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+                return f"messages[{i}] needs string 'role' and 'content'"
+        if not any(m["role"] == "assistant" for m in msgs):
+            return "a conversation needs at least one assistant message to train on"
+        return None
+    if "prompt" in record or "completion" in record:
+        if not isinstance(record.get("prompt"), str) or not isinstance(record.get("completion"), str):
+            return "'prompt' and 'completion' must both be strings"
+        if not record["completion"]:
+            return "'completion' is empty"
+        return None
+    if "text" in record:
+        if not isinstance(record["text"], str) or not record["text"]:
+            return "'text' must be a non-empty string"
+        return None
+    return f"no 'text', 'prompt'/'completion' or 'messages' key (found {sorted(record)[:5]})"
+
+
+# --- tokenizing ---------------------------------------------------------------------------
+
+
+class Formatter:
+    """Turns records into :class:`Example` with the model's tokenizer and chat template."""
+
+    def __init__(self, model_dir, added_tokens: list[str] | None = None):
+        from tokenizers import Tokenizer
+
+        from ..model_dir import ModelDir
+
+        md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
+        self.tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+        self.base_vocab = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.added_tokens = list(added_tokens or [])
+        if self.added_tokens:
+            from tokenizers import AddedToken
+
+            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
+            for tok in self.added_tokens:
+                if tok in vocab:
+                    raise EdgeLoraError(f"token {tok!r} is already in the vocabulary", path=md.tokenizer_path, hint="add only new tokens")
+            self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in self.added_tokens])
+        tc = md.tokenizer_config
+        self.special = {k: _token_text(v) for k, v in tc.items() if k.endswith("_token") and _token_text(v) is not None}
+        self.eos_id = self._id(self.special.get("eos_token"))
+        if self.eos_id is None and md.config.eos_token_id:
+            self.eos_id = md.config.eos_token_id[0]
+        self.template_source = "default"
+        template = tc.get("chat_template")
+        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
+            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
+            template = named.get("default") or next(iter(named.values()), None)
+        jinja_file = md.path / "chat_template.jinja"
+        if not template and jinja_file.is_file():
+            template = jinja_file.read_text(encoding="utf-8")
+        if template:
+            self.template_source = "model"
+        self._template = _compile_template(template or DEFAULT_CHAT_TEMPLATE, md.path)
+
+    def _id(self, text):
+        return None if text is None else self.tokenizer.token_to_id(text)
+
+    @property
+    def vocab_size(self) -> int:
+        return self.tokenizer.get_vocab_size(with_added_tokens=True)
+
+    def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
+        try:
+            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
+        except Exception as err:
+            raise EdgeLoraError(f"chat template failed: {' '.join(str(err).split())}") from None
+
+    def encode(self, record: dict) -> Example:
+        if "messages" in record:
+            return self._encode_chat(record["messages"])
+        eos = [] if self.eos_id is None else [self.eos_id]
+        if "text" in record:
+            ids = self.tokenizer.encode(record["text"], add_special_tokens=True).ids + eos
+            return Example(np.asarray(ids, np.int64), np.ones(len(ids), bool))
+        prompt = self.tokenizer.encode(record["prompt"], add_special_tokens=True).ids
+        completion = self.tokenizer.encode(record["completion"], add_special_tokens=False).ids + eos
+        mask = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
+        return Example(np.asarray(prompt + completion, np.int64), mask)
+
+    def _encode_chat(self, messages: list[dict]) -> Example:
+        full = self.render(messages)
+        spans = []  # character spans of the assistant turns in `full`
+        for i, m in enumerate(messages):
+            if m["role"] != "assistant":
+                continue
+            prefix = self.render(messages[:i], add_generation_prompt=True)
+            upto = self.render(messages[: i + 1])
+            if full.startswith(upto) and upto.startswith(prefix):
+                spans.append((len(prefix), len(upto)))
+            else:  # a template that rewrites earlier turns: find the content after the prefix
+                start = full.find(m["content"], min(len(prefix), len(full)))
+                if start < 0:
+                    start = full.find(m["content"])
+                if start >= 0:
+                    spans.append((start, start + len(m["content"])))
+        enc = self.tokenizer.encode(full, add_special_tokens=False)
+        ids = np.asarray(enc.ids, np.int64)
+        mask = np.zeros(len(ids), bool)
+        for k, (s, e) in enumerate(enc.offsets):
+            mask[k] = any(a <= s < b for a, b in spans)
+        return Example(ids, mask)
+
+
+def _token_text(value):
+    if isinstance(value, str):
+        return value
+    if isinstance(value, dict) and isinstance(value.get("content"), str):
+        return value["content"]
+    return None
+
+
+def _compile_template(source: str, where):
+    import jinja2
+    from jinja2.sandbox import ImmutableSandboxedEnvironment
+
+    def raise_exception(message):
+        raise jinja2.exceptions.TemplateError(message)
+
+    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
+    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
+    env.globals["raise_exception"] = raise_exception
+    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
+    try:
+        return env.from_string(source)
+    except jinja2.exceptions.TemplateSyntaxError as err:
+        raise EdgeLoraError(f"chat template does not parse: {err}", path=where) from None
+
+
+# --- building the dataset -----------------------------------------------------------------
+
+
+def build_examples(records: list[dict], formatter: Formatter, seq_len: int, *, packing: bool = False) -> tuple[list[Example], dict]:
+    """Tokenize, truncate to ``seq_len``, drop examples with nothing left to learn, optionally pack."""
+    examples, stats = [], {"examples": len(records), "truncated": 0, "dropped": 0}
+    for record in records:
+        ex = formatter.encode(record)
+        if len(ex.ids) > seq_len:
+            stats["truncated"] += 1
+            if not packing:
+                ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
+        if ex.targets == 0 and not (packing and ex.mask.any()):
+            stats["dropped"] += 1
+            continue
+        examples.append(ex)
+    if packing:
+        examples = pack(examples, seq_len)
+    return examples, stats
+
+
+def pack(examples: list[Example], seq_len: int) -> list[Example]:
+    """Concatenate examples into rows of ``seq_len`` tokens (attention crosses example boundaries)."""
+    ids = np.concatenate([e.ids for e in examples]) if examples else np.zeros(0, np.int64)
+    mask = np.concatenate([e.mask for e in examples]) if examples else np.zeros(0, bool)
+    rows = []
+    for start in range(0, len(ids), seq_len):
+        row = Example(ids[start:start + seq_len], mask[start:start + seq_len])
+        if row.targets > 0:
+            rows.append(row)
+    return rows
+
+
+def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
+    """Carve a seeded random ``fraction`` (at least one example) off for evaluation."""
+    if fraction <= 0 or len(examples) < 2:
+        return examples, []
+    n_eval = min(len(examples) - 1, max(1, round(len(examples) * fraction)))
+    order = np.random.default_rng(seed).permutation(len(examples))
+    eval_idx = set(order[:n_eval].tolist())
+    return [e for i, e in enumerate(examples) if i not in eval_idx], [examples[i] for i in sorted(eval_idx)]
+
+
+def collate(examples: list[Example], pad_id: int = 0):
+    """Right-padded ``(ids [B, T], targets [B, T])`` torch tensors; ``targets[b, t]`` marks token t."""
+    import torch
+
+    width = max(len(e.ids) for e in examples)
+    ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
+    targets = torch.zeros((len(examples), width), dtype=torch.bool)
+    for b, e in enumerate(examples):
+        ids[b, : len(e.ids)] = torch.from_numpy(e.ids)
+        targets[b, : len(e.ids)] = torch.from_numpy(e.mask)
+    targets[:, 0] = False
+    return ids, targets
+
+
+class StepSampler:
+    """Which examples make up optimizer step ``s``: a pure function of (seed, step), so a resumed
+    run sees exactly the batches the uninterrupted run would have, and every data-parallel rank
+    agrees on the global batch. Each epoch is a seeded permutation; the last batch of an epoch
+    wraps around to its start so every step has the same global batch size."""
+
+    def __init__(self, n: int, global_batch: int, seed: int):
+        self.n, self.global_batch, self.seed = n, global_batch, seed
+        self.steps_per_epoch = max(1, -(-n // global_batch))
+        self._cache: dict[int, np.ndarray] = {}
+
+    def _perm(self, epoch: int) -> np.ndarray:
+        if epoch not in self._cache:
+            self._cache = {epoch: np.random.default_rng([self.seed, epoch]).permutation(self.n)}
+        return self._cache[epoch]
+
+    def step(self, s: int) -> np.ndarray:
+        epoch, within = divmod(s, self.steps_per_epoch)
+        perm = self._perm(epoch)
+        idx = np.arange(within * self.global_batch, (within + 1) * self.global_batch) % self.n
+        return perm[idx]
+
+    def epoch_of(self, s: int) -> float:
+        return s / self.steps_per_epoch

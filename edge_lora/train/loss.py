@@ -1,0 +1,64 @@
+"""Cross-entropy through the output layer without materializing the logits of the whole batch.
+
+The batch's target positions are processed in chunks; each chunk's logits are computed, turned
+into the loss *and* into the gradient of the hidden states right away, then dropped. Autograd
+keeps only ``grad_hidden`` (``[N, hidden]``) instead of ``[N, vocab]`` logits, softmax and their
+gradients (a 49k vocabulary makes those the largest tensors of a step). The FLOPs are those of
+an ordinary frozen ``lm_head``: one matmul forward, one for the input gradient.
+
+``extra`` holds trainable rows appended to the vocabulary (new tokens); their gradient is
+accumulated in the same pass.
+"""
+
+from __future__ import annotations
+
+import torch
+
+CHUNK_BYTES = 64 * 1024 * 1024
+
+
+class _FusedLinearCE(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, hidden, targets, weight, extra, chunk):
+        need_h, need_e = ctx.needs_input_grad[0], extra is not None and ctx.needs_input_grad[3]
+        vocab = weight.shape[0]
+        total = torch.zeros((), dtype=torch.float32, device=hidden.device)
+        grad_h = torch.empty_like(hidden) if need_h else None
+        grad_e = torch.zeros_like(extra, dtype=torch.float32) if need_e else None
+        for start in range(0, hidden.shape[0], chunk):
+            h = hidden[start:start + chunk]
+            t = targets[start:start + chunk]
+            logits = (h @ weight.t()).float()
+            if extra is not None:
+                logits = torch.cat((logits, (h @ extra.t()).float()), dim=1)
+            lse = torch.logsumexp(logits, dim=1)
+            total += (lse - logits.gather(1, t[:, None]).squeeze(1)).sum()
+            if need_h or need_e:
+                probs = logits.sub_(lse[:, None]).exp_()  # softmax, in place
+                probs[torch.arange(len(t), device=t.device), t] -= 1.0
+                probs = probs.to(hidden.dtype)
+                if need_h:
+                    g = probs[:, :vocab] @ weight
+                    if extra is not None:
+                        g += probs[:, vocab:] @ extra
+                    grad_h[start:start + chunk] = g
+                if need_e:
+                    grad_e += (probs[:, vocab:].t() @ h).float()
+        ctx.save_for_backward(grad_h, grad_e)
+        ctx.extra_dtype = None if extra is None else extra.dtype
+        return total
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        grad_h, grad_e = ctx.saved_tensors
+        gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
+        ge = None if grad_e is None else (grad_e * grad_out).to(ctx.extra_dtype)
+        return gh, None, None, ge, None
+
+
+def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor | None = None,
+                         chunk: int | None = None) -> torch.Tensor:
+    """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is ``[N, h]``)."""
+    vocab = weight.shape[0] + (0 if extra is None else extra.shape[0])
+    chunk = chunk or max(1, CHUNK_BYTES // (4 * vocab))
+    return _FusedLinearCE.apply(hidden, targets, weight, extra, chunk)

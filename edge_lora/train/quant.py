@@ -1,0 +1,93 @@
+"""A quantized frozen base for training (QLoRA-style, on any device including a CPU).
+
+Each decoder linear layer keeps its weight as int8 (or int4, two per byte) with one fp16 scale per
+group of ``group_size`` input columns (symmetric absmax). Forward and backward dequantize the
+layer's weight on the fly and drop it right after the matmul; autograd saves only the quantized
+tensors, so a dequantized weight never outlives its layer.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+DEFAULT_GROUP = {"int8": 128, "int4": 32}
+
+
+def quantize(weight: np.ndarray | torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+    """``(qweight, scales [out, in/g] fp16, group)``; int8 ``[out, in]`` or packed int4 ``[out, in/2]`` uint8."""
+    w = torch.as_tensor(np.asarray(weight, dtype=np.float32)) if isinstance(weight, np.ndarray) else weight.detach().float()
+    out_f, in_f = w.shape
+    group = group_size if group_size and in_f % group_size == 0 else in_f
+    if bits == 4 and group % 2:
+        group = in_f
+    wg = w.reshape(out_f, in_f // group, group)
+    qmax = 127 if bits == 8 else 7
+    scale = (wg.abs().amax(-1, keepdim=True) / qmax).to(torch.float16).float().clamp_min(1e-8)
+    q = torch.round(wg / scale).clamp_(-qmax - (1 if bits == 4 else 0), qmax).to(torch.int8).reshape(out_f, in_f)
+    if bits == 4:
+        u = (q + 8).to(torch.uint8)
+        q = u[:, 0::2] | (u[:, 1::2] << 4)
+    return q.contiguous(), scale.squeeze(-1).to(torch.float16).contiguous(), group
+
+
+def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+    out_f = q.shape[0]
+    if bits == 4:
+        lo = (q & 0x0F).to(torch.int8) - 8
+        hi = (q >> 4).to(torch.int8) - 8
+        q = torch.stack((lo, hi), dim=-1).reshape(out_f, in_features)
+    groups = scales.shape[1]
+    w = q.to(dtype).view(out_f, groups, in_features // groups) * scales.to(dtype)[:, :, None]
+    return w.view(out_f, in_features)
+
+
+class _QuantMatmul(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, layer):
+        ctx.layer = layer
+        return F.linear(x, layer.dequantized_weight(x.dtype), layer.bias)
+
+    @staticmethod
+    def backward(ctx, grad):
+        if not ctx.needs_input_grad[0]:
+            return None, None
+        return grad @ ctx.layer.dequantized_weight(grad.dtype), None
+
+
+class QuantLinear(nn.Module):
+    """A frozen ``nn.Linear`` stand-in holding quantized weights. ``weight`` is the integer tensor."""
+
+    def __init__(self, qweight, scales, bits: int, in_features: int, out_features: int, bias: torch.Tensor | None = None):
+        super().__init__()
+        self.bits, self.in_features, self.out_features = bits, in_features, out_features
+        self.register_buffer("weight", qweight)
+        self.register_buffer("scales", scales)
+        self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
+
+    @classmethod
+    def from_weight(cls, weight, bias, bits: int, group_size: int = 0) -> "QuantLinear":
+        group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
+        q, s, _ = quantize(weight, bits, group_size)
+        w_shape = weight.shape
+        b = None if bias is None else torch.as_tensor(np.asarray(bias, np.float32)) if isinstance(bias, np.ndarray) else bias
+        return cls(q, s, bits, w_shape[1], w_shape[0], b)
+
+    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.weight, self.scales, self.bits, self.in_features, dtype)
+
+    def forward(self, x):
+        return _QuantMatmul.apply(x, self)
+
+    def extra_repr(self):
+        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.in_features // self.scales.shape[1]}"
+
+
+def quant_bits(name: str) -> int:
+    return {"int8": 8, "int4": 4}[name]
+
+
+def quantized_bytes(model: nn.Module) -> int:
+    return sum(m.weight.numel() * m.weight.element_size() + m.scales.numel() * 2 for m in model.modules() if isinstance(m, QuantLinear))
