@@ -1,0 +1,208 @@
+"""The llama.cpp backend: a bundle's GGUF model through llama-cpp-python's low-level API.
+
+Adapters are GGUF LoRAs loaded once on the model (``llama_adapter_lora_init``) and switched per
+request with ``llama_set_adapters_lora``: no reload, scales per adapter, several stacked. One
+context serves every request under a lock; its KV cache is reused only for the prefix that was
+computed under the same adapter set, so a swap never reads stale keys and values. ``merge`` writes
+a merged GGUF (dequantize, add, requantize) and reloads the model from it.
+"""
+
+from __future__ import annotations
+
+import os
+import tempfile
+import threading
+from dataclasses import dataclass
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.adapter import Adapter
+from edge_lora.bundle import Bundle
+from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_adapter import check_llamacpp_can_apply, export_gguf_adapter
+
+from . import llamacpp_lib as lib
+from .engine import DecodeState, Engine, LoadedAdapter
+
+FINGERPRINT_KEY = "edge_lora.base_fingerprint"
+DEFAULT_MAX_CTX = 4096
+
+
+@dataclass
+class LoraHandle:
+    path: Path  # the GGUF LoRA file
+    ptr: object = None  # llama_adapter_lora *, replaced when merge reloads the model
+
+
+class LlamaCppEngine(Engine):
+    backend_name = "llamacpp"
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int = 0,
+                 threads: int | None = None, n_ctx: int | None = None, use_extra_bufts: bool | None = None,
+                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None):
+        super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
+        lib.silence_log(verbose)
+        entry = self.bundle.backend_entry("gguf", quant)
+        rel = entry["model"]
+        self.quant = entry.get("quant")
+        self._model_path = self.bundle.verify_file(rel) if verify_hashes else self.bundle.require(rel)
+        self._n_gpu_layers = int(n_gpu_layers)
+        self._use_extra_bufts = use_extra_bufts
+        self._threads = int(threads or os.cpu_count() or 1)
+        self._n_ctx = int(n_ctx or min(self.config.max_position_embeddings, DEFAULT_MAX_CTX))
+        self._tmp = tempfile.TemporaryDirectory(prefix="edge-lora-llamacpp-")
+        self._ctx_lock = threading.Lock()  # a llama_context is not thread-safe
+        self._model = self._ctx = None
+        self._load(self._model_path)
+
+    # --- model and context --------------------------------------------------------------
+
+    def _load(self, path: Path) -> None:
+        model = lib.Model(path, n_gpu_layers=self._n_gpu_layers, use_extra_bufts=self._use_extra_bufts)
+        try:
+            if model.n_vocab != self.config.vocab_size:
+                raise EdgeLoraError(f"the GGUF has {model.n_vocab} tokens, bundle.json says {self.config.vocab_size}", path=path,
+                                    hint="the bundle is inconsistent; re-export it")
+            stored = model.meta(FINGERPRINT_KEY)
+            if stored is not None and stored != self.bundle.base_fingerprint:
+                raise EdgeLoraError("the GGUF was exported from another base than bundle.json names", path=path,
+                                    hint="re-export the bundle")
+            ctx = lib.Context(model, n_ctx=self._n_ctx, threads=self._threads)
+        except BaseException:
+            model.free()
+            raise
+        self._model, self._ctx = model, ctx
+        self._cache_key: tuple | None = None  # adapter set the cached tokens were computed under
+        self._cache_tokens: list[int] = []
+
+    def _unload(self) -> None:
+        if self._ctx is not None:
+            self._ctx.free()
+        if self._model is not None:
+            self._model.free()  # frees every adapter loaded on it too
+        self._model = self._ctx = None
+
+    def close(self) -> None:
+        with self._ctx_lock:
+            self._unload()
+        self._tmp.cleanup()
+
+    def __del__(self):
+        try:
+            self.close()
+        except Exception:  # interpreter shutdown: llama_cpp may already be gone
+            pass
+
+    @property
+    def max_context(self) -> int:
+        return self._n_ctx
+
+    # --- adapters -------------------------------------------------------------------------
+
+    def _attach(self, name: str, adapter: Adapter, source: Path) -> LoraHandle:
+        check_llamacpp_can_apply(adapter, self.config, path=source)
+        path = self._bundle_gguf(name, source)
+        if path is None:
+            path = Path(self._tmp.name) / f"{len(os.listdir(self._tmp.name))}-{name}.gguf"
+            export_gguf_adapter(adapter, self.config, path)
+        with self._ctx_lock:
+            return LoraHandle(path, self._model.load_lora(path))
+
+    def _bundle_gguf(self, name: str, source: Path) -> Path | None:
+        """The bundle's own GGUF of this adapter, when ``source`` is the bundle's adapter file."""
+        entry = self.bundle.adapters.get(name) or {}
+        if not entry.get("gguf") or not entry.get("source"):
+            return None
+        if self.bundle.resolve(entry["source"]).resolve() != Path(source).resolve():
+            return None
+        return self.bundle.verify_file(entry["gguf"]) if self.verify_hashes else self.bundle.require(entry["gguf"])
+
+    def _detach(self, name: str, handle: LoraHandle) -> None:
+        with self._ctx_lock:
+            if self._cache_key and any(n == name for n, _ in self._cache_key):
+                self._ctx.set_adapters([], [])
+                self._forget_cache()
+            self._model.free_lora(handle.ptr)
+            handle.ptr = None
+
+    def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
+        from .llamacpp_merge import write_merged_gguf
+
+        with self._ctx_lock:
+            merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"
+            write_merged_gguf(self._model.path, merged, self.config, loaded.adapter, scale)
+            previous = self._model.path
+            self._unload()
+            self._load(merged)
+            for other in self._adapters.values():  # adapters live on a model: load them again on the new one
+                other.handle.ptr = self._model.load_lora(other.handle.path)
+            if previous != self._model_path:
+                previous.unlink(missing_ok=True)
+
+    # --- inference ------------------------------------------------------------------------
+
+    def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
+        return _State(self, adapter_set, loaded)
+
+    def _full_logits(self, ids: list[int], adapter_set, loaded) -> np.ndarray:
+        with self._ctx_lock:
+            self._use_set(adapter_set, loaded)
+            self._forget_cache()
+            logits = self._ctx.decode(ids, 0, all_logits=True)
+            self._cache_tokens = list(ids)
+            return logits
+
+    def _use_set(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> None:
+        """Activate an adapter set; a different set invalidates the whole KV cache."""
+        key = tuple(sorted(adapter_set.items()))
+        if key == self._cache_key:
+            return
+        handles = [loaded[n].handle for n, _ in key]
+        if any(h.ptr is None for h in handles):
+            raise EdgeLoraError("an adapter of this request was removed while it ran")
+        self._cache_key = None
+        self._forget_cache()
+        self._ctx.set_adapters([h.ptr for h in handles], [s for _, s in key])
+        self._cache_key = key
+
+    def _forget_cache(self) -> None:
+        self._ctx.clear()
+        self._cache_tokens = []
+
+    def _advance(self, adapter_set, loaded, history: list[int]) -> np.ndarray:
+        """Logits after ``history``, reusing the cached prefix computed under the same adapter set."""
+        with self._ctx_lock:
+            self._use_set(adapter_set, loaded)
+            cached = self._cache_tokens
+            common = 0
+            limit = min(len(cached), len(history) - 1)  # always evaluate at least one token for its logits
+            while common < limit and cached[common] == history[common]:
+                common += 1
+            if common < len(cached) and not self._ctx.truncate(common):
+                self._ctx.clear()
+                common = 0
+            self._cache_tokens = cached[:common]
+            try:
+                logits = self._ctx.decode(history[common:], common)
+            except BaseException:
+                self._forget_cache()  # a half-evaluated batch leaves the cache unknown
+                raise
+            self._cache_tokens = list(history)
+            return logits
+
+    def _backend_info(self) -> dict:
+        return {"quant": self.quant, "model_file": str(self._model.path), "n_ctx": self._n_ctx, "threads": self._threads,
+                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts}
+
+
+class _State(DecodeState):
+    """A request's tokens; the shared context is brought to them on each feed (prefix reuse)."""
+
+    def __init__(self, engine: LlamaCppEngine, adapter_set, loaded):
+        self.engine, self.adapter_set, self.loaded = engine, dict(adapter_set), loaded
+        self.history: list[int] = []
+
+    def feed(self, token_ids: list[int]) -> np.ndarray:
+        self.history.extend(int(t) for t in token_ids)
+        return self.engine._advance(self.adapter_set, self.loaded, self.history)

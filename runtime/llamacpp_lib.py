@@ -1,0 +1,183 @@
+"""Thin, checked wrappers over llama-cpp-python's low-level C API.
+
+Every C call that can fail is checked here (NULL pointers, non-zero status) and turned into an
+``EdgeLoraError`` naming the file and what to do; nothing above this module touches ctypes.
+Not thread-safe: the engine serialises all calls on one context with a lock.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import os
+import warnings
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.errors import EdgeLoraError
+
+_state = {"backend": False, "quiet": None}
+
+
+def llama_cpp():
+    try:
+        import llama_cpp as lib
+    except ImportError:
+        raise EdgeLoraError("the llama.cpp backend needs llama-cpp-python", hint="pip install 'edge-lora[llama]'") from None
+    if not _state["backend"]:
+        lib.llama_backend_init()
+        _state["backend"] = True
+    return lib
+
+
+def silence_log(verbose: bool) -> None:
+    """llama.cpp logs every load to stderr; keep quiet unless asked (the callback must stay alive)."""
+    lib = llama_cpp()
+    if verbose:
+        if _state["quiet"] is not None:
+            lib.llama_log_set(ctypes.cast(None, lib.llama_log_callback), ctypes.c_void_p(0))  # back to stderr
+            _state["quiet"] = None
+    elif _state["quiet"] is None:
+        _state["quiet"] = lib.llama_log_callback(lambda level, text, user_data: None)
+        lib.llama_log_set(_state["quiet"], ctypes.c_void_p(0))
+
+
+def cpu_has_amx(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """Intel AMX: llama.cpp's AMX buffer type crashed decoding Q8_0/Q4_0 here, so repacking goes off."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            return any(line.startswith("flags") and " amx_tile" in line for line in f)
+    except OSError:
+        return False
+
+
+def default_extra_bufts() -> bool:
+    return not cpu_has_amx()
+
+
+class Model:
+    """A loaded llama_model (weights only); free() releases it and every adapter loaded on it."""
+
+    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_extra_bufts: bool | None = None):
+        lib = llama_cpp()
+        self.path = Path(path)
+        params = lib.llama_model_default_params()
+        params.n_gpu_layers = int(n_gpu_layers)
+        params.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else bool(use_extra_bufts)
+        self.use_extra_bufts = bool(params.use_extra_bufts)
+        if n_gpu_layers and not lib.llama_supports_gpu_offload():
+            warnings.warn("n_gpu_layers is set but this llama-cpp-python has no GPU backend (Metal, Vulkan, OpenCL, CUDA); "
+                          "running on the CPU", RuntimeWarning, stacklevel=3)
+        self.ptr = lib.llama_model_load_from_file(os.fspath(self.path).encode(), params)
+        if not self.ptr:
+            raise EdgeLoraError("llama.cpp could not load this GGUF model", path=self.path,
+                                hint="the file is corrupt, truncated or from a newer format; re-export the bundle")
+        self.vocab = lib.llama_model_get_vocab(self.ptr)
+        self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
+
+    def meta(self, key: str) -> str | None:
+        lib = llama_cpp()
+        buf = ctypes.create_string_buffer(512)
+        n = lib.llama_model_meta_val_str(self.ptr, key.encode(), buf, len(buf))
+        return None if n < 0 else buf.value.decode("utf-8", "replace")
+
+    def load_lora(self, path: Path):
+        lib = llama_cpp()
+        ptr = lib.llama_adapter_lora_init(self.ptr, os.fspath(path).encode())
+        if not ptr:  # a NULL pointer: llama.cpp rejected the file (wrong base, bad tensors)
+            raise EdgeLoraError("llama.cpp could not load this LoRA adapter", path=path,
+                                hint="wrong base model? re-export the adapter for this bundle")
+        return ptr
+
+    def free_lora(self, ptr) -> None:
+        if ptr and self.ptr:
+            llama_cpp().llama_adapter_lora_free(ptr)
+
+    def free(self) -> None:
+        if self.ptr:
+            llama_cpp().llama_model_free(self.ptr)
+            self.ptr = None
+
+
+class Context:
+    """One llama_context (KV cache, one sequence) over a Model."""
+
+    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512):
+        lib = llama_cpp()
+        self.model = model
+        self.n_ctx = int(n_ctx)
+        self.n_batch = max(1, min(int(n_batch), self.n_ctx))
+        params = lib.llama_context_default_params()
+        params.n_ctx = self.n_ctx
+        params.n_batch = self.n_batch
+        params.n_ubatch = self.n_batch
+        params.n_seq_max = 1
+        params.n_threads = params.n_threads_batch = int(threads)
+        self.ptr = lib.llama_init_from_model(model.ptr, params)
+        if not self.ptr:
+            raise EdgeLoraError(f"llama.cpp could not create a context of {self.n_ctx} tokens", path=model.path,
+                                hint="lower n_ctx (memory) or check n_gpu_layers")
+        self.memory = lib.llama_get_memory(self.ptr)
+        self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
+        self.n_vocab = model.n_vocab
+
+    def set_adapters(self, loras: list, scales: list[float]) -> None:
+        lib = llama_cpp()
+        if not loras:
+            status = lib.llama_set_adapters_lora(self.ptr, None, 0, None)
+        else:
+            arr = (lib.llama_adapter_lora_p_ctypes * len(loras))(*loras)
+            sc = (ctypes.c_float * len(scales))(*scales)
+            status = lib.llama_set_adapters_lora(self.ptr, arr, len(loras), sc)
+        if status != 0:
+            raise EdgeLoraError(f"llama.cpp refused the adapter set (status {status})", path=self.model.path,
+                                hint="an adapter may belong to another base model")
+
+    def clear(self) -> None:
+        llama_cpp().llama_memory_clear(self.memory, True)
+
+    def truncate(self, keep: int) -> bool:
+        """Drop cached positions >= keep; False when the cache cannot cut there (then clear it)."""
+        return bool(llama_cpp().llama_memory_seq_rm(self.memory, 0, keep, -1))
+
+    def decode(self, tokens: list[int], start: int, all_logits: bool = False) -> np.ndarray:
+        """Evaluate tokens at positions start.. ; the last token's logits ``[vocab]`` or all ``[T, vocab]``."""
+        lib = llama_cpp()
+        if start + len(tokens) > self.n_ctx:
+            raise EdgeLoraError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}", hint="raise n_ctx or shorten the prompt")
+        rows = []
+        for begin in range(0, len(tokens), self.n_batch):
+            chunk = tokens[begin:begin + self.n_batch]
+            last_chunk = begin + len(chunk) == len(tokens)
+            b = self.batch
+            b.n_tokens = len(chunk)
+            for i, tok in enumerate(chunk):
+                b.token[i] = tok
+                b.pos[i] = start + begin + i
+                b.n_seq_id[i] = 1
+                b.seq_id[i][0] = 0
+                b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
+            status = lib.llama_decode(self.ptr, b)
+            if status != 0:
+                raise EdgeLoraError(f"llama.cpp failed to evaluate the batch (llama_decode status {status})", path=self.model.path,
+                                    hint="the context may be full (raise n_ctx) or out of memory")
+            if all_logits:
+                ptr = _checked_logits(lib.llama_get_logits(self.ptr), self.model.path)
+                rows.append(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy())
+        if all_logits:
+            return np.concatenate(rows, axis=0)
+        ptr = _checked_logits(lib.llama_get_logits_ith(self.ptr, -1), self.model.path)
+        return np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy()
+
+    def free(self) -> None:
+        lib = llama_cpp()
+        if self.ptr:
+            lib.llama_batch_free(self.batch)
+            lib.llama_free(self.ptr)
+            self.ptr = None
+
+
+def _checked_logits(ptr, path):
+    if not ptr:
+        raise EdgeLoraError("llama.cpp returned no logits for this batch", path=path, hint="report this with the bundle")
+    return ptr

@@ -1,0 +1,62 @@
+"""Merge an adapter into a GGUF base: dequantize each target weight, add the LoRA delta, requantize.
+
+The result is a new GGUF with the same metadata and tensor types (a K-quant tensor, which numpy
+cannot encode, is written as q8_0), so llama.cpp runs it with no per-token adapter cost.
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+from edge_lora.adapter import Adapter
+from edge_lora.atomic import atomic_path
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_names import gguf_arch, gguf_module, to_gguf_rows
+from edge_lora.gguf_quant import can_encode_in_numpy, decode, encode
+
+_SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
+
+
+def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapter, scale: float) -> Path:
+    import gguf
+
+    try:
+        reader = gguf.GGUFReader(os.fspath(src))
+    except (ValueError, OSError) as err:
+        raise EdgeLoraError(f"cannot read the GGUF base to merge into ({err})", path=src) from None
+    deltas = {f"{gguf_module(m)}.weight": m for m in adapter.modules}
+    found = {t.name for t in reader.tensors}
+    missing = sorted(set(deltas) - found)
+    if missing:
+        raise EdgeLoraError(f"the GGUF base has no tensor {missing[0]!r} to merge into", path=src, hint="wrong base model?")
+    with atomic_path(dst) as tmp:
+        writer = gguf.GGUFWriter(os.fspath(tmp), gguf_arch(config))
+        for field in reader.fields.values():
+            if field.name.startswith(_SKIP_KEYS):
+                continue
+            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+        for tensor in reader.tensors:
+            qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+            if tensor.name not in deltas:
+                writer.add_tensor(tensor.name, tensor.data, raw_dtype=qtype)
+                continue
+            module = deltas[tensor.name]
+            shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml ne order -> numpy [rows, cols]
+            weight = decode(tensor.data, qtype, shape)
+            weight = weight + scale * to_gguf_rows(config, module, adapter.delta(module))
+            out_type = qtype if can_encode_in_numpy(qtype) else gguf.GGMLQuantizationType.Q8_0
+            if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+                out_type = gguf.GGMLQuantizationType.F16
+            writer.add_tensor(tensor.name, encode(weight, out_type), raw_dtype=out_type)
+        try:
+            writer.write_header_to_file()
+            writer.write_kv_data_to_file()
+            writer.write_tensors_to_file()
+        except OSError as err:
+            raise EdgeLoraError(f"cannot write the merged GGUF ({err.strerror})", path=dst, hint="check free disk space") from None
+        finally:
+            writer.close()
+    return dst
