@@ -45,13 +45,14 @@ def _pattern_value(patterns: dict, module: str, default):
 def read_peft_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise EdgeLoraError("not a PEFT adapter directory (no adapter_config.json)", path=path)
+        raise EdgeLoraError("not a PEFT adapter directory (no adapter_config.json)", path=path,
+                            hint="pass the folder PEFT's save_pretrained wrote")
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
-    except (json.JSONDecodeError, UnicodeDecodeError):
-        raise EdgeLoraError("adapter_config.json is not valid JSON", path=cfg_path) from None
+    except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
+        raise EdgeLoraError("adapter_config.json is not valid JSON", path=cfg_path, hint="save the adapter again with PEFT") from None
     if not isinstance(cfg, dict):
-        raise EdgeLoraError("adapter_config.json must hold a JSON object", path=cfg_path)
+        raise EdgeLoraError("adapter_config.json must hold a JSON object", path=cfg_path, hint="save the adapter again with PEFT")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise EdgeLoraError(f"PEFT type {cfg.get('peft_type')!r} is not LoRA", path=cfg_path, hint="only LoRA adapters are supported")
     for unsupported, hint in (("modules_to_save", "fully trained modules cannot be shipped as an adapter"),

@@ -28,6 +28,7 @@ FORMAT_VERSION = 1
 METADATA_KEY = "edge_lora"
 EMBED_ROWS = "model.embed_tokens.added_rows"
 HEAD_ROWS = "lm_head.added_rows"
+_REMAKE = "the file is corrupt or not written by edge-lora: train or export the adapter again"
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
 
 
@@ -121,7 +122,8 @@ class Adapter:
         embed_rows = head_rows = None
         for name in st.keys():
             if st.tensors[name].dtype not in ("F32", "F16", "BF16"):
-                raise EdgeLoraError(f"tensor {name!r} has dtype {st.tensors[name].dtype}; adapters hold float tensors", path=path)
+                raise EdgeLoraError(f"tensor {name!r} has dtype {st.tensors[name].dtype}; adapters hold float tensors", path=path,
+                                    hint="store LoRA weights as F32, F16 or BF16")
             if name in (EMBED_ROWS, HEAD_ROWS):
                 rows = _finite(st.get(name).astype(np.float32), name, path)
                 embed_rows, head_rows = (rows, head_rows) if name == EMBED_ROWS else (embed_rows, rows)
@@ -133,21 +135,21 @@ class Adapter:
         modules = {}
         for module, parts in groups.items():
             if "lora_A" not in parts or "lora_B" not in parts:
-                raise EdgeLoraError(f"module {module!r} needs both lora_A and lora_B", path=path)
+                raise EdgeLoraError(f"module {module!r} needs both lora_A and lora_B", path=path, hint=_REMAKE)
             a, b = parts["lora_A"], parts["lora_B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
-                raise EdgeLoraError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank", path=path)
+                raise EdgeLoraError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank", path=path, hint=_REMAKE)
             info = modules_meta.get(module)
             if not isinstance(info, dict) or "alpha" not in info:
-                raise EdgeLoraError(f"module {module!r} has tensors but no rank/alpha in the metadata", path=path)
+                raise EdgeLoraError(f"module {module!r} has tensors but no rank/alpha in the metadata", path=path, hint=_REMAKE)
             if int(info.get("rank", a.shape[0])) != a.shape[0]:
-                raise EdgeLoraError(f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}", path=path)
+                raise EdgeLoraError(f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}", path=path, hint=_REMAKE)
             mag = parts.get("lora_magnitude")
             if mag is not None and mag.shape != (b.shape[0],):
-                raise EdgeLoraError(f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]", path=path)
-            modules[module] = LoraWeights(a=a, b=b, alpha=float(info["alpha"]), magnitude=mag)
+                raise EdgeLoraError(f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]", path=path, hint=_REMAKE)
+            modules[module] = LoraWeights(a=a, b=b, alpha=_alpha(info["alpha"], module, path), magnitude=mag)
         if not modules and embed_rows is None:
-            raise EdgeLoraError("adapter holds no LoRA tensors", path=path)
+            raise EdgeLoraError("adapter holds no LoRA tensors", path=path, hint=_REMAKE)
         adapter = cls(
             modules=modules,
             base_architecture=str(meta["base"].get("architecture")),
@@ -185,7 +187,8 @@ class Adapter:
                     path=path, hint="wrong base model?")
         for rows in (self.embed_rows, self.head_rows):
             if rows is not None and (rows.ndim != 2 or rows.shape[1] != base.hidden_size or rows.shape[0] != len(self.added_tokens)):
-                raise EdgeLoraError(f"added token rows {list(rows.shape)} do not fit hidden size {base.hidden_size}", path=path)
+                raise EdgeLoraError(f"added token rows {list(rows.shape)} do not fit hidden size {base.hidden_size}", path=path,
+                                    hint="wrong base model?")
 
 
 def _read_metadata(st: SafetensorsFile, path) -> dict:
@@ -196,15 +199,21 @@ def _read_metadata(st: SafetensorsFile, path) -> dict:
         raise EdgeLoraError("not an edge-lora adapter (no edge_lora metadata)", path=path, hint=hint)
     try:
         meta = json.loads(raw)
-    except json.JSONDecodeError:
-        raise EdgeLoraError("adapter metadata is not valid JSON", path=path) from None
+    except (json.JSONDecodeError, RecursionError):  # RecursionError: hostile nesting depth
+        raise EdgeLoraError("adapter metadata is not valid JSON", path=path, hint=_REMAKE) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or not isinstance(meta.get("base"), dict):
-        raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path)
+        raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path, hint=_REMAKE)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EdgeLoraError(f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
                             path=path, hint="upgrade edge-lora")
     return meta
+
+
+def _alpha(value, module: str, path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EdgeLoraError(f"module {module!r}: alpha {value!r} is not a finite number", path=path, hint=_REMAKE)
+    return float(value)
 
 
 def _finite(arr: np.ndarray, name: str, path) -> np.ndarray:

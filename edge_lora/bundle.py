@@ -70,14 +70,15 @@ class Bundle:
             raise EdgeLoraError("no bundle.json: not a bundle, or its export did not finish", path=root,
                                 hint="run `edge-lora export` again")
         if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            raise EdgeLoraError("bundle.json is implausibly large", path=manifest)
+            raise EdgeLoraError("bundle.json is implausibly large", path=manifest, hint="re-export the bundle")
         try:
             raw = json.loads(manifest.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: hostile nesting
             raise EdgeLoraError(f"bundle.json is not valid JSON ({err.__class__.__name__})", path=manifest,
                                 hint="re-export the bundle") from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise EdgeLoraError("bundle.json is not an edge-lora bundle manifest", path=manifest)
+            raise EdgeLoraError("bundle.json is not an edge-lora bundle manifest", path=manifest,
+                                hint="pass the folder `edge-lora export` wrote")
         version = raw.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
             raise EdgeLoraError(f"bundle format version {version!r} is newer than this edge-lora reads ({FORMAT_VERSION})",
@@ -90,8 +91,8 @@ class Bundle:
         try:
             config = ModelConfig.from_saved(raw["model"])
             config.validate(manifest)
-        except TypeError as err:
-            raise EdgeLoraError(f"bundle.json: bad model config ({err})", path=manifest) from None
+        except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as err:
+            raise EdgeLoraError(f"bundle.json: bad model config ({err})", path=manifest, hint="re-export the bundle") from None
         bundle = cls(root=root, config=config, base_fingerprint=raw["base_fingerprint"], tokenizer=raw["tokenizer"],
                      backends=raw["backends"], adapters=raw["adapters"], files=raw["files"], raw=raw)
         bundle._check_paths()
@@ -101,11 +102,11 @@ class Bundle:
         refs = [self.tokenizer.get("tokenizer")] + list(self.files)
         for entries in self.backends.values():
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise EdgeLoraError("bundle.json: each backend lists entries as objects", path=self.manifest_path)
+                raise EdgeLoraError("bundle.json: each backend lists entries as objects", path=self.manifest_path, hint="re-export the bundle")
             refs += [e.get("model") for e in entries]
         for name, entry in self.adapters.items():
             if not isinstance(entry, dict):
-                raise EdgeLoraError(f"bundle.json: adapter {name!r} is not an object", path=self.manifest_path)
+                raise EdgeLoraError(f"bundle.json: adapter {name!r} is not an object", path=self.manifest_path, hint="re-export the bundle")
             refs += [v for k, v in entry.items() if k in ("source", "onnx", "gguf")]
         for ref in refs:
             self.resolve(ref)
@@ -113,14 +114,15 @@ class Bundle:
     def resolve(self, rel) -> Path:
         """The absolute path of a bundle entry, refusing anything that escapes the bundle."""
         if not isinstance(rel, str) or not rel:
-            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is not a relative path", path=self.manifest_path)
+            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is not a relative path", path=self.manifest_path, hint="re-export the bundle")
         candidate = Path(rel)
         if candidate.is_absolute() or ".." in candidate.parts or "\\" in rel:
             raise EdgeLoraError(f"bundle.json: file entry {rel!r} points outside the bundle", path=self.manifest_path,
                                 hint="a bundle only references files inside its own folder")
         full = self.root / candidate
         if full.resolve().is_relative_to(self.root.resolve()) is False:
-            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is a link that leaves the bundle", path=self.manifest_path)
+            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is a link that leaves the bundle", path=self.manifest_path,
+                                hint="copy the bundle with its files, not links to them")
         return full
 
     def require(self, rel: str) -> Path:

@@ -16,6 +16,8 @@ from pathlib import Path
 
 from .errors import EdgeLoraError
 
+_BAD_CONFIG = "the model config is corrupt; use the config.json the model was trained with"
+
 # architecture name in config.json -> model_type
 SUPPORTED_ARCHITECTURES = {
     "LlamaForCausalLM": "llama",
@@ -100,7 +102,7 @@ class ModelConfig:
                 sliding_window=_sliding_window(raw),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise EdgeLoraError(f"config.json is missing or has a bad value: {err}", path=path) from None
+            raise EdgeLoraError(f"config.json is missing or has a bad value: {err}", path=path, hint=_BAD_CONFIG) from None
         config.validate(path)
         return config
 
@@ -108,11 +110,11 @@ class ModelConfig:
         positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"]
         for name in positive:
             if getattr(self, name) <= 0:
-                raise EdgeLoraError(f"config value {name} must be positive", path=path)
+                raise EdgeLoraError(f"config value {name} must be positive", path=path, hint=_BAD_CONFIG)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise EdgeLoraError("num_attention_heads must be a multiple of num_key_value_heads", path=path)
+            raise EdgeLoraError("num_attention_heads must be a multiple of num_key_value_heads", path=path, hint=_BAD_CONFIG)
         if self.head_dim % 2:
-            raise EdgeLoraError("head_dim must be even for rotary embeddings", path=path)
+            raise EdgeLoraError("head_dim must be even for rotary embeddings", path=path, hint=_BAD_CONFIG)
         if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3", "linear"):
             raise EdgeLoraError(
                 f"unsupported rope_scaling type {self.rope_scaling.get('rope_type')!r}", path=path, hint="supported: llama3, linear"
@@ -125,8 +127,9 @@ class ModelConfig:
             raise EdgeLoraError("no config.json here", path=model_dir, hint="pass a Hugging Face model directory")
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError) as err:
-            raise EdgeLoraError(f"config.json is not valid JSON ({err})", path=path) from None
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
+            raise EdgeLoraError(f"config.json is not valid JSON ({err.__class__.__name__})", path=path,
+                                hint="pass a Hugging Face model directory with an intact config.json") from None
         if not isinstance(raw, dict):
             raise EdgeLoraError("config.json must hold a JSON object", path=path)
         return cls.from_dict(raw, path=path)

@@ -44,9 +44,9 @@ class SafetensorsFile:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.exists():
-            raise EdgeLoraError("file not found", path=self.path)
+            raise EdgeLoraError("file not found", path=self.path, hint="check the path")
         if not self.path.is_file():
-            raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path)
+            raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path, hint="pass the file itself")
         size = self.path.stat().st_size
         with open(self.path, "rb") as f:
             head = f.read(8)
@@ -59,13 +59,13 @@ class SafetensorsFile:
             raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError):
+        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: hostile nesting depth
             raise EdgeLoraError("safetensors header is not valid JSON", path=self.path, hint="the file is corrupt; copy it again") from None
         if not isinstance(header, dict):
-            raise EdgeLoraError("safetensors header is not a JSON object", path=self.path)
+            raise EdgeLoraError("safetensors header is not a JSON object", path=self.path, hint="the file is corrupt; copy it again")
         metadata = header.pop("__metadata__", None) or {}
         if not isinstance(metadata, dict) or not all(isinstance(v, str) for v in metadata.values()):
-            raise EdgeLoraError("safetensors __metadata__ must map strings to strings", path=self.path)
+            raise EdgeLoraError("safetensors __metadata__ must map strings to strings", path=self.path, hint="the file is corrupt; copy it again")
         self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
         self.tensors: dict[str, TensorInfo] = {}

@@ -16,6 +16,7 @@ from edge_lora.bundle import sha256_file, write_manifest
 from edge_lora.config import ModelConfig
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
+from runtime.engine import Engine
 
 
 def make_adapter(config: ModelConfig, fingerprint: str | None, *, rank: int = 4, seed: int = 0,
@@ -50,3 +51,21 @@ def make_core_bundle(root: Path, model_dir: Path, adapters: dict[str, Adapter]) 
         "files": {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in files},
     })
     return root
+
+
+class RegistryEngine(Engine):
+    """The engine's adapter registry and trust checks, without a model behind it."""
+
+    backend_name = "registry"
+
+    def _attach(self, name, adapter, source):
+        return name
+
+    def _new_state(self, adapter_set, loaded):
+        raise NotImplementedError("no model in this test engine")
+
+    def _full_logits(self, ids, adapter_set, loaded):
+        raise NotImplementedError("no model in this test engine")
+
+    def _merge(self, name, loaded, scale):
+        raise NotImplementedError("no model in this test engine")

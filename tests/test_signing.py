@@ -13,28 +13,9 @@ from edge_lora.bundle import Bundle
 from edge_lora.cli_sign import main as sign_cli
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from runtime.engine import Engine
-from security_helpers import make_adapter, make_core_bundle
+from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 
 pytest.importorskip("cryptography")
-
-
-class RegistryEngine(Engine):
-    """The engine's adapter registry and trust checks, without a model behind it."""
-
-    backend_name = "registry"
-
-    def _attach(self, name, adapter, source):
-        return name
-
-    def _new_state(self, adapter_set, loaded):
-        raise NotImplementedError("no model in this test engine")
-
-    def _full_logits(self, ids, adapter_set, loaded):
-        raise NotImplementedError("no model in this test engine")
-
-    def _merge(self, name, loaded, scale):
-        raise NotImplementedError("no model in this test engine")
 
 
 @pytest.fixture(scope="module")
