@@ -1,0 +1,42 @@
+"""An adapter as an ``.onnx_adapter`` file: the graph's LoRA inputs with the scale folded into B.
+
+ONNX Runtime's ``LoraAdapter`` and onnxruntime-genai's ``Adapters`` load it and activate it per
+run; names and layouts are :func:`edge_lora.onnx_names.stack_lora`'s, the same feeds the runtime
+builds itself.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora import onnx_names as names
+from edge_lora.adapter import Adapter
+from edge_lora.atomic import atomic_path
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+
+LORA_NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16}
+
+
+def export_onnx_adapter(adapter: Adapter, config: ModelConfig, out_path: Path, scale: float = 1.0,
+                        lora_dtype: str = "float32") -> Path:
+    import onnxruntime as ort
+
+    adapter.check_fits(config)
+    feeds = names.stack_lora([(adapter, scale)], names.lora_slots(config), LORA_NUMPY_DTYPES[lora_dtype])
+    out_path = Path(out_path)
+    fmt = ort.AdapterFormat()
+    fmt.set_adapter_version(1)
+    fmt.set_model_version(1)
+    # set_parameters keeps only the C-side OrtValues: the arrays must outlive export_adapter
+    values = {k: ort.OrtValue.ortvalue_from_numpy(v) for k, v in feeds.items()}
+    fmt.set_parameters(values)
+    try:
+        with atomic_path(out_path) as tmp:
+            fmt.export_adapter(str(tmp))
+    except RuntimeError as err:
+        raise EdgeLoraError(f"ONNX Runtime could not write the adapter ({str(err).splitlines()[0][:160]})", path=out_path) from None
+    del values, feeds
+    return out_path

@@ -1,0 +1,274 @@
+"""The Llama-family decoder as an ONNX graph with a KV cache and a LoRA slot on every linear layer.
+
+Two variants share the weights code (:mod:`converters.onnx_quant`) and differ in attention and norms:
+
+fast      SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization and GroupQueryAttention
+          (rotary inside, sliding window as ``local_window_size``), MatMulNBits weights.
+portable  standard ops only: RMSNorm from Pow/ReduceMean/Sqrt, rotary from a cos/sin table,
+          Concat KV cache, explicit causal / window / padding mask, MatMul attention.
+
+q/k/v are one fused matmul and gate/up another (fewer, larger kernels); each module's LoRA side
+path ``x @ A^T @ B^T`` is computed apart and the deltas are concatenated onto the fused output.
+Positions are ``past_length + arange(S)``: batches must not be left-padded (the runtime runs one
+sequence per state).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+import onnx
+from onnx import TensorProto
+
+from edge_lora import onnx_names as names
+from edge_lora.config import ModelConfig
+from edge_lora.model_dir import ModelDir
+
+from .onnx_graph import MS_DOMAIN, Graph
+from .onnx_quant import emit_matmul
+
+LORA_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
+
+
+@dataclass
+class DecoderOptions:
+    quant: str = "int4"
+    variant: str = "fast"
+    block_size: int = 32
+    accuracy_level: int = 4
+    lora_dtype: str = "float32"
+
+
+class DecoderWriter:
+    def __init__(self, md: ModelDir, options: DecoderOptions):
+        self.md, self.c, self.o = md, md.config, options
+        self.g = Graph("edge_lora_decoder")
+        self.fast = options.variant == "fast"
+        self.slots = names.lora_slots(self.c)
+        self.layout = {"weights": {}, "linears": {}}
+
+    # --- building blocks -----------------------------------------------------------
+
+    def weight(self, name: str) -> np.ndarray:
+        return self.md.get(name).astype(np.float32)
+
+    def linear(self, x: str, group: str, modules: list[str]) -> str:
+        """One matmul over the modules' stacked weights, biases, then each module's LoRA side path."""
+        weight = np.concatenate([self.weight(f"{m}.weight") for m in modules], axis=0) if len(modules) > 1 else self.weight(f"{modules[0]}.weight")
+        out, entry = emit_matmul(self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level)
+        self.layout["weights"][group] = entry
+        start = 0
+        for m in modules:
+            rows = self.c.vocab_size if m == "lm_head" else self.c.linear_shapes()[m.split(".", 3)[3]][0]
+            self.layout["linears"][m] = {"weight": group, "rows": [start, start + rows]}
+            start += rows
+        biases = [f"{m}.bias" for m in modules if self.md.has(f"{m}.bias")]
+        if biases:
+            bias = np.concatenate([self.weight(b) for b in biases]) if len(biases) == len(modules) else None
+            if bias is None:
+                raise ValueError(f"{group}: either all or none of {modules} have biases")
+            out = self.g.op("Add", [out, self.g.initializer(f"{group}.bias", bias)], f"{group}/BiasAdd")
+        deltas = [self.lora_path(x, m) for m in modules if m in self.slots]
+        if deltas:
+            delta = deltas[0] if len(deltas) == 1 else self.g.op("Concat", deltas, f"{group}/lora/Concat", axis=-1)
+            out = self.g.op("Add", [out, delta], f"{group}/lora/Add")
+        return out
+
+    def lora_path(self, x: str, module: str) -> str:
+        out_f, in_f = self.slots[module]
+        np_dtype, onnx_dtype = LORA_DTYPES[self.o.lora_dtype]
+        rank = f"{module}.rank"
+        a = self.g.add_input(names.lora_a(module), onnx_dtype, [in_f, rank])
+        b = self.g.add_input(names.lora_b(module), onnx_dtype, [rank, out_f])
+        self.g.initializer(a, np.zeros((in_f, 0), np_dtype))  # rank 0: the base runs unchanged
+        self.g.initializer(b, np.zeros((0, out_f), np_dtype))
+        if np_dtype != np.float32:
+            a = self.g.op("Cast", [a], f"{module}/lora/CastA", to=TensorProto.FLOAT)
+            b = self.g.op("Cast", [b], f"{module}/lora/CastB", to=TensorProto.FLOAT)
+        low = self.g.op("MatMul", [x, a], f"{module}/lora/MatMulA")
+        return self.g.op("MatMul", [low, b], f"{module}/lora/MatMulB")
+
+    def rms_norm(self, x: str, weight_name: str, name: str) -> str:
+        w = self.g.initializer(weight_name, self.weight(weight_name))
+        eps = float(self.c.rms_norm_eps)
+        if self.fast:
+            return self.g.op("SimplifiedLayerNormalization", [x, w], name, axis=-1, epsilon=eps, stash_type=1)
+        sq = self.g.op("Mul", [x, x], f"{name}/Square")
+        mean = self.g.op("ReduceMean", [sq, self.g.const(f"{name}/axes", [-1])], f"{name}/ReduceMean", keepdims=1)
+        std = self.g.op("Sqrt", [self.g.op("Add", [mean, self.g.const(f"{name}/eps", eps, np.float32)], f"{name}/AddEps")], f"{name}/Sqrt")
+        return self.g.op("Mul", [self.g.op("Div", [x, std], f"{name}/Div"), w], f"{name}/Scale")
+
+    def skip_rms_norm(self, x: str, residual: str, weight_name: str, name: str) -> tuple[str, str]:
+        """``(norm(x + residual), x + residual)``."""
+        if self.fast:
+            w = self.g.initializer(weight_name, self.weight(weight_name))
+            outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, w], name, outputs=4, domain=MS_DOMAIN,
+                             epsilon=float(self.c.rms_norm_eps))
+            return outs[0], outs[3]
+        total = self.g.op("Add", [residual, x], f"{name}/Residual")
+        return self.rms_norm(total, weight_name, name), total
+
+    # --- the decoder ---------------------------------------------------------------
+
+    def build(self) -> onnx.ModelProto:
+        c, g = self.c, self.g
+        ids = g.add_input(names.INPUT_IDS, TensorProto.INT64, ["batch_size", "sequence_length"])
+        mask = g.add_input(names.ATTENTION_MASK, TensorProto.INT64, ["batch_size", "total_sequence_length"])
+        kv_shape = ["batch_size", c.num_key_value_heads, "past_sequence_length", c.head_dim]
+        for i in range(c.num_hidden_layers):
+            g.add_input(names.past_key(i), TensorProto.FLOAT, kv_shape)
+            g.add_input(names.past_value(i), TensorProto.FLOAT, kv_shape)
+        x = self.embed(ids)
+        attention_inputs = self.gqa_inputs(mask) if self.fast else self.portable_mask(ids, mask)
+        h, residual = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm"), x
+        for i in range(c.num_hidden_layers):
+            p = f"model.layers.{i}"
+            if i > 0:
+                h, residual = self.skip_rms_norm(mlp_out, residual, f"{p}.input_layernorm.weight", f"{p}.input_layernorm")  # noqa: F821
+            attn = self.attention(i, h, attention_inputs)
+            h, residual = self.skip_rms_norm(attn, residual, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm")
+            mlp_out = self.mlp(p, h)
+        final, _ = self.skip_rms_norm(mlp_out, residual, "model.norm.weight", "model.norm")
+        g.identity(self.head(final), names.LOGITS)
+        g.add_output(names.LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+        present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
+        for i in range(c.num_hidden_layers):
+            g.add_output(names.present_key(i), TensorProto.FLOAT, present_shape)
+            g.add_output(names.present_value(i), TensorProto.FLOAT, present_shape)
+        return g.model(contrib=True)
+
+    def embed(self, ids: str) -> str:
+        table = self.weight("model.embed_tokens.weight")
+        if self.o.quant == "fp32":
+            return self.g.op("Gather", [self.g.initializer("model.embed_tokens.weight", table), ids], "model.embed_tokens/Gather")
+        # a half-precision table: one row per token is read, so this only saves disk and memory
+        rows = self.g.op("Gather", [self.g.initializer("model.embed_tokens.weight", table.astype(np.float16)), ids],
+                         "model.embed_tokens/Gather")
+        return self.g.op("Cast", [rows], "model.embed_tokens/Cast", to=TensorProto.FLOAT)
+
+    def head(self, x: str) -> str:
+        c, g = self.c, self.g
+        if not c.tie_word_embeddings:
+            return self.linear(x, "lm_head", ["lm_head"])
+        if self.o.quant in ("int4", "int8"):  # a quantized copy of the tied table, the Gather keeps its own
+            out, entry = emit_matmul(g, x, "lm_head", self.weight("model.embed_tokens.weight"), self.o.quant, self.o.variant,
+                                     self.o.block_size, self.o.accuracy_level)
+            self.layout["weights"]["lm_head"] = entry
+            return out
+        # float: Gemm on the very table the Gather reads (transB), no second copy on disk
+        table = "model.embed_tokens.weight"
+        if self.o.quant == "fp16":
+            table = g.op("Cast", [table], "lm_head/CastTable", to=TensorProto.FLOAT)
+        flat = g.op("Reshape", [x, g.const("lm_head/flat_shape", [-1, c.hidden_size])], "lm_head/Flatten")
+        logits = g.op("Gemm", [flat, table], "lm_head/Gemm", transB=1)
+        lead = g.op("Shape", [x], "lm_head/LeadShape", start=0, end=2)
+        shape = g.op("Concat", [lead, g.const("lm_head/vocab", [c.vocab_size])], "lm_head/OutShape", axis=0)
+        return g.op("Reshape", [logits, shape], "lm_head/Unflatten")
+
+    def mlp(self, p: str, h: str) -> str:
+        g, i = self.g, self.c.intermediate_size
+        gate_up = self.linear(h, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        gate, up = g.op("Split", [gate_up, g.const(f"{p}.mlp/split", [i, i])], f"{p}.mlp/Split", outputs=2, axis=-1)
+        act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/Sigmoid")], f"{p}.mlp/SiLU")
+        return self.linear(g.op("Mul", [act, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"])
+
+    def attention(self, layer: int, h: str, inputs: dict) -> str:
+        p = f"model.layers.{layer}.self_attn"
+        qkv = self.linear(h, f"{p}.qkv_proj", [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
+        present = [names.present_key(layer), names.present_value(layer)]
+        past = [names.past_key(layer), names.past_value(layer)]
+        out = self.gqa(p, qkv, past, present, inputs) if self.fast else self.plain_attention(p, qkv, past, present, inputs)
+        return self.linear(out, f"{p}.o_proj", [f"{p}.o_proj"])
+
+    # --- fast attention: GroupQueryAttention ---------------------------------------
+
+    def gqa_inputs(self, mask: str) -> dict:
+        g, c = self.g, self.c
+        total = g.op("ReduceSum", [mask, g.const("gqa/axes", [1])], "gqa/ReduceSum", keepdims=0)
+        seqlens = g.op("Cast", [g.op("Sub", [total, g.const("gqa/one", 1)], "gqa/Sub")], "gqa/SeqLens", to=TensorProto.INT32)
+        length = g.op("Gather", [g.op("Shape", [mask], "gqa/Shape"), g.const("gqa/index", 1)], "gqa/TotalLength", axis=0)
+        freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
+        return {"seqlens_k": seqlens,
+                "total_length": g.op("Cast", [length], "gqa/TotalLengthInt", to=TensorProto.INT32),
+                "cos": g.initializer("rotary.cos_cache", np.cos(freqs).astype(np.float32)),
+                "sin": g.initializer("rotary.sin_cache", np.sin(freqs).astype(np.float32))}
+
+    def gqa(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
+        c = self.c
+        # local_window_size = W gives HF's i - j < W (checked against transformers on Mistral)
+        window = c.sliding_window if c.sliding_window else -1
+        outs = self.g.op("GroupQueryAttention", [qkv, "", "", *past, t["seqlens_k"], t["total_length"], t["cos"], t["sin"]],
+                         f"{p}/GroupQueryAttention", outputs=[f"{p}/GroupQueryAttention/0", *present], domain=MS_DOMAIN,
+                         num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, scale=float(c.head_dim ** -0.5),
+                         do_rotary=1, rotary_interleaved=0, local_window_size=window)
+        return outs[0]
+
+    # --- portable attention: standard ops ------------------------------------------
+
+    def portable_mask(self, ids: str, mask: str) -> dict:
+        g, c = self.g, self.c
+        new = g.op("Shape", [ids], "mask/NewLength", start=1, end=2)
+        total = g.op("Shape", [mask], "mask/TotalLength", start=1, end=2)
+        past = g.op("Sub", [total, new], "mask/PastLength")
+        scalar = lambda v, n: g.op("Squeeze", [v, g.const(f"mask/{n}_axes", [0])], f"mask/{n}_Scalar")  # noqa: E731
+        one, zero = g.const("mask/one", 1), g.const("mask/zero", 0)
+        q_pos = g.op("Range", [scalar(past, "past"), scalar(total, "total"), one], "mask/QueryPositions")
+        k_pos = g.op("Range", [zero, scalar(total, "total2"), one], "mask/KeyPositions")
+        q_col = g.op("Unsqueeze", [q_pos, g.const("mask/col_axes", [1])], "mask/QueryColumn")
+        k_row = g.op("Unsqueeze", [k_pos, g.const("mask/row_axes", [0])], "mask/KeyRow")
+        allowed = g.op("LessOrEqual", [k_row, q_col], "mask/Causal")
+        if c.sliding_window:
+            dist = g.op("Sub", [q_col, k_row], "mask/Distance")
+            inside = g.op("Less", [dist, g.const("mask/window", c.sliding_window)], "mask/Window")
+            allowed = g.op("And", [allowed, inside], "mask/CausalWindow")
+        padding = g.op("Cast", [g.op("Unsqueeze", [mask, g.const("mask/pad_axes", [1, 2])], "mask/PadUnsqueeze")],
+                       "mask/PadBool", to=TensorProto.BOOL)
+        allowed = g.op("And", [allowed, padding], "mask/Allowed")
+        bias = g.op("Where", [allowed, g.const("mask/zero_f", 0.0, np.float32), g.const("mask/min_f", np.finfo(np.float32).min, np.float32)],
+                    "mask/Bias")
+        freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
+        emb = np.concatenate([freqs, freqs], axis=-1)
+        cos = g.op("Gather", [g.initializer("rotary.cos_table", np.cos(emb).astype(np.float32)), q_pos], "rotary/Cos", axis=0)
+        sin = g.op("Gather", [g.initializer("rotary.sin_table", np.sin(emb).astype(np.float32)), q_pos], "rotary/Sin", axis=0)
+        return {"bias": bias, "cos": cos, "sin": sin}
+
+    def rotary(self, name: str, x: str, t: dict) -> str:
+        g, half = self.g, self.c.head_dim // 2
+        x1, x2 = g.op("Split", [x, g.const(f"{name}/halves", [half, half])], f"{name}/Split", outputs=2, axis=-1)
+        rotated = g.op("Concat", [g.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/RotateHalf", axis=-1)
+        return g.op("Add", [g.op("Mul", [x, t["cos"]], f"{name}/MulCos"), g.op("Mul", [rotated, t["sin"]], f"{name}/MulSin")], f"{name}/Add")
+
+    def heads(self, name: str, x: str, count: int) -> str:
+        """``[B, S, count*d]`` -> ``[B, count, S, d]``."""
+        shaped = self.g.op("Reshape", [x, self.g.const(f"{name}/shape", [0, 0, count, self.c.head_dim])], f"{name}/Reshape")
+        return self.g.op("Transpose", [shaped], f"{name}/Transpose", perm=[0, 2, 1, 3])
+
+    def repeat_kv(self, name: str, x: str) -> str:
+        g, c = self.g, self.c
+        groups = c.num_attention_heads // c.num_key_value_heads
+        if groups == 1:
+            return x
+        wide = g.op("Unsqueeze", [x, g.const(f"{name}/axes", [2])], f"{name}/Unsqueeze")
+        wide = g.op("Expand", [wide, g.const(f"{name}/expand", [1, 1, groups, 1, 1])], f"{name}/Expand")
+        return g.op("Reshape", [wide, g.const(f"{name}/shape", [0, c.num_attention_heads, -1, c.head_dim])], f"{name}/Reshape")
+
+    def plain_attention(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
+        g, c = self.g, self.c
+        q, k, v = g.op("Split", [qkv, g.const(f"{p}/split", [c.q_dim, c.kv_dim, c.kv_dim])], f"{p}/Split", outputs=3, axis=-1)
+        q = self.rotary(f"{p}/q_rotary", self.heads(f"{p}/q_heads", q, c.num_attention_heads), t)
+        k = self.rotary(f"{p}/k_rotary", self.heads(f"{p}/k_heads", k, c.num_key_value_heads), t)
+        v = self.heads(f"{p}/v_heads", v, c.num_key_value_heads)
+        k_all = g.op("Concat", [past[0], k], f"{p}/KeyCache", outputs=[present[0]], axis=2)
+        v_all = g.op("Concat", [past[1], v], f"{p}/ValueCache", outputs=[present[1]], axis=2)
+        k_t = g.op("Transpose", [self.repeat_kv(f"{p}/k_repeat", k_all)], f"{p}/KeyTranspose", perm=[0, 1, 3, 2])
+        scores = g.op("Mul", [g.op("MatMul", [q, k_t], f"{p}/QK"), g.const(f"{p}/scale", c.head_dim ** -0.5, np.float32)], f"{p}/Scale")
+        probs = g.op("Softmax", [g.op("Add", [scores, t["bias"]], f"{p}/Mask")], f"{p}/Softmax", axis=-1)
+        ctx = g.op("MatMul", [probs, self.repeat_kv(f"{p}/v_repeat", v_all)], f"{p}/PV")
+        ctx = g.op("Transpose", [ctx], f"{p}/OutTranspose", perm=[0, 2, 1, 3])
+        return g.op("Reshape", [ctx, g.const(f"{p}/out_shape", [0, 0, -1])], f"{p}/OutReshape")
+
+
+def config_summary(config: ModelConfig) -> str:
+    return (f"{config.architecture} {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+            f"{config.num_attention_heads}/{config.num_key_value_heads} heads")

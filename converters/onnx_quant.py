@@ -1,0 +1,55 @@
+"""One linear layer's weight as ONNX nodes, in the chosen quantization and graph variant.
+
+fast:      int4 / int8 -> MatMulNBits (com.microsoft, accuracy_level 4 = int8 activations on CPU)
+portable:  int8 -> DequantizeLinear per output channel + MatMul; int4 -> blocked DequantizeLinear
+           (opset 21) + MatMul; both standard ops that NNAPI, CoreML, XNNPACK and QNN take.
+both:      fp16 -> fp16 weight + Cast + MatMul; fp32 -> MatMul.
+
+Each call returns the output name and a layout entry naming the initializers, which the runtime
+uses to merge an adapter into these very tensors (see :mod:`edge_lora.onnx_quant`).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+from onnx import TensorProto
+
+from edge_lora import onnx_quant as q
+
+from .onnx_graph import MS_DOMAIN, Graph
+
+
+def emit_matmul(g: Graph, x: str, name: str, weight: np.ndarray, quant: str, variant: str,
+                block_size: int = q.DEFAULT_BLOCK_SIZE, accuracy_level: int = 4) -> tuple[str, dict]:
+    """``x @ weight.T`` for ``weight [N, K]``; returns ``(output, layout entry)``."""
+    n, k = weight.shape
+    entry = {"n": n, "k": k}
+    if quant in ("int4", "int8") and variant == "fast":
+        bits = 4 if quant == "int4" else 8
+        nb = q.quantize_nbits(weight, bits, block_size)
+        tensors = {"packed": g.initializer(f"{name}.weight_q", nb.packed),
+                   "scales": g.initializer(f"{name}.weight_scales", nb.scales),
+                   "zero_points": g.initializer(f"{name}.weight_zp", nb.zero_points)}
+        out = g.op("MatMulNBits", [x, tensors["packed"], tensors["scales"], tensors["zero_points"]], f"{name}/MatMulNBits",
+                   domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
+        return out, {**entry, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
+    if quant == "int8":
+        w_q, scales = q.quantize_int8_channel(weight)
+        tensors = {"weight_t": g.initializer(f"{name}.weight_q", w_q), "scales": g.initializer(f"{name}.weight_scales", scales)}
+        w = g.op("DequantizeLinear", [tensors["weight_t"], tensors["scales"]], f"{name}/DequantizeLinear", axis=1)
+        return g.op("MatMul", [x, w], f"{name}/MatMul"), {**entry, "kind": "qdq8_t", "tensors": tensors}
+    if quant == "int4":
+        w_q, scales = q.quantize_int4_block_t(weight, block_size)
+        tensors = {"weight_t": g.raw_initializer(f"{name}.weight_q", TensorProto.INT4, list(w_q.shape), q.pack_int4(w_q)),
+                   "scales": g.initializer(f"{name}.weight_scales", scales)}
+        w = g.op("DequantizeLinear", [tensors["weight_t"], tensors["scales"]], f"{name}/DequantizeLinear",
+                 axis=0, block_size=block_size)
+        return g.op("MatMul", [x, w], f"{name}/MatMul"), {**entry, "kind": "qdq4_t", "block_size": block_size, "tensors": tensors}
+    if quant == "fp16":
+        tensors = {"weight_t": g.initializer(f"{name}.weight_t", weight.T.astype(np.float16))}
+        w = g.op("Cast", [tensors["weight_t"]], f"{name}/Cast", to=TensorProto.FLOAT)
+        return g.op("MatMul", [x, w], f"{name}/MatMul"), {**entry, "kind": "float_t", "tensors": tensors}
+    if quant == "fp32":
+        tensors = {"weight_t": g.initializer(f"{name}.weight_t", weight.T.astype(np.float32))}
+        return g.op("MatMul", [x, tensors["weight_t"]], f"{name}/MatMul"), {**entry, "kind": "float_t", "tensors": tensors}
+    raise ValueError(f"unknown quantization {quant!r}")

@@ -1,0 +1,137 @@
+"""Block quantization of linear weights in ONNX Runtime's layouts, numpy only.
+
+The exporter writes these layouts and the runtime reads them back to merge an adapter into a
+quantized base (dequantize, add, requantize), so both sides share this one file.
+
+MatMulNBits (com.microsoft): a weight ``W [N, K]`` (out, in) is cut into blocks of
+``block_size`` along K. ``packed [N, k_blocks, block_size * bits / 8]`` uint8 (4-bit: low
+nibble first), ``scales [N * k_blocks]`` float32, ``zero_points`` uint8 packed the same way per
+row (``[N * ceil(k_blocks * bits / 8)]``). ``w = (q - zp) * scale``. 4 bits are asymmetric (a zero
+point per block, better accuracy), 8 bits symmetric around 128.
+
+QDQ (standard DequantizeLinear, the portable graph): int8 per output channel, symmetric, stored
+as ``W^T [K, N]`` with ``scales [N]`` on axis 1.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import numpy as np
+
+DEFAULT_BLOCK_SIZE = 32
+
+
+@dataclass
+class NBitsWeight:
+    packed: np.ndarray  # uint8 [N, k_blocks, blob]
+    scales: np.ndarray  # float32 [N * k_blocks]
+    zero_points: np.ndarray  # uint8 [N * zp_cols]
+    bits: int
+    block_size: int
+    k: int  # true in_features (the last block may be padded)
+
+    @property
+    def n(self) -> int:
+        return self.packed.shape[0]
+
+
+def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE) -> NBitsWeight:
+    """``W [N, K]`` float -> MatMulNBits tensors."""
+    if bits not in (4, 8):
+        raise ValueError(f"bits must be 4 or 8, got {bits}")
+    n, k = weight.shape
+    k_blocks = -(-k // block_size)
+    w = np.zeros((n, k_blocks * block_size), dtype=np.float32)
+    w[:, :k] = weight
+    w = w.reshape(n, k_blocks, block_size)
+    levels = (1 << bits) - 1
+    if bits == 4:
+        lo = np.minimum(w.min(axis=2), 0.0)
+        hi = np.maximum(w.max(axis=2), 0.0)
+        scale = (hi - lo) / levels
+        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
+        zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    else:
+        amax = np.abs(w).max(axis=2)
+        scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
+        zp = np.full((n, k_blocks), 128, dtype=np.uint8)
+    q = np.clip(np.round(w / scale[:, :, None]) + zp[:, :, None], 0, levels).astype(np.uint8)
+    return NBitsWeight(packed=_pack(q, bits), scales=scale.reshape(-1), zero_points=_pack(zp, bits).reshape(-1),
+                       bits=bits, block_size=block_size, k=k)
+
+
+def dequantize_nbits(q: NBitsWeight) -> np.ndarray:
+    """MatMulNBits tensors -> ``W [N, K]`` float32."""
+    n = q.n
+    k_blocks = q.packed.shape[1]
+    values = _unpack(q.packed.reshape(n, -1), q.bits, k_blocks * q.block_size).reshape(n, k_blocks, q.block_size)
+    zp = _unpack(q.zero_points.reshape(n, -1), q.bits, k_blocks)
+    scale = q.scales.reshape(n, k_blocks)
+    w = (values.astype(np.float32) - zp[:, :, None]) * scale[:, :, None]
+    return w.reshape(n, -1)[:, : q.k]
+
+
+def _pack(values: np.ndarray, bits: int) -> np.ndarray:
+    """Pack uint8 values (< 2**bits) along the last axis; 4-bit: element 2i low nibble, 2i+1 high."""
+    if bits == 8:
+        return values.astype(np.uint8)
+    if values.shape[-1] % 2:
+        values = np.concatenate([values, np.zeros(values.shape[:-1] + (1,), np.uint8)], axis=-1)
+    return (values[..., 0::2] | (values[..., 1::2] << 4)).astype(np.uint8)
+
+
+def _unpack(packed: np.ndarray, bits: int, count: int) -> np.ndarray:
+    if bits == 8:
+        return packed[..., :count]
+    out = np.empty(packed.shape[:-1] + (packed.shape[-1] * 2,), dtype=np.uint8)
+    out[..., 0::2] = packed & 0x0F
+    out[..., 1::2] = packed >> 4
+    return out[..., :count]
+
+
+def quantize_int8_channel(weight: np.ndarray) -> tuple[np.ndarray, np.ndarray]:
+    """``W [N, K]`` -> ``(W^T as int8 [K, N], scales [N])`` for DequantizeLinear on axis 1."""
+    amax = np.abs(weight).max(axis=1)
+    scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
+    q = np.clip(np.round(weight / scale[:, None]), -127, 127).astype(np.int8)
+    return np.ascontiguousarray(q.T), scale
+
+
+def dequantize_int8_channel(q_t: np.ndarray, scales: np.ndarray) -> np.ndarray:
+    """Inverse of :func:`quantize_int8_channel`: ``W [N, K]`` float32."""
+    return (q_t.astype(np.float32) * scales[None, :]).T
+
+
+def quantize_int4_block_t(weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+    """``W [N, K]`` -> ``(W^T as int4 values in int8 [K, N], scales [ceil(K / block), N])``.
+
+    Symmetric blocks along K, for DequantizeLinear(axis=0, block_size) on an INT4 initializer.
+    """
+    w_t = weight.T.astype(np.float32)
+    k, n = w_t.shape
+    k_blocks = -(-k // block_size)
+    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
+    padded[:k] = w_t
+    amax = np.abs(padded.reshape(k_blocks, block_size, n)).max(axis=1)
+    scale = np.where(amax == 0, 1.0, amax / 7.0).astype(np.float32)
+    q = np.clip(np.round(w_t / np.repeat(scale, block_size, axis=0)[:k]), -8, 7).astype(np.int8)
+    return q, scale
+
+
+def dequantize_int4_block_t(q_t: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:
+    """Inverse of :func:`quantize_int4_block_t`: ``W [N, K]`` float32."""
+    k = q_t.shape[0]
+    return (q_t.astype(np.float32) * np.repeat(scales, block_size, axis=0)[:k]).T
+
+
+def pack_int4(values: np.ndarray) -> bytes:
+    """Signed int4 values (int8 holding -8..7), row-major, two per byte, low nibble first (ONNX INT4)."""
+    flat = (values.reshape(-1).astype(np.int16) & 0x0F).astype(np.uint8)
+    return _pack(flat, 4).tobytes()
+
+
+def unpack_int4(raw: np.ndarray, shape: tuple[int, ...]) -> np.ndarray:
+    count = int(np.prod(shape))
+    nibbles = _unpack(raw.reshape(-1), 4, count).astype(np.int8)
+    return np.where(nibbles > 7, nibbles - 16, nibbles).astype(np.int8).reshape(shape)
