@@ -40,13 +40,16 @@ class LlamaCppEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int = 0,
                  threads: int | None = None, n_ctx: int | None = None, use_extra_bufts: bool | None = None,
-                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None):
+                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None, precise: bool = False):
+        """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of PyTorch).
+        ``use_extra_bufts=None`` decides from the CPU (off on Intel AMX, where it crashed)"""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         lib.silence_log(verbose)
         entry = self.bundle.backend_entry("gguf", quant)
         rel = entry["model"]
         self.quant = entry.get("quant")
         self._model_path = self.bundle.verify_file(rel) if verify_hashes else self.bundle.require(rel)
+        self._precise = bool(precise)
         self._n_gpu_layers = int(n_gpu_layers)
         self._use_extra_bufts = use_extra_bufts
         self._threads = int(threads or os.cpu_count() or 1)
@@ -68,7 +71,7 @@ class LlamaCppEngine(Engine):
             if stored is not None and stored != self.bundle.base_fingerprint:
                 raise EdgeLoraError("the GGUF was exported from another base than bundle.json names", path=path,
                                     hint="re-export the bundle")
-            ctx = lib.Context(model, n_ctx=self._n_ctx, threads=self._threads)
+            ctx = lib.Context(model, n_ctx=self._n_ctx, threads=self._threads, precise=self._precise)
         except BaseException:
             model.free()
             raise
@@ -193,7 +196,7 @@ class LlamaCppEngine(Engine):
 
     def _backend_info(self) -> dict:
         return {"quant": self.quant, "model_file": str(self._model.path), "n_ctx": self._n_ctx, "threads": self._threads,
-                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts}
+                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts, "precise": self._precise}
 
 
 class _State(DecodeState):

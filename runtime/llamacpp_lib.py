@@ -102,7 +102,7 @@ class Model:
 class Context:
     """One llama_context (KV cache, one sequence) over a Model."""
 
-    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512):
+    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512, precise: bool = False):
         lib = llama_cpp()
         self.model = model
         self.n_ctx = int(n_ctx)
@@ -113,6 +113,9 @@ class Context:
         params.n_ubatch = self.n_batch
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = int(threads)
+        if precise:  # f16 KV cache and flash attention cost ~1e-2 in logits on strong adapters; f32 is exact to ~1e-5
+            params.type_k = params.type_v = 0  # GGML_TYPE_F32
+            params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise EdgeLoraError(f"llama.cpp could not create a context of {self.n_ctx} tokens", path=model.path,
