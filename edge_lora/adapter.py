@@ -142,7 +142,7 @@ class Adapter:
             info = modules_meta.get(module)
             if not isinstance(info, dict) or "alpha" not in info:
                 raise EdgeLoraError(f"module {module!r} has tensors but no rank/alpha in the metadata", path=path, hint=_REMAKE)
-            if int(info.get("rank", a.shape[0])) != a.shape[0]:
+            if info.get("rank", a.shape[0]) != a.shape[0]:
                 raise EdgeLoraError(f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}", path=path, hint=_REMAKE)
             mag = parts.get("lora_magnitude")
             if mag is not None and mag.shape != (b.shape[0],):
@@ -203,6 +203,14 @@ def _read_metadata(st: SafetensorsFile, path) -> dict:
         raise EdgeLoraError("adapter metadata is not valid JSON", path=path, hint=_REMAKE) from None
     if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or not isinstance(meta.get("base"), dict):
         raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path, hint=_REMAKE)
+    for key, kinds in (("target_modules", (list, type(None))), ("added_tokens", (list, type(None))), ("extra", (dict, type(None))),
+                       ("scaling", (str, type(None)))):
+        if not isinstance(meta.get(key), kinds):
+            raise EdgeLoraError(f"adapter metadata {key!r} has the wrong type", path=path, hint=_REMAKE)
+    if not all(isinstance(t, str) for t in (meta.get("target_modules") or []) + (meta.get("added_tokens") or [])):
+        raise EdgeLoraError("adapter metadata lists non-string module or token names", path=path, hint=_REMAKE)
+    if not isinstance(meta["base"].get("fingerprint"), (str, type(None))):
+        raise EdgeLoraError("adapter metadata base fingerprint is not a string", path=path, hint=_REMAKE)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
         raise EdgeLoraError(f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",

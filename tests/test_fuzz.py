@@ -1,0 +1,166 @@
+"""Property tests: whatever bytes arrive, the adapter and bundle loaders return a valid object or raise EdgeLoraError.
+
+Mutations start from a good adapter / bundle (so they reach deep checks, not just the magic bytes) and
+from free-form JSON (so they reach every type check). The coverage-guided harness in fuzz/ runs the same
+properties for as long as you like.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import struct
+import tempfile
+from pathlib import Path
+
+import numpy as np
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from edge_lora.adapter import Adapter
+from edge_lora.bundle import MANIFEST, Bundle
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
+from edge_lora.safetensors_io import SafetensorsFile
+from edge_lora.signing import read_signature
+from security_helpers import make_adapter, make_core_bundle
+
+FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
+                                                                         HealthCheck.too_slow])
+
+json_values = st.recursive(
+    st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats(allow_nan=True) | st.text(max_size=20),
+    lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
+    max_leaves=12,
+)
+
+
+@pytest.fixture(scope="module")
+def base(model_dirs):
+    return ModelDir(model_dirs["llama"])
+
+
+@pytest.fixture(scope="module")
+def good_adapter_bytes(base, tmp_path_factory) -> bytes:
+    path = tmp_path_factory.mktemp("fuzz") / "good.safetensors"
+    make_adapter(base.config, base.fingerprint, rank=2, modules=("q_proj",)).save(path)
+    return path.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def good_bundle(base, model_dirs, tmp_path_factory) -> Path:
+    root = tmp_path_factory.mktemp("fuzz_bundle") / "bundle"
+    return make_core_bundle(root, model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint, rank=2)})
+
+
+def load_adapter_or_refuse(blob: bytes, base: ModelDir):
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "a.safetensors"
+        path.write_bytes(blob)
+        try:
+            adapter = Adapter.load(path, base=base.config, base_fingerprint=base.fingerprint)
+        except EdgeLoraError as err:
+            assert "\n" not in str(err) and str(path) in str(err)
+            return None
+    for w in adapter.modules.values():  # accepted: then it is fully usable
+        assert np.isfinite(w.a).all() and np.isfinite(w.b).all() and np.isfinite(w.alpha)
+        assert w.a.shape[0] == w.b.shape[1] > 0
+    return adapter
+
+
+@FUZZ
+@given(data=st.data())
+def test_mutated_adapter_bytes(good_adapter_bytes, base, data):
+    blob = bytearray(good_adapter_bytes)
+    for _ in range(data.draw(st.integers(1, 4), label="mutations")):
+        kind = data.draw(st.sampled_from(["flip", "truncate", "overwrite", "insert"]), label="kind")
+        pos = data.draw(st.integers(0, max(len(blob) - 1, 0)), label="pos")
+        if kind == "flip" and blob:
+            blob[pos] ^= 1 << data.draw(st.integers(0, 7))
+        elif kind == "truncate":
+            del blob[pos:]
+        elif kind == "overwrite":
+            chunk = data.draw(st.binary(min_size=1, max_size=16))
+            blob[pos:pos + len(chunk)] = chunk
+        else:
+            blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
+    load_adapter_or_refuse(bytes(blob), base)
+
+
+@FUZZ
+@given(header=st.dictionaries(st.text(max_size=40), json_values, max_size=5), body=st.binary(max_size=256))
+def test_arbitrary_safetensors_header(header, body):
+    head = json.dumps(header).encode()
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / "x.safetensors"
+        path.write_bytes(struct.pack("<Q", len(head)) + head + body)
+        try:
+            f = SafetensorsFile(path)
+        except EdgeLoraError:
+            return
+        for name in f.keys():  # every tensor the header admits must be readable within the file
+            assert f.get(name).nbytes <= len(body) * 2  # bf16 widens to float32
+
+
+@FUZZ
+@given(data=st.data())
+def test_edited_adapter_metadata(good_adapter_bytes, base, data):
+    (n,) = struct.unpack("<Q", good_adapter_bytes[:8])
+    header = json.loads(good_adapter_bytes[8:8 + n])
+    meta = json.loads(header["__metadata__"]["edge_lora"])
+    target = data.draw(st.sampled_from([meta, meta["base"], next(iter(meta["modules"].values()))]), label="where")
+    key = data.draw(st.sampled_from(sorted(target) + ["extra_key"]), label="key")
+    target[key] = data.draw(json_values, label="value")
+    header["__metadata__"]["edge_lora"] = json.dumps(meta)
+    head = json.dumps(header).encode()
+    load_adapter_or_refuse(struct.pack("<Q", len(head)) + head + good_adapter_bytes[8 + n:], base)
+
+
+def open_bundle_or_refuse(root: Path):
+    try:
+        bundle = Bundle.open(root)
+    except EdgeLoraError as err:
+        assert "\n" not in str(err)
+        return None
+    inside = root.resolve()
+    for rel in bundle.files:  # accepted: no entry may lead outside the bundle
+        assert bundle.resolve(rel).resolve().is_relative_to(inside)
+    return bundle
+
+
+@FUZZ
+@given(data=st.data())
+def test_edited_bundle_manifest(good_bundle, data):
+    manifest = json.loads((good_bundle / MANIFEST).read_text())
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        containers = [manifest, manifest["model"], manifest["tokenizer"], manifest["adapters"],
+                      manifest["adapters"].get("sql") if isinstance(manifest["adapters"].get("sql"), dict) else {}]
+        target = data.draw(st.sampled_from(containers), label="where")
+        key = data.draw(st.sampled_from(sorted(target) + ["new"]), label="key")
+        target[key] = data.draw(json_values | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "tokenizer.json",
+                                                               "adapters\\..\\x", ""]), label="value")
+        if not isinstance(manifest.get("model"), dict) or not isinstance(manifest.get("adapters"), dict) \
+                or not isinstance(manifest.get("tokenizer"), dict):
+            break
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "b"
+        shutil.copytree(good_bundle, root)
+        (root / MANIFEST).write_text(json.dumps(manifest))
+        open_bundle_or_refuse(root)
+
+
+@FUZZ
+@given(raw=st.binary(max_size=300) | json_values.map(lambda v: json.dumps(v).encode()))
+def test_arbitrary_bundle_json_and_signature_bytes(good_bundle, raw):
+    with tempfile.TemporaryDirectory() as tmp:
+        root = Path(tmp) / "b"
+        root.mkdir()
+        (root / MANIFEST).write_bytes(raw)
+        open_bundle_or_refuse(root)
+        sig = root / "x.sig"
+        sig.write_bytes(raw)
+        try:
+            read_signature(sig)
+        except EdgeLoraError:
+            pass
