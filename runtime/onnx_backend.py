@@ -1,0 +1,235 @@
+"""The ONNX Runtime backend: one exported decoder, adapters as feeds of its LoRA slots.
+
+Two sessions over one data file: ``model.onnx`` (a LoRA side path on every linear layer) runs
+requests that use adapters, ``model.plain.onnx`` (no LoRA nodes) runs the rest at the base's own
+speed. An adapter set becomes one dict of OrtValues (ranks concatenated, scales folded into B),
+built once and cached, so a swap between requests is a dict lookup and never reloads a session;
+each request carries its own dict, so concurrent requests with other sets are not disturbed.
+``merge`` dequantizes, adds and requantizes the touched weights and reopens the sessions with
+those initializers overridden: zero per-token cost afterwards.
+"""
+
+from __future__ import annotations
+
+import os
+import threading
+import warnings
+from collections import OrderedDict
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora import onnx_names as names
+from edge_lora.adapter import Adapter
+from edge_lora.bundle import Bundle
+from edge_lora.errors import EdgeLoraError
+
+from .engine import DecodeState, Engine, LoadedAdapter
+from .onnx_merge import WeightStore
+
+PROVIDERS = {
+    "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider", "qnn": "QNNExecutionProvider", "webgpu": "WebGpuExecutionProvider",
+    "cuda": "CUDAExecutionProvider",
+}
+LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
+SET_CACHE_SIZE = 8
+
+
+def resolve_providers(provider: str | list[str]) -> list[str]:
+    """Execution provider names (ours or ONNX Runtime's) -> those available here, CPU always last."""
+    import onnxruntime as ort
+
+    wanted = [provider] if isinstance(provider, str) else list(provider)
+    available = set(ort.get_available_providers())
+    chosen = []
+    for name in wanted:
+        full = PROVIDERS.get(name.lower(), name)
+        if full not in PROVIDERS.values():
+            raise EdgeLoraError(f"unknown execution provider {name!r}", hint=f"choose from {', '.join(PROVIDERS)}")
+        if full in available:
+            chosen.append(full)
+        else:
+            warnings.warn(f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
+                          f"falling back to CPU (available: {', '.join(sorted(available))})", RuntimeWarning, stacklevel=3)
+    if "CPUExecutionProvider" not in chosen:
+        chosen.append("CPUExecutionProvider")
+    return chosen
+
+
+class OnnxEngine(Engine):
+    backend_name = "onnx"
+
+    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
+                 provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
+                 plain_session: bool = True):
+        super().__init__(bundle, verify_hashes=verify_hashes)
+        import onnxruntime as ort
+
+        self._ort = ort
+        self.entry = self.bundle.backend_entry("onnx", quant, variant)
+        model_rel = self.entry["model"]
+        folder = model_rel.rsplit("/", 1)[0] + "/" if "/" in model_rel else ""
+        self.model_path = self._checked(model_rel)
+        self.layout = names.read_layout(self._checked(folder + names.LAYOUT_FILE))
+        self.data_path = self._checked(folder + self.layout["data_file"])
+        plain = self.layout.get("plain_model")
+        self.plain_path = self._checked(folder + plain) if plain and plain_session else None
+        self.slots = {m: tuple(s) for m, s in self.layout["lora_slots"].items()}
+        self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
+        self.providers = resolve_providers(provider)
+        self.threads = threads
+        self.weights = WeightStore(self.layout, self.data_path)
+        self._overrides: dict[str, object] = {}  # initializer name -> OrtValue (merged weights)
+        self._override_arrays: dict[str, np.ndarray] = {}  # the OrtValues borrow these buffers
+        self._set_cache: OrderedDict[tuple, dict] = OrderedDict()
+        self._cache_lock = threading.Lock()
+        self._open_sessions()
+
+    def _checked(self, rel: str) -> Path:
+        return self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
+
+    # --- sessions -------------------------------------------------------------------
+
+    def _session(self, path: Path):
+        ort = self._ort
+        options = ort.SessionOptions()
+        options.log_severity_level = 3  # the LoRA inputs that are also initializers warn by design
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        if self.threads:
+            options.intra_op_num_threads = int(self.threads)
+            options.inter_op_num_threads = 1
+        for name, value in self._overrides.items():
+            options.add_initializer(name, value)
+        try:
+            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+        except Exception as err:  # ORT raises its own exception types for every load failure
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first})", path=path,
+                                hint="re-export the bundle, or upgrade onnxruntime") from None
+
+    def _open_sessions(self) -> None:
+        lora = self._session(self.model_path)
+        plain = self._session(self.plain_path) if self.plain_path else None
+        self.lora_session, self.plain_session = lora, plain
+        self.output_names = [o.name for o in lora.get_outputs()]
+        self._lora_inputs = {o.name for o in lora.get_overridable_initializers()}
+
+    # --- adapters -------------------------------------------------------------------
+
+    def _attach(self, name: str, adapter: Adapter, source: Path) -> object:
+        if adapter.embed_rows is not None or adapter.head_rows is not None:
+            raise EdgeLoraError("adapters that add tokens are not supported by the ONNX backend", path=source,
+                                hint="use the llama.cpp backend, or export a base with the new tokens merged")
+        for module in adapter.modules:
+            if module not in self.slots:
+                hint = "a tied-embedding base has no separate lm_head" if module == "lm_head" else "wrong base model?"
+                raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
+        # DoRA cannot run as a side path; such an adapter can still be merged
+        return {"dora": adapter.dora}
+
+    def _detach(self, name: str, handle: object) -> None:
+        with self._cache_lock:
+            for key in [k for k in self._set_cache if any(n == name for n, _ in k)]:
+                del self._set_cache[key]
+
+    def _feeds_for(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> dict:
+        """OrtValues for one adapter set, built once and cached (a swap is a lookup)."""
+        key = tuple(sorted(adapter_set.items()))
+        with self._cache_lock:
+            hit = self._set_cache.get(key)
+            if hit is not None and all(hit["adapters"][n] is loaded[n].adapter for n in adapter_set):
+                self._set_cache.move_to_end(key)
+                return hit["values"]
+        for n in adapter_set:
+            if loaded[n].adapter.dora:
+                raise EdgeLoraError(f"adapter {n!r} is DoRA, which cannot run unmerged", hint=f"engine.merge({n!r}) it instead")
+        arrays = names.stack_lora([(loaded[n].adapter, s) for n, s in sorted(adapter_set.items())], self.slots, self.lora_dtype)
+        values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        entry = {"arrays": arrays, "values": values, "adapters": {n: loaded[n].adapter for n in adapter_set}}
+        with self._cache_lock:
+            self._set_cache[key] = entry
+            while len(self._set_cache) > SET_CACHE_SIZE:
+                self._set_cache.popitem(last=False)
+        return values
+
+    def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
+        replaced = self.weights.merge(loaded.adapter, scale)
+        for tensor, array in replaced.items():
+            array = np.ascontiguousarray(array)
+            if self.layout["tensors"][tensor]["dtype"] == "int4":
+                array = self._int4_ortvalue_source(array)
+                value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, 22)  # TensorProto.INT4
+            else:
+                value = self._ort.OrtValue.ortvalue_from_numpy(array)
+            self._override_arrays[tensor] = array
+            self._overrides[tensor] = value
+        self._open_sessions()
+
+    @staticmethod
+    def _int4_ortvalue_source(values: np.ndarray) -> np.ndarray:
+        from edge_lora.onnx_quant import pack_int4
+
+        packed = np.frombuffer(pack_int4(values), dtype=np.uint8)
+        return packed.reshape(values.shape[:-1] + (-1,)) if values.shape[-1] % 2 == 0 else packed
+
+    # --- inference ------------------------------------------------------------------
+
+    def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]):
+        if not adapter_set:
+            return (self.plain_session or self.lora_session), {}
+        return self.lora_session, self._feeds_for(adapter_set, loaded)
+
+    def _new_state(self, adapter_set, loaded) -> DecodeState:
+        session, lora = self._pick(adapter_set, loaded)
+        return OnnxState(self, session, lora)
+
+    def _full_logits(self, ids, adapter_set, loaded) -> np.ndarray:
+        state = self._new_state(adapter_set, loaded)
+        try:
+            return state.run(ids)[0, :, :].copy()
+        finally:
+            state.close()
+
+    def _backend_info(self) -> dict:
+        return {"quant": self.layout["quant"], "variant": self.layout["variant"], "providers": self.providers,
+                "plain_session": self.plain_session is not None}
+
+
+class OnnxState(DecodeState):
+    """One sequence's KV cache (OrtValues handed from one run to the next) under one adapter set."""
+
+    def __init__(self, engine: OnnxEngine, session, lora: dict):
+        self.engine, self.session, self.lora = engine, session, lora
+        c = engine.config
+        ort = engine._ort
+        empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+        self._empty = empty
+        self.past = [ort.OrtValue.ortvalue_from_numpy(empty)] * (2 * c.num_hidden_layers)
+        self.length = 0
+        self.output_names = engine.output_names
+
+    def run(self, token_ids: list[int]) -> np.ndarray:
+        """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``."""
+        ort, c = self.engine._ort, self.engine.config
+        ids = np.asarray([token_ids], dtype=np.int64)
+        mask = np.ones((1, self.length + ids.shape[1]), dtype=np.int64)
+        feeds = {names.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(ids), names.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(mask)}
+        for i in range(c.num_hidden_layers):
+            feeds[names.past_key(i)] = self.past[2 * i]
+            feeds[names.past_value(i)] = self.past[2 * i + 1]
+        feeds.update(self.lora)
+        try:
+            outs = self.session.run_with_ort_values(self.output_names, feeds)
+        except Exception as err:
+            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+            raise EdgeLoraError(f"ONNX Runtime failed during decoding ({first})", path=self.engine.model_path) from None
+        self.past = list(outs[1:])
+        self.length = mask.shape[1]
+        return outs[0].numpy()
+
+    def feed(self, token_ids: list[int]) -> np.ndarray:
+        return self.run(token_ids)[0, -1]
+
+    def close(self) -> None:
+        self.past = []
