@@ -25,7 +25,7 @@ QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N
 SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
 
 # gguf token types (gguf.TokenType values, named here to keep this table readable)
-NORMAL, UNKNOWN, CONTROL, USER_DEFINED, BYTE = 1, 2, 3, 4, 6
+NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
 
 
 @dataclass
@@ -89,9 +89,9 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
     tokens, types = [], []
     for i in range(size):
         text = id_to_text.get(i)
-        if text is None:  # the model's embedding is larger than the tokenizer: llama.cpp wants a name anyway
+        if text is None:  # the embedding is larger than the tokenizer: named, and never matched in text
             tokens.append(f"[PAD{i}]")
-            types.append(USER_DEFINED)
+            types.append(UNUSED)
         elif i in added:
             tokens.append(text)
             types.append(CONTROL if added[i].get("special") else USER_DEFINED)

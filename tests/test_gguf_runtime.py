@@ -159,7 +159,6 @@ def test_c_failures_become_clear_errors(bundle, model_dirs, tmp_path):
     other.save(tmp_path / "qwen.safetensors")
     with pytest.raises(EdgeLoraError, match="wrong base"):
         engine.add_adapter("q", tmp_path / "qwen.safetensors")
-    assert lib.Model is not None
 
 
 def test_extra_bufts_decided_from_cpu(tmp_path):
