@@ -92,15 +92,15 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
         if text is None:  # the embedding is larger than the tokenizer: named, and never matched in text
             tokens.append(f"[PAD{i}]")
             types.append(UNUSED)
-        elif i in added:
-            tokens.append(text)
-            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
             types.append(BYTE)
         elif text == model.get("unk_token"):
             tokens.append(text)
             types.append(UNKNOWN)
+        elif i in added:
+            tokens.append(text)
+            types.append(CONTROL if added[i].get("special") else USER_DEFINED)
         else:
             tokens.append(text)
             types.append(NORMAL)

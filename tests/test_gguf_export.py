@@ -131,3 +131,33 @@ def test_unknown_quant_and_pre_tokenizer_are_clear_errors(model_dirs, tmp_path):
     with pytest.raises(EdgeLoraError, match="pre-tokenizer"):
         export_gguf(ModelDir(odd), tmp_path / "y.gguf", "f32")
     assert not (tmp_path / "y.gguf").exists()  # atomic: no half-written file
+
+
+def _sentencepiece_tokenizer(path):
+    """A Llama-2-style tokenizer.json: SentencePiece BPE with byte fallback, "▁" for spaces, BOS added."""
+    from tokenizers import Tokenizer, decoders, models, normalizers, pre_tokenizers, processors, trainers
+
+    tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
+    tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
+    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)  # training only: merges stay inside words
+    bytes_ = [f"<0x{i:02X}>" for i in range(256)]
+    tok.train_from_iterator(TEXTS * 10, trainers.BpeTrainer(vocab_size=320, limit_alphabet=30, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+                                                            show_progress=False))
+    tok.pre_tokenizer = None
+    tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
+    tok.save(str(path))
+    return tok
+
+
+def test_sentencepiece_tokenizer_ids_equal_ours(model_dirs, tmp_path):
+    import shutil
+
+    md_path = tmp_path / "spm"
+    shutil.copytree(model_dirs["llama"], md_path)  # 320-token model; the tokenizer below fits in it
+    ours = _sentencepiece_tokenizer(md_path / "tokenizer.json")
+    out = export_gguf(ModelDir(md_path), tmp_path / "spm.gguf", "f32")
+    llm = _llama().Llama(model_path=str(out), vocab_only=True, verbose=False)
+    for text in TEXTS[:4] + TEXTS[5:] + ["plain words the quick fox"]:
+        theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
+        assert theirs == ours.encode(text).ids, text
