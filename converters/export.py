@@ -1,0 +1,290 @@
+"""The bundle writer behind `edge-lora export`: a quantized base per backend plus separate adapters.
+
+A fresh bundle is written into a hidden sibling folder and renamed into place at the end, so an
+interrupted export leaves no half bundle under the target name. ``add_adapter`` writes the new
+adapter files first and rewrites bundle.json (atomically) last, so the bundle is valid at every
+moment. bundle.json records every file with its SHA-256; see edge_lora/bundle.py for the format.
+"""
+
+from __future__ import annotations
+
+import os
+import re
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from edge_lora import __version__
+from edge_lora.adapter import Adapter
+from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
+
+BACKENDS = ("onnx", "gguf")
+ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
+GGUF_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k")
+_NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
+
+
+@dataclass
+class AdapterSource:
+    """An adapter to put in a bundle: our .safetensors file or a PEFT directory, and its bundle name."""
+
+    path: Path
+    name: str
+
+    @classmethod
+    def parse(cls, spec: str) -> "AdapterSource":
+        """``PATH[:NAME]``; the name defaults to the file (or folder) name without its suffix."""
+        path, _, name = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
+        path = Path(path)
+        name = name or path.name.removesuffix(".safetensors")
+        check_adapter_name(name)
+        return cls(path, name)
+
+
+@dataclass
+class ExportOptions:
+    backends: list[str] = field(default_factory=lambda: list(BACKENDS))
+    onnx_quants: list[str] = field(default_factory=lambda: ["int4"])
+    onnx_variant: str = "fast"
+    gguf_quants: list[str] = field(default_factory=lambda: ["q4_0"])
+    force: bool = False  # replace an existing bundle at the target
+
+    def validate(self) -> None:
+        unknown = [b for b in self.backends if b not in BACKENDS]
+        if unknown or not self.backends:
+            raise EdgeLoraError(f"unknown backend {unknown[0] if unknown else '(none)'!r}", hint=f"choose from {', '.join(BACKENDS)}")
+        for quant, known, flag in [(q, ONNX_QUANTS, "--onnx-quant") for q in self.onnx_quants] + \
+                                  [(q, GGUF_QUANTS, "--gguf-quant") for q in self.gguf_quants]:
+            if quant not in known:
+                raise EdgeLoraError(f"{flag} {quant!r} is not supported", hint=f"choose from {', '.join(known)}")
+
+
+class Progress:
+    """One line per long step on stderr: what runs now, then how long it took."""
+
+    def __init__(self, total: int, stream=None, enabled: bool = True):
+        self.total, self.done, self.enabled = total, 0, enabled
+        self.stream = stream or sys.stderr
+
+    def step(self, what: str):
+        return _Step(self, what)
+
+
+class _Step:
+    def __init__(self, progress: Progress, what: str):
+        self.progress, self.what = progress, what
+
+    def __enter__(self):
+        p = self.progress
+        p.done += 1
+        self.start = time.perf_counter()
+        if p.enabled:
+            print(f"[{p.done}/{p.total}] {self.what} ...", file=p.stream, flush=True)
+        return self
+
+    def __exit__(self, kind, err, tb):
+        if self.progress.enabled and kind is None:
+            print(f"      done in {time.perf_counter() - self.start:.1f}s", file=self.progress.stream, flush=True)
+
+
+def check_adapter_name(name: str) -> str:
+    if not _NAME.match(name or ""):
+        raise EdgeLoraError(f"bad adapter name {name!r}", hint="use letters, digits, '_', '-', '.' (up to 64, not starting with a dot)")
+    return name
+
+
+def load_adapter(path: str | os.PathLike, config: ModelConfig, base_fingerprint: str) -> Adapter:
+    """Our adapter file or a PEFT directory, checked against the base it will ship with."""
+    path = Path(path)
+    if not path.exists():
+        raise EdgeLoraError("adapter not found", path=path, hint="pass an edge-lora adapter .safetensors or a PEFT directory")
+    if path.is_dir():
+        from .peft import import_peft
+
+        adapter = import_peft(path, base=config)
+        adapter.base_fingerprint = adapter.base_fingerprint or base_fingerprint  # PEFT records no fingerprint
+        return adapter
+    return Adapter.load(path, base=config, base_fingerprint=base_fingerprint)
+
+
+def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: list[AdapterSource] = (),
+                  options: ExportOptions | None = None, *, show_progress: bool = True) -> Path:
+    """Write a complete bundle at ``out``; returns its path."""
+    options = options or ExportOptions()
+    options.validate()
+    out = Path(out)
+    _check_target(out, options.force)
+    model = ModelDir(model_dir)
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise EdgeLoraError(f"two adapters share a name: {sorted({n for n in names if names.count(n) > 1})}",
+                            hint="give each one a name with PATH:NAME")
+    steps = 2 + len(adapters) + ("onnx" in options.backends) * len(options.onnx_quants) + \
+        ("gguf" in options.backends) * len(options.gguf_quants)
+    progress = Progress(steps, enabled=show_progress)
+    with progress.step("reading the base and checking adapters"):
+        fingerprint = model.fingerprint
+        loaded = [(src.name, load_adapter(src.path, model.config, fingerprint)) for src in adapters]
+    out.parent.mkdir(parents=True, exist_ok=True)
+    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    try:
+        manifest = _write_base(model, staging, options, progress)
+        for name, adapter in loaded:
+            with progress.step(f"adapter {name}"):
+                manifest["adapters"][name] = _write_adapter(staging, name, adapter, model.config, list(manifest["backends"]))
+        with progress.step("hashing files and writing bundle.json"):
+            _make_readable(staging)
+            manifest["files"] = _hash_files(staging)
+            write_manifest(staging, manifest)
+        _move_into_place(staging, out)
+    except BaseException:
+        shutil.rmtree(staging, ignore_errors=True)
+        raise
+    return out
+
+
+def add_adapter(bundle_dir: str | os.PathLike, source: AdapterSource, *, replace: bool = False,
+                show_progress: bool = True) -> dict:
+    """Add one adapter to an existing bundle without touching its base; returns its manifest entry."""
+    bundle = Bundle.open(bundle_dir)
+    name = check_adapter_name(source.name)
+    if name in bundle.adapters and not replace:
+        raise EdgeLoraError(f"bundle already has an adapter named {name!r}", path=bundle.root,
+                            hint="pick another name with PATH:NAME, or pass --replace")
+    progress = Progress(2, enabled=show_progress)
+    with progress.step(f"adapter {name}"):
+        adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint)
+        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends))
+        _make_readable(bundle.root / "adapters")
+    with progress.step("updating bundle.json"):
+        manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
+        old = bundle.adapters.get(name, {})
+        files = {k: v for k, v in bundle.files.items() if k not in {old.get(b) for b in ("source", "onnx", "gguf")}}
+        for key in ("source", "onnx", "gguf"):
+            if key in entry:
+                path = bundle.root / entry[key]
+                files[entry[key]] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        manifest["adapters"] = {**bundle.adapters, name: entry}
+        manifest["files"] = dict(sorted(files.items()))
+        write_manifest(bundle.root, manifest)
+    for key in ("source", "onnx", "gguf"):  # a replaced adapter's files that the new one no longer uses
+        if old.get(key) and old[key] not in files:
+            (bundle.root / old[key]).unlink(missing_ok=True)
+    return entry
+
+
+# --- the pieces -------------------------------------------------------------------------
+
+
+def _check_target(out: Path, force: bool) -> None:
+    if not out.exists():
+        return
+    if not out.is_dir():
+        raise EdgeLoraError("output exists and is not a folder", path=out, hint="choose another --out")
+    if any(out.iterdir()) and not force:
+        what = "a bundle" if (out / MANIFEST).is_file() else "a non-empty folder"
+        raise EdgeLoraError(f"output is already {what}", path=out,
+                            hint="pass --force to replace it, or `edge-lora export --add-adapter` to add adapters")
+
+
+def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: Progress) -> dict:
+    tokenizer = {"tokenizer": "tokenizer.json"}
+    shutil.copyfile(model.tokenizer_path, root / "tokenizer.json")
+    if (model.path / "tokenizer_config.json").is_file():
+        shutil.copyfile(model.path / "tokenizer_config.json", root / "tokenizer_config.json")
+        tokenizer["config"] = "tokenizer_config.json"
+    backends: dict[str, list[dict]] = {}
+    if "onnx" in options.backends:
+        from .onnx_export import export_onnx
+
+        for quant in options.onnx_quants:
+            rel = f"onnx/{quant}-{options.onnx_variant}"
+            with progress.step(f"ONNX base {quant} ({options.onnx_variant})"):
+                path = export_onnx(model, root / rel, quant=quant, variant=options.onnx_variant)
+            backends.setdefault("onnx", []).append(
+                {"quant": quant, "variant": options.onnx_variant, "model": Path(path).relative_to(root).as_posix()})
+    if "gguf" in options.backends:
+        from .gguf_export import export_gguf
+
+        for quant in options.gguf_quants:
+            with progress.step(f"GGUF base {quant}"):
+                path = export_gguf(model, root / f"gguf/model-{quant}.gguf", quant=quant)
+            backends.setdefault("gguf", []).append({"quant": quant, "model": Path(path).relative_to(root).as_posix()})
+    return {
+        "created_by": f"edge-lora {__version__}",
+        "model": model.config.to_dict(),
+        "base_fingerprint": model.fingerprint,
+        "base_dtype": model.weight_dtype(),
+        "tokenizer": tokenizer,
+        "backends": backends,
+        "adapters": {},
+        "files": {},
+    }
+
+
+def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig, backends: list[str]) -> dict:
+    """The adapter's source file plus one file per backend; returns its manifest entry."""
+    folder = root / "adapters"
+    folder.mkdir(parents=True, exist_ok=True)
+    source = folder / f"{name}.safetensors"
+    adapter.save(source)
+    entry = {"source": f"adapters/{name}.safetensors", "scale": 1.0,
+             "rank": max((w.rank for w in adapter.modules.values()), default=0), "modules": len(adapter.modules),
+             "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint}
+    if "onnx" in backends:
+        from .onnx_export import export_onnx_adapter
+
+        _write_via_temp(folder / f"{name}.onnx_adapter", lambda p: export_onnx_adapter(adapter, config, p))
+        entry["onnx"] = f"adapters/{name}.onnx_adapter"
+    if "gguf" in backends:
+        from edge_lora.gguf_adapter import export_gguf_adapter
+
+        try:
+            _write_via_temp(folder / f"{name}.gguf", lambda p: export_gguf_adapter(adapter, config, p))
+            entry["gguf"] = f"adapters/{name}.gguf"
+        except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: llama.cpp cannot apply it
+            entry["gguf_skipped"] = err.message
+            print(f"note: adapter {name!r} is not exported for llama.cpp: {err.message}", file=sys.stderr)
+    return entry
+
+
+def _write_via_temp(target: Path, write) -> None:
+    """Let an exporter write a temporary name, then rename: a crash never leaves a torn file under ``target``."""
+    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # same suffix: writers may key on it
+    try:
+        write(tmp)
+        os.replace(tmp, target)
+    finally:
+        tmp.unlink(missing_ok=True)
+
+
+def _make_readable(root: Path) -> None:
+    """Temporary files and folders are created private; a bundle is meant to be shipped and read."""
+    umask = os.umask(0)
+    os.umask(umask)
+    for path in [root, *root.rglob("*")]:
+        os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~umask)
+
+
+def _hash_files(root: Path) -> dict[str, dict]:
+    files = {}
+    for path in sorted(root.rglob("*")):
+        if path.is_file() and path.name != MANIFEST:
+            files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+    return files
+
+
+def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists():
+        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        os.replace(out, old / out.name)
+        os.replace(staging, out)
+        shutil.rmtree(old, ignore_errors=True)
+    else:
+        os.replace(staging, out)

@@ -1,0 +1,65 @@
+"""The `train`, `bench` and `quickstart` verbs: each hands over to the module that owns the work.
+
+`train` and `bench` parse their own flags in their own modules, so torch is imported only when
+`train` runs (the device-side verbs stay torch-free and fast to start).
+"""
+
+from __future__ import annotations
+
+import argparse
+
+from .errors import EdgeLoraError
+
+
+def add_train_arguments(sub, common) -> None:
+    p = sub.add_parser("train", parents=[common], add_help=False, help="train a LoRA adapter (PyTorch; `train --help` for flags)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_train)
+
+
+def run_train(args) -> int:
+    try:
+        from .train.cli import add_train_arguments as add_flags
+        from .train.cli import run_train as train
+    except ImportError as err:
+        raise EdgeLoraError(f"training is not available ({err})", hint="pip install 'edge-lora[train]'") from None
+    parser = argparse.ArgumentParser(prog="edge-lora train", description="Train a LoRA adapter on the host.")
+    add_flags(parser)
+    rest = [a for a in args.rest if a not in ("-v", "--verbose")]
+    return int(train(parser.parse_args(rest)) or 0)
+
+
+def add_bench_arguments(sub, common) -> None:
+    p = sub.add_parser("bench", parents=[common], add_help=False, help="run the benchmarks (`bench --help` for flags)")
+    p.add_argument("rest", nargs=argparse.REMAINDER)
+    p.set_defaults(func=run_bench)
+
+
+def run_bench(args) -> int:
+    try:
+        from benchmarks.__main__ import main as bench_main
+    except ImportError as err:
+        raise EdgeLoraError(f"the benchmark runner is not installed ({err})",
+                            hint="run from a source checkout: pip install -e '.[all]'") from None
+    return int(bench_main([a for a in args.rest if a not in ("-v", "--verbose")]) or 0)
+
+
+def add_quickstart_arguments(sub, common) -> None:
+    p = sub.add_parser("quickstart", parents=[common],
+                       help="the whole mission on the shipped model: train 2 adapters, export, swap/stack/merge, table")
+    p.add_argument("--model", help="use this Hugging Face model directory instead of the shipped one")
+    p.add_argument("--work-dir", help="keep the adapters and the bundle here (default: a temporary folder)")
+    p.add_argument("--fast", action="store_true", help="the CI form: fewer steps and eval items, one quant per backend")
+    p.add_argument("--steps", type=int, help="training steps per adapter")
+    p.add_argument("--eval-items", type=int, help="evaluation prompts per task")
+    p.add_argument("--backends", default="onnx,gguf", help="comma list of onnx, gguf")
+    p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
+    p.set_defaults(func=run_quickstart)
+
+
+def run_quickstart(args) -> int:
+    from .quickstart.run import QuickstartConfig, quickstart
+
+    config = QuickstartConfig.for_args(args)
+    return quickstart(config)

@@ -1,0 +1,131 @@
+"""Train one quickstart adapter in process, and score a model on a task on the host (PyTorch).
+
+The examples are a few hundred short prompt/answer pairs held in memory, so a tight loop over
+the trainer's LoRA layers (edge_lora.train.lora) is all it takes: loss on the answer tokens only,
+AdamW, a short warm-up and a linear decay. The host score is the fp32 reference that the
+exported backends are compared with.
+"""
+
+from __future__ import annotations
+
+import random
+import time
+from dataclasses import dataclass
+from pathlib import Path
+
+from .tasks import END, Task, exact_match
+
+
+@dataclass
+class FinetuneConfig:
+    steps: int = 300
+    batch_size: int = 32
+    lr: float = 3e-3
+    rank: int = 8
+    alpha: float = 16.0
+    targets: str = "all-linear"
+    train_items: int = 2000
+    seed: int = 0
+    threads: int = 0  # 0 = leave torch's default
+
+
+@dataclass
+class FinetuneResult:
+    path: Path
+    seconds: float
+    final_loss: float
+
+
+def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(ids of prompt + answer + END, number of prompt tokens) per pair; prompt encoded alone as at inference."""
+    out = []
+    for prompt, target in pairs:
+        p = tokenizer.encode(prompt).ids
+        a = tokenizer.encode(target + END).ids
+        out.append((p + a, len(p)))
+    return out
+
+
+def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig | None = None, log=None) -> FinetuneResult:
+    import torch
+    from tokenizers import Tokenizer
+
+    from ..model_dir import ModelDir
+    from ..train.lora import LoraConfig, apply_lora, to_adapter
+    from ..train.model import CausalLM
+
+    config = config or FinetuneConfig()
+    if config.threads:
+        torch.set_num_threads(config.threads)
+    torch.manual_seed(config.seed)
+    start = time.perf_counter()
+    md = ModelDir(model_dir)
+    model = CausalLM.from_model_dir(md)
+    lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
+    apply_lora(model, lora)
+    tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+    data = _encode_pairs(tokenizer, task.examples(config.train_items, "train", seed=config.seed))
+    params = [p for p in model.parameters() if p.requires_grad]
+    opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
+    warmup = max(1, config.steps // 20)
+    sched = torch.optim.lr_scheduler.LambdaLR(
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / config.steps))
+    rng = random.Random(config.seed)
+    model.train()
+    loss_value = float("nan")
+    for step in range(config.steps):
+        batch = [data[rng.randrange(len(data))] for _ in range(config.batch_size)]
+        width = max(len(ids) for ids, _ in batch)
+        ids = torch.zeros(len(batch), width, dtype=torch.long)
+        labels = torch.full((len(batch), width), -100, dtype=torch.long)
+        for i, (seq, n_prompt) in enumerate(batch):
+            ids[i, :len(seq)] = torch.tensor(seq)
+            labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+        logits = model(ids)  # right padding: causal attention never reads it
+        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+        sched.step()
+        loss_value = loss.item()
+        if log and (step % 50 == 0 or step == config.steps - 1):
+            log(f"  {task.name}: step {step + 1}/{config.steps} loss {loss_value:.4f}")
+    adapter = to_adapter(model, lora, md.fingerprint, extra={"trainer": "edge-lora quickstart", "task": task.name,
+                                                              "steps": config.steps, "lr": config.lr})
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    adapter.save(out_path)
+    return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
+
+
+def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8) -> float:
+    """Exact-match percent of the fp32 PyTorch model (with an adapter or without), greedy."""
+    import torch
+    from tokenizers import Tokenizer
+
+    from ..adapter import Adapter
+    from ..model_dir import ModelDir
+    from ..train.lora import load_adapter_into
+    from ..train.model import CausalLM
+
+    md = ModelDir(model_dir)
+    model = CausalLM.from_model_dir(md)
+    if adapter_path is not None:
+        load_adapter_into(model, Adapter.load(adapter_path, base=md.config))
+    model.eval()
+    tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+    by_length: dict[int, list[int]] = {}
+    prompts = [tokenizer.encode(p).ids for p, _ in items]
+    for i, ids in enumerate(prompts):
+        by_length.setdefault(len(ids), []).append(i)
+    hits = 0
+    with torch.no_grad():
+        for indices in by_length.values():  # same-length prompts decode as one batch, no padding
+            ids = torch.tensor([prompts[i] for i in indices])
+            for _ in range(max_new_tokens):
+                nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
+                ids = torch.cat([ids, nxt], dim=1)
+            for row, i in zip(ids.tolist(), indices):
+                text = tokenizer.decode(row[len(prompts[i]):])
+                hits += exact_match(text, items[i][1])
+    return 100.0 * hits / max(1, len(items))
