@@ -101,8 +101,11 @@ class OnnxEngine(Engine):
             options.inter_op_num_threads = 1
         for name, value in self._overrides.items():
             options.add_initializer(name, value)
+        # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
+        # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
+        disabled = ["QDQSelectorActionTransformer"] if self._overrides and self.layout["variant"] == "portable" else []
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers)
+            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers, disabled_optimizers=disabled)
         except Exception as err:  # ORT raises its own exception types for every load failure
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first})", path=path,
@@ -168,10 +171,14 @@ class OnnxEngine(Engine):
 
     @staticmethod
     def _int4_ortvalue_source(values: np.ndarray) -> np.ndarray:
+        """A buffer for an INT4 OrtValue: ORT takes the shape from the array and reads the packed
+        bytes from its start, so the array has the logical shape and holds the nibbles up front."""
         from edge_lora.onnx_quant import pack_int4
 
         packed = np.frombuffer(pack_int4(values), dtype=np.uint8)
-        return packed.reshape(values.shape[:-1] + (-1,)) if values.shape[-1] % 2 == 0 else packed
+        buffer = np.zeros(values.shape, dtype=np.uint8)
+        buffer.reshape(-1)[: packed.size] = packed
+        return buffer
 
     # --- inference ------------------------------------------------------------------
 

@@ -1,0 +1,76 @@
+"""Quantized exports: the numpy block quantizers, measured agreement with PyTorch, merge into quantized weights."""
+
+import numpy as np
+import pytest
+
+from edge_lora import onnx_quant as q
+from edge_lora.model_dir import ModelDir
+from onnx_helpers import build_bundle, random_adapter, torch_logits
+from runtime.onnx_backend import OnnxEngine
+
+
+@pytest.mark.parametrize("bits", [4, 8])
+@pytest.mark.parametrize("k", [64, 70])  # 70: a padded last block
+def test_nbits_roundtrip_error_is_within_half_a_step(bits, k):
+    w = np.random.default_rng(bits + k).normal(0, 1, (24, k)).astype(np.float32)
+    nb = q.quantize_nbits(w, bits, 32)
+    assert nb.packed.shape == (24, 3 if k == 70 else 2, 32 * bits // 8)
+    back = q.dequantize_nbits(nb)
+    step = np.repeat(nb.scales.reshape(24, -1), 32, axis=1)[:, :k]
+    assert back.shape == w.shape and (np.abs(back - w) <= step * 0.5 + 1e-6).all()
+
+
+def test_int8_channel_and_int4_block_roundtrip():
+    w = np.random.default_rng(3).normal(0, 1, (40, 96)).astype(np.float32)
+    q8, s8 = q.quantize_int8_channel(w)
+    assert q8.shape == (96, 40) and np.abs(q.dequantize_int8_channel(q8, s8) - w).max() <= s8.max() / 2 + 1e-6
+    q4, s4 = q.quantize_int4_block_t(w, 32)
+    assert q4.min() >= -8 and q4.max() <= 7
+    assert np.array_equal(q.unpack_int4(np.frombuffer(q.pack_int4(q4), np.uint8), q4.shape), q4)
+    assert np.abs(q.dequantize_int4_block_t(q4, s4, 32) - w).max() <= s4.max() / 2 + 1e-6
+
+
+EXPORTS = [("int8", "fast"), ("int4", "fast"), ("int8", "portable"), ("int4", "portable"), ("fp16", "fast")]
+
+
+@pytest.fixture(scope="module")
+def quant_bundle(model_dirs, tmp_path_factory):
+    md = ModelDir(model_dirs["qwen2"])
+    adapter = random_adapter(md, seed=4, b_std=0.02)  # an adapter of realistic size next to the weights
+    root = build_bundle(md.path, tmp_path_factory.mktemp("quant") / "b", EXPORTS, {"a": adapter})
+    return md, adapter, root
+
+
+@pytest.mark.parametrize("quant,variant", EXPORTS)
+def test_quantized_agreement_with_pytorch(quant_bundle, quant, variant):
+    md, adapter, root = quant_bundle
+    engine = OnnxEngine(root, quant=quant, variant=variant)
+    engine.add_adapter("a")
+    ids = [int(t) for t in np.random.default_rng(5).integers(0, md.config.vocab_size, 48)]
+    for chosen, parts in (({}, []), ({"a": 1.0}, [(adapter, 1.0)])):
+        want, got = torch_logits(md.path, ids, parts), engine.logits(ids, adapters=chosen)
+        diff = np.abs(got - want).max()
+        top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
+        print(f"{quant}-{variant} adapters={chosen}: max |diff| {diff:.4f} (logit range {np.ptp(want):.2f}), top-1 agreement {top1:.3f}")
+        bound = {"fp16": 1e-3, "int8": 0.02, "int4": 0.25}[quant]
+        assert diff < bound and top1 >= {"fp16": 1.0, "int8": 0.9, "int4": 0.6}[quant]
+
+
+@pytest.mark.parametrize("quant,variant", [("int4", "fast"), ("int8", "fast"), ("int8", "portable"), ("int4", "portable")])
+def test_merged_equals_unmerged_within_quantization_error(quant_bundle, quant, variant):
+    md, adapter, root = quant_bundle
+    engine = OnnxEngine(root, quant=quant, variant=variant)
+    engine.add_adapter("a")
+    ids = [int(t) for t in np.random.default_rng(6).integers(0, md.config.vocab_size, 32)]
+    torch_base = torch_logits(md.path, ids)
+    base_error = np.abs(engine.logits(ids, adapters={}) - torch_base).max()
+    unmerged = engine.logits(ids, adapters={"a": 1.0})
+    engine.merge("a")
+    merged = engine.logits(ids, adapters={})
+    reference = torch_logits(md.path, ids, [(adapter, 1.0)])
+    gap = np.abs(merged - unmerged).max()
+    print(f"{quant}-{variant}: |merged - unmerged| {gap:.4f}, base quantization error {base_error:.4f}, "
+          f"|merged - fp32 reference| {np.abs(merged - reference).max():.4f}")
+    assert gap < 3 * base_error
+    assert np.abs(merged - reference).max() < 3 * base_error
+    assert np.abs(merged - reference).mean() < 0.5 * np.abs(merged - torch_base).mean()  # the merge did move the model
