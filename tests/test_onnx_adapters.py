@@ -1,0 +1,192 @@
+"""Adapters on the ONNX Runtime backend: swap, per-request sets, stacking, DoRA, .onnx_adapter files,
+onnxruntime-genai on the same folder, execution providers, and the errors users can hit."""
+
+import shutil
+import threading
+
+import numpy as np
+import pytest
+
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
+from onnx_helpers import build_bundle, random_adapter, torch_logits
+from runtime.onnx_backend import OnnxEngine
+from runtime.sampling import SamplingParams
+
+
+@pytest.fixture(scope="module")
+def setup(model_dirs, tmp_path_factory):
+    md = ModelDir(model_dirs["llama"])
+    adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=2),
+                "d": random_adapter(md, seed=3, dora=True, b_std=0.05)}
+    root = build_bundle(md.path, tmp_path_factory.mktemp("adapters") / "b", [("fp32", "fast"), ("int4", "fast")], adapters)
+    return md, adapters, root
+
+
+def ids_for(md, n=20, seed=0):
+    return [int(t) for t in np.random.default_rng(seed).integers(3, md.config.vocab_size, n)]
+
+
+def test_swap_a_b_a_none_equals_fresh_sessions(setup):
+    md, adapters, root = setup
+    engine = OnnxEngine(root, quant="int4")
+    engine.add_adapter("a")
+    engine.add_adapter("b")
+    sessions = (engine.lora_session, engine.plain_session)
+    ids = ids_for(md)
+    sequence = [{"a": 1.0}, {"b": 1.0}, {"a": 1.0}, {}]
+    swapped = [engine.logits(ids, adapters=s) for s in sequence]
+    assert (engine.lora_session, engine.plain_session) == sessions  # no session was reopened
+    for chosen, got in zip(sequence, swapped):
+        fresh = OnnxEngine(root, quant="int4")
+        for name in chosen:
+            fresh.add_adapter(name)
+        np.testing.assert_allclose(got, fresh.logits(ids, adapters=chosen), atol=1e-6)
+    assert np.abs(swapped[0] - swapped[1]).max() > 1e-2  # the adapters really differ
+
+
+def test_stacked_equals_merged_sum(setup):
+    md, adapters, root = setup
+    ids = ids_for(md)
+    want = torch_logits(md.path, ids, [(adapters["a"], 1.0), (adapters["b"], 0.5)])
+    engine = OnnxEngine(root, quant="fp32")
+    engine.add_adapter("a")
+    engine.add_adapter("b")
+    stacked = engine.logits(ids, adapters={"a": 1.0, "b": 0.5})
+    engine.merge("a", 1.0)
+    engine.merge("b", 0.5)
+    merged = engine.logits(ids, adapters={})
+    print(f"stacked vs PyTorch merged sum {np.abs(stacked - want).max():.2e}, stacked vs merged {np.abs(stacked - merged).max():.2e}")
+    assert np.abs(stacked - want).max() < 1e-3 and np.abs(stacked - merged).max() < 1e-4
+
+
+def test_per_request_set_leaves_default_and_other_threads_alone(setup):
+    md, _, root = setup
+    engine = OnnxEngine(root, quant="fp32")
+    engine.add_adapter("a")
+    engine.add_adapter("b")
+    engine.set_adapters({"a": 1.0})
+    ids = ids_for(md, 8)
+    params = SamplingParams(max_new_tokens=12)
+    expected = {key: engine.generate_ids(ids, params, adapters=dict(key)) for key in ((("a", 1.0),), (("b", 1.0),), ())}
+    assert engine.generate_ids(ids, params) == expected[(("a", 1.0),)]  # the default set
+    results, errors = {}, []
+
+    def worker(i, key):
+        try:
+            results[i] = (key, engine.generate_ids(ids, params, adapters=dict(key)))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    threads = [threading.Thread(target=worker, args=(i, key)) for i, key in enumerate(list(expected) * 3)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    assert not errors and all(tokens == expected[key] for key, tokens in results.values())
+    assert len({tuple(v) for v in expected.values()}) == 3
+
+
+def test_dora_merges_and_refuses_to_run_unmerged(setup):
+    md, adapters, root = setup
+    engine = OnnxEngine(root, quant="fp32")
+    engine.add_adapter("d")
+    ids = ids_for(md)
+    with pytest.raises(EdgeLoraError, match="DoRA"):
+        engine.logits(ids, adapters={"d": 1.0})
+    engine.merge("d")
+    assert np.abs(engine.logits(ids, adapters={}) - torch_logits(md.path, ids, [(adapters["d"], 1.0)])).max() < 1e-3
+
+
+def test_onnx_adapter_file_through_ort_lora_adapter(setup):
+    import onnxruntime as ort
+
+    md, _, root = setup
+    engine = OnnxEngine(root, quant="int4")
+    engine.add_adapter("a")
+    ids = ids_for(md)
+    ours = engine.logits(ids, adapters={"a": 1.0})
+    lora = ort.LoraAdapter()
+    lora.Load(str(root / "adapters" / "a.onnx_adapter"))
+    options = ort.RunOptions()
+    options.add_active_adapter(lora)
+    c = md.config
+    feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
+    for i in range(c.num_hidden_layers):
+        for kind in ("key", "value"):
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+    theirs = engine.lora_session.run(["logits"], feeds, run_options=options)[0][0]
+    assert np.abs(ours - theirs).max() < 1e-5
+
+
+@pytest.mark.parametrize("quant", ["int4", "fp32"])
+def test_onnxruntime_genai_loads_folder_and_matches_greedy(setup, quant):
+    og = pytest.importorskip("onnxruntime_genai")
+    md, _, root = setup
+    engine = OnnxEngine(root, quant=quant)
+    engine.add_adapter("a")
+    model = og.Model(str(root / "onnx" / f"{quant}-fast"))
+    loaded = og.Adapters(model)
+    loaded.load(str(root / "adapters" / "a.onnx_adapter"), "a")
+    ids, new = ids_for(md, 7), 12
+    eos = set(md.config.eos_token_id)
+    for name in (None, "a"):
+        params = og.GeneratorParams(model)
+        params.set_search_options(max_length=len(ids) + new, do_sample=False)
+        generator = og.Generator(model, params)
+        if name:
+            generator.set_active_adapter(loaded, name)
+        generator.append_tokens(ids)
+        while not generator.is_done():
+            generator.generate_next_token()
+        theirs = [int(t) for t in generator.get_sequence(0)[len(ids):]]
+        theirs = theirs[:next((i for i, t in enumerate(theirs) if t in eos), len(theirs))]
+        ours = engine.generate_ids(ids, SamplingParams(max_new_tokens=new), adapters={name: 1.0} if name else {})
+        print(f"genai {quant} adapter={name}: {theirs} ours {ours}")
+        assert ours == theirs and len(ours) >= 4
+
+
+def test_unavailable_provider_warns_and_falls_back_to_cpu(setup):
+    md, _, root = setup
+    with pytest.warns(RuntimeWarning, match="coreml.*falling back to CPU"):
+        engine = OnnxEngine(root, quant="fp32", provider="coreml")
+    assert engine.providers == ["CPUExecutionProvider"] and engine.info()["providers"] == ["CPUExecutionProvider"]
+    assert engine.logits(ids_for(md, 4)).shape == (4, md.config.vocab_size)
+    with pytest.raises(EdgeLoraError, match="unknown execution provider"):
+        OnnxEngine(root, quant="fp32", provider="tpu")
+
+
+def test_generation_controls_on_onnx(setup):
+    md, _, root = setup
+    engine = OnnxEngine(root, quant="fp32")
+    engine.add_adapter("a")
+    streamed = "".join(engine.generate("SELECT name", 16, adapters={"a": 1.0}, stream=True, temperature=0.8, top_k=20, seed=7))
+    assert streamed == engine.generate("SELECT name", 16, adapters={"a": 1.0}, temperature=0.8, top_k=20, seed=7)
+    full = engine.generate("SELECT name", 16, repetition_penalty=1.3)
+    if len(full) > 3:
+        stop = full[2:4]
+        assert engine.generate("SELECT name", 16, repetition_penalty=1.3, stop=[stop]) == full[: full.find(stop)]
+
+
+def test_tied_lm_head_adapter_refused(model_dirs, tmp_path):
+    md = ModelDir(model_dirs["smollm"])
+    root = build_bundle(md.path, tmp_path / "b", [("fp32", "fast")])
+    adapter = random_adapter(md, seed=1, modules=["lm_head"])
+    adapter.save(tmp_path / "head.safetensors")
+    engine = OnnxEngine(root)
+    with pytest.raises(EdgeLoraError, match="tied"):
+        engine.add_adapter("head", tmp_path / "head.safetensors")
+
+
+def test_tampered_or_corrupt_model_is_a_user_error(setup, tmp_path):
+    _, _, root = setup
+    copy = shutil.copytree(root, tmp_path / "b")
+    data = copy / "onnx" / "fp32-fast" / "model.onnx.data"
+    raw = bytearray(data.read_bytes())
+    raw[100] ^= 0xFF
+    data.write_bytes(bytes(raw))
+    with pytest.raises(EdgeLoraError, match="SHA-256"):
+        OnnxEngine(copy, quant="fp32")
+    (copy / "onnx" / "fp32-fast" / "model.plain.onnx").write_bytes(b"not a model")
+    with pytest.raises(EdgeLoraError, match="cannot load"):
+        OnnxEngine(copy, quant="fp32", verify_hashes=False)
