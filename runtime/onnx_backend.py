@@ -62,8 +62,8 @@ class OnnxEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True):
-        super().__init__(bundle, verify_hashes=verify_hashes)
+                 plain_session: bool = True, trusted_keys=None):
+        super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
         self._ort = ort
