@@ -237,21 +237,29 @@ def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig,
     entry = {"source": f"adapters/{name}.safetensors", "scale": 1.0,
              "rank": max((w.rank for w in adapter.modules.values()), default=0), "modules": len(adapter.modules),
              "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint}
-    if "onnx" in backends:
-        from .onnx_export import export_onnx_adapter
-
-        _write_via_temp(folder / f"{name}.onnx_adapter", lambda p: export_onnx_adapter(adapter, config, p))
-        entry["onnx"] = f"adapters/{name}.onnx_adapter"
-    if "gguf" in backends:
-        from edge_lora.gguf_adapter import export_gguf_adapter
-
+    writers = {"onnx": (".onnx_adapter", _onnx_adapter_writer), "gguf": (".gguf", _gguf_adapter_writer)}
+    for backend in [b for b in BACKENDS if b in backends]:
+        suffix, writer = writers[backend]
         try:
-            _write_via_temp(folder / f"{name}.gguf", lambda p: export_gguf_adapter(adapter, config, p))
-            entry["gguf"] = f"adapters/{name}.gguf"
-        except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: llama.cpp cannot apply it
-            entry["gguf_skipped"] = err.message
-            print(f"note: adapter {name!r} is not exported for llama.cpp: {err.message}", file=sys.stderr)
+            _write_via_temp(folder / f"{name}{suffix}", lambda p: writer()(adapter, config, p))
+            entry[backend] = f"adapters/{name}{suffix}"
+        except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
+            entry[f"{backend}_skipped"] = err.message
+            print(f"note: adapter {name!r} has no {backend} file ({err.message}); the runtime can still merge it from the source",
+                  file=sys.stderr)
     return entry
+
+
+def _onnx_adapter_writer():
+    from .onnx_export import export_onnx_adapter
+
+    return export_onnx_adapter
+
+
+def _gguf_adapter_writer():
+    from edge_lora.gguf_adapter import export_gguf_adapter
+
+    return export_gguf_adapter
 
 
 def _write_via_temp(target: Path, write) -> None:

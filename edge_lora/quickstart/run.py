@@ -1,0 +1,172 @@
+"""The quickstart's orchestration: train, export, then exercise the runtime on every exported base.
+
+Each step is timed; accuracy is exact match on held-out prompts (words never trained on), greedy.
+The summary checks the targets: each adapter lifts its task from near zero to >= 90%, and stays
+within 2 points of the fp32 host model after int8/q8_0 export and within 5 after int4/q4_0.
+"""
+
+from __future__ import annotations
+
+import shutil
+import sys
+import tempfile
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..errors import EdgeLoraError
+from .finetune import FinetuneConfig, host_score, train_adapter
+from .report import format_json, format_table
+from .tasks import END, TASKS, score
+
+DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
+TOLERANCE = {"int8": 2.0, "q8_0": 2.0, "int4": 5.0, "q4_0": 5.0}  # points below the fp32 adapter
+
+
+@dataclass
+class QuickstartConfig:
+    model: Path = DEFAULT_MODEL
+    work_dir: Path | None = None
+    backends: list[str] = field(default_factory=lambda: ["onnx", "gguf"])
+    onnx_quants: list[str] = field(default_factory=lambda: ["int8", "int4"])
+    gguf_quants: list[str] = field(default_factory=lambda: ["q8_0", "q4_0"])
+    steps: int = 300
+    eval_items: int = 50
+    threads: int = 0
+    json: bool = False
+    decode_tokens: int = 48
+
+    @classmethod
+    def for_args(cls, args) -> "QuickstartConfig":
+        config = cls(model=Path(args.model) if args.model else DEFAULT_MODEL,
+                     work_dir=Path(args.work_dir) if args.work_dir else None,
+                     backends=[b.strip() for b in args.backends.split(",") if b.strip()], threads=args.threads, json=args.json)
+        if args.fast:  # the CI form: the hardest quantization per backend, fewer prompts
+            config.onnx_quants, config.gguf_quants, config.eval_items = ["int4"], ["q4_0"], 25
+        if args.steps:
+            config.steps = args.steps
+        if args.eval_items:
+            config.eval_items = args.eval_items
+        return config
+
+
+def _say(config: QuickstartConfig, text: str) -> None:
+    print(text, file=sys.stderr, flush=True)
+
+
+def quickstart(config: QuickstartConfig) -> int:
+    if not (Path(config.model) / "config.json").is_file():
+        raise EdgeLoraError("no model here", path=config.model, hint="pass --model with a Hugging Face model directory")
+    start = time.perf_counter()
+    work = config.work_dir or Path(tempfile.mkdtemp(prefix="edge-lora-quickstart-"))
+    work.mkdir(parents=True, exist_ok=True)
+    try:
+        summary = _run(config, work, start)
+    finally:
+        if config.work_dir is None:
+            shutil.rmtree(work, ignore_errors=True)
+    print(format_json(summary) if config.json else format_table(summary))
+    return 0 if all(c["ok"] for c in summary["checks"]) else 1
+
+
+def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    tasks = list(TASKS)
+    items = {t: TASKS[t].examples(config.eval_items, "eval") for t in tasks}
+    timings: dict = {"train_s": {}}
+    adapters = {}
+    for name in tasks:
+        _say(config, f"training adapter {name!r} ({TASKS[name].description}) ...")
+        result = train_adapter(config.model, TASKS[name], work / f"{name}.safetensors",
+                               FinetuneConfig(steps=config.steps, threads=config.threads), log=lambda s: _say(config, s))
+        adapters[name] = result.path
+        timings["train_s"][name] = round(result.seconds, 2)
+    _say(config, "scoring the fp32 host model ...")
+    host = {"base": {t: host_score(config.model, items[t]) for t in tasks},
+            "adapter": {t: host_score(config.model, items[t], adapters[t]) for t in tasks}}
+    _say(config, "exporting the bundle ...")
+    t0 = time.perf_counter()
+    bundle = work / "bundle"
+    options = ExportOptions(backends=config.backends, onnx_quants=config.onnx_quants, gguf_quants=config.gguf_quants, force=True)
+    export_bundle(config.model, bundle, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False)
+    timings["export_s"] = round(time.perf_counter() - t0, 2)
+    runs = []
+    for backend, quants in (("onnx", config.onnx_quants), ("gguf", config.gguf_quants)):
+        if backend not in config.backends:
+            continue
+        for i, quant in enumerate(quants):
+            _say(config, f"runtime: {backend} {quant} ...")
+            runs.append(_exercise(bundle, "onnx" if backend == "onnx" else "llamacpp", quant, tasks, items, config,
+                                  stack_and_merge=i == 0))
+    summary = {"model": str(config.model), "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
+               "tasks": tasks, "eval_items": config.eval_items, "host": host, "runs": runs, "timings": timings}
+    summary["checks"] = _checks(summary)
+    summary["total_s"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: dict, config: QuickstartConfig,
+              stack_and_merge: bool) -> dict:
+    import runtime
+
+    options = {"quant": quant, **({"threads": config.threads} if config.threads else {})}
+    t0 = time.perf_counter()
+    engine = runtime.load(bundle, backend=backend, **options)
+    t1 = time.perf_counter()
+    for name in tasks:
+        engine.add_adapter(name)
+    t2 = time.perf_counter()
+
+    def accuracy(task: str, adapters: dict[str, float]) -> float:
+        return score(lambda prompt: engine.generate(prompt, max_new_tokens=8, adapters=adapters, stop=[END]), items[task])
+
+    run = {"backend": engine.backend_name, "quant": quant, "load_s": round(t1 - t0, 4), "add_adapters_s": round(t2 - t1, 4),
+           "base": {t: accuracy(t, {}) for t in tasks},
+           "adapter": {t: accuracy(t, {t: 1.0}) for t in tasks}}
+    run["swap_ms"] = _swap_ms(engine, tasks, items)
+    run["tokens_per_s"] = _tokens_per_s(engine, tasks[0], items, config.decode_tokens)
+    if stack_and_merge:
+        both = {t: 1.0 for t in tasks}
+        run["stacked"] = {t: accuracy(t, both) for t in tasks}
+        engine.merge(tasks[0], 1.0)
+        run["merged"] = accuracy(tasks[0], {})
+    close = getattr(engine, "close", None)
+    if close:
+        close()
+    return run
+
+
+def _swap_ms(engine, tasks: list[str], items: dict, rounds: int = 10) -> float:
+    """Latency of a one-token request whose adapter differs from the previous request's."""
+    prompt = items[tasks[0]][0][0]
+    engine.generate(prompt, max_new_tokens=1, adapters={tasks[0]: 1.0})
+    start = time.perf_counter()
+    for i in range(rounds):
+        engine.generate(prompt, max_new_tokens=1, adapters={tasks[i % len(tasks)]: 1.0})
+    return round(1000 * (time.perf_counter() - start) / rounds, 3)
+
+
+def _tokens_per_s(engine, task: str, items: dict, n: int) -> float:
+    from runtime.sampling import SamplingParams
+
+    ids = engine.tokenizer.encode(items[task][0][0])
+    params = SamplingParams(max_new_tokens=n)
+    engine.generate_ids(ids, SamplingParams(max_new_tokens=2), adapters={task: 1.0})  # warm-up
+    start = time.perf_counter()
+    out = engine.generate_ids(ids, params, adapters={task: 1.0})
+    return round(len(out) / max(time.perf_counter() - start, 1e-9), 1)
+
+
+def _checks(summary: dict) -> list[dict]:
+    checks = []
+    host = summary["host"]
+    for t in summary["tasks"]:
+        checks.append({"what": f"fp32 adapter {t}: base {host['base'][t]:.0f}% -> {host['adapter'][t]:.0f}% (>= 90)",
+                       "ok": host["adapter"][t] >= 90.0 and host["base"][t] <= 10.0})
+        for r in summary["runs"]:
+            tol = TOLERANCE.get(r["quant"], 5.0)
+            drop = host["adapter"][t] - r["adapter"][t]
+            checks.append({"what": f"{r['backend']} {r['quant']} adapter {t}: {r['adapter'][t]:.0f}% (within {tol:.0f} of fp32)",
+                           "ok": drop <= tol})
+    return checks

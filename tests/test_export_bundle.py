@@ -1,0 +1,170 @@
+"""The bundle writer: a complete, self-describing bundle; no half bundle on failure; --add-adapter."""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+import numpy as np
+import pytest
+
+from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
+from edge_lora.adapter import Adapter, LoraWeights
+from edge_lora.bundle import Bundle, sha256_file
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
+from edge_lora.targets import linear_modules
+
+
+def make_adapter(model_dir: Path, path: Path, seed: int, rank: int = 4, scale: float = 0.3, dora: bool = False) -> Path:
+    """A random all-linear adapter for ``model_dir`` whose effect on the logits is clearly visible."""
+    md = ModelDir(model_dir)
+    rng = np.random.default_rng(seed)
+    modules = {}
+    for name, (out_f, in_f) in linear_modules(md.config).items():
+        modules[name] = LoraWeights(a=(rng.standard_normal((rank, in_f)) * scale).astype(np.float32),
+                                    b=(rng.standard_normal((out_f, rank)) * scale).astype(np.float32), alpha=float(rank),
+                                    magnitude=np.ones(out_f, np.float32) if dora else None)
+    Adapter(modules=modules, base_architecture=md.config.architecture, base_fingerprint=md.fingerprint).save(path)
+    return path
+
+
+def make_bundle(model_dir: Path, out: Path, adapters: dict[str, Path], backends=("onnx", "gguf"), onnx_quant="fp32",
+                gguf_quant="f32") -> Path:
+    options = ExportOptions(backends=list(backends), onnx_quants=[onnx_quant], gguf_quants=[gguf_quant])
+    return export_bundle(model_dir, out, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False)
+
+
+@pytest.fixture(scope="module")
+def bundle(model_dirs, tmp_path_factory):
+    root = tmp_path_factory.mktemp("bundle")
+    a = make_adapter(model_dirs["llama"], root / "a.safetensors", seed=1)
+    b = make_adapter(model_dirs["llama"], root / "b.safetensors", seed=2)
+    return make_bundle(model_dirs["llama"], root / "bundle", {"a": a, "b": b})
+
+
+def test_bundle_is_complete_and_self_describing(bundle, model_dirs):
+    b = Bundle.open(bundle)
+    md = ModelDir(model_dirs["llama"])
+    assert b.base_fingerprint == md.fingerprint
+    assert b.config == md.config
+    assert [e["model"] for e in b.backends["onnx"]] == ["onnx/fp32-fast/model.onnx"]
+    assert [e["model"] for e in b.backends["gguf"]] == ["gguf/model-f32.gguf"]
+    assert set(b.adapters) == {"a", "b"}
+    for name, entry in b.adapters.items():
+        assert entry["source"] == f"adapters/{name}.safetensors"
+        assert entry["onnx"] == f"adapters/{name}.onnx_adapter" and entry["gguf"] == f"adapters/{name}.gguf"
+        assert entry["rank"] == 4 and entry["sha256"] == sha256_file(bundle / entry["source"])
+    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "bundle.json"}
+    assert on_disk == set(b.files)  # every file is recorded, nothing else lies around
+    for rel in b.files:
+        b.verify_file(rel)
+    assert not [p for p in bundle.parent.iterdir() if p.name.startswith(".bundle.")]  # no staging left
+
+
+def test_bundle_runs_without_its_sources(bundle, tmp_path):
+    import shutil
+
+    import runtime
+
+    moved = tmp_path / "moved"
+    shutil.copytree(bundle, moved)
+    engine = runtime.load(moved, backend="onnx")
+    engine.add_adapter("a")
+    ids = engine.tokenizer.encode("The quick brown fox")
+    base, adapted = engine.logits(ids), engine.logits(ids, adapters={"a": 1.0})
+    assert np.abs(base - adapted).max() > 1e-2
+
+
+def test_existing_target_is_refused_then_replaced_with_force(bundle, model_dirs, tmp_path):
+    out = tmp_path / "b"
+    make_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
+    with pytest.raises(EdgeLoraError, match="already a bundle"):
+        make_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
+    options = ExportOptions(backends=["onnx"], onnx_quants=["fp32"], force=True)
+    export_bundle(model_dirs["llama"], out, [], options, show_progress=False)
+    assert list(Bundle.open(out).backends) == ["onnx"]
+    assert not (out / "gguf").exists()
+
+
+def test_failed_export_leaves_no_half_bundle(model_dirs, tmp_path, monkeypatch):
+    import converters.gguf_export as gguf_export
+
+    def broken(*args, **kwargs):
+        raise EdgeLoraError("simulated failure half way")
+
+    monkeypatch.setattr(gguf_export, "export_gguf", broken)
+    out = tmp_path / "half"
+    with pytest.raises(EdgeLoraError, match="simulated"):
+        make_bundle(model_dirs["llama"], out, {})
+    assert not out.exists()
+    assert list(tmp_path.iterdir()) == []
+
+
+def test_adapter_for_another_base_is_refused_before_any_work(model_dirs, tmp_path):
+    other = make_adapter(model_dirs["mistral"], tmp_path / "other.safetensors", seed=3)
+    with pytest.raises(EdgeLoraError, match="wrong base|not a linear|was made for"):
+        make_bundle(model_dirs["llama"], tmp_path / "x", {"other": other})
+    assert not (tmp_path / "x").exists()
+
+
+def test_add_adapter_touches_only_the_adapter(bundle, model_dirs, tmp_path):
+    import shutil
+
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    before = Bundle.open(copy)
+    base_files = {k: v for k, v in before.files.items() if not k.startswith("adapters/")}
+    mtimes = {k: os.stat(copy / k).st_mtime_ns for k in base_files}
+    c = make_adapter(model_dirs["llama"], tmp_path / "c.safetensors", seed=5, rank=2)
+    entry = add_adapter(copy, AdapterSource(c, "c"), show_progress=False)
+    after = Bundle.open(copy)
+    assert set(after.adapters) == {"a", "b", "c"} and entry["rank"] == 2
+    assert {k: v for k, v in after.files.items() if not k.startswith("adapters/")} == base_files
+    assert {k: os.stat(copy / k).st_mtime_ns for k in base_files} == mtimes
+    for rel in after.files:
+        after.verify_file(rel)
+    with pytest.raises(EdgeLoraError, match="already has an adapter"):
+        add_adapter(copy, AdapterSource(c, "c"), show_progress=False)
+    add_adapter(copy, AdapterSource(tmp_path / "c.safetensors", "c"), replace=True, show_progress=False)
+
+
+def test_peft_directory_is_imported(bundle, model_dirs, tmp_path):
+    import shutil
+
+    from converters.peft import export_peft
+
+    adapter = Adapter.load(make_adapter(model_dirs["llama"], tmp_path / "p.safetensors", seed=7))
+    peft_dir = export_peft(adapter, tmp_path / "peft")
+    copy = tmp_path / "copy"
+    shutil.copytree(bundle, copy)
+    add_adapter(copy, AdapterSource.parse(f"{peft_dir}:from_peft"), show_progress=False)
+    b = Bundle.open(copy)
+    assert b.adapters["from_peft"]["base_fingerprint"] == b.base_fingerprint
+    stored = Adapter.load(copy / b.adapters["from_peft"]["source"])
+    some = next(iter(adapter.modules))
+    np.testing.assert_allclose(stored.delta(some), adapter.delta(some), rtol=1e-6, atol=1e-7)
+
+
+def test_backend_refusal_keeps_the_adapter_and_the_export(model_dirs, tmp_path, capsys):
+    dora = make_adapter(model_dirs["llama"], tmp_path / "dora.safetensors", seed=4, dora=True)
+    out = make_bundle(model_dirs["llama"], tmp_path / "b", {"dora": dora})
+    entry = Bundle.open(out).adapters["dora"]
+    assert "onnx" not in entry and "gguf" not in entry  # DoRA cannot run as a side path on either backend
+    assert "DoRA" in entry["onnx_skipped"] and entry["gguf_skipped"] and entry["source"]
+    assert "has no gguf file" in capsys.readouterr().err
+    tied = make_adapter(model_dirs["smollm"], tmp_path / "tied.safetensors", seed=4)
+    md = ModelDir(model_dirs["smollm"])
+    adapter = Adapter.load(tied)
+    adapter.modules["lm_head"] = LoraWeights(a=np.ones((2, md.config.hidden_size), np.float32),
+                                             b=np.ones((md.config.vocab_size, 2), np.float32), alpha=2.0)
+    adapter.save(tied)
+    entry = Bundle.open(make_bundle(model_dirs["smollm"], tmp_path / "t", {"tied": tied})).adapters["tied"]
+    assert "gguf" not in entry and "tied" in entry["gguf_skipped"]
+
+
+def test_adapter_spec_parsing():
+    assert AdapterSource.parse("runs/sql.safetensors") == AdapterSource(Path("runs/sql.safetensors"), "sql")
+    assert AdapterSource.parse("runs/peft_dir:tone") == AdapterSource(Path("runs/peft_dir"), "tone")
+    with pytest.raises(EdgeLoraError, match="bad adapter name"):
+        AdapterSource.parse("x.safetensors:../evil")
