@@ -12,8 +12,6 @@ exit code and raises EdgeLoraError for the CLI to print on one line.
 
 from __future__ import annotations
 
-import argparse
-import sys
 from pathlib import Path
 
 from .errors import EdgeLoraError
@@ -68,22 +66,3 @@ def run_verify(args) -> int:
                 raise EdgeLoraError("verifying a single file needs --key PUBLIC_KEY", path=target)
             print(f"{target}: OK, signed by {verify_file(target, keys)}")
     return 0
-
-
-def main(argv: list[str] | None = None) -> int:
-    """These verbs alone (``python -m edge_lora.cli_sign``), with the CLI's one-line error rule."""
-    parser = argparse.ArgumentParser(prog="edge-lora")
-    parser.add_argument("--verbose", action="store_true")
-    add_sign_arguments(parser.add_subparsers(dest="command", required=True))
-    args = parser.parse_args(argv)
-    try:
-        return args.func(args)
-    except EdgeLoraError as err:
-        if args.verbose:
-            raise
-        print(f"error: {err}", file=sys.stderr)
-        return 1
-
-
-if __name__ == "__main__":
-    sys.exit(main())

@@ -9,6 +9,7 @@ tests/data/bad/ for a look by hand or as seeds for the atheris harness:
 
 from __future__ import annotations
 
+import hashlib
 import json
 import os
 import shutil
@@ -309,6 +310,74 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
     model_case("model_config_malformed", "not valid JSON", lambda p: (p / "config.json").write_text("{"))
     model_case("model_config_unsupported_arch", "unsupported architecture",
                lambda p: (p / "config.json").write_text(json.dumps({"architectures": ["GPT2LMHeadModel"]})))
+    return cases
+
+
+def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
+    """Broken backend files inside an otherwise good exported bundle (ONNX and GGUF, base and adapters).
+
+    Most keep bundle.json's hash in step with the damage, so the backend's own parser is what must refuse.
+    """
+    root = Path(root)
+    root.mkdir(parents=True, exist_ok=True)
+    manifest = json.loads((bundle / "bundle.json").read_text())
+    onnx_model = manifest["backends"]["onnx"][0]["model"]
+    gguf_model = manifest["backends"]["gguf"][0]["model"]
+    entry = manifest["adapters"]["sql"]
+    cases: list[Case] = []
+
+    def case(name: str, kind: str, rel: str, damage: Callable[[Path], None], expect: str = ".", rehash: bool = True) -> None:
+        path = root / name
+        shutil.copytree(bundle, path)
+        damage(path / rel)
+        if rehash:
+            m = json.loads((path / "bundle.json").read_text())
+            target = path / rel
+            m["files"][rel] = {"sha256": hashlib.sha256(target.read_bytes()).hexdigest() if target.is_file() else "0" * 64,
+                               "bytes": target.stat().st_size if target.is_file() else 0}
+            (path / "bundle.json").write_text(json.dumps(m))
+        cases.append(Case(name, kind, path, expect))
+
+    def truncate(p: Path) -> None:
+        p.write_bytes(p.read_bytes()[: max(1, p.stat().st_size // 3)])
+
+    def empty(p: Path) -> None:
+        p.write_bytes(b"")
+
+    def garbage(p: Path) -> None:
+        p.write_bytes(np.random.default_rng(0).integers(0, 256, 4096, dtype=np.uint8).tobytes())
+
+    def to_dir(p: Path) -> None:
+        p.unlink()
+        p.mkdir()
+
+    def flip_last_byte(p: Path) -> None:
+        blob = p.read_bytes()
+        p.write_bytes(blob[:-1] + bytes([blob[-1] ^ 1]))
+
+    def gguf_header_lies(p: Path) -> None:  # tensor count field set to 2^40: a loader that trusts it allocates terabytes
+        blob = bytearray(p.read_bytes())
+        blob[8:16] = struct.pack("<Q", 1 << 40)
+        p.write_bytes(bytes(blob))
+
+    # our runtime never reads .onnx_adapter (ORT GenAI apps do): for it, `verify` is the loader that must refuse
+    case("onnx_adapter_bitflip_unhashed", "bundle_verify", entry["onnx"], flip_last_byte, "does not match its SHA-256",
+         rehash=False)
+    case("onnx_adapter_is_a_directory", "bundle_verify", entry["onnx"], to_dir, "missing or not a file", rehash=False)
+    for label, rel, kind in (("onnx_model", onnx_model, "backend_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
+                             ("gguf_adapter", entry["gguf"], "backend_adapter_llamacpp")):
+        case(f"{label}_truncated", kind, rel, truncate)
+        case(f"{label}_empty", kind, rel, empty)
+        case(f"{label}_garbage", kind, rel, garbage)
+        case(f"{label}_is_a_directory", kind, rel, to_dir, "missing or not a file")
+        case(f"{label}_bitflip_unhashed", kind, rel, flip_last_byte,
+             "does not match its SHA-256", rehash=False)
+    folder = onnx_model.rsplit("/", 1)[0]
+    case("onnx_external_data_truncated", "backend_onnx", onnx_model + ".data", truncate)
+    case("onnx_plain_model_truncated", "backend_onnx", f"{folder}/model.plain.onnx", truncate)
+    case("onnx_layout_malformed_json", "backend_onnx", f"{folder}/onnx_layout.json", lambda p: p.write_text('{"plain_model": '))
+    case("gguf_model_tensor_count_2_pow_40", "backend_llamacpp", gguf_model, gguf_header_lies)
+    case("gguf_adapter_tensor_count_2_pow_40", "backend_adapter_llamacpp", entry["gguf"], gguf_header_lies)
     return cases
 
 

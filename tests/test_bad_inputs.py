@@ -19,7 +19,7 @@ from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from make_bad_corpus import build_corpus
+from make_bad_corpus import build_backend_corpus, build_corpus
 from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 from tiny_models import make_model_dir
 
@@ -32,6 +32,17 @@ def corpus(tmp_path_factory, model_dirs):
     root = tmp_path_factory.mktemp("bad")
     other = make_model_dir(root / "_other_base", "llama", seed=1)
     return build_corpus(root / "cases", model_dirs["llama"], other)
+
+
+@pytest.fixture(scope="module")
+def backend_corpus(tmp_path_factory, model_dirs, base):
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    root = tmp_path_factory.mktemp("bad_backend")
+    make_adapter(base.config, base.fingerprint).save(root / "sql.safetensors")
+    bundle = export_bundle(base.path, root / "good", [AdapterSource(root / "sql.safetensors", "sql")],
+                           ExportOptions(onnx_quants=["int8"], gguf_quants=["q8_0"]), show_progress=False)
+    return build_backend_corpus(root / "cases", bundle)
 
 
 @pytest.fixture(scope="module")
@@ -63,6 +74,17 @@ def core_loaders(case, base, engine):
         return [("Engine.add_adapter", lambda: RegistryEngine(case.path).add_adapter("sql"))]
     if case.kind == "model_dir":
         return [("ModelDir", lambda: ModelDir(case.path).fingerprint)]
+    if case.kind == "bundle_verify":
+        from edge_lora.signing import verify_bundle
+
+        return [("verify_bundle", lambda: verify_bundle(case.path))]
+    if case.kind.startswith("backend_"):
+        import runtime
+
+        backend = case.kind.rsplit("_", 1)[-1]
+        if case.kind.startswith("backend_adapter_"):
+            return [(f"{backend}.add_adapter", lambda: runtime.load(case.path, backend=backend).add_adapter("sql"))]
+        return [(f"runtime.load({backend})", lambda: runtime.load(case.path, backend=backend))]
     raise AssertionError(f"no loader for kind {case.kind}")
 
 
@@ -113,13 +135,81 @@ def test_corpus_is_large_and_distinct(corpus):
 
 
 def test_every_core_loader_refuses_every_case(corpus, base, good_engine):
+    refuse_all(corpus, base, good_engine)
+    assert good_engine.adapters == [], "a bad adapter was registered"
+
+
+def test_every_backend_refuses_broken_backend_files(backend_corpus, base, good_engine):
+    assert len(backend_corpus) >= 20
+    refuse_all(backend_corpus, base, good_engine)
+
+
+def refuse_all(cases, base, engine) -> None:
     failures, tried = [], 0
-    for case in corpus:
-        for label, call in core_loaders(case, base, good_engine):
+    for case in cases:
+        for label, call in core_loaders(case, base, engine):
             tried += 1
             try:
                 check_message(refuse(call, case), case)
             except Exception as exc:  # collect all, so one run reports every weak loader
                 failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
     assert not failures, f"{len(failures)} of {tried} refusals wrong:\n" + "\n".join(failures)
-    assert good_engine.adapters == [], "a bad adapter was registered"
+
+
+# --- the command line -------------------------------------------------------------------
+
+def cli_commands(case, good_bundle: Path, scratch: Path) -> list[list[str]]:
+    """The `edge-lora` invocations that read ``case``."""
+    p = str(case.path)
+    if case.kind in ("adapter", "peft"):
+        return [["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"]]
+    if case.kind == "bundle_verify":  # a file only apps read (.onnx_adapter): `run` rightly ignores it
+        return [["verify", p]]
+    if case.kind in ("bundle", "bundle_engine", "bundle_adapter"):
+        return [["verify", p], ["run", p, "--prompt", "hi", "--max-new-tokens", "2"]]
+    if case.kind == "model_dir":
+        return [["export", "--quiet", p, "--out", str(scratch / case.name), "--backends", "gguf", "--gguf-quant", "f32"]]
+    backend = case.kind.rsplit("_", 1)[-1]
+    adapter = ["--adapter", "sql"] if case.kind.startswith("backend_adapter_") else []
+    return [["run", p, "--backend", backend, *adapter, "--prompt", "hi", "--max-new-tokens", "2"]]
+
+
+def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, model_dirs, base, capsys):
+    from edge_lora.cli import main
+
+    good_bundle = make_core_bundle(tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)})
+    failures, tried = [], 0
+    for case in corpus + backend_corpus:
+        for argv in cli_commands(case, good_bundle, tmp_path):
+            tried += 1
+            capsys.readouterr()
+            started = time.perf_counter()
+            code = main(argv)
+            err = capsys.readouterr().err
+            lines = [line for line in err.splitlines() if line.strip()]
+            problem = (f"exit code {code}" if code == 0 else "a traceback" if "Traceback" in err
+                       else f"{len(lines)} lines" if len(lines) != 1 else "no file named" if case.name not in err
+                       else "over the time limit" if time.perf_counter() - started > TIME_LIMIT_S else None)
+            if problem:
+                failures.append(f"edge-lora {' '.join(argv[:1])} {case.name}: {problem}: {err.strip()[:300]!r}")
+    assert sorted(Bundle.open(good_bundle).adapters) == ["sql"], "the CLI added a bad adapter"
+    assert not failures, f"{len(failures)} of {tried} CLI runs wrong:\n" + "\n".join(failures)
+
+
+@pytest.mark.parametrize("name", ["memory_bomb_4_tib_tensor", "bundle_entry_dotdot", "peft_only_pickled_bin"])
+def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dirs, base, name):
+    """The real process: non-zero exit, one line on stderr; --verbose adds the traceback."""
+    import os
+    import subprocess
+    import sys
+
+    case = next(c for c in corpus if c.name == name)
+    good_bundle = make_core_bundle(tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)})
+    argv = cli_commands(case, good_bundle, tmp_path)[0]
+    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    run = lambda extra: subprocess.run([sys.executable, "-m", "edge_lora", *extra, *argv], capture_output=True,  # noqa: E731
+                                       text=True, timeout=60, env=env)
+    quiet, verbose = run([]), run(["--verbose"])
+    assert quiet.returncode == 2 and verbose.returncode == 2
+    assert len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr and name in quiet.stderr
+    assert "Traceback" in verbose.stderr

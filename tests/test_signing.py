@@ -10,7 +10,7 @@ import pytest
 
 from edge_lora import signing
 from edge_lora.bundle import Bundle
-from edge_lora.cli_sign import main as sign_cli
+from edge_lora.cli import main as cli
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from security_helpers import RegistryEngine, make_adapter, make_core_bundle
@@ -155,13 +155,13 @@ def test_runtime_load_forwards_trusted_keys(keys, bundle):
 
 def test_cli_keygen_sign_verify(tmp_path, bundle, capsys):
     prefix = tmp_path / "release"
-    assert sign_cli(["keygen", str(prefix)]) == 0
-    assert sign_cli(["sign", "--key", f"{prefix}.key", str(bundle)]) == 0
-    assert sign_cli(["verify", "--key", f"{prefix}.pub", str(bundle), str(bundle / "adapters" / "sql.safetensors")]) == 0
-    assert sign_cli(["verify", str(bundle)]) == 0
+    assert cli(["keygen", str(prefix)]) == 0
+    assert cli(["sign", "--key", f"{prefix}.key", str(bundle)]) == 0
+    assert cli(["verify", "--key", f"{prefix}.pub", str(bundle), str(bundle / "adapters" / "sql.safetensors")]) == 0
+    assert cli(["verify", str(bundle)]) == 0
     flip_byte(bundle / "adapters" / "sql.safetensors")
     capsys.readouterr()
-    assert sign_cli(["verify", "--key", f"{prefix}.pub", str(bundle)]) == 1
+    assert cli(["verify", "--key", f"{prefix}.pub", str(bundle)]) == 2
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sql.safetensors" in err and "Traceback" not in err
     assert Bundle.open(bundle).adapters["sql"]["source"] == "adapters/sql.safetensors"
