@@ -62,7 +62,7 @@ class OnnxEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True, trusted_keys=None):
+                 plain_session: bool = True, spin: bool = False, trusted_keys=None):
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
@@ -79,6 +79,7 @@ class OnnxEngine(Engine):
         self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
         self.providers = resolve_providers(provider)
         self.threads = threads
+        self.spin = spin  # spinning worker threads only pay off on an otherwise idle CPU
         self.weights = WeightStore(self.layout, self.data_path)
         self._overrides: dict[str, object] = {}  # initializer name -> OrtValue (merged weights)
         self._override_arrays: dict[str, np.ndarray] = {}  # the OrtValues borrow these buffers
@@ -96,6 +97,7 @@ class OnnxEngine(Engine):
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the LoRA inputs that are also initializers warn by design
         options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_ENABLE_ALL
+        options.add_session_config_entry("session.intra_op.allow_spinning", "1" if self.spin else "0")
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
@@ -112,11 +114,20 @@ class OnnxEngine(Engine):
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
 
     def _open_sessions(self) -> None:
-        lora = self._session(self.model_path)
-        plain = self._session(self.plain_path) if self.plain_path else None
-        self.lora_session, self.plain_session = lora, plain
-        self.output_names = [o.name for o in lora.get_outputs()]
-        self._lora_inputs = {o.name for o in lora.get_overridable_initializers()}
+        """Open the plain session now and the LoRA one in the background (ORT releases the GIL
+        while it initializes), so the first base-only token does not wait for both."""
+        if not self.plain_path:
+            self._lora = _Opening(lambda: self._session(self.model_path), background=False)
+            self.plain_session = None
+            self.output_names = [o.name for o in self.lora_session.get_outputs()]
+            return
+        self._lora = _Opening(lambda: self._session(self.model_path), background=True)
+        self.plain_session = self._session(self.plain_path)
+        self.output_names = [o.name for o in self.plain_session.get_outputs()]
+
+    @property
+    def lora_session(self):
+        return self._lora.result()
 
     # --- adapters -------------------------------------------------------------------
 
@@ -201,6 +212,31 @@ class OnnxEngine(Engine):
     def _backend_info(self) -> dict:
         return {"quant": self.layout["quant"], "variant": self.layout["variant"], "providers": self.providers,
                 "plain_session": self.plain_session is not None}
+
+
+class _Opening:
+    """A session being opened, on a thread or at once; ``result()`` waits and re-raises its error."""
+
+    def __init__(self, open_session, background: bool):
+        self._open, self._value, self._error = open_session, None, None
+        self._thread = threading.Thread(target=self._run, daemon=True) if background else None
+        if self._thread:
+            self._thread.start()
+        else:
+            self._run()
+
+    def _run(self) -> None:
+        try:
+            self._value = self._open()
+        except EdgeLoraError as err:
+            self._error = err
+
+    def result(self):
+        if self._thread:
+            self._thread.join()
+        if self._error:
+            raise self._error
+        return self._value
 
 
 class OnnxState(DecodeState):
