@@ -160,7 +160,10 @@ def add_adapter(bundle_dir: str | os.PathLike, source: AdapterSource, *, replace
     progress = Progress(2, enabled=show_progress)
     with progress.step(f"adapter {name}"):
         adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint)
-        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends))
+        # a replacement goes to fresh file names: overwriting the files bundle.json vouches for would leave a
+        # torn bundle if the process died before the new bundle.json is in place
+        stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name
+        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem)
         _make_readable(bundle.root / "adapters")
     with progress.step("updating bundle.json"):
         manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
@@ -228,21 +231,23 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
     }
 
 
-def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig, backends: list[str]) -> dict:
-    """The adapter's source file plus one file per backend; returns its manifest entry."""
+def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig, backends: list[str],
+                   stem: str | None = None) -> dict:
+    """The adapter's source file plus one file per backend (named ``stem``, default ``name``); returns its manifest entry."""
+    stem = stem or name
     folder = root / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
-    source = folder / f"{name}.safetensors"
+    source = folder / f"{stem}.safetensors"
     adapter.save(source)
-    entry = {"source": f"adapters/{name}.safetensors", "scale": 1.0,
+    entry = {"source": f"adapters/{stem}.safetensors", "scale": 1.0,
              "rank": max((w.rank for w in adapter.modules.values()), default=0), "modules": len(adapter.modules),
              "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint}
     writers = {"onnx": (".onnx_adapter", _onnx_adapter_writer), "gguf": (".gguf", _gguf_adapter_writer)}
     for backend in [b for b in BACKENDS if b in backends]:
         suffix, writer = writers[backend]
         try:
-            _write_via_temp(folder / f"{name}{suffix}", lambda p: writer()(adapter, config, p))
-            entry[backend] = f"adapters/{name}{suffix}"
+            _write_via_temp(folder / f"{stem}{suffix}", lambda p: writer()(adapter, config, p))
+            entry[backend] = f"adapters/{stem}{suffix}"
         except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
             entry[f"{backend}_skipped"] = err.message
             print(f"note: adapter {name!r} has no {backend} file ({err.message}); the runtime can still merge it from the source",
