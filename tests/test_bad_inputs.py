@@ -131,7 +131,7 @@ _SELF_EXPLAINING = {"missing_adapter_file"}
 
 def test_corpus_is_large_and_distinct(corpus):
     names = [c.name for c in corpus]
-    assert len(names) == len(set(names)) >= 60
+    assert len(names) == len(set(names)) >= 80
 
 
 def test_every_core_loader_refuses_every_case(corpus, base, good_engine):
