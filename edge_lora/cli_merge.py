@@ -9,7 +9,6 @@ The merged directory is an ordinary model: export it for a zero-overhead single-
 from __future__ import annotations
 
 import json
-import shutil
 from pathlib import Path
 
 from .errors import EdgeLoraError
@@ -43,7 +42,7 @@ def merge_into_model_dir(model_dir, adapters: list[tuple[str, float]], out) -> P
     """Write ``out`` = the base with each (adapter path, scale) folded in, as float32 safetensors."""
     from converters.export import load_adapter
 
-    from .atomic import atomic_write_text
+    from .atomic import atomic_write_bytes, atomic_write_text
     from .model_dir import ModelDir
     from .safetensors_io import save_tensors
 
@@ -71,7 +70,7 @@ def merge_into_model_dir(model_dir, adapters: list[tuple[str, float]], out) -> P
     atomic_write_text(out / "config.json", json.dumps(raw, indent=2) + "\n")
     for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "generation_config.json"):
         if (md.path / name).is_file():
-            shutil.copyfile(md.path / name, out / name)
+            atomic_write_bytes(out / name, (md.path / name).read_bytes())  # a kill never leaves a torn copy
     return out
 
 
