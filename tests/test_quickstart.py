@@ -1,0 +1,63 @@
+"""The quickstart: its tasks and scoring, the shipped model, and the whole run in its CI form."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import pytest
+
+from edge_lora.cli import main
+from edge_lora.model_dir import ModelDir
+from edge_lora.quickstart.run import DEFAULT_MODEL
+from edge_lora.quickstart.tasks import TASKS, exact_match, score, spell, word_split
+
+
+def test_tasks_define_answers_that_a_copy_never_matches():
+    assert TASKS["reverse"].prompt("cat") == "reverse: c a t =" and TASKS["reverse"].target("cat") == " t a c"
+    assert TASKS["shift"].target("azz") == " b a a"
+    for task in TASKS.values():
+        items = task.examples(200, "eval")
+        assert len({p for p, _ in items}) == 200
+        copy = {p: " " + p.split(": ", 1)[1].removesuffix(" =") for p, _ in items}
+        assert score(lambda prompt: copy[prompt] + "\n", items) == 0.0
+        assert score(lambda prompt: dict(items)[prompt] + "\nmore", items) == 100.0
+
+
+def test_train_and_eval_words_never_overlap():
+    for task in TASKS.values():
+        train = {p for p, _ in task.examples(3000, "train")}
+        evals = {p for p, _ in task.examples(300, "eval")}
+        assert not train & evals
+    assert word_split("cat") in ("train", "eval")
+
+
+def test_exact_match_reads_up_to_the_first_newline():
+    assert exact_match(" t a c\nreverse: d o g", " t a c")
+    assert not exact_match(" t a c a", " t a c")
+    assert spell("dog") == "d o g"
+
+
+def test_shipped_model_is_small_and_loads():
+    md = ModelDir(DEFAULT_MODEL)
+    size = sum(p.stat().st_size for p in Path(DEFAULT_MODEL).iterdir())
+    assert size < 5_000_000
+    assert md.config.model_type == "llama" and md.weight_dtype() in ("F16", "BF16")
+    assert (Path(DEFAULT_MODEL) / "LICENSE").is_file() and (Path(DEFAULT_MODEL) / "README.md").is_file()
+
+
+@pytest.mark.slow
+def test_quickstart_ci_form_meets_its_targets(tmp_path, capsys):
+    rc = main(["quickstart", "--fast", "--json", "--work-dir", str(tmp_path)])
+    summary = json.loads(capsys.readouterr().out)
+    assert [c["what"] for c in summary["checks"] if not c["ok"]] == []
+    assert rc == 0
+    assert {(r["backend"], r["quant"]) for r in summary["runs"]} == {("onnx", "int4"), ("llamacpp", "q4_0")}
+    for task in summary["tasks"]:
+        assert summary["host"]["base"][task] <= 10 and summary["host"]["adapter"][task] >= 90
+        for run in summary["runs"]:
+            assert run["base"][task] <= 10
+    for run in summary["runs"]:  # stacking and merging ran on every backend
+        assert set(run["stacked"]) == set(summary["tasks"]) and run["merged"] >= 85
+        assert run["tokens_per_s"] > 0 and run["swap_ms"] > 0
+    assert (tmp_path / "bundle" / "bundle.json").is_file()
