@@ -96,7 +96,7 @@ def _swap_latency(engine, n: int) -> dict:
             "first_step_after_swap_ms": float(np.median(first)), "steady_step_ms": float(np.median(steady))}
 
 
-def _genai_rate(folder: Path, prompt, new_tokens: int, threads: int) -> float | None:
+def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
     """onnxruntime-genai decoding our exported folder (no adapter): the ONNX-side anchor."""
     try:
         import onnxruntime_genai as og
@@ -151,7 +151,7 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
     rows.append({"case": "merged r16", "decode_tok_s": rate, "prefill_ms": prefill * 1e3, "merge_s": merge_s})
     folder = engine.model_path.parent
     return {"rows": rows, "cold_load_first_token_s": cold, "cold_load_first_token_verified_s": cold_checked,
-            "add_adapter_ms": max(add_ms), "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens, threads),
+            "add_adapter_ms": max(add_ms), "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens),
             "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6}
 
 

@@ -219,7 +219,8 @@ class _Opening:
 
     def __init__(self, open_session, background: bool):
         self._open, self._value, self._error = open_session, None, None
-        self._thread = threading.Thread(target=self._run, daemon=True) if background else None
+        # not a daemon: interpreter shutdown must wait for it, or ORT aborts the process mid-load
+        self._thread = threading.Thread(target=self._run, daemon=False) if background else None
         if self._thread:
             self._thread.start()
         else:

@@ -190,3 +190,17 @@ def test_tampered_or_corrupt_model_is_a_user_error(setup, tmp_path):
     (copy / "onnx" / "fp32-fast" / "model.plain.onnx").write_bytes(b"not a model")
     with pytest.raises(EdgeLoraError, match="cannot load"):
         OnnxEngine(copy, quant="fp32", verify_hashes=False)
+
+
+def test_runtime_needs_neither_torch_nor_onnx_nor_converters(setup):
+    import subprocess
+    import sys
+
+    _, _, root = setup
+    code = ("import sys, runtime\n"
+            f"e = runtime.load({str(root)!r}, backend='onnx', quant='int4')\n"
+            "e.add_adapter('a'); e.add_adapter('b')\n"
+            "e.generate('SELECT', 4, adapters={'a': 1.0, 'b': 0.5}); e.merge('a')\n"
+            "bad = [m for m in ('torch', 'onnx', 'converters', 'edge_lora.train') if m in sys.modules]\n"
+            "assert not bad, bad\n")
+    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
