@@ -18,6 +18,23 @@ from ..errors import EdgeLoraError
 from ..model_dir import ModelDir
 
 
+def _sdpa_supports_gqa() -> bool:
+    import inspect
+
+    try:
+        return "enable_gqa" in inspect.signature(F.scaled_dot_product_attention).parameters
+    except (TypeError, ValueError):  # a builtin without a signature: try it
+        try:
+            z = torch.zeros(1, 2, 1, 2)
+            F.scaled_dot_product_attention(z, z[:, :1], z[:, :1], enable_gqa=True)
+            return True
+        except TypeError:
+            return False
+
+
+_SDPA_GQA = _sdpa_supports_gqa()
+
+
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float):
         super().__init__()
@@ -25,10 +42,46 @@ class RMSNorm(nn.Module):
         self.eps = eps
 
     def forward(self, x):
-        dtype = x.dtype
-        x = x.float()
-        x = x * torch.rsqrt(x.pow(2).mean(-1, keepdim=True) + self.eps)
-        return self.weight * x.to(dtype)
+        return _RMSNormFn.apply(x, self.weight, self.eps)
+
+
+class _RMSNormFn(torch.autograd.Function):
+    """RMSNorm whose backward keeps only the input and ``1/rms`` (not every intermediate)."""
+
+    @staticmethod
+    def forward(ctx, x, weight, eps):
+        xf = x.to(torch.promote_types(x.dtype, torch.float32))
+        rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
+        ctx.save_for_backward(x, weight, rstd)
+        return weight * (xf * rstd).to(x.dtype)
+
+    @staticmethod
+    def backward(ctx, grad):
+        x, weight, rstd = ctx.saved_tensors
+        xhat = x.to(rstd.dtype) * rstd
+        grad_w = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_x = None
+        if ctx.needs_input_grad[0]:
+            gy = (grad * weight).to(rstd.dtype)
+            grad_x = (rstd * (gy - xhat * (gy * xhat).mean(-1, keepdim=True))).to(x.dtype)
+        return grad_x, grad_w, None
+
+
+class _SwiGLU(torch.autograd.Function):
+    """``silu(gate) * up`` keeping only ``gate`` and ``up`` for the backward pass."""
+
+    @staticmethod
+    def forward(ctx, gate, up):
+        ctx.save_for_backward(gate, up)
+        return F.silu(gate) * up
+
+    @staticmethod
+    def backward(ctx, grad):
+        gate, up = ctx.saved_tensors
+        sig = torch.sigmoid(gate)
+        silu = gate * sig
+        grad_gate = grad * up * (sig * (1 + gate * (1 - sig)))
+        return grad_gate, grad * silu
 
 
 def rotate_half(x):
@@ -67,9 +120,12 @@ class Attention(nn.Module):
         q = q * cos + rotate_half(q) * sin
         k = k * cos + rotate_half(k) * sin
         groups = c.num_attention_heads // c.num_key_value_heads
-        k = k.repeat_interleave(groups, dim=1)
-        v = v.repeat_interleave(groups, dim=1)
-        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask)
+        if groups > 1 and not _SDPA_GQA:
+            k = k.repeat_interleave(groups, dim=1)
+            v = v.repeat_interleave(groups, dim=1)
+        gqa = {"enable_gqa": True} if groups > 1 and _SDPA_GQA else {}
+        # mask None = plain causal attention (the fast kernels' is_causal path)
+        out = F.scaled_dot_product_attention(q, k, v, attn_mask=mask, is_causal=mask is None, **gqa)
         return self.o_proj(out.transpose(1, 2).reshape(b, t, -1))
 
 
@@ -82,7 +138,7 @@ class MLP(nn.Module):
         self.down_proj = nn.Linear(i, h, bias=bias)
 
     def forward(self, x):
-        return self.down_proj(F.silu(self.gate_proj(x)) * self.up_proj(x))
+        return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
 class DecoderLayer(nn.Module):
@@ -133,7 +189,9 @@ class CausalLM(nn.Module):
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         cos, sin = self.rotary(torch.arange(t, device=input_ids.device))
-        mask = self.causal_mask(t, attention_mask, input_ids.device)
+        window = self.config.sliding_window
+        needs_mask = attention_mask is not None or (window and t > window)
+        mask = self.causal_mask(t, attention_mask, input_ids.device) if needs_mask else None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
