@@ -19,6 +19,7 @@ from pathlib import Path
 
 from edge_lora import __version__
 from edge_lora.adapter import Adapter
+from edge_lora.atomic import exchange_paths
 from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
@@ -294,6 +295,9 @@ def _hash_files(root: Path) -> dict[str, dict]:
 
 
 def _move_into_place(staging: Path, out: Path) -> None:
+    if out.exists() and exchange_paths(staging, out):  # one atomic swap: old or new, never neither
+        shutil.rmtree(staging, ignore_errors=True)  # now holds the old bundle
+        return
     if out.exists():
         old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
         os.replace(out, old / out.name)

@@ -32,6 +32,14 @@ import json, sys
 import gguf, onnx, onnxruntime  # heavy imports before READY: the kill should land in the writing
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
 job = json.loads(sys.argv[1])
+if job.get("kill_when_moving_out"):  # die exactly when the old bundle is renamed away, if it ever is
+    import os, signal
+    real_replace = os.replace
+    def replace(src, dst):
+        real_replace(src, dst)
+        if os.path.abspath(src) == os.path.abspath(job["out"]):
+            os.kill(os.getpid(), signal.SIGKILL)
+    os.replace = replace
 print("READY", flush=True)
 if job["op"] == "export":
     sources = [AdapterSource(__import__("pathlib").Path(p), n) for p, n in job["adapters"]]
@@ -192,3 +200,14 @@ def test_training_survives_sigkill(tmp_path, model_dirs):
             resumed += 1
     print(f"\ntraining kills that landed mid-run: {landed}/{KILLS_PER_SCENARIO}, resumed to the same adapter: {resumed}")
     assert landed >= KILLS_PER_SCENARIO // 2
+
+
+def test_export_force_swaps_bundles_in_one_step(export_jobs):
+    """The moment between moving the old bundle away and the new one in: with an atomic exchange it does not exist."""
+    out, jobs, _ = export_jobs
+    shutil.rmtree(out, ignore_errors=True)
+    run_to_end(EXPORT_WORKER, jobs["old"])
+    proc = start(EXPORT_WORKER, {**jobs["new"], "kill_when_moving_out": True})
+    proc.communicate(timeout=120)
+    assert out.exists(), "killed while the old bundle was moved away: no bundle left"
+    assert bundle_state(out) == ("sql", "tone") and proc.returncode == 0
