@@ -140,7 +140,25 @@ class OnnxEngine(Engine):
                 hint = "a tied-embedding base has no separate lm_head" if module == "lm_head" else "wrong base model?"
                 raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
         # DoRA cannot run as a side path; such an adapter can still be merged
-        return {"dora": adapter.dora}
+        return {"dora": adapter.dora, "ort_adapter": None if adapter.dora else self._bundled_onnx_adapter(name, source)}
+
+    def _bundled_onnx_adapter(self, name: str, source: Path):
+        """The bundle's own .onnx_adapter for this adapter, loaded by ONNX Runtime (memory-mapped,
+        scale 1 folded in): the single-adapter set then needs no feeds built in numpy."""
+        entry = self.bundle.adapters.get(name) or {}
+        rel = entry.get("onnx")
+        if not rel or self.bundle.resolve(entry.get("source", "")).resolve() != Path(source).resolve():
+            return None
+        path = self._checked(rel)
+        runner = self._ort.LoraAdapter()
+        try:
+            runner.Load(str(path))
+        except Exception as err:
+            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
+            raise EdgeLoraError(f"ONNX Runtime cannot load the adapter ({first})", path=path, hint="re-export the bundle") from None
+        options = self._ort.RunOptions()
+        options.add_active_adapter(runner)
+        return {"adapter": runner, "run_options": options}
 
     def _detach(self, name: str, handle: object) -> None:
         with self._cache_lock:
@@ -194,13 +212,18 @@ class OnnxEngine(Engine):
     # --- inference ------------------------------------------------------------------
 
     def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]):
+        """(session, LoRA feeds, run options) for one request's adapter set."""
         if not adapter_set:
-            return (self.plain_session or self.lora_session), {}
-        return self.lora_session, self._feeds_for(adapter_set, loaded)
+            return (self.plain_session or self.lora_session), {}, None
+        if len(adapter_set) == 1:
+            (name, scale), = adapter_set.items()
+            bundled = loaded[name].handle.get("ort_adapter")
+            if bundled and scale == 1.0:
+                return self.lora_session, {}, bundled["run_options"]
+        return self.lora_session, self._feeds_for(adapter_set, loaded), None
 
     def _new_state(self, adapter_set, loaded) -> DecodeState:
-        session, lora = self._pick(adapter_set, loaded)
-        return OnnxState(self, session, lora)
+        return OnnxState(self, *self._pick(adapter_set, loaded))
 
     def _full_logits(self, ids, adapter_set, loaded) -> np.ndarray:
         state = self._new_state(adapter_set, loaded)
@@ -243,8 +266,8 @@ class _Opening:
 class OnnxState(DecodeState):
     """One sequence's KV cache (OrtValues handed from one run to the next) under one adapter set."""
 
-    def __init__(self, engine: OnnxEngine, session, lora: dict):
-        self.engine, self.session, self.lora = engine, session, lora
+    def __init__(self, engine: OnnxEngine, session, lora: dict, run_options=None):
+        self.engine, self.session, self.lora, self.run_options = engine, session, lora, run_options
         c = engine.config
         ort = engine._ort
         empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
@@ -264,7 +287,7 @@ class OnnxState(DecodeState):
             feeds[names.past_value(i)] = self.past[2 * i + 1]
         feeds.update(self.lora)
         try:
-            outs = self.session.run_with_ort_values(self.output_names, feeds)
+            outs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
         except Exception as err:
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise EdgeLoraError(f"ONNX Runtime failed during decoding ({first})", path=self.engine.model_path) from None

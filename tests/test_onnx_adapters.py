@@ -98,15 +98,19 @@ def test_dora_merges_and_refuses_to_run_unmerged(setup):
     assert np.abs(engine.logits(ids, adapters={}) - torch_logits(md.path, ids, [(adapters["d"], 1.0)])).max() < 1e-3
 
 
-def test_onnx_adapter_file_through_ort_lora_adapter(setup):
+def test_onnx_adapter_file_equals_feeds_built_from_safetensors(setup):
+    """The bundle's .onnx_adapter (ORT LoraAdapter, run options) and our numpy feeds give one model."""
     import onnxruntime as ort
 
     md, _, root = setup
     engine = OnnxEngine(root, quant="int4")
-    engine.add_adapter("a")
+    engine.add_adapter("a")  # from the bundle: runs through its .onnx_adapter
+    engine.add_adapter("a_file", root / "adapters" / "a.safetensors")  # a loose file: numpy feeds
+    assert engine._adapters["a"].handle["ort_adapter"] and not engine._adapters["a_file"].handle["ort_adapter"]
     ids = ids_for(md)
-    ours = engine.logits(ids, adapters={"a": 1.0})
-    lora = ort.LoraAdapter()
+    via_file = engine.logits(ids, adapters={"a_file": 1.0})
+    assert np.abs(engine.logits(ids, adapters={"a": 1.0}) - via_file).max() < 1e-5
+    lora = ort.LoraAdapter()  # and ONNX Runtime alone, on the raw session
     lora.Load(str(root / "adapters" / "a.onnx_adapter"))
     options = ort.RunOptions()
     options.add_active_adapter(lora)
@@ -116,7 +120,7 @@ def test_onnx_adapter_file_through_ort_lora_adapter(setup):
         for kind in ("key", "value"):
             feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
     theirs = engine.lora_session.run(["logits"], feeds, run_options=options)[0][0]
-    assert np.abs(ours - theirs).max() < 1e-5
+    assert np.abs(via_file - theirs).max() < 1e-5
 
 
 @pytest.mark.parametrize("quant", ["int4", "fp32"])
