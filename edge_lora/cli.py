@@ -56,6 +56,11 @@ def main(argv: list[str] | None = None) -> int:
     argv = sys.argv[1:] if argv is None else list(argv)
     verbose = "-v" in argv or "--verbose" in argv
     try:
+        if argv and argv[0] in ("train", "bench"):  # these parse their own flags, --help included
+            from . import cli_tools
+
+            run = cli_tools.run_train if argv[0] == "train" else cli_tools.run_bench
+            return int(run(argparse.Namespace(rest=argv[1:], verbose=verbose)) or 0)
         parser = build_parser()
         args = parser.parse_args(argv)
         verbose = getattr(args, "verbose", verbose)

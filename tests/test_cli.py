@@ -147,3 +147,24 @@ def test_runtime_verbs_do_not_import_torch(files):
             "assert rc == 0 and 'torch' not in sys.modules and 'converters' not in sys.modules, sorted(sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
+
+
+def test_train_verb_then_export_the_result(model_dirs, tmp_path, capsys):
+    data = tmp_path / "data.jsonl"
+    data.write_text("\n".join(json.dumps({"prompt": f"SELECT {i}", "completion": f" FROM t{i};"}) for i in range(16)) + "\n")
+    adapter = tmp_path / "sql.safetensors"
+    assert main(["train", "--model", str(model_dirs["llama"]), "--data", str(data), "--out", str(adapter), "--steps", "3",
+                 "--batch-size", "2", "--seq-len", "32", "--eval-split", "0", "--no-progress"]) == 0
+    info = run_json(capsys, ["inspect", str(adapter), "--base", str(model_dirs["llama"]), "--json"])
+    assert info["fits"] is True
+    assert main(["export", str(model_dirs["llama"]), "--out", str(tmp_path / "b"), "--adapter", str(adapter),
+                 "--backends", "gguf", "--gguf-quant", "q8_0", "--quiet"]) == 0
+    assert run_json(capsys, ["inspect", str(tmp_path / "b"), "--json"])["adapters"]["sql"]["backends"] == ["gguf"]
+
+
+def test_train_forwards_its_own_flags_and_help(capsys):
+    assert main(["train", "--help"]) == 0
+    assert "--model" in capsys.readouterr().out
+    assert main(["train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--out", "/tmp/x.safetensors"]) != 0
+    err = capsys.readouterr().err
+    assert "error: /nonexistent: not a model directory" in err and err.count("\n") == 1
