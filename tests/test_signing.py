@@ -165,3 +165,41 @@ def test_cli_keygen_sign_verify(tmp_path, bundle, capsys):
     err = capsys.readouterr().err
     assert err.count("\n") == 1 and "sql.safetensors" in err and "Traceback" not in err
     assert Bundle.open(bundle).adapters["sql"]["source"] == "adapters/sql.safetensors"
+
+
+@pytest.fixture(scope="module")
+def exported(tmp_path_factory, model_dirs, keys):
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    md = ModelDir(model_dirs["llama"])
+    root = tmp_path_factory.mktemp("signed_export")
+    sources = []
+    for name, seed in (("sql", 1), ("tone", 2)):
+        make_adapter(md.config, md.fingerprint, seed=seed).save(root / f"{name}.safetensors")
+        sources.append(AdapterSource(root / f"{name}.safetensors", name))
+    bundle = export_bundle(md.path, root / "bundle", sources, ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"]),
+                           show_progress=False)
+    signing.sign_bundle(bundle, keys["good"][0])
+    return bundle
+
+
+@pytest.mark.parametrize("backend", ["onnx", "llamacpp"])
+def test_real_backends_honour_trusted_keys(exported, keys, backend, tmp_path):
+    import shutil
+
+    import runtime
+
+    engine = runtime.load(exported, backend=backend, trusted_keys=[keys["good"][1]])
+    engine.add_adapter("sql")
+    signed_out = engine.generate_ids([5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=4), adapters={"sql": 1.0})
+    assert len(signed_out) == 4
+    with pytest.raises(EdgeLoraError, match="not a trusted key"):
+        runtime.load(exported, backend=backend, trusted_keys=[keys["other"][1]])
+
+    tampered = shutil.copytree(exported, tmp_path / "tampered")
+    twin = Bundle.open(tampered).adapters["tone"]["gguf" if backend == "llamacpp" else "source"]
+    flip_byte(tampered / twin, -5)
+    engine = runtime.load(tampered, backend=backend, trusted_keys=[keys["good"][1]])
+    with pytest.raises(EdgeLoraError, match="does not match its SHA-256"):
+        engine.add_adapter("tone")
+    assert engine.adapters == []
