@@ -1,0 +1,81 @@
+"""What one run measures: sizes per mode and the engine workers per model."""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass, field
+
+from benchmarks.models import BenchModel
+from benchmarks.pool import Worker
+
+
+@dataclass
+class Plan:
+    quick: bool
+    shapes: list[str]
+    onnx_quants: list[str]
+    gguf_quants: list[str]
+    threads: int = field(default_factory=lambda: min(2, os.cpu_count() or 1))
+    prompt: int = 128
+    new_tokens: int = 64
+    hf_new_tokens: int = 16  # eager fp32 PyTorch is slow: fewer steps, same per-step rate
+    rounds: int = 5
+    swaps: int = 200
+    merged: bool = True
+    train: bool = True
+    scaling: bool = True
+
+    @classmethod
+    def make(cls, quick: bool, shapes: list[str] | None = None) -> "Plan":
+        if quick:
+            return cls(True, shapes or ["smollm2-135m"], ["int4"], ["q4_0"], prompt=32, new_tokens=32, hf_new_tokens=8, rounds=3,
+                       swaps=40, merged=False)
+        return cls(False, shapes or ["smollm2-135m", "qwen2.5-0.5b"], ["int4", "int8"], ["q4_0", "q8_0"])
+
+    @property
+    def quants(self) -> dict:
+        return {"onnx": self.onnx_quants, "gguf": self.gguf_quants}
+
+
+# quantization families: the ONNX and GGUF quant of the same bit width are compared with each other
+BITS = {"int4": 4, "q4_0": 4, "int8": 8, "q8_0": 8}
+
+
+def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra_adapter: str) -> list[Worker]:
+    """Every engine of one model, ours first; labels are "<engine> <quant>" (+ " merged")."""
+    from benchmarks.models import ADAPTERS
+
+    common = {"threads": plan.threads, "prompt": plan.prompt, "new_tokens": plan.new_tokens}
+    ours = {"bundle": str(model.bundle), "adapters": list(ADAPTERS), "extra_adapter": extra_adapter, **common}
+    out = []
+    for q in plan.onnx_quants:
+        cases = ["base", "a", "ab"] if BITS[q] == 4 else ["base", "a"]
+        out.append(Worker(f"edge-lora onnx {q}", {"kind": "ours-onnx", "backend": "onnx", "quant": q, **ours}, cases))
+        if plan.merged and BITS[q] == 4:
+            out.append(Worker(f"edge-lora onnx {q} merged", {"kind": "ours-onnx", "backend": "onnx", "quant": q, "merged": True, **ours},
+                              ["merged"]))
+    for q in plan.gguf_quants:
+        cases = ["base", "a", "ab"] if BITS[q] == 4 else ["base", "a"]
+        out.append(Worker(f"edge-lora llama.cpp {q}", {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, **ours}, cases))
+        if plan.merged and BITS[q] == 4:
+            out.append(Worker(f"edge-lora llama.cpp {q} merged",
+                              {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, "merged": True, **ours}, ["merged"]))
+    for q in plan.gguf_quants:
+        gguf = str(model.gguf(q))
+        out.append(Worker(f"llama.cpp {q}", {"kind": "peer-llamacpp", "gguf": gguf, **common}, ["base"]))
+        out.append(Worker(f"llama.cpp {q} lora_path", {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
+                          ["a"]))
+        if q in merged_gguf:
+            out.append(Worker(f"llama.cpp {q} merged", {"kind": "peer-llamacpp", "gguf": str(merged_gguf[q]), **common}, ["merged"]))
+    if "plain" in genai:
+        out.append(Worker("ORT GenAI builder int4", {"kind": "peer-genai", "folder": str(genai["plain"]), **common}, ["base"]))
+    if "baked" in genai:
+        out.append(Worker("ORT GenAI builder int4 +LoRA baked", {"kind": "peer-genai", "folder": str(genai["baked"]), **common}, ["a"]))
+    for q in plan.onnx_quants:
+        if BITS[q] == 4:  # onnxruntime-genai on our own folder, the adapter switchable through og.Adapters
+            out.append(Worker(f"ORT GenAI on our {q} +og.Adapters",
+                              {"kind": "peer-genai", "folder": str(model.onnx_folder(q)), "adapter": str(model.onnx_adapter("a")), **common},
+                              ["base", "a"]))
+    out.append(Worker("transformers+PEFT fp32", {"kind": "peer-hf", "hf_dir": str(model.hf_dir), "peft_dir": str(model.peft_dir("a")),
+                                                 **common, "new_tokens": plan.hf_new_tokens}, ["base", "a"]))
+    return out

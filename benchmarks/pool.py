@@ -1,0 +1,123 @@
+"""Worker processes (benchmarks.worker) and the interleaved rounds the runner drives them in."""
+
+from __future__ import annotations
+
+import json
+import os
+import statistics
+import subprocess
+import sys
+from dataclasses import dataclass, field
+from pathlib import Path
+
+ROOT = Path(__file__).resolve().parents[1]
+
+
+def _env(threads: int) -> dict:
+    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+
+
+def run_once(spec: dict, timeout: float = 300) -> dict:
+    """A one-shot worker (cold start, baseline memory): its single JSON line."""
+    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=ROOT, env=_env(spec.get("threads", 2)),
+                          capture_output=True, text=True, timeout=timeout)
+    if proc.returncode != 0:
+        return {"error": (proc.stderr or proc.stdout).strip()[-600:]}
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+@dataclass
+class Worker:
+    """One engine in its own process; ``ask`` sends a command and waits for the answer."""
+
+    label: str  # e.g. "edge-lora onnx int4"
+    spec: dict
+    cases: list[str]
+    proc: subprocess.Popen | None = None
+    info: dict = field(default_factory=dict)
+    dead: bool = False
+
+    def start(self) -> None:
+        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", json.dumps(self.spec)], cwd=ROOT,
+                                     env=_env(self.spec.get("threads", 2)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
+                                     stderr=subprocess.PIPE, text=True)
+        self.info = self._read()
+
+    def _read(self) -> dict:
+        line = self.proc.stdout.readline()
+        if not line:
+            self.proc.wait()
+            err = f"exit status {self.proc.returncode}: " + self.proc.stderr.read()[-1500:]
+            raise RuntimeError(f"worker {self.label} died: {err}")
+        return json.loads(line)
+
+    def ask(self, op: str, **args) -> dict:
+        if self.dead:
+            return {"error": "the worker died earlier"}
+        try:
+            self.proc.stdin.write(json.dumps({"op": op, **args}) + "\n")
+            self.proc.stdin.flush()
+            return self._read()
+        except (RuntimeError, OSError) as err:  # the process died (a crash in C): report it, the run goes on
+            self.dead = True
+            self.info["error"] = str(err)[:600]
+            return {"error": f"{self.label} died: {str(err)[:600]}"}
+
+    def stop(self) -> None:
+        if self.proc and self.proc.poll() is None:
+            try:
+                self.ask("quit")
+            except (RuntimeError, BrokenPipeError, ValueError):
+                pass
+            try:
+                self.proc.wait(timeout=30)
+            except subprocess.TimeoutExpired:
+                self.proc.kill()
+
+
+def start_all(workers: list[Worker], say=print) -> list[Worker]:
+    """Start each worker (one at a time: loads do not overlap); a worker that cannot start is left out."""
+    alive = []
+    for w in workers:
+        try:
+            w.start()
+            alive.append(w)
+            say(f"  started {w.label} (load {w.info.get('load_s') or 0:.2f} s, RSS {w.info['rss_mb']:.0f} MB)")
+        except Exception as err:  # noqa: BLE001  a peer that cannot run here is reported, not fatal
+            say(f"  could not start {w.label}: {str(err)[:400]}")
+            w.info = {"error": str(err)[:400]}
+    return alive
+
+
+def rounds(workers: list[Worker], n_rounds: int, say=print) -> dict[str, list[float | None]]:
+    """Every (worker, case) once per round, the order rotated each round; decode tok/s per round."""
+    configs = [(w, c) for w in workers for c in w.cases]
+    results: dict[str, list] = {f"{w.label}|{c}": [] for w, c in configs}
+    prefill: dict[str, list] = {k: [] for k in results}
+    for r in range(n_rounds):
+        shift = r % len(configs)
+        for w, c in configs[shift:] + configs[:shift]:
+            key = f"{w.label}|{c}"
+            if w.dead:
+                results[key].append(None)
+                prefill[key].append(None)
+                continue
+            out = w.ask("decode", case=c)
+            results[key].append(out.get("tok_s"))
+            prefill[key].append(out.get("prefill_ms"))
+            if "error" in out:
+                say(f"  {key}: {out['error']}")
+        say(f"  round {r + 1}/{n_rounds}: " + ", ".join(f"{k.split('|')[0].replace('edge-lora ', '')}[{k.split('|')[1]}] "
+                                                        f"{v[-1]:.0f}" for k, v in results.items() if v and v[-1]))
+    return {"tok_s": results, "prefill_ms": prefill}
+
+
+def median(values) -> float | None:
+    values = [v for v in values if v is not None]
+    return statistics.median(values) if values else None
+
+
+def paired_ratio(num: list, den: list) -> float | None:
+    """Median over rounds of num/den measured in the same round (drift cancels)."""
+    pairs = [a / b for a, b in zip(num, den) if a and b]
+    return statistics.median(pairs) if pairs else None

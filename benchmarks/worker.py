@@ -1,0 +1,194 @@
+"""One engine in its own process, driven line by line by the runner (JSON in, JSON out).
+
+Each worker loads one engine once (ours or a peer), then answers commands:
+
+    {"op": "decode", "case": "a"}     one greedy request: prompt prefill, then timed decode steps
+    {"op": "extras"}                  swap latency, first step after a swap, adding an adapter
+    {"op": "scaling", ...}            the scaling sweeps (see benchmarks.scaling)
+    {"op": "rss"}                     current and peak resident memory of this process
+    {"op": "quit"}
+
+A process per engine keeps memory numbers clean and lets the runner interleave every engine in
+rounds (the machine drifts by tens of percent between minutes). Cases: "base" (no adapter), "a"
+(one rank-16 adapter, unmerged), "ab" (two stacked), "merged" (a worker whose engine merged "a").
+
+    python -m benchmarks.worker '{"kind": "ours-onnx", ...}'   (the runner starts these)
+"""
+
+from __future__ import annotations
+
+import json
+import os
+import resource
+import sys
+import time
+from pathlib import Path
+
+import numpy as np
+
+STARTED = time.time()
+CASE_SETS = {"base": {}, "merged": {}, "a": {"a": 1.0}, "ab": {"a": 1.0, "b": 1.0}}
+
+
+def rss() -> dict:
+    with open("/proc/self/status") as f:
+        fields = dict(line.split(":", 1) for line in f if ":" in line)
+    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024}
+
+
+def prompt_ids(length: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(0).integers(3, 250, length)]
+
+
+# --- our engines ----------------------------------------------------------------------
+
+
+class Ours:
+    """edge-lora's runtime (ONNX Runtime or llama.cpp backend) through its own decode state."""
+
+    def __init__(self, spec: dict):
+        import runtime
+
+        self.backend = spec["backend"]
+        options = {"quant": spec["quant"], "threads": spec["threads"]}
+        if self.backend == "llamacpp":
+            options["n_ctx"] = spec.get("n_ctx", 2048)
+        t0 = time.perf_counter()
+        self.engine = runtime.load(spec["bundle"], backend=self.backend, **options)
+        self.load_s = time.perf_counter() - t0
+        for name in spec.get("adapters", ["a", "b"]):
+            self.engine.add_adapter(name)
+        if spec.get("merged"):
+            self.engine.merge("a")
+        self.spec = spec
+
+    def decode(self, case: str, prompt: list[int], new_tokens: int) -> dict:
+        return self.request(CASE_SETS[case], prompt, new_tokens)
+
+    def request(self, adapters: dict, prompt: list[int], new_tokens: int) -> dict:
+        """One greedy request through the engine's decode state (the ONNX / llama.cpp benchmarks' own loop)."""
+        if self.backend == "onnx":
+            from benchmarks.onnx_bench import _one_request
+        else:
+            from benchmarks.gguf_bench import _one_request
+        prefill, rate = _one_request(self.engine, prompt, new_tokens, adapters)
+        return {"tok_s": rate, "prefill_ms": prefill * 1e3}
+
+    def extras(self, swaps: int) -> dict:
+        from benchmarks.scaling import add_adapter_ms
+
+        out = swap_steps(self.engine, self.backend, swaps)
+        out.update(add_adapter_ms(self.engine, self.spec["extra_adapter"]))
+        return out
+
+
+def swap_steps(engine, backend: str, n: int) -> dict:
+    """Requests alternating adapters a / b: the swap itself, then the first decode step after it
+    against the next (steady) step, each after an 8-token prompt."""
+    swaps, first, steady = [], [], []
+    for i in range(n):
+        chosen = {"a": 1.0} if i % 2 else {"b": 1.0}
+        t0 = time.perf_counter()
+        state = engine._new_state(*engine._request_set(chosen))
+        if backend == "llamacpp":  # the set is applied on a request's first feed: apply it here, under the timer
+            with engine._ctx_lock:
+                engine._use_set(state.adapter_set, state.loaded)
+        swaps.append((time.perf_counter() - t0) * 1e3)
+        state.feed([5, 6, 7, 8, 9, 10, 11, 12])
+        t1 = time.perf_counter()
+        state.feed([13])
+        first.append((time.perf_counter() - t1) * 1e3)
+        t2 = time.perf_counter()
+        state.feed([14])
+        steady.append((time.perf_counter() - t2) * 1e3)
+        state.close()
+    return {"swap_p50_ms": float(np.percentile(swaps, 50)), "swap_p99_ms": float(np.percentile(swaps, 99)),
+            "first_step_after_swap_ms": float(np.median(first)), "steady_step_ms": float(np.median(steady)),
+            "first_over_steady": float(np.median(np.array(first) / np.array(steady)))}
+
+
+def cold_start(spec: dict) -> dict:
+    """A fresh process: imports, load, one adapter, first token; then peak memory after a request."""
+    t_import = time.perf_counter()
+    import runtime
+
+    t0 = time.perf_counter()
+    options = {"quant": spec["quant"], "threads": spec["threads"]}
+    engine = runtime.load(spec["bundle"], backend=spec["backend"], **options)
+    t1 = time.perf_counter()
+    first = engine.generate_ids(prompt_ids(8), _params(1), adapters={})
+    t2 = time.perf_counter()
+    after_load = rss()
+    engine.add_adapter("a")
+    engine.generate_ids(prompt_ids(spec["prompt"]), _params(spec["new_tokens"]), adapters={"a": 1.0})
+    return {"process_to_first_token_s": time.time() - STARTED - (time.perf_counter() - t2), "import_s": t0 - t_import,
+            "load_s": t1 - t0, "load_to_first_token_s": t2 - t0, "first_token": first[:1], "rss_after_first_token_mb": after_load["rss_mb"],
+            **rss()}
+
+
+def _params(n: int):
+    from runtime.sampling import SamplingParams
+
+    return SamplingParams(max_new_tokens=n)
+
+
+def baseline_rss() -> dict:
+    """What the interpreter and the engine libraries hold before any model: subtracted in the report."""
+    import onnxruntime  # noqa: F401
+    import llama_cpp  # noqa: F401
+
+    import runtime  # noqa: F401
+
+    return rss()
+
+
+# --- the peers ------------------------------------------------------------------------
+
+
+def _worker(spec: dict):
+    kind = spec["kind"]
+    if kind.startswith("ours-"):
+        return Ours(spec)
+    from benchmarks import peers
+
+    return peers.make(spec)
+
+
+def main() -> int:
+    spec = json.loads(sys.argv[1])
+    if spec["kind"] == "cold":
+        print(json.dumps(cold_start(spec)), flush=True)
+        return 0
+    if spec["kind"] == "baseline":
+        print(json.dumps(baseline_rss()), flush=True)
+        return 0
+    worker = _worker(spec)
+    prompt = prompt_ids(spec["prompt"])
+    print(json.dumps({"ready": True, "load_s": getattr(worker, "load_s", None), **rss()}), flush=True)
+    for line in sys.stdin:
+        cmd = json.loads(line)
+        op = cmd["op"]
+        try:
+            if op == "decode":
+                out = worker.decode(cmd["case"], prompt, spec["new_tokens"])
+            elif op == "extras":
+                out = worker.extras(cmd.get("swaps", 50))
+            elif op == "scaling":
+                from benchmarks.scaling import sweep
+
+                out = sweep(worker, cmd)
+            elif op == "rss":
+                out = rss()
+            elif op == "quit":
+                return 0
+            else:
+                out = {"error": f"unknown op {op}"}
+        except Exception as err:  # report it to the runner and stay alive: one failed case is not a failed run
+            out = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
+        print(json.dumps(out), flush=True)
+    return 0
+
+
+if __name__ == "__main__":
+    os.environ.setdefault("OMP_NUM_THREADS", "2")
+    sys.exit(main())
