@@ -364,7 +364,8 @@ def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
     case("onnx_adapter_bitflip_unhashed", "bundle_verify", entry["onnx"], flip_last_byte, "does not match its SHA-256",
          rehash=False)
     case("onnx_adapter_is_a_directory", "bundle_verify", entry["onnx"], to_dir, "missing or not a file", rehash=False)
-    for label, rel, kind in (("onnx_model", onnx_model, "backend_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
+    # the ONNX engine opens the LoRA graph (model.onnx) only for requests with adapters: use one to reach it
+    for label, rel, kind in (("onnx_model", onnx_model, "backend_adapter_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
                              ("gguf_adapter", entry["gguf"], "backend_adapter_llamacpp")):
         case(f"{label}_truncated", kind, rel, truncate)
         case(f"{label}_empty", kind, rel, empty)

@@ -83,7 +83,11 @@ def core_loaders(case, base, engine):
 
         backend = case.kind.rsplit("_", 1)[-1]
         if case.kind.startswith("backend_adapter_"):
-            return [(f"{backend}.add_adapter", lambda: runtime.load(case.path, backend=backend).add_adapter("sql"))]
+            def with_adapter():
+                engine = runtime.load(case.path, backend=backend)
+                engine.add_adapter("sql")
+                engine.generate_ids([5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=2), adapters={"sql": 1.0})
+            return [(f"{backend} with adapter", with_adapter)]
         return [(f"runtime.load({backend})", lambda: runtime.load(case.path, backend=backend))]
     raise AssertionError(f"no loader for kind {case.kind}")
 
