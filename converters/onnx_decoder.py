@@ -26,7 +26,7 @@ from edge_lora.config import ModelConfig
 from edge_lora.model_dir import ModelDir
 
 from .onnx_graph import MS_DOMAIN, Graph
-from .onnx_quant import emit_matmul
+from .onnx_quant import emit_matmul, nbits_gather, nbits_initializers, nbits_matmul
 
 LORA_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
@@ -138,8 +138,17 @@ class DecoderWriter:
             g.add_output(names.present_value(i), TensorProto.FLOAT, present_shape)
         return g.model(contrib=True)
 
+    def shares_quantized_table(self) -> bool:
+        """Tied + MatMulNBits: the embedding gathers from the head's quantized weight (one copy)."""
+        return (self.c.tie_word_embeddings and self.fast and self.o.quant in ("int4", "int8")
+                and self.c.hidden_size % self.o.block_size == 0)
+
     def embed(self, ids: str) -> str:
         table = self.weight("model.embed_tokens.weight")
+        if self.shares_quantized_table():
+            self.tied_entry = nbits_initializers(self.g, "lm_head", table, self.o.quant, self.o.block_size)
+            self.layout["weights"]["lm_head"] = self.tied_entry
+            return nbits_gather(self.g, ids, "model.embed_tokens", self.tied_entry)
         if self.o.quant == "fp32":
             return self.g.op("Gather", [self.g.initializer("model.embed_tokens.weight", table), ids], "model.embed_tokens/Gather")
         # a half-precision table: one row per token is read, so this only saves disk and memory
@@ -151,6 +160,8 @@ class DecoderWriter:
         c, g = self.c, self.g
         if not c.tie_word_embeddings:
             return self.linear(x, "lm_head", ["lm_head"])
+        if self.shares_quantized_table():
+            return nbits_matmul(g, x, "lm_head", self.tied_entry, self.o.accuracy_level)
         if self.o.quant in ("int4", "int8"):  # a quantized copy of the tied table, the Gather keeps its own
             out, entry = emit_matmul(g, x, "lm_head", self.weight("model.embed_tokens.weight"), self.o.quant, self.o.variant,
                                      self.o.block_size, self.o.accuracy_level)

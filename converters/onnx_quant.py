@@ -25,14 +25,8 @@ def emit_matmul(g: Graph, x: str, name: str, weight: np.ndarray, quant: str, var
     n, k = weight.shape
     entry = {"n": n, "k": k}
     if quant in ("int4", "int8") and variant == "fast":
-        bits = 4 if quant == "int4" else 8
-        nb = q.quantize_nbits(weight, bits, block_size)
-        tensors = {"packed": g.initializer(f"{name}.weight_q", nb.packed),
-                   "scales": g.initializer(f"{name}.weight_scales", nb.scales),
-                   "zero_points": g.initializer(f"{name}.weight_zp", nb.zero_points)}
-        out = g.op("MatMulNBits", [x, tensors["packed"], tensors["scales"], tensors["zero_points"]], f"{name}/MatMulNBits",
-                   domain=MS_DOMAIN, K=k, N=n, bits=bits, block_size=block_size, accuracy_level=accuracy_level)
-        return out, {**entry, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
+        entry = nbits_initializers(g, name, weight, quant, block_size)
+        return nbits_matmul(g, x, name, entry, accuracy_level), entry
     if quant == "int8":
         w_q, scales = q.quantize_int8_channel(weight)
         tensors = {"weight_t": g.initializer(f"{name}.weight_q", w_q), "scales": g.initializer(f"{name}.weight_scales", scales)}
@@ -53,3 +47,30 @@ def emit_matmul(g: Graph, x: str, name: str, weight: np.ndarray, quant: str, var
         tensors = {"weight_t": g.initializer(f"{name}.weight_t", weight.T.astype(np.float32))}
         return g.op("MatMul", [x, tensors["weight_t"]], f"{name}/MatMul"), {**entry, "kind": "float_t", "tensors": tensors}
     raise ValueError(f"unknown quantization {quant!r}")
+
+
+def nbits_initializers(g: Graph, name: str, weight: np.ndarray, quant: str, block_size: int) -> dict:
+    """MatMulNBits tensors of ``weight [N, K]`` as initializers; returns their layout entry."""
+    n, k = weight.shape
+    bits = 4 if quant == "int4" else 8
+    nb = q.quantize_nbits(weight, bits, block_size)
+    tensors = {"packed": g.initializer(f"{name}.weight_q", nb.packed),
+               "scales": g.initializer(f"{name}.weight_scales", nb.scales),
+               "zero_points": g.initializer(f"{name}.weight_zp", nb.zero_points)}
+    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
+
+
+def nbits_matmul(g: Graph, x: str, name: str, entry: dict, accuracy_level: int = 4) -> str:
+    t = entry["tensors"]
+    return g.op("MatMulNBits", [x, t["packed"], t["scales"], t["zero_points"]], f"{name}/MatMulNBits", domain=MS_DOMAIN,
+                K=entry["k"], N=entry["n"], bits=entry["bits"], block_size=entry["block_size"], accuracy_level=accuracy_level)
+
+
+def nbits_gather(g: Graph, ids: str, name: str, entry: dict) -> str:
+    """Rows of a MatMulNBits weight, dequantized (GatherBlockQuantized reads the very same bytes):
+    a tied embedding table and its head share one quantized copy."""
+    t, n = entry["tensors"], entry["n"]
+    rows = lambda tensor, label: g.op("Reshape", [tensor, g.const(f"{name}/{label}_shape", [n, -1])], f"{name}/{label}_rows")  # noqa: E731
+    return g.op("GatherBlockQuantized", [rows(t["packed"], "packed"), ids, rows(t["scales"], "scales"), rows(t["zero_points"], "zp")],
+                f"{name}/GatherBlockQuantized", domain=MS_DOMAIN, gather_axis=0, quantize_axis=1,
+                block_size=entry["block_size"], bits=entry["bits"])
