@@ -107,7 +107,9 @@ class LlamaCppEngine(Engine):
         check_llamacpp_can_apply(adapter, self.config, path=source)
         path = self._bundle_gguf(name, source)
         if path is None:
-            path = Path(self._tmp.name) / f"{len(os.listdir(self._tmp.name))}-{name}.gguf"
+            fd, tmp = tempfile.mkstemp(prefix=f"{name}-", suffix=".gguf", dir=self._tmp.name)  # unique under concurrent adds
+            os.close(fd)
+            path = Path(tmp)
             export_gguf_adapter(adapter, self.config, path)
         with self._ctx_lock:
             return LoraHandle(path, self._model.load_lora(path))
@@ -130,6 +132,8 @@ class LlamaCppEngine(Engine):
                 self._forget_cache()
             self._model.free_lora(handle.ptr)
             handle.ptr = None
+        if handle.path.parent == Path(self._tmp.name):  # converted on the fly: nobody else uses it
+            handle.path.unlink(missing_ok=True)
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
         from .llamacpp_merge import write_merged_gguf

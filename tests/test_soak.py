@@ -136,3 +136,6 @@ def test_soak_swaps_under_load(bundle, backend):
     assert not failures, "\n".join(failures[:10])
     assert counts["served"] > 20 and counts["cycles"] > 10
     assert rss_growth_mb < MAX_RSS_GROWTH_MB
+    scratch = getattr(engine, "_tmp", None)  # llama.cpp converts path adapters to GGUF files in a scratch folder
+    if scratch is not None:
+        assert len(os.listdir(scratch.name)) <= len(engine.adapters), "converted adapter files pile up on disk"
