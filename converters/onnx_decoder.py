@@ -130,7 +130,7 @@ class DecoderWriter:
             h, residual = self.skip_rms_norm(attn, residual, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm")
             mlp_out = self.mlp(p, h)
         final, _ = self.skip_rms_norm(mlp_out, residual, "model.norm.weight", "model.norm")
-        g.identity(self.head(final), names.LOGITS)
+        g.identity(self.head(self.keep_last(final)), names.LOGITS)
         g.add_output(names.LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
         present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
         for i in range(c.num_hidden_layers):
@@ -142,6 +142,15 @@ class DecoderWriter:
         """Tied + MatMulNBits: the embedding gathers from the head's quantized weight (one copy)."""
         return (self.c.tie_word_embeddings and self.fast and self.o.quant in ("int4", "int8")
                 and self.c.hidden_size % self.o.block_size == 0)
+
+    def keep_last(self, hidden: str) -> str:
+        """Positions the head runs on: the last ``logits_to_keep`` (an overridable scalar, default 0 =
+        all), so a prefill that only needs the next token skips ``S - 1`` rows of the vocab matmul."""
+        g = self.g
+        g.add_input(names.LOGITS_TO_KEEP, TensorProto.INT64, [])
+        g.initializer(names.LOGITS_TO_KEEP, np.array(0, dtype=np.int64))
+        start = g.op("Reshape", [g.op("Neg", [names.LOGITS_TO_KEEP], "keep/Neg"), g.const("keep/shape", [1])], "keep/Start")
+        return g.op("Slice", [hidden, start, g.const("keep/end", [np.iinfo(np.int64).max]), g.const("keep/axes", [1])], "keep/Slice")
 
     def embed(self, ids: str) -> str:
         table = self.weight("model.embed_tokens.weight")

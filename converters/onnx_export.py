@@ -95,7 +95,7 @@ def strip_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     plain.CopyFrom(model)
     graph = plain.graph
     bypass = {n.output[0]: n.input[0] for n in graph.node if n.name.endswith("/lora/Add")}
-    keep = [n for n in graph.node if "/lora/" not in n.name]
+    keep = [n for n in graph.node if "/lora/" not in n.name]  # logits_to_keep stays: it is no LoRA input
     for node in keep:
         for i, name in enumerate(node.input):
             if name in bypass:

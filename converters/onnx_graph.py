@@ -40,7 +40,7 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.ascontiguousarray(array), name))
+        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-d arrays 0-d
         return name
 
     def raw_initializer(self, name: str, data_type: int, dims: list[int], raw: bytes) -> str:

@@ -29,6 +29,7 @@ from .targets import LM_HEAD, linear_modules
 INPUT_IDS = "input_ids"
 ATTENTION_MASK = "attention_mask"
 LOGITS = "logits"
+LOGITS_TO_KEEP = "logits_to_keep"  # optional scalar input: only the last N positions get logits (0 = all)
 MODEL_FILE = "model.onnx"
 DATA_FILE = "model.onnx.data"
 LAYOUT_FILE = "onnx_layout.json"

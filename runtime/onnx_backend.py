@@ -81,8 +81,9 @@ class OnnxEngine(Engine):
         self.threads = threads
         self.spin = spin  # spinning worker threads only pay off on an otherwise idle CPU
         self.weights = WeightStore(self.layout, self.data_path)
-        self._overrides: dict[str, object] = {}  # initializer name -> OrtValue (merged weights)
-        self._override_arrays: dict[str, np.ndarray] = {}  # the OrtValues borrow these buffers
+        # merged weights: initializer name -> (array, OrtValue borrowing it); a session keeps the
+        # snapshot it was opened with alive, since ORT reads the buffers for the session's lifetime
+        self._overrides: dict[str, tuple[np.ndarray, object]] = {}
         self._set_cache: OrderedDict[tuple, dict] = OrderedDict()
         self._cache_lock = threading.Lock()
         self._open_sessions()
@@ -92,7 +93,7 @@ class OnnxEngine(Engine):
 
     # --- sessions -------------------------------------------------------------------
 
-    def _session(self, path: Path):
+    def _session(self, path: Path, overrides: dict):
         ort = self._ort
         options = ort.SessionOptions()
         options.log_severity_level = 3  # the LoRA inputs that are also initializers warn by design
@@ -101,29 +102,39 @@ class OnnxEngine(Engine):
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
-        for name, value in self._overrides.items():
+        for name, (_, value) in overrides.items():
             options.add_initializer(name, value)
         # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
         # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
-        disabled = ["QDQSelectorActionTransformer"] if self._overrides and self.layout["variant"] == "portable" else []
+        disabled = ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
         try:
-            return ort.InferenceSession(str(path), sess_options=options, providers=self.providers, disabled_optimizers=disabled)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers, disabled_optimizers=disabled)
         except Exception as err:  # ORT raises its own exception types for every load failure
             first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
             raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first})", path=path,
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
+        session.edge_lora_overrides = overrides
+        return session
 
     def _open_sessions(self) -> None:
         """Open the plain session now and the LoRA one in the background (ORT releases the GIL
         while it initializes), so the first base-only token does not wait for both."""
+        overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
         if not self.plain_path:
-            self._lora = _Opening(lambda: self._session(self.model_path), background=False)
+            self._lora = _Opening(lambda: self._session(self.model_path, overrides), background=False)
             self.plain_session = None
             self.output_names = [o.name for o in self.lora_session.get_outputs()]
+            self._note_logits_to_keep(self.lora_session)
             return
-        self._lora = _Opening(lambda: self._session(self.model_path), background=True)
-        self.plain_session = self._session(self.plain_path)
+        self._lora = _Opening(lambda: self._session(self.model_path, overrides), background=True)
+        self.plain_session = self._session(self.plain_path, overrides)
         self.output_names = [o.name for o in self.plain_session.get_outputs()]
+        self._note_logits_to_keep(self.plain_session)
+
+    def _note_logits_to_keep(self, session) -> None:
+        """Bundles from before ``logits_to_keep`` lack the input; then every position gets logits."""
+        self.keeps_last = names.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
+        self.keep_one = self._ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
 
     @property
     def lora_session(self):
@@ -186,6 +197,7 @@ class OnnxEngine(Engine):
         return values
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
+        self._lora.result()  # let a session still opening in the background finish first
         replaced = self.weights.merge(loaded.adapter, scale)
         for tensor, array in replaced.items():
             array = np.ascontiguousarray(array)
@@ -194,8 +206,7 @@ class OnnxEngine(Engine):
                 value = self._ort.OrtValue.ortvalue_from_numpy_with_onnx_type(array, 22)  # TensorProto.INT4
             else:
                 value = self._ort.OrtValue.ortvalue_from_numpy(array)
-            self._override_arrays[tensor] = array
-            self._overrides[tensor] = value
+            self._overrides[tensor] = (array, value)
         self._open_sessions()
 
     @staticmethod
@@ -276,8 +287,9 @@ class OnnxState(DecodeState):
         self.length = 0
         self.output_names = engine.output_names
 
-    def run(self, token_ids: list[int]) -> np.ndarray:
-        """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``."""
+    def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
+        """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
+        (``[1, 1, vocab]`` with ``last_only``: the head then skips the other positions)."""
         ort, c = self.engine._ort, self.engine.config
         ids = np.asarray([token_ids], dtype=np.int64)
         mask = np.ones((1, self.length + ids.shape[1]), dtype=np.int64)
@@ -286,6 +298,8 @@ class OnnxState(DecodeState):
             feeds[names.past_key(i)] = self.past[2 * i]
             feeds[names.past_value(i)] = self.past[2 * i + 1]
         feeds.update(self.lora)
+        if last_only and self.engine.keeps_last:
+            feeds[names.LOGITS_TO_KEEP] = self.engine.keep_one
         try:
             outs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
         except Exception as err:
@@ -296,7 +310,7 @@ class OnnxState(DecodeState):
         return outs[0].numpy()
 
     def feed(self, token_ids: list[int]) -> np.ndarray:
-        return self.run(token_ids)[0, -1]
+        return self.run(token_ids, last_only=True)[0, -1]
 
     def close(self) -> None:
         self.past = []
