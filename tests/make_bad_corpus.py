@@ -391,4 +391,11 @@ if __name__ == "__main__":
     base = make_model_dir(models / "llama", "llama")
     other = make_model_dir(models / "llama_other", "llama", seed=1)
     corpus = build_corpus(out, base, other)
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    md = ModelDir(base)
+    make_adapter(md.config, md.fingerprint).save(models / "sql.safetensors")
+    exported = export_bundle(base, models / "bundle", [AdapterSource(models / "sql.safetensors", "sql")],
+                             ExportOptions(onnx_quants=["int8"], gguf_quants=["q8_0"], force=True), show_progress=False)
+    corpus += build_backend_corpus(out / "backend", exported)
     print(f"{len(corpus)} cases written to {out}")
