@@ -222,3 +222,31 @@ def test_runtime_needs_neither_torch_nor_onnx_nor_converters(setup):
             "bad = [m for m in ('torch', 'onnx', 'converters', 'edge_lora.train') if m in sys.modules]\n"
             "assert not bad, bad\n")
     subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+
+
+def test_merge_while_another_thread_generates(setup):
+    """A request running on the old sessions finishes unharmed while a merge swaps the sessions."""
+    md, _, root = setup
+    engine = OnnxEngine(root, quant="int4")
+    engine.add_adapter("a")
+    engine.add_adapter("b")
+    ids = ids_for(md, 8)
+    params = SamplingParams(max_new_tokens=24)
+    expected = engine.generate_ids(ids, params, adapters={"b": 1.0})
+    results, errors = [], []
+
+    def worker():
+        try:
+            for _ in range(3):
+                results.append(engine.generate_ids(ids, params, adapters={"b": 1.0}))
+        except Exception as err:  # surfaced below
+            errors.append(err)
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    engine.merge("a")
+    thread.join()
+    merged = engine.generate_ids(ids, params, adapters={"b": 1.0})
+    assert merged != expected and engine.info()["merged"] == {"a": 1.0}
+    assert not errors and len(results) == 3
+    assert all(r in (expected, merged) for r in results)  # each request saw one base, before or after
