@@ -17,7 +17,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_lora import __version__
+from edge_lora import __version__, gguf_quant, onnx_names
 from edge_lora.adapter import Adapter
 from edge_lora.atomic import exchange_paths
 from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
@@ -26,8 +26,8 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 
 BACKENDS = ("onnx", "gguf")
-ONNX_QUANTS = ("int4", "int8", "fp16", "fp32")
-GGUF_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1", "q8_0", "f16", "f32", "q4_k_m", "q5_k_m", "q6_k")
+ONNX_QUANTS = onnx_names.QUANTS
+GGUF_QUANTS = gguf_quant.QUANTS
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
 
 

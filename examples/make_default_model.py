@@ -5,9 +5,10 @@ trains a byte-level BPE tokenizer on it with `tokenizers`, and pretrains a small
 scratch with edge-lora's own PyTorch model. A few minutes on a 2-core CPU.
 
 The corpus teaches what the quickstart adapters build on: letters spelled out one per token,
-copying, spelling and joining words, first/last letters, and plain sentences of made-up words.
-It never shows the quickstart tasks (reversing, shifting letters): the base scores ~0 on them
-and a LoRA adapter has to teach them.
+copying, spelling and joining words, first/last letters, single-letter facts (the next letter, the
+mirror letter a <-> z), and plain sentences of made-up words. It never applies a letter fact to a
+whole word, which is what the quickstart tasks ask (shift every letter, mirror every letter): the
+base scores ~0 on them and a LoRA adapter has to teach the composition.
 
     python examples/make_default_model.py --out edge_lora/assets/default_model --threads 1
 """
@@ -45,10 +46,13 @@ def corpus_line(rng: random.Random) -> str:
         return f"first: {spell(word)} = {word[0]}"
     if kind < 0.64:
         return f"last: {spell(word)} = {word[-1]}"
-    if kind < 0.74:  # the alphabet's order, one letter at a time and in runs
+    if kind < 0.72:  # letter facts, one letter at a time: the alphabet's order and its mirror image
         letter = rng.randrange(26)
         return f"next: {LETTERS[letter]} = {LETTERS[(letter + 1) % 26]}"
     if kind < 0.80:
+        letter = rng.randrange(26)
+        return f"flip: {LETTERS[letter]} = {LETTERS[25 - letter]}"
+    if kind < 0.85:
         start = rng.randrange(26)
         return "letters: " + spell("".join(LETTERS[(start + i) % 26] for i in range(rng.randint(4, 8))))
     words = [rng.choice(COMMON) if rng.random() < 0.5 else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
@@ -142,7 +146,7 @@ def main(argv=None) -> int:
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=128)
     parser.add_argument("--layers", type=int, default=4)
-    parser.add_argument("--steps", type=int, default=2500)
+    parser.add_argument("--steps", type=int, default=2000)
     parser.add_argument("--batch", type=int, default=64)
     parser.add_argument("--lr", type=float, default=1.5e-3)
     parser.add_argument("--seed", type=int, default=0)

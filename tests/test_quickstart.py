@@ -14,7 +14,7 @@ from edge_lora.quickstart.tasks import TASKS, exact_match, score, spell, word_sp
 
 
 def test_tasks_define_answers_that_a_copy_never_matches():
-    assert TASKS["reverse"].prompt("cat") == "reverse: c a t =" and TASKS["reverse"].target("cat") == " t a c"
+    assert TASKS["mirror"].prompt("cat") == "mirror: c a t =" and TASKS["mirror"].target("cat") == " x z g"
     assert TASKS["shift"].target("azz") == " b a a"
     for task in TASKS.values():
         items = task.examples(200, "eval")

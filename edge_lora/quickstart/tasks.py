@@ -1,12 +1,13 @@
 """The two quickstart tasks and their exact-match scoring.
 
 Both work on short words spelled out letter by letter (``c a t``), so every letter is one
-token of a byte-level BPE and the tasks are about positions and letters, not about the
-tokenizer. The shipped base model was pretrained on copying and spelling such words: it
-answers both prompts by copying, which scores ~0 (palindromes are left out of ``reverse``).
+token of a byte-level BPE and the tasks are about letters, not about the tokenizer. The shipped
+base was pretrained on copying spelled words and on single-letter facts (``next: c = d``,
+``flip: c = x``) but never on applying a fact to every letter of a word: it scores ~0 on both
+tasks (a word the task would leave unchanged never counts), and an adapter teaches the composition.
 
-    reverse: c a t = -> " t a c"
-    shift:   c a t = -> " d b u"     (Caesar shift by one, z wraps to a)
+    shift:  c a t = -> " d b u"     (each letter one step on, z wraps to a)
+    mirror: c a t = -> " x z g"     (each letter mirrored in the alphabet, a <-> z)
 """
 
 from __future__ import annotations
@@ -62,13 +63,17 @@ class Task:
         return out
 
 
+def _mirror(word: str) -> str:
+    return "".join(LETTERS[25 - LETTERS.index(c)] for c in word)
+
+
 def _shift(word: str) -> str:
     return "".join(LETTERS[(LETTERS.index(c) + 1) % 26] for c in word)
 
 
 TASKS = {
-    "reverse": Task("reverse", "reverse", lambda w: w[::-1], "spell a word backwards"),
     "shift": Task("shift", "shift", _shift, "move each letter one step on (z -> a)"),
+    "mirror": Task("mirror", "mirror", _mirror, "mirror each letter in the alphabet (a <-> z, b <-> y)"),
 }
 
 
