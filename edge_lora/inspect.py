@@ -7,7 +7,6 @@ for GGUF files. ``base`` (a bundle or model directory) adds a "fits" verdict for
 
 from __future__ import annotations
 
-import json
 import os
 from pathlib import Path
 
@@ -97,10 +96,10 @@ def _adapter(path: Path, base) -> dict:
 
 
 def _peft(path: Path, base) -> dict:
-    from converters.peft import import_peft
+    from converters.peft import import_peft, read_peft_config
 
-    raw = json.loads((path / "adapter_config.json").read_text(encoding="utf-8"))
     adapter = import_peft(path)
+    raw = read_peft_config(path)  # validated: a malformed adapter_config.json is a one-line error, not a crash
     return {"kind": "peft", "path": str(path), "base_model_name_or_path": raw.get("base_model_name_or_path"),
             **_adapter_summary(adapter), "bytes": _size(path), **_fits(adapter, base)}
 

@@ -210,6 +210,23 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
     assert not failures, f"{len(failures)} of {tried} CLI runs wrong:\n" + "\n".join(failures)
 
 
+def test_cli_inspect_describes_or_refuses_every_case(corpus, backend_corpus, capsys):
+    """`inspect` needs no base, so some cases are fine to describe; none may crash it (exit 1) or print a traceback."""
+    from edge_lora.cli import main
+
+    targets = [(c, c.path) for c in corpus + backend_corpus]
+    targets += [(c, f) for c in backend_corpus for f in sorted(c.path.rglob("*")) if f.suffix in (".gguf", ".onnx", ".onnx_adapter")]
+    failures = []
+    for case, path in targets:
+        capsys.readouterr()
+        with bounded(case):
+            code = main(["inspect", str(path)])
+        err = capsys.readouterr().err
+        if code not in (0, 2) or "Traceback" in err or (code == 2 and len(err.strip().splitlines()) != 1):
+            failures.append(f"inspect {case.name} ({path.name}): exit {code}: {err.strip()[:300]!r}")
+    assert not failures, f"{len(failures)} of {len(targets)} inspections wrong:\n" + "\n".join(failures)
+
+
 @pytest.mark.parametrize("name", ["memory_bomb_4_tib_tensor", "bundle_entry_dotdot", "peft_only_pickled_bin"])
 def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dirs, base, name):
     """The real process: non-zero exit, one line on stderr; --verbose adds the traceback."""
