@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import contextlib
 import re
+import shutil
 import resource
 import signal
 import time
@@ -164,6 +165,7 @@ def refuse_all(cases, base, engine) -> None:
                 check_message(refuse(call, case), case)
             except Exception as exc:  # collect all, so one run reports every weak loader
                 failures.append(f"{label}: {type(exc).__name__}: {str(exc).splitlines()[0]}")
+    print(f"\n{len(cases)} cases, {tried} loader runs, {tried - len(failures)} clean refusals")
     assert not failures, f"{len(failures)} of {tried} refusals wrong:\n" + "\n".join(failures)
 
 
@@ -172,14 +174,19 @@ def refuse_all(cases, base, engine) -> None:
 def cli_commands(case, good_bundle: Path, scratch: Path) -> list[list[str]]:
     """The `edge-lora` invocations that read ``case``."""
     p = str(case.path)
+    base_dir = scratch / "base"  # the test copies the base model here, for merge
+    data = scratch / "data.jsonl"
     if case.kind in ("adapter", "peft"):
-        return [["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"]]
+        return [["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"],
+                ["merge", str(base_dir), p, "--out", str(scratch / "merged" / case.name)]]
     if case.kind == "bundle_verify":  # a file only apps read (.onnx_adapter): `run` rightly ignores it
         return [["verify", p]]
     if case.kind in ("bundle", "bundle_engine", "bundle_adapter"):
         return [["verify", p], ["run", p, "--prompt", "hi", "--max-new-tokens", "2"]]
     if case.kind == "model_dir":
-        return [["export", "--quiet", p, "--out", str(scratch / case.name), "--backends", "gguf", "--gguf-quant", "f32"]]
+        return [["export", "--quiet", p, "--out", str(scratch / case.name), "--backends", "gguf", "--gguf-quant", "f32"],
+                ["train", "--model", p, "--data", str(data), "--out", str(scratch / f"{case.name}.safetensors"), "--steps", "1",
+                 "--no-progress"]]
     backend = case.kind.rsplit("_", 1)[-1]
     adapter = ["--adapter", "sql"] if case.kind.startswith("backend_adapter_") else []
     return [["run", p, "--backend", backend, *adapter, "--prompt", "hi", "--max-new-tokens", "2"]]
@@ -189,6 +196,8 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
     from edge_lora.cli import main
 
     good_bundle = make_core_bundle(tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)})
+    shutil.copytree(model_dirs["llama"], tmp_path / "base")
+    (tmp_path / "data.jsonl").write_text('{"text": "select name from users"}\n')
     failures, tried = [], 0
     for case in corpus + backend_corpus:
         for argv in cli_commands(case, good_bundle, tmp_path):
@@ -206,6 +215,7 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
                        else f"{len(lines)} lines" if len(lines) != 1 else "no file named" if case.name not in err else None)
             if problem:
                 failures.append(f"edge-lora {' '.join(argv[:1])} {case.name}: {problem}: {err.strip()[:300]!r}")
+    print(f"\n{tried} CLI runs, {tried - len(failures)} one-line non-zero exits")
     assert sorted(Bundle.open(good_bundle).adapters) == ["sql"], "the CLI added a bad adapter"
     assert not failures, f"{len(failures)} of {tried} CLI runs wrong:\n" + "\n".join(failures)
 
