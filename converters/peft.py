@@ -10,6 +10,7 @@ shapes (so ``rank_pattern`` is honoured whatever its keys), alphas from ``alpha_
 from __future__ import annotations
 
 import json
+import math
 import os
 import re
 from collections import Counter
@@ -23,6 +24,7 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_io import SafetensorsFile, save_tensors
 
+_RESAVE = "save the adapter again with PEFT's save_pretrained"
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
@@ -34,12 +36,26 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict, module: str, default, cfg_path: Path):
     """PEFT's rule: a pattern key matches a module name ending in ``.key`` (or equal to it)."""
+    if not isinstance(patterns, (dict, type(None))):
+        raise EdgeLoraError("adapter_config.json: rank/alpha patterns must be objects", path=cfg_path, hint=_RESAVE)
     for key, value in (patterns or {}).items():
-        if re.match(rf"(.*\.)?({key})$", module):
+        try:
+            hit = re.match(rf"(.*\.)?({key})$", module)
+        except re.error:
+            raise EdgeLoraError(f"adapter_config.json: pattern {key!r} is not a valid regular expression", path=cfg_path,
+                                hint=_RESAVE) from None
+        if hit:
             return value
     return default
+
+
+def _alpha(value, module: str, cfg_path: Path) -> float:
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+        raise EdgeLoraError(f"adapter_config.json: alpha {value!r} for {module!r} is not a finite number", path=cfg_path,
+                            hint=_RESAVE)
+    return float(value)
 
 
 def read_peft_config(path: Path) -> dict:
@@ -92,18 +108,20 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
             raise EdgeLoraError(f"tensor {key!r} holds NaN or Inf", path=weights)
         parts.setdefault(match["module"], {})[_PART[match["part"]]] = arr
     modules = {}
-    default_alpha = float(cfg.get("lora_alpha", cfg.get("r", 8)))
+    cfg_path = path / CONFIG_FILE
+    default_alpha = cfg.get("lora_alpha", cfg.get("r", 8))
     for module, p in sorted(parts.items()):
         if "a" not in p or "b" not in p:
             raise EdgeLoraError(f"module {module!r} lacks lora_A or lora_B", path=weights)
         if p["a"].ndim != 2 or p["b"].ndim != 2 or p["a"].shape[0] != p["b"].shape[1]:
             raise EdgeLoraError(f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} disagree on the rank",
                                 path=weights)
-        alpha = float(_pattern_value(cfg.get("alpha_pattern"), module, default_alpha))
+        alpha = _alpha(_pattern_value(cfg.get("alpha_pattern"), module, default_alpha, cfg_path), module, cfg_path)
         modules[module] = LoraWeights(a=p["a"], b=p["b"], alpha=alpha, magnitude=p.get("m"))
     if not modules:
         raise EdgeLoraError("adapter holds no LoRA tensors", path=weights)
-    arch = (cfg.get("auto_mapping") or {}).get("base_model_class") or (base.architecture if base else "unknown")
+    mapping = cfg.get("auto_mapping")
+    arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or (base.architecture if base else "unknown")
     adapter = Adapter(
         modules=modules,
         base_architecture=base.architecture if base else arch,

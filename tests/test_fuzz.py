@@ -164,3 +164,33 @@ def test_arbitrary_bundle_json_and_signature_bytes(good_bundle, raw):
             read_signature(sig)
         except EdgeLoraError:
             pass
+
+
+@pytest.fixture(scope="module")
+def good_peft_dir(base, tmp_path_factory) -> Path:
+    from converters.peft import export_peft
+
+    return export_peft(make_adapter(base.config, base.fingerprint, rank=2, modules=("q_proj",)),
+                       tmp_path_factory.mktemp("fuzz_peft") / "peft")
+
+
+@FUZZ
+@given(data=st.data())
+def test_edited_peft_config(good_peft_dir, base, data):
+    from converters.peft import import_peft
+
+    config = json.loads((good_peft_dir / "adapter_config.json").read_text())
+    for _ in range(data.draw(st.integers(1, 3), label="edits")):
+        key = data.draw(st.sampled_from(sorted(config) + ["rank_pattern", "alpha_pattern", "use_rslora", "use_dora"]),
+                        label="key")
+        config[key] = data.draw(json_values, label="value")
+    with tempfile.TemporaryDirectory() as tmp:
+        folder = Path(shutil.copytree(good_peft_dir, Path(tmp) / "peft"))
+        (folder / "adapter_config.json").write_text(json.dumps(config))
+        try:
+            adapter = import_peft(folder, base=base.config, base_fingerprint=base.fingerprint)
+        except EdgeLoraError as err:
+            assert "\n" not in str(err)
+            return
+    for module, w in adapter.modules.items():  # accepted: a usable adapter
+        assert np.isfinite(adapter.scale(module)) and np.isfinite(w.a).all() and np.isfinite(w.b).all()
