@@ -1,8 +1,8 @@
 """Coverage-guided fuzzing (atheris / libFuzzer) of everything that reads bytes from the network.
 
 The first input byte picks the target: the adapter loader (safetensors + metadata + base checks),
-bundle.json, or a detached signature. Any exception other than EdgeLoraError is a finding; libFuzzer
-saves the input as crash-* in the working folder.
+bundle.json, a detached signature, or a PEFT adapter_config.json. Any exception other than
+EdgeLoraError is a finding; libFuzzer saves the input as crash-* in the working folder.
 
     pip install atheris                                        # or: pip install -e '.[test]'
     python fuzz/atheris_adapter.py fuzz/corpus -max_total_time=600    # ten minutes
@@ -25,7 +25,8 @@ from pathlib import Path
 import atheris
 import numpy as np
 
-with atheris.instrument_imports(include=["edge_lora"]):
+with atheris.instrument_imports(include=["edge_lora", "converters.peft"]):
+    from converters.peft import export_peft, import_peft
     from edge_lora.adapter import Adapter, LoraWeights
     from edge_lora.bundle import MANIFEST, Bundle, write_manifest
     from edge_lora.config import ModelConfig
@@ -35,13 +36,14 @@ with atheris.instrument_imports(include=["edge_lora"]):
 BASE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=16, intermediate_size=24,
                    num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
 FINGERPRINT = "sha256:" + "ab" * 32
-TARGETS = ("adapter", "bundle", "signature")
+TARGETS = ("adapter", "bundle", "signature", "peft_config")
 
 WORK = Path(tempfile.mkdtemp(prefix="edge-lora-fuzz-"))
 atexit.register(shutil.rmtree, WORK, True)
 ADAPTER_PATH = WORK / "a.safetensors"
 BUNDLE_ROOT = WORK / "bundle"
 SIG_PATH = WORK / "x.sig"
+PEFT_DIR = WORK / "peft"
 
 
 def good_adapter() -> Adapter:
@@ -55,6 +57,7 @@ def seed_corpus(folder: Path) -> None:
     folder.mkdir(parents=True, exist_ok=True)
     if any(folder.iterdir()):
         return
+    (folder / "peft_config").write_bytes(bytes([3]) + (PEFT_DIR / "adapter_config.json").read_bytes())
     good_adapter().save(ADAPTER_PATH)
     (folder / "adapter").write_bytes(bytes([0]) + ADAPTER_PATH.read_bytes())
     BUNDLE_ROOT.mkdir(exist_ok=True)
@@ -84,14 +87,20 @@ def one_input(data: bytes) -> None:
             bundle = Bundle.open(BUNDLE_ROOT)
             for rel in bundle.files:
                 assert bundle.resolve(rel).resolve().is_relative_to(BUNDLE_ROOT.resolve())
-        else:
+        elif target == "signature":
             SIG_PATH.write_bytes(body)
             read_signature(SIG_PATH)
+        else:
+            (PEFT_DIR / "adapter_config.json").write_bytes(body)
+            adapter = import_peft(PEFT_DIR, base=BASE, base_fingerprint=FINGERPRINT)
+            for module in adapter.modules:
+                assert np.isfinite(adapter.scale(module))
     except EdgeLoraError as err:
         assert "\n" not in str(err)
 
 
 def main() -> None:
+    export_peft(good_adapter(), PEFT_DIR)  # good weights; the fuzzer varies adapter_config.json
     corpus = [a for a in sys.argv[1:] if not a.startswith("-") and not os.path.isfile(a)]
     for folder in corpus:
         seed_corpus(Path(folder))
