@@ -360,12 +360,9 @@ def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
         blob[8:16] = struct.pack("<Q", 1 << 40)
         p.write_bytes(bytes(blob))
 
-    # our runtime never reads .onnx_adapter (ORT GenAI apps do): for it, `verify` is the loader that must refuse
-    case("onnx_adapter_bitflip_unhashed", "bundle_verify", entry["onnx"], flip_last_byte, "does not match its SHA-256",
-         rehash=False)
-    case("onnx_adapter_is_a_directory", "bundle_verify", entry["onnx"], to_dir, "missing or not a file", rehash=False)
     # the ONNX engine opens the LoRA graph (model.onnx) only for requests with adapters: use one to reach it
     for label, rel, kind in (("onnx_model", onnx_model, "backend_adapter_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
+                             ("onnx_adapter", entry["onnx"], "backend_adapter_onnx"),
                              ("gguf_adapter", entry["gguf"], "backend_adapter_llamacpp")):
         case(f"{label}_truncated", kind, rel, truncate)
         case(f"{label}_empty", kind, rel, empty)

@@ -76,10 +76,6 @@ def core_loaders(case, base, engine):
         return [("Engine.add_adapter", lambda: RegistryEngine(case.path).add_adapter("sql"))]
     if case.kind == "model_dir":
         return [("ModelDir", lambda: ModelDir(case.path).fingerprint)]
-    if case.kind == "bundle_verify":
-        from edge_lora.signing import verify_bundle
-
-        return [("verify_bundle", lambda: verify_bundle(case.path))]
     if case.kind.startswith("backend_"):
         import runtime
 
@@ -179,8 +175,6 @@ def cli_commands(case, good_bundle: Path, scratch: Path) -> list[list[str]]:
     if case.kind in ("adapter", "peft"):
         return [["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"],
                 ["merge", str(base_dir), p, "--out", str(scratch / "merged" / case.name)]]
-    if case.kind == "bundle_verify":  # a file only apps read (.onnx_adapter): `run` rightly ignores it
-        return [["verify", p]]
     if case.kind in ("bundle", "bundle_engine", "bundle_adapter"):
         return [["verify", p], ["run", p, "--prompt", "hi", "--max-new-tokens", "2"]]
     if case.kind == "model_dir":
