@@ -35,7 +35,7 @@ GIB = 1 << 30
 @dataclass
 class Case:
     name: str
-    kind: str  # what loads it: adapter | peft | bundle | bundle_engine | bundle_adapter | model_dir | backend_<b> | backend_adapter_<b>
+    kind: str  # which loader: adapter, peft, bundle*, model_dir, backend_<b>, backend_adapter_<b>
     path: Path  # the file or folder handed to the loader
     expect: str  # a regex the one-line error must match
 
