@@ -144,7 +144,7 @@ def load_public_key(key) -> PublicKey:
 
 def load_trusted_keys(keys) -> dict[str, PublicKey]:
     """key id -> key, from a list of anything :func:`load_public_key` takes."""
-    if isinstance(keys, (str, os.PathLike, bytes)):
+    if not isinstance(keys, (list, tuple, set, frozenset)):  # one key given on its own
         keys = [keys]
     loaded = [load_public_key(k) for k in keys]
     return {k.key_id: k for k in loaded}
@@ -197,7 +197,7 @@ def read_signature(sig_path: Path) -> dict:
     return record
 
 
-def verify_file(path: str | os.PathLike, trusted_keys, *, expected_sha256: str | None = None) -> str:
+def verify_file(path: str | os.PathLike, trusted_keys) -> str:
     """Check ``<path>.sig`` against the file and the trusted keys; return the signer's key id.
 
     ``trusted_keys`` is what :func:`load_trusted_keys` returns (or a list it accepts).
@@ -207,7 +207,7 @@ def verify_file(path: str | os.PathLike, trusted_keys, *, expected_sha256: str |
     record = read_signature(signature_path(path))
     if not path.is_file():
         raise EdgeLoraError("signed file is missing or not a file", path=path)
-    digest = expected_sha256 or sha256_file(path)
+    digest = sha256_file(path)
     if digest != record["sha256"]:
         raise EdgeLoraError("file does not match its signature (modified after signing)", path=path,
                             hint="copy it again from a trusted source")

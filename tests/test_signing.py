@@ -51,6 +51,7 @@ def test_public_key_formats_agree(keys, tmp_path):
     (tmp_path / "hex.pub").write_text(pem.raw.hex() + "\n")
     assert signing.load_public_key(tmp_path / "raw.pub") == pem == signing.load_public_key(tmp_path / "hex.pub")
     assert signing.load_public_key(pem.raw) == pem and len(pem.key_id) == 16
+    assert signing.load_trusted_keys(pem) == signing.load_trusted_keys([keys["good"][1]]) == {pem.key_id: pem}
     with pytest.raises(EdgeLoraError, match="not an Ed25519 public key"):
         (tmp_path / "bad.pub").write_text("hello")
         signing.load_public_key(tmp_path / "bad.pub")
