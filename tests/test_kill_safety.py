@@ -170,7 +170,8 @@ def test_training_survives_sigkill(tmp_path, model_dirs):
     out = tmp_path / "adapter.safetensors"
     ckpt = tmp_path / "ck"
     job = dict(model=str(model_dirs["llama"]), data=str(data), out=str(out), steps=8, batch_size=2, seq_len=24, rank=4,
-               alpha=8, lr=1e-2, progress=False, threads=1, checkpoint_every=2, checkpoint_dir=str(ckpt), eval_split=0)
+               alpha=8, lr=1e-2, progress=False, threads=1, checkpoint_every=2, checkpoint_dir=str(ckpt), eval_split=0,
+               keep_checkpoints=100)  # keep every checkpoint, so each one a killed run leaves has a reference
     duration = run_to_end(TRAIN_WORKER, job)
     print(f"\nuninterrupted training run: {duration:.2f} s after start-up")
     new_bytes = out.read_bytes()
