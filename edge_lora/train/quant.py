@@ -40,7 +40,8 @@ def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: in
         hi = (q >> 4).to(torch.int8) - 8
         q = torch.stack((lo, hi), dim=-1).reshape(out_f, in_features)
     groups = scales.shape[1]
-    w = q.to(dtype).view(out_f, groups, in_features // groups) * scales.to(dtype)[:, :, None]
+    w = q.to(dtype).view(out_f, groups, in_features // groups)
+    w.mul_(scales.to(dtype)[:, :, None])  # in place: one full-size temporary per call, not two
     return w.view(out_f, in_features)
 
 
