@@ -55,11 +55,10 @@ def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig 
     from ..train.model import CausalLM
 
     config = config or FinetuneConfig()
-    if config.threads:
-        torch.set_num_threads(config.threads)
-    torch.manual_seed(config.seed)
     start = time.perf_counter()
     md = ModelDir(model_dir)
+    _set_threads(torch, config.threads, md)
+    torch.manual_seed(config.seed)
     model = CausalLM.from_model_dir(md)
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
     apply_lora(model, lora)
@@ -98,6 +97,14 @@ def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig 
     return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
 
 
+def _set_threads(torch, threads: int, md) -> None:
+    """A tiny model gains nothing from a second thread, and on a busy CPU OpenMP's spinning makes it far slower."""
+    if threads:
+        torch.set_num_threads(threads)
+    elif md.config.hidden_size <= 256:
+        torch.set_num_threads(1)
+
+
 def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8) -> float:
     """Exact-match percent of the fp32 PyTorch model (with an adapter or without), greedy."""
     import torch
@@ -109,6 +116,7 @@ def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | Non
     from ..train.model import CausalLM
 
     md = ModelDir(model_dir)
+    _set_threads(torch, 0, md)
     model = CausalLM.from_model_dir(md)
     if adapter_path is not None:
         load_adapter_into(model, Adapter.load(adapter_path, base=md.config))
