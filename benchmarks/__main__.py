@@ -81,8 +81,8 @@ def run_scaling(plan: Plan, model, workers) -> dict:
     counts = [1, 2, 4, 8, 16, 32] if not plan.quick else [1, 4, 8]
     cmd = {"ranks": {str(r): str(extra_adapter(model, "rank", r, 100 + r)) for r in ranks},
            "loaded": [str(extra_adapter(model, "loaded", 16, 200 + i)) for i in range(max(counts))], "loaded_counts": counts,
-           "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2, 4], "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 1024],
-           "prompt": plan.prompt, "new_tokens": 16 if plan.quick else 32, "repeats": 1 if plan.quick else 2}
+           "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2, 4], "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 512],
+           "prompt": plan.prompt, "new_tokens": 16, "repeats": 1}
     out = {}
     for w in workers:
         if w.spec["kind"].startswith("ours-") and not w.spec.get("merged") and w.label.endswith(("int4", "q4_0")):
@@ -154,7 +154,7 @@ def run_train(quick: bool) -> dict:
     from benchmarks import train_bench
 
     if not quick:
-        return train_bench.run(False)
+        return train_bench.run(True)  # all five cases, 2 timed steps each (its own full form takes 5)
     # CI: the two anchor cases, one timed step each (the full run has all five)
     model_dir = train_bench.make_model(Path(train_bench.tempfile.gettempdir()) / "edge_lora_bench" / "smollm2-135m-fp32")
     cases = {name: train_bench._spawn(model_dir, 1, worker, quant, ckpt) for name, worker, quant, ckpt in train_bench.CASES[:2]}

@@ -36,7 +36,7 @@ def decode_chart(results: dict, path: Path) -> Path:
     for ax, (shape, m) in zip(axes[:, 0], models.items()):
         engines = sorted({r["engine"] for r in m["rows"]}, key=lambda e: (0 if e.startswith("edge-lora") else 1, e), reverse=True)
         cases = ["base", "merged", "a", "ab"]
-        width = 0.8 / 2
+        width = 0.84 / max(sum(1 for r in m["rows"] if r["engine"] == e) for e in engines)
         for i, engine in enumerate(engines):
             rows = sorted([r for r in m["rows"] if r["engine"] == engine and r["tok_s"]], key=lambda r: cases.index(r["case"]))
             for j, r in enumerate(rows):
@@ -49,9 +49,9 @@ def decode_chart(results: dict, path: Path) -> Path:
         roofs = sorted({(r["bits"], round(r["roofline_tok_s"])) for r in m["rows"] if r.get("roofline_tok_s") and r["case"] == "a"})
         for bits, roof in roofs:
             ax.axvline(roof, color="gray", ls=":", lw=1)
-            ax.text(roof, len(engines) - 0.4, f"DRAM roofline {bits}-bit\n+adapter {roof} tok/s", fontsize=7, color="gray", ha="center")
+            ax.text(roof, -0.5, f" DRAM roofline {bits}-bit + adapter: {roof} tok/s", fontsize=7, color="gray", ha="left", va="center")
         ax.set_title(f"{shape}: decode tokens/s (median of {results['plan']['rounds']} rounds, higher is better)", loc="left")
-        ax.set_xlim(0, max(r["tok_s"] or 0 for r in m["rows"]) * 1.35)
+        ax.set_xlim(0, max([r["tok_s"] or 0 for r in m["rows"]] + [roof for _, roof in roofs]) * 1.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CASE_COLORS.values()]
     fig.legend(handles, list(CASE_NAMES.values()), loc="lower center", ncol=4, frameon=False)
     fig.tight_layout(rect=(0, 0.04, 1, 1))
@@ -144,8 +144,11 @@ def scaling_chart(results: dict, path: Path) -> Path:
         ax.set_ylabel("tokens/s")
         ax.set_ylim(bottom=0)
         ax.legend(frameon=False, fontsize=7)
-    rank_ax.set_xscale("log", base=2)
-    loaded_ax.set_xscale("log", base=2)
+    from matplotlib.ticker import ScalarFormatter
+
+    for ax in (rank_ax, loaded_ax):
+        ax.set_xscale("log", base=2)
+        ax.xaxis.set_major_formatter(ScalarFormatter())
     fig.suptitle(f"scaling, {next(iter(results['models']))} shape, 4-bit (edge-lora engines)", x=0.01, ha="left")
     fig.tight_layout()
     fig.savefig(path, dpi=90)

@@ -100,7 +100,7 @@ def prepare(shape: str, quants: dict[str, list[str]], say=print) -> BenchModel:
             adapter.save(model.adapter_file(name))
             export_peft(adapter, model.peft_dir(name), base_model_name_or_path=str(model.hf_dir))
         _stamp(adapters_dir).write_text(json.dumps(recipe))
-    bundle_recipe = {**recipe, "quants": quants}
+    bundle_recipe = {**recipe, "quants": quants, "exporters": exporters_digest()}
     if not _fresh(model.bundle, bundle_recipe):
         say(f"[models] {shape}: exporting the bundle {quants}")
         options = ExportOptions(backends=["onnx", "gguf"], onnx_quants=quants["onnx"], gguf_quants=quants["gguf"], force=True)
@@ -108,6 +108,18 @@ def prepare(shape: str, quants: dict[str, list[str]], say=print) -> BenchModel:
                       show_progress=False)
         _stamp(model.bundle).write_text(json.dumps(bundle_recipe))
     return model
+
+
+def exporters_digest() -> str:
+    """A digest of the exporter sources: a bundle cached by an older exporter is rebuilt."""
+    import hashlib
+
+    root = Path(__file__).resolve().parents[1]
+    files = sorted([*root.glob("converters/*.py"), *root.glob("edge_lora/onnx_*.py"), *root.glob("edge_lora/gguf_*.py")])
+    digest = hashlib.sha256()
+    for path in files:
+        digest.update(path.name.encode() + path.read_bytes())
+    return digest.hexdigest()[:16]
 
 
 def extra_adapter(model: BenchModel, name: str, rank: int, seed: int) -> Path:

@@ -147,6 +147,7 @@ class GenAIPeer:
             gen = og.Generator(self.model, params)
             gen.set_active_adapter(self.adapters, "a")
             gen.append_tokens([5, 6, 7, 8, 9, 10, 11, 12])
+            gen.generate_next_token()  # picks from the prompt's logits: the next call is the first decode step
             t0 = time.perf_counter()
             gen.generate_next_token()
             first.append(time.perf_counter() - t0)

@@ -30,7 +30,8 @@ class Plan:
         if quick:
             return cls(True, shapes or ["smollm2-135m"], ["int4"], ["q4_0"], prompt=32, new_tokens=32, hf_new_tokens=8, rounds=3,
                        swaps=40, merged=False)
-        return cls(False, shapes or ["smollm2-135m", "qwen2.5-0.5b"], ["int4", "int8"], ["q4_0", "q8_0"])
+        return cls(False, shapes or ["smollm2-135m", "qwen2.5-0.5b"], ["int4", "int8"], ["q4_0", "q8_0"], prompt=64, new_tokens=32,
+                   hf_new_tokens=8, rounds=3, swaps=100)
 
     @property
     def quants(self) -> dict:
@@ -63,8 +64,9 @@ def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra
     for q in plan.gguf_quants:
         gguf = str(model.gguf(q))
         out.append(Worker(f"llama.cpp {q}", {"kind": "peer-llamacpp", "gguf": gguf, **common}, ["base"]))
-        out.append(Worker(f"llama.cpp {q} lora_path", {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
-                          ["a"]))
+        if BITS[q] == 4:  # the adapter comparisons are made at 4 bits
+            out.append(Worker(f"llama.cpp {q} lora_path", {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
+                              ["a"]))
         if q in merged_gguf:
             out.append(Worker(f"llama.cpp {q} merged", {"kind": "peer-llamacpp", "gguf": str(merged_gguf[q]), **common}, ["merged"]))
     if "plain" in genai:

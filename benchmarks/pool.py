@@ -107,8 +107,8 @@ def rounds(workers: list[Worker], n_rounds: int, say=print) -> dict[str, list[fl
             prefill[key].append(out.get("prefill_ms"))
             if "error" in out:
                 say(f"  {key}: {out['error']}")
-        say(f"  round {r + 1}/{n_rounds}: " + ", ".join(f"{k.split('|')[0].replace('edge-lora ', '')}[{k.split('|')[1]}] "
-                                                        f"{v[-1]:.0f}" for k, v in results.items() if v and v[-1]))
+        say(f"  round {r + 1}/{n_rounds}: " + ", ".join(f"{k.split('|')[0]}[{k.split('|')[1]}] "
+                                                        f"{v[-1]:.0f}" for k, v in results.items() if v and v[-1]).replace("edge-lora ", "ours "))
     return {"tok_s": results, "prefill_ms": prefill}
 
 
