@@ -117,6 +117,8 @@ class Adapter:
                                 hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft")
         st = SafetensorsFile(path)
         meta = _read_metadata(st, path)
+        if base is not None:
+            _check_declared_shapes(st, base, path)
         modules_meta = meta["modules"]
         groups: dict[str, dict[str, np.ndarray]] = {}
         embed_rows = head_rows = None
@@ -125,13 +127,13 @@ class Adapter:
                 raise EdgeLoraError(f"tensor {name!r} has dtype {st.tensors[name].dtype}; adapters hold float tensors", path=path,
                                     hint="store LoRA weights as F32, F16 or BF16")
             if name in (EMBED_ROWS, HEAD_ROWS):
-                rows = _finite(st.get(name).astype(np.float32), name, path)
+                rows = _finite(st.get(name).astype(np.float32, copy=False), name, path)
                 embed_rows, head_rows = (rows, head_rows) if name == EMBED_ROWS else (embed_rows, rows)
                 continue
             match = _TENSOR.match(name)
             if not match:
                 raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")
-            groups.setdefault(match["module"], {})[match["part"]] = _finite(st.get(name).astype(np.float32), name, path)
+            groups.setdefault(match["module"], {})[match["part"]] = _finite(st.get(name).astype(np.float32, copy=False), name, path)
         modules = {}
         for module, parts in groups.items():
             if "lora_A" not in parts or "lora_B" not in parts:
@@ -216,6 +218,25 @@ def _read_metadata(st: SafetensorsFile, path) -> dict:
         raise EdgeLoraError(f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
                             path=path, hint="upgrade edge-lora")
     return meta
+
+
+def _check_declared_shapes(st: SafetensorsFile, base: ModelConfig, path) -> None:
+    """Refuse tensors the base cannot use from their header alone, before reading any data.
+
+    The header is checked against the file size, but a large (even sparse) file can still declare
+    gigabytes; the base bounds every dimension of a usable adapter.
+    """
+    shapes = linear_modules(base, include_lm_head=True)
+    for name, info in st.tensors.items():
+        match = _TENSOR.match(name)
+        if not match or match["module"] not in shapes:
+            continue  # named in the checks that follow
+        out_f, in_f = shapes[match["module"]]
+        expected = {"lora_A": (None, in_f), "lora_B": (out_f, None), "lora_magnitude": (out_f,)}[match["part"]]
+        dims = info.shape
+        if len(dims) != len(expected) or any(d != e if e is not None else d > max(in_f, out_f) for d, e in zip(dims, expected)):
+            raise EdgeLoraError(f"module {match['module']!r}: adapter shapes {match['part']}{list(dims)} do not fit the base's "
+                                f"[{out_f}, {in_f}]", path=path, hint="wrong base model?")
 
 
 def _alpha(value, module: str, path) -> float:

@@ -151,6 +151,21 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
         h[first].update(dtype="BF16", shape=[GIB], data_offsets=[0, 2 * GIB])
     adapter_bytes("memory_bomb_bf16_2_gib", with_header(data, bomb_bf16), "beyond the file")
 
+    def sparse_giant(name: str, tensor: str, shape: list[int]) -> None:
+        """A sparse file really as large as its header says: passes the size checks, costs no disk."""
+        h = {k: v for k, v in header.items()}
+        nbytes = 4 * int(np.prod(shape))
+        h[tensor] = {"dtype": "F32", "shape": shape, "data_offsets": [len(body), len(body) + nbytes]}
+        path = root / name / "adapter.safetensors"
+        path.parent.mkdir()
+        path.write_bytes(join(h, body))
+        with open(path, "r+b") as f:
+            f.truncate(path.stat().st_size + nbytes)
+        cases.append(Case(name, "adapter", path, "do not fit the base"))
+
+    sparse_giant("sparse_256_mib_lora_a", f"{Q}.lora_A", [1024, 65536])  # rank 1024 x in 65536: no such base
+    sparse_giant("sparse_256_mib_lora_b", f"{Q}.lora_B", [65536, 1024])
+
     # contents of the tensors
     adapter_bytes("int32_tensor", with_tensors(good, lambda t: t.__setitem__(a_key, t[a_key].astype(np.int32))),
                   "dtype I32")
@@ -161,12 +176,12 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
     adapter_bytes("rank_mismatch_a_b", with_tensors(good, lambda t: t.__setitem__(a_key, t[a_key][:3])), "rank")
     adapter_bytes("rank_zero", with_tensors(good, lambda t: t.update({a_key: t[a_key][:0], b_key: t[b_key][:, :0]})),
                   "rank")
-    adapter_bytes("lora_a_one_dim", with_tensors(good, lambda t: t.__setitem__(a_key, t[a_key].ravel())), "rank")
+    adapter_bytes("lora_a_one_dim", with_tensors(good, lambda t: t.__setitem__(a_key, t[a_key].ravel())), "rank|do not fit")
     adapter_bytes("lora_b_missing", with_tensors(good, lambda t: t.pop(b_key)), "needs both lora_A and lora_B")
     adapter_bytes("wrong_in_features", with_tensors(good, lambda t: t.__setitem__(a_key, np.zeros((4, 7), np.float32))),
-                  "do not fit the base")
+                  "do(es)? not fit the base")
     adapter_bytes("wrong_out_features", with_tensors(good, lambda t: t.__setitem__(b_key, np.zeros((5, 4), np.float32))),
-                  "do not fit the base")
+                  "do(es)? not fit the base")
 
     def rename(t, new):
         t[f"{new}.lora_A"], t[f"{new}.lora_B"] = t.pop(a_key), t.pop(b_key)
@@ -178,7 +193,7 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
                   "unexpected tensor")
     adapter_bytes("dora_magnitude_wrong_shape", with_meta(
         with_tensors(good, lambda t: t.__setitem__(f"{Q}.lora_magnitude", np.ones(3, np.float32))), lambda m: None),
-        "lora_magnitude shape")
+        "lora_magnitude shape|do not fit")
 
     # metadata
     adapter_bytes("no_edge_lora_metadata", join({k: v for k, v in header.items() if k != "__metadata__"}, body),
