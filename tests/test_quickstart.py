@@ -52,7 +52,7 @@ def test_quickstart_ci_form_meets_its_targets(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [c["what"] for c in summary["checks"] if not c["ok"]] == []
     assert rc == 0
-    assert {(r["backend"], r["quant"]) for r in summary["runs"]} == {("onnx", "int4"), ("llamacpp", "q4_0")}
+    assert {(r["backend"], r["quant"]) for r in summary["runs"]} == {("onnx", "int8"), ("llamacpp", "q8_0")}
     for task in summary["tasks"]:
         assert summary["host"]["base"][task] <= 10 and summary["host"]["adapter"][task] >= 90
         for run in summary["runs"]:
