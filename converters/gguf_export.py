@@ -80,7 +80,8 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
         module = name.rsplit(".", 1)[0]
         array = to_gguf_rows(config, module, array)
         target = gguf_tensor(name)
-        qtype = tensor_type(target, array.shape, quant)
+        is_output = target == "output.weight" or (config.tie_word_embeddings and target == "token_embd.weight")
+        qtype = tensor_type(target, array.shape, quant, is_output=is_output)
         writer.add_tensor(target, encode(array, qtype), raw_dtype=qtype)
         if i % 20 == 0:
             say(f"gguf {quant}: tensor {i + 1}/{len(names)} {target}")

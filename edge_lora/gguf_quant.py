@@ -31,14 +31,20 @@ def ggml_type(quant: str):
             "q5_0": T.Q5_0, "q5_1": T.Q5_1}[quant]
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str):
+# below 8 bits the output matrix is where quantization error hurts most (every logit reads it)
+LOW_BIT_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1")
+
+
+def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, is_output: bool = False):
     """The type one tensor is stored in: norms, biases and rope factors stay F32 (llama.cpp wants
-    them so); a matrix whose rows do not fill whole quant blocks falls back to F16."""
+    them so); a matrix whose rows do not fill whole quant blocks falls back to F16. The output
+    matrix (``output``, or ``token_embd`` on a tied base) of a 4/5-bit export stays at Q8_0, as
+    llama.cpp's own quantizer keeps it above the base type."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
 
     if len(shape) < 2 or not gguf_name.endswith(".weight") or "_norm" in gguf_name or gguf_name.startswith("rope_"):
         return T.F32
-    wanted = ggml_type(quant)
+    wanted = ggml_type("q8_0" if is_output and quant in LOW_BIT_QUANTS else quant)
     block = GGML_QUANT_SIZES[wanted][0]
     if shape[-1] % block:
         return T.F16 if wanted != T.F32 else T.F32

@@ -161,3 +161,16 @@ def test_sentencepiece_tokenizer_ids_equal_ours(model_dirs, tmp_path):
     for text in TEXTS[:4] + TEXTS[5:] + ["plain words the quick fox"]:
         theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
         assert theirs == ours.encode(text).ids, text
+
+
+@pytest.mark.parametrize("family,output_name", [("qwen2", "token_embd.weight"), ("llama", "output.weight")])
+def test_low_bit_exports_keep_the_output_matrix_at_q8_0(model_dirs, tmp_path, family, output_name):
+    """As llama.cpp's quantizer does: the matrix every logit reads stays above the base type."""
+    import gguf
+
+    path = export_gguf(ModelDir(model_dirs[family]), tmp_path / "m.gguf", "q4_0")
+    types = {t.name: t.tensor_type for t in gguf.GGUFReader(path).tensors}
+    assert types[output_name] == gguf.GGMLQuantizationType.Q8_0
+    assert types["blk.0.attn_q.weight"] == gguf.GGMLQuantizationType.Q4_0
+    if family == "llama":  # untied: the input embedding keeps the base type
+        assert types["token_embd.weight"] == gguf.GGMLQuantizationType.Q4_0
