@@ -49,7 +49,7 @@ def add_quickstart_arguments(sub, common) -> None:
                        help="the whole mission on the shipped model: train 2 adapters, export, swap/stack/merge, table")
     p.add_argument("--model", help="use this Hugging Face model directory instead of the shipped one")
     p.add_argument("--work-dir", help="keep the adapters and the bundle here (default: a temporary folder)")
-    p.add_argument("--fast", action="store_true", help="the CI form: fewer steps and eval items, one quant per backend")
+    p.add_argument("--fast", action="store_true", help="the CI form: fewer held-out prompts per task")
     p.add_argument("--steps", type=int, help="training steps per adapter")
     p.add_argument("--eval-items", type=int, help="evaluation prompts per task")
     p.add_argument("--backends", default="onnx,gguf", help="comma list of onnx, gguf")
