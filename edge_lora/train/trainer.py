@@ -93,14 +93,14 @@ def release_freed_memory_promptly() -> None:
     By default glibc raises its mmap threshold after the first large free, after which the
     activations of each step come from the heap and fragment it: the process keeps ~1 GB it no
     longer uses on the SmolLM2-135M shape. A fixed threshold keeps RSS at what is live.
-    Costs some page faults per step; no-op off glibc. Also flushes denormals to zero.
+    Costs some page faults per step; no-op off glibc or with EDGE_LORA_DEFAULT_MALLOC=1. Also flushes denormals to zero.
     """
     import ctypes
     import ctypes.util
     import sys
 
     torch.set_flush_denormal(True)  # a peaked softmax underflows into denormals, which x86 computes ~10x slower
-    if not sys.platform.startswith("linux"):
+    if not sys.platform.startswith("linux") or os.environ.get("EDGE_LORA_DEFAULT_MALLOC") == "1":
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
