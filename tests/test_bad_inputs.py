@@ -210,9 +210,6 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
                        else f"{len(lines)} lines" if len(lines) != 1 else "no file named" if case.name not in err else None)
             if problem:
                 failures.append(f"edge-lora {' '.join(argv[:1])} {case.name}: {problem}: {err.strip()[:300]!r}")
-    import torch  # `train` ran in this process and set flush-to-zero process-wide: leave later tests the default
-
-    torch.set_flush_denormal(False)
     print(f"\n{tried} CLI runs, {tried - len(failures)} one-line non-zero exits")
     assert sorted(Bundle.open(good_bundle).adapters) == ["sql"], "the CLI added a bad adapter"
     assert not failures, f"{len(failures)} of {tried} CLI runs wrong:\n" + "\n".join(failures)

@@ -80,7 +80,7 @@ def test_broken_file_stops_before_training(tmp_path, model_dirs, capsys):
     data.write_text('{"text": "fine"}\n{"text": 3}\n')
     rc = cli_main(["--model", str(model_dirs["llama"]), "--data", str(data), "--out", str(tmp_path / "a.safetensors"), "--no-progress"])
     err = capsys.readouterr().err
-    assert rc == 1 and "bad.jsonl:2:" in err and not (tmp_path / "a.safetensors").exists()
+    assert rc == 2 and "bad.jsonl:2:" in err and not (tmp_path / "a.safetensors").exists()
 
 
 def test_loss_goes_down_and_reproducible(tmp_path, model_dirs):

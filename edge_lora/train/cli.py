@@ -89,15 +89,15 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 
 
 def run_train(args: argparse.Namespace) -> int:
-    """Run the trainer from parsed arguments; user errors become one line on stderr and exit code 1."""
+    """Run the trainer from parsed arguments; user errors become one line on stderr and exit code 2."""
     try:
         from .trainer import train
 
         cfg = config_from_args(args)
         train(cfg)
     except EdgeLoraError as err:
-        print(f"edge-lora train: error: {err}", file=sys.stderr)
-        return 1
+        print(f"error: {err}", file=sys.stderr)
+        return 2
     except KeyboardInterrupt:
         print("edge-lora train: interrupted (resume with --resume if checkpoints were written)", file=sys.stderr)
         return 130

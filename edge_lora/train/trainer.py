@@ -213,6 +213,13 @@ def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
 def train(cfg: TrainConfig) -> dict:
     cfg.validate()
     release_freed_memory_promptly()
+    try:
+        return _train(cfg)
+    finally:  # flush-to-zero is process-wide (numpy too): leave the caller's floating point as it was
+        torch.set_flush_denormal(False)
+
+
+def _train(cfg: TrainConfig) -> dict:
     dist = setup_distributed(cfg.device)
     if cfg.threads:
         torch.set_num_threads(cfg.threads)
