@@ -168,8 +168,10 @@ class LlamaCppEngine(Engine):
         if key == self._cache_key:
             return
         handles = [loaded[n].handle for n, _ in key]
-        if any(h.ptr is None for h in handles):
-            raise EdgeLoraError("an adapter of this request was removed while it ran")
+        gone = [n for n, _ in key if loaded[n].handle.ptr is None]
+        if gone:
+            raise EdgeLoraError(f"adapter {', '.join(map(repr, gone))} was removed while this request ran",
+                                hint="add it again, or retry without it")
         self._cache_key = None
         self._forget_cache()
         self._ctx.set_adapters([h.ptr for h in handles], [s for _, s in key])
