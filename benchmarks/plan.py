@@ -29,9 +29,18 @@ class Plan:
     def make(cls, quick: bool, shapes: list[str] | None = None) -> "Plan":
         if quick:
             return cls(True, shapes or ["smollm2-135m"], ["int4"], ["q4_0"], prompt=32, new_tokens=32, hf_new_tokens=8, rounds=3,
-                       swaps=40, merged=False)
+                       swaps=20, merged=False)
         return cls(False, shapes or ["smollm2-135m", "qwen2.5-0.5b"], ["int4", "int8"], ["q4_0", "q8_0"], prompt=64, new_tokens=32,
-                   hf_new_tokens=8, rounds=3, swaps=100)
+                   hf_new_tokens=8, rounds=3, swaps=30)
+
+    def for_shape(self, shape: str) -> "Plan":
+        """The larger shape runs 4-bit only, without merged engines: on 2 shared cores its rounds take minutes."""
+        from dataclasses import replace
+
+        if self.quick or shape == self.shapes[0]:
+            return self
+        return replace(self, onnx_quants=[q for q in self.onnx_quants if BITS[q] == 4], gguf_quants=[q for q in self.gguf_quants if BITS[q] == 4],
+                       merged=False, hf_new_tokens=4)
 
     @property
     def quants(self) -> dict:

@@ -215,7 +215,9 @@ def update_readme(path: Path, results: dict, pngs: list[Path]) -> None:
     text = path.read_text() if path.is_file() else INTRO
     if BEGIN in text:
         text = re.sub(re.escape(BEGIN) + ".*?" + re.escape(END), lambda _: block, text, flags=re.S)
-    else:
+    elif text.startswith("# "):  # after the title
         head, _, rest = text.partition("\n")
         text = f"{head}\n\n{block}\n{rest}"
+    else:  # the other sections came first: title, what the runner is, then the summary above them
+        text = f"{INTRO}\n{block}\n\n{text.lstrip()}"
     atomic_write_text(path, text)

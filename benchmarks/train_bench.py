@@ -55,9 +55,10 @@ def make_model(out: Path) -> Path:
 
 
 def _peak_rss_mb() -> float:
-    import resource
-
-    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024.0
+    """VmHWM, not ru_maxrss: Linux carries ru_maxrss over exec, so a worker spawned by a big parent
+    (the benchmark runner) would report the parent's peak."""
+    with open("/proc/self/status") as f:
+        return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
 
 
 def _batches(n: int):

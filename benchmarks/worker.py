@@ -162,6 +162,11 @@ def main() -> int:
     if spec["kind"] == "baseline":
         print(json.dumps(baseline_rss()), flush=True)
         return 0
+    if spec["kind"] == "bandwidth":  # its GB-sized buffer stays out of the runner (children would inherit its peak)
+        from benchmarks import roofline
+
+        print(json.dumps(roofline.measure(spec["threads"], spec["quick"], spec["working_set_mb"])), flush=True)
+        return 0
     worker = _worker(spec)
     prompt = prompt_ids(spec["prompt"])
     print(json.dumps({"ready": True, "load_s": getattr(worker, "load_s", None), **rss()}), flush=True)
