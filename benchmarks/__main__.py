@@ -121,8 +121,15 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="comma list of smollm2-135m, qwen2.5-0.5b")
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--render", type=Path, help="only redraw the charts and summary from this results JSON")
     args = parser.parse_args(argv)
     from benchmarks import report
+
+    if args.render:
+        results = json.loads(args.render.read_text())
+        results["summary"] = report.summarize(results)
+        write(results, args.out, update_readme=args.out.resolve() == DEFAULT_OUT.resolve())
+        return 0
 
     plan = Plan.make(args.quick, args.shapes.split(",") if args.shapes else None)
     plan.train &= not args.no_train

@@ -47,9 +47,10 @@ def decode_chart(results: dict, path: Path) -> Path:
         ax.set_yticks(range(len(engines)))
         ax.set_yticklabels([("▶ " if e.startswith("edge-lora") else "") + e for e in engines])
         roofs = sorted({(r["bits"], round(r["roofline_tok_s"])) for r in m["rows"] if r.get("roofline_tok_s") and r["case"] == "a"})
-        for bits, roof in roofs:
+        for k, (bits, roof) in enumerate(roofs):
             ax.axvline(roof, color="gray", ls=":", lw=1)
-            ax.text(roof, -0.5, f" DRAM roofline {bits}-bit + adapter: {roof} tok/s", fontsize=7, color="gray", ha="left", va="center")
+            ax.text(roof, -0.55 - 0.45 * k, f"DRAM roofline {bits}-bit + adapter: {roof} tok/s ", fontsize=7, color="gray", ha="right",
+                    va="center")
         ax.set_title(f"{shape}: decode tokens/s (median of {results['plan']['rounds']} rounds, higher is better)", loc="left")
         ax.set_xlim(0, max([r["tok_s"] or 0 for r in m["rows"]] + [roof for _, roof in roofs]) * 1.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CASE_COLORS.values()]
@@ -86,7 +87,7 @@ def swap_chart(results: dict, path: Path) -> Path | None:
         right.text(r, y, f"  {r:.2f} ({x['first_step_after_swap_ms']:.1f} / {x['steady_step_ms']:.1f} ms)", va="center", fontsize=7)
     right.set_yticks([])
     right.set_xlim(0, max(ratio) * 1.6)
-    right.set_xlabel("first decode step after a swap / steady step (1.0 = no penalty)")
+    right.set_xlabel("first step after a swap / steady step (1.0 = no penalty)")
     fig.tight_layout()
     fig.savefig(path, dpi=90)
     plt.close(fig)
@@ -100,11 +101,11 @@ def train_chart(train: dict, path: Path) -> Path:
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1 + 0.45 * len(names)))
     colors = ["#8172b3" if n == "peft" else "#dd8452" for n in names]
     for ax, key, label in ((left, "tokens_per_s", "training tokens/s (higher is better)"), (right, "peak_rss_mb", "peak RSS MB (lower is better)")):
-        values = [cases[n][key] for n in names]
-        ax.barh(range(len(names)), values, color=colors)
+        values = [cases[n].get(key) for n in names]  # None: not measured cleanly in that run
+        ax.barh(range(len(names)), [v or 0 for v in values], color=colors)
         for y, v in enumerate(values):
-            ax.text(v, y, f"  {v:.0f}", va="center", fontsize=7)
-        ax.set_xlim(0, max(values) * 1.25)
+            ax.text(v or 0, y, f"  {v:.0f}" if v is not None else "  n/a", va="center", fontsize=7)
+        ax.set_xlim(0, max(v or 0 for v in values) * 1.25)
         ax.set_xlabel(label)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is left else [])

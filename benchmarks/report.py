@@ -198,8 +198,8 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
     if results.get("train"):
         lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | tokens/s | peak RSS MB |", "|---|---|---|"]
         for name, c in results["train"]["cases"].items():
-            lines.append(f"| {name} | {c['tokens_per_s']:.0f} | {c['peak_rss_mb']:.0f} |")
-        lines.append("")
+            lines.append(f"| {name} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |")
+        lines += ([f"Note: {results['train']['note']}."] if results["train"].get("note") else []) + [""]
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p
         lines.append(f"![{p.stem}]({rel.as_posix()})")
