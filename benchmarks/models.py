@@ -76,6 +76,20 @@ def _fresh(folder: Path, recipe: dict) -> bool:
         return False
 
 
+def _build_into(folder: Path, recipe: dict, build) -> None:
+    """Build in a private sibling, stamp it, then swap it in: two runs sharing the cache never see a half folder."""
+    tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
+    shutil.rmtree(tmp, ignore_errors=True)
+    tmp.mkdir(parents=True)
+    build(tmp)
+    _stamp(tmp).write_text(json.dumps(recipe))
+    old = folder.with_name(f".{folder.name}.{os.getpid()}.old")
+    if folder.exists():
+        folder.rename(old)
+    tmp.rename(folder)
+    shutil.rmtree(old, ignore_errors=True)
+
+
 def prepare(shape: str, quants: dict[str, list[str]], say=print) -> BenchModel:
     """Build (or reuse) the model, adapters and bundle of ``shape`` with ``quants`` per backend."""
     from converters.export import AdapterSource, ExportOptions, export_bundle
@@ -86,20 +100,19 @@ def prepare(shape: str, quants: dict[str, list[str]], say=print) -> BenchModel:
     recipe = {"recipe": RECIPE, "shape": shape}
     if not _fresh(model.hf_dir, recipe):
         say(f"[models] {shape}: writing a random Hugging Face model")
-        shutil.rmtree(model.hf_dir, ignore_errors=True)
-        make_random_model(SHAPES[shape], model.hf_dir)
-        _stamp(model.hf_dir).write_text(json.dumps(recipe))
+        _build_into(model.hf_dir, recipe, lambda tmp: make_random_model(SHAPES[shape], tmp))
     md = ModelDir(model.hf_dir)
     adapters_dir = model.root / "adapters"
     if not _fresh(adapters_dir, recipe):
         say(f"[models] {shape}: writing rank-{RANK} adapters")
-        shutil.rmtree(adapters_dir, ignore_errors=True)
-        adapters_dir.mkdir(parents=True)
-        for name, seed in ADAPTERS.items():
-            adapter = random_adapter(md, seed, RANK)
-            adapter.save(model.adapter_file(name))
-            export_peft(adapter, model.peft_dir(name), base_model_name_or_path=str(model.hf_dir))
-        _stamp(adapters_dir).write_text(json.dumps(recipe))
+
+        def write_adapters(tmp: Path) -> None:
+            for name, seed in ADAPTERS.items():
+                adapter = random_adapter(md, seed, RANK)
+                adapter.save(tmp / f"{name}.safetensors")
+                export_peft(adapter, tmp / f"{name}-peft", base_model_name_or_path=str(model.hf_dir))
+
+        _build_into(adapters_dir, recipe, write_adapters)
     bundle_recipe = {**recipe, "quants": quants, "exporters": exporters_digest()}
     if not _fresh(model.bundle, bundle_recipe):
         say(f"[models] {shape}: exporting the bundle {quants}")
