@@ -77,11 +77,11 @@ def run_scaling(plan: Plan, model, workers) -> dict:
     """The sweeps on edge-lora's 4-bit engines (their workers are still loaded)."""
     from benchmarks.models import extra_adapter
 
-    ranks = [4, 8, 16, 32, 64] if not plan.quick else [4, 16, 64]
-    counts = [1, 2, 4, 8, 16, 32] if not plan.quick else [1, 4, 8]
+    ranks = [4, 8, 16, 32, 64] if not plan.quick else [4, 64]
+    counts = [1, 2, 4, 8, 16, 32] if not plan.quick else [1, 4]
     cmd = {"ranks": {str(r): str(extra_adapter(model, "rank", r, 100 + r)) for r in ranks},
            "loaded": [str(extra_adapter(model, "loaded", 16, 200 + i)) for i in range(max(counts))], "loaded_counts": counts,
-           "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2, 4], "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 512],
+           "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2], "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 512],
            "prompt": plan.prompt, "new_tokens": 16, "repeats": 1}
     out = {}
     for w in workers:
