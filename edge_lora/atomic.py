@@ -8,6 +8,16 @@ import tempfile
 from pathlib import Path
 
 
+def _current_umask() -> int:
+    mask = os.umask(0)
+    os.umask(mask)
+    return mask
+
+
+# read once at import: os.umask can only be read by setting it, which is not thread-safe
+DEFAULT_FILE_MODE = 0o666 & ~_current_umask()
+
+
 def _fsync_dir(directory: Path) -> None:
     with contextlib.suppress(OSError):
         fd = os.open(directory, os.O_RDONLY)
@@ -23,6 +33,7 @@ def atomic_path(path: str | os.PathLike):
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.fchmod(fd, DEFAULT_FILE_MODE)  # mkstemp makes 0600; the file should read like any other the user writes
     os.close(fd)
     try:
         yield Path(tmp)
