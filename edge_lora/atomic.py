@@ -28,12 +28,14 @@ def _fsync_dir(directory: Path) -> None:
 
 
 @contextlib.contextmanager
-def atomic_path(path: str | os.PathLike):
-    """Yield a temporary path beside ``path``; on success fsync it and rename it into place."""
+def atomic_path(path: str | os.PathLike, mode: int | None = None):
+    """Yield a temporary path beside ``path``; on success fsync it and rename it into place.
+
+    The file gets ``mode``, by default what any new file of the user gets (umask applied)."""
     target = Path(path)
     target.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.fchmod(fd, DEFAULT_FILE_MODE)  # mkstemp makes 0600; the file should read like any other the user writes
+    os.fchmod(fd, DEFAULT_FILE_MODE if mode is None else mode)  # mkstemp makes 0600
     os.close(fd)
     try:
         yield Path(tmp)
@@ -46,8 +48,8 @@ def atomic_path(path: str | os.PathLike):
             os.unlink(tmp)
 
 
-def atomic_write_bytes(path: str | os.PathLike, data: bytes) -> None:
-    with atomic_path(path) as tmp:
+def atomic_write_bytes(path: str | os.PathLike, data: bytes, mode: int | None = None) -> None:
+    with atomic_path(path, mode) as tmp:
         tmp.write_bytes(data)
 
 

@@ -82,8 +82,7 @@ def generate_keypair(prefix: str | os.PathLike) -> tuple[Path, Path]:
         if existing.exists():
             raise EdgeLoraError("refusing to overwrite an existing key", path=existing, hint="pick another name or delete it first")
     pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
-    atomic_write_bytes(key_path, pem)
-    os.chmod(key_path, 0o600)
+    atomic_write_bytes(key_path, pem, mode=0o600)  # private from its first byte
     public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
     atomic_write_bytes(pub_path, public)
     return key_path, pub_path

@@ -26,3 +26,11 @@ def test_failure_leaves_the_old_file_and_no_temporary(tmp_path):
             tmp.write_text("half")
             raise RuntimeError("killed mid-write")
     assert target.read_text() == "good" and os.listdir(tmp_path) == ["a.safetensors"]
+
+
+def test_private_files_are_private_from_the_start(tmp_path):
+    seen = []
+    with atomic_path(tmp_path / "signing.key", mode=0o600) as tmp:
+        seen.append(stat.S_IMODE(tmp.stat().st_mode))
+        tmp.write_bytes(b"secret")
+    assert seen == [0o600] and stat.S_IMODE((tmp_path / "signing.key").stat().st_mode) == 0o600
