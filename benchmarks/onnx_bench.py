@@ -22,6 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.gguf_bench import SHAPES, make_random_model, random_adapter
+from benchmarks.worker import swap_steps
 from edge_lora.bundle import sha256_file, write_manifest
 from edge_lora.model_dir import ModelDir
 
@@ -73,27 +74,6 @@ def _decode_rate(engine, prompt, new_tokens, adapters, repeats: int = 3) -> tupl
     """Best of a few requests: the CPU is shared, best-of is the least noisy."""
     runs = [_one_request(engine, prompt, new_tokens, adapters) for _ in range(repeats)]
     return min(r[0] for r in runs), max(r[1] for r in runs)
-
-
-def _swap_latency(engine, n: int) -> dict:
-    """Alternate A / B between requests: the swap itself (adapter set -> session + feeds), and the
-    first decode step after it against the step after that (both with an 8-token cache)."""
-    swaps, first, steady = [], [], []
-    for i in range(n):
-        chosen = {"a": 1.0} if i % 2 else {"b": 1.0}
-        t0 = time.perf_counter()
-        state = engine._new_state(*engine._request_set(chosen))
-        swaps.append((time.perf_counter() - t0) * 1e3)
-        state.feed([5, 6, 7, 8, 9, 10, 11, 12])
-        t1 = time.perf_counter()
-        state.feed([13])
-        first.append((time.perf_counter() - t1) * 1e3)
-        t2 = time.perf_counter()
-        state.feed([14])
-        steady.append((time.perf_counter() - t2) * 1e3)
-        state.close()
-    return {"swap_p50_ms": float(np.percentile(swaps, 50)), "swap_p99_ms": float(np.percentile(swaps, 99)),
-            "first_step_after_swap_ms": float(np.median(first)), "steady_step_ms": float(np.median(steady))}
 
 
 def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
@@ -153,7 +133,7 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
     t0 = time.perf_counter()
     merged.merge("a")
     merge_s = time.perf_counter() - t0
-    swap = _swap_latency(engine, swaps)
+    swap = swap_steps(engine, "onnx", swaps)
     runs = {case: [] for case, _, _ in CASES}
     for _ in range(rounds):
         for case, adapters, on_merged in CASES:
