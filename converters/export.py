@@ -8,6 +8,7 @@ moment. bundle.json records every file with its SHA-256; see edge_lora/bundle.py
 
 from __future__ import annotations
 
+import glob
 import os
 import re
 import shutil
@@ -133,7 +134,7 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters
         fingerprint = model.fingerprint
         loaded = [(src.name, load_adapter(src.path, model.config, fingerprint)) for src in adapters]
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = Path(tempfile.mkdtemp(prefix=f".{out.name}.partial-", dir=out.parent))
+    staging = _scratch_dir(out, "partial")
     try:
         manifest = _write_base(model, staging, options, progress)
         for name, adapter in loaded:
@@ -294,12 +295,40 @@ def _hash_files(root: Path) -> dict[str, dict]:
     return files
 
 
+def _scratch_dir(out: Path, kind: str) -> Path:
+    """A hidden sibling of ``out`` named after this process, so a later export can tell an abandoned one."""
+    _remove_abandoned_scratch(out)
+    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
+
+
+def _remove_abandoned_scratch(out: Path) -> None:
+    """Remove the scratch folders that killed exports to ``out`` left behind (their process is gone)."""
+    for kind in ("partial", "old"):
+        prefix = f".{out.name}.{kind}-"
+        for leftover in out.parent.glob(glob.escape(prefix) + "*"):
+            pid = leftover.name[len(prefix):].split("-", 1)[0]
+            if leftover.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
+                shutil.rmtree(leftover, ignore_errors=True)
+
+
+def _process_alive(pid: int) -> bool:
+    if os.name != "posix":  # no signal 0 elsewhere: never remove what might be in use
+        return True
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:  # alive, another user's
+        return True
+    return True
+
+
 def _move_into_place(staging: Path, out: Path) -> None:
     if out.exists() and exchange_paths(staging, out):  # one atomic swap: old or new, never neither
         shutil.rmtree(staging, ignore_errors=True)  # now holds the old bundle
         return
     if out.exists():
-        old = Path(tempfile.mkdtemp(prefix=f".{out.name}.old-", dir=out.parent))
+        old = _scratch_dir(out, "old")
         os.replace(out, old / out.name)
         os.replace(staging, out)
         shutil.rmtree(old, ignore_errors=True)

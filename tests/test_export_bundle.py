@@ -101,6 +101,21 @@ def test_failed_export_leaves_no_half_bundle(model_dirs, tmp_path, monkeypatch):
     assert list(tmp_path.iterdir()) == []
 
 
+def test_next_export_removes_what_a_killed_export_left(model_dirs, tmp_path):
+    import subprocess
+    import sys
+
+    dead = subprocess.Popen([sys.executable, "-c", "pass"])
+    dead.wait()  # a pid that no longer runs, as after a SIGKILL
+    abandoned = tmp_path / f".b.partial-{dead.pid}-x1y2"
+    (abandoned / "onnx").mkdir(parents=True)
+    live = tmp_path / f".b.partial-{os.getpid()}-z3w4"  # an export still running in this process
+    live.mkdir()
+    make_bundle(model_dirs["llama"], tmp_path / "b", {})
+    assert not abandoned.exists() and live.exists()
+    assert Bundle.open(tmp_path / "b").adapters == {}
+
+
 def test_adapter_for_another_base_is_refused_before_any_work(model_dirs, tmp_path):
     other = make_adapter(model_dirs["mistral"], tmp_path / "other.safetensors", seed=3)
     with pytest.raises(EdgeLoraError, match="wrong base|not a linear|was made for"):
