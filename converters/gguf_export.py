@@ -12,9 +12,8 @@ from pathlib import Path
 from typing import Callable
 
 from edge_lora.atomic import atomic_path
-from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_names import ROPE_FREQS, gguf_arch, gguf_tensor, llama3_rope_factors, to_gguf_rows
-from edge_lora.gguf_quant import K_QUANTS, check_quant, encode, tensor_type
+from edge_lora.gguf_quant import K_QUANTS, check_quant, encode, tensor_type, write_gguf
 from edge_lora.model_dir import ModelDir
 
 from .gguf_tokenizer import read_vocab
@@ -88,11 +87,4 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
     factors = llama3_rope_factors(config)
     if factors is not None:
         writer.add_tensor(ROPE_FREQS, factors, raw_dtype=gguf.GGMLQuantizationType.F32)
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except OSError as err:
-        raise EdgeLoraError(f"cannot write the GGUF file ({err.strerror})", path=path, hint="check free disk space") from None
-    finally:
-        writer.close()
+    write_gguf(writer, path, "GGUF file")

@@ -21,7 +21,7 @@ from .atomic import atomic_path
 from .config import ModelConfig
 from .errors import EdgeLoraError
 from .gguf_names import gguf_arch, gguf_module, to_gguf_rows
-from .gguf_quant import encode
+from .gguf_quant import encode, write_gguf
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"
@@ -77,14 +77,7 @@ def export_gguf_adapter(adapter: Adapter, config: ModelConfig, out_path: Path, d
             for suffix, arr in (("lora_a", a), ("lora_b", b)):
                 qtype = _adapter_type(arr, dtype)
                 writer.add_tensor(f"{base_name}.{suffix}", encode(arr, qtype), raw_dtype=qtype)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        except OSError as err:
-            raise EdgeLoraError(f"cannot write the GGUF adapter ({err.strerror})", path=out_path) from None
-        finally:
-            writer.close()
+        write_gguf(writer, out_path, "GGUF adapter")
     return out_path
 
 

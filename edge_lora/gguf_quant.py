@@ -1,4 +1,5 @@
-"""GGUF tensor types: which type each tensor gets for a quant name, and numpy encoding into it.
+"""GGUF tensor types: which type each tensor gets for a quant name, numpy encoding into it, and
+writing a finished file.
 
 Shared by the base exporter and the runtime's merge (dequantize, add, requantize). Lazily
 imports the ``gguf`` package.
@@ -80,3 +81,15 @@ def can_encode_in_numpy(qtype) -> bool:
     from gguf import GGMLQuantizationType as T
 
     return qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
+
+
+def write_gguf(writer, path, what: str) -> None:
+    """Write a ``GGUFWriter``'s header, metadata and tensors; a full disk becomes a clear error."""
+    try:
+        writer.write_header_to_file()
+        writer.write_kv_data_to_file()
+        writer.write_tensors_to_file()
+    except OSError as err:
+        raise EdgeLoraError(f"cannot write the {what} ({err.strerror})", path=path, hint="check free disk space") from None
+    finally:
+        writer.close()

@@ -14,7 +14,7 @@ from edge_lora.atomic import atomic_path
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_names import gguf_arch, gguf_module, to_gguf_rows
-from edge_lora.gguf_quant import can_encode_in_numpy, decode, encode
+from edge_lora.gguf_quant import can_encode_in_numpy, decode, encode, write_gguf
 
 _SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
 
@@ -51,12 +51,5 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
             if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
                 out_type = gguf.GGMLQuantizationType.F16
             writer.add_tensor(tensor.name, encode(weight, out_type), raw_dtype=out_type)
-        try:
-            writer.write_header_to_file()
-            writer.write_kv_data_to_file()
-            writer.write_tensors_to_file()
-        except OSError as err:
-            raise EdgeLoraError(f"cannot write the merged GGUF ({err.strerror})", path=dst, hint="check free disk space") from None
-        finally:
-            writer.close()
+        write_gguf(writer, dst, "merged GGUF")
     return dst
