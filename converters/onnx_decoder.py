@@ -124,13 +124,13 @@ class DecoderWriter:
         h, residual = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm"), x
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
-            if i > 0:
-                h, residual = self.skip_rms_norm(mlp_out, residual, f"{p}.input_layernorm.weight", f"{p}.input_layernorm")  # noqa: F821
             attn = self.attention(i, h, attention_inputs)
             h, residual = self.skip_rms_norm(attn, residual, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm")
             mlp_out = self.mlp(p, h)
-        final, _ = self.skip_rms_norm(mlp_out, residual, "model.norm.weight", "model.norm")
-        g.identity(self.head(self.keep_last(final)), names.LOGITS)
+            # the residual add fuses into the next layer's input norm, or the final norm after the last layer
+            norm = f"model.layers.{i + 1}.input_layernorm" if i + 1 < c.num_hidden_layers else "model.norm"
+            h, residual = self.skip_rms_norm(mlp_out, residual, f"{norm}.weight", norm)
+        g.identity(self.head(self.keep_last(h)), names.LOGITS)
         g.add_output(names.LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
         present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
         for i in range(c.num_hidden_layers):
