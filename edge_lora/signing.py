@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .bundle import MANIFEST, Bundle, sha256_file
+from .bundle import Bundle, sha256_file
 from .errors import EdgeLoraError
 
 SIG_SUFFIX = ".sig"

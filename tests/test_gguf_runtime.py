@@ -140,7 +140,6 @@ def test_c_failures_become_clear_errors(bundle, model_dirs, tmp_path):
     import shutil
 
     import runtime
-    import runtime.llamacpp_lib as lib
 
     broken = tmp_path / "broken"
     shutil.copytree(bundle, broken)

@@ -54,8 +54,6 @@ def test_unsupported_architecture_lists_supported():
 
 
 def test_sharded_checkpoint_loads(tmp_path, model_dirs):
-    from transformers import AutoModelForCausalLM
-
     ref = load_hf(model_dirs["llama"])
     ref.save_pretrained(tmp_path, safe_serialization=True, max_shard_size="20KB")
     for f in ("tokenizer.json", "tokenizer_config.json"):
