@@ -1,4 +1,5 @@
-"""An adapter as an ``.onnx_adapter`` file: the graph's LoRA inputs with the scale folded into B.
+"""An adapter as an ``.onnx_adapter`` file: the graph's LoRA inputs (one A^T / B^T pair per fused
+group it touches) with the scale folded into B.
 
 ONNX Runtime's ``LoraAdapter`` and onnxruntime-genai's ``Adapters`` load it and activate it per
 run; names and layouts are :func:`edge_lora.onnx_names.stack_lora`'s, the same feeds the runtime

@@ -7,8 +7,9 @@ fast      SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization and Gr
 portable  standard ops only: RMSNorm from Pow/ReduceMean/Sqrt, rotary from a cos/sin table,
           Concat KV cache, explicit causal / window / padding mask, MatMul attention.
 
-q/k/v are one fused matmul and gate/up another (fewer, larger kernels); each module's LoRA side
-path ``x @ A^T @ B^T`` is computed apart and the deltas are concatenated onto the fused output.
+q/k/v are one fused matmul and gate/up another (fewer, larger kernels), and each such group has one
+LoRA side path ``x @ A^T @ B^T`` over all its modules (``onnx_names.lora_groups``: A^T side by side,
+B^T block-diagonal): three nodes per group, since per-node overhead dominates a low-rank side path.
 Positions are ``past_length + arange(S)``: batches must not be left-padded (the runtime runs one
 sequence per state).
 """
@@ -45,7 +46,7 @@ class DecoderWriter:
         self.md, self.c, self.o = md, md.config, options
         self.g = Graph("edge_lora_decoder")
         self.fast = options.variant == "fast"
-        self.slots = names.lora_slots(self.c)
+        self.groups = names.lora_groups(self.c)  # {group: [(module, out, in)]}, the one module -> group map
         self.layout = {"weights": {}, "linears": {}}
 
     # --- building blocks -----------------------------------------------------------
@@ -53,14 +54,15 @@ class DecoderWriter:
     def weight(self, name: str) -> np.ndarray:
         return self.md.get(name).astype(np.float32)
 
-    def linear(self, x: str, group: str, modules: list[str]) -> str:
-        """One matmul over the modules' stacked weights, biases, then each module's LoRA side path."""
+    def linear(self, x: str, group: str) -> str:
+        """One matmul over the group's stacked weights, its biases, then the group's LoRA side path."""
+        members = self.groups[group]
+        modules = [m for m, _, _ in members]
         weight = np.concatenate([self.weight(f"{m}.weight") for m in modules], axis=0) if len(modules) > 1 else self.weight(f"{modules[0]}.weight")
         out, entry = emit_matmul(self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level)
         self.layout["weights"][group] = entry
         start = 0
-        for m in modules:
-            rows = self.c.vocab_size if m == "lm_head" else self.c.linear_shapes()[m.split(".", 3)[3]][0]
+        for m, rows, _ in members:
             self.layout["linears"][m] = {"weight": group, "rows": [start, start + rows]}
             start += rows
         biases = [f"{m}.bias" for m in modules if self.md.has(f"{m}.bias")]
@@ -69,25 +71,23 @@ class DecoderWriter:
             if bias is None:
                 raise ValueError(f"{group}: either all or none of {modules} have biases")
             out = self.g.op("Add", [out, self.g.initializer(f"{group}.bias", bias)], f"{group}/BiasAdd")
-        deltas = [self.lora_path(x, m) for m in modules if m in self.slots]
-        if deltas:
-            delta = deltas[0] if len(deltas) == 1 else self.g.op("Concat", deltas, f"{group}/lora/Concat", axis=-1)
-            out = self.g.op("Add", [out, delta], f"{group}/lora/Add")
-        return out
+        return self.g.op("Add", [out, self.lora_path(x, group)], f"{group}/lora/Add")
 
-    def lora_path(self, x: str, module: str) -> str:
-        out_f, in_f = self.slots[module]
+    def lora_path(self, x: str, group: str) -> str:
+        """``x @ A^T @ B^T`` with the group's A^T ``[in, R]`` and block-diagonal B^T ``[R, out]``."""
+        members = self.groups[group]
+        in_f, out_f = members[0][2], sum(out for _, out, _ in members)
         np_dtype, onnx_dtype = LORA_DTYPES[self.o.lora_dtype]
-        rank = f"{module}.rank"
-        a = self.g.add_input(names.lora_a(module), onnx_dtype, [in_f, rank])
-        b = self.g.add_input(names.lora_b(module), onnx_dtype, [rank, out_f])
+        rank = f"{group}.rank"
+        a = self.g.add_input(names.lora_a(group), onnx_dtype, [in_f, rank])
+        b = self.g.add_input(names.lora_b(group), onnx_dtype, [rank, out_f])
         self.g.initializer(a, np.zeros((in_f, 0), np_dtype))  # rank 0: the base runs unchanged
         self.g.initializer(b, np.zeros((0, out_f), np_dtype))
         if np_dtype != np.float32:
-            a = self.g.op("Cast", [a], f"{module}/lora/CastA", to=TensorProto.FLOAT)
-            b = self.g.op("Cast", [b], f"{module}/lora/CastB", to=TensorProto.FLOAT)
-        low = self.g.op("MatMul", [x, a], f"{module}/lora/MatMulA")
-        return self.g.op("MatMul", [low, b], f"{module}/lora/MatMulB")
+            a = self.g.op("Cast", [a], f"{group}/lora/CastA", to=TensorProto.FLOAT)
+            b = self.g.op("Cast", [b], f"{group}/lora/CastB", to=TensorProto.FLOAT)
+        low = self.g.op("MatMul", [x, a], f"{group}/lora/MatMulA")
+        return self.g.op("MatMul", [low, b], f"{group}/lora/MatMulB")
 
     def rms_norm(self, x: str, weight_name: str, name: str) -> str:
         w = self.g.initializer(weight_name, self.weight(weight_name))
@@ -168,7 +168,7 @@ class DecoderWriter:
     def head(self, x: str) -> str:
         c, g = self.c, self.g
         if not c.tie_word_embeddings:
-            return self.linear(x, "lm_head", ["lm_head"])
+            return self.linear(x, "lm_head")
         if self.shares_quantized_table():
             return nbits_matmul(g, x, "lm_head", self.tied_entry, self.o.accuracy_level)
         if self.o.quant in ("int4", "int8"):  # a quantized copy of the tied table, the Gather keeps its own
@@ -188,18 +188,18 @@ class DecoderWriter:
 
     def mlp(self, p: str, h: str) -> str:
         g, i = self.g, self.c.intermediate_size
-        gate_up = self.linear(h, f"{p}.mlp.gate_up_proj", [f"{p}.mlp.gate_proj", f"{p}.mlp.up_proj"])
+        gate_up = self.linear(h, f"{p}.mlp.gate_up_proj")
         gate, up = g.op("Split", [gate_up, g.const(f"{p}.mlp/split", [i, i])], f"{p}.mlp/Split", outputs=2, axis=-1)
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/Sigmoid")], f"{p}.mlp/SiLU")
-        return self.linear(g.op("Mul", [act, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj", [f"{p}.mlp.down_proj"])
+        return self.linear(g.op("Mul", [act, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj")
 
     def attention(self, layer: int, h: str, inputs: dict) -> str:
         p = f"model.layers.{layer}.self_attn"
-        qkv = self.linear(h, f"{p}.qkv_proj", [f"{p}.q_proj", f"{p}.k_proj", f"{p}.v_proj"])
+        qkv = self.linear(h, f"{p}.qkv_proj")
         present = [names.present_key(layer), names.present_value(layer)]
         past = [names.past_key(layer), names.past_value(layer)]
         out = self.gqa(p, qkv, past, present, inputs) if self.fast else self.plain_attention(p, qkv, past, present, inputs)
-        return self.linear(out, f"{p}.o_proj", [f"{p}.o_proj"])
+        return self.linear(out, f"{p}.o_proj")
 
     # --- fast attention: GroupQueryAttention ---------------------------------------
 

@@ -4,7 +4,7 @@ out_dir/
   model.onnx          the decoder with a LoRA slot on every linear layer (what onnxruntime-genai loads)
   model.plain.onnx    the same graph without the LoRA nodes, for requests with no adapter (same data file)
   model.onnx.data     every weight, each tensor aligned so ONNX Runtime can memory-map it
-  onnx_layout.json    LoRA slots and where each linear weight lives (the runtime merges through it)
+  onnx_layout.json    LoRA slots and groups, and where each linear weight lives (the runtime merges through it)
   genai_config.json, tokenizer.json, tokenizer_config.json
 """
 
@@ -55,6 +55,7 @@ def export_onnx(model_dir: ModelDir, out_dir: Path, quant: str = "int4", variant
         "format": names.LAYOUT_FORMAT, "version": names.LAYOUT_VERSION, "quant": quant, "variant": variant,
         "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE,
         "lora_slots": {m: list(shape) for m, shape in names.lora_slots(md.config).items()},
+        "lora_groups": {g: [list(member) for member in members] for g, members in writer.groups.items()},
         "linears": writer.layout["linears"], "weights": writer.layout["weights"], "tensors": tensors,
     }
     atomic_write_text(out_dir / names.LAYOUT_FILE, json.dumps(layout, indent=1) + "\n")
