@@ -58,11 +58,19 @@ def resolve_providers(provider: str | list[str]) -> list[str]:
 
 
 class OnnxEngine(Engine):
+    """A bundle's ONNX model on ONNX Runtime.
+
+    ``spin=True`` (ONNX Runtime's default) lets idle intra-op threads spin for the next op: the
+    fastest decode on a CPU the engine has to itself. ``spin=False`` puts them to sleep instead,
+    the choice for a CPU shared with other busy processes (spinning threads then fight them for
+    cores) or for a battery.
+    """
+
     backend_name = "onnx"
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True, spin: bool = False, trusted_keys=None):
+                 plain_session: bool = True, spin: bool = True, trusted_keys=None):
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
@@ -79,7 +87,7 @@ class OnnxEngine(Engine):
         self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
         self.providers = resolve_providers(provider)
         self.threads = threads
-        self.spin = spin  # spinning worker threads only pay off on an otherwise idle CPU
+        self.spin = spin
         self.weights = WeightStore(self.layout, self.data_path)
         # merged weights: initializer name -> (array, OrtValue borrowing it); a session keeps the
         # snapshot it was opened with alive, since ORT reads the buffers for the session's lifetime
