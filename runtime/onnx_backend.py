@@ -7,6 +7,11 @@ built once and cached, so a swap between requests is a dict lookup and never rel
 each request carries its own dict, so concurrent requests with other sets are not disturbed.
 ``merge`` dequantizes, adds and requantizes the touched weights and reopens the sessions with
 those initializers overridden: zero per-token cost afterwards.
+
+Decoding on the fast variant (GroupQueryAttention) on CPU runs through an IOBinding with the KV
+cache in preallocated buffers that GroupQueryAttention updates in place (:class:`SharedKVState`);
+the portable variant (Concat KV cache) and device providers hand new KV OrtValues from one run to
+the next (:class:`OnnxState`).
 """
 
 from __future__ import annotations
@@ -15,6 +20,7 @@ import os
 import threading
 import warnings
 from collections import OrderedDict
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
@@ -34,6 +40,10 @@ PROVIDERS = {
 }
 LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
 SET_CACHE_SIZE = 8
+# providers whose kernels read device memory: a CPU buffer bound as both past and present is not
+# one buffer to them, so those sessions keep the Concat-style state
+DEVICE_PROVIDERS = {"CUDAExecutionProvider", "WebGpuExecutionProvider"}
+KV_BLOCK = 256  # a shared KV cache starts at the first feed rounded up to this, then doubles
 
 
 def resolve_providers(provider: str | list[str]) -> list[str]:
@@ -88,6 +98,11 @@ class OnnxEngine(Engine):
         self.providers = resolve_providers(provider)
         self.threads = threads
         self.spin = spin
+        self.shared_kv = self.layout["variant"] == "fast" and not DEVICE_PROVIDERS & set(self.providers)
+        c = self.config
+        self.cache_names = [pair for i in range(c.num_hidden_layers)
+                            for pair in ((names.past_key(i), names.present_key(i)), (names.past_value(i), names.present_value(i)))]
+        self.mask_ones = np.ones((1, self.max_context), np.int64)  # attention masks are slices of it (read-only)
         self.weights = WeightStore(self.layout, self.data_path)
         # merged weights: initializer name -> (array, OrtValue borrowing it); a session keeps the
         # snapshot it was opened with alive, since ORT reads the buffers for the session's lifetime
@@ -143,6 +158,7 @@ class OnnxEngine(Engine):
         """Bundles from before ``logits_to_keep`` lack the input; then every position gets logits."""
         self.keeps_last = names.LOGITS_TO_KEEP in {i.name for i in session.get_overridable_initializers()}
         self.keep_one = self._ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
+        self.keep_all = self._ort.OrtValue.ortvalue_from_numpy(np.array(0, dtype=np.int64))
 
     @property
     def lora_session(self):
@@ -162,15 +178,22 @@ class OnnxEngine(Engine):
         return {"dora": adapter.dora, "ort_adapter": None if adapter.dora else self._bundled_onnx_adapter(name, source)}
 
     def _bundled_onnx_adapter(self, name: str, source: Path):
-        """The bundle's own .onnx_adapter for this adapter, loaded by ONNX Runtime (memory-mapped,
-        scale 1 folded in): the single-adapter set then needs no feeds built in numpy."""
+        """The bundle's own .onnx_adapter for this adapter, loaded by ONNX Runtime (scale 1 folded
+        in): the single-adapter set then needs no feeds built in numpy.
+
+        ``run_with_iobinding`` ignores active adapters, so for shared-KV states the file is read
+        with ``AdapterFormat`` and its OrtValues are bound as inputs; they point into the reader's
+        memory, so the reader lives in the handle (and in every state that binds them)."""
         entry = self.bundle.adapters.get(name) or {}
         rel = entry.get("onnx")
         if not rel or self.bundle.resolve(entry.get("source", "")).resolve() != Path(source).resolve():
             return None
         path = self._checked(rel)
-        runner = self._ort.LoraAdapter()
         try:
+            if self.shared_kv:
+                reader = self._ort.AdapterFormat.read_adapter(str(path))
+                return {"reader": reader, "values": reader.get_parameters()}
+            runner = self._ort.LoraAdapter()
             runner.Load(str(path))
         except Exception as err:
             first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
@@ -230,19 +253,22 @@ class OnnxEngine(Engine):
 
     # --- inference ------------------------------------------------------------------
 
-    def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]):
-        """(session, LoRA feeds, run options) for one request's adapter set."""
+    def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> "_Choice":
+        """The session, LoRA feeds and run options for one request's adapter set."""
         if not adapter_set:
-            return (self.plain_session or self.lora_session), {}, None
+            return _Choice(self.plain_session or self.lora_session, {})
         if len(adapter_set) == 1:
             (name, scale), = adapter_set.items()
             bundled = loaded[name].handle.get("ort_adapter")
             if bundled and scale == 1.0:
-                return self.lora_session, {}, bundled["run_options"]
-        return self.lora_session, self._feeds_for(adapter_set, loaded), None
+                if "values" in bundled:
+                    return _Choice(self.lora_session, bundled["values"], owner=bundled)
+                return _Choice(self.lora_session, {}, run_options=bundled["run_options"])
+        return _Choice(self.lora_session, self._feeds_for(adapter_set, loaded))
 
     def _new_state(self, adapter_set, loaded) -> DecodeState:
-        return OnnxState(self, *self._pick(adapter_set, loaded))
+        choice = self._pick(adapter_set, loaded)
+        return SharedKVState(self, choice) if self.shared_kv else OnnxState(self, choice)
 
     def _full_logits(self, ids, adapter_set, loaded) -> np.ndarray:
         state = self._new_state(adapter_set, loaded)
@@ -282,11 +308,29 @@ class _Opening:
         return self._value
 
 
-class OnnxState(DecodeState):
-    """One sequence's KV cache (OrtValues handed from one run to the next) under one adapter set."""
+@dataclass
+class _Choice:
+    """What one request runs: a session, the LoRA inputs fixed for the request, and either run
+    options with an active ``LoraAdapter`` or ``owner``, which keeps the memory behind ``lora`` alive."""
 
-    def __init__(self, engine: OnnxEngine, session, lora: dict, run_options=None):
-        self.engine, self.session, self.lora, self.run_options = engine, session, lora, run_options
+    session: object
+    lora: dict
+    run_options: object = None
+    owner: object = None
+
+
+def _decode_error(engine: OnnxEngine, err: Exception) -> EdgeLoraError:
+    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
+    return EdgeLoraError(f"ONNX Runtime failed during decoding ({first})", path=engine.model_path)
+
+
+class OnnxState(DecodeState):
+    """One sequence's KV cache (OrtValues handed from one run to the next) under one adapter set:
+    the portable variant's Concat cache, and any variant on a device provider."""
+
+    def __init__(self, engine: OnnxEngine, choice: _Choice):
+        self.engine, self.session, self.lora, self.run_options = engine, choice.session, choice.lora, choice.run_options
+        self._owner = choice.owner
         c = engine.config
         ort = engine._ort
         empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
@@ -311,8 +355,7 @@ class OnnxState(DecodeState):
         try:
             outs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
         except Exception as err:
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise EdgeLoraError(f"ONNX Runtime failed during decoding ({first})", path=self.engine.model_path) from None
+            raise _decode_error(self.engine, err) from None
         self.past = list(outs[1:])
         self.length = mask.shape[1]
         return outs[0].numpy()
@@ -322,3 +365,99 @@ class OnnxState(DecodeState):
 
     def close(self) -> None:
         self.past = []
+        self._owner = None
+
+
+class SharedKVState(DecodeState):
+    """One sequence on the fast variant, run through an IOBinding that is set up once.
+
+    Each layer's K and V live in one buffer ``[1, kv_heads, capacity, head_dim]`` bound as both
+    the past input and the present output: GroupQueryAttention sees one pointer and writes the new
+    positions in place, so a step copies no cache and allocates nothing. The capacity starts at the
+    first feed rounded up to :data:`KV_BLOCK` and doubles (new buffers, ``length`` positions
+    copied) when a feed would pass it, never beyond the model's context. LoRA inputs are fixed for
+    a state and bound once; the logits land in a preallocated buffer, reused while its shape holds.
+    """
+
+    def __init__(self, engine: OnnxEngine, choice: _Choice):
+        ort = engine._ort
+        self.engine, self.session = engine, choice.session
+        self._owner = choice.owner  # the adapter reader whose memory the bound LoRA values point into
+        self.binding = choice.session.io_binding()
+        for name, value in choice.lora.items():
+            self.binding.bind_ortvalue_input(name, value)
+        self.length = self.capacity = 0
+        self.cache: list[np.ndarray] = []  # K0, V0, K1, V1, ...
+        self.logits: np.ndarray | None = None  # the bound output buffer
+        self._token = np.zeros((1, 1), np.int64)  # a one-token feed is written here, bound once
+        self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
+        self._ids_bound = 0  # how many ids the bound input_ids holds
+        self._keep = None  # the bound logits_to_keep value
+        self._mask = engine.mask_ones.ctypes.data  # masks are [1, total] views of it, bound by pointer
+
+    def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
+        """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
+        (``[1, 1, vocab]`` with ``last_only``). The array is the bound output buffer: the next
+        run overwrites it, so copy what must outlive that."""
+        engine, n = self.engine, len(token_ids)
+        total = self.length + n
+        if total > self.capacity:
+            self._reserve(total)
+        self._bind_ids(token_ids)
+        self.binding.bind_input(names.ATTENTION_MASK, "cpu", 0, np.int64, [1, total], self._mask)
+        self._bind_logits(1 if last_only and engine.keeps_last else n, last_only)
+        try:
+            self.session.run_with_iobinding(self.binding)
+        except Exception as err:
+            raise _decode_error(engine, err) from None
+        self.length = total  # positions past it that a failed run wrote are overwritten next time
+        return self.logits
+
+    def feed(self, token_ids: list[int]) -> np.ndarray:
+        # a copy (~4 us for a 49k vocab): callers may keep the logits of several steps
+        return self.run(token_ids, last_only=True)[0, -1].copy()
+
+    def close(self) -> None:
+        self.binding = self._owner = self.logits = None
+        self.cache = []
+
+    def _bind_ids(self, token_ids: list[int]) -> None:
+        if len(token_ids) == 1:
+            self._token[0, 0] = token_ids[0]  # ORT reads the bound buffer at run time
+            if self._ids_bound != 1:
+                self.binding.bind_ortvalue_input(names.INPUT_IDS, self._token_value)
+        else:
+            ids = np.asarray([token_ids], dtype=np.int64)
+            self.binding.bind_ortvalue_input(names.INPUT_IDS, self.engine._ort.OrtValue.ortvalue_from_numpy(ids))
+        self._ids_bound = len(token_ids)
+
+    def _bind_logits(self, rows: int, last_only: bool) -> None:
+        engine = self.engine
+        if engine.keeps_last:
+            keep = engine.keep_one if last_only else engine.keep_all  # the binding keeps the last value bound
+            if keep is not self._keep:
+                self.binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, keep)
+                self._keep = keep
+        if self.logits is None or self.logits.shape[1] != rows:
+            self.logits = np.empty((1, rows, engine.config.vocab_size), np.float32)
+            self.binding.bind_ortvalue_output(names.LOGITS, engine._ort.OrtValue.ortvalue_from_numpy(self.logits))
+
+    def _reserve(self, total: int) -> None:
+        """Grow the KV buffers to hold ``total`` positions: double, at least the next block."""
+        engine, c = self.engine, self.engine.config
+        if total > engine.max_context:
+            raise EdgeLoraError(f"{total} tokens exceed the context of {engine.max_context}", hint="shorten the prompt")
+        capacity = min(engine.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
+        shape = (1, c.num_key_value_heads, capacity, c.head_dim)
+        old, self.cache = self.cache, []
+        for i, (past, present) in enumerate(engine.cache_names):
+            # uninitialized: GroupQueryAttention reads only the positions the mask covers (a test
+            # fills the rest with NaN), and zeroing 2048 positions would cost ~2 ms per growth
+            buffer = np.empty(shape, np.float32)
+            if self.length:
+                buffer[:, :, : self.length] = old[i][:, :, : self.length]
+            value = engine._ort.OrtValue.ortvalue_from_numpy(buffer)  # the binding keeps it (and the array) alive
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
+            self.cache.append(buffer)
+        self.capacity = capacity
