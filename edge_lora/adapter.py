@@ -117,23 +117,23 @@ class Adapter:
                                 hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft")
         st = SafetensorsFile(path)
         meta = _read_metadata(st, path)
+        _check_names_and_dtypes(st, path)
         if base is not None:
             _check_declared_shapes(st, base, path)
+        tensors = st.read_all()  # only once the header passed every check
+        bad = st.first_nonfinite()
+        if bad is not None:
+            raise EdgeLoraError(f"tensor {bad!r} holds NaN or Inf", path=path, hint="the training diverged or the file is corrupt")
         modules_meta = meta["modules"]
         groups: dict[str, dict[str, np.ndarray]] = {}
         embed_rows = head_rows = None
-        for name in st.keys():
-            if st.tensors[name].dtype not in ("F32", "F16", "BF16"):
-                raise EdgeLoraError(f"tensor {name!r} has dtype {st.tensors[name].dtype}; adapters hold float tensors", path=path,
-                                    hint="store LoRA weights as F32, F16 or BF16")
+        for name, arr in tensors.items():
             if name in (EMBED_ROWS, HEAD_ROWS):
-                rows = _finite(st.get(name).astype(np.float32, copy=False), name, path)
+                rows = arr.astype(np.float32, copy=False)
                 embed_rows, head_rows = (rows, head_rows) if name == EMBED_ROWS else (embed_rows, rows)
                 continue
             match = _TENSOR.match(name)
-            if not match:
-                raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")
-            groups.setdefault(match["module"], {})[match["part"]] = _finite(st.get(name).astype(np.float32, copy=False), name, path)
+            groups.setdefault(match["module"], {})[match["part"]] = arr  # F16 stays F16: consumers widen where they need to
         modules = {}
         for module, parts in groups.items():
             if "lora_A" not in parts or "lora_B" not in parts:
@@ -245,7 +245,11 @@ def _alpha(value, module: str, path) -> float:
     return float(value)
 
 
-def _finite(arr: np.ndarray, name: str, path) -> np.ndarray:
-    if not np.isfinite(arr).all():
-        raise EdgeLoraError(f"tensor {name!r} holds NaN or Inf", path=path, hint="the training diverged or the file is corrupt")
-    return arr
+def _check_names_and_dtypes(st: SafetensorsFile, path) -> None:
+    """Refuse foreign tensor names and dtypes from the header, before any data is read."""
+    for name, info in st.tensors.items():
+        if info.dtype not in ("F32", "F16", "BF16"):
+            raise EdgeLoraError(f"tensor {name!r} has dtype {info.dtype}; adapters hold float tensors", path=path,
+                                hint="store LoRA weights as F32, F16 or BF16")
+        if name not in (EMBED_ROWS, HEAD_ROWS) and not _TENSOR.match(name):
+            raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")

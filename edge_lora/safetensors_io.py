@@ -4,6 +4,8 @@ The ``safetensors`` package trusts the header more than a file from a network de
 cannot give bf16 to numpy; this reader checks every offset against the file size before it
 touches data (no memory bomb, no overlap), and widens bf16 to float32 itself.
 Layout: 8-byte little-endian header length, a JSON header, then the data block.
+Small files (adapters) are best read whole with :meth:`SafetensorsFile.read_all`: one read into
+one buffer, every tensor a view of it; large ones (base models) tensor by tensor from a memory map.
 """
 
 from __future__ import annotations
@@ -25,6 +27,12 @@ DTYPES = {
     "F64": np.float64, "F32": np.float32, "F16": np.float16, "BF16": np.uint16,
     "I64": np.int64, "I32": np.int32, "I16": np.int16, "I8": np.int8, "U8": np.uint8, "BOOL": np.bool_,
 }
+ITEMSIZE = {name: np.dtype(kind).itemsize for name, kind in DTYPES.items()}
+# float dtype -> (unsigned view, mask dropping the sign, all-ones exponent): a value is NaN or Inf
+# exactly when its magnitude bits reach the all-ones exponent
+NONFINITE_BITS = {"F64": (np.uint64, 0x7FFF_FFFF_FFFF_FFFF, 0x7FF0_0000_0000_0000), "F32": (np.uint32, 0x7FFF_FFFF, 0x7F80_0000),
+                  "F16": (np.uint16, 0x7FFF, 0x7C00), "BF16": (np.uint16, 0x7FFF, 0x7F80)}
+SCAN_CHUNK = 1 << 18  # elements per masked max(): the temporary stays in cache
 NUMPY_TO_ST = {np.dtype(np.float64): "F64", np.dtype(np.float32): "F32", np.dtype(np.float16): "F16",
                np.dtype(np.int64): "I64", np.dtype(np.int32): "I32", np.dtype(np.int16): "I16",
                np.dtype(np.int8): "I8", np.dtype(np.uint8): "U8", np.dtype(np.bool_): "BOOL"}
@@ -47,8 +55,10 @@ class SafetensorsFile:
             raise EdgeLoraError("file not found", path=self.path, hint="check the path")
         if not self.path.is_file():
             raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path, hint="pass the file itself")
-        size = self.path.stat().st_size
         with open(self.path, "rb") as f:
+            stat = os.fstat(f.fileno())
+            size = stat.st_size
+            self._identity = (stat.st_dev, stat.st_ino, size)  # read_all refuses a file swapped or resized since
             head = f.read(8)
             if len(head) < 8:
                 raise EdgeLoraError("not a safetensors file (too short)", path=self.path, hint="the file is empty or truncated; copy it again")
@@ -68,6 +78,7 @@ class SafetensorsFile:
             raise EdgeLoraError("safetensors __metadata__ must map strings to strings", path=self.path, hint="the file is corrupt; copy it again")
         self.metadata: dict[str, str] = metadata
         self.data_start = 8 + n
+        self._block: np.ndarray | None = None  # the data block, once read_all has read it
         self.tensors: dict[str, TensorInfo] = {}
         spans = []
         for name, entry in header.items():
@@ -81,21 +92,24 @@ class SafetensorsFile:
         self._map = None
 
     def _parse_entry(self, name, entry, size) -> TensorInfo:
+        # one pass per field (type() is, not isinstance: a bool is no size); a header lists hundreds of tensors
         bad = lambda why: EdgeLoraError(f"tensor {name!r}: {why}", path=self.path, hint="the file is corrupt or not a tensor file")  # noqa: E731
-        if not isinstance(entry, dict):
+        if type(entry) is not dict:
             raise bad("header entry is not an object")
         dtype, shape, offsets = entry.get("dtype"), entry.get("shape"), entry.get("data_offsets")
         if dtype not in DTYPES:
             raise bad(f"unsupported dtype {dtype!r}")
-        if not isinstance(shape, list) or not all(isinstance(d, int) and not isinstance(d, bool) and d >= 0 for d in shape):
+        if type(shape) is not list:
             raise bad("shape must be a list of non-negative integers")
-        if not (isinstance(offsets, list) and len(offsets) == 2 and all(isinstance(o, int) and not isinstance(o, bool) for o in offsets)):
-            raise bad("data_offsets must be two integers")
-        begin, end = offsets
         count = 1
         for d in shape:
+            if type(d) is not int or d < 0:
+                raise bad("shape must be a list of non-negative integers")
             count *= d
-        nbytes = count * np.dtype(DTYPES[dtype]).itemsize
+        if not (type(offsets) is list and len(offsets) == 2 and type(offsets[0]) is int and type(offsets[1]) is int):
+            raise bad("data_offsets must be two integers")
+        begin, end = offsets
+        nbytes = count * ITEMSIZE[dtype]
         if not 0 <= begin <= end or end - begin != nbytes:
             raise bad(f"data_offsets {offsets} do not match shape {shape} of {dtype}")
         if self.data_start + end > size:
@@ -118,6 +132,64 @@ class SafetensorsFile:
             return (arr.astype(np.uint32) << 16).view(np.float32)
         return arr.copy()
 
+    def read_all(self) -> dict[str, np.ndarray]:
+        """Every tensor at once: the data block read with one call into one buffer, each tensor a
+        view of it (no per-tensor copies, no page faults on a map; bf16 widened to float32).
+
+        The arrays are private memory: a file changed after this returns cannot change them. A file
+        truncated or replaced since its header was checked is refused.
+        """
+        end = max((info.end for info in self.tensors.values()), default=self.data_start)
+        block = np.empty(end - self.data_start, dtype=np.uint8)  # numpy asks large buffers for huge pages
+        with open(self.path, "rb", buffering=0) as f:
+            stat = os.fstat(f.fileno())
+            if (stat.st_dev, stat.st_ino, stat.st_size) != self._identity:
+                raise EdgeLoraError("the file changed while it was being read", path=self.path, hint="read it again once it is written")
+            f.seek(self.data_start)
+            _read_exactly(f, memoryview(block), self.path)
+        self._block = block
+        return {name: self._view(block, info) for name, info in self.tensors.items()}
+
+    def first_nonfinite(self) -> str | None:
+        """The first float tensor holding NaN or Inf, or None (reads the file if read_all has not).
+
+        Tensors lying back to back with one dtype are scanned as one run of raw bits (an all-linear
+        adapter has hundreds of small tensors: a numpy call per tensor cost more than the scan).
+        """
+        if self._block is None:
+            self.read_all()
+        for dtype, names in self._runs():
+            if not self._bits_finite(dtype, self.tensors[names[0]].start, self.tensors[names[-1]].end):
+                return next(n for n in names if not self._bits_finite(dtype, self.tensors[n].start, self.tensors[n].end))
+        return None
+
+    def _runs(self):
+        """``(dtype, [names])`` for each run of back-to-back float tensors of one dtype, in file order."""
+        run: list[str] = []
+        for name in sorted(self.tensors, key=lambda n: self.tensors[n].start):
+            info = self.tensors[name]
+            if info.dtype not in NONFINITE_BITS:
+                continue
+            if run and (self.tensors[run[-1]].dtype != info.dtype or self.tensors[run[-1]].end != info.start):
+                yield self.tensors[run[0]].dtype, run
+                run = []
+            run.append(name)
+        if run:
+            yield self.tensors[run[0]].dtype, run
+
+    def _bits_finite(self, dtype: str, start: int, end: int) -> bool:
+        kind, mask, limit = NONFINITE_BITS[dtype]
+        raw = self._block[start - self.data_start:end - self.data_start]
+        bits = (raw if raw.ctypes.data % np.dtype(kind).itemsize == 0 else raw.copy()).view(kind)
+        return all(int((bits[i:i + SCAN_CHUNK] & mask).max()) < limit for i in range(0, bits.size, SCAN_CHUNK))
+
+    def _view(self, block: np.ndarray, info: TensorInfo) -> np.ndarray:
+        offset = info.start - self.data_start
+        arr = block[offset:offset + info.end - info.start].view(DTYPES[info.dtype]).reshape(info.shape)
+        if info.dtype == "BF16":
+            return (arr.astype(np.uint32) << 16).view(np.float32)
+        return arr if arr.flags.aligned else arr.copy()  # a tensor at an odd offset: aligned for fast math
+
     def _mmap(self):
         if self._map is None:
             if self.path.stat().st_size == 0:
@@ -125,6 +197,16 @@ class SafetensorsFile:
             else:
                 self._map = np.memmap(self.path, dtype=np.uint8, mode="r")
         return self._map
+
+
+def _read_exactly(f, into: memoryview, path: Path) -> None:
+    done = 0
+    while done < len(into):
+        n = f.readinto(into[done:])
+        if not n:
+            raise EdgeLoraError("the file ended before its last tensor (truncated while being read?)", path=path,
+                                hint="copy the file again")
+        done += n
 
 
 def load_tensors(path: str | os.PathLike) -> tuple[dict[str, np.ndarray], dict[str, str]]:
