@@ -24,6 +24,8 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import threading
+import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -37,12 +39,58 @@ MANIFEST = "bundle.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
 
 
-def sha256_file(path: str | os.PathLike, chunk: int = 1 << 20) -> str:
+def sha256_file(path: str | os.PathLike, chunk: int = 1 << 18) -> str:
+    with open(path, "rb", buffering=0) as f:
+        return _sha256_open(f, chunk)
+
+
+def _sha256_open(f, chunk: int = 1 << 18) -> str:
+    """SHA-256 of an open unbuffered file, read into one reused buffer (no allocation per block)."""
     digest = hashlib.sha256()
-    with open(path, "rb") as f:
-        while block := f.read(chunk):
-            digest.update(block)
+    buf = memoryview(bytearray(chunk))
+    while n := f.readinto(buf):
+        digest.update(buf[:n])
     return digest.hexdigest()
+
+
+def _identity(stat: os.stat_result) -> tuple:
+    return stat.st_dev, stat.st_ino, stat.st_size, stat.st_mtime_ns, stat.st_ctime_ns
+
+
+class FileHashes:
+    """SHA-256 of files, remembered while each file provably stays the one that was hashed.
+
+    A digest is reused only while the file's device, inode, size, mtime and ctime are unchanged:
+    every write, truncation, rename over it or ``utime`` moves ctime, which no user can set back.
+    File times tick coarsely (milliseconds), so a change in the same tick as the previous one would
+    keep them: only a file whose last change is ``SETTLE_NS`` older than the hash is remembered
+    (git's "racily clean" rule); a fresher one is hashed every time.
+    """
+
+    SETTLE_NS = 2_000_000_000
+
+    def __init__(self):
+        self._known: dict[str, tuple[tuple, str]] = {}
+        self._lock = threading.Lock()
+
+    def sha256(self, path: str | os.PathLike) -> str:
+        key = os.fspath(path)
+        with self._lock:
+            known = self._known.get(key)
+        if known is not None and known[0] == _identity(os.stat(key)):
+            return known[1]
+        started = time.time_ns()
+        with open(key, "rb", buffering=0) as f:
+            before = _identity(os.fstat(f.fileno()))
+            digest = _sha256_open(f)
+            after = _identity(os.fstat(f.fileno()))
+        settled = started - max(before[3], before[4]) >= self.SETTLE_NS
+        with self._lock:
+            if before == after and settled:
+                self._known[key] = (after, digest)
+            else:
+                self._known.pop(key, None)
+        return digest
 
 
 @dataclass
@@ -55,6 +103,8 @@ class Bundle:
     adapters: dict[str, dict] = field(default_factory=dict)
     files: dict[str, dict] = field(default_factory=dict)
     raw: dict = field(default_factory=dict)
+    # verified digests for this bundle's life (an engine's): re-adding an adapter does not re-read it
+    hashes: FileHashes = field(default_factory=FileHashes, repr=False, compare=False)
 
     @property
     def manifest_path(self) -> Path:
@@ -137,7 +187,7 @@ class Bundle:
         expected = self.files.get(rel, {}).get("sha256")
         if expected is None:
             raise EdgeLoraError(f"bundle.json records no hash for {rel!r}", path=self.manifest_path, hint="re-export the bundle")
-        if sha256_file(full) != expected:
+        if self.hashes.sha256(full) != expected:
             raise EdgeLoraError(f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)", path=self.root,
                                 hint="copy the bundle again from a trusted source")
         return full

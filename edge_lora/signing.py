@@ -24,7 +24,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from .atomic import atomic_write_bytes, atomic_write_text
-from .bundle import Bundle, sha256_file
+from .bundle import Bundle, FileHashes, sha256_file
 from .errors import EdgeLoraError
 
 SIG_SUFFIX = ".sig"
@@ -196,17 +196,18 @@ def read_signature(sig_path: Path) -> dict:
     return record
 
 
-def verify_file(path: str | os.PathLike, trusted_keys) -> str:
+def verify_file(path: str | os.PathLike, trusted_keys, hashes: FileHashes | None = None) -> str:
     """Check ``<path>.sig`` against the file and the trusted keys; return the signer's key id.
 
-    ``trusted_keys`` is what :func:`load_trusted_keys` returns (or a list it accepts).
+    ``trusted_keys`` is what :func:`load_trusted_keys` returns (or a list it accepts); ``hashes``
+    remembers digests of unchanged files (an engine's, so a re-added adapter is not read again).
     """
     path = Path(path)
     trusted = trusted_keys if isinstance(trusted_keys, dict) else load_trusted_keys(trusted_keys)
     record = read_signature(signature_path(path))
     if not path.is_file():
         raise EdgeLoraError("signed file is missing or not a file", path=path)
-    digest = sha256_file(path)
+    digest = hashes.sha256(path) if hashes is not None else sha256_file(path)
     if digest != record["sha256"]:
         raise EdgeLoraError("file does not match its signature (modified after signing)", path=path,
                             hint="copy it again from a trusted source")
@@ -281,11 +282,11 @@ class AdapterTrust:
             if rel is not None and rel in self.bundle.files:
                 self.bundle.verify_file(rel)
                 return
-        verify_file(source, self.keys)
+        verify_file(source, self.keys, self.bundle.hashes)
         if entry is not None:  # a backend may load the converted copies: they need vouching too
             for key in ("onnx", "gguf"):
                 if key in entry:
-                    verify_file(self.bundle.require(entry[key]), self.keys)
+                    verify_file(self.bundle.require(entry[key]), self.keys, self.bundle.hashes)
 
     def _bundle_relative(self, source: Path) -> str | None:
         try:
