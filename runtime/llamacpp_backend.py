@@ -1,10 +1,12 @@
 """The llama.cpp backend: a bundle's GGUF model through llama-cpp-python's low-level API.
 
 Adapters are GGUF LoRAs loaded once on the model (``llama_adapter_lora_init``) and switched per
-request with ``llama_set_adapters_lora``: no reload, scales per adapter, several stacked. One
-context serves every request under a lock; its KV cache is reused only for the prefix that was
-computed under the same adapter set, so a swap never reads stale keys and values. ``merge`` writes
-a merged GGUF (dequantize, add, requantize) and reloads the model from it.
+request with ``llama_set_adapters_lora``: no reload, scales per adapter, several stacked. An
+adapter file from outside the bundle is converted into one scratch GGUF that every conversion
+rewrites in place (llama.cpp copies the tensors when it loads them). One context serves every
+request under a lock; its KV cache is reused only for the prefix that was computed under the same
+adapter set, so a swap never reads stale keys and values. ``merge`` writes a merged GGUF
+(dequantize, add, requantize) and reloads the model from it.
 """
 
 from __future__ import annotations
@@ -31,7 +33,7 @@ DEFAULT_MAX_CTX = 4096
 
 @dataclass
 class LoraHandle:
-    path: Path  # the GGUF LoRA file
+    path: Path | None  # the bundle's GGUF LoRA; None: converted from the adapter (again whenever the model reloads)
     ptr: object = None  # llama_adapter_lora *, replaced when merge reloads the model
 
 
@@ -55,6 +57,9 @@ class LlamaCppEngine(Engine):
         self._threads = int(threads or os.cpu_count() or 1)
         self._n_ctx = int(n_ctx or min(self.config.max_position_embeddings, DEFAULT_MAX_CTX))
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-lora-llamacpp-")
+        # rewriting one file reuses its cached pages: a fresh 20 MB file cost ~3x as much to write
+        self._scratch = Path(self._tmp.name) / "converted.gguf"
+        self._scratch_lock = threading.Lock()  # taken before _ctx_lock, never inside it
         self._ctx_lock = threading.Lock()  # a llama_context is not thread-safe
         self._model = self._ctx = None
         self._load(self._model_path)
@@ -106,13 +111,25 @@ class LlamaCppEngine(Engine):
     def _attach(self, name: str, adapter: Adapter, source: Path) -> LoraHandle:
         check_llamacpp_can_apply(adapter, self.config, path=source)
         path = self._bundle_gguf(name, source)
-        if path is None:
-            fd, tmp = tempfile.mkstemp(prefix=f"{name}-", suffix=".gguf", dir=self._tmp.name)  # unique under concurrent adds
-            os.close(fd)
-            path = Path(tmp)
-            export_gguf_adapter(adapter, self.config, path)
-        with self._ctx_lock:
-            return LoraHandle(path, self._model.load_lora(path))
+        if path is not None:
+            with self._ctx_lock:
+                return LoraHandle(path, self._model.load_lora(path))
+        with self._scratch_lock:  # converted outside the context lock: requests keep decoding meanwhile
+            export_gguf_adapter(adapter, self.config, self._scratch, durable=False)  # no fsync: no crash needs it back
+            with self._ctx_lock:
+                return LoraHandle(None, self._model.load_lora(self._scratch))
+
+    def _reload_lora(self, loaded: LoadedAdapter):
+        """Load an adapter again on a new model (after a merge); the caller holds the context lock,
+        so a converted one goes through a file of its own, not the scratch file."""
+        if loaded.handle.path is not None:
+            return self._model.load_lora(loaded.handle.path)
+        fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=self._tmp.name)
+        os.close(fd)
+        try:
+            return self._model.load_lora(export_gguf_adapter(loaded.adapter, self.config, Path(tmp), durable=False))
+        finally:
+            Path(tmp).unlink(missing_ok=True)
 
     def _bundle_gguf(self, name: str, source: Path) -> Path | None:
         """The bundle's own GGUF of this adapter, when ``source`` is the bundle's adapter file."""
@@ -132,8 +149,6 @@ class LlamaCppEngine(Engine):
                 self._forget_cache()
             self._model.free_lora(handle.ptr)
             handle.ptr = None
-        if handle.path.parent == Path(self._tmp.name):  # converted on the fly: nobody else uses it
-            handle.path.unlink(missing_ok=True)
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
         from .llamacpp_merge import write_merged_gguf
@@ -145,7 +160,7 @@ class LlamaCppEngine(Engine):
             self._unload()
             self._load(merged)
             for other in self._adapters.values():  # adapters live on a model: load them again on the new one
-                other.handle.ptr = self._model.load_lora(other.handle.path)
+                other.handle.ptr = self._reload_lora(other)
             if previous != self._model_path:
                 previous.unlink(missing_ok=True)
 
