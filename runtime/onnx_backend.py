@@ -140,16 +140,19 @@ class OnnxEngine(Engine):
         return session
 
     def _open_sessions(self) -> None:
-        """Open the plain session now and the LoRA one in the background (ORT releases the GIL
-        while it initializes), so the first base-only token does not wait for both."""
+        """Open the plain session now; the LoRA one opens in the background when the first adapter
+        is added (ORT releases the GIL while it initializes). An engine that never sees an adapter
+        holds one session, and the first base-only token does not wait for, or share the CPU
+        with, the second one's load."""
         overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
+        self._lora = _Opening(lambda: self._session(self.model_path, overrides))
         if not self.plain_path:
-            self._lora = _Opening(lambda: self._session(self.model_path, overrides), background=False)
             self.plain_session = None
             self.output_names = [o.name for o in self.lora_session.get_outputs()]
             self._note_logits_to_keep(self.lora_session)
             return
-        self._lora = _Opening(lambda: self._session(self.model_path, overrides), background=True)
+        if self._adapters:  # reopened after a merge with adapters loaded: they will want it soon
+            self._lora.start()
         self.plain_session = self._session(self.plain_path, overrides)
         self.output_names = [o.name for o in self.plain_session.get_outputs()]
         self._note_logits_to_keep(self.plain_session)
@@ -174,6 +177,7 @@ class OnnxEngine(Engine):
             if module not in self.slots:
                 hint = "a tied-embedding base has no separate lm_head" if module == "lm_head" else "wrong base model?"
                 raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
+        self._lora.start()  # requests with adapters need the LoRA session: load it while the caller goes on
         # DoRA cannot run as a side path; such an adapter can still be merged
         return {"dora": adapter.dora, "ort_adapter": None if adapter.dora else self._bundled_onnx_adapter(name, source)}
 
@@ -228,7 +232,7 @@ class OnnxEngine(Engine):
         return values
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
-        self._lora.result()  # let a session still opening in the background finish first
+        self._lora.wait()  # let a session still opening in the background finish first
         replaced = self.weights.merge(loaded.adapter, scale)
         for tensor, array in replaced.items():
             array = np.ascontiguousarray(array)
@@ -283,26 +287,40 @@ class OnnxEngine(Engine):
 
 
 class _Opening:
-    """A session being opened, on a thread or at once; ``result()`` waits and re-raises its error."""
+    """A session opened on demand: ``start()`` begins loading it on a thread (once), ``result()``
+    waits for it (loading it here if nobody started it) and re-raises its error."""
 
-    def __init__(self, open_session, background: bool):
+    def __init__(self, open_session):
         self._open, self._value, self._error = open_session, None, None
-        # not a daemon: interpreter shutdown must wait for it, or ORT aborts the process mid-load
-        self._thread = threading.Thread(target=self._run, daemon=False) if background else None
-        if self._thread:
-            self._thread.start()
-        else:
-            self._run()
+        self._thread: threading.Thread | None = None
+        self._lock = threading.Lock()
+        self._done = threading.Event()
+
+    def start(self) -> None:
+        with self._lock:
+            if self._thread is None:
+                # not a daemon: interpreter shutdown must wait for it, or ORT aborts the process mid-load
+                self._thread = threading.Thread(target=self._run, daemon=False)
+                self._thread.start()
 
     def _run(self) -> None:
         try:
             self._value = self._open()
         except EdgeLoraError as err:
             self._error = err
+        finally:
+            self._done.set()
+
+    def wait(self) -> None:
+        """Wait for a load already under way; start none."""
+        with self._lock:
+            started = self._thread is not None
+        if started:
+            self._done.wait()
 
     def result(self):
-        if self._thread:
-            self._thread.join()
+        self.start()
+        self._done.wait()
         if self._error:
             raise self._error
         return self._value

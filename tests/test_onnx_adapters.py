@@ -27,6 +27,18 @@ def ids_for(md, n=20, seed=0):
     return [int(t) for t in np.random.default_rng(seed).integers(3, md.config.vocab_size, n)]
 
 
+def test_lora_session_opens_only_once_an_adapter_is_added(setup):
+    md, adapters, root = setup
+    engine = OnnxEngine(root, quant="int4")
+    ids = ids_for(md)
+    base = engine.logits(ids)
+    assert engine._lora._thread is None  # base-only use holds one session
+    engine.add_adapter("a")
+    assert engine._lora._thread is not None  # loading in the background while the caller goes on
+    np.testing.assert_allclose(engine.logits(ids, adapters={}), base, atol=1e-6)
+    assert np.abs(engine.logits(ids, adapters={"a": 1.0}) - base).max() > 1e-2
+
+
 def test_swap_a_b_a_none_equals_fresh_sessions(setup):
     md, adapters, root = setup
     engine = OnnxEngine(root, quant="int4")
