@@ -62,11 +62,13 @@ def bench_model(plan: Plan, shape: str) -> dict:
         for w in workers:
             w.stop()
     cold = {}
-    for backend, quant in [("onnx", q) for q in plan.onnx_quants[:1]] + [("llamacpp", q) for q in plan.gguf_quants[:1]]:
-        say(f"  cold start: {backend} {quant}")
-        cold[f"edge-lora {'llama.cpp' if backend == 'llamacpp' else backend} {quant}"] = pool.run_once(
-            {"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
-             "prompt": plan.prompt, "new_tokens": plan.new_tokens})
+    # ONNX twice: the default (plain + LoRA session) and one LoRA session for every request (plain_session=False)
+    runs = [("onnx", q, True) for q in plan.onnx_quants[:1]] + [("onnx", q, False) for q in plan.onnx_quants[:1]]
+    for backend, quant, plain in runs + [("llamacpp", q, True) for q in plan.gguf_quants[:1]]:
+        label = f"edge-lora {'llama.cpp' if backend == 'llamacpp' else backend} {quant}{'' if plain else ' one session'}"
+        say(f"  cold start: {label}")
+        cold[label] = pool.run_once({"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
+                                     "prompt": plan.prompt, "new_tokens": plan.new_tokens, **({} if plain else {"plain_session": False})})
     return {"shape": shape, "prepare_s": prep_s, "decode": decode, "extras": extras, "memory": memory, "cold": cold,
             "scaling": scaling, "files": file_sizes(model, plan), "config": config_dict(model),
             "workers": {w.label: {"cases": w.cases, "kind": w.spec["kind"], "error": w.info.get("error")} for w in planned},

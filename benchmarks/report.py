@@ -157,13 +157,13 @@ def _peer_base(tok_s: dict, peer_a: str) -> str | None:
 
 def _memory_budget_mb(info: dict, label: str, plan: dict) -> float:
     config = _config(info["config"])
-    quant = label.split()[-1]
+    quant = label.replace(" one session", "").split()[-1]
     files = info["files"]
     if "llama.cpp" in label:  # the context's KV cache is allocated whole: n_ctx tokens in f16
         kv = roofline.kv_bytes(config, min(config.max_position_embeddings, 4096), 2)
         adapter = files["adapter"]["gguf_mb"]
-    else:  # ONNX Runtime grows an fp32 KV cache with the request
-        kv = roofline.kv_bytes(config, plan["prompt"] + plan["new_tokens"], 4)
+    else:  # the ONNX engine's fp32 KV buffers grow in steps of 256 positions
+        kv = roofline.kv_bytes(config, -(-(plan["prompt"] + plan["new_tokens"]) // 256) * 256, 4)
         adapter = files["adapter"]["safetensors_mb"]
     return files[quant]["file_mb"] + adapter + kv / 1e6
 
@@ -181,7 +181,7 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
     lines = [f"Run {results['date']} ({'quick' if results['quick'] else 'full'}, {results['wall_s'] / 60:.0f} min) on {m['cpu']}, "
              f"{m['cores']} cores{' (AMX: llama.cpp extra buffer types off)' if m.get('amx') else ''}; load average "
              f"{results['load_average_start']} at start, {results['load_average_end']} at the end (other jobs share this machine). "
-             f"{plan['threads']} threads, prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
+             f"{plan['threads']} threads (ONNX Runtime sessions spin, their default), prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
              f"medians, ratios paired per round. Memory bandwidth: {bw['dram_gbs']:.1f} GB/s from DRAM ({bw['dram_buffer_mb']} MB buffer), "
              + ", ".join(f"{g:.1f} GB/s over {mb} MB" for mb, g in bw["working_set_gbs"].items())
              + f" (LLC {bw['llc_mb']:.0f} MB: the models fit in it, so engines can pass the DRAM roofline).", ""]

@@ -113,6 +113,8 @@ def cold_start(spec: dict) -> dict:
 
     t0 = time.perf_counter()
     options = {"quant": spec["quant"], "threads": spec["threads"]}
+    if "plain_session" in spec:
+        options["plain_session"] = spec["plain_session"]
     engine = runtime.load(spec["bundle"], backend=spec["backend"], **options)
     t1 = time.perf_counter()
     first = engine.generate_ids(prompt_ids(8), _params(1), adapters={})
