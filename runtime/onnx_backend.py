@@ -90,7 +90,12 @@ class OnnxEngine(Engine):
         folder = model_rel.rsplit("/", 1)[0] + "/" if "/" in model_rel else ""
         self.model_path = self._checked(model_rel)
         self.layout = names.read_layout(self._checked(folder + names.LAYOUT_FILE))
-        self.data_path = self._checked(folder + self.layout["data_file"])
+        # the weights file (most of the bundle's bytes) is hashed on a thread while ONNX Runtime
+        # loads it, not before: the engine is refused before it returns if the hash does not match
+        data_rel = folder + self.layout["data_file"]
+        self.data_path = self.bundle.require(data_rel)
+        data_check = _Opening(lambda: self._checked(data_rel))
+        data_check.start()
         plain = self.layout.get("plain_model")
         self.plain_path = self._checked(folder + plain) if plain and plain_session else None
         self.slots = {m: tuple(s) for m, s in self.layout["lora_slots"].items()}
@@ -109,7 +114,10 @@ class OnnxEngine(Engine):
         self._overrides: dict[str, tuple[np.ndarray, object]] = {}
         self._set_cache: OrderedDict[tuple, dict] = OrderedDict()
         self._cache_lock = threading.Lock()
-        self._open_sessions()
+        try:
+            self._open_sessions()
+        finally:
+            data_check.result()  # a mismatch raises here, and wins over a load error it may explain
 
     def _checked(self, rel: str) -> Path:
         return self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
@@ -287,8 +295,8 @@ class OnnxEngine(Engine):
 
 
 class _Opening:
-    """A session opened on demand: ``start()`` begins loading it on a thread (once), ``result()``
-    waits for it (loading it here if nobody started it) and re-raises its error."""
+    """A session (or a check) run on demand: ``start()`` begins it on a thread (once), ``result()``
+    waits for it (starting it here if nobody did) and re-raises its EdgeLoraError."""
 
     def __init__(self, open_session):
         self._open, self._value, self._error = open_session, None, None
