@@ -155,7 +155,7 @@ class DecoderWriter:
     def embed(self, ids: str) -> str:
         table = self.weight("model.embed_tokens.weight")
         if self.shares_quantized_table():
-            self.tied_entry = nbits_initializers(self.g, "lm_head", table, self.o.quant, self.o.block_size)
+            self.tied_entry = nbits_initializers(self.g, "lm_head", table, self.o.quant, self.o.block_size, symmetric=False)
             self.layout["weights"]["lm_head"] = self.tied_entry
             return nbits_gather(self.g, ids, "model.embed_tokens", self.tied_entry)
         if self.o.quant == "fp32":

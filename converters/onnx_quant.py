@@ -49,20 +49,25 @@ def emit_matmul(g: Graph, x: str, name: str, weight: np.ndarray, quant: str, var
     raise ValueError(f"unknown quantization {quant!r}")
 
 
-def nbits_initializers(g: Graph, name: str, weight: np.ndarray, quant: str, block_size: int) -> dict:
-    """MatMulNBits tensors of ``weight [N, K]`` as initializers; returns their layout entry."""
+def nbits_initializers(g: Graph, name: str, weight: np.ndarray, quant: str, block_size: int, symmetric: bool = True) -> dict:
+    """MatMulNBits tensors of ``weight [N, K]`` as initializers; returns their layout entry.
+
+    ``symmetric`` weights carry no zero points (MatMulNBits' defaults: the faster kernel); the
+    tied embedding table passes False, GatherBlockQuantized reading it takes explicit ones."""
     n, k = weight.shape
     bits = 4 if quant == "int4" else 8
-    nb = q.quantize_nbits(weight, bits, block_size)
+    nb = q.quantize_nbits(weight, bits, block_size, symmetric=symmetric)
     tensors = {"packed": g.initializer(f"{name}.weight_q", nb.packed),
-               "scales": g.initializer(f"{name}.weight_scales", nb.scales),
-               "zero_points": g.initializer(f"{name}.weight_zp", nb.zero_points)}
-    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
+               "scales": g.initializer(f"{name}.weight_scales", nb.scales)}
+    if not symmetric:
+        tensors["zero_points"] = g.initializer(f"{name}.weight_zp", nb.zero_points)
+    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "symmetric": symmetric, "tensors": tensors}
 
 
 def nbits_matmul(g: Graph, x: str, name: str, entry: dict, accuracy_level: int = 4) -> str:
     t = entry["tensors"]
-    return g.op("MatMulNBits", [x, t["packed"], t["scales"], t["zero_points"]], f"{name}/MatMulNBits", domain=MS_DOMAIN,
+    zero_points = [t["zero_points"]] if "zero_points" in t else []
+    return g.op("MatMulNBits", [x, t["packed"], t["scales"], *zero_points], f"{name}/MatMulNBits", domain=MS_DOMAIN,
                 K=entry["k"], N=entry["n"], bits=entry["bits"], block_size=entry["block_size"], accuracy_level=accuracy_level)
 
 

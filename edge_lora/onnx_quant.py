@@ -6,8 +6,11 @@ quantized base (dequantize, add, requantize), so both sides share this one file.
 MatMulNBits (com.microsoft): a weight ``W [N, K]`` (out, in) is cut into blocks of
 ``block_size`` along K. ``packed [N, k_blocks, block_size * bits / 8]`` uint8 (4-bit: low
 nibble first), ``scales [N * k_blocks]`` float32, ``zero_points`` uint8 packed the same way per
-row (``[N * ceil(k_blocks * bits / 8)]``). ``w = (q - zp) * scale``. 4 bits are asymmetric (a zero
-point per block, better accuracy), 8 bits symmetric around 128.
+row (``[N * ceil(k_blocks * bits / 8)]``). ``w = (q - zp) * scale``. 8 bits are symmetric around
+128. 4 bits are symmetric around 8 (llama.cpp's q4_0 scheme, as ONNX Runtime GenAI's builder
+exports) or asymmetric (a zero point per block: better accuracy, but MatMulNBits then reads and
+subtracts zero points, 15-40% slower per layer on the benchmark CPU). A symmetric weight may
+leave its zero points out of the graph: MatMulNBits' default is the same 8 / 128.
 
 QDQ (standard DequantizeLinear, the portable graph): int8 per output channel, symmetric, stored
 as ``W^T [K, N]`` with ``scales [N]`` on axis 1.
@@ -26,7 +29,7 @@ DEFAULT_BLOCK_SIZE = 32
 class NBitsWeight:
     packed: np.ndarray  # uint8 [N, k_blocks, blob]
     scales: np.ndarray  # float32 [N * k_blocks]
-    zero_points: np.ndarray  # uint8 [N * zp_cols]
+    zero_points: np.ndarray | None  # uint8 [N * zp_cols]; None = the symmetric default (8 or 128)
     bits: int
     block_size: int
     k: int  # true in_features (the last block may be padded)
@@ -36,8 +39,8 @@ class NBitsWeight:
         return self.packed.shape[0]
 
 
-def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE) -> NBitsWeight:
-    """``W [N, K]`` float -> MatMulNBits tensors."""
+def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = False) -> NBitsWeight:
+    """``W [N, K]`` float -> MatMulNBits tensors (8 bits are always symmetric)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     n, k = weight.shape
@@ -46,7 +49,12 @@ def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOC
     w[:, :k] = weight
     w = w.reshape(n, k_blocks, block_size)
     levels = (1 << bits) - 1
-    if bits == 4:
+    if bits == 4 and symmetric:  # q4_0: the largest-magnitude value maps to -8, the full [-8, 7] range is used
+        idx = np.abs(w).argmax(axis=2)
+        peak = np.take_along_axis(w, idx[:, :, None], axis=2)[:, :, 0]
+        scale = np.where(peak == 0, 1.0, peak / -8.0).astype(np.float32)
+        zp = np.full((n, k_blocks), 8, dtype=np.uint8)
+    elif bits == 4:
         lo = np.minimum(w.min(axis=2), 0.0)
         hi = np.maximum(w.max(axis=2), 0.0)
         scale = (hi - lo) / levels
@@ -66,7 +74,10 @@ def dequantize_nbits(q: NBitsWeight) -> np.ndarray:
     n = q.n
     k_blocks = q.packed.shape[1]
     values = _unpack(q.packed.reshape(n, -1), q.bits, k_blocks * q.block_size).reshape(n, k_blocks, q.block_size)
-    zp = _unpack(q.zero_points.reshape(n, -1), q.bits, k_blocks)
+    if q.zero_points is None:
+        zp = np.full((n, k_blocks), 1 << (q.bits - 1), dtype=np.uint8)
+    else:
+        zp = _unpack(q.zero_points.reshape(n, -1), q.bits, k_blocks)
     scale = q.scales.reshape(n, k_blocks)
     w = (values.astype(np.float32) - zp[:, :, None]) * scale[:, :, None]
     return w.reshape(n, -1)[:, : q.k]

@@ -44,7 +44,7 @@ class WeightStore:
         t = {role: self.tensor(name) for role, name in entry["tensors"].items()}
         kind = entry["kind"]
         if kind == "nbits":
-            return q.dequantize_nbits(q.NBitsWeight(t["packed"], t["scales"], t["zero_points"], entry["bits"], entry["block_size"], entry["k"]))
+            return q.dequantize_nbits(q.NBitsWeight(t["packed"], t["scales"], t.get("zero_points"), entry["bits"], entry["block_size"], entry["k"]))
         if kind == "float_t":
             return t["weight_t"].astype(np.float32).T
         if kind == "qdq8_t":
@@ -58,8 +58,10 @@ class WeightStore:
         entry = self.layout["weights"][group]
         names, kind = entry["tensors"], entry["kind"]
         if kind == "nbits":
-            nb = q.quantize_nbits(weight, entry["bits"], entry["block_size"])
-            new = {names["packed"]: nb.packed, names["scales"]: nb.scales, names["zero_points"]: nb.zero_points}
+            nb = q.quantize_nbits(weight, entry["bits"], entry["block_size"], symmetric="zero_points" not in names)
+            new = {names["packed"]: nb.packed, names["scales"]: nb.scales}
+            if "zero_points" in names:
+                new[names["zero_points"]] = nb.zero_points
         elif kind == "float_t":
             dtype = NUMPY_DTYPES[self.layout["tensors"][names["weight_t"]]["dtype"]]
             new = {names["weight_t"]: np.ascontiguousarray(weight.T.astype(dtype))}

@@ -20,6 +20,30 @@ def test_nbits_roundtrip_error_is_within_half_a_step(bits, k):
     assert back.shape == w.shape and (np.abs(back - w) <= step * 0.5 + 1e-6).all()
 
 
+@pytest.mark.parametrize("bits", [4, 8])
+def test_symmetric_nbits_needs_no_zero_points(bits):
+    """Symmetric weights dequantize with MatMulNBits' default zero point (8 / 128), so the graph
+    can leave them out; 4 bits use q4_0's full [-8, 7] range."""
+    w = np.random.default_rng(bits).normal(0, 1, (24, 70)).astype(np.float32)
+    nb = q.quantize_nbits(w, bits, 32, symmetric=True)
+    explicit = q.dequantize_nbits(nb)
+    nb.zero_points = None
+    implied = q.dequantize_nbits(nb)
+    np.testing.assert_array_equal(explicit, implied)
+    step = np.abs(np.repeat(nb.scales.reshape(24, -1), 32, axis=1)[:, :70])
+    # 4 bits: a value of the peak's size and the other sign clips at +7 steps (q4_0 does the same)
+    assert (np.abs(implied - w) <= step * (1.0 if bits == 4 else 0.5) + 1e-6).all()
+
+
+def test_linear_layers_run_without_zero_points(quant_bundle):
+    import onnx
+
+    _, _, root = quant_bundle
+    graph = onnx.load(root / "onnx/int4-fast/model.plain.onnx", load_external_data=False).graph
+    linear = [n for n in graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("lm_head")]
+    assert linear and all(len(n.input) == 3 for n in linear)
+
+
 def test_int8_channel_and_int4_block_roundtrip():
     w = np.random.default_rng(3).normal(0, 1, (40, 96)).astype(np.float32)
     q8, s8 = q.quantize_int8_channel(w)
