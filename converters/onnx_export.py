@@ -59,7 +59,7 @@ def export_onnx(model_dir: ModelDir, out_dir: Path, quant: str = "int4", variant
         "linears": writer.layout["linears"], "weights": writer.layout["weights"], "tensors": tensors,
     }
     atomic_write_text(out_dir / names.LAYOUT_FILE, json.dumps(layout, indent=1) + "\n")
-    atomic_write_text(out_dir / "genai_config.json", json.dumps(genai_config(md), indent=2) + "\n")
+    atomic_write_text(out_dir / "genai_config.json", json.dumps(genai_config(md, variant), indent=2) + "\n")
     _copy(md.tokenizer_path, out_dir / "tokenizer.json")
     atomic_write_text(out_dir / "tokenizer_config.json", json.dumps(md.tokenizer_config or {}, indent=2) + "\n")
     say(f"onnx {quant}-{variant}: done ({(out_dir / names.DATA_FILE).stat().st_size / 1e6:.1f} MB of weights)")
@@ -113,8 +113,11 @@ def strip_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     return plain
 
 
-def genai_config(md: ModelDir) -> dict:
-    """The genai_config.json that lets onnxruntime-genai load the folder as it is."""
+def genai_config(md: ModelDir, variant: str = "fast") -> dict:
+    """The genai_config.json that lets onnxruntime-genai load the folder as it is.
+
+    The fast variant's GroupQueryAttention updates a KV buffer shared by past and present in place,
+    as our engine runs it; the portable variant's Concat cache grows each step."""
     c = md.config
     eos = c.eos_token_id or [0]
     layer = "%d"
@@ -144,7 +147,7 @@ def genai_config(md: ModelDir) -> dict:
         "search": {
             "diversity_penalty": 0.0, "do_sample": False, "early_stopping": True, "length_penalty": 1.0,
             "max_length": c.max_position_embeddings, "min_length": 0, "no_repeat_ngram_size": 0, "num_beams": 1,
-            "num_return_sequences": 1, "past_present_share_buffer": False,  # a Concat KV cache grows each step
+            "num_return_sequences": 1, "past_present_share_buffer": variant == "fast",
             "repetition_penalty": 1.0, "temperature": 1.0, "top_k": 1, "top_p": 1.0,
         },
     }

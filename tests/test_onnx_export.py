@@ -42,7 +42,7 @@ def test_export_writes_genai_folder(model_dirs, tmp_path):
         assert (tmp_path / name).is_file(), name
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == md.config.num_key_value_heads
-    assert config["search"]["past_present_share_buffer"] is False
+    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention writes the cache in place
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
