@@ -55,10 +55,7 @@ def decode_chart(results: dict, path: Path) -> Path:
         ax.set_xlim(0, max([r["tok_s"] or 0 for r in m["rows"]] + [roof for _, roof in roofs]) * 1.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CASE_COLORS.values()]
     fig.legend(handles, list(CASE_NAMES.values()), loc="lower center", ncol=4, frameon=False)
-    fig.tight_layout(rect=(0, 0.04, 1, 1))
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path, rect=(0, 0.04, 1, 1))  # room for the legend below
 
 
 def swap_chart(results: dict, path: Path) -> Path | None:
@@ -88,10 +85,7 @@ def swap_chart(results: dict, path: Path) -> Path | None:
     right.set_yticks([])
     right.set_xlim(0, max(ratio) * 1.6)
     right.set_xlabel("first step after a swap / steady step (1.0 = no penalty)")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def train_chart(train: dict, path: Path) -> Path:
@@ -110,10 +104,7 @@ def train_chart(train: dict, path: Path) -> Path:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is left else [])
     fig.suptitle(f"LoRA training, SmolLM2-135M shape, rank {train.get('rank')}, batch {train.get('batch')} x {train.get('seq')}", x=0.01, ha="left")
-    fig.tight_layout()
-    fig.savefig(path, dpi=90)
-    plt.close(fig)
-    return path
+    return _save(plt, fig, path)
 
 
 def scaling_chart(results: dict, path: Path) -> Path:
@@ -151,7 +142,11 @@ def scaling_chart(results: dict, path: Path) -> Path:
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
     fig.suptitle(f"scaling, {next(iter(results['models']))} shape, 4-bit (edge-lora engines)", x=0.01, ha="left")
-    fig.tight_layout()
+    return _save(plt, fig, path)
+
+
+def _save(plt, fig, path: Path, rect=None) -> Path:
+    fig.tight_layout(rect=rect)
     fig.savefig(path, dpi=90)
     plt.close(fig)
     return path
