@@ -21,3 +21,9 @@ class EdgeLoraError(Exception):
         if self.hint:
             text += f" (hint: {self.hint})"
         return " ".join(text.split("\n"))
+
+
+def first_line(err: BaseException, limit: int = 200) -> str:
+    """The first line of a foreign library's error message (they run to many lines), or its type."""
+    text = str(err).strip()
+    return text.splitlines()[0][:limit] if text else type(err).__name__

@@ -28,7 +28,7 @@ import numpy as np
 from edge_lora import onnx_names as names
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
-from edge_lora.errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError, first_line
 
 from .engine import DecodeState, Engine, LoadedAdapter
 from .onnx_merge import WeightStore
@@ -141,8 +141,7 @@ class OnnxEngine(Engine):
         try:
             session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers, disabled_optimizers=disabled)
         except Exception as err:  # ORT raises its own exception types for every load failure
-            first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-            raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first})", path=path,
+            raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first_line(err)})", path=path,
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
         session.edge_lora_overrides = overrides
         return session
@@ -208,8 +207,8 @@ class OnnxEngine(Engine):
             runner = self._ort.LoraAdapter()
             runner.Load(str(path))
         except Exception as err:
-            first = str(err).strip().splitlines()[0][:160] if str(err).strip() else type(err).__name__
-            raise EdgeLoraError(f"ONNX Runtime cannot load the adapter ({first})", path=path, hint="re-export the bundle") from None
+            raise EdgeLoraError(f"ONNX Runtime cannot load the adapter ({first_line(err, 160)})", path=path,
+                                hint="re-export the bundle") from None
         options = self._ort.RunOptions()
         options.add_active_adapter(runner)
         return {"adapter": runner, "run_options": options}
@@ -346,8 +345,7 @@ class _Choice:
 
 
 def _decode_error(engine: OnnxEngine, err: Exception) -> EdgeLoraError:
-    first = str(err).strip().splitlines()[0][:200] if str(err).strip() else type(err).__name__
-    return EdgeLoraError(f"ONNX Runtime failed during decoding ({first})", path=engine.model_path)
+    return EdgeLoraError(f"ONNX Runtime failed during decoding ({first_line(err)})", path=engine.model_path)
 
 
 class OnnxState(DecodeState):
