@@ -36,8 +36,9 @@ class Sampler:
 
     def __call__(self, logits: np.ndarray, history: list[int]) -> int:
         p = self.params
-        logits = np.asarray(logits, dtype=np.float32).copy()
+        logits = np.asarray(logits, dtype=np.float32)  # read-only below until a step makes its own array
         if p.repetition_penalty != 1.0 and history:
+            logits = logits.copy()  # the caller's logits stay as they were
             seen = np.unique(np.asarray(history))
             seen = seen[seen < logits.shape[0]]
             vals = logits[seen]
