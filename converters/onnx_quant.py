@@ -61,7 +61,8 @@ def nbits_initializers(g: Graph, name: str, weight: np.ndarray, quant: str, bloc
                "scales": g.initializer(f"{name}.weight_scales", nb.scales)}
     if not symmetric:
         tensors["zero_points"] = g.initializer(f"{name}.weight_zp", nb.zero_points)
-    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "symmetric": symmetric, "tensors": tensors}
+    # no "zero_points" tensor = symmetric: what the merge requantizes to (runtime/onnx_merge.py)
+    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
 
 
 def nbits_matmul(g: Graph, x: str, name: str, entry: dict, accuracy_level: int = 4) -> str:
