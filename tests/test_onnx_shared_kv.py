@@ -51,6 +51,13 @@ def decode(state, ids, chunks=(5, 25), poison=False):
     return np.stack(steps), start
 
 
+def engine_with_adapters(root, quant, adapters):
+    engine = OnnxEngine(root, quant=quant)
+    for name in adapters:
+        engine.add_adapter(name)
+    return engine
+
+
 def new_state(engine, adapters):
     return engine._new_state(*engine._request_set(adapters))
 
@@ -67,9 +74,7 @@ def test_fast_variant_on_cpu_shares_the_cache(setup, model_dirs, tmp_path):
 @pytest.mark.parametrize("chosen", [{}, {"a": 1.0}, {"a": 1.0, "b": 0.5}])
 def test_decode_across_growth_equals_full_logits_and_pytorch(setup, chosen):
     md, adapters, root = setup
-    engine = OnnxEngine(root, quant="fp32")
-    for name in adapters:
-        engine.add_adapter(name)
+    engine = engine_with_adapters(root, "fp32", adapters)
     ids = ids_for(md, 120)
     state = new_state(engine, chosen)
     steps, start = decode(state, ids, poison=True)
@@ -85,9 +90,7 @@ def test_decode_across_growth_equals_full_logits_and_pytorch(setup, chosen):
 def test_int4_shared_cache_equals_concat_cache(setup, chosen):
     """The same engine's Concat-style state (new KV OrtValues every step) gives the same logits."""
     md, adapters, root = setup
-    engine = OnnxEngine(root, quant="int4")
-    for name in adapters:
-        engine.add_adapter(name)
+    engine = engine_with_adapters(root, "int4", adapters)
     ids = ids_for(md, 70, seed=1)
     shared, _ = decode(new_state(engine, chosen), ids)
     concat, _ = decode(OnnxState(engine, engine._pick(*engine._request_set(chosen))), ids)
@@ -135,9 +138,7 @@ def test_sliding_window_matches_transformers(model_dirs, tmp_path):
 def test_interleaved_states_do_not_disturb_each_other(setup):
     """Three requests (base, bundled adapter, stacked set) feeding in turn, each growing its own cache."""
     md, adapters, root = setup
-    engine = OnnxEngine(root, quant="fp32")
-    for name in adapters:
-        engine.add_adapter(name)
+    engine = engine_with_adapters(root, "fp32", adapters)
     requests = [({}, ids_for(md, 60, seed=3)), ({"a": 1.0}, ids_for(md, 60, seed=4)), ({"b": 1.0, "a": 0.5}, ids_for(md, 60, seed=5))]
     states = [new_state(engine, chosen) for chosen, _ in requests]
     got = [[state.feed(ids[:4])] for state, (_, ids) in zip(states, requests)]
