@@ -94,7 +94,7 @@ class OnnxEngine(Engine):
         # loads it, not before: the engine is refused before it returns if the hash does not match
         data_rel = folder + self.layout["data_file"]
         self.data_path = self.bundle.require(data_rel)
-        data_check = _Opening(lambda: self._checked(data_rel))
+        data_check = _Background(lambda: self._checked(data_rel))
         data_check.start()
         plain = self.layout.get("plain_model")
         self.plain_path = self._checked(folder + plain) if plain and plain_session else None
@@ -152,7 +152,7 @@ class OnnxEngine(Engine):
         holds one session, and the first base-only token does not wait for, or share the CPU
         with, the second one's load."""
         overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
-        self._lora = _Opening(lambda: self._session(self.model_path, overrides))
+        self._lora = _Background(lambda: self._session(self.model_path, overrides))
         if not self.plain_path:
             self.plain_session = None
             self.output_names = [o.name for o in self.lora_session.get_outputs()]
@@ -293,7 +293,7 @@ class OnnxEngine(Engine):
                 "plain_session": self.plain_session is not None}
 
 
-class _Opening:
+class _Background:
     """A session (or a check) run on demand: ``start()`` begins it on a thread (once), ``result()``
     waits for it (starting it here if nobody did) and re-raises its EdgeLoraError."""
 
