@@ -17,6 +17,7 @@ import os
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 
+from .devices import DEVICES, check_device  # noqa: F401
 from .engine import Engine  # noqa: F401
 from .sampling import SamplingParams  # noqa: F401
 
@@ -32,8 +33,13 @@ def available_backends(bundle: Bundle) -> list[str]:
     return have
 
 
-def load(bundle: str | os.PathLike | Bundle, backend: str = "auto", **options) -> Engine:
-    """Open a bundle with one backend. ``backend="auto"`` picks ONNX Runtime, then llama.cpp."""
+def load(bundle: str | os.PathLike | Bundle, backend: str = "auto", device: str = "cpu", **options) -> Engine:
+    """Open a bundle with one backend. ``backend="auto"`` picks ONNX Runtime, then llama.cpp.
+
+    ``device``: ``"cpu"``; ``"gpu"`` (ONNX Runtime's WebGPU provider, or llama.cpp's GPU backend
+    with every layer offloaded), an error saying what is missing when there is none; ``"auto"``: a
+    hardware GPU when the backend finds one, else the CPU. ``engine.info()["device"]`` says which."""
+    options["device"] = check_device(device)
     bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
     if backend == "auto":
         have = available_backends(bundle)

@@ -30,7 +30,9 @@ from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError, first_line
 
+from .devices import CPU, check_device
 from .engine import DecodeState, Engine, LoadedAdapter
+from .onnx_device import WEBGPU, DeviceTensors, find_webgpu, node_placement
 from .onnx_merge import WeightStore
 
 PROVIDERS = {
@@ -80,11 +82,23 @@ class OnnxEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True, spin: bool = True, trusted_keys=None):
+                 plain_session: bool = True, spin: bool = True, trusted_keys=None, device: str = "cpu"):
+        """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
+        feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
+        ``provider`` names other execution providers (xnnpack, coreml, nnapi, ...) for the CPU path."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
         self._ort = ort
+        self.device, ep_device = CPU, None
+        if check_device(device) != "cpu":
+            if provider not in ("cpu", ["cpu"]):
+                raise EdgeLoraError(f"device={device!r} and provider={provider!r} both choose where to run",
+                                    hint="give one: device='gpu' is ONNX Runtime's WebGPU provider")
+            self.device, ep_device = find_webgpu(ort, device)
+        # the GPU runs the fast variant (its contrib ops have WebGPU kernels); the portable one is for NNAPI/CoreML/XNNPACK
+        if ep_device is not None and variant is None and any(e.get("variant") == "fast" for e in self.bundle.backends.get("onnx") or []):
+            variant = "fast"
         self.entry = self.bundle.backend_entry("onnx", quant, variant)
         model_rel = self.entry["model"]
         folder = model_rel.rsplit("/", 1)[0] + "/" if "/" in model_rel else ""
@@ -100,10 +114,18 @@ class OnnxEngine(Engine):
         self.plain_path = self._checked(folder + plain) if plain and plain_session else None
         self.slots = {m: tuple(s) for m, s in self.layout["lora_slots"].items()}
         self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
-        self.providers = resolve_providers(provider)
+        self._ep_device = ep_device
+        self.gpu = DeviceTensors(ort, ep_device) if ep_device is not None else None
+        if self.gpu and self.layout["variant"] != "fast":
+            raise EdgeLoraError(f"the {self.layout['variant']} ONNX variant does not run on the GPU path", path=self.model_path,
+                                hint="export the fast variant (--onnx-variant fast) or run on device='cpu'")
+        self.providers = [WEBGPU, "CPUExecutionProvider"] if self.gpu else resolve_providers(provider)
         self.threads = threads
         self.spin = spin
-        self.shared_kv = self.layout["variant"] == "fast" and not DEVICE_PROVIDERS & set(self.providers)
+        self.shared_kv = self.layout["variant"] == "fast" and (self.gpu is not None or not DEVICE_PROVIDERS & set(self.providers))
+        self._gpu_pads: dict[str, object] = {}  # LoRA input -> rank-1 zeros on the device (never a zero-size tensor there)
+        self._no_adapters: dict = {}  # the empty set's device feeds (pads only), when there is no plain session
+        self._upload_lock = threading.Lock()
         c = self.config
         self.cache_names = [pair for i in range(c.num_hidden_layers)
                             for pair in ((names.past_key(i), names.present_key(i)), (names.past_value(i), names.present_value(i)))]
@@ -138,8 +160,13 @@ class OnnxEngine(Engine):
         # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
         # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
         disabled = ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
+        providers = self.providers
+        if self.gpu:
+            options.add_provider_for_devices([self._ep_device], {})
+            options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # for placement()
+            providers = None
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=self.providers, disabled_optimizers=disabled)
+            session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
         except Exception as err:  # ORT raises its own exception types for every load failure
             raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first_line(err)})", path=path,
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
@@ -219,13 +246,14 @@ class OnnxEngine(Engine):
                 del self._set_cache[key]
 
     def _feeds_for(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> dict:
-        """OrtValues for one adapter set, built once and cached (a swap is a lookup)."""
+        """The cache entry of one adapter set: its OrtValues under ``values``, built once (a swap is
+        a lookup); on the GPU also their device copies under ``device``, uploaded on first use."""
         key = tuple(sorted(adapter_set.items()))
         with self._cache_lock:
             hit = self._set_cache.get(key)
             if hit is not None and all(hit["adapters"][n] is loaded[n].adapter for n in adapter_set):
                 self._set_cache.move_to_end(key)
-                return hit["values"]
+                return hit
         for n in adapter_set:
             if loaded[n].adapter.dora:
                 raise EdgeLoraError(f"adapter {n!r} is DoRA, which cannot run unmerged", hint=f"engine.merge({n!r}) it instead")
@@ -236,7 +264,23 @@ class OnnxEngine(Engine):
             self._set_cache[key] = entry
             while len(self._set_cache) > SET_CACHE_SIZE:
                 self._set_cache.popitem(last=False)
-        return values
+        return entry
+
+    def _on_device(self, holder: dict, values: dict) -> dict:
+        """``values`` uploaded to the GPU once (kept in ``holder``, which a removed adapter's
+        handle or an evicted cache entry takes away), plus rank-1 zeros for every LoRA input the
+        set leaves out: the GPU must never see the graph's zero-size defaults (WebGPU crashes)."""
+        with self._upload_lock:
+            device = holder.get("device")
+            if device is None:
+                device = {k: self.gpu.upload(v, "lora") for k, v in values.items()}
+                holder["device"] = device
+            if not self._gpu_pads:
+                for group, members in names.group_slots(self.slots).items():
+                    rows, cols = members[0][2], sum(out_f for _, out_f, _ in members)
+                    self._gpu_pads[names.lora_a(group)] = self.gpu.upload(np.zeros((rows, 1), self.lora_dtype), "lora")
+                    self._gpu_pads[names.lora_b(group)] = self.gpu.upload(np.zeros((1, cols), self.lora_dtype), "lora")
+        return {**{k: v for k, v in self._gpu_pads.items() if k not in device}, **device}
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
         self._lora.wait()  # let a session still opening in the background finish first
@@ -267,15 +311,19 @@ class OnnxEngine(Engine):
     def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> "_Choice":
         """The session, LoRA feeds and run options for one request's adapter set."""
         if not adapter_set:
-            return _Choice(self.plain_session or self.lora_session, {})
+            if self.plain_session or not self.gpu:
+                return _Choice(self.plain_session or self.lora_session, {})
+            return _Choice(self.lora_session, self._on_device(self._no_adapters, {}))
         if len(adapter_set) == 1:
             (name, scale), = adapter_set.items()
             bundled = loaded[name].handle.get("ort_adapter")
             if bundled and scale == 1.0:
                 if "values" in bundled:
-                    return _Choice(self.lora_session, bundled["values"], owner=bundled)
+                    lora = self._on_device(bundled, bundled["values"]) if self.gpu else bundled["values"]
+                    return _Choice(self.lora_session, lora, owner=bundled)
                 return _Choice(self.lora_session, {}, run_options=bundled["run_options"])
-        return _Choice(self.lora_session, self._feeds_for(adapter_set, loaded))
+        entry = self._feeds_for(adapter_set, loaded)
+        return _Choice(self.lora_session, self._on_device(entry, entry["values"]) if self.gpu else entry["values"])
 
     def _new_state(self, adapter_set, loaded) -> DecodeState:
         choice = self._pick(adapter_set, loaded)
@@ -289,8 +337,19 @@ class OnnxEngine(Engine):
             state.close()
 
     def _backend_info(self) -> dict:
+        device = self.device.describe()
+        if self.gpu:
+            device.update(provider=WEBGPU, **self.gpu.info())
         return {"quant": self.layout["quant"], "variant": self.layout["variant"], "providers": self.providers,
-                "plain_session": self.plain_session is not None}
+                "plain_session": self.plain_session is not None, "device": device}
+
+    def placement(self) -> dict[str, dict[str, list[tuple[str, str]]]]:
+        """Which provider runs each node, per session (``plain``, ``lora``): ``{session: {provider:
+        [(op_type, node), ...]}}``. Recorded on the GPU path only (the CPU path has one provider)."""
+        if not self.gpu:
+            return {}
+        sessions = {"plain": self.plain_session, "lora": self.lora_session}
+        return {k: node_placement(s) for k, s in sessions.items() if s is not None}
 
 
 class _Background:
@@ -393,7 +452,8 @@ class OnnxState(DecodeState):
 
 
 class SharedKVState(DecodeState):
-    """One sequence on the fast variant, run through an IOBinding that is set up once.
+    """One sequence on the fast variant, run through an IOBinding that is set up once (on the CPU,
+    or on the GPU with every buffer but the token, the mask and the logits on the device).
 
     Each layer's K and V live in one buffer ``[1, kv_heads, capacity, head_dim]`` bound as both
     the past input and the present output: GroupQueryAttention sees one pointer and writes the new
@@ -401,17 +461,19 @@ class SharedKVState(DecodeState):
     first feed rounded up to :data:`KV_BLOCK` and doubles (new buffers, ``length`` positions
     copied) when a feed would pass it, never beyond the model's context. LoRA inputs are fixed for
     a state and bound once; the logits land in a preallocated buffer, reused while its shape holds.
+    On the GPU the KV buffers are device memory (growth copies them through the host, once per
+    doubling), and the LoRA values are the engine's device copies.
     """
 
     def __init__(self, engine: OnnxEngine, choice: _Choice):
         ort = engine._ort
-        self.engine, self.session = engine, choice.session
+        self.engine, self.session, self.gpu = engine, choice.session, engine.gpu
         self._owner = choice.owner  # the adapter reader whose memory the bound LoRA values point into
         self.binding = choice.session.io_binding()
         for name, value in choice.lora.items():
             self.binding.bind_ortvalue_input(name, value)
         self.length = self.capacity = 0
-        self.cache: list[np.ndarray] = []  # K0, V0, K1, V1, ...
+        self.cache: list = []  # K0, V0, K1, V1, ...: numpy arrays, or device OrtValues on the GPU
         self.logits: np.ndarray | None = None  # the bound output buffer
         self._token = np.zeros((1, 1), np.int64)  # a one-token feed is written here, bound once
         self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
@@ -446,7 +508,7 @@ class SharedKVState(DecodeState):
         self.cache = []
 
     def _bind_ids(self, token_ids: list[int]) -> None:
-        if len(token_ids) == 1:
+        if len(token_ids) == 1 and not self.gpu:
             self._token[0, 0] = token_ids[0]  # ORT reads the bound buffer at run time
             if self._ids_bound != 1:
                 self.binding.bind_ortvalue_input(names.INPUT_IDS, self._token_value)
@@ -477,10 +539,17 @@ class SharedKVState(DecodeState):
         for i, (past, present) in enumerate(engine.cache_names):
             # uninitialized: GroupQueryAttention reads only the positions the mask covers (a test
             # fills the rest with NaN), and zeroing 2048 positions would cost ~2 ms per growth
-            buffer = np.empty(shape, np.float32)
-            if self.length:
-                buffer[:, :, : self.length] = old[i][:, :, : self.length]
-            value = engine._ort.OrtValue.ortvalue_from_numpy(buffer)  # the binding keeps it (and the array) alive
+            if self.gpu:
+                value = buffer = self.gpu.empty(shape, np.float32)
+                if self.length:
+                    host = np.zeros(shape, np.float32)
+                    host[:, :, : self.length] = self.gpu.download(old[i])[:, :, : self.length]
+                    self.gpu.upload(host, "kv", into=value)
+            else:
+                buffer = np.empty(shape, np.float32)
+                if self.length:
+                    buffer[:, :, : self.length] = old[i][:, :, : self.length]
+                value = engine._ort.OrtValue.ortvalue_from_numpy(buffer)  # the binding keeps it (and the array) alive
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
             self.cache.append(buffer)

@@ -1,0 +1,118 @@
+"""ONNX Runtime on a GPU: the WebGPU execution provider (Vulkan, Metal or D3D12 underneath) and
+tensors that stay on the device.
+
+The provider ships as a plugin (``pip install onnxruntime-ep-webgpu``) that is registered with
+ONNX Runtime once per process; its devices then appear in ``ort.get_ep_devices()``. On the device,
+the decode loop binds device OrtValues: the KV cache and the LoRA feeds are uploaded once and stay
+there, so a step moves only the new token in and the logits out (:class:`DeviceTensors` counts
+what it uploads, for the tests and the benchmark).
+"""
+
+from __future__ import annotations
+
+import threading
+
+import numpy as np
+
+from edge_lora.errors import EdgeLoraError, first_line
+
+from .devices import CPU, Device
+
+WEBGPU = "WebGpuExecutionProvider"
+_registry = {"lock": threading.Lock(), "tried": False, "error": None}
+
+NO_PLUGIN = "pip install onnxruntime-ep-webgpu (ONNX Runtime's WebGPU provider)"
+NO_ADAPTER = ("install the GPU's Vulkan (Linux, Android), Metal (macOS) or D3D12 (Windows) driver; "
+              "on a machine without a GPU, scripts/software-gpu.sh sets up SwiftShader for testing")
+
+
+def _register(ort) -> str | None:
+    """Register the WebGPU plugin with ONNX Runtime once per process; the reason it cannot be, or None."""
+    with _registry["lock"]:
+        if not _registry["tried"]:
+            _registry["tried"] = True
+            try:
+                import onnxruntime_ep_webgpu as plugin
+            except ImportError:
+                _registry["error"] = f"ONNX Runtime has no WebGPU provider here: {NO_PLUGIN}"
+            else:
+                if not hasattr(ort, "register_execution_provider_library"):
+                    _registry["error"] = f"onnxruntime {ort.__version__} cannot load provider plugins: upgrade onnxruntime"
+                else:
+                    try:
+                        ort.register_execution_provider_library("webgpu", plugin.get_library_path())
+                    except Exception as err:  # ORT raises its own types; "already registered" is fine
+                        if "already" not in str(err).lower():
+                            _registry["error"] = f"ONNX Runtime could not load the WebGPU provider ({first_line(err)})"
+        return _registry["error"]
+
+
+def find_webgpu(ort, want: str) -> tuple[Device, object | None]:
+    """The device for ``want`` ("gpu" or "auto"): ``(Device, OrtEpDevice)``, or ``(CPU, None)`` when
+    ``auto`` finds no hardware GPU. ``gpu`` without a usable device raises, saying what is missing."""
+    reason = _register(ort)
+    found = [] if reason else [d for d in ort.get_ep_devices() if d.ep_name == WEBGPU]
+    if not found and reason is None:
+        reason = f"the WebGPU provider found no GPU adapter: {NO_ADAPTER}"
+    if not found:
+        if want == "gpu":
+            raise EdgeLoraError(f"device='gpu': {reason}", hint="or run on device='cpu'")
+        return CPU, None
+    ep_device = found[0]
+    hardware = ep_device.device
+    software = hardware.type == ort.OrtHardwareDeviceType.CPU  # a software adapter stands in on the CPU
+    if software and want == "auto":
+        return CPU, None
+    description = dict(hardware.metadata).get("Description") or hardware.vendor or "unknown vendor"
+    name = f"WebGPU ({description}{', software adapter' if software else ''})"
+    return Device("gpu", name, software=software), ep_device
+
+
+class DeviceTensors:
+    """Allocations, uploads and downloads of one device's memory, counted."""
+
+    def __init__(self, ort, ep_device):
+        self._ort = ort
+        self.memory = ep_device.memory_info(ort.OrtDeviceMemoryType.DEFAULT)
+        self._lock = threading.Lock()
+        self.uploads: dict[str, list[int]] = {}  # what ("lora", "kv") -> [count, bytes]
+
+    def empty(self, shape, dtype) -> object:
+        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=self.memory)
+
+    def upload(self, source, what: str, into=None) -> object:
+        """A device copy of a numpy array or a host OrtValue (into ``into`` when given), counted under ``what``."""
+        host = source if isinstance(source, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(source))
+        value = into if into is not None else self.empty(host.shape(), _numpy_dtype(host))
+        self._ort.copy_tensors([host], [value], None)
+        with self._lock:
+            count = self.uploads.setdefault(what, [0, 0])
+            count[0] += 1
+            count[1] += host.tensor_size_in_bytes()
+        return value
+
+    def download(self, value) -> np.ndarray:
+        host = np.empty(value.shape(), _numpy_dtype(value))
+        self._ort.copy_tensors([value], [self._ort.OrtValue.ortvalue_from_numpy(host)], None)
+        return host
+
+    def info(self) -> dict:
+        with self._lock:
+            return {"uploads": {what: {"count": n, "bytes": b} for what, (n, b) in self.uploads.items()}}
+
+
+_ELEMENT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
+                   "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+
+
+def _numpy_dtype(value) -> type:
+    return _ELEMENT_DTYPES[value.data_type()]
+
+
+def node_placement(session) -> dict[str, list[tuple[str, str]]]:
+    """``{provider: [(op_type, node name), ...]}`` of a session opened with
+    ``session.record_ep_graph_assignment_info`` on."""
+    placement: dict[str, list[tuple[str, str]]] = {}
+    for subgraph in session.get_provider_graph_assignment_info():
+        placement.setdefault(subgraph.ep_name, []).extend((n.op_type, n.name) for n in subgraph.get_nodes())
+    return placement
