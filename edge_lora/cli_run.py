@@ -22,6 +22,8 @@ def _engine_arguments(p) -> None:
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "llamacpp"])
     p.add_argument("--quant", help="which exported base to load (e.g. int4, int8, q4_0, q8_0); default the first")
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="auto (default): a hardware GPU when the backend finds one, else the CPU; gpu: fail if there is none")
     p.add_argument("--adapter", action="append", default=[], metavar="NAME[:SCALE]",
                    help="adapter from the bundle (or an adapter file) and its scale; repeatable to stack")
     p.add_argument("--max-new-tokens", type=int, default=64)
@@ -73,7 +75,7 @@ def open_engine(args):
         options["quant"] = args.quant
     if args.threads:
         options["threads"] = args.threads
-    engine = runtime.load(args.bundle, backend=args.backend, **options)
+    engine = runtime.load(args.bundle, backend=args.backend, device=args.device, **options)
     active = {}
     for spec in args.adapter:
         name, path, scale = parse_adapter_spec(spec)
@@ -100,7 +102,8 @@ def run_run(args) -> int:
         text = engine.generate(prompt, **_sampling(args))
         done = time.perf_counter()
         n_tokens = len(engine.tokenizer.encode(text, add_special_tokens=False)) if text else 0
-        print(json.dumps({"text": text, "prompt": prompt, "backend": engine.backend_name, "adapters": engine.info()["active"],
+        info = engine.info()
+        print(json.dumps({"text": text, "prompt": prompt, "backend": engine.backend_name, "device": info["device"], "adapters": info["active"],
                           "new_tokens": n_tokens, "load_s": round(loaded - start, 4), "generate_s": round(done - loaded, 4)}))
         return 0
     for chunk in engine.generate(prompt, stream=True, **_sampling(args)):
@@ -117,7 +120,8 @@ def run_chat(args) -> int:
     engine = open_engine(args)
     interactive = sys.stdin.isatty()
     say = (lambda text: print(text, file=sys.stderr)) if interactive else (lambda text: print(text))
-    say(f"edge-lora chat on {engine.backend_name}; bundle adapters: {', '.join(engine.bundle.adapters) or 'none'}")
+    say(f"edge-lora chat on {engine.backend_name} ({engine.info()['device']['name']}); "
+        f"bundle adapters: {', '.join(engine.bundle.adapters) or 'none'}")
     say(CHAT_HELP)
     history = ""
     while True:

@@ -54,6 +54,8 @@ def add_quickstart_arguments(sub, common) -> None:
     p.add_argument("--eval-items", type=int, help="evaluation prompts per task")
     p.add_argument("--backends", default="onnx,gguf", help="comma list of onnx, gguf")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
+    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
+                   help="where the runtime runs the bundle (training stays on the CPU); auto: a hardware GPU if any")
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.set_defaults(func=run_quickstart)
 

@@ -25,6 +25,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_adapter import check_llamacpp_can_apply, export_gguf_adapter
 
 from . import llamacpp_lib as lib
+from .devices import CPU, check_device
 from .engine import DecodeState, Engine, LoadedAdapter
 
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"
@@ -40,19 +41,28 @@ class LoraHandle:
 class LlamaCppEngine(Engine):
     backend_name = "llamacpp"
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int = 0,
+    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int | None = None,
                  threads: int | None = None, n_ctx: int | None = None, use_extra_bufts: bool | None = None,
-                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None, precise: bool = False):
+                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None, precise: bool = False,
+                 device: str = "cpu"):
         """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of PyTorch).
-        ``use_extra_bufts=None`` decides from the CPU (off on Intel AMX, where it crashed)"""
+        ``use_extra_bufts=None`` decides from the CPU (off on Intel AMX, where it crashed).
+        ``device="gpu"`` offloads ``n_gpu_layers`` layers (all by default) to llama.cpp's GPU backend
+        (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
+        every tensor and op on the CPU even in a GPU build."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         lib.silence_log(verbose)
+        self.device, self._gpus = (CPU, []) if check_device(device) == "cpu" else lib.find_gpu(device)
+        if n_gpu_layers and not self._gpus:
+            raise EdgeLoraError(f"n_gpu_layers={n_gpu_layers} offloads to a GPU, but the engine runs on the CPU",
+                                hint="pass device='gpu' (all layers by default)")
         entry = self.bundle.backend_entry("gguf", quant)
         rel = entry["model"]
         self.quant = entry.get("quant")
         self._model_path = self.bundle.verify_file(rel) if verify_hashes else self.bundle.require(rel)
         self._precise = bool(precise)
-        self._n_gpu_layers = int(n_gpu_layers)
+        all_layers = self.config.num_hidden_layers + 1  # the output layer counts as one more
+        self._n_gpu_layers = (all_layers if n_gpu_layers is None else int(n_gpu_layers)) if self._gpus else 0
         self._use_extra_bufts = use_extra_bufts
         self._threads = int(threads or os.cpu_count() or 1)
         self._n_ctx = int(n_ctx or min(self.config.max_position_embeddings, DEFAULT_MAX_CTX))
@@ -67,7 +77,7 @@ class LlamaCppEngine(Engine):
     # --- model and context --------------------------------------------------------------
 
     def _load(self, path: Path) -> None:
-        model = lib.Model(path, n_gpu_layers=self._n_gpu_layers, use_extra_bufts=self._use_extra_bufts)
+        model = lib.Model(path, devices=self._gpus, n_gpu_layers=self._n_gpu_layers, use_extra_bufts=self._use_extra_bufts)
         try:
             if model.n_vocab != self.config.vocab_size:
                 raise EdgeLoraError(f"the GGUF has {model.n_vocab} tokens, bundle.json says {self.config.vocab_size}", path=path,
@@ -219,7 +229,8 @@ class LlamaCppEngine(Engine):
 
     def _backend_info(self) -> dict:
         return {"quant": self.quant, "model_file": str(self._model.path), "n_ctx": self._n_ctx, "threads": self._threads,
-                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts, "precise": self._precise}
+                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts, "precise": self._precise,
+                "device": self.device.describe()}
 
 
 class _State(DecodeState):

@@ -9,14 +9,17 @@ from __future__ import annotations
 
 import ctypes
 import os
-import warnings
+from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError
 
-_state = {"backend": False, "quiet": None}
+from .devices import CPU, Device, is_software
+
+_state = {"backend": False, "quiet": None, "ggml": None}
+GPU_TYPES = (1, 2)  # enum ggml_backend_dev_type: GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
 
 
 def llama_cpp():
@@ -55,19 +58,93 @@ def default_extra_bufts() -> bool:
     return not cpu_has_amx()
 
 
+def _ggml():
+    """ggml's backend registry (ggml-backend.h), through the library llama-cpp-python ships."""
+    if _state["ggml"] is None:
+        llama_cpp()
+        from llama_cpp._ggml import libggml as ggml
+
+        ggml.ggml_backend_reg_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_reg_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_reg_get.restype = ctypes.c_void_p
+        ggml.ggml_backend_reg_name.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_reg_name.restype = ctypes.c_char_p
+        ggml.ggml_backend_dev_count.restype = ctypes.c_size_t
+        ggml.ggml_backend_dev_get.argtypes = [ctypes.c_size_t]
+        ggml.ggml_backend_dev_get.restype = ctypes.c_void_p
+        for fn in (ggml.ggml_backend_dev_name, ggml.ggml_backend_dev_description):
+            fn.argtypes = [ctypes.c_void_p]
+            fn.restype = ctypes.c_char_p
+        ggml.ggml_backend_dev_type.argtypes = [ctypes.c_void_p]
+        ggml.ggml_backend_dev_type.restype = ctypes.c_int
+        _state["ggml"] = ggml
+    return _state["ggml"]
+
+
+@dataclass(frozen=True)
+class GpuDevice:
+    ptr: int  # ggml_backend_dev_t
+    name: str  # "Vulkan0", "Metal", "CUDA0"
+    description: str  # the driver's name for it, e.g. "llvmpipe (LLVM 15.0.6, 256 bits)"
+
+
+def gpu_backends() -> list[str]:
+    """The GPU backends this llama-cpp-python was built with (``Vulkan``, ``Metal``, ``CUDA``, ...)."""
+    ggml = _ggml()
+    names = [ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode() for i in range(ggml.ggml_backend_reg_count())]
+    return [n for n in names if n not in ("CPU", "BLAS", "RPC")]
+
+
+def gpu_devices() -> list[GpuDevice]:
+    """The GPU devices llama.cpp sees (Vulkan lists a software device such as Mesa's lavapipe only
+    when ``GGML_VK_VISIBLE_DEVICES`` names it)."""
+    ggml = _ggml()
+    found = []
+    for i in range(ggml.ggml_backend_dev_count()):
+        dev = ggml.ggml_backend_dev_get(i)
+        if ggml.ggml_backend_dev_type(dev) in GPU_TYPES:
+            found.append(GpuDevice(dev, ggml.ggml_backend_dev_name(dev).decode(), ggml.ggml_backend_dev_description(dev).decode()))
+    return found
+
+
+NO_GPU_BUILD = ("this llama-cpp-python was built without a GPU backend: reinstall it with CMAKE_ARGS=\"-DGGML_VULKAN=on\" "
+                "(or -DGGML_METAL=on, -DGGML_CUDA=on) pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python; "
+                "scripts/software-gpu.sh builds and caches the Vulkan one")
+NO_GPU_DEVICE = ("llama.cpp's {backends} backend found no GPU device: install the GPU's driver (Vulkan: Mesa or the vendor's); "
+                 "a software device such as Mesa's lavapipe is listed only when GGML_VK_VISIBLE_DEVICES names it")
+
+
+def find_gpu(want: str) -> tuple[Device, list[GpuDevice]]:
+    """The device for ``want`` ("gpu" or "auto"): ``(Device, [GpuDevice])`` to offload to, or
+    ``(CPU, [])`` when ``auto`` finds no hardware GPU. ``gpu`` without one raises, saying what is missing."""
+    found = gpu_devices()
+    if want == "auto":
+        found = [d for d in found if not is_software(d.description)]
+    if not found:
+        if want == "gpu":
+            backends = gpu_backends()
+            reason = NO_GPU_DEVICE.format(backends="/".join(backends)) if backends else NO_GPU_BUILD
+            raise EdgeLoraError(f"device='gpu': {reason}", hint="or run on device='cpu'")
+        return CPU, []
+    first = found[0]
+    return Device("gpu", f"{first.name} ({first.description})", software=is_software(first.description)), [first]
+
+
 class Model:
     """A loaded llama_model (weights only); free() releases it and every adapter loaded on it."""
 
-    def __init__(self, path: Path, *, n_gpu_layers: int = 0, use_extra_bufts: bool | None = None):
+    def __init__(self, path: Path, *, devices: list[GpuDevice] = (), n_gpu_layers: int = 0, use_extra_bufts: bool | None = None):
+        """``devices``: the GPUs to offload ``n_gpu_layers`` layers to; none keeps every tensor and
+        every op on the CPU, even in a GPU build (llama.cpp would otherwise use all it finds)."""
         lib = llama_cpp()
         self.path = Path(path)
         params = lib.llama_model_default_params()
-        params.n_gpu_layers = int(n_gpu_layers)
+        params.n_gpu_layers = int(n_gpu_layers) if devices else 0
+        # a NULL-terminated ggml_backend_dev_t list, kept alive with the model
+        self._devices = (ctypes.c_void_p * (len(devices) + 1))(*[d.ptr for d in devices], None)
+        params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         params.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else bool(use_extra_bufts)
         self.use_extra_bufts = bool(params.use_extra_bufts)
-        if n_gpu_layers and not lib.llama_supports_gpu_offload():
-            warnings.warn("n_gpu_layers is set but this llama-cpp-python has no GPU backend (Metal, Vulkan, OpenCL, CUDA); "
-                          "running on the CPU", RuntimeWarning, stacklevel=3)
         self.ptr = lib.llama_model_load_from_file(os.fspath(self.path).encode(), params)
         if not self.ptr:
             raise EdgeLoraError("llama.cpp could not load this GGUF model", path=self.path,
@@ -119,7 +196,7 @@ class Context:
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
             raise EdgeLoraError(f"llama.cpp could not create a context of {self.n_ctx} tokens", path=model.path,
-                                hint="lower n_ctx (memory) or check n_gpu_layers")
+                                hint="lower n_ctx (memory) or n_gpu_layers")
         self.memory = lib.llama_get_memory(self.ptr)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = model.n_vocab

@@ -16,6 +16,7 @@ the next (:class:`OnnxState`).
 
 from __future__ import annotations
 
+import contextlib
 import os
 import threading
 import warnings
@@ -32,7 +33,7 @@ from edge_lora.errors import EdgeLoraError, first_line
 
 from .devices import CPU, check_device
 from .engine import DecodeState, Engine, LoadedAdapter
-from .onnx_device import WEBGPU, DeviceTensors, find_webgpu, node_placement
+from .onnx_device import DEVICE_LOCK, WEBGPU, DeviceTensors, find_webgpu, node_placement
 from .onnx_merge import WeightStore
 
 PROVIDERS = {
@@ -82,10 +83,13 @@ class OnnxEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True, spin: bool = True, trusted_keys=None, device: str = "cpu"):
+                 plain_session: bool = True, spin: bool = True, trusted_keys=None, device: str = "cpu",
+                 profile_dir: str | os.PathLike | None = None):
         """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
         feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
-        ``provider`` names other execution providers (xnnpack, coreml, nnapi, ...) for the CPU path."""
+        ``provider`` names other execution providers (xnnpack, coreml, nnapi, ...) for the CPU path.
+        ``profile_dir``: ONNX Runtime's per-node profile of every session, written there by
+        :meth:`end_profiling` (which provider ran each node, for how long, and every device copy)."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
@@ -122,6 +126,10 @@ class OnnxEngine(Engine):
         self.providers = [WEBGPU, "CPUExecutionProvider"] if self.gpu else resolve_providers(provider)
         self.threads = threads
         self.spin = spin
+        self.profile_dir = Path(profile_dir) if profile_dir else None
+        if self.profile_dir:
+            self.profile_dir.mkdir(parents=True, exist_ok=True)
+        self._profiled: list = []  # sessions opened with profiling on
         self.shared_kv = self.layout["variant"] == "fast" and (self.gpu is not None or not DEVICE_PROVIDERS & set(self.providers))
         self._gpu_pads: dict[str, object] = {}  # LoRA input -> rank-1 zeros on the device (never a zero-size tensor there)
         self._no_adapters: dict = {}  # the empty set's device feeds (pads only), when there is no plain session
@@ -155,23 +163,39 @@ class OnnxEngine(Engine):
         if self.threads:
             options.intra_op_num_threads = int(self.threads)
             options.inter_op_num_threads = 1
-        for name, (_, value) in overrides.items():
-            options.add_initializer(name, value)
+        if overrides and self.gpu:
+            # the WebGPU plugin reads the file's initializers and ignores add_initializer (a merge
+            # changed nothing there); replacing the external data before the graph is built works
+            options.add_external_initializers(list(overrides), [value for _, value in overrides.values()])
+        else:
+            for name, (_, value) in overrides.items():
+                options.add_initializer(name, value)
         # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
         # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
         disabled = ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
+        if self.profile_dir:
+            options.enable_profiling = True
+            options.profile_file_prefix = str(self.profile_dir / path.stem)
         providers = self.providers
         if self.gpu:
             options.add_provider_for_devices([self._ep_device], {})
             options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # for placement()
             providers = None
         try:
-            session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
+            with DEVICE_LOCK if self.gpu else contextlib.nullcontext():
+                session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
         except Exception as err:  # ORT raises its own exception types for every load failure
             raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first_line(err)})", path=path,
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
         session.edge_lora_overrides = overrides
+        if self.profile_dir:
+            self._profiled.append(session)
         return session
+
+    def end_profiling(self) -> list[Path]:
+        """Write the profiles of the sessions opened with ``profile_dir`` (ONNX Runtime's JSON trace) and return their paths."""
+        done, self._profiled = self._profiled, []
+        return [Path(s.end_profiling()) for s in done]
 
     def _open_sessions(self) -> None:
         """Open the plain session now; the LoRA one opens in the background when the first adapter
@@ -339,9 +363,18 @@ class OnnxEngine(Engine):
     def _backend_info(self) -> dict:
         device = self.device.describe()
         if self.gpu:
-            device.update(provider=WEBGPU, **self.gpu.info())
+            device.update(provider=WEBGPU, resident_lora_bytes=self._resident_lora_bytes(), **self.gpu.info())
         return {"quant": self.layout["quant"], "variant": self.layout["variant"], "providers": self.providers,
                 "plain_session": self.plain_session is not None, "device": device}
+
+    def _resident_lora_bytes(self) -> int:
+        """Bytes of LoRA tensors the engine holds on the device: cached sets, bundled adapters, pads."""
+        with self._cache_lock:
+            holders = [*self._set_cache.values(), self._no_adapters]
+        holders += [la.handle.get("ort_adapter") or {} for la in list(self._adapters.values())]
+        values = {id(v): v for h in holders for v in (h.get("device") or {}).values()}
+        values.update({id(v): v for v in self._gpu_pads.values()})
+        return sum(v.tensor_size_in_bytes() for v in values.values())
 
     def placement(self) -> dict[str, dict[str, list[tuple[str, str]]]]:
         """Which provider runs each node, per session (``plain``, ``lora``): ``{session: {provider:
@@ -470,8 +503,9 @@ class SharedKVState(DecodeState):
         self.engine, self.session, self.gpu = engine, choice.session, engine.gpu
         self._owner = choice.owner  # the adapter reader whose memory the bound LoRA values point into
         self.binding = choice.session.io_binding()
-        for name, value in choice.lora.items():
-            self.binding.bind_ortvalue_input(name, value)
+        with DEVICE_LOCK if self.gpu else contextlib.nullcontext():
+            for name, value in choice.lora.items():
+                self.binding.bind_ortvalue_input(name, value)
         self.length = self.capacity = 0
         self.cache: list = []  # K0, V0, K1, V1, ...: numpy arrays, or device OrtValues on the GPU
         self.logits: np.ndarray | None = None  # the bound output buffer
@@ -485,6 +519,10 @@ class SharedKVState(DecodeState):
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
         (``[1, 1, vocab]`` with ``last_only``). The array is the bound output buffer: the next
         run overwrites it, so copy what must outlive that."""
+        with DEVICE_LOCK if self.gpu else contextlib.nullcontext():  # binding a host value copies it to the device
+            return self._run(token_ids, last_only)
+
+    def _run(self, token_ids: list[int], last_only: bool) -> np.ndarray:
         engine, n = self.engine, len(token_ids)
         total = self.length + n
         if total > self.capacity:
@@ -504,8 +542,9 @@ class SharedKVState(DecodeState):
         return self.run(token_ids, last_only=True)[0, -1].copy()
 
     def close(self) -> None:
-        self.binding = self._owner = self.logits = None
-        self.cache = []
+        with DEVICE_LOCK if self.gpu else contextlib.nullcontext():  # device buffers are freed here
+            self.binding = self._owner = self.logits = None
+            self.cache = []
 
     def _bind_ids(self, token_ids: list[int]) -> None:
         if len(token_ids) == 1 and not self.gpu:

@@ -19,6 +19,10 @@ from edge_lora.errors import EdgeLoraError, first_line
 from .devices import CPU, Device
 
 WEBGPU = "WebGpuExecutionProvider"
+# One WebGPU device per process, and it is not safe to use from two threads at once (a run on one
+# and an allocation on another aborted the process): every session load, run, upload and download
+# on it takes this lock. Concurrent requests interleave step by step; the device is serial anyway.
+DEVICE_LOCK = threading.RLock()
 _registry = {"lock": threading.Lock(), "tried": False, "error": None}
 
 NO_PLUGIN = "pip install onnxruntime-ep-webgpu (ONNX Runtime's WebGPU provider)"
@@ -78,13 +82,15 @@ class DeviceTensors:
         self.uploads: dict[str, list[int]] = {}  # what ("lora", "kv") -> [count, bytes]
 
     def empty(self, shape, dtype) -> object:
-        return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=self.memory)
+        with DEVICE_LOCK:
+            return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=self.memory)
 
     def upload(self, source, what: str, into=None) -> object:
         """A device copy of a numpy array or a host OrtValue (into ``into`` when given), counted under ``what``."""
         host = source if isinstance(source, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(source))
-        value = into if into is not None else self.empty(host.shape(), _numpy_dtype(host))
-        self._ort.copy_tensors([host], [value], None)
+        with DEVICE_LOCK:
+            value = into if into is not None else self.empty(host.shape(), _numpy_dtype(host))
+            self._ort.copy_tensors([host], [value], None)
         with self._lock:
             count = self.uploads.setdefault(what, [0, 0])
             count[0] += 1
@@ -93,7 +99,8 @@ class DeviceTensors:
 
     def download(self, value) -> np.ndarray:
         host = np.empty(value.shape(), _numpy_dtype(value))
-        self._ort.copy_tensors([value], [self._ort.OrtValue.ortvalue_from_numpy(host)], None)
+        with DEVICE_LOCK:
+            self._ort.copy_tensors([value], [self._ort.OrtValue.ortvalue_from_numpy(host)], None)
         return host
 
     def info(self) -> dict:

@@ -1,21 +1,23 @@
 #!/usr/bin/env bash
 # Sets up the GPU half of the runtime on a machine with no GPU, into the active Python environment:
-#   - ONNX Runtime's WebGPU provider (pip onnxruntime-ep-webgpu) on SwiftShader's Vulkan driver
-#     (taken out of Debian's chromium-common package: installing the package drags in systemd);
-#   - llama-cpp-python built with llama.cpp's Vulkan backend, for Mesa's lavapipe, the wheel cached
-#     so that a machine pays the ~10 minutes of the build once.
+#   - Mesa's lavapipe, a Vulkan driver that runs on the CPU, at version 25 or newer: Debian 12's own
+#     22.3 is refused by Dawn (ONNX Runtime's WebGPU: "shaderUniform*ArrayDynamicIndexing required")
+#     and corrupts the heap under llama.cpp after an adapter swap; 25.0 from bookworm-backports runs both;
+#   - ONNX Runtime's WebGPU provider (pip onnxruntime-ep-webgpu);
+#   - llama-cpp-python built with llama.cpp's Vulkan backend, the wheel cached so that a machine pays
+#     the 6-10 minutes of the build once.
 # On a machine with a real GPU and its driver, only the two Python packages matter; the tests set
-# the software-device switches (VK_ICD_FILENAMES, ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER,
-# GGML_VK_VISIBLE_DEVICES) themselves, the library never does (tests/gpu_env.py).
+# the software-device switches (ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER, GGML_VK_VISIBLE_DEVICES)
+# themselves, the library never does (tests/gpu_env.py).
 #
 # Usage: . .venv/bin/activate && bash scripts/software-gpu.sh
-# Cache: $EDGE_LORA_CACHE (default ~/.cache/edge-lora): software-gpu/ (SwiftShader) and wheels/.
+# Cache: $EDGE_LORA_CACHE (default ~/.cache/edge-lora)/wheels.
 set -euo pipefail
 
 LLAMA_CPP_VERSION=0.3.36  # the version DESIGN.md's checks were made with; keep in step with pyproject.toml
 WEBGPU_EP_VERSION=0.4.0
+MESA_MIN=25
 CACHE=${EDGE_LORA_CACHE:-$HOME/.cache/edge-lora}
-SWIFTSHADER=$CACHE/software-gpu
 WHEELS=$CACHE/wheels
 here=$(cd "$(dirname "$0")" && pwd)
 
@@ -25,37 +27,28 @@ if [ -z "${VIRTUAL_ENV:-}" ] && [ "${EDGE_LORA_ANY_PYTHON:-0}" != 1 ]; then
   say "activate the project's virtual environment first (or set EDGE_LORA_ANY_PYTHON=1)"; exit 2
 fi
 
-# --- system packages: the Vulkan loader, Mesa's lavapipe, and what the Vulkan build needs ---------
-need=()
-for pkg in libvulkan1 mesa-vulkan-drivers libvulkan-dev glslc spirv-headers; do
-  dpkg-query -W -f='${Status}' "$pkg" 2>/dev/null | grep -q "install ok installed" || need+=("$pkg")
-done
-if [ ${#need[@]} -gt 0 ]; then
-  command -v apt-get >/dev/null || { say "missing ${need[*]} and no apt-get: install them with your package manager"; exit 2; }
-  say "apt-get install ${need[*]}"
-  apt-get update -qq
-  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
-fi
+installed() { dpkg-query -W -f='${Status}' "$1" 2>/dev/null | grep -q "install ok installed"; }
+mesa_major() { dpkg-query -W -f='${Version}' mesa-vulkan-drivers 2>/dev/null | cut -d. -f1; }
 
-# --- SwiftShader's Vulkan ICD (lavapipe 22.3 lacks what Dawn, under WebGPU, requires) ------------
-if [ ! -f "$SWIFTSHADER/vk_swiftshader_icd.json" ]; then
-  say "extracting SwiftShader from Debian's chromium-common"
-  work=$(mktemp -d)
-  (cd "$work" && apt-get download chromium-common >/dev/null 2>&1) \
-    || { apt-get update -qq && (cd "$work" && apt-get download chromium-common >/dev/null); }
-  dpkg-deb -x "$work"/chromium-common_*.deb "$work/root"
-  mkdir -p "$SWIFTSHADER.tmp"
-  cp "$work/root/usr/lib/chromium/libvk_swiftshader.so" "$SWIFTSHADER.tmp/"
-  # the package's ICD names the library relative to itself; make it absolute
-  python3 - "$work/root/usr/lib/chromium/vk_swiftshader_icd.json" "$SWIFTSHADER/libvk_swiftshader.so" \
-    "$SWIFTSHADER.tmp/vk_swiftshader_icd.json" <<'PY'
-import json, sys
-icd = json.load(open(sys.argv[1]))
-icd["ICD"]["library_path"] = sys.argv[2]
-json.dump(icd, open(sys.argv[3], "w"), indent=1)
-PY
-  rm -rf "$SWIFTSHADER" "$work"
-  mv "$SWIFTSHADER.tmp" "$SWIFTSHADER"
+# --- system packages: the Vulkan loader, lavapipe, and what the Vulkan build needs ----------------
+need=()
+for pkg in libvulkan1 libvulkan-dev glslc spirv-headers; do installed "$pkg" || need+=("$pkg"); done
+if [ ${#need[@]} -gt 0 ] || [ "$(mesa_major || echo 0)" -lt $MESA_MIN ] 2>/dev/null || ! installed mesa-vulkan-drivers; then
+  command -v apt-get >/dev/null || { say "install libvulkan1, Mesa >= $MESA_MIN (lavapipe), glslc and spirv-headers with your package manager"; exit 2; }
+  apt-get update -qq
+  target=()
+  if [ "$(apt-cache policy mesa-vulkan-drivers | sed -n 's/ *Candidate: *\([0-9]*\).*/\1/p')" -lt $MESA_MIN ]; then
+    . /etc/os-release
+    [ "${ID:-}" = debian ] || { say "this release's Mesa is older than $MESA_MIN: install a newer mesa-vulkan-drivers (lavapipe) by hand"; exit 2; }
+    say "Mesa from ${VERSION_CODENAME}-backports (the release's own is older than $MESA_MIN)"
+    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
+      "$VERSION_CODENAME" > /etc/apt/sources.list.d/edge-lora-backports.sources
+    apt-get update -qq
+    target=(-t "${VERSION_CODENAME}-backports")
+  fi
+  say "apt-get install ${need[*]} mesa-vulkan-drivers"
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null
+  DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${target[@]}" mesa-vulkan-drivers >/dev/null
 fi
 
 # --- ONNX Runtime's WebGPU provider ---------------------------------------------------------------
@@ -86,4 +79,4 @@ fi
 python -m pip install -q --force-reinstall --no-deps "$wheel"
 python -m pip install -q "numpy>=1.24" "typing-extensions>=4.5" "diskcache>=5.6.1" "jinja2>=2.11.3"
 
-say "ready: SwiftShader in $SWIFTSHADER, llama-cpp-python (Vulkan) from $wheel"
+say "ready: Mesa $(dpkg-query -W -f='${Version}' mesa-vulkan-drivers), llama-cpp-python (Vulkan) from $wheel"

@@ -5,6 +5,10 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
+from gpu_env import SETUP_HINT, enable_software_gpu, gpu_required  # noqa: E402
+
+enable_software_gpu()  # before any test imports onnxruntime or llama_cpp
+
 from tiny_models import FAMILIES, make_model_dir  # noqa: E402
 
 
@@ -18,3 +22,37 @@ def model_dirs(tmp_path_factory):
 @pytest.fixture(params=FAMILIES)
 def family(request):
     return request.param
+
+
+def _no_gpu(reason: str):
+    """No GPU device: a skip on a developer's machine, a failure in CI (EDGE_LORA_REQUIRE_GPU=1)."""
+    message = f"{reason} ({SETUP_HINT})"
+    if gpu_required():
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+@pytest.fixture(scope="session")
+def webgpu_device():
+    """ONNX Runtime's WebGPU device (SwiftShader on a machine without a GPU)."""
+    import onnxruntime as ort
+
+    from edge_lora.errors import EdgeLoraError
+    from runtime.onnx_device import find_webgpu
+
+    try:
+        return find_webgpu(ort, "gpu")[0]
+    except EdgeLoraError as err:
+        _no_gpu(str(err))
+
+
+@pytest.fixture(scope="session")
+def vulkan_device():
+    """llama.cpp's GPU device (Mesa's lavapipe on a machine without a GPU)."""
+    from edge_lora.errors import EdgeLoraError
+    from runtime import llamacpp_lib
+
+    try:
+        return llamacpp_lib.find_gpu("gpu")[0]
+    except EdgeLoraError as err:
+        _no_gpu(str(err))

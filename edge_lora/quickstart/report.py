@@ -31,7 +31,7 @@ def format_table(summary: dict) -> str:
     out.append("timings: " + ", ".join(f"train {k} {v:.1f}s" for k, v in t["train_s"].items()) + f", export {t['export_s']:.1f}s")
     for r in summary["runs"]:
         out.append(f"  {r['backend']:8s} {r['quant']:5s} load {r['load_s'] * 1000:6.0f} ms  add adapters {r['add_adapters_s'] * 1000:5.0f} ms"
-                   f"  swap {r['swap_ms']:6.2f} ms  decode {r['tokens_per_s']:7.1f} tok/s")
+                   f"  swap {r['swap_ms']:6.2f} ms  decode {r['tokens_per_s']:7.1f} tok/s  on {r.get('device', 'CPU')}")
     checks = summary["checks"]
     out.append("")
     out.append("targets: " + ("all met" if all(c["ok"] for c in checks) else "NOT all met"))

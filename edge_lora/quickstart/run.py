@@ -33,6 +33,7 @@ class QuickstartConfig:
     steps: int = 600  # 300 reach ~95% in fp32; the extra margin is what keeps int4/q4_0 within 5 points
     eval_items: int = 50
     threads: int = 0
+    device: str = "auto"  # where the runtime runs the bundle: cpu, gpu, or auto (a hardware GPU if any)
     json: bool = False
     decode_tokens: int = 48
 
@@ -40,7 +41,8 @@ class QuickstartConfig:
     def for_args(cls, args) -> "QuickstartConfig":
         config = cls(model=Path(args.model) if args.model else DEFAULT_MODEL,
                      work_dir=Path(args.work_dir) if args.work_dir else None,
-                     backends=[b.strip() for b in args.backends.split(",") if b.strip()], threads=args.threads, json=args.json)
+                     backends=[b.strip() for b in args.backends.split(",") if b.strip()], threads=args.threads, json=args.json,
+                     device=args.device)
         if args.fast:  # the CI form: every quantization, fewer held-out prompts
             config.eval_items = 25
         if args.steps:
@@ -115,7 +117,7 @@ def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: d
     if threads:
         options["threads"] = threads
     t0 = time.perf_counter()
-    engine = runtime.load(bundle, backend=backend, **options)
+    engine = runtime.load(bundle, backend=backend, device=config.device, **options)
     t1 = time.perf_counter()
     for name in tasks:
         engine.add_adapter(name)
@@ -124,7 +126,7 @@ def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: d
     def accuracy(task: str, adapters: dict[str, float]) -> float:
         return score(lambda prompt: engine.generate(prompt, max_new_tokens=8, adapters=adapters, stop=[END]), items[task])
 
-    run = {"backend": engine.backend_name, "quant": quant, "load_s": round(t1 - t0, 4), "add_adapters_s": round(t2 - t1, 4),
+    run = {"backend": engine.backend_name, "device": engine.info()["device"]["name"], "quant": quant, "load_s": round(t1 - t0, 4), "add_adapters_s": round(t2 - t1, 4),
            "base": {t: accuracy(t, {}) for t in tasks},
            "adapter": {t: accuracy(t, {t: 1.0}) for t in tasks}}
     run["swap_ms"] = _swap_ms(engine, tasks, items)
