@@ -69,7 +69,12 @@ def bench_model(plan: Plan, shape: str) -> dict:
         say(f"  cold start: {label}")
         cold[label] = pool.run_once({"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
                                      "prompt": plan.prompt, "new_tokens": plan.new_tokens, **({} if plain else {"plain_session": False})})
-    return {"shape": shape, "prepare_s": prep_s, "decode": decode, "extras": extras, "memory": memory, "cold": cold,
+    gpu = {}
+    if plan.gpu:
+        say("  GPU rows (each backend on its GPU device, if any)")
+        gpu = pool.run_once({"kind": "gpu", "bundle": str(model.bundle), "tokens": 8 if plan.quick else 32, "prompt": plan.prompt,
+                             "threads": plan.threads}, timeout=1200)
+    return {"shape": shape, "prepare_s": prep_s, "decode": decode, "extras": extras, "memory": memory, "cold": cold, "gpu": gpu,
             "scaling": scaling, "files": file_sizes(model, plan), "config": config_dict(model),
             "workers": {w.label: {"cases": w.cases, "kind": w.spec["kind"], "error": w.info.get("error")} for w in planned},
             "genai_build_errors": {k: v for k, v in genai.items() if k.endswith("_error")}}
@@ -123,6 +128,7 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="comma list of smollm2-135m, qwen2.5-0.5b")
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
     parser.add_argument("--render", type=Path, help="only redraw the charts and summary from this results JSON")
     args = parser.parse_args(argv)
     from benchmarks import report
@@ -136,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.make(args.quick, args.shapes.split(",") if args.shapes else None)
     plan.train &= not args.no_train
     plan.scaling &= not args.no_scaling
+    plan.gpu &= not args.no_gpu
     started = time.time()
     load = _loadavg()
     results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": plan.quick, "machine": machine(),

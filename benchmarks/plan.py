@@ -24,6 +24,7 @@ class Plan:
     merged: bool = True
     train: bool = True
     scaling: bool = True
+    gpu: bool = True  # GPU rows on the first shape, when a GPU device is present (benchmarks.gpu_bench)
 
     @classmethod
     def make(cls, quick: bool, shapes: list[str] | None = None) -> "Plan":
@@ -40,7 +41,7 @@ class Plan:
         if self.quick or shape == self.shapes[0]:
             return self
         return replace(self, onnx_quants=[q for q in self.onnx_quants if BITS[q] == 4], gguf_quants=[q for q in self.gguf_quants if BITS[q] == 4],
-                       merged=False, hf_new_tokens=4)
+                       merged=False, hf_new_tokens=4, gpu=False)
 
     @property
     def quants(self) -> dict:

@@ -195,6 +195,11 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
             lines.append(f"| {r['engine']} | {r['case']} | {_fmt(r['tok_s'], 1)} | {_fmt(r.get('pct_roofline'), 0)} | "
                          f"{_fmt(r.get('pct_cache_roofline'), 0)} | {_fmt(r['prefill_ms'], 0)} |")
         lines.append("")
+    for shape, model in results["models"].items():
+        if model.get("gpu"):
+            from benchmarks.gpu_bench import markdown
+
+            lines += markdown(model["gpu"])
     if results.get("train"):
         lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | tokens/s | peak RSS MB |", "|---|---|---|"]
         for name, c in results["train"]["cases"].items():

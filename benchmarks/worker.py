@@ -163,6 +163,11 @@ def main() -> int:
     if spec["kind"] == "baseline":
         print(json.dumps(baseline_rss()), flush=True)
         return 0
+    if spec["kind"] == "gpu":
+        from benchmarks.gpu_bench import measure
+
+        print(json.dumps(measure(spec["bundle"], spec["tokens"], spec["prompt"], spec["threads"])), flush=True)
+        return 0
     if spec["kind"] == "bandwidth":  # its GB-sized buffer stays out of the runner (children would inherit its peak)
         from benchmarks import roofline
 

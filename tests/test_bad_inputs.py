@@ -150,6 +150,13 @@ def test_every_core_loader_refuses_every_case(corpus, base, good_engine):
 
 def test_every_backend_refuses_broken_backend_files(backend_corpus, base, good_engine):
     assert len(backend_corpus) >= 20
+    # load the backends' libraries first: their own cost (a Vulkan build of llama.cpp maps ~100 MB
+    # of shaders at import) is not what a bad file costs
+    import onnxruntime  # noqa: F401
+
+    from runtime import llamacpp_lib
+
+    llamacpp_lib.llama_cpp()
     refuse_all(backend_corpus, base, good_engine)
 
 

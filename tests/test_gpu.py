@@ -256,3 +256,83 @@ def test_webgpu_decode_keeps_kv_and_adapters_on_the_device(bundles, webgpu_devic
     session = engine.lora_session
     on_device = {i.name for i, m in zip(session.get_inputs(), session.get_input_memory_infos()) if m.name != "Cpu"}
     assert "input_ids" in on_device and "attention_mask" not in on_device  # the token is the one feed copied in
+
+
+
+GENAI_SCRIPT = """
+import json, sys
+import onnxruntime_ep_webgpu
+import onnxruntime_genai as og
+
+folder, adapter, provider, prompt, n = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+config = og.Config(folder)
+if provider != "cpu":
+    og.register_execution_provider_library("WebGPU", onnxruntime_ep_webgpu.get_library_path())
+    config.clear_providers()
+    config.append_provider(provider)
+model = og.Model(config)
+adapters = og.Adapters(model)
+adapters.load(adapter, "a")
+params = og.GeneratorParams(model)
+params.set_search_options(max_length=len(prompt) + n, do_sample=False)
+generator = og.Generator(model, params)
+generator.set_active_adapter(adapters, "a")
+generator.append_tokens([prompt])
+out = []
+while not generator.is_done():
+    generator.generate_next_token()
+    out.append(int(generator.get_next_tokens()[0]))
+print(json.dumps(out))
+"""
+
+
+def genai_greedy(folder: Path, adapter: Path, provider: str, prompt: list[int], n: int = 12) -> list[int]:
+    """ORT GenAI in a process of its own, as in an app (it shares ONNX Runtime's environment with
+    the onnxruntime module, where the tests registered the same plugin under another name)."""
+    import subprocess
+    import sys
+
+    done = subprocess.run([sys.executable, "-c", GENAI_SCRIPT, str(folder), str(adapter), provider, json.dumps(prompt), str(n)],
+                          capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-2000:]
+    return json.loads(done.stdout.strip().splitlines()[-1])
+
+
+@pytest.mark.parametrize("quant", ["fp32", "int4"])
+def test_onnxruntime_genai_runs_our_folder_on_webgpu(bundles, webgpu_device, quant):
+    """What a mobile app embeds: ORT GenAI with the WebGPU plugin takes our folder and .onnx_adapter
+    as they are, and its greedy tokens on the GPU equal its own on the CPU."""
+    bundle = bundles("qwen2")
+    folder, adapter = bundle / "onnx" / f"{quant}-fast", bundle / "adapters" / "a.onnx_adapter"
+    prompt = prompts(bundle)[1]
+    on_gpu = genai_greedy(folder, adapter, "webgpu", prompt)
+    assert len(on_gpu) == 12
+    assert on_gpu == genai_greedy(folder, adapter, "cpu", prompt)
+    if quant == "fp32":  # and equal ours (at 4 bits the CPU kernels of the two differ in rounding)
+        assert on_gpu == greedy(open_engine(bundle, "onnx", quant, "gpu"), prompt, {"a": 1.0}, n=12)
+
+
+@pytest.mark.parametrize("backend_name", ["onnx", "llamacpp"])
+def test_cli_device_gpu(bundles, backend_name, webgpu_device, vulkan_device):
+    """`--device gpu` runs there and says so; on a machine where the runtime finds no GPU (here:
+    without the software-device switches), one line says what is missing and the exit code is 2."""
+    import os
+    import subprocess
+    import sys
+
+    bundle = bundles("qwen2")
+    cmd = [sys.executable, "-m", "edge_lora", "run", str(bundle), "--backend", backend_name, "--device", "gpu",
+           "--prompt", "SELECT name", "--max-new-tokens", "4", "--adapter", "a", "--json"]
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    assert done.returncode == 0, done.stderr[-1000:]
+    out = json.loads(done.stdout.strip().splitlines()[-1])
+    assert out["device"]["kind"] == "gpu" and out["device"]["name"] and out["adapters"] == {"a": 1.0}
+
+    switches = ("ORT_WEBGPU_EP_ALLOW_SOFTWARE_ADAPTER", "GGML_VK_VISIBLE_DEVICES")
+    software = {"onnx": webgpu_device, "llamacpp": vulkan_device}[backend_name].software
+    if software:  # a real GPU would still be found without the switches
+        env = {k: v for k, v in os.environ.items() if k not in switches}
+        done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=env)
+        assert done.returncode == 2
+        lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
+        assert len(lines) == 1 and "device='gpu'" in lines[0] and "hint:" in lines[0], done.stderr[-800:]
