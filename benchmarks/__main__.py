@@ -2,7 +2,7 @@
 
     python -m benchmarks              # full run (~20 min on 2 cores): both shapes, 4- and 8-bit, training, scaling
     python -m benchmarks --quick      # CI form (< 5 min): SmolLM2 shape, 4-bit, short requests
-    edge-lora bench [--quick] [--out DIR]
+    edge-lora bench [--quick] [--out DIR] [--device auto|cpu|gpu]   GPU rows when a GPU device is present
 
 Writes DIR/<date>.json, DIR/*.png and DIR/summary.md; with the default DIR (benchmarks/results)
 it also regenerates the Summary section of benchmarks/README.md. Engines run in their own
@@ -128,7 +128,8 @@ def main(argv: list[str] | None = None) -> int:
     parser.add_argument("--shapes", help="comma list of smollm2-135m, qwen2.5-0.5b")
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
-    parser.add_argument("--no-gpu", action="store_true", help="skip the GPU rows")
+    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
+                        help="GPU rows: auto (default) when a GPU device is present, cpu = none, gpu = required (fails without one)")
     parser.add_argument("--render", type=Path, help="only redraw the charts and summary from this results JSON")
     args = parser.parse_args(argv)
     from benchmarks import report
@@ -142,7 +143,7 @@ def main(argv: list[str] | None = None) -> int:
     plan = Plan.make(args.quick, args.shapes.split(",") if args.shapes else None)
     plan.train &= not args.no_train
     plan.scaling &= not args.no_scaling
-    plan.gpu &= not args.no_gpu
+    plan.gpu &= args.device != "cpu"
     started = time.time()
     load = _loadavg()
     results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": plan.quick, "machine": machine(),
@@ -167,7 +168,20 @@ def main(argv: list[str] | None = None) -> int:
     write(results, args.out, update_readme=args.out.resolve() == DEFAULT_OUT.resolve())
     say(report.summary_markdown(results))
     say(f"done in {results['wall_s'] / 60:.1f} min -> {args.out}")
+    if args.device == "gpu" and (missing := _gpu_rows_missing(results)):
+        say("error: --device gpu, but the GPU rows did not run: " + ("; ".join(missing) or "no GPU result"))
+        return 2
     return 0
+
+
+def _gpu_rows_missing(results: dict) -> list[str]:
+    """Why the GPU rows are missing, per shape and backend (nothing when they all ran)."""
+    gpus = {shape: m["gpu"] for shape, m in results["models"].items() if m.get("gpu")}
+    if not gpus:
+        return ["no GPU result"]
+    missing = [f"{shape}: {gpu['error']}" for shape, gpu in gpus.items() if "error" in gpu]
+    return missing + [f"{shape} {backend}: {row['skipped']}" for shape, gpu in gpus.items()
+                      for backend, row in gpu.get("backends", {}).items() if "skipped" in row]
 
 
 def run_train(quick: bool) -> dict:
