@@ -1,0 +1,74 @@
+"""llama.cpp's own reference files: its tokenizer-test vocabularies and the chat templates of real models.
+
+They ship in the llama-cpp-python source package of the installed version
+(``vendor/llama.cpp/models/ggml-vocab-*.gguf`` with ``.gguf.inp`` test strings and ``.gguf.out``
+expected ids, and ``models/templates/*.jinja``). The first use downloads that package through pip
+(its cache makes later runs local) and keeps only those files under ``tests/data/`` (git-ignored),
+never in the repository. A failed download is an error, never a skip.
+"""
+
+from __future__ import annotations
+
+import importlib.metadata
+import shutil
+import subprocess
+import sys
+import tarfile
+import tempfile
+from pathlib import Path
+
+DATA = Path(__file__).parent / "data"
+SEPARATOR = "__ggml_vocab_test__"
+
+
+def llama_cpp_version() -> str:
+    return importlib.metadata.version("llama_cpp_python")
+
+
+def models_dir() -> Path:
+    """``tests/data/llama.cpp-<version>/models`` with the vocabularies and ``templates/``."""
+    version = llama_cpp_version()
+    dest = DATA / f"llama.cpp-{version}" / "models"
+    if (dest / ".complete").is_file():
+        return dest
+    with tempfile.TemporaryDirectory(prefix="llama-refs-") as tmp:
+        got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
+                              f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True, timeout=900)
+        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
+        if got.returncode != 0 or not archives:
+            raise RuntimeError(f"could not download the llama-cpp-python {version} source package: {got.stderr[-500:]}")
+        staging = Path(tmp) / "models"
+        with tarfile.open(archives[0]) as tar:
+            for member in tar.getmembers():
+                parts = member.name.split("/")
+                if member.isfile() and parts[1:4] == ["vendor", "llama.cpp", "models"] and (
+                        parts[4].startswith("ggml-vocab-") or (parts[4] == "templates" and len(parts) == 6)):
+                    target = staging.joinpath(*parts[4:])
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        (staging / ".complete").write_text(version)
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(staging), dest)
+    return dest
+
+
+def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
+    """The test strings of ``ggml-vocab-<name>.gguf`` and llama.cpp's expected ids for each, parsed
+    as llama.cpp's tests/test-tokenizer-0.cpp does (strings end with a separator line; one line of
+    ids per string). The ids are without special tokens (``add_special = false``, no special parsing)."""
+    base = models_dir() / f"ggml-vocab-{name}.gguf"
+    raw = base.with_name(base.name + ".inp").read_text(encoding="utf-8")
+    texts = raw.split(f"\n{SEPARATOR}\n")
+    if raw.endswith(f"\n{SEPARATOR}\n"):
+        texts.pop()  # nothing after the last separator
+    lines = base.with_name(base.name + ".out").read_text(encoding="utf-8").splitlines()
+    if len(texts) != len(lines):
+        raise RuntimeError(f"{base.name}: {len(texts)} test strings but {len(lines)} lines of ids")
+    return [(text, [int(t) for t in line.split()]) for text, line in zip(texts, lines)]
+
+
+def template(name: str) -> str:
+    """The text of ``models/templates/<name>.jinja``."""
+    return (models_dir() / "templates" / f"{name}.jinja").read_text(encoding="utf-8")
