@@ -117,13 +117,17 @@ CHAT_HELP = "commands: /adapter NAME[:SCALE] ... (switch; several = stack), /bas
 
 
 def run_chat(args) -> int:
+    from .conversation import Conversation
+
     engine = open_engine(args)
+    chat = Conversation(engine, keep_history=not args.no_history)
     interactive = sys.stdin.isatty()
     say = (lambda text: print(text, file=sys.stderr)) if interactive else (lambda text: print(text))
-    say(f"edge-lora chat on {engine.backend_name} ({engine.info()['device']['name']}); "
+    say(f"edge-lora chat on {engine.backend_name} ({engine.info()['device']['name']}), {chat.mode}; "
         f"bundle adapters: {', '.join(engine.bundle.adapters) or 'none'}")
     say(CHAT_HELP)
-    history = ""
+    sampling = _sampling(args, stop_default=chat.stop_text)
+    sampling["stop_token_ids"] = chat.stop_ids
     while True:
         if interactive:
             print("> ", end="", file=sys.stderr, flush=True)
@@ -136,22 +140,21 @@ def run_chat(args) -> int:
             if command in ("/quit", "/exit"):
                 return 0
             try:
-                history = _chat_command(engine, command, rest.split(), history, say)
+                _chat_command(engine, chat, command, rest.split(), say)
             except EdgeLoraError as err:  # a typo in a command must not end the conversation
                 say(f"error: {err}")
             continue
-        prompt = line if args.no_history else history + line
         reply = ""
-        for chunk in engine.generate(prompt, stream=True, **_sampling(args, stop_default=["\n"])):
+        for chunk in engine.generate(chat.prompt(line), stream=True, **sampling):
             reply += chunk
             sys.stdout.write(chunk)
             sys.stdout.flush()
         sys.stdout.write("\n")
         sys.stdout.flush()
-        history = prompt + reply + "\n"
+        chat.record(line, reply)
 
 
-def _chat_command(engine, command: str, words: list[str], history: str, say) -> str:
+def _chat_command(engine, chat, command: str, words: list[str], say) -> None:
     if command == "/adapter":
         active = {}
         for spec in words:
@@ -167,8 +170,7 @@ def _chat_command(engine, command: str, words: list[str], history: str, say) -> 
     elif command == "/adapters":
         say(f"loaded: {engine.adapters or 'none'}; in bundle: {list(engine.bundle.adapters)}; active: {engine.info()['active']}")
     elif command == "/reset":
+        chat.reset()
         say("history cleared")
-        return ""
     else:
         say(CHAT_HELP)
-    return history

@@ -179,7 +179,7 @@ class Engine(ABC):
         chosen, loaded = self._request_set(adapters)
         sampler = Sampler(params)
         state = self._new_state(chosen, loaded)
-        eos = set(self.config.eos_token_id)
+        eos = set(self.config.eos_token_id) | set(params.stop_token_ids)
         history = list(ids)
         try:
             logits = state.feed(ids)

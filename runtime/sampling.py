@@ -16,6 +16,7 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
+    stop_token_ids: list[int] = field(default_factory=list)  # e.g. a chat template's end of turn, besides the model's eos
 
     @classmethod
     def from_kwargs(cls, **kwargs) -> "SamplingParams":

@@ -5,9 +5,9 @@ One example per line, any of:
 * ``{"text": "..."}`` -- every token is a target;
 * ``{"prompt": "...", "completion": "..."}`` -- only the completion (and the end-of-sequence token) is;
 * ``{"messages": [{"role": "user", "content": "..."}, {"role": "assistant", ...}, ...]}`` -- rendered
-  with the model's chat template (``chat_template`` in tokenizer_config.json, or chat_template.jinja);
+  with the model's chat template exactly as transformers renders it (``edge_lora.chat_template``);
   only the assistant turns (with their end-of-turn marker) are targets. A model without a template
-  gets :data:`DEFAULT_CHAT_TEMPLATE` (ChatML: ``<|im_start|>role\\ncontent<|im_end|>\\n``).
+  gets ChatML.
 
 The whole file is checked before training starts; every bad line is reported as ``file:line``.
 """
@@ -17,17 +17,13 @@ from __future__ import annotations
 import json
 import os
 from dataclasses import dataclass
-from datetime import datetime
 from pathlib import Path
 
 import numpy as np
 
+from ..chat_template import ChatTemplate
 from ..errors import EdgeLoraError
 
-DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
-    "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
-)
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 8
 
@@ -128,22 +124,11 @@ class Formatter:
                 if tok in vocab:
                     raise EdgeLoraError(f"token {tok!r} is already in the vocabulary", path=md.tokenizer_path, hint="add only new tokens")
             self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in self.added_tokens])
-        tc = md.tokenizer_config
-        self.special = {k: _token_text(v) for k, v in tc.items() if k.endswith("_token") and _token_text(v) is not None}
-        self.eos_id = self._id(self.special.get("eos_token"))
+        self.template = ChatTemplate.find(md.tokenizer_config, md.path)
+        self.template_source = self.template.origin
+        self.eos_id = self._id(self.template.special.get("eos_token"))
         if self.eos_id is None and md.config.eos_token_id:
             self.eos_id = md.config.eos_token_id[0]
-        self.template_source = "default"
-        template = tc.get("chat_template")
-        if isinstance(template, list):  # [{"name": "default", "template": ...}, ...]
-            named = {t.get("name"): t.get("template") for t in template if isinstance(t, dict)}
-            template = named.get("default") or next(iter(named.values()), None)
-        jinja_file = md.path / "chat_template.jinja"
-        if not template and jinja_file.is_file():
-            template = jinja_file.read_text(encoding="utf-8")
-        if template:
-            self.template_source = "model"
-        self._template = _compile_template(template or DEFAULT_CHAT_TEMPLATE, md.path)
 
     def _id(self, text):
         return None if text is None else self.tokenizer.token_to_id(text)
@@ -153,10 +138,7 @@ class Formatter:
         return self.tokenizer.get_vocab_size(with_added_tokens=True)
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
-        try:
-            return self._template.render(messages=messages, add_generation_prompt=add_generation_prompt, **self.special)
-        except Exception as err:
-            raise EdgeLoraError(f"chat template failed: {' '.join(str(err).split())}") from None
+        return self.template.render(messages, add_generation_prompt)
 
     def encode(self, record: dict) -> Example:
         if "messages" in record:
@@ -192,31 +174,6 @@ class Formatter:
         for k, (s, e) in enumerate(enc.offsets):
             mask[k] = any(a <= s < b for a, b in spans)
         return Example(ids, mask)
-
-
-def _token_text(value):
-    if isinstance(value, str):
-        return value
-    if isinstance(value, dict) and isinstance(value.get("content"), str):
-        return value["content"]
-    return None
-
-
-def _compile_template(source: str, where):
-    import jinja2
-    from jinja2.sandbox import ImmutableSandboxedEnvironment
-
-    def raise_exception(message):
-        raise jinja2.exceptions.TemplateError(message)
-
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=["jinja2.ext.loopcontrols"])
-    env.filters["tojson"] = lambda x, indent=None, ensure_ascii=False: json.dumps(x, indent=indent, ensure_ascii=ensure_ascii)
-    env.globals["raise_exception"] = raise_exception
-    env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)
-    try:
-        return env.from_string(source)
-    except jinja2.exceptions.TemplateSyntaxError as err:
-        raise EdgeLoraError(f"chat template does not parse: {err}", path=where) from None
 
 
 # --- building the dataset -----------------------------------------------------------------
