@@ -22,6 +22,7 @@ from edge_lora import __version__, gguf_quant, onnx_names
 from edge_lora.adapter import Adapter
 from edge_lora.atomic import exchange_paths
 from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
+from edge_lora.chat_template import TEMPLATE_FILE
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
@@ -204,6 +205,9 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
     if (model.path / "tokenizer_config.json").is_file():
         shutil.copyfile(model.path / "tokenizer_config.json", root / "tokenizer_config.json")
         tokenizer["config"] = "tokenizer_config.json"
+    if (model.path / TEMPLATE_FILE).is_file():  # newer models keep the chat template beside the config
+        shutil.copyfile(model.path / TEMPLATE_FILE, root / TEMPLATE_FILE)
+        tokenizer["chat_template"] = TEMPLATE_FILE
     backends: dict[str, list[dict]] = {}
     if "onnx" in options.backends:
         from .onnx_export import export_onnx
