@@ -80,10 +80,15 @@ def test_truncation_drop_and_packing(model_dirs):
     examples, stats = build_examples(records, fmt, seq_len=16)
     assert stats["truncated"] == 2 and stats["dropped"] == 1  # the completion fell off the end
     assert all(len(e.ids) <= 16 for e in examples)
-    packed = pack(examples, 8)
-    assert all(len(e.ids) <= 8 for e in packed) and sum(len(e.ids) for e in packed) == sum(len(e.ids) for e in examples)
-    ids, targets = collate(examples, pad_id=0)
-    assert ids.shape == (2, 16) and not targets[:, 0].any() and targets[1].sum() == len(examples[1].ids) - 1
+    packed = pack(examples, 32)  # whole examples per row, each tagged with its segment
+    assert len(packed) == 1 and packed[0].segments.tolist() == [0] * len(examples[0].ids) + [1] * len(examples[1].ids)
+    assert not packed[0].mask[len(examples[0].ids)]  # a packed example's first token is no target
+    assert packed[0].targets == sum(e.targets for e in examples)
+    assert [len(e.ids) for e in pack(examples, 16)] == [len(e.ids) for e in examples]  # never split an example
+    ids, targets, segments = collate(examples, pad_id=0)
+    assert ids.shape == (2, 16) and segments is None and not targets[:, 0].any() and targets[1].sum() == len(examples[1].ids) - 1
+    ids, targets, segments = collate(packed + [examples[1]], pad_id=0)
+    assert segments.shape == ids.shape and segments[1].max() == 0 and (segments[1, len(examples[1].ids):] == -1).all()
 
 
 def test_eval_split_is_seeded_and_disjoint(model_dirs):

@@ -28,7 +28,7 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     data = parser.add_argument_group("data")
     data.add_argument("--seq-len", type=int, default=S, help="truncate (or pack) to this many tokens (512)")
-    _bool_flag(data, "packing", "concatenate examples into full --seq-len rows")
+    _bool_flag(data, "packing", "pack whole examples into --seq-len rows; attention and positions stay per example")
     data.add_argument("--eval-split", type=float, default=S, help="fraction of --data held out when no --eval-data (0.05; 0 = none)")
     data.add_argument("--max-eval-samples", type=int, default=S, help="cap on evaluation examples (0 = all)")
 

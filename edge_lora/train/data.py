@@ -32,6 +32,7 @@ MAX_REPORTED = 8
 class Example:
     ids: np.ndarray  # int64 [T]
     mask: np.ndarray  # bool [T]: token i is a training target (predicted from position i-1)
+    segments: np.ndarray | None = None  # int32 [T]: which packed example each token belongs to (None: one example)
 
     @property
     def targets(self) -> int:
@@ -186,9 +187,8 @@ def build_examples(records: list[dict], formatter: Formatter, seq_len: int, *, p
         ex = formatter.encode(record)
         if len(ex.ids) > seq_len:
             stats["truncated"] += 1
-            if not packing:
-                ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
-        if ex.targets == 0 and not (packing and ex.mask.any()):
+            ex = Example(ex.ids[:seq_len], ex.mask[:seq_len])
+        if ex.targets == 0:
             stats["dropped"] += 1
             continue
         examples.append(ex)
@@ -198,15 +198,25 @@ def build_examples(records: list[dict], formatter: Formatter, seq_len: int, *, p
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:
-    """Concatenate examples into rows of ``seq_len`` tokens (attention crosses example boundaries)."""
-    ids = np.concatenate([e.ids for e in examples]) if examples else np.zeros(0, np.int64)
-    mask = np.concatenate([e.mask for e in examples]) if examples else np.zeros(0, bool)
-    rows = []
-    for start in range(0, len(ids), seq_len):
-        row = Example(ids[start:start + seq_len], mask[start:start + seq_len])
-        if row.targets > 0:
-            rows.append(row)
+    """Whole examples, in order, into rows of at most ``seq_len`` tokens, each token tagged with its
+    example (``segments``): attention stays inside an example and positions restart at each one
+    (see ``CausalLM.hidden_states``), so a packed row trains exactly as its examples one by one.
+    An example's first token is never a target: nothing of it comes before."""
+    rows, current = [], []
+    for ex in examples:
+        if current and sum(len(e.ids) for e in current) + len(ex.ids) > seq_len:
+            rows.append(_join(current))
+            current = []
+        current.append(ex)
+    if current:
+        rows.append(_join(current))
     return rows
+
+
+def _join(examples: list[Example]) -> Example:
+    masks = [np.r_[False, e.mask[1:]] for e in examples]
+    segments = np.concatenate([np.full(len(e.ids), k, np.int32) for k, e in enumerate(examples)])
+    return Example(np.concatenate([e.ids for e in examples]), np.concatenate(masks), segments)
 
 
 def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[list[Example], list[Example]]:
@@ -220,17 +230,22 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
 
 
 def collate(examples: list[Example], pad_id: int = 0):
-    """Right-padded ``(ids [B, T], targets [B, T])`` torch tensors; ``targets[b, t]`` marks token t."""
+    """Right-padded ``(ids [B, T], targets [B, T], segments [B, T] or None)`` torch tensors;
+    ``targets[b, t]`` marks token t. Segments exist for packed rows; padding is segment -1."""
     import torch
 
     width = max(len(e.ids) for e in examples)
     ids = torch.full((len(examples), width), pad_id, dtype=torch.long)
     targets = torch.zeros((len(examples), width), dtype=torch.bool)
+    packed = any(e.segments is not None for e in examples)
+    segments = torch.full((len(examples), width), -1, dtype=torch.int32) if packed else None
     for b, e in enumerate(examples):
         ids[b, : len(e.ids)] = torch.from_numpy(e.ids)
         targets[b, : len(e.ids)] = torch.from_numpy(e.mask)
+        if packed:
+            segments[b, : len(e.ids)] = torch.from_numpy(e.segments) if e.segments is not None else 0
     targets[:, 0] = False
-    return ids, targets
+    return ids, targets, segments
 
 
 class StepSampler:

@@ -96,9 +96,11 @@ class Rotary(nn.Module):
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
     def forward(self, positions: torch.Tensor):
-        freqs = positions[:, None].float() * self.inv_freq[None, :]
+        """``cos, sin`` for positions ``[t]`` (shape ``[t, d]``) or per row ``[b, t]`` (``[b, 1, t, d]``)."""
+        freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
-        return emb.cos(), emb.sin()
+        cos, sin = emb.cos(), emb.sin()
+        return (cos[:, None], sin[:, None]) if positions.dim() == 2 else (cos, sin)
 
 
 class Attention(nn.Module):
@@ -185,13 +187,32 @@ class CausalLM(nn.Module):
             mask = mask | ~mask.any(-1, keepdim=True)  # fully padded rows: attend anywhere, output ignored
         return mask
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
+    def packed_mask(self, segments: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``(mask [b, 1, t, t], positions [b, t])`` for packed rows: causal within each segment
+        (and within the sliding window), positions restarting at each segment."""
+        t = segments.shape[1]
+        i = torch.arange(t, device=segments.device)
+        starts = torch.ones_like(segments, dtype=torch.bool)
+        starts[:, 1:] = segments[:, 1:] != segments[:, :-1]
+        positions = i - torch.cummax(torch.where(starts, i, 0), dim=1).values
+        allowed = (i[None, :] <= i[:, None])[None] & (segments[:, :, None] == segments[:, None, :])
+        if self.config.sliding_window:
+            allowed &= (i[:, None] - i[None, :])[None] < self.config.sliding_window
+        return allowed[:, None], positions
+
+    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
+                      segments: torch.Tensor | None = None) -> torch.Tensor:
+        """``segments`` (packed rows, see ``data.pack``) keeps each example's attention and positions to itself."""
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
-        cos, sin = self.rotary(torch.arange(t, device=input_ids.device))
-        window = self.config.sliding_window
-        needs_mask = attention_mask is not None or (window and t > window)
-        mask = self.causal_mask(t, attention_mask, input_ids.device) if needs_mask else None
+        if segments is not None:
+            mask, positions = self.packed_mask(segments)
+            cos, sin = self.rotary(positions)
+        else:
+            cos, sin = self.rotary(torch.arange(t, device=input_ids.device))
+            window = self.config.sliding_window
+            needs_mask = attention_mask is not None or (window and t > window)
+            mask = self.causal_mask(t, attention_mask, input_ids.device) if needs_mask else None
         for layer in self.model.layers:
             if self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)

@@ -169,8 +169,9 @@ class TrainModule(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor) -> torch.Tensor:
-        hidden = self.model.hidden_states(ids)  # right padding + causal attention: no mask needed
+    def forward(self, ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+        # right padding + causal attention: no mask needed, unless rows pack several examples
+        hidden = self.model.hidden_states(ids, segments=segments)
         picked = targets[:, 1:]
         weight, extra = head_weights(self.model)
         return linear_cross_entropy(hidden[:, :-1][picked], ids[:, 1:][picked], weight, extra)
@@ -287,11 +288,12 @@ def _train(cfg: TrainConfig) -> dict:
         local_loss = 0.0
         for micro in range(cfg.grad_accum):
             lo = (micro * dist.world + dist.rank) * cfg.batch_size
-            ids, targets = collate([train_ex[i] for i in idx[lo:lo + cfg.batch_size]], pad_id)
+            ids, targets, segments = collate([train_ex[i] for i in idx[lo:lo + cfg.batch_size]], pad_id)
             ids, targets = ids.to(dist.device), targets.to(dist.device)
+            segments = None if segments is None else segments.to(dist.device)
             sync = contextlib.nullcontext() if (dist.world == 1 or micro == cfg.grad_accum - 1) else runner.no_sync()
             with sync:
-                loss_sum = runner(ids, targets)
+                loss_sum = runner(ids, targets, segments)
                 (loss_sum * (dist.world / n_targets)).backward()
             local_loss += loss_sum.item()
         grad_norm = None
@@ -370,8 +372,8 @@ def evaluate(module: TrainModule, examples, batch_size: int, dist: Dist, pad_id:
         if k % dist.world != dist.rank:
             continue
         batch = examples[start:start + batch_size]
-        ids, targets = collate(batch, pad_id)
-        loss += module(ids.to(dist.device), targets.to(dist.device)).item()
+        ids, targets, segments = collate(batch, pad_id)
+        loss += module(ids.to(dist.device), targets.to(dist.device), None if segments is None else segments.to(dist.device)).item()
         count += float(targets[:, 1:].sum())
     module.train(was_training)
     loss, count = dist.all_sum([loss, count])
