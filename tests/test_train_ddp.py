@@ -42,3 +42,17 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, model_dirs
     worst = max(float(np.abs(a[k] - b[k]).max()) for k in a)
     assert worst < 1e-5, worst
     assert any(np.abs(a[k]).max() > 0 for k in a if k.endswith(".B"))
+
+
+def test_master_port_zero_fails_at_once_with_a_hint(tmp_path, model_dirs):
+    """torchrun --master_port=0 hands every worker port 0: they would wait for each other forever."""
+    torchrun = _torchrun()
+    if torchrun is None:
+        pytest.skip("torchrun not installed")
+    data = make_data(tmp_path / "d.jsonl", "prompt", n=4)
+    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    run = subprocess.run([*torchrun, "--nproc_per_node=2", "--master_port=0", "-m", "edge_lora.train", "--model", str(model_dirs["llama"]),
+                          "--data", str(data), "--steps", "1", "--out", str(tmp_path / "a.safetensors"), "--no-progress"],
+                         env=env, cwd=ROOT, capture_output=True, text=True, timeout=120)
+    assert run.returncode != 0
+    assert "--master_port=0" in run.stderr and "--standalone" in run.stderr

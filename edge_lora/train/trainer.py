@@ -78,6 +78,9 @@ def setup_distributed(device_name: str) -> Dist:
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
     device = resolve_device(device_name, local)
     if world > 1:
+        if os.environ.get("MASTER_PORT") == "0":  # each worker would wait on its own random port forever
+            raise EdgeLoraError("torchrun --master_port=0 gives every worker port 0, so they never meet",
+                                hint="use torchrun --standalone (it picks a free port) or a fixed --master_port")
         if device.type == "mps":
             raise EdgeLoraError("data-parallel training is not supported on MPS", hint="use --device cpu or cuda")
         if not torch.distributed.is_initialized():
