@@ -195,8 +195,9 @@ def test_dora_and_rslora_train_and_save(tmp_path, model_dirs):
     assert not np.allclose(adapter.modules[name].magnitude, base_norm)  # magnitudes were trained
 
 
+@pytest.mark.parametrize("family", ["llama", "smollm"])  # smollm: tied, its table quantized too
 @pytest.mark.parametrize("quant", ["int8", "int4"])
-def test_quantized_base_trains_close_to_fp32(tmp_path, model_dirs, quant):
+def test_quantized_base_trains_close_to_fp32(tmp_path, model_dirs, quant, family):
     from edge_lora.train.quant import QuantLinear, dequantize, quantize
 
     w = torch.randn(48, 64)
@@ -204,8 +205,8 @@ def test_quantized_base_trains_close_to_fp32(tmp_path, model_dirs, quant):
     err = (dequantize(q, s, 8 if quant == "int8" else 4, 64) - w).abs().max() / w.abs().max()
     assert err < (0.01 if quant == "int8" else 0.15)
     data = make_data(tmp_path / "d.jsonl", "text", n=8)
-    fp = quick_cfg(tmp_path, model_dirs["llama"], data, steps=6, lr=2e-2, eval_split=0, out=str(tmp_path / "fp.safetensors"))
-    qc = quick_cfg(tmp_path, model_dirs["llama"], data, steps=6, lr=2e-2, eval_split=0, base_quant=quant, out=str(tmp_path / "q.safetensors"))
+    fp = quick_cfg(tmp_path, model_dirs[family], data, steps=6, lr=2e-2, eval_split=0, out=str(tmp_path / "fp.safetensors"))
+    qc = quick_cfg(tmp_path, model_dirs[family], data, steps=6, lr=2e-2, eval_split=0, base_quant=quant, out=str(tmp_path / "q.safetensors"))
     train(fp)
     train(qc)
     loss = lambda c: [json.loads(line)["loss"] for line in open(c.log_path) if '"train"' in line]  # noqa: E731

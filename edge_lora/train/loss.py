@@ -56,9 +56,62 @@ class _FusedLinearCE(torch.autograd.Function):
         return gh, None, None, ge, None
 
 
-def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weight: torch.Tensor, extra: torch.Tensor | None = None,
+class _TableLinearCE(torch.autograd.Function):
+    """The same loss over a quantized table (``rows(start, end)`` dequantizes a slice), in vocabulary
+    chunks: pass one finds each position's log-sum-exp online, pass two turns each chunk's softmax
+    into the gradient. Each slice is dequantized twice per step and dropped; logits live one chunk
+    at a time, ``[N, rows]``."""
+
+    @staticmethod
+    def forward(ctx, hidden, targets, table, extra, rows):
+        n = hidden.shape[0]
+        vocab = table.shape[0]
+        chunks = [(s, min(s + rows, vocab)) for s in range(0, vocab, rows)]
+
+        def logits_of(start, end):
+            w = table.rows(start, end, hidden.dtype) if end <= vocab else extra
+            return (hidden @ w.t()).float(), w
+
+        spans = chunks + ([(vocab, vocab + extra.shape[0])] if extra is not None else [])
+        top = torch.full((n,), float("-inf"), device=hidden.device)
+        total_exp = torch.zeros(n, device=hidden.device)
+        picked = torch.zeros(n, device=hidden.device)
+        for start, end in spans:
+            logits, _ = logits_of(start, end)
+            new_top = torch.maximum(top, logits.max(1).values)
+            total_exp = total_exp * torch.exp(top - new_top) + torch.exp(logits - new_top[:, None]).sum(1)
+            top = new_top
+            inside = (targets >= start) & (targets < end)
+            picked[inside] = logits[inside, targets[inside] - start]
+        lse = top + torch.log(total_exp)
+        need_h, need_e = ctx.needs_input_grad[0], extra is not None and ctx.needs_input_grad[3]
+        grad_h = torch.zeros_like(hidden) if need_h else None
+        grad_e = torch.zeros_like(extra, dtype=torch.float32) if need_e else None
+        if need_h or need_e:
+            for start, end in spans:
+                logits, w = logits_of(start, end)
+                probs = logits.sub_(lse[:, None]).exp_()
+                inside = (targets >= start) & (targets < end)
+                probs[inside, targets[inside] - start] -= 1.0
+                probs = probs.to(hidden.dtype)
+                if need_h:
+                    grad_h += probs @ w
+                if need_e and start >= vocab:
+                    grad_e += (probs.t() @ hidden).float()
+        ctx.save_for_backward(grad_h, grad_e)
+        ctx.extra_dtype = None if extra is None else extra.dtype
+        return (lse - picked).sum()
+
+    backward = staticmethod(_FusedLinearCE.backward)
+
+
+def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weight, extra: torch.Tensor | None = None,
                          chunk: int | None = None) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is ``[N, h]``)."""
+    """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is ``[N, h]``).
+    ``weight`` is a tensor, or a quantized table with ``rows(start, end, dtype)`` (a tied base under --base-quant)."""
     vocab = weight.shape[0] + (0 if extra is None else extra.shape[0])
+    if hasattr(weight, "rows"):
+        rows = chunk or max(1, CHUNK_BYTES // (4 * max(1, hidden.shape[0])))
+        return _TableLinearCE.apply(hidden, targets, weight, extra, rows)
     chunk = chunk or max(1, CHUNK_BYTES // (4 * vocab))
     return _FusedLinearCE.apply(hidden, targets, weight, extra, chunk)

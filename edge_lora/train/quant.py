@@ -92,3 +92,63 @@ def quant_bits(name: str) -> int:
 
 def quantized_bytes(model: nn.Module) -> int:
     return sum(m.weight.numel() * m.weight.element_size() + m.scales.numel() * 2 for m in model.modules() if isinstance(m, QuantLinear))
+
+
+class QuantEmbedding(nn.Module):
+    """A frozen embedding table kept quantized (rows like :class:`QuantLinear`'s, grouped along the
+    hidden size). A lookup dequantizes only the rows it gathers; :meth:`rows` hands out a slice
+    dequantized, which the output head and the loss use chunk by chunk on a tied base, so the
+    full-precision table never exists."""
+
+    def __init__(self, qweight, scales, bits: int, vocab: int, hidden: int):
+        super().__init__()
+        self.bits, self.vocab, self.hidden = bits, vocab, hidden
+        self.register_buffer("qweight", qweight)
+        self.register_buffer("scales", scales)
+
+    @classmethod
+    def from_weight(cls, weight, bits: int, group_size: int = 0) -> "QuantEmbedding":
+        group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
+        q, s, _ = quantize(weight, bits, group_size)
+        return cls(q, s, bits, weight.shape[0], weight.shape[1])
+
+    @property
+    def shape(self) -> tuple[int, int]:
+        return self.vocab, self.hidden
+
+    @property
+    def weight(self) -> torch.Tensor:
+        """The whole table dequantized (a temporary: for initialising new rows, not for the hot path)."""
+        return self.rows(0, self.vocab)
+
+    def rows(self, start: int, end: int, dtype=torch.float32) -> torch.Tensor:
+        return dequantize(self.qweight[start:end], self.scales[start:end], self.bits, self.hidden, dtype)
+
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
+        flat = ids.reshape(-1)
+        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden)
+        return out.view(*ids.shape, self.hidden)
+
+    def extra_repr(self):
+        return f"vocab={self.vocab}, hidden={self.hidden}, bits={self.bits}"
+
+
+class TiedQuantHead(nn.Module):
+    """The output layer of a tied base whose table is a :class:`QuantEmbedding`: logits through
+    vocabulary chunks of the quantized table (``weight`` is the table, for the chunked loss)."""
+
+    CHUNK_ROWS = 8192
+
+    def __init__(self, table: QuantEmbedding):
+        super().__init__()
+        self.table = table
+
+    @property
+    def weight(self) -> QuantEmbedding:
+        return self.table
+
+    def forward(self, hidden: torch.Tensor) -> torch.Tensor:
+        parts = [hidden @ self.table.rows(s, min(s + self.CHUNK_ROWS, self.table.vocab), hidden.dtype).t()
+                 for s in range(0, self.table.vocab, self.CHUNK_ROWS)]
+        return torch.cat(parts, dim=-1)
+

@@ -30,7 +30,7 @@ from .lora import LoraConfig, _parent, apply_lora, to_adapter
 from .loss import linear_cross_entropy
 from .model import CausalLM
 from .progress import MetricsLog, Progress
-from .quant import QuantLinear, quant_bits
+from .quant import QuantEmbedding, QuantLinear, TiedQuantHead, quant_bits
 from .tokens import add_new_tokens, head_weights, new_rows
 
 
@@ -144,6 +144,10 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
             raise EdgeLoraError(f"weights are missing {name}.weight", path=md.path, hint="is this the model config.json describes?")
         bias = _read_tensor(md, f"{name}.bias") if f"{name}.bias" in names else None
         setattr(parent, child, QuantLinear.from_weight(_read_tensor(md, f"{name}.weight"), bias, quant_bits(base_quant), group_size))
+    quant_table = base_quant != "none" and config.tie_word_embeddings
+    if quant_table:  # the tied table is the largest tensor of a small model: lookup and head both read it quantized
+        table = QuantEmbedding.from_weight(_read_tensor(md, "model.embed_tokens.weight"), quant_bits(base_quant), group_size)
+        model.model.embed_tokens, model.lm_head = table, TiedQuantHead(table)
     for module_name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
             if not p.is_meta:
@@ -157,7 +161,7 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
             if tuple(arr.shape) != tuple(p.shape):
                 raise EdgeLoraError(f"tensor {full!r} has shape {list(arr.shape)}, config.json implies {list(p.shape)}", path=md.path)
             setattr(module, pname, nn.Parameter(torch.from_numpy(arr), requires_grad=False))
-    if config.tie_word_embeddings:
+    if config.tie_word_embeddings and not quant_table:
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = torch.tensor(config.rope_inv_freq(), dtype=torch.float32)
     model.model_dir = md
