@@ -84,7 +84,12 @@ class LoRALinear(nn.Module):
         if self.merged:
             return self.base(x)
         if self.lora_magnitude is None:
-            return self.base(x) + self.scaling * F.linear(F.linear(self.dropout(x), self.lora_A), self.lora_B)
+            # one addmm adds the scaled low-rank path onto the base output: no full-size multiply by
+            # the scale and no separate add, forward or backward (the scale lands on [N, r] tensors)
+            base = self.base(x)
+            xa = F.linear(self.dropout(x), self.lora_A)
+            out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
+            return out.view(base.shape)
         # DoRA as in PEFT: the norm is treated as a constant for the gradient (detach)
         weight = self._base_weight()
         adapted = weight + self.delta_weight()
