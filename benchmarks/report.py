@@ -204,6 +204,10 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
         lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | tokens/s | peak RSS MB |", "|---|---|---|"]
         for name, c in results["train"]["cases"].items():
             lines.append(f"| {name} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |")
+        real = results["train"].get("real_size")
+        if real:
+            lines.append(f"| edge-lora int4, Qwen2.5-0.5B shape | {real['tokens_per_s']:.0f} | {_fmt(real.get('peak_rss_mb'), 0)} |")
+            lines += ["", f"At the 0.5B shape, 1,000 examples of 256 tokens take {real['seconds_per_1000_examples'] / 60:.0f} minutes."]
         lines += ([f"Note: {results['train']['note']}."] if results["train"].get("note") else []) + [""]
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p

@@ -39,17 +39,22 @@ CASES = [  # (name, worker, base_quant, gradient_checkpointing)
 ]
 # full runs only: the fp32 trainer with glibc's default malloc (no fixed mmap threshold) -- faster, ~1.6 GB more RSS
 EXTRA_CASES = [("edge-lora fp32, default malloc", "ours", "none", False)]
+# full runs only: what a user of the biggest model we target sees (Qwen2.5-0.5B's published shape, int4 base)
+REAL_SIZE = dict(vocab_size=151936, hidden_size=896, intermediate_size=4864, num_hidden_layers=24, num_attention_heads=14,
+                 num_key_value_heads=2, max_position_embeddings=32768, rms_norm_eps=1e-6, rope_theta=1000000.0, tie_word_embeddings=True,
+                 bos_token_id=151643, eos_token_id=151643)
 
 
-def make_model(out: Path) -> Path:
+def make_model(out: Path, shape: dict = SHAPE, family: str = "llama") -> Path:
     if (out / "model.safetensors").is_file():
         return out
     import torch
-    from transformers import AutoModelForCausalLM, LlamaConfig
+    from transformers import AutoModelForCausalLM, LlamaConfig, Qwen2Config
 
     out.mkdir(parents=True, exist_ok=True)
     torch.manual_seed(0)
-    model = AutoModelForCausalLM.from_config(LlamaConfig(**SHAPE, architectures=["LlamaForCausalLM"]), dtype=torch.float32)
+    config = Qwen2Config(**shape, architectures=["Qwen2ForCausalLM"]) if family == "qwen2" else LlamaConfig(**shape, architectures=["LlamaForCausalLM"])
+    model = AutoModelForCausalLM.from_config(config, dtype=torch.float32)
     model.save_pretrained(out, safe_serialization=True)
     return out
 
@@ -61,11 +66,11 @@ def _peak_rss_mb() -> float:
         return next(int(line.split()[1]) for line in f if line.startswith("VmHWM:")) / 1024.0
 
 
-def _batches(n: int):
+def _batches(n: int, vocab: int = SHAPE["vocab_size"]):
     import torch
 
     g = torch.Generator().manual_seed(1)
-    return [torch.randint(1, SHAPE["vocab_size"], (BATCH, SEQ), generator=g) for _ in range(n)]
+    return [torch.randint(1, vocab, (BATCH, SEQ), generator=g) for _ in range(n)]
 
 
 def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool) -> dict:
@@ -88,7 +93,7 @@ def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool) -> dict
     targets = torch.ones(BATCH, SEQ, dtype=torch.bool)
     targets[:, 0] = False
     times, losses = [], []
-    for ids in _batches(steps + 1):
+    for ids in _batches(steps + 1, model.config.vocab_size):
         t = time.perf_counter()
         n = int(targets[:, 1:].sum())
         loss = module(ids, targets)
@@ -158,8 +163,21 @@ def run(quick: bool) -> dict:
     ratios = {name: {"speed_vs_peft": r["tokens_per_s"] / peft["tokens_per_s"], "rss_vs_peft": r["peak_rss_mb"] / peft["peak_rss_mb"]}
               for name, r in cases.items() if name != "peft"}
     return {"benchmark": "train", "shape": "smollm2-135m (random weights)", "rank": RANK, "batch": BATCH, "seq": SEQ, "threads": THREADS,
-            "timed_steps": steps, "cases": cases, "ratios": ratios,
+            "timed_steps": steps, "cases": cases, "ratios": ratios, "real_size": {} if quick else real_size_run(),
             "targets": {"speed_vs_peft_fp32": ">= 1.3", "rss_vs_peft_fp32": "<= 0.8", "rss_vs_peft_int8": "<= 0.5"}}
+
+
+def real_size_run(steps: int = 2) -> dict:
+    """The Qwen2.5-0.5B shape (random weights; a 2 GB fp32 file, made once) at int4 for a few
+    steps: tokens/s, peak RSS and the time 1,000 examples of 256 tokens would take."""
+    base = Path(os.environ.get("EDGE_LORA_BENCH_DIR", Path(tempfile.gettempdir()) / "edge_lora_bench"))
+    model_dir = make_model(base / "qwen2.5-0.5b-fp32", REAL_SIZE, "qwen2")
+    result = _spawn(model_dir, steps, "ours", "int4", False)
+    result["seconds_per_1000_examples"] = 1000 * SEQ / result["tokens_per_s"]
+    result["shape"] = "qwen2.5-0.5b (random weights), int4 base, rank 16 all-linear, batch 4 x 256"
+    print(f"{'edge-lora int4, 0.5B shape':28s} {result['tokens_per_s']:7.1f} tok/s  peak RSS {result['peak_rss_mb']:7.0f} MB  "
+          f"{result['seconds_per_1000_examples'] / 60:.1f} min per 1,000 examples", file=sys.stderr)
+    return result
 
 
 def main(argv=None) -> int:
