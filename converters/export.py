@@ -78,6 +78,11 @@ class Progress:
     def step(self, what: str):
         return _Step(self, what)
 
+    def notes(self, message: str) -> None:
+        """A writer's progress callback that keeps only its notes (what the user should know), not its chatter."""
+        if self.enabled and message.startswith("note:"):
+            print(f"      {message}", file=self.stream, flush=True)
+
 
 class _Step:
     def __init__(self, progress: Progress, what: str):
@@ -223,7 +228,7 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
 
         for quant in options.gguf_quants:
             with progress.step(f"GGUF base {quant}"):
-                path = export_gguf(model, root / f"gguf/model-{quant}.gguf", quant=quant)
+                path = export_gguf(model, root / f"gguf/model-{quant}.gguf", quant=quant, progress=progress.notes)
             backends.setdefault("gguf", []).append({"quant": quant, "model": Path(path).relative_to(root).as_posix()})
     return {
         "created_by": f"edge-lora {__version__}",

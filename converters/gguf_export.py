@@ -51,6 +51,8 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
         say(f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding window "
             f"of {config.sliding_window} only for contexts up to that length")
     vocab = read_vocab(model_dir.tokenizer_path, model_dir.tokenizer_config, config)
+    for note in vocab.notes:
+        say(f"note: {note}")
     writer = gguf.GGUFWriter(os.fspath(path), gguf_arch(config))
     writer.add_name(model_dir.path.name)
     writer.add_file_type(FILE_TYPES[quant])

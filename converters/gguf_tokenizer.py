@@ -3,14 +3,18 @@
 Two kinds are understood, the two that Llama-family models ship:
 - byte-level BPE (GPT-2, Llama 3, Qwen2, SmolLM): ``tokenizer.ggml.model = "gpt2"`` with merges and
   the pre-tokenizer named by llama.cpp (``pre``), recognised from the tokenizer.json's own regex;
-- SentencePiece BPE with byte fallback (Llama 2, Mistral): ``tokenizer.ggml.model = "llama"``, whose
-  scores make llama.cpp's merge order equal the merge ranks.
+- SentencePiece BPE with byte fallback (Llama 2, Mistral, TinyLlama, Phi-3): ``tokenizer.ggml.model =
+  "llama"``, ``pre = "default"``, whose scores make llama.cpp's merge order equal the merge ranks, and
+  whose ``add_space_prefix`` says whether the tokenizer puts a "▁" before the text (a ``Prepend``
+  normalizer, or a ``Metaspace`` pre-tokenizer that prepends).
 BOS/EOS handling is read from what the tokenizer actually does, so llama.cpp adds the same tokens.
+Any other shape is refused with a one-line error rather than written as a GGUF that tokenizes differently.
 """
 
 from __future__ import annotations
 
 import json
+import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -23,6 +27,10 @@ LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{
 QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
 SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
+IGNORE_MERGES_PRE = {"llama-bpe"}  # llama.cpp takes a whole pre-token that is in the vocabulary as it is for these
+SPACE = "\u2581"  # SentencePiece's "▁", which stands for a space in its tokens
+SPM_PRE = "default"  # what llama.cpp's converter and its reference vocabulary write for SentencePiece models
+NO_MERGE_SCORE = -1e9  # a multi-character token no merge makes: llama.cpp must merge into it last, if ever
 
 # gguf token types (gguf.TokenType values, named here to keep this table readable)
 NORMAL, UNKNOWN, CONTROL, USER_DEFINED, UNUSED, BYTE = 1, 2, 3, 4, 5, 6
@@ -44,6 +52,7 @@ class GgufVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
+    notes: list[str] = field(default_factory=list)  # where llama.cpp may still differ, for the exporter to say
 
     def write(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
@@ -85,6 +94,9 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
         raise EdgeLoraError(f"tokenizer has {max(id_to_text) + 1} tokens but the model's vocab_size is {config.vocab_size}",
                             path=tokenizer_path, hint="tokenizer and model do not belong together")
     spm = bool(model.get("byte_fallback"))
+    space_prefix = _spm_space_prefix(raw, tokenizer_path) if spm else None  # refuses a shape llama.cpp cannot follow
+    # a SentencePiece vocabulary's "<unk>" may be named only in tokenizer_config.json; byte-level BPE never needs one
+    unk_text = model.get("unk_token") or (_token_text(tokenizer_config.get("unk_token")) if spm else None)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     tokens, types = [], []
     for i in range(size):
@@ -95,7 +107,7 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
         elif spm and len(text) == 6 and text.startswith("<0x") and text.endswith(">"):
             tokens.append(text)
             types.append(BYTE)
-        elif text == model.get("unk_token"):
+        elif text == unk_text:
             tokens.append(text)
             types.append(UNKNOWN)
         elif i in added:
@@ -105,18 +117,17 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
             tokens.append(text)
             types.append(NORMAL)
     bos, eos, add_bos, add_eos = _special_behaviour(tokenizer_path, config)
-    result = GgufVocab(model="llama" if spm else "gpt2", pre=None if spm else _pre_name(raw, tokenizer_path),
+    result = GgufVocab(model="llama" if spm else "gpt2", pre=SPM_PRE if spm else _pre_name(raw, tokenizer_path),
                        tokens=tokens, token_types=types, bos_id=bos, eos_id=eos, add_bos=add_bos, add_eos=add_eos,
                        chat_template=_chat_template(tokenizer_config, Path(tokenizer_path).parent))
-    unk = model.get("unk_token")
-    result.unk_id = vocab.get(unk) if unk else None
-    pad = tokenizer_config.get("pad_token")
-    pad = pad.get("content") if isinstance(pad, dict) else pad
-    result.pad_id = next((i for i, t in id_to_text.items() if t == pad), None) if pad else None
+    result.unk_id = _id_of(unk_text, id_to_text)
+    result.pad_id = _id_of(_token_text(tokenizer_config.get("pad_token")), id_to_text)
     if spm:
-        result.scores = _spm_scores(tokens, merges)
-        result.add_space_prefix = _adds_space_prefix(raw)
+        result.scores = _spm_scores(tokens, types, merges)
+        result.add_space_prefix = space_prefix
+        result.notes += _spm_notes(raw)
     else:
+        _check_byte_level(raw, model, result.pre, tokenizer_path)
         result.merges = merges
     return result
 
@@ -137,6 +148,21 @@ def _pre_name(raw: dict, path) -> str:
                         path=path, hint="known: GPT-2, Llama 3, Qwen2, SmolLM byte-level BPE; use the ONNX backend for this model")
 
 
+def _check_byte_level(raw: dict, model: dict, pre: str, path) -> None:
+    """Refuse what llama.cpp's byte-level BPE would do differently: normalizing, or (not) ignoring merges."""
+    normalizer = raw.get("normalizer")
+    kinds = [s.get("type") for s in _steps(normalizer, "normalizers")]
+    if kinds not in ([], ["NFC"]):  # NFC changes no text that is already NFC, which is nearly all text
+        raise EdgeLoraError(f"byte-level BPE tokenizer with normalizer {' + '.join(map(str, kinds))} has no llama.cpp equivalent",
+                            path=path, hint="llama.cpp does not normalize text; use the ONNX backend for this model")
+    wanted = pre in IGNORE_MERGES_PRE
+    if bool(model.get("ignore_merges")) != wanted:
+        raise EdgeLoraError(f"tokenizer.json has ignore_merges={bool(model.get('ignore_merges'))} but llama.cpp's {pre!r} "
+                            f"pre-tokenizer has {wanted}, so some words would split differently", path=path,
+                            hint=f"set \"ignore_merges\": {str(wanted).lower()} in tokenizer.json if the model was "
+                                 "trained that way")
+
+
 def _special_behaviour(path, config: ModelConfig) -> tuple[int | None, int | None, bool, bool]:
     """BOS/EOS ids and whether the tokenizer adds them, found by encoding a probe."""
     from tokenizers import Tokenizer
@@ -151,17 +177,76 @@ def _special_behaviour(path, config: ModelConfig) -> tuple[int | None, int | Non
     return bos, eos, add_bos, add_eos
 
 
-def _spm_scores(tokens: list[str], merges: list[str]) -> list[float]:
-    """llama.cpp's SentencePiece tokenizer merges the best-scoring pair first: score = -merge rank."""
+def _token_text(entry) -> str | None:
+    """tokenizer_config.json names a token as a string or as an AddedToken dict."""
+    return entry.get("content") if isinstance(entry, dict) else entry
+
+
+def _id_of(text: str | None, id_to_text: dict[int, str]) -> int | None:
+    return next((i for i, t in sorted(id_to_text.items()) if t == text), None) if text else None
+
+
+def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[float]:
+    """llama.cpp's SentencePiece tokenizer merges the best-scoring pair first: score = -merge rank.
+
+    A multi-character normal token that no merge makes is never produced by the Hugging Face BPE, so it
+    gets the lowest score; single characters and bytes are where merging starts, and their score is unused.
+    """
     rank = {}
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", "", 1), r)
-    return [-float(rank[t]) if t in rank else 0.0 for t in tokens]
+    return [-float(rank[t]) if t in rank else (NO_MERGE_SCORE if kind == NORMAL and len(t) > 1 else 0.0)
+            for t, kind in zip(tokens, types)]
 
 
-def _adds_space_prefix(raw: dict) -> bool:
-    text = json.dumps([raw.get("normalizer"), raw.get("pre_tokenizer")])
-    return '"Prepend"' in text or '"prepend_scheme": "always"' in text or '"add_prefix_space": true' in text
+def _spm_space_prefix(raw: dict, path) -> bool:
+    """Whether a SentencePiece-style tokenizer.json puts "▁" before the text, as llama.cpp's add_space_prefix.
+
+    llama.cpp turns spaces into "▁", optionally prepends one, and runs BPE over the whole text without
+    splitting it and without normalizing; two tokenizer.json shapes do exactly that:
+    - legacy (TinyLlama, Llama 2 as first converted): normalizer [Prepend "▁"], Replace " " -> "▁"; no pre-tokenizer;
+    - current (Mistral, Llama 2 converted since): no normalizer; Metaspace "▁" with split false, prepending
+      ("first"/"always") or not ("never").
+    """
+    normalizer, pre = raw.get("normalizer"), raw.get("pre_tokenizer")
+    steps = _steps(normalizer, "normalizers")
+    kinds = [s.get("type") for s in steps]
+    if pre is None and kinds in (["Prepend", "Replace"], ["Replace"]) and _replaces_space(steps[-1]) \
+            and (kinds == ["Replace"] or steps[0].get("prepend") == SPACE):
+        return kinds[0] == "Prepend"
+    if normalizer is None and isinstance(pre, dict) and pre.get("type") == "Metaspace" \
+            and pre.get("replacement") == SPACE and not pre.get("split", True):
+        scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
+        return scheme != "never"
+    style = f"normalizer {' + '.join(map(str, kinds)) or 'none'}, pre-tokenizer {_describe(pre)}"
+    raise EdgeLoraError(f"SentencePiece-style tokenizer ({style}) has no faithful llama.cpp equivalent", path=path,
+                        hint="llama.cpp supports Prepend/Replace or an unsplit Metaspace; use the ONNX backend for this model")
+
+
+def _spm_notes(raw: dict) -> list[str]:
+    pre = raw.get("pre_tokenizer") or {}
+    if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
+        return ['llama.cpp (like SentencePiece) puts "\u2581" before text that already starts with a space, and after '
+                'special tokens; this tokenizer.json (Metaspace, prepend_scheme "first") does not, so ids differ there']
+    return []
+
+
+def _steps(part: dict | None, key: str) -> list[dict]:
+    if not part:
+        return []
+    return part.get(key, []) if part.get("type") == "Sequence" else [part]
+
+
+def _replaces_space(step: dict) -> bool:
+    return step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == SPACE
+
+
+def _describe(pre: dict | None) -> str:
+    if not pre:
+        return "none"
+    if pre.get("type") == "Metaspace":
+        return f"Metaspace(split={pre.get('split', True)}, prepend_scheme={pre.get('prepend_scheme')})"
+    return " + ".join(str(s.get("type")) for s in _steps(pre, "pretokenizers"))
 
 
 def _chat_template(tokenizer_config: dict, model_dir: Path) -> str | None:
@@ -172,3 +257,21 @@ def _chat_template(tokenizer_config: dict, model_dir: Path) -> str | None:
     if template is None and jinja.is_file():
         template = jinja.read_text(encoding="utf-8")
     return template if isinstance(template, str) else None
+
+
+# --- what a written GGUF declares ---------------------------------------------------------------
+
+
+def gguf_tokenizer_style(gguf_path) -> str:
+    """The tokenizer style a GGUF declares, in words (from its keys, as llama.cpp reads them)."""
+    import gguf
+
+    fields = gguf.GGUFReader(os.fspath(gguf_path)).fields
+
+    def value(key, default=None):
+        return fields[key].contents() if key in fields else default
+
+    if value("tokenizer.ggml.model") == "llama":
+        prefix = "with" if value("tokenizer.ggml.add_space_prefix", True) else "without"  # llama.cpp's default: with
+        return f"SentencePiece BPE (byte fallback, {prefix} space prefix)"
+    return f"byte-level BPE (pre-tokenizer {value('tokenizer.ggml.pre', 'default')})"

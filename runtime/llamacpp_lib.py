@@ -9,6 +9,7 @@ from __future__ import annotations
 
 import ctypes
 import os
+from contextlib import contextmanager
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -271,3 +272,42 @@ def _checked_logits(ptr, path):
     if not ptr:
         raise EdgeLoraError("llama.cpp returned no logits for this batch", path=path, hint="report this with the bundle")
     return ptr
+
+
+# --- llama.cpp's own tokenizer on a GGUF's vocabulary ------------------------------------------------
+
+
+def tokenize_with_gguf(gguf_path, texts: list[str], *, add_special: bool = False,
+                       parse_special: bool = False) -> list[list[int]]:
+    """Token ids from llama.cpp's tokenizer on a GGUF (loaded vocab-only), as its test-tokenizer-0 does."""
+    with _llama_cpp_vocab(gguf_path) as (lib, vocab):
+        return [_tokenize(lib, vocab, text, add_special, parse_special) for text in texts]
+
+
+@contextmanager
+def _llama_cpp_vocab(gguf_path):
+    silence_log(False)
+    lib = llama_cpp()
+    params = lib.llama_model_default_params()
+    params.vocab_only = True
+    model = lib.llama_model_load_from_file(os.fspath(gguf_path).encode(), params)
+    if not model:  # a NULL pointer, not None
+        raise EdgeLoraError("llama.cpp could not load this GGUF's vocabulary", path=gguf_path,
+                            hint="re-export the model; the file may be truncated")
+    try:
+        yield lib, lib.llama_model_get_vocab(model)
+    finally:
+        lib.llama_model_free(model)
+
+
+def _tokenize(lib, vocab, text: str, add_special: bool, parse_special: bool) -> list[int]:
+    data = text.encode("utf-8")
+    room = len(data) + 8  # at most one token per byte, plus a space prefix and BOS/EOS
+    while True:
+        buf = (lib.llama_token * room)()
+        n = lib.llama_tokenize(vocab, data, len(data), buf, room, add_special, parse_special)
+        if n >= 0:
+            return list(buf[:n])
+        if -n <= room:  # llama.cpp's overflow code, not a size
+            raise EdgeLoraError(f"llama.cpp could not tokenize a text of {len(data)} bytes", path=None)
+        room = -n  # too small: llama.cpp says how many it needs

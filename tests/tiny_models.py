@@ -85,3 +85,33 @@ def load_hf(model_dir: Path):
 
     model = AutoModelForCausalLM.from_pretrained(model_dir, dtype=torch.float32, attn_implementation="eager")
     return model.eval()
+
+
+def make_model_dir_with_tokenizer(out_dir: Path, family: str, tokenizer_dir: Path, seed: int = 0, **overrides) -> Path:
+    """A tiny model of ``family`` around an existing tokenizer (tokenizer.json and its config files):
+    vocab_size, BOS and EOS follow the tokenizer. Sizes stay tiny, since a real vocabulary is large."""
+    import shutil
+
+    import torch
+    from tokenizers import Tokenizer
+    from transformers import AutoModelForCausalLM
+
+    out_dir = Path(out_dir)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    for name in ("tokenizer.json", "tokenizer_config.json", "special_tokens_map.json", "chat_template.jinja"):
+        if (Path(tokenizer_dir) / name).is_file():
+            shutil.copy(Path(tokenizer_dir) / name, out_dir / name)
+    tok = Tokenizer.from_file(str(out_dir / "tokenizer.json"))
+    special = json.loads((out_dir / "tokenizer_config.json").read_text())
+    names = {key: _content(special.get(f"{key}_token")) for key in ("bos", "eos")}
+    ids = {key: tok.token_to_id(name) if name else None for key, name in names.items()}
+    sizes = dict(hidden_size=32, intermediate_size=48, num_hidden_layers=1, num_attention_heads=4, num_key_value_heads=2)
+    config = family_config(family, max(tok.get_vocab(with_added_tokens=True).values()) + 1,
+                           **{**sizes, "bos_token_id": ids["bos"], "eos_token_id": ids["eos"], **overrides})
+    torch.manual_seed(seed)
+    AutoModelForCausalLM.from_config(config, dtype=torch.float32).save_pretrained(out_dir, safe_serialization=True)
+    return out_dir
+
+
+def _content(entry):
+    return entry.get("content") if isinstance(entry, dict) else entry

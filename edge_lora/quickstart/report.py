@@ -26,6 +26,12 @@ def format_table(summary: dict) -> str:
     out = [f"exact-match accuracy (%) on {summary['eval_items']} held-out prompts per task", line(head),
            line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    tok = summary.get("tokenizer")
+    if tok:
+        out.append("")
+        out.append(f"tokenizer: {tok['style']}; the runtime (both backends) and llama.cpp's own tokenizer on the GGUF "
+                   f"give the same ids on {tok['equal']}/{tok['texts']} texts"
+                   + (f", differ on {tok['differing']}" if tok["differing"] else ""))
     t = summary["timings"]
     out.append("")
     out.append("timings: " + ", ".join(f"train {k} {v:.1f}s" for k, v in t["train_s"].items()) + f", export {t['export_s']:.1f}s")

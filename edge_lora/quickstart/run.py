@@ -21,6 +21,10 @@ from .tasks import END, TASKS, score
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
 TOLERANCE = {"int8": 2.0, "q8_0": 2.0, "int4": 5.0, "q4_0": 5.0}  # points below the fp32 adapter
+# texts that split differently when a tokenizer is mapped wrong: leading/inner runs of spaces, tabs and
+# newlines, digits, accents, CJK, emoji (byte fallback); the task prompts are added to them
+TOKENIZER_PROBES = ["Hello world", " Hello  world", "\tTabs\nand\n\nnew lines", "Grüße aus Köln, 東京 🙂",
+                    "numbers 1234567 and 3.14", "    indented(code) == 42;"]
 
 
 @dataclass
@@ -93,6 +97,7 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
     options = ExportOptions(backends=config.backends, onnx_quants=config.onnx_quants, gguf_quants=config.gguf_quants, force=True)
     export_bundle(config.model, bundle, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False)
     timings["export_s"] = round(time.perf_counter() - t0, 2)
+    tokenizer = _tokenizer_agreement(bundle, [prompt for t in tasks for prompt, _ in items[t][:3]])
     runs = []
     for backend, quants in (("onnx", config.onnx_quants), ("gguf", config.gguf_quants)):
         if backend not in config.backends:
@@ -102,10 +107,32 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
             runs.append(_exercise(bundle, "onnx" if backend == "onnx" else "llamacpp", quant, tasks, items, config,
                                   stack_and_merge=i == 0))
     summary = {"model": str(config.model), "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
-               "tasks": tasks, "eval_items": config.eval_items, "host": host, "runs": runs, "timings": timings}
+               "tasks": tasks, "eval_items": config.eval_items, "host": host, "runs": runs, "timings": timings,
+               "tokenizer": tokenizer}
     summary["checks"] = _checks(summary)
     summary["total_s"] = round(time.perf_counter() - start, 1)
     return summary
+
+
+def _tokenizer_agreement(bundle: Path, prompts: list[str]) -> dict | None:
+    """The tokenizer's style, and on how many texts llama.cpp's own tokenizer on the exported GGUF gives the
+    ids of the runtime's tokenizer (which both runtime backends use), special tokens added as in a request."""
+    from converters.gguf_tokenizer import gguf_tokenizer_style
+    from runtime.llamacpp_lib import tokenize_with_gguf
+    from runtime.tokenizer import Tokenizer
+
+    from ..bundle import Bundle
+
+    opened = Bundle.open(bundle)
+    if not opened.backends.get("gguf"):
+        return None
+    gguf = bundle / opened.backends["gguf"][0]["model"]
+    texts = TOKENIZER_PROBES + prompts
+    runtime_ids = [Tokenizer(bundle / opened.tokenizer["tokenizer"]).encode(text) for text in texts]
+    llama_ids = tokenize_with_gguf(gguf, texts, add_special=True, parse_special=True)
+    return {"style": gguf_tokenizer_style(gguf), "texts": len(texts),
+            "equal": sum(a == b for a, b in zip(runtime_ids, llama_ids)),
+            "differing": [t for t, a, b in zip(texts, runtime_ids, llama_ids) if a != b]}
 
 
 def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: dict, config: QuickstartConfig,
@@ -171,6 +198,10 @@ def _tokens_per_s(engine, task: str, items: dict, n: int) -> float:
 
 def _checks(summary: dict) -> list[dict]:
     checks = []
+    tok = summary.get("tokenizer")
+    if tok:
+        checks.append({"what": f"tokenizer {tok['style']}: runtime and llama.cpp's tokenizer on the GGUF give the same ids "
+                               f"on {tok['equal']}/{tok['texts']} texts", "ok": tok["equal"] == tok["texts"]})
     host = summary["host"]
     for t in summary["tasks"]:
         checks.append({"what": f"fp32 adapter {t}: base {host['base'][t]:.0f}% -> {host['adapter'][t]:.0f}% (>= 90)",
