@@ -118,16 +118,18 @@ def quantize_int4_block_t(weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SI
     """``W [N, K]`` -> ``(W^T as int4 values in int8 [K, N], scales [ceil(K / block), N])``.
 
     Symmetric blocks along K, for DequantizeLinear(axis=0, block_size) on an INT4 initializer.
+    Computed in ``W``'s own row order and transposed once as int8 at the end: on a real vocabulary
+    (Qwen2.5's 151936 x 896 head) working on the float transpose was 3-4x slower.
     """
-    w_t = weight.T.astype(np.float32)
-    k, n = w_t.shape
+    n, k = weight.shape
     k_blocks = -(-k // block_size)
-    padded = np.zeros((k_blocks * block_size, n), dtype=np.float32)
-    padded[:k] = w_t
-    amax = np.abs(padded.reshape(k_blocks, block_size, n)).max(axis=1)
+    padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
+    padded[:, :k] = weight
+    blocks = padded.reshape(n, k_blocks, block_size)
+    amax = np.abs(blocks).max(axis=2)
     scale = np.where(amax == 0, 1.0, amax / 7.0).astype(np.float32)
-    q = np.clip(np.round(w_t / np.repeat(scale, block_size, axis=0)[:k]), -8, 7).astype(np.int8)
-    return q, scale
+    q = np.clip(np.round(blocks / scale[:, :, None]), -8, 7).astype(np.int8).reshape(n, -1)[:, :k]
+    return np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
 
 
 def dequantize_int4_block_t(q_t: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:
