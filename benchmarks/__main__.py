@@ -191,7 +191,7 @@ def run_train(quick: bool) -> dict:
         return train_bench.run(True)  # all five cases, 2 timed steps each (its own full form takes 5)
     # CI: the two anchor cases, one timed step each (the full run has all five)
     model_dir = train_bench.make_model(Path(train_bench.tempfile.gettempdir()) / "edge_lora_bench" / "smollm2-135m-fp32")
-    cases = {name: train_bench._spawn(model_dir, 1, worker, quant, ckpt) for name, worker, quant, ckpt in train_bench.CASES[:2]}
+    cases = {name: train_bench._spawn(model_dir, 1, worker, quant, ckpt, compute) for name, worker, quant, ckpt, compute in train_bench.CASES[:2]}
     return {"benchmark": "train", "quick": True, "cases": cases, "rank": train_bench.RANK, "batch": train_bench.BATCH, "seq": train_bench.SEQ}
 
 

@@ -201,9 +201,14 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
 
             lines += markdown(model["gpu"])
     if results.get("train"):
-        lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | tokens/s | peak RSS MB |", "|---|---|---|"]
+        lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | compute | tokens/s | peak RSS MB |", "|---|---|---|---|"]
         for name, c in results["train"]["cases"].items():
-            lines.append(f"| {name} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |")
+            lines.append(f"| {name} | {c.get('compute_dtype', 'float32')} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |")
+        targets = results["train"].get("targets")
+        if isinstance(targets, list):  # earlier runs kept only the goals
+            lines += ["", "| target vs PEFT (same run) | speed | peak RSS | goal | met |", "|---|---|---|---|---|"]
+            lines += [f"| {t['case']} ({t['compute_dtype']}) | {t['speed_vs_peft']:.2f}x | {t['rss_vs_peft']:.2f}x | {t['goal']} | "
+                      f"{'yes' if t['met'] else '**no**'} |" for t in targets]
         real = results["train"].get("real_size")
         if real:
             lines.append(f"| edge-lora int4, Qwen2.5-0.5B shape | {real['tokens_per_s']:.0f} | {_fmt(real.get('peak_rss_mb'), 0)} |")

@@ -7,7 +7,7 @@ import argparse
 import sys
 
 from ..errors import EdgeLoraError
-from .config import DEVICE_CHOICES, QUANT_CHOICES, TrainConfig
+from .config import COMPUTE_CHOICES, DEVICE_CHOICES, QUANT_CHOICES, TrainConfig
 
 
 def _bool_flag(group, name: str, help: str):
@@ -71,6 +71,9 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     mem.add_argument("--quant-group-size", type=int, default=S, help="columns per quantization scale (128 for int8, 32 for int4)")
     _bool_flag(mem, "gradient-checkpointing", "recompute activations in the backward pass (less memory, slower)")
     mem.add_argument("--device", choices=DEVICE_CHOICES, default=S, help="auto picks cuda, then mps, then cpu")
+    mem.add_argument("--compute-dtype", choices=COMPUTE_CHOICES, default=S,
+                     help="bf16: base weights and matmuls in bf16, LoRA weights and optimizer fp32; auto (default) = bf16 where "
+                          "the device has it natively (AMX or AVX512-BF16 CPUs, CUDA), else fp32")
     mem.add_argument("--threads", type=int, default=S, help="CPU threads for torch (0 = torch's default)")
 
     out = parser.add_argument_group("output")

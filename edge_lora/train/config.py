@@ -18,6 +18,7 @@ from ..errors import EdgeLoraError
 
 QUANT_CHOICES = ("none", "int8", "int4")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
+COMPUTE_CHOICES = ("auto", "fp32", "bf16")
 
 
 @dataclass
@@ -70,6 +71,9 @@ class TrainConfig:
     quant_group_size: int = 0  # 0 = default (128 for int8, 32 for int4)
     gradient_checkpointing: bool = False
     device: str = "auto"
+    # bf16: the frozen base stored in bf16 and the forward under bf16 autocast (LoRA weights, optimizer
+    # and loss stay fp32); auto = bf16 where the device computes it natively (AMX / AVX512-BF16 CPUs, CUDA)
+    compute_dtype: str = "auto"
     threads: int = 0  # torch.set_num_threads; 0 = leave torch's default
     # output
     log_every: int = 1
@@ -137,6 +141,8 @@ class TrainConfig:
             raise EdgeLoraError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.base_quant not in QUANT_CHOICES:
             raise EdgeLoraError(f"base-quant must be one of {', '.join(QUANT_CHOICES)}, got {self.base_quant!r}")
+        if self.compute_dtype not in COMPUTE_CHOICES:
+            raise EdgeLoraError(f"compute-dtype must be one of {', '.join(COMPUTE_CHOICES)}, got {self.compute_dtype!r}")
         if self.device not in DEVICE_CHOICES:
             raise EdgeLoraError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
         for name in ("steps", "warmup_steps", "eval_every", "patience", "checkpoint_every", "threads", "max_eval_samples", "quant_group_size"):

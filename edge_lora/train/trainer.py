@@ -73,6 +73,23 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
     return torch.device(name)
 
 
+def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
+    """AMX or AVX512-BF16: bf16 matmuls run at twice the fp32 rate or better."""
+    try:
+        with open(cpuinfo, encoding="utf-8", errors="replace") as f:
+            flags = next((line for line in f if line.startswith("flags")), "").split()
+    except OSError:
+        return False
+    return "amx_bf16" in flags or "avx512_bf16" in flags
+
+
+def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
+    if name == "bf16" or (name == "auto" and (device.type == "cpu" and cpu_has_native_bf16()
+                                               or device.type == "cuda" and torch.cuda.is_bf16_supported())):
+        return torch.bfloat16
+    return torch.float32
+
+
 def setup_distributed(device_name: str) -> Dist:
     world = int(os.environ.get("WORLD_SIZE", "1"))
     rank, local = int(os.environ.get("RANK", "0")), int(os.environ.get("LOCAL_RANK", "0"))
@@ -91,12 +108,14 @@ def setup_distributed(device_name: str) -> Dist:
 
 
 def release_freed_memory_promptly() -> None:
-    """Have glibc return large freed blocks to the OS (fixed mmap threshold of 1 MiB).
+    """Fix glibc's mmap threshold at 32 MiB (trim at 64 MiB) instead of letting it float.
 
-    By default glibc raises its mmap threshold after the first large free, after which the
-    activations of each step come from the heap and fragment it: the process keeps ~1 GB it no
-    longer uses on the SmolLM2-135M shape. A fixed threshold keeps RSS at what is live.
-    Costs some page faults per step; no-op off glibc or with EDGE_LORA_DEFAULT_MALLOC=1. Also flushes denormals to zero.
+    By default glibc raises its threshold after each large free, so ever larger blocks come from
+    the heap and fragment it. Fixed at 1 MiB, every activation was a fresh mapping whose pages the
+    kernel zeroed on first touch, each step (a quarter of an fp32 step on the SmolLM2-135M shape).
+    At 32 MiB the per-layer activations are reused from the heap and only the loss's chunk-sized
+    blocks are mapped: measured here, bf16 compute 327 -> 545 tok/s for 1.45 -> 1.74 GB peak RSS.
+    No-op off glibc or with EDGE_LORA_DEFAULT_MALLOC=1. Also flushes denormals to zero.
     """
     import ctypes
     import ctypes.util
@@ -107,8 +126,8 @@ def release_freed_memory_promptly() -> None:
         return
     try:
         libc = ctypes.CDLL(ctypes.util.find_library("c") or "libc.so.6")
-        libc.mallopt(-3, 1 << 20)  # M_MMAP_THRESHOLD
-        libc.mallopt(-1, 16 << 20)  # M_TRIM_THRESHOLD
+        libc.mallopt(-3, 32 << 20)  # M_MMAP_THRESHOLD
+        libc.mallopt(-1, 64 << 20)  # M_TRIM_THRESHOLD
     except (OSError, AttributeError):
         pass
 
@@ -170,28 +189,36 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
 
 
 class TrainModule(nn.Module):
-    """``forward(ids, targets) -> summed token loss``; what DDP wraps."""
+    """``forward(ids, targets) -> summed token loss``; what DDP wraps. A model stored in bf16 runs
+    under bf16 autocast (the fp32 LoRA weights are cast per use; the loss is summed in fp32)."""
 
     def __init__(self, model: CausalLM):
         super().__init__()
         self.model = model
+        self.bf16 = model.model.norm.weight.dtype == torch.bfloat16
 
     def forward(self, ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
-        # right padding + causal attention: no mask needed, unless rows pack several examples
-        hidden = self.model.hidden_states(ids, segments=segments)
-        picked = targets[:, 1:]
-        weight, extra = head_weights(self.model)
-        return linear_cross_entropy(hidden[:, :-1][picked], ids[:, 1:][picked], weight, extra)
+        with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+            # right padding + causal attention: no mask needed, unless rows pack several examples
+            hidden = self.model.hidden_states(ids, segments=segments)
+            picked = targets[:, 1:]
+            weight, extra = head_weights(self.model)
+            return linear_cross_entropy(hidden[:, :-1][picked], ids[:, 1:][picked], weight, extra)
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
     return LoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, rslora=cfg.rslora, dora=cfg.dora)
 
 
-def build_model(md: ModelDir, cfg: TrainConfig) -> CausalLM:
+def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = None) -> CausalLM:
     model = load_model(md, cfg.base_quant, cfg.quant_group_size)
     apply_lora(model, lora_config(cfg))  # freezes everything, then adds trainable A/B (and magnitudes)
     add_new_tokens(model, len(cfg.add_tokens))
+    if resolve_compute_dtype(cfg.compute_dtype, device or resolve_device(cfg.device)) == torch.bfloat16:
+        with torch.no_grad():  # the frozen base once in bf16: no per-step casts, half the memory
+            for p in model.parameters():
+                if not p.requires_grad and p.is_floating_point():
+                    p.data = p.data.to(torch.bfloat16)
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
@@ -253,7 +280,7 @@ def _train(cfg: TrainConfig) -> dict:
     total = cfg.steps or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
 
     torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
-    model = build_model(md, cfg).to(dist.device)
+    model = build_model(md, cfg, dist.device).to(dist.device)
     module = TrainModule(model)
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
