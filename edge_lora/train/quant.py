@@ -103,6 +103,7 @@ class QuantEmbedding(nn.Module):
     def __init__(self, qweight, scales, bits: int, vocab: int, hidden: int):
         super().__init__()
         self.bits, self.vocab, self.hidden = bits, vocab, hidden
+        self.dtype = torch.float32  # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
@@ -126,7 +127,7 @@ class QuantEmbedding(nn.Module):
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden)
+        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden, self.dtype)
         return out.view(*ids.shape, self.hidden)
 
     def extra_repr(self):

@@ -219,6 +219,9 @@ def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = No
             for p in model.parameters():
                 if not p.requires_grad and p.is_floating_point():
                     p.data = p.data.to(torch.bfloat16)
+            for m in model.modules():
+                if isinstance(m, QuantEmbedding):
+                    m.dtype = torch.bfloat16
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model
 
