@@ -37,6 +37,7 @@ class Conversation:
             self.stop_ids = [end_id] if end_id is not None else []
             self.stop_text = [end] if end and end_id is None else []
         self.messages: list[dict] = []
+        self._pending: list[dict] = []  # the messages of the prompt being answered
         self.plain = ""  # the plain-text history, without a template
 
     @property
