@@ -336,3 +336,22 @@ def test_cli_device_gpu(bundles, backend_name, webgpu_device, vulkan_device):
         assert done.returncode == 2
         lines = [line for line in done.stderr.splitlines() if line.startswith("error:")]
         assert len(lines) == 1 and "device='gpu'" in lines[0] and "hint:" in lines[0], done.stderr[-800:]
+
+
+def test_webgpu_kv_cache_grows_on_the_device(tmp_path, webgpu_device):
+    """A request that outgrows the first KV block (256 positions) doubles the device buffers and
+    carries the cached positions over: its tokens equal the CPU's."""
+    from tiny_models import make_model_dir
+
+    model_dir = make_model_dir(tmp_path / "model", "qwen2", max_position_embeddings=1024)
+    md = ModelDir(model_dir)
+    path = tmp_path / "a.safetensors"
+    random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1).save(path)
+    bundle = export_bundle(model_dir, tmp_path / "bundle", [AdapterSource(path, "a")],
+                           ExportOptions(backends=["onnx"], onnx_quants=["fp32"]), show_progress=False)
+    prompt = (prompts(bundle)[0] * 40)[:240]
+    gpu, cpu = open_engine(bundle, "onnx", "fp32", "gpu", adapters=("a",)), open_engine(bundle, "onnx", "fp32", "cpu", adapters=("a",))
+    params = SamplingParams(max_new_tokens=40, repetition_penalty=1.3)  # no early eos loop: 240 + 40 positions pass 256
+    ours = gpu.generate_ids(prompt, params, adapters={"a": 1.0})
+    assert ours == cpu.generate_ids(prompt, params, adapters={"a": 1.0}) and len(ours) + len(prompt) > 256
+    assert gpu.info()["device"]["uploads"]["kv"]["count"] == 2 * md.config.num_hidden_layers  # K and V of each layer, once
