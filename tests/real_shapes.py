@@ -53,6 +53,15 @@ def _llama(**values) -> dict:
             "attention_bias": False, "mlp_bias": False, "initializer_range": 0.02, **values}
 
 
+def _qwen2(max_position_embeddings: int, num_hidden_layers: int, **values) -> dict:
+    """What Qwen2.5's small checkpoints share: the tied 151936-row table, rope 1e6, no sliding window used."""
+    return {"architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "vocab_size": 151936,
+            "tie_word_embeddings": True, "rope_theta": 1000000.0, "rms_norm_eps": 1e-6, "use_sliding_window": False,
+            "sliding_window": max_position_embeddings, "max_window_layers": num_hidden_layers, "bos_token_id": 151643,
+            "eos_token_id": 151643, "initializer_range": 0.02, "max_position_embeddings": max_position_embeddings,
+            "num_hidden_layers": num_hidden_layers, **values}
+
+
 SMOLLM2_135M = RealShape("SmolLM2-135M", _llama(
     hidden_size=576, intermediate_size=1536, num_attention_heads=9, num_key_value_heads=3, num_hidden_layers=30,
     vocab_size=49152, tie_word_embeddings=True, rope_theta=100000.0, rope_scaling=None, max_position_embeddings=8192,
@@ -65,20 +74,14 @@ SMOLLM2_360M = RealShape("SmolLM2-360M", _llama(
     rms_norm_eps=1e-5, bos_token_id=0, eos_token_id=0), layers=2,
     notes="960 wide: no multiple of 256; 15 heads")
 
-QWEN25_05B = RealShape("Qwen2.5-0.5B", {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 896,
-    "intermediate_size": 4864, "num_attention_heads": 14, "num_key_value_heads": 2, "num_hidden_layers": 24,
-    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 32768,
-    "rms_norm_eps": 1e-6, "sliding_window": 32768, "use_sliding_window": False, "max_window_layers": 24,
-    "bos_token_id": 151643, "eos_token_id": 151643, "initializer_range": 0.02},
+QWEN25_05B = RealShape("Qwen2.5-0.5B", _qwen2(
+    hidden_size=896, intermediate_size=4864, num_attention_heads=14, num_key_value_heads=2, num_hidden_layers=24,
+    max_position_embeddings=32768),
     notes="896 wide (3.5 x 256), q/k/v biases, 7:1 GQA, tied 151936-row table")
 
-QWEN25_15B = RealShape("Qwen2.5-1.5B", {
-    "architectures": ["Qwen2ForCausalLM"], "model_type": "qwen2", "hidden_act": "silu", "hidden_size": 1536,
-    "intermediate_size": 8960, "num_attention_heads": 12, "num_key_value_heads": 2, "num_hidden_layers": 28,
-    "vocab_size": 151936, "tie_word_embeddings": True, "rope_theta": 1000000.0, "max_position_embeddings": 131072,
-    "rms_norm_eps": 1e-6, "sliding_window": 131072, "use_sliding_window": False, "max_window_layers": 28,
-    "bos_token_id": 151643, "eos_token_id": 151643, "initializer_range": 0.02},
+QWEN25_15B = RealShape("Qwen2.5-1.5B", _qwen2(
+    hidden_size=1536, intermediate_size=8960, num_attention_heads=12, num_key_value_heads=2, num_hidden_layers=28,
+    max_position_embeddings=131072),
     notes="head_dim 128, 6:1 GQA, 131072 positions")
 
 LLAMA32_1B = RealShape("Llama-3.2-1B", _llama(
