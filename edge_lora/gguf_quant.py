@@ -77,12 +77,6 @@ def decode(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
     return quants.dequantize(np.asarray(data), qtype).astype(np.float32).reshape(shape)
 
 
-def can_encode_in_numpy(qtype) -> bool:
-    from gguf import GGMLQuantizationType as T
-
-    return qtype in (T.F32, T.F16, T.BF16, T.Q8_0, T.Q4_0, T.Q4_1, T.Q5_0, T.Q5_1)
-
-
 def write_gguf(writer, path, what: str) -> None:
     """Write a ``GGUFWriter``'s header, metadata and tensors; a full disk becomes a clear error."""
     try:
