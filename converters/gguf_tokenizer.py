@@ -18,6 +18,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
+from edge_lora.chat_template import ChatTemplate, token_text
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 
@@ -96,7 +97,7 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
     spm = bool(model.get("byte_fallback"))
     space_prefix = _spm_space_prefix(raw, tokenizer_path) if spm else None  # refuses a shape llama.cpp cannot follow
     # a SentencePiece vocabulary's "<unk>" may be named only in tokenizer_config.json; byte-level BPE never needs one
-    unk_text = model.get("unk_token") or (_token_text(tokenizer_config.get("unk_token")) if spm else None)
+    unk_text = model.get("unk_token") or (token_text(tokenizer_config.get("unk_token")) if spm else None)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
     tokens, types = [], []
     for i in range(size):
@@ -119,9 +120,9 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
     bos, eos, add_bos, add_eos = _special_behaviour(tokenizer_path, config)
     result = GgufVocab(model="llama" if spm else "gpt2", pre=SPM_PRE if spm else _pre_name(raw, tokenizer_path),
                        tokens=tokens, token_types=types, bos_id=bos, eos_id=eos, add_bos=add_bos, add_eos=add_eos,
-                       chat_template=_chat_template(tokenizer_config, Path(tokenizer_path).parent))
+                       chat_template=_model_template(tokenizer_config, Path(tokenizer_path).parent))
     result.unk_id = _id_of(unk_text, id_to_text)
-    result.pad_id = _id_of(_token_text(tokenizer_config.get("pad_token")), id_to_text)
+    result.pad_id = _id_of(token_text(tokenizer_config.get("pad_token")), id_to_text)
     if spm:
         result.scores = _spm_scores(tokens, types, merges)
         result.add_space_prefix = space_prefix
@@ -175,11 +176,6 @@ def _special_behaviour(path, config: ModelConfig) -> tuple[int | None, int | Non
     bos = full[0] if add_bos else config.bos_token_id
     eos = full[-1] if add_eos else (config.eos_token_id[0] if config.eos_token_id else None)
     return bos, eos, add_bos, add_eos
-
-
-def _token_text(entry) -> str | None:
-    """tokenizer_config.json names a token as a string or as an AddedToken dict."""
-    return entry.get("content") if isinstance(entry, dict) else entry
 
 
 def _id_of(text: str | None, id_to_text: dict[int, str]) -> int | None:
@@ -249,14 +245,10 @@ def _describe(pre: dict | None) -> str:
     return " + ".join(str(s.get("type")) for s in _steps(pre, "pretokenizers"))
 
 
-def _chat_template(tokenizer_config: dict, model_dir: Path) -> str | None:
-    template = tokenizer_config.get("chat_template")
-    if isinstance(template, list):  # named templates: llama.cpp takes the default one
-        template = next((t.get("template") for t in template if t.get("name") == "default"), None)
-    jinja = model_dir / "chat_template.jinja"
-    if template is None and jinja.is_file():
-        template = jinja.read_text(encoding="utf-8")
-    return template if isinstance(template, str) else None
+def _model_template(tokenizer_config: dict, model_dir: Path) -> str | None:
+    """The model's own chat template, found as the trainer and `edge-lora chat` find it (none: no key)."""
+    template = ChatTemplate.find(tokenizer_config, model_dir)
+    return template.source if template.origin == "model" else None
 
 
 # --- what a written GGUF declares ---------------------------------------------------------------

@@ -38,7 +38,7 @@ class ChatTemplate:
         """The template of a model directory or bundle: ``chat_template`` in tokenizer_config.json
         (a string, or a list of named ones: "default" wins), else ``chat_template.jinja``, else ChatML."""
         folder = Path(folder)
-        special = {k: text for k, v in tokenizer_config.items() if k.endswith("_token") and (text := _token_text(v)) is not None}
+        special = {k: text for k, v in tokenizer_config.items() if k.endswith("_token") and (text := token_text(v)) is not None}
         source = tokenizer_config.get("chat_template")
         if isinstance(source, list):
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -70,7 +70,8 @@ class ChatTemplate:
         return after.split()[0] if after else None
 
 
-def _token_text(value):
+def token_text(value) -> str | None:
+    """A tokenizer_config.json token: a string, or an AddedToken dict with its text under "content"."""
     if isinstance(value, str):
         return value
     if isinstance(value, dict) and isinstance(value.get("content"), str):
