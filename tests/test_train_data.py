@@ -73,6 +73,22 @@ def test_chat_uses_the_models_own_template(tmp_path, model_dirs):
     assert _targets(fmt, ex) == " 4<|endoftext|>"
 
 
+def test_new_tokens_take_the_ids_after_the_models_rows_when_the_vocab_is_padded(tmp_path, model_dirs):
+    import shutil
+
+    d = tmp_path / "m"
+    shutil.copytree(model_dirs["qwen2"], d)
+    config = json.loads((d / "config.json").read_text())
+    tokenizer_size = Formatter(d).base_vocab
+    config["vocab_size"] = tokenizer_size + 7  # Qwen2.5 pads its embedding like this (151665 tokens, 151936 rows)
+    (d / "config.json").write_text(json.dumps(config))
+    fmt = Formatter(d, ["<sql>", "</sql>"])
+    ex = fmt.encode({"prompt": "Q <sql>", "completion": " x </sql>"})
+    new = [int(i) for i in ex.ids if i >= tokenizer_size]
+    assert new == [tokenizer_size + 7, tokenizer_size + 8]  # the model's new rows 0 and 1, never a padding row
+    assert fmt.encode({"text": "the"}).ids.max() < tokenizer_size
+
+
 def test_truncation_drop_and_packing(model_dirs):
     fmt = Formatter(model_dirs["llama"])
     records = [{"text": "the quick brown fox jumps over the lazy dog " * 5}, {"prompt": "a long prompt " * 20, "completion": "x"},

@@ -125,6 +125,9 @@ class Formatter:
                 if tok in vocab:
                     raise EdgeLoraError(f"token {tok!r} is already in the vocabulary", path=md.tokenizer_path, hint="add only new tokens")
             self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in self.added_tokens])
+        # new tokens get the ids after the model's embedding rows (config.vocab_size), which can exceed the
+        # tokenizer's size (Qwen2.5 pads 151665 tokens to 151936 rows): the tokenizer's ids are moved up
+        self.new_id_shift = md.config.vocab_size - self.base_vocab if self.added_tokens else 0
         self.template = ChatTemplate.find(md.tokenizer_config, md.path)
         self.template_source = self.template.origin
         self.eos_id = self._id(self.template.special.get("eos_token"))
@@ -147,11 +150,17 @@ class Formatter:
         eos = [] if self.eos_id is None else [self.eos_id]
         if "text" in record:
             ids = self.tokenizer.encode(record["text"], add_special_tokens=True).ids + eos
-            return Example(np.asarray(ids, np.int64), np.ones(len(ids), bool))
+            return Example(self._model_ids(ids), np.ones(len(ids), bool))
         prompt = self.tokenizer.encode(record["prompt"], add_special_tokens=True).ids
         completion = self.tokenizer.encode(record["completion"], add_special_tokens=False).ids + eos
         mask = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
-        return Example(np.asarray(prompt + completion, np.int64), mask)
+        return Example(self._model_ids(prompt + completion), mask)
+
+    def _model_ids(self, ids: list[int]) -> np.ndarray:
+        out = np.asarray(ids, np.int64)
+        if self.new_id_shift:
+            out[out >= self.base_vocab] += self.new_id_shift
+        return out
 
     def _encode_chat(self, messages: list[dict]) -> Example:
         full = self.render(messages)
@@ -170,7 +179,7 @@ class Formatter:
                 if start >= 0:
                     spans.append((start, start + len(m["content"])))
         enc = self.tokenizer.encode(full, add_special_tokens=False)
-        ids = np.asarray(enc.ids, np.int64)
+        ids = self._model_ids(enc.ids)
         mask = np.zeros(len(ids), bool)
         for k, (s, e) in enumerate(enc.offsets):
             mask[k] = any(a <= s < b for a, b in spans)

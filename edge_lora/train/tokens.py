@@ -64,3 +64,27 @@ def new_rows(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None
         return None, None
     head = None if model.config.tie_word_embeddings else model.head_new_rows
     return embed.new_rows, head
+
+
+def attach_new_tokens(adapter, model: nn.Module, tokens: list[str]) -> None:
+    """Put the model's new-token rows (if any) and their strings into ``adapter`` before it is saved."""
+    embed, head = new_rows(model)
+    if embed is None:
+        return
+    adapter.added_tokens = list(tokens)
+    adapter.embed_rows = embed.detach().float().cpu().numpy()
+    adapter.head_rows = None if head is None else head.detach().float().cpu().numpy()
+
+
+def load_new_tokens(model: nn.Module, adapter) -> None:
+    """Give ``model`` the adapter's new-token rows (for evaluation), frozen like the rest."""
+    if adapter.embed_rows is None:
+        return
+    add_new_tokens(model, len(adapter.embed_rows))
+    with torch.no_grad():
+        model.model.embed_tokens.new_rows.copy_(torch.from_numpy(adapter.embed_rows))
+        if adapter.head_rows is not None:
+            model.head_new_rows.copy_(torch.from_numpy(adapter.head_rows))
+    for p in (model.model.embed_tokens.new_rows, getattr(model, "head_new_rows", None)):
+        if p is not None:
+            p.requires_grad_(False)

@@ -31,7 +31,7 @@ from .loss import linear_cross_entropy
 from .model import CausalLM
 from .progress import MetricsLog, Progress
 from .quant import QuantEmbedding, QuantLinear, TiedQuantHead, quant_bits
-from .tokens import add_new_tokens, head_weights, new_rows
+from .tokens import add_new_tokens, attach_new_tokens, head_weights
 
 
 # --- devices and processes ----------------------------------------------------------------
@@ -392,11 +392,7 @@ def save_adapter(model: CausalLM, cfg: TrainConfig, fingerprint: str, formatter:
                                                   if k not in ("model", "data", "eval_data", "out", "log_file", "checkpoint_dir", "resume")},
              "data": Path(cfg.data).name, "result": {k: summary[k] for k in ("steps", "best_eval_loss", "last_eval_loss", "stopped_early")}}
     adapter = to_adapter(model, lora_config(cfg), fingerprint, extra=extra)
-    embed, head = new_rows(model)
-    if embed is not None:
-        adapter.added_tokens = list(cfg.add_tokens)
-        adapter.embed_rows = embed.detach().float().cpu().numpy()
-        adapter.head_rows = None if head is None else head.detach().float().cpu().numpy()
+    attach_new_tokens(adapter, model, list(cfg.add_tokens))
     adapter.save(cfg.out)
 
 
