@@ -44,10 +44,20 @@ def bench_model(plan: Plan, shape: str) -> dict:
             say(f"[peers] {err}")
             genai[f"{key}_error"] = str(err)[-400:]
     merged = {q: peers.merged_gguf(model, q) for q in plan.gguf_quants if plan.merged and q.startswith("q4")}
+    # adapter "a" as llama.cpp's own converter writes it (the peer at its best) and as ours does, per dtype
+    lora_files = {}
+    try:
+        lora_files.update({f"convert {t}": str(p) for t, p in peers.peer_lora_ggufs(model, say).items()})
+    except Exception as err:  # noqa: BLE001  reported, not fatal
+        say(f"[peers] {err}")
+    if not plan.quick:
+        ours = peers.our_lora_ggufs(model)
+        lora_files.update({f"edge-lora {t}": str(p) for t, p in ours.items() if t != "f32"})
     extra = models.extra_adapter(model, "extra", 16, 99)
     prep_s = time.perf_counter() - t0
     say(f"[{shape}] prepared in {prep_s:.0f} s; starting engines")
-    planned = plan_workers(plan, model, {k: v for k, v in genai.items() if not k.endswith("_error")}, merged, str(extra))
+    built = {k: v for k, v in genai.items() if not k.endswith("_error")}
+    planned = plan_workers(plan, model, built, merged, str(extra), lora_files)
     workers = pool.start_all(planned, say)
     try:
         decode = pool.rounds(workers, plan.rounds, say)
@@ -62,13 +72,16 @@ def bench_model(plan: Plan, shape: str) -> dict:
         for w in workers:
             w.stop()
     cold = {}
-    # ONNX twice: the default (plain + LoRA session) and one LoRA session for every request (plain_session=False)
-    runs = [("onnx", q, True) for q in plan.onnx_quants[:1]] + [("onnx", q, False) for q in plan.onnx_quants[:1]]
-    for backend, quant, plain in runs + [("llamacpp", q, True) for q in plan.gguf_quants[:1]]:
-        label = f"edge-lora {'llama.cpp' if backend == 'llamacpp' else backend} {quant}{'' if plain else ' one session'}"
+    # ONNX twice: the default (on the CPU one LoRA session for every request) and plain_session=True (a
+    # second session, model.plain.onnx, for requests without adapters: a second copy of the weights)
+    runs = [("onnx", q, plain) for q in plan.onnx_quants[:1] for plain in (None, True)]
+    for backend, quant, plain in runs + [("llamacpp", q, None) for q in plan.gguf_quants[:1]]:
+        engine = "llama.cpp" if backend == "llamacpp" else backend
+        label = f"edge-lora {engine} {quant}{' two sessions' if plain else ''}"
         say(f"  cold start: {label}")
-        cold[label] = pool.run_once({"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
-                                     "prompt": plan.prompt, "new_tokens": plan.new_tokens, **({} if plain else {"plain_session": False})})
+        spec = {"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
+                "prompt": plan.prompt, "new_tokens": plan.new_tokens}
+        cold[label] = pool.run_once({**spec, **({} if plain is None else {"plain_session": plain})})
     gpu = {}
     if plan.gpu:
         say("  GPU rows (each backend on its GPU device, if any)")
@@ -76,6 +89,8 @@ def bench_model(plan: Plan, shape: str) -> dict:
                              "threads": plan.threads}, timeout=1200)
     return {"shape": shape, "prepare_s": prep_s, "decode": decode, "extras": extras, "memory": memory, "cold": cold, "gpu": gpu,
             "scaling": scaling, "files": file_sizes(model, plan), "config": config_dict(model),
+            "lora_files": {k: {"mb": Path(v).stat().st_size / 1e6}
+                           for k, v in {"edge-lora f32": model.gguf_adapter("a"), **lora_files}.items()},
             "workers": {w.label: {"cases": w.cases, "kind": w.spec["kind"], "error": w.info.get("error")} for w in planned},
             "genai_build_errors": {k: v for k, v in genai.items() if k.endswith("_error")}}
 
@@ -93,10 +108,10 @@ def run_scaling(plan: Plan, model, workers) -> dict:
     out = {}
     for w in workers:
         if w.spec["kind"].startswith("ours-") and not w.spec.get("merged") and w.label.endswith(("int4", "q4_0")):
-            if out:
-                break  # the first (ONNX Runtime) backend: llama.cpp's sweeps take too long on 2 shared cores
+            # every sweep on the first (ONNX Runtime) backend; llama.cpp's take too long on 2 shared cores,
+            # so it runs only the adapters-loaded one (memory and decode by number of adapters loaded)
             say(f"  scaling: {w.label}")
-            out[w.label] = w.ask("scaling", **cmd)
+            out[w.label] = w.ask("scaling", **cmd, **({"sweeps": ["loaded"]} if out else {}))
     return out
 
 
@@ -158,6 +173,8 @@ def main(argv: list[str] | None = None) -> int:
                       if q in m["files"]})
     results["bandwidth"] = pool.run_once({"kind": "bandwidth", "threads": plan.threads, "quick": plan.quick, "working_set_mb": working})
     results["baseline_rss"] = pool.run_once({"kind": "baseline"})
+    results["baseline_rss_by_backend"] = {b: pool.run_once({"kind": "baseline", "backend": b})
+                                          for b in ("onnx", "llamacpp")}
     if plan.train:
         say("== training")
         results["train"] = run_train(plan.quick)

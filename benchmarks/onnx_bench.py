@@ -122,7 +122,7 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
     add_ms, attach_ms = [], []
     for name in ("a", "b"):
         t0 = time.perf_counter()
-        engine.add_adapter(name)  # reads and checks the .safetensors, loads the .onnx_adapter
+        engine.add_adapter(name)  # reads the .safetensors once, hash checked, and builds its feeds from it
         add_ms.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
         engine._attach(name, engine._adapters[name].adapter, engine._adapters[name].path)  # the backend's part alone (handle dropped)

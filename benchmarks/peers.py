@@ -3,7 +3,9 @@
 llama.cpp       llama-cpp-python's own ``Llama`` on the bundle's GGUF files: no adapter; ``lora_path=``
                 (llama_set_adapters_lora, unmerged); and a merged GGUF. Its fastest safe settings:
                 flash attention on, and the extra (repacking) buffer types wherever the CPU allows
-                (off on Intel AMX, where they crashed; see DESIGN.md). Greedy sampling in C.
+                (off on Intel AMX, where they crashed; see DESIGN.md). Greedy sampling in C. Its own
+                adapter files too: adapter "a" through llama.cpp's convert_lora_to_gguf.py at f32, f16
+                and q8_0 (``peer_lora_ggufs``), and ours by --adapter-dtype (``our_lora_ggufs``).
 ORT GenAI       its own model builder on the same Hugging Face directory (``-p int4 -e cpu``), plain
                 and with ``adapter_path=`` (LoRA baked in as constant MatMuls, fused QKV split), run
                 through onnxruntime_genai; and our exported folder with a switchable ``.onnx_adapter``
@@ -78,6 +80,74 @@ def merged_gguf(model, quant: str) -> Path:
         bundle = Bundle.open(model.bundle)
         adapter = Adapter.load(model.adapter_file("a"), base=bundle.config, base_fingerprint=bundle.base_fingerprint)
         write_merged_gguf(model.gguf(quant), out, bundle.config, adapter, 1.0)
+    return out
+
+
+# what llama.cpp's convert_lora_to_gguf.py --outtype writes (and our --adapter-dtype)
+LORA_DTYPES = ("f32", "f16", "q8_0")
+
+
+def convert_lora_script() -> Path | None:
+    """llama.cpp's own ``convert_lora_to_gguf.py``: ``$EDGE_LORA_CONVERT_LORA``, else the llama-cpp-python
+    source tree (``vendor/llama.cpp``, it needs its sibling modules) unpacked under the temp dir or pip's
+    cache."""
+    import glob
+    import tempfile
+
+    if os.environ.get("EDGE_LORA_CONVERT_LORA"):
+        return Path(os.environ["EDGE_LORA_CONVERT_LORA"])
+    roots = [tempfile.gettempdir(), str(Path.home() / ".cache" / "pip")]
+    for root in roots:
+        for depth in ("*", "*/*", "*/*/*"):
+            found = sorted(glob.glob(f"{root}/{depth}/vendor/llama.cpp/convert_lora_to_gguf.py"))
+            if found:
+                return Path(found[-1])
+    return None
+
+
+def peer_lora_ggufs(model, say=print) -> dict[str, Path]:
+    """Adapter "a" (its PEFT directory) through llama.cpp's convert_lora_to_gguf.py at f32, f16 and q8_0,
+    cached: the peer's own adapter files. {} when the script is not on this machine."""
+    script = convert_lora_script()
+    if script is None:
+        say("[peers] llama.cpp's convert_lora_to_gguf.py not found (set EDGE_LORA_CONVERT_LORA): "
+            "no peer adapter files")
+        return {}
+    out = {}
+    for dtype in LORA_DTYPES:
+        path = model.root / "peers" / f"convert-lora-a-{dtype}.gguf"
+        if not path.is_file():
+            say(f"[peers] {model.shape}: convert_lora_to_gguf.py --outtype {dtype}")
+            path.parent.mkdir(parents=True, exist_ok=True)
+            tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
+            cmd = [sys.executable, str(script), str(model.peft_dir("a")), "--base", str(model.hf_dir),
+                   "--outtype", dtype, "--outfile", str(tmp)]
+            proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
+            if proc.returncode != 0 or not tmp.is_file():
+                raise RuntimeError(f"convert_lora_to_gguf.py failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+            os.replace(tmp, path)
+        out[dtype] = path
+    return out
+
+
+def our_lora_ggufs(model) -> dict[str, Path]:
+    """Adapter "a" as `edge-lora export --adapter-dtype fp32|fp16|int8` writes its GGUF (f32, f16, q8_0),
+    cached per exporter version: our files in llama.cpp's own runtime, beside the peer's."""
+    from benchmarks.models import exporters_digest
+    from edge_lora.adapter import Adapter
+    from edge_lora.adapter_dtype import GGUF_DTYPE, rounded
+    from edge_lora.gguf_adapter import export_gguf_adapter
+    from edge_lora.model_dir import ModelDir
+
+    config = ModelDir(model.hf_dir).config
+    out = {}
+    for dtype, gguf_dtype in GGUF_DTYPE.items():
+        path = model.root / "peers" / f"edge-lora-a-{gguf_dtype}-{exporters_digest()}.gguf"
+        if not path.is_file():
+            path.parent.mkdir(parents=True, exist_ok=True)
+            adapter = rounded(Adapter.load(model.adapter_file("a"), base=config), dtype)
+            export_gguf_adapter(adapter, config, path, dtype=gguf_dtype)
+        out[gguf_dtype] = path
     return out
 
 

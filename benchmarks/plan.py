@@ -52,8 +52,11 @@ class Plan:
 BITS = {"int4": 4, "q4_0": 4, "int8": 8, "q8_0": 8}
 
 
-def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra_adapter: str) -> list[Worker]:
-    """Every engine of one model, ours first; labels are "<engine> <quant>" (+ " merged")."""
+def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra_adapter: str,
+            lora_files: dict[str, str] | None = None) -> list[Worker]:
+    """Every engine of one model, ours first; labels are "<engine> <quant>" (+ " merged"). ``lora_files``:
+    {"convert f16": path, "edge-lora q8_0": path, ...}, adapter "a" as llama.cpp's convert_lora_to_gguf.py
+    and our --adapter-dtype write it, each run by llama.cpp as "llama.cpp <quant> lora_path <key>"."""
     from benchmarks.models import ADAPTERS
 
     common = {"threads": plan.threads, "prompt": plan.prompt, "new_tokens": plan.new_tokens}
@@ -77,6 +80,9 @@ def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra
         if BITS[q] == 4:  # the adapter comparisons are made at 4 bits
             out.append(Worker(f"llama.cpp {q} lora_path", {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
                               ["a"]))
+            for key, path in (lora_files or {}).items():
+                spec = {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(path), **common}
+                out.append(Worker(f"llama.cpp {q} lora_path {key}", spec, ["a"]))
         if q in merged_gguf:
             out.append(Worker(f"llama.cpp {q} merged", {"kind": "peer-llamacpp", "gguf": str(merged_gguf[q]), **common}, ["merged"]))
     if "plain" in genai:

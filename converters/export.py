@@ -20,11 +20,13 @@ from pathlib import Path
 
 from edge_lora import __version__, gguf_quant, onnx_names
 from edge_lora.adapter import Adapter
+from edge_lora.adapter_dtype import GGUF_DTYPE, SOURCE_DTYPE, check_adapter_dtype, rounded
 from edge_lora.atomic import exchange_paths
 from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
 from edge_lora.chat_template import TEMPLATE_FILE
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_adapter import merged_variant_reason
 from edge_lora.model_dir import ModelDir
 
 BACKENDS = ("onnx", "gguf")
@@ -57,8 +59,10 @@ class ExportOptions:
     onnx_variant: str = "fast"
     gguf_quants: list[str] = field(default_factory=lambda: ["q4_0"])
     force: bool = False  # replace an existing bundle at the target
+    adapter_dtype: str = "fp32"  # adapter files' values: fp32, fp16, int8 (edge_lora/adapter_dtype.py)
 
     def validate(self) -> None:
+        check_adapter_dtype(self.adapter_dtype)
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
             raise EdgeLoraError(f"unknown backend {unknown[0] if unknown else '(none)'!r}", hint=f"choose from {', '.join(BACKENDS)}")
@@ -107,15 +111,17 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def load_adapter(path: str | os.PathLike, config: ModelConfig, base_fingerprint: str) -> Adapter:
-    """Our adapter file or a PEFT directory, checked against the base it will ship with."""
+def load_adapter(path: str | os.PathLike, config: ModelConfig, base_fingerprint: str, base_table=None,
+                 base_rows=None) -> Adapter:
+    """Our adapter file or a PEFT directory, checked against the base it will ship with
+    (``base_table``: see converters/tied_head.py, for PEFT's copy of a tied head)."""
     path = Path(path)
     if not path.exists():
         raise EdgeLoraError("adapter not found", path=path, hint="pass an edge-lora adapter .safetensors or a PEFT directory")
     if path.is_dir():
         from .peft import import_peft
 
-        adapter = import_peft(path, base=config)
+        adapter = import_peft(path, base=config, base_table=base_table, base_rows=base_rows)
         adapter.base_fingerprint = adapter.base_fingerprint or base_fingerprint  # PEFT records no fingerprint
         return adapter
     return Adapter.load(path, base=config, base_fingerprint=base_fingerprint)
@@ -138,14 +144,19 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters
     progress = Progress(steps, enabled=show_progress)
     with progress.step("reading the base and checking adapters"):
         fingerprint = model.fingerprint
-        loaded = [(src.name, load_adapter(src.path, model.config, fingerprint)) for src in adapters]
+        from .peft_tokens import model_dir_rows
+        from .tied_head import model_dir_check
+
+        loaded = [(src.name, load_adapter(src.path, model.config, fingerprint, model_dir_check(model),
+                                          model_dir_rows(model))) for src in adapters]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _scratch_dir(out, "partial")
     try:
         manifest = _write_base(model, staging, options, progress)
         for name, adapter in loaded:
             with progress.step(f"adapter {name}"):
-                manifest["adapters"][name] = _write_adapter(staging, name, adapter, model.config, list(manifest["backends"]))
+                manifest["adapters"][name] = _write_adapter(staging, name, adapter, model.config, list(manifest["backends"]),
+                                                             dtype=options.adapter_dtype)
         with progress.step("hashing files and writing bundle.json"):
             _make_readable(staging)
             manifest["files"] = _hash_files(staging)
@@ -158,7 +169,7 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters
 
 
 def add_adapter(bundle_dir: str | os.PathLike, source: AdapterSource, *, replace: bool = False,
-                show_progress: bool = True) -> dict:
+                show_progress: bool = True, adapter_dtype: str = "fp32") -> dict:
     """Add one adapter to an existing bundle without touching its base; returns its manifest entry."""
     bundle = Bundle.open(bundle_dir)
     name = check_adapter_name(source.name)
@@ -167,11 +178,14 @@ def add_adapter(bundle_dir: str | os.PathLike, source: AdapterSource, *, replace
                             hint="pick another name with PATH:NAME, or pass --replace")
     progress = Progress(2, enabled=show_progress)
     with progress.step(f"adapter {name}"):
-        adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint)
+        from .tied_head import bundle_check
+
+        adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint, bundle_check(bundle))
         # a replacement goes to fresh file names: overwriting the files bundle.json vouches for would leave a
         # torn bundle if the process died before the new bundle.json is in place
         stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name
-        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem)
+        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem,
+                               dtype=adapter_dtype)
         _make_readable(bundle.root / "adapters")
     with progress.step("updating bundle.json"):
         manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
@@ -243,21 +257,30 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
 
 
 def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig, backends: list[str],
-                   stem: str | None = None) -> dict:
+                   stem: str | None = None, dtype: str = "fp32") -> dict:
     """The adapter's source file plus one file per backend (named ``stem``, default ``name``); returns its manifest entry."""
     stem = stem or name
     folder = root / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
     source = folder / f"{stem}.safetensors"
-    adapter.save(source)
+    adapter = rounded(adapter, dtype)  # every file below holds the same (rounded) values
+    adapter.save(source, dtype=SOURCE_DTYPE[dtype])
     entry = {"source": f"adapters/{stem}.safetensors", "scale": 1.0,
              "rank": max((w.rank for w in adapter.modules.values()), default=0), "modules": len(adapter.modules),
-             "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint}
-    writers = {"onnx": (".onnx_adapter", _onnx_adapter_writer), "gguf": (".gguf", _gguf_adapter_writer)}
+             "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint,
+             "dtype": dtype, **({"added_tokens": list(adapter.added_tokens)} if adapter.added_tokens else {})}
+    writers = {"onnx": (".onnx_adapter", lambda _dtype: _onnx_adapter_writer(root)), "gguf": (".gguf", _gguf_adapter_writer)}
+    for note in adapter.extra.get("notes") or []:
+        print(f"note: adapter {name!r}: {note}", file=sys.stderr)
     for backend in [b for b in BACKENDS if b in backends]:
         suffix, writer = writers[backend]
+        if backend == "gguf" and merged_variant_reason(adapter, config):
+            # no GGUF LoRA can express it: the llama.cpp runtime merges it into a variant of the base when added
+            reason = merged_variant_reason(adapter, config)
+            entry["gguf_merged"] = f"merged into a variant of the base at add_adapter ({reason})"
+            continue
         try:
-            _write_via_temp(folder / f"{stem}{suffix}", lambda p: writer()(adapter, config, p))
+            _write_via_temp(folder / f"{stem}{suffix}", lambda p: writer(dtype)(adapter, config, p))
             entry[backend] = f"adapters/{stem}{suffix}"
         except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
             entry[f"{backend}_skipped"] = err.message
@@ -266,16 +289,47 @@ def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig,
     return entry
 
 
-def _onnx_adapter_writer():
+def _onnx_adapter_writer(root: Path):
+    """``export_onnx_adapter`` for the bundle at ``root``: refuses modules its graph has no slot for,
+    and gives a DoRA adapter the weights of the bundle's most precise ONNX export for its norms."""
+    from runtime.onnx_merge import WeightStore
+
     from .onnx_export import export_onnx_adapter
 
-    return export_onnx_adapter
+    order = {q: i for i, q in enumerate(("fp32", "fp16", "int8", "int4"))}
+    layouts = sorted(root.glob(f"onnx/*/{onnx_names.LAYOUT_FILE}"), key=lambda p: order.get(p.parent.name.split("-")[0], 9))
+
+    def write(adapter: Adapter, config: ModelConfig, path: Path) -> Path:
+        weights = None
+        if layouts:
+            layout = onnx_names.read_layout(layouts[0].parent / onnx_names.MODEL_FILE)
+            missing = sorted(set(adapter.modules) - set(layout["lora_slots"]))
+            if missing:
+                raise EdgeLoraError(f"the bundle's ONNX graph has no LoRA slot for {missing[0]!r}",
+                                    hint="re-export the bundle with this edge-lora")
+            if adapter.dora and not layout.get("dora"):
+                raise EdgeLoraError("the bundle's ONNX graph predates the DoRA rescale input",
+                                    hint="re-export the bundle")
+            store = WeightStore(layout, layouts[0].parent / layout["data_file"])
+            groups: dict[str, object] = {}
+
+            def weights(module: str):
+                where = layout["linears"].get(module)
+                if where is None:
+                    raise EdgeLoraError(f"DoRA on {module!r} of a tied-embedding base is not supported",
+                                        hint="train DoRA without lm_head in the targets")
+                if where["weight"] not in groups:
+                    groups[where["weight"]] = store.dequantized(where["weight"])
+                return groups[where["weight"]][where["rows"][0]:where["rows"][1]]
+        return export_onnx_adapter(adapter, config, path, weights=weights)
+
+    return write
 
 
-def _gguf_adapter_writer():
+def _gguf_adapter_writer(dtype: str = "fp32"):
     from edge_lora.gguf_adapter import export_gguf_adapter
 
-    return export_gguf_adapter
+    return lambda adapter, config, path: export_gguf_adapter(adapter, config, path, dtype=GGUF_DTYPE[dtype])
 
 
 def _write_via_temp(target: Path, write) -> None:

@@ -60,6 +60,7 @@ class DecoderWriter:
         modules = [m for m, _, _ in members]
         weight = np.concatenate([self.weight(f"{m}.weight") for m in modules], axis=0) if len(modules) > 1 else self.weight(f"{modules[0]}.weight")
         out, entry = emit_matmul(self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level)
+        out = self.dora_rescale(out, group)  # before the bias: PEFT's DoRA rescales W x only
         self.layout["weights"][group] = entry
         start = 0
         for m, rows, _ in members:
@@ -72,6 +73,14 @@ class DecoderWriter:
                 raise ValueError(f"{group}: either all or none of {modules} have biases")
             out = self.g.op("Add", [out, self.g.initializer(f"{group}.bias", bias)], f"{group}/BiasAdd")
         return self.g.op("Add", [out, self.lora_path(x, group)], f"{group}/lora/Add")
+
+    def dora_rescale(self, base: str, group: str) -> str:
+        """``base * <group>.dora_scale``: DoRA's per-channel factor on the base output, a shape-[1] 1.0
+        by default (one broadcast Mul; the plain session has none of it)."""
+        # fed [out], or the [1] default
+        scale = self.g.add_input(names.dora_scale(group), TensorProto.FLOAT, [f"{group}.dora_out"])
+        self.g.initializer(scale, np.ones(1, np.float32))
+        return self.g.op("Mul", [base, scale], f"{group}/lora/DoraScale")
 
     def lora_path(self, x: str, group: str) -> str:
         """``x @ A^T @ B^T`` with the group's A^T ``[in, R]`` and block-diagonal B^T ``[R, out]``."""
@@ -130,8 +139,10 @@ class DecoderWriter:
             # the residual add fuses into the next layer's input norm, or the final norm after the last layer
             norm = f"model.layers.{i + 1}.input_layernorm" if i + 1 < c.num_hidden_layers else "model.norm"
             h, residual = self.skip_rms_norm(mlp_out, residual, f"{norm}.weight", norm)
-        g.identity(self.head(self.keep_last(h)), names.LOGITS)
-        g.add_output(names.LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", c.vocab_size])
+        kept = self.keep_last(h)
+        g.identity(self.added_logits(kept, self.head(kept)), names.LOGITS)
+        # vocab_size + the request's new tokens: a dynamic dimension
+        g.add_output(names.LOGITS, TensorProto.FLOAT, ["batch_size", "sequence_length", "vocab_size"])
         present_shape = ["batch_size", c.num_key_value_heads, "total_sequence_length", c.head_dim]
         for i in range(c.num_hidden_layers):
             g.add_output(names.present_key(i), TensorProto.FLOAT, present_shape)
@@ -153,6 +164,47 @@ class DecoderWriter:
         return g.op("Slice", [hidden, start, g.const("keep/end", [np.iinfo(np.int64).max]), g.const("keep/axes", [1])], "keep/Slice")
 
     def embed(self, ids: str) -> str:
+        """The embedding of ``input_ids`` (always base ids: the runtime clamps them) from the table,
+        replaced where ``added_token_index`` points at a new token's row of ``added_embed_rows``:
+        ``base * (1 - flag) + row``, exact since row 0 (a base id) is zeros with flag 0. Float nodes
+        and a Gather only (GPU providers keep it all on the device), no integer math; nothing copies
+        the table. Every node is named ``.../lora/Added...``: the plain session has none of it."""
+        g, c = self.g, self.c
+        p, hidden = "model.embed_tokens/lora/Added", c.hidden_size
+        base = self.base_embed(ids)
+        table = g.add_input(names.ADDED_EMBED_ROWS, TensorProto.FLOAT, ["added_rows", hidden + 1])
+        g.initializer(table, np.zeros((1, hidden + 1), np.float32))
+        index = g.add_input(names.ADDED_INDEX, TensorProto.INT64, ["added_batch", "added_sequence"])
+        g.initializer(index, np.zeros((1, 1), np.int64))
+        picked = g.op("Gather", [table, index], p + "Gather")
+        axes, start, split, end = (g.const(p + k, v) for k, v in
+                                   (("Axes", [-1]), ("Start", [0]), ("Split", [hidden]), ("End", [hidden + 1])))
+        row = g.op("Slice", [picked, start, split, axes], p + "Row")
+        flag = g.op("Slice", [picked, split, end, axes], p + "Flag")
+        keep = g.op("Sub", [g.const(p + "One", 1.0, np.float32), flag], p + "Keep")
+        masked = g.op("Mul", [base, keep], "model.embed_tokens/Mask/lora/Added")
+        return g.op("Add", [masked, row], "model.embed_tokens/Rows/lora/Added")
+
+    def added_logits(self, x: str, logits: str) -> str:
+        """The new tokens' logits after the base ones: ``x @ rows^T`` over the rows past the zero row
+        (``n * hidden`` per position; none without new tokens, so the width stays ``vocab_size``). A
+        tied base reuses the embedding rows; an untied one has ``added_head_rows``."""
+        g, c = self.g, self.c
+        p, hidden = "lm_head/lora/Added", c.hidden_size
+        if c.tie_word_embeddings:
+            rows, width = names.ADDED_EMBED_ROWS, hidden
+        else:
+            rows = g.add_input(names.ADDED_HEAD_ROWS, TensorProto.FLOAT, ["added_rows", hidden])
+            g.initializer(rows, np.zeros((1, hidden), np.float32))
+            width = hidden
+        ends = g.const(p + "Ends", [np.iinfo(np.int64).max, width])
+        starts, axes = g.const(p + "Starts", [1, 0]), g.const(p + "Axes", [0, 1])
+        new_rows = g.op("Slice", [rows, starts, ends, axes], p + "Rows")
+        rows_t = g.op("Transpose", [new_rows], p + "Transpose", perm=[1, 0])
+        extra = g.op("MatMul", [x, rows_t], p + "MatMul")
+        return g.op("Concat", [logits, extra], "lm_head/Concat/lora/Added", axis=-1)
+
+    def base_embed(self, ids: str) -> str:
         table = self.weight("model.embed_tokens.weight")
         if self.shares_quantized_table():
             self.tied_entry = nbits_initializers(self.g, "lm_head", table, self.o.quant, self.o.block_size, symmetric=False)
@@ -166,9 +218,14 @@ class DecoderWriter:
         return self.g.op("Cast", [rows], "model.embed_tokens/Cast", to=TensorProto.FLOAT)
 
     def head(self, x: str) -> str:
-        c, g = self.c, self.g
-        if not c.tie_word_embeddings:
+        if not self.c.tie_word_embeddings:
             return self.linear(x, "lm_head")
+        # tied: the head's matmul reads the embedding table, the LoRA side path goes around it (no DoRA
+        # rescale: DoRA on a tied head is refused, its norm would be of the shared table)
+        return self.g.op("Add", [self.tied_head(x), self.lora_path(x, "lm_head")], "lm_head/lora/Add")
+
+    def tied_head(self, x: str) -> str:
+        c, g = self.c, self.g
         if self.shares_quantized_table():
             return nbits_matmul(g, x, "lm_head", self.tied_entry, self.o.accuracy_level)
         if self.o.quant in ("int4", "int8"):  # a quantized copy of the tied table, the Gather keeps its own

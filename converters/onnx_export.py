@@ -27,6 +27,8 @@ from .onnx_adapter import export_onnx_adapter  # noqa: F401  (part of this modul
 from .onnx_decoder import DecoderOptions, DecoderWriter, config_summary
 
 PLAIN_MODEL_FILE = "model.plain.onnx"
+# new tokens' inputs: the LoRA graph's only
+ADDED_INPUTS = (names.ADDED_EMBED_ROWS, names.ADDED_HEAD_ROWS, names.ADDED_INDEX)
 PAGE = 4096
 ONNX_DTYPE_NAMES = {TensorProto.FLOAT: "float32", TensorProto.FLOAT16: "float16", TensorProto.UINT8: "uint8",
                     TensorProto.INT8: "int8", TensorProto.INT4: "int4", TensorProto.INT64: "int64", TensorProto.INT32: "int32"}
@@ -53,7 +55,9 @@ def export_onnx(model_dir: ModelDir, out_dir: Path, quant: str = "int4", variant
     atomic_write_bytes(out_dir / PLAIN_MODEL_FILE, strip_lora(model).SerializeToString())
     layout = {
         "format": names.LAYOUT_FORMAT, "version": names.LAYOUT_VERSION, "quant": quant, "variant": variant,
-        "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE,
+        "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE, "dora": True,
+        "added_rows": {"embed": names.ADDED_EMBED_ROWS,
+                       "head": None if md.config.tie_word_embeddings else names.ADDED_HEAD_ROWS},
         "lora_slots": {m: list(shape) for m, shape in names.lora_slots(md.config).items()},
         "lora_groups": {g: [list(member) for member in members] for g, members in writer.groups.items()},
         "linears": writer.layout["linears"], "weights": writer.layout["weights"], "tensors": tensors,
@@ -73,8 +77,8 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path) -> dict:
         offset = 0
         for tensor in model.graph.initializer:
             raw = tensor.raw_data if tensor.HasField("raw_data") else onnx.numpy_helper.to_array(tensor).tobytes()
-            if not raw:
-                continue  # the rank-0 LoRA defaults stay inline
+            if not raw or tensor.name.endswith(".dora_scale"):
+                continue  # the rank-0 LoRA defaults and the 1.0 DoRA defaults stay inline
             pad = (-offset) % (PAGE if len(raw) >= PAGE else 64)
             f.write(b"\0" * pad)
             offset += pad
@@ -95,15 +99,18 @@ def strip_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     plain = onnx.ModelProto()
     plain.CopyFrom(model)
     graph = plain.graph
-    bypass = {n.output[0]: n.input[0] for n in graph.node if n.name.endswith("/lora/Add")}
+    bypassed = ("/lora/Add", "/lora/DoraScale", "/lora/Added")  # each passes its first input through
+    bypass = {n.output[0]: n.input[0] for n in graph.node if n.name.endswith(bypassed)}
     keep = [n for n in graph.node if "/lora/" not in n.name]  # logits_to_keep stays: it is no LoRA input
     for node in keep:
         for i, name in enumerate(node.input):
-            if name in bypass:
-                node.input[i] = bypass[name]
+            while name in bypass:  # a DoRA Mul feeds a bias Add or the LoRA Add: follow the chain to the matmul
+                name = bypass[name]
+            node.input[i] = name
     del graph.node[:]
     graph.node.extend(keep)
-    lora = lambda name: name.endswith((".lora_A.T", ".lora_B.T"))  # noqa: E731
+    lora = lambda name: (  # noqa: E731
+        name.endswith((".lora_A.T", ".lora_B.T", ".dora_scale")) or name in ADDED_INPUTS)
     inputs = [i for i in graph.input if not lora(i.name)]
     inits = [t for t in graph.initializer if not lora(t.name)]
     del graph.input[:]

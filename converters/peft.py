@@ -15,6 +15,7 @@ import os
 import re
 from collections import Counter
 from pathlib import Path
+from typing import Callable
 
 import numpy as np
 
@@ -24,11 +25,15 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_io import SafetensorsFile, save_tensors
 
+from .peft_tokens import BaseRows, check_config, take_tokens
+
 _RESAVE = "save the adapter again with PEFT's save_pretrained"
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
 _KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(\.weight)?)$")
+# PEFT saves a tied lm_head's own (= the embedding's) weight beside its LoRA (save_embedding_layers)
+TIED_HEAD_BASE = "lm_head.base_layer.weight"
 _PART = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m"}
 
 
@@ -71,10 +76,7 @@ def read_peft_config(path: Path) -> dict:
         raise EdgeLoraError("adapter_config.json must hold a JSON object", path=cfg_path, hint="save the adapter again with PEFT")
     if cfg.get("peft_type", "LORA") != "LORA":
         raise EdgeLoraError(f"PEFT type {cfg.get('peft_type')!r} is not LoRA", path=cfg_path, hint="only LoRA adapters are supported")
-    for unsupported, hint in (("modules_to_save", "fully trained modules cannot be shipped as an adapter"),
-                              ("trainable_token_indices", "retrain new tokens with `edge-lora train --add-tokens`")):
-        if cfg.get(unsupported):
-            raise EdgeLoraError(f"adapter uses {unsupported}, which edge-lora does not import", path=cfg_path, hint=hint)
+    check_config(cfg, cfg_path)  # modules_to_save / trainable_token_indices: token tables only
     if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
         raise EdgeLoraError("adapter trains biases (lora_bias / bias), which edge-lora does not import", path=cfg_path)
     if cfg.get("fan_in_fan_out"):
@@ -82,8 +84,15 @@ def read_peft_config(path: Path) -> dict:
     return cfg
 
 
-def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None) -> Adapter:
-    """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given)."""
+def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None,
+                base_table: Callable[[np.ndarray], bool] | None = None,
+                base_rows: BaseRows | None = None) -> Adapter:
+    """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given).
+
+    ``base_table(saved)`` says whether a saved ``lm_head.base_layer.weight`` equals the base's tied
+    table: equal, it is dropped with a note in ``extra["notes"]``; different (a fully trained head)
+    or uncheckable, the directory is refused. ``base_rows(name, rows)`` does the same for the base-vocabulary
+    rows of a resized embedding / lm_head that carries new tokens (see converters/peft_tokens.py)."""
     path = Path(path)
     if not path.is_dir():
         raise EdgeLoraError("not a directory", path=path, hint="pass the folder PEFT's save_pretrained wrote")
@@ -96,8 +105,18 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
         raise EdgeLoraError(f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""), path=path, hint=hint)
     st = SafetensorsFile(weights)
     parts: dict[str, dict[str, np.ndarray]] = {}
+    notes: list[str] = []
+    if base_rows is None and base_table is not None:  # the embedding rows can be checked with the table check
+        def base_rows(name: str, rows: np.ndarray) -> bool | None:
+            return base_table(rows) if name == "model.embed_tokens.weight" else None
+    tokens = take_tokens(st, PREFIX, cfg, path, base, base_rows)
     for key in st.keys():
+        if tokens and key in tokens.keys:
+            continue
         name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        if name == TIED_HEAD_BASE:
+            notes.append(_tied_head_base(st, key, weights, base, base_table))
+            continue
         match = _KEY.match(name)
         if not match:
             raise EdgeLoraError(f"unexpected tensor {key!r}", path=weights, hint="only LoRA A/B (and DoRA magnitudes) are imported")
@@ -118,7 +137,7 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
                                 path=weights)
         alpha = _alpha(_pattern_value(cfg.get("alpha_pattern"), module, default_alpha, cfg_path), module, cfg_path)
         modules[module] = LoraWeights(a=p["a"], b=p["b"], alpha=alpha, magnitude=p.get("m"))
-    if not modules:
+    if not modules and not (tokens and (tokens.tokens or tokens.replaced)):
         raise EdgeLoraError("adapter holds no LoRA tensors", path=weights)
     mapping = cfg.get("auto_mapping")
     arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or (base.architecture if base else "unknown")
@@ -128,16 +147,40 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
         base_fingerprint=base_fingerprint,
         rslora=bool(cfg.get("use_rslora", False)),
         target_modules=sorted(modules),
-        extra={"imported_from": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path")},
+        extra={"imported_from": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+               **({"notes": notes} if notes else {})},
     )
+    if tokens:  # new tokens and replaced base rows (converters/peft_tokens.py)
+        adapter.added_tokens, adapter.embed_rows = tokens.tokens, tokens.embed_rows
+        adapter.head_rows = tokens.head_rows
+        adapter.replaced_tokens, adapter.replaced_embed_rows = tokens.replaced, tokens.replaced_embed
+        adapter.replaced_head_rows = tokens.replaced_head
     if base is not None:
         adapter.check_fits(base, path=path)
     return adapter
 
 
+def _tied_head_base(st: SafetensorsFile, key: str, weights: Path, base: ModelConfig | None,
+                    base_table: Callable[[np.ndarray], bool] | None) -> str:
+    """Check the tied head's saved base weight against the base; returns the note for the adapter."""
+    if base is not None and not base.tie_word_embeddings:
+        raise EdgeLoraError(f"unexpected tensor {key!r} for an untied base", path=weights,
+                            hint="PEFT writes it for tied heads only: wrong base model?")
+    if base_table is None:
+        raise EdgeLoraError(f"{key!r} (PEFT's copy of the tied output head) cannot be checked against the "
+                            "base here", path=weights, hint="import it with `edge-lora export`, which compares it to the base's table")
+    arr = st.get(key).astype(np.float32)
+    if not base_table(arr):
+        raise EdgeLoraError(f"{key!r} differs from the base's tied embedding table: the head itself was "
+                            "trained (a full-weight change, like modules_to_save), which is no LoRA adapter",
+                            path=weights, hint="merge it with PEFT (merge_and_unload) and export the merged "
+                            "model as the base")
+    return f"dropped {key} (PEFT's copy of the tied output head, equal to the base's embedding table)"
+
+
 def export_peft(adapter: Adapter, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
     """Write a PEFT directory that ``PeftModel.from_pretrained`` loads to the same function."""
-    if adapter.added_tokens:
+    if adapter.token_rows:
         raise EdgeLoraError("adapters with new tokens have no PEFT LoRA equivalent", hint="export to a bundle instead")
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)

@@ -3,7 +3,9 @@
 Tensors use PEFT's layout without its ``base_model.model.`` prefix:
 ``<module>.lora_A`` ``[r, in]``, ``<module>.lora_B`` ``[out, r]``, and for DoRA
 ``<module>.lora_magnitude`` ``[out]``. New tokens add ``model.embed_tokens.added_rows``
-(and ``lm_head.added_rows`` on an untied base). Metadata key ``edge_lora`` holds JSON:
+(and ``lm_head.added_rows`` on an untied base); rows that replace base tokens' rows while the
+adapter is active are ``*.replaced_rows``, their ids the metadata's ``replaced_tokens``.
+Metadata key ``edge_lora`` holds JSON:
 format version, per-module rank and alpha, scaling rule, targets, base architecture and
 base fingerprint. The full specification is docs/adapter-format.md.
 """
@@ -28,6 +30,11 @@ FORMAT_VERSION = 1
 METADATA_KEY = "edge_lora"
 EMBED_ROWS = "model.embed_tokens.added_rows"
 HEAD_ROWS = "lm_head.added_rows"
+# rows that replace base tokens' own rows (PEFT's trainable_token_indices on existing ids), with their ids in
+# the metadata's "replaced_tokens"; like the new tokens' rows they apply only while the adapter is active
+REPLACED_EMBED_ROWS = "model.embed_tokens.replaced_rows"
+REPLACED_HEAD_ROWS = "lm_head.replaced_rows"
+_ROWS = (EMBED_ROWS, HEAD_ROWS, REPLACED_EMBED_ROWS, REPLACED_HEAD_ROWS)
 _REMAKE = "the file is corrupt or not written by edge-lora: train or export the adapter again"
 _TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
 
@@ -54,7 +61,15 @@ class Adapter:
     added_tokens: list[str] = field(default_factory=list)
     embed_rows: np.ndarray | None = None  # [n_new, hidden]
     head_rows: np.ndarray | None = None  # [n_new, hidden], untied bases only
+    replaced_tokens: list[int] = field(default_factory=list)  # base ids whose rows this adapter replaces
+    replaced_embed_rows: np.ndarray | None = None  # [n_replaced, hidden]
+    replaced_head_rows: np.ndarray | None = None  # [n_replaced, hidden], untied bases only
     extra: dict = field(default_factory=dict)  # free-form provenance (trainer settings, source)
+
+    @property
+    def token_rows(self) -> bool:
+        """Whether it adds tokens or replaces base tokens' rows (its requests see another vocabulary)."""
+        return bool(self.added_tokens or self.replaced_tokens)
 
     @property
     def dora(self) -> bool:
@@ -70,13 +85,16 @@ class Adapter:
         return (self.scale(module) * (w.b.astype(np.float32) @ w.a.astype(np.float32))).astype(np.float32)
 
     def merged_weight(self, module: str, weight: np.ndarray, scale: float = 1.0) -> np.ndarray:
-        """The base weight with this module folded in (DoRA's renormalisation included)."""
+        """The base weight with this module folded in (DoRA's renormalisation included).
+
+        DoRA follows PEFT's ``set_scale``: ``scale`` multiplies the delta's scaling, inside the norm too
+        (``m / ||W + scale * delta|| * (W + scale * delta)``)."""
         w = self.modules[module]
         merged = weight.astype(np.float32) + scale * self.delta(module)
         if w.magnitude is not None:
-            norm = np.linalg.norm(merged, axis=1, keepdims=True)
-            dora = w.magnitude.astype(np.float32)[:, None] / np.maximum(norm, 1e-12) * merged
-            merged = weight.astype(np.float32) + scale * (dora - weight.astype(np.float32))
+            norm = np.linalg.norm(merged.astype(np.float64), axis=1, keepdims=True)
+            factor = w.magnitude.astype(np.float64)[:, None] / np.maximum(norm, 1e-12)
+            merged = (factor * merged).astype(np.float32)
         return merged
 
     def num_parameters(self) -> int:
@@ -92,6 +110,7 @@ class Adapter:
             "target_modules": self.target_modules or sorted(self.modules),
             "modules": {m: {"rank": w.rank, "alpha": float(w.alpha), "dora": w.magnitude is not None} for m, w in sorted(self.modules.items())},
             "added_tokens": self.added_tokens,
+            **({"replaced_tokens": [int(i) for i in self.replaced_tokens]} if self.replaced_tokens else {}),
             "extra": self.extra,
         }
 
@@ -106,16 +125,24 @@ class Adapter:
             tensors[EMBED_ROWS] = self.embed_rows.astype(np.float32)
         if self.head_rows is not None:
             tensors[HEAD_ROWS] = self.head_rows.astype(np.float32)
+        for name, rows in ((REPLACED_EMBED_ROWS, self.replaced_embed_rows),
+                           (REPLACED_HEAD_ROWS, self.replaced_head_rows)):
+            if rows is not None:
+                tensors[name] = rows.astype(np.float32)
         save_tensors(path, tensors, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None) -> "Adapter":
-        """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` also check it fits."""
+    def load(cls, path: str | os.PathLike, *, base: ModelConfig | None = None,
+             base_fingerprint: str | None = None, data: bytes | bytearray | memoryview | None = None) -> "Adapter":
+        """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` also check it fits.
+
+        ``data``: the file's bytes, already read (and hash-checked) by the caller; the tensors are
+        views of them and ``path`` only names the file in errors."""
         path = Path(path)
-        if path.is_dir():
+        if data is None and path.is_dir():
             raise EdgeLoraError("expected an adapter .safetensors file, found a directory", path=path,
                                 hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft")
-        st = SafetensorsFile(path)
+        st = SafetensorsFile(path, data=data)
         meta = _read_metadata(st, path)
         _check_names_and_dtypes(st, path)
         if base is not None:
@@ -126,11 +153,10 @@ class Adapter:
             raise EdgeLoraError(f"tensor {bad!r} holds NaN or Inf", path=path, hint="the training diverged or the file is corrupt")
         modules_meta = meta["modules"]
         groups: dict[str, dict[str, np.ndarray]] = {}
-        embed_rows = head_rows = None
+        rows: dict[str, np.ndarray] = {}
         for name, arr in tensors.items():
-            if name in (EMBED_ROWS, HEAD_ROWS):
-                rows = arr.astype(np.float32, copy=False)
-                embed_rows, head_rows = (rows, head_rows) if name == EMBED_ROWS else (embed_rows, rows)
+            if name in _ROWS:
+                rows[name] = arr.astype(np.float32, copy=False)
                 continue
             match = _TENSOR.match(name)
             groups.setdefault(match["module"], {})[match["part"]] = arr  # F16 stays F16: consumers widen where they need to
@@ -150,7 +176,8 @@ class Adapter:
             if mag is not None and mag.shape != (b.shape[0],):
                 raise EdgeLoraError(f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]", path=path, hint=_REMAKE)
             modules[module] = LoraWeights(a=a, b=b, alpha=_alpha(info["alpha"], module, path), magnitude=mag)
-        if not modules and embed_rows is None:
+        embed_rows, head_rows = rows.get(EMBED_ROWS), rows.get(HEAD_ROWS)
+        if not modules and embed_rows is None and REPLACED_EMBED_ROWS not in rows:
             raise EdgeLoraError("adapter holds no LoRA tensors", path=path, hint=_REMAKE)
         adapter = cls(
             modules=modules,
@@ -161,6 +188,9 @@ class Adapter:
             added_tokens=list(meta.get("added_tokens") or []),
             embed_rows=embed_rows,
             head_rows=head_rows,
+            replaced_tokens=list(meta.get("replaced_tokens") or []),
+            replaced_embed_rows=rows.get(REPLACED_EMBED_ROWS),
+            replaced_head_rows=rows.get(REPLACED_HEAD_ROWS),
             extra=meta.get("extra") or {},
         )
         if base is not None or base_fingerprint is not None:
@@ -187,10 +217,16 @@ class Adapter:
                 raise EdgeLoraError(
                     f"module {module!r}: adapter shapes A{list(w.a.shape)} B{list(w.b.shape)} do not fit the base's [{out_f}, {in_f}]",
                     path=path, hint="wrong base model?")
-        for rows in (self.embed_rows, self.head_rows):
-            if rows is not None and (rows.ndim != 2 or rows.shape[1] != base.hidden_size or rows.shape[0] != len(self.added_tokens)):
-                raise EdgeLoraError(f"added token rows {list(rows.shape)} do not fit hidden size {base.hidden_size}", path=path,
-                                    hint="wrong base model?")
+        n_new, n_replaced = len(self.added_tokens), len(self.replaced_tokens)
+        for rows, count in ((self.embed_rows, n_new), (self.head_rows, n_new),
+                            (self.replaced_embed_rows, n_replaced), (self.replaced_head_rows, n_replaced)):
+            if rows is not None and (rows.ndim != 2 or rows.shape != (count, base.hidden_size)):
+                raise EdgeLoraError(f"token rows {list(rows.shape)} do not fit hidden size "
+                                    f"{base.hidden_size} and {count} tokens", path=path, hint="wrong base model?")
+        bad = [i for i in self.replaced_tokens if not 0 <= i < base.vocab_size]
+        if bad or (self.replaced_tokens and self.replaced_embed_rows is None):
+            raise EdgeLoraError(f"replaced token ids {bad[:4] or self.replaced_tokens[:4]} are not base ids "
+                                "with rows", path=path, hint=_REMAKE)
 
 
 def _read_metadata(st: SafetensorsFile, path) -> dict:
@@ -211,6 +247,11 @@ def _read_metadata(st: SafetensorsFile, path) -> dict:
             raise EdgeLoraError(f"adapter metadata {key!r} has the wrong type", path=path, hint=_REMAKE)
     if not all(isinstance(t, str) for t in (meta.get("target_modules") or []) + (meta.get("added_tokens") or [])):
         raise EdgeLoraError("adapter metadata lists non-string module or token names", path=path, hint=_REMAKE)
+    replaced = meta.get("replaced_tokens")
+    if replaced is not None and not (isinstance(replaced, list) and all(type(i) is int for i in replaced)
+                                     and len(set(replaced)) == len(replaced)):
+        raise EdgeLoraError("adapter metadata 'replaced_tokens' is not a list of distinct token ids",
+                            path=path, hint=_REMAKE)
     if not isinstance(meta["base"].get("fingerprint"), (str, type(None))):
         raise EdgeLoraError("adapter metadata base fingerprint is not a string", path=path, hint=_REMAKE)
     version = meta.get("format_version")
@@ -251,5 +292,5 @@ def _check_names_and_dtypes(st: SafetensorsFile, path) -> None:
         if info.dtype not in ("F32", "F16", "BF16"):
             raise EdgeLoraError(f"tensor {name!r} has dtype {info.dtype}; adapters hold float tensors", path=path,
                                 hint="store LoRA weights as F32, F16 or BF16")
-        if name not in (EMBED_ROWS, HEAD_ROWS) and not _TENSOR.match(name):
+        if name not in _ROWS and not _TENSOR.match(name):
             raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")

@@ -52,8 +52,9 @@ def merge_into_model_dir(model_dir, adapters: list[tuple[str, float]], out) -> P
         raise EdgeLoraError("--out must differ from the base model directory", path=out)
     loaded = [(load_adapter(path, md.config, md.fingerprint), scale, path) for path, scale in adapters]
     for adapter, _, path in loaded:
-        if adapter.added_tokens:
-            raise EdgeLoraError("adapters with new tokens cannot be merged into a plain model", path=path,
+        if adapter.token_rows:
+            raise EdgeLoraError("adapters with new tokens or token rows cannot be merged into a plain model",
+                                path=path,
                                 hint="export a bundle with the adapter instead")
     tensors = {name: md.get(name) for name in md.tensor_names()}
     for adapter, scale, _ in loaded:

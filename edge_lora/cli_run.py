@@ -101,7 +101,8 @@ def run_run(args) -> int:
     if args.json:
         text = engine.generate(prompt, **_sampling(args))
         done = time.perf_counter()
-        n_tokens = len(engine.tokenizer.encode(text, add_special_tokens=False)) if text else 0
+        tokenizer = engine.tokenizer_for()  # the active adapters' new tokens count as one token each
+        n_tokens = len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
         info = engine.info()
         print(json.dumps({"text": text, "prompt": prompt, "backend": engine.backend_name, "device": info["device"], "adapters": info["active"],
                           "new_tokens": n_tokens, "load_s": round(loaded - start, 4), "generate_s": round(done - loaded, 4)}))

@@ -46,7 +46,7 @@ class Conversation:
 
     def prompt(self, user_text: str) -> list[int]:
         """Token ids of the conversation so far plus ``user_text``, ending where the reply begins."""
-        tokenizer = self.engine.tokenizer
+        tokenizer = self.engine.tokenizer_for()  # the active adapters' new tokens included
         if not self.template:
             text = user_text if not self.keep_history else self.plain + user_text
             return tokenizer.encode(text)

@@ -40,14 +40,25 @@ KEY_ADAPTER_TYPE, KEY_LORA_ALPHA = "adapter.type", "adapter.lora.alpha"
 UNSUPPORTED_HINT = "merge it into the base on the host (edge-lora export --merge), or run it with the ONNX backend"
 
 
+def merged_variant_reason(adapter: Adapter, config: ModelConfig) -> str | None:
+    """Why stock llama.cpp's run-time LoRA cannot apply this adapter while a merged model can (the
+    runtime then makes a merged variant when the adapter is added); None: a GGUF LoRA does it."""
+    if adapter.embed_rows is not None or adapter.head_rows is not None:
+        return None  # new tokens: not a merge's business
+    if adapter.dora:
+        return "DoRA rescales whole weight rows, which llama.cpp's run-time LoRA cannot express"
+    if config.tie_word_embeddings and "lm_head" in adapter.modules and "model.embed_tokens" not in adapter.modules:
+        return ("LoRA on the tied output head: llama.cpp's tied output is the token_embd tensor, which "
+                "has no output.weight for a LoRA to name")
+    return None
+
+
 def check_llamacpp_can_apply(adapter: Adapter, config: ModelConfig, path=None) -> None:
     """Refuse, with the reason, adapters llama.cpp's run-time LoRA cannot express."""
     if adapter.dora:
         raise EdgeLoraError("DoRA adapters rescale whole weight rows, which llama.cpp's run-time LoRA cannot do",
                             path=path, hint=UNSUPPORTED_HINT)
-    if adapter.embed_rows is not None or adapter.head_rows is not None:
-        raise EdgeLoraError("this adapter adds tokens; llama.cpp cannot grow the vocabulary of a loaded model",
-                            path=path, hint=UNSUPPORTED_HINT)
+    # new tokens need no GGUF tensors: the runtime feeds their rows itself (runtime/llamacpp_lib.decode_added)
     if config.tie_word_embeddings and any(m in ("lm_head", "model.embed_tokens") for m in adapter.modules):
         raise EdgeLoraError("LoRA on the output layer of a tied-embedding base: llama.cpp rejects it (the output "
                             "is the embedding table)", path=path, hint=UNSUPPORTED_HINT)
@@ -79,8 +90,9 @@ def export_gguf_adapter(adapter: Adapter, config: ModelConfig, out_path: Path, d
         raise EdgeLoraError(f"unknown GGUF adapter dtype {dtype!r}", hint=f"choose one of {', '.join(ADAPTER_DTYPES)}")
     adapter.check_fits(config)
     check_llamacpp_can_apply(adapter, config)
-    if not adapter.modules:
+    if not adapter.modules and not adapter.added_tokens:
         raise EdgeLoraError("adapter holds no LoRA modules to write")
+    # new tokens alone: a LoRA with no tensors (the runtime feeds their rows from the adapter file)
     alpha, tensors = gguf_lora_tensors(adapter, config)
     metadata = [(KEY_ARCHITECTURE, VALUE_STRING, gguf_arch(config)), (KEY_TYPE, VALUE_STRING, "adapter"),
                 (KEY_ADAPTER_TYPE, VALUE_STRING, "lora"), (KEY_LORA_ALPHA, VALUE_FLOAT32, alpha)]  # FLOAT64 alpha aborts llama.cpp

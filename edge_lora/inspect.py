@@ -76,6 +76,8 @@ def _bundle(path: Path) -> dict:
         "model": {"layers": b.config.num_hidden_layers, "hidden": b.config.hidden_size, "vocab": b.config.vocab_size},
         "backends": backends,
         "adapters": {n: {"rank": e.get("rank"), "backends": [k for k in ("onnx", "gguf") if k in e],
+                         **({"gguf_merged_variant": e["gguf_merged"]} if "gguf_merged" in e else {}),
+                         **({"added_tokens": _tokens(e["added_tokens"])} if e.get("added_tokens") else {}),
                          "bytes": sum(files(e[k]) or 0 for k in ("source", "onnx", "gguf") if k in e)} for n, e in b.adapters.items()},
         "bytes": _size(path),
     }
@@ -85,7 +87,16 @@ def _adapter_summary(adapter) -> dict:
     ranks = sorted({w.rank for w in adapter.modules.values()})
     return {"architecture": adapter.base_architecture, "base_fingerprint": adapter.base_fingerprint,
             "modules": len(adapter.modules), "ranks": ranks, "rslora": adapter.rslora, "dora": adapter.dora,
-            "parameters": adapter.num_parameters(), "added_tokens": len(adapter.added_tokens)}
+            "parameters": adapter.num_parameters(), "added_tokens": _tokens(adapter.added_tokens),
+            "replaced_token_rows": adapter.replaced_tokens[:16] or None}
+
+
+def _tokens(tokens: list[str]) -> str | None:
+    """New tokens as one line: ``2: '<sql>', '</sql>'`` (the first 16)."""
+    if not tokens:
+        return None
+    shown = ", ".join(repr(t) for t in tokens[:16])
+    return f"{len(tokens)}: {shown}" + (", ..." if len(tokens) > 16 else "")
 
 
 def _adapter(path: Path, base) -> dict:
@@ -98,7 +109,9 @@ def _adapter(path: Path, base) -> dict:
 def _peft(path: Path, base) -> dict:
     from converters.peft import import_peft, read_peft_config
 
-    adapter = import_peft(path)
+    config = _base_of(base)[0] if base is not None else None  # new tokens are counted from a base vocabulary
+    # describes; export checks the new tokens' base rows and a tied head's saved table against the base
+    adapter = import_peft(path, base=config, base_rows=lambda name, rows: True, base_table=lambda saved: True)
     raw = read_peft_config(path)  # validated: a malformed adapter_config.json is a one-line error, not a crash
     return {"kind": "peft", "path": str(path), "base_model_name_or_path": raw.get("base_model_name_or_path"),
             **_adapter_summary(adapter), "bytes": _size(path), **_fits(adapter, base)}

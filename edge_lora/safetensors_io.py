@@ -6,6 +6,8 @@ touches data (no memory bomb, no overlap), and widens bf16 to float32 itself.
 Layout: 8-byte little-endian header length, a JSON header, then the data block.
 Small files (adapters) are best read whole with :meth:`SafetensorsFile.read_all`: one read into
 one buffer, every tensor a view of it; large ones (base models) tensor by tensor from a memory map.
+A file whose bytes the caller already holds (read once and hash-checked: the runtime's adapters)
+is parsed from them with ``SafetensorsFile(path, data=...)``: zero-copy views, no second read.
 """
 
 from __future__ import annotations
@@ -49,24 +51,27 @@ class TensorInfo:
 class SafetensorsFile:
     """Open once, validate the whole header, then read tensors lazily from a memory map."""
 
-    def __init__(self, path: str | os.PathLike):
+    def __init__(self, path: str | os.PathLike, data: bytes | bytearray | memoryview | None = None):
+        """``data``: the file's bytes already in memory (read once and hash-checked by the caller):
+        everything is parsed from them and the file is never opened."""
         self.path = Path(path)
-        if not self.path.exists():
-            raise EdgeLoraError("file not found", path=self.path, hint="check the path")
-        if not self.path.is_file():
-            raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path, hint="pass the file itself")
-        with open(self.path, "rb") as f:
-            stat = os.fstat(f.fileno())
-            size = stat.st_size
-            self._identity = (stat.st_dev, stat.st_ino, size)  # read_all refuses a file swapped or resized since
-            head = f.read(8)
-            if len(head) < 8:
-                raise EdgeLoraError("not a safetensors file (too short)", path=self.path, hint="the file is empty or truncated; copy it again")
-            (n,) = struct.unpack("<Q", head)
-            if n > MAX_HEADER_BYTES or 8 + n > size:
-                raise EdgeLoraError(f"safetensors header length {n} does not fit the file ({size} bytes)", path=self.path,
-                                    hint="the file is truncated or corrupt; copy it again")
-            raw = f.read(n)
+        self._buffer = None if data is None else memoryview(data).cast("B")
+        if self._buffer is not None:
+            size = len(self._buffer)
+            n = self._header_length(bytes(self._buffer[:8]), size)
+            raw = bytes(self._buffer[8:8 + n])
+        else:
+            if not self.path.exists():
+                raise EdgeLoraError("file not found", path=self.path, hint="check the path")
+            if not self.path.is_file():
+                raise EdgeLoraError("expected a .safetensors file, found a directory or special file", path=self.path,
+                                    hint="pass the file itself")
+            with open(self.path, "rb") as f:
+                stat = os.fstat(f.fileno())
+                size = stat.st_size
+                self._identity = (stat.st_dev, stat.st_ino, size)  # read_all refuses a file swapped or resized since
+                n = self._header_length(f.read(8), size)
+                raw = f.read(n)
         try:
             header = json.loads(raw.decode("utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError):  # RecursionError: hostile nesting depth
@@ -90,6 +95,15 @@ class SafetensorsFile:
             if s1 < e0:
                 raise EdgeLoraError(f"tensors {n0!r} and {n1!r} overlap", path=self.path, hint="the file is corrupt; copy it again")
         self._map = None
+
+    def _header_length(self, head: bytes, size: int) -> int:
+        if len(head) < 8:
+            raise EdgeLoraError("not a safetensors file (too short)", path=self.path, hint="the file is empty or truncated; copy it again")
+        (n,) = struct.unpack("<Q", head)
+        if n > MAX_HEADER_BYTES or 8 + n > size:
+            raise EdgeLoraError(f"safetensors header length {n} does not fit the file ({size} bytes)", path=self.path,
+                                hint="the file is truncated or corrupt; copy it again")
+        return n
 
     def _parse_entry(self, name, entry, size) -> TensorInfo:
         # one pass per field (type() is, not isinstance: a bool is no size); a header lists hundreds of tensors
@@ -140,6 +154,11 @@ class SafetensorsFile:
         truncated or replaced since its header was checked is refused.
         """
         end = max((info.end for info in self.tensors.values()), default=self.data_start)
+        if self._buffer is not None:  # bytes in hand: every tensor a view of them, nothing read or copied
+            block = np.frombuffer(self._buffer, dtype=np.uint8, count=end - self.data_start,
+                                  offset=self.data_start)
+            self._block = block
+            return {name: self._view(block, info) for name, info in self.tensors.items()}
         # a bytearray, not np.empty: numpy asks the kernel for huge pages above 4 MiB, and on the
         # benchmark VM a first touch of fresh huge pages cost 40-60 ms per 20 MB about half the time
         # (ordinary pages: a steady ~9 ms)
@@ -194,6 +213,8 @@ class SafetensorsFile:
         return arr if arr.flags.aligned else arr.copy()  # a tensor at an odd offset: aligned for fast math
 
     def _mmap(self):
+        if self._map is None and self._buffer is not None:
+            self._map = np.frombuffer(self._buffer, dtype=np.uint8)
         if self._map is None:
             if self.path.stat().st_size == 0:
                 self._map = b""

@@ -203,11 +203,19 @@ def verify_file(path: str | os.PathLike, trusted_keys, hashes: FileHashes | None
     remembers digests of unchanged files (an engine's, so a re-added adapter is not read again).
     """
     path = Path(path)
-    trusted = trusted_keys if isinstance(trusted_keys, dict) else load_trusted_keys(trusted_keys)
     record = read_signature(signature_path(path))
     if not path.is_file():
         raise EdgeLoraError("signed file is missing or not a file", path=path)
     digest = hashes.sha256(path) if hashes is not None else sha256_file(path)
+    return verify_digest(path, digest, trusted_keys, record)
+
+
+def verify_digest(path: str | os.PathLike, digest: str, trusted_keys, record: dict | None = None) -> str:
+    """Check ``<path>.sig`` against ``digest``, the SHA-256 of the bytes the caller read and will use
+    (not of the file as it is now); return the signer's key id."""
+    path = Path(path)
+    trusted = trusted_keys if isinstance(trusted_keys, dict) else load_trusted_keys(trusted_keys)
+    record = record if record is not None else read_signature(signature_path(path))
     if digest != record["sha256"]:
         raise EdgeLoraError("file does not match its signature (modified after signing)", path=path,
                             hint="copy it again from a trusted source")
@@ -260,8 +268,9 @@ def _adapter_files(bundle: Bundle) -> set[str]:
 class AdapterTrust:
     """The runtime's rule when ``trusted_keys`` are given: no adapter is used unless a trusted key vouches for it.
 
-    A bundle adapter is vouched for by a valid ``bundle.json.sig`` plus a matching SHA-256 for each of
-    its files, or by its own ``.sig``; an adapter file from elsewhere needs its own ``.sig``.
+    A bundle adapter's file is vouched for by a valid ``bundle.json.sig`` plus its SHA-256 there, or by
+    its own ``.sig``; an adapter file from elsewhere needs its own ``.sig``. Only the files an engine
+    reads are checked (the .safetensors; llama.cpp also the .gguf), on the bytes it read: :meth:`vouch`.
     """
 
     def __init__(self, bundle: Bundle, trusted_keys):
@@ -271,22 +280,20 @@ class AdapterTrust:
         if self.bundle_signed:  # a present but bad bundle signature is tampering: refuse the whole bundle
             verify_file(bundle.manifest_path, self.keys)
 
-    def check(self, source: Path, entry: dict | None) -> None:
+    def vouch(self, path: Path, entry: dict | None, rel: str | None, digest: str) -> None:
+        """Refuse bytes no trusted key vouches for: ``digest`` is the SHA-256 of the bytes of ``path``
+        (the bundle's ``rel`` when it is one) that the caller read and will use.
+
+        The signed bundle.json vouches for its own files, an adapter's ``.sig`` for that file alone."""
         if entry is not None and self.bundle_signed:
-            for key in ("source", "onnx", "gguf"):
-                if key in entry:
-                    self.bundle.verify_file(entry[key])
+            self.bundle.check_digest(rel, digest)
             return
-        if not signature_path(source).exists() and self.bundle_signed:
-            rel = self._bundle_relative(source)
+        if self.bundle_signed and not signature_path(path).exists():
+            rel = rel or self._bundle_relative(path)
             if rel is not None and rel in self.bundle.files:
-                self.bundle.verify_file(rel)
+                self.bundle.check_digest(rel, digest)
                 return
-        verify_file(source, self.keys, self.bundle.hashes)
-        if entry is not None:  # a backend may load the converted copies: they need vouching too
-            for key in ("onnx", "gguf"):
-                if key in entry:
-                    verify_file(self.bundle.require(entry[key]), self.keys, self.bundle.hashes)
+        verify_digest(path, digest, self.keys)
 
     def _bundle_relative(self, source: Path) -> str | None:
         try:

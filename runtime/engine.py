@@ -11,19 +11,30 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Iterator
 
 import numpy as np
 
 from edge_lora.adapter import Adapter
-from edge_lora.bundle import Bundle
+from edge_lora.bundle import Bundle, FileBytes
 from edge_lora.errors import EdgeLoraError
+from edge_lora.safetensors_io import MAX_HEADER_BYTES
 from edge_lora.signing import AdapterTrust
+from edge_lora.targets import linear_modules
 
+from .new_tokens import AddedVocab, combine
 from .sampling import Sampler, SamplingParams
 from .tokenizer import StreamDecoder, Tokenizer
+
+
+def max_adapter_bytes(config) -> int:
+    """The most bytes an adapter file for this base can need (float32, every rank at its largest, one
+    new-token row per vocabulary entry in both tables): a bigger file is refused before it is read."""
+    shapes = linear_modules(config, include_lm_head=True).values()
+    linear = sum(4 * (max(o, i) * (o + i) + o) for o, i in shapes)
+    return 8 + MAX_HEADER_BYTES + linear + 8 * config.vocab_size * config.hidden_size
 
 
 @dataclass
@@ -59,6 +70,7 @@ class Engine(ABC):
         self._default_set: dict[str, float] = {}
         self._merged: dict[str, float] = {}
         self._lock = threading.RLock()
+        self._vocabs: dict[tuple, tuple] = {}  # adapter set (names, ids) -> (its adapters, their AddedVocab)
 
     # --- adapters -------------------------------------------------------------------
 
@@ -74,13 +86,23 @@ class Engine(ABC):
                 raise EdgeLoraError(f"bundle has no adapter {name!r} (has: {', '.join(self.bundle.adapters) or 'none'})",
                                     path=self.bundle.root)
             rel = entry["source"]
-            source = self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
+            source = self.bundle.require(rel)
         else:
-            source = Path(path)
-        if self.trust is not None:
-            self.trust.check(source, entry)
-        adapter = Adapter.load(source, base=self.config, base_fingerprint=self.bundle.base_fingerprint)
-        handle = self._attach(name, adapter, source)
+            rel, source = None, Path(path)
+        # the one read; its hash runs on a thread while the bytes are parsed and handed to the backend
+        checked, check = self._read_checked(source, rel, entry)
+        try:
+            adapter = Adapter.load(source, base=self.config, base_fingerprint=self.bundle.base_fingerprint,
+                                   data=checked.data)
+            handle = self._attach(name, adapter, source)
+        except EdgeLoraError:
+            check()  # a hash or signature mismatch wins over the error it may explain
+            raise
+        try:
+            check()  # before anything uses it: the bytes parsed are those bundle.json or a key vouches for
+        except BaseException:
+            self._detach(name, handle)
+            raise
         with self._lock:
             raced = name in self._adapters  # another thread added the same name while this one loaded
             if not raced:
@@ -88,6 +110,33 @@ class Engine(ABC):
         if raced:
             self._detach(name, handle)
             raise EdgeLoraError(f"an adapter named {name!r} is already loaded", hint="remove_adapter() it first or pick another name")
+
+    def _read_checked(self, path: Path, rel: str | None, entry: dict | None,
+                      **options) -> tuple[FileBytes, Callable[[], None]]:
+        """A file of an adapter read once (``rel``: the bundle's name for it; ``options`` as
+        :meth:`FileHashes.read`), hashed on a thread, and the check to call before its use: bundle.json's
+        hash and a trusted key's signature, both judged on exactly the bytes in hand, so a file changed
+        on disk after the check is never used and nothing reads it a second time."""
+        verify = rel is not None and self.verify_hashes
+        digest = verify or self.trust is not None
+        if verify:
+            checked = self.bundle.read_verified(rel, background=True, **options)
+        else:
+            limit = None if rel is not None else max_adapter_bytes(self.config)
+            if rel is None and (not path.is_file() or path.stat().st_size > limit):
+                # says what is wrong from the path and the header alone (missing, a directory, a PEFT
+                # folder, shapes the base cannot use) before anything is read whole
+                Adapter.load(path, base=self.config)
+            checked = self.bundle.hashes.read(path, digest=digest, background=True, max_bytes=limit,
+                                              **options)
+
+        def check() -> None:
+            if verify:
+                self.bundle.check_digest(rel, checked.sha256)
+            if self.trust is not None:
+                self.trust.vouch(path, entry, rel, checked.sha256)
+
+        return checked, check
 
     def remove_adapter(self, name: str) -> None:
         with self._lock:
@@ -109,6 +158,9 @@ class Engine(ABC):
         """Fold an adapter into the base weights: zero per-token cost from then on."""
         with self._lock:
             loaded = self._adapters[self._known(name)]
+            if loaded.adapter.token_rows:  # the base vocabulary is fixed: its new tokens would be lost
+                raise EdgeLoraError(f"adapter {name!r} adds tokens or token rows, which a merge into "
+                                    "the base cannot keep", hint="run it unmerged, per request")
             self._merge(name, loaded, float(scale))
             self._merged[name] = self._merged.get(name, 0.0) + float(scale)
 
@@ -130,6 +182,26 @@ class Engine(ABC):
             chosen = dict(self._default_set) if adapters is None else self._resolve(adapters)
             return chosen, {n: self._adapters[n] for n in chosen}
 
+    # --- new tokens -----------------------------------------------------------------
+
+    def added_vocab(self, loaded: dict[str, LoadedAdapter]) -> AddedVocab:
+        """The new tokens of a request's adapters (checked for clashes once per set, then cached)."""
+        named = sorted((n, la.adapter) for n, la in loaded.items() if la.adapter.token_rows)
+        key = tuple((n, id(a)) for n, a in named)
+        hit = self._vocabs.get(key)
+        if hit is None or any(a is not b for (_, a), b in zip(named, hit[0])):  # an id reused by a newer adapter
+            hit = (tuple(a for _, a in named), combine(named, self.config))
+            if len(self._vocabs) >= 32:
+                self._vocabs.clear()
+            self._vocabs[key] = hit
+        return hit[1]
+
+    def tokenizer_for(self, adapters: dict[str, float] | None = None) -> Tokenizer:
+        """The tokenizer a request with these adapters uses: the base one plus their new tokens."""
+        _, loaded = self._request_set(adapters)
+        vocab = self.added_vocab(loaded)
+        return self.tokenizer.with_added(vocab.tokens, vocab.base_vocab)
+
     # --- inference ------------------------------------------------------------------
 
     def logits(self, token_ids, adapters: dict[str, float] | None = None) -> np.ndarray:
@@ -137,9 +209,10 @@ class Engine(ABC):
         ids = [int(t) for t in token_ids]
         if not ids:
             raise EdgeLoraError("logits() needs at least one token")
-        self._check_ids(ids)
         chosen, loaded = self._request_set(adapters)
-        return self._full_logits(ids, chosen, loaded)
+        vocab = self.added_vocab(loaded)
+        self._check_ids(ids, vocab.size)
+        return vocab.from_model(self._full_logits(vocab.to_model(ids), chosen, loaded))
 
     def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *, adapters: dict[str, float] | None = None,
                  stream: bool = False, **sampling) -> str | Iterator[str]:
@@ -155,8 +228,9 @@ class Engine(ABC):
         return out
 
     def _generate(self, prompt, params: SamplingParams, adapters) -> Iterator[str]:
-        ids = self.tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
-        decoder = StreamDecoder(self.tokenizer)
+        tokenizer = self.tokenizer_for(adapters)
+        ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
+        decoder = StreamDecoder(tokenizer)
         held = ""  # text held back while it could still be the start of a stop string
         for token in self._token_loop(ids, params, adapters):
             held += decoder.push(token)
@@ -175,23 +249,24 @@ class Engine(ABC):
     def _token_loop(self, ids: list[int], params: SamplingParams, adapters) -> Iterator[int]:
         if not ids:
             raise EdgeLoraError("empty prompt")
-        self._check_ids(ids)
         chosen, loaded = self._request_set(adapters)
+        vocab = self.added_vocab(loaded)  # ids past its size (padding, replaced-row slots) are never sampled
+        self._check_ids(ids, vocab.size)
         sampler = Sampler(params)
         state = self._new_state(chosen, loaded)
         eos = set(self.config.eos_token_id) | set(params.stop_token_ids)
         history = list(ids)
         try:
-            logits = state.feed(ids)
+            logits = state.feed(vocab.to_model(ids))
             for _ in range(params.max_new_tokens):
-                token = sampler(logits, history)
+                token = sampler(vocab.from_model(logits), history)
                 if token in eos:
                     return
                 yield token
                 history.append(token)
                 if len(history) >= self.max_context:
                     return
-                logits = state.feed([token])
+                logits = state.feed(vocab.to_model([token]))
         finally:
             state.close()
 
@@ -199,10 +274,13 @@ class Engine(ABC):
     def max_context(self) -> int:
         return self.config.max_position_embeddings
 
-    def _check_ids(self, ids: list[int]) -> None:
-        bad = [t for t in ids if not 0 <= t < self.config.vocab_size]
+    def _check_ids(self, ids: list[int], size: int | None = None) -> None:
+        size = size or self.config.vocab_size
+        bad = [t for t in ids if not 0 <= t < size]
         if bad:
-            raise EdgeLoraError(f"token id {bad[0]} is outside the vocabulary (0..{self.config.vocab_size - 1})")
+            past_base = bad[0] >= self.config.vocab_size
+            hint = "an id past the base vocabulary needs the adapter that adds it" if past_base else None
+            raise EdgeLoraError(f"token id {bad[0]} is outside the vocabulary (0..{size - 1})", hint=hint)
         if len(ids) > self.max_context:
             raise EdgeLoraError(f"{len(ids)} tokens exceed the context of {self.max_context}", hint="shorten the prompt")
 

@@ -6,14 +6,19 @@ adapter file from outside the bundle is converted into one scratch GGUF that eve
 rewrites in place (llama.cpp copies the tensors when it loads them). One context serves every
 request under a lock; its KV cache is reused only for the prefix that was computed under the same
 adapter set, so a swap never reads stale keys and values. ``merge`` writes a merged GGUF
-(dequantize, add, requantize) and reloads the model from it.
+(dequantize, add, requantize) and reloads the model from it. Adapters no GGUF LoRA can express
+(DoRA, LoRA on a tied head: ``gguf_adapter.merged_variant_reason``) are merged into a variant of the
+base when added, loaded beside it with a context of its own (:class:`MergedVariant`); requests
+with such an adapter run there, alone and at scale 1.
 """
 
 from __future__ import annotations
 
+import contextlib
 import os
 import tempfile
 import threading
+import time
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -22,20 +27,42 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_adapter import check_llamacpp_can_apply, export_gguf_adapter
+from edge_lora.gguf_adapter import check_llamacpp_can_apply, export_gguf_adapter, merged_variant_reason
 
 from . import llamacpp_lib as lib
 from .devices import CPU, check_device
 from .engine import DecodeState, Engine, LoadedAdapter
+from .private_file import private_file
 
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"
 DEFAULT_MAX_CTX = 4096
 
 
 @dataclass
+class MergedVariant:
+    """A copy of the base with one adapter merged in, for adapters stock llama.cpp LoRA cannot apply
+    (DoRA, LoRA on a tied head): its own model and context, made when the adapter is added."""
+
+    reason: str
+    path: Path
+    model: object
+    ctx: object
+    add_seconds: float
+
+    def free(self) -> None:
+        if self.ctx is not None:
+            self.ctx.free()
+            self.model.free()
+        self.ctx = self.model = None
+        self.path.unlink(missing_ok=True)
+
+
+@dataclass
 class LoraHandle:
     path: Path | None  # the bundle's GGUF LoRA; None: converted from the adapter (again whenever the model reloads)
     ptr: object = None  # llama_adapter_lora *, replaced when merge reloads the model
+    empty: bool = False  # only new tokens, no LoRA tensors: nothing to load into llama.cpp
+    variant: MergedVariant | None = None  # instead of ptr: the adapter runs as a merged copy of the base
 
 
 class LlamaCppEngine(Engine):
@@ -44,8 +71,15 @@ class LlamaCppEngine(Engine):
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int | None = None,
                  threads: int | None = None, n_ctx: int | None = None, use_extra_bufts: bool | None = None,
                  verbose: bool = False, verify_hashes: bool = True, trusted_keys=None, precise: bool = False,
-                 device: str = "cpu"):
+                 device: str = "cpu", n_batch: int = 512, n_ubatch: int | None = None,
+                 mmap: bool | None = None):
         """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of PyTorch).
+        Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
+        when llama.cpp repacks the weights); the KV cache holds ``n_ctx`` positions, allocated and
+        zeroed at load (f16: 90 MB for SmolLM2-135M at 4096, so pass the context the app needs);
+        ``n_batch`` tokens go into one ``llama_decode``, ``n_ubatch`` (default ``n_batch``) into one
+        compute graph, whose buffer llama.cpp reserves for the worst case but touches only as used:
+        ``n_ubatch`` 128 instead of 512 saved 3 MB after a 256-token prompt and doubled its prefill time.
         ``use_extra_bufts=None`` decides from the CPU (off on Intel AMX, where it crashed).
         ``device="gpu"`` offloads ``n_gpu_layers`` layers (all by default) to llama.cpp's GPU backend
         (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
@@ -66,6 +100,7 @@ class LlamaCppEngine(Engine):
         self._use_extra_bufts = use_extra_bufts
         self._threads = int(threads or os.cpu_count() or 1)
         self._n_ctx = int(n_ctx or min(self.config.max_position_embeddings, DEFAULT_MAX_CTX))
+        self._n_batch, self._n_ubatch, self._mmap = int(n_batch), n_ubatch, mmap
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-lora-llamacpp-")
         # rewriting one file reuses its cached pages: a fresh 20 MB file cost ~3x as much to write
         self._scratch = Path(self._tmp.name) / "converted.gguf"
@@ -76,8 +111,16 @@ class LlamaCppEngine(Engine):
 
     # --- model and context --------------------------------------------------------------
 
+    def _new_model(self, path: Path):
+        return lib.Model(path, devices=self._gpus, n_gpu_layers=self._n_gpu_layers,
+                         use_extra_bufts=self._use_extra_bufts, use_mmap=self._mmap)
+
+    def _new_context(self, model):
+        return lib.Context(model, n_ctx=self._n_ctx, threads=self._threads, n_batch=self._n_batch,
+                           n_ubatch=self._n_ubatch, precise=self._precise)
+
     def _load(self, path: Path) -> None:
-        model = lib.Model(path, devices=self._gpus, n_gpu_layers=self._n_gpu_layers, use_extra_bufts=self._use_extra_bufts)
+        model = self._new_model(path)
         try:
             if model.n_vocab != self.config.vocab_size:
                 raise EdgeLoraError(f"the GGUF has {model.n_vocab} tokens, bundle.json says {self.config.vocab_size}", path=path,
@@ -86,23 +129,29 @@ class LlamaCppEngine(Engine):
             if stored is not None and stored != self.bundle.base_fingerprint:
                 raise EdgeLoraError("the GGUF was exported from another base than bundle.json names", path=path,
                                     hint="re-export the bundle")
-            ctx = lib.Context(model, n_ctx=self._n_ctx, threads=self._threads, precise=self._precise)
+            ctx = self._new_context(model)
         except BaseException:
             model.free()
             raise
+        # self._ctx is the context requests run on: the base's, or a merged variant's (see _use_set)
         self._model, self._ctx = model, ctx
+        self._base_ctx = ctx
         self._cache_key: tuple | None = None  # adapter set the cached tokens were computed under
         self._cache_tokens: list[int] = []
 
     def _unload(self) -> None:
-        if self._ctx is not None:
-            self._ctx.free()
+        base_ctx = getattr(self, "_base_ctx", None)  # self._ctx may be a merged variant's, freed with it
+        if base_ctx is not None:
+            base_ctx.free()
         if self._model is not None:
             self._model.free()  # frees every adapter loaded on it too
-        self._model = self._ctx = None
+        self._model = self._ctx = self._base_ctx = None
 
     def close(self) -> None:
         with self._ctx_lock:
+            for loaded in list(self._adapters.values()):
+                if loaded.handle.variant is not None:
+                    loaded.handle.variant.free()
             self._unload()
         self._tmp.cleanup()
 
@@ -119,21 +168,45 @@ class LlamaCppEngine(Engine):
     # --- adapters -------------------------------------------------------------------------
 
     def _attach(self, name: str, adapter: Adapter, source: Path) -> LoraHandle:
+        reason = merged_variant_reason(adapter, self.config)
+        if reason:
+            with self._scratch_lock:  # merged outside the context lock: requests keep decoding meanwhile
+                return LoraHandle(None, variant=self._make_variant(name, adapter, reason))
         check_llamacpp_can_apply(adapter, self.config, path=source)
-        path = self._bundle_gguf(name, source)
-        if path is not None:
-            with self._ctx_lock:
-                return LoraHandle(path, self._model.load_lora(path))
+        if not adapter.modules:  # new tokens alone: their rows are fed per request (_decode)
+            return LoraHandle(None, empty=True)
+        rel = self._bundle_gguf(name, source)
+        if rel is not None:
+            return LoraHandle(self.bundle.resolve(rel), self._load_checked_lora(name, rel))
         with self._scratch_lock:  # converted outside the context lock: requests keep decoding meanwhile
             export_gguf_adapter(adapter, self.config, self._scratch, durable=False)  # no fsync: no crash needs it back
             with self._ctx_lock:
                 return LoraHandle(None, self._model.load_lora(self._scratch))
 
+    def _make_variant(self, name: str, adapter: Adapter, reason: str) -> MergedVariant:
+        """The current base with ``adapter`` merged in at scale 1, loaded as a model of its own."""
+        from .llamacpp_merge import write_merged_gguf
+
+        start = time.perf_counter()
+        path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
+        write_merged_gguf(self._model.path, path, self.config, adapter, 1.0)
+        model = self._new_model(path)
+        try:
+            ctx = self._new_context(model)
+        except BaseException:
+            model.free()
+            path.unlink(missing_ok=True)
+            raise
+        return MergedVariant(reason, path, model, ctx, time.perf_counter() - start)
+
     def _reload_lora(self, loaded: LoadedAdapter):
         """Load an adapter again on a new model (after a merge); the caller holds the context lock,
         so a converted one goes through a file of its own, not the scratch file."""
+        if loaded.handle.empty:
+            return None
         if loaded.handle.path is not None:
-            return self._model.load_lora(loaded.handle.path)
+            rel = self._bundle_gguf(loaded.name, loaded.path)
+            return self._load_checked_lora(loaded.name, rel, locked=True)
         fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=self._tmp.name)
         os.close(fd)
         try:
@@ -141,23 +214,51 @@ class LlamaCppEngine(Engine):
         finally:
             Path(tmp).unlink(missing_ok=True)
 
-    def _bundle_gguf(self, name: str, source: Path) -> Path | None:
-        """The bundle's own GGUF of this adapter, when ``source`` is the bundle's adapter file."""
+    def _bundle_gguf(self, name: str, source: Path) -> str | None:
+        """The bundle's name for its own GGUF of this adapter, when ``source`` is the bundle's adapter."""
         entry = self.bundle.adapters.get(name) or {}
         if not entry.get("gguf") or not entry.get("source"):
             return None
         if self.bundle.resolve(entry["source"]).resolve() != Path(source).resolve():
             return None
-        # a signature vouches for the safetensors source; the GGUF twin is tied to it by bundle.json's hash
-        checked = self.verify_hashes or self.trust is not None
-        return self.bundle.verify_file(entry["gguf"]) if checked else self.bundle.require(entry["gguf"])
+        return entry["gguf"]
+
+    def _load_checked_lora(self, name: str, rel: str, locked: bool = False):
+        """The bundle's GGUF LoRA copied once into a private in-memory file and hashed on a thread
+        while llama.cpp loads that same copy: what llama.cpp parses is what bundle.json's hash (or a
+        trusted key) vouches for, whatever happens to the file on disk; freed again if it is not.
+        ``locked``: the caller holds the context lock (a reload after a merge). With no check asked for
+        (``verify_hashes=False``, no trusted keys) there is nothing to pin: llama.cpp reads the file."""
+        if not (self.verify_hashes or self.trust is not None):
+            with contextlib.nullcontext() if locked else self._ctx_lock:
+                return self._model.load_lora(self.bundle.require(rel))
+        with private_file(self._tmp.name, "lora") as (fd, path):
+            entry = self.bundle.adapters.get(name)
+            _, check = self._read_checked(self.bundle.resolve(rel), rel, entry, into_fd=fd)
+            with contextlib.nullcontext() if locked else self._ctx_lock:
+                try:
+                    ptr = self._model.load_lora(path)
+                except EdgeLoraError as err:
+                    check()  # a hash mismatch wins over the load error it may explain
+                    raise EdgeLoraError(err.message, path=self.bundle.resolve(rel), hint=err.hint) from None
+                try:
+                    check()
+                except BaseException:
+                    self._model.free_lora(ptr)
+                    raise
+        return ptr
 
     def _detach(self, name: str, handle: LoraHandle) -> None:
         with self._ctx_lock:
             if self._cache_key and any(n == name for n, _ in self._cache_key):
+                self._forget_cache()
+                self._ctx, self._cache_key = self._base_ctx, None  # off a merged variant about to be freed
                 self._ctx.set_adapters([], [])
                 self._forget_cache()
-            self._model.free_lora(handle.ptr)
+            if handle.variant is not None:
+                handle.variant.free()
+            if handle.ptr is not None:
+                self._model.free_lora(handle.ptr)
             handle.ptr = None
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
@@ -170,6 +271,11 @@ class LlamaCppEngine(Engine):
             self._unload()
             self._load(merged)
             for other in self._adapters.values():  # adapters live on a model: load them again on the new one
+                if other.handle.variant is not None:  # a merged variant is remade from the new base
+                    other.handle.variant.free()
+                    reason = other.handle.variant.reason
+                    other.handle.variant = self._make_variant(other.name, other.adapter, reason)
+                    continue
                 other.handle.ptr = self._reload_lora(other)
             if previous != self._model_path:
                 previous.unlink(missing_ok=True)
@@ -183,23 +289,37 @@ class LlamaCppEngine(Engine):
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
             self._forget_cache()
-            logits = self._ctx.decode(ids, 0, all_logits=True)
+            logits = self._decode(ids, 0, loaded, all_logits=True)
             self._cache_tokens = list(ids)
             return logits
 
     def _use_set(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> None:
-        """Activate an adapter set; a different set invalidates the whole KV cache."""
+        """Activate an adapter set; a different set invalidates the whole KV cache. An adapter that
+        runs as a merged variant switches ``self._ctx`` to the variant's context (alone, at scale 1)."""
         key = tuple(sorted(adapter_set.items()))
         if key == self._cache_key:
             return
         handles = [loaded[n].handle for n, _ in key]
-        gone = [n for n, _ in key if loaded[n].handle.ptr is None]
+        gone = [n for n, _ in key if loaded[n].handle.ptr is None and not loaded[n].handle.empty
+                and (loaded[n].handle.variant is None or loaded[n].handle.variant.ctx is None)]
         if gone:
             raise EdgeLoraError(f"adapter {', '.join(map(repr, gone))} was removed while this request ran",
                                 hint="add it again, or retry without it")
+        merged = [n for n, _ in key if loaded[n].handle.variant is not None]
+        if merged and (len(key) > 1 or key[0][1] != 1.0):
+            raise EdgeLoraError(f"adapter {merged[0]!r} runs on llama.cpp as a merged variant of the base "
+                                f"({loaded[merged[0]].handle.variant.reason}): alone and at scale 1.0 only",
+                                hint="stack or scale it on the ONNX backend, or engine.merge() it into the base")
         self._cache_key = None
         self._forget_cache()
-        self._ctx.set_adapters([h.ptr for h in handles], [s for _, s in key])
+        self._ctx = loaded[merged[0]].handle.variant.ctx if merged else self._base_ctx
+        if merged:
+            self._forget_cache()  # it may hold the tokens of an earlier request on it
+            self._cache_key = key
+            return
+        self._forget_cache()
+        used = [(h.ptr, s) for (_, s), h in zip(key, handles) if not h.empty]  # an empty one: new tokens only
+        self._ctx.set_adapters([p for p, _ in used], [s for _, s in used])
         self._cache_key = key
 
     def _forget_cache(self) -> None:
@@ -220,16 +340,32 @@ class LlamaCppEngine(Engine):
                 common = 0
             self._cache_tokens = cached[:common]
             try:
-                logits = self._ctx.decode(history[common:], common)
+                logits = self._decode(history[common:], common, loaded)
             except BaseException:
                 self._forget_cache()  # a half-evaluated batch leaves the cache unknown
                 raise
             self._cache_tokens = list(history)
             return logits
 
+    def _decode(self, ids: list[int], start: int, loaded: dict[str, LoadedAdapter],
+                all_logits: bool = False) -> np.ndarray:
+        """The context's decode; with new tokens in the set, their rows go in and their logits come out
+        beside the base ones (llama.cpp's vocabulary never changes)."""
+        vocab = self.added_vocab(loaded)
+        if not vocab.rows:
+            return self._ctx.decode(ids, start, all_logits=all_logits)
+        return self._ctx.decode_added(ids, start, vocab.embed, vocab.head, all_logits=all_logits)
+
     def _backend_info(self) -> dict:
+        held = {n: la.handle.variant for n, la in list(self._adapters.items())
+                if la.handle.variant is not None and la.handle.variant.ctx is not None}
+        variants = {n: {"reason": v.reason, "model_file": str(v.path), "bytes": v.path.stat().st_size,
+                        "add_seconds": round(v.add_seconds, 3)} for n, v in held.items()}
         return {"quant": self.quant, "model_file": str(self._model.path), "n_ctx": self._n_ctx, "threads": self._threads,
+                "merged_variants": variants,
                 "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts, "precise": self._precise,
+                "mmap": self._model.use_mmap, "n_batch": self._base_ctx.n_batch,
+                "n_ubatch": self._base_ctx.n_ubatch,
                 "device": self.device.describe()}
 
 

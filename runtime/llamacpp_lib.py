@@ -134,9 +134,13 @@ def find_gpu(want: str) -> tuple[Device, list[GpuDevice]]:
 class Model:
     """A loaded llama_model (weights only); free() releases it and every adapter loaded on it."""
 
-    def __init__(self, path: Path, *, devices: list[GpuDevice] = (), n_gpu_layers: int = 0, use_extra_bufts: bool | None = None):
+    def __init__(self, path: Path, *, devices: list[GpuDevice] = (), n_gpu_layers: int = 0,
+                 use_extra_bufts: bool | None = None, use_mmap: bool | None = None):
         """``devices``: the GPUs to offload ``n_gpu_layers`` layers to; none keeps every tensor and
-        every op on the CPU, even in a GPU build (llama.cpp would otherwise use all it finds)."""
+        every op on the CPU, even in a GPU build (llama.cpp would otherwise use all it finds).
+        ``use_mmap=None``: map the file unless the CPU's extra buffer types repack the weights; a
+        repacked tensor is copied out of the mapping, whose touched pages then stay resident as a
+        second copy of the weights (reading the file instead leaves one)."""
         lib = llama_cpp()
         self.path = Path(path)
         params = lib.llama_model_default_params()
@@ -146,6 +150,8 @@ class Model:
         params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         params.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else bool(use_extra_bufts)
         self.use_extra_bufts = bool(params.use_extra_bufts)
+        params.use_mmap = not (self.use_extra_bufts and not devices) if use_mmap is None else bool(use_mmap)
+        self.use_mmap = bool(params.use_mmap)
         self.ptr = lib.llama_model_load_from_file(os.fspath(self.path).encode(), params)
         if not self.ptr:
             raise EdgeLoraError("llama.cpp could not load this GGUF model", path=self.path,
@@ -180,15 +186,19 @@ class Model:
 class Context:
     """One llama_context (KV cache, one sequence) over a Model."""
 
-    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512, precise: bool = False):
+    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512,
+                 n_ubatch: int | None = None, precise: bool = False):
+        """``n_batch``: tokens per ``llama_decode`` call; ``n_ubatch``: tokens per compute graph
+        (default ``n_batch``). llama.cpp reserves its compute buffer for ``n_ubatch`` tokens."""
         lib = llama_cpp()
         self.model = model
         self.n_ctx = int(n_ctx)
         self.n_batch = max(1, min(int(n_batch), self.n_ctx))
+        self.n_ubatch = max(1, min(int(n_ubatch or self.n_batch), self.n_batch))
         params = lib.llama_context_default_params()
         params.n_ctx = self.n_ctx
         params.n_batch = self.n_batch
-        params.n_ubatch = self.n_batch
+        params.n_ubatch = self.n_ubatch
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = int(threads)
         if precise:  # f16 KV cache and flash attention cost ~1e-2 in logits on strong adapters; f32 is exact to ~1e-5
@@ -201,6 +211,9 @@ class Context:
         self.memory = lib.llama_get_memory(self.ptr)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = model.n_vocab
+        self.n_embd = int(lib.llama_model_n_embd(model.ptr))
+        self._embd_batch = None  # a batch of embedding rows (new tokens), made on first use
+        self._embeddings = False  # whether llama.cpp also returns the final hidden states
         self._tainted = False  # a batch gave NaN/Inf logits: its keys/values may hold them too
 
     def set_adapters(self, loras: list, scales: list[float]) -> None:
@@ -229,6 +242,7 @@ class Context:
     def decode(self, tokens: list[int], start: int, all_logits: bool = False) -> np.ndarray:
         """Evaluate tokens at positions start.. ; the last token's logits ``[vocab]`` or all ``[T, vocab]``."""
         lib = llama_cpp()
+        self._hidden_states(False)
         if start + len(tokens) > self.n_ctx:
             raise EdgeLoraError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}", hint="raise n_ctx or shorten the prompt")
         rows = []
@@ -255,6 +269,67 @@ class Context:
         ptr = _checked_logits(lib.llama_get_logits_ith(self.ptr, -1), self.model.path)
         return self._noted(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
+    def decode_added(self, tokens: list[int], start: int, rows: np.ndarray, head: np.ndarray,
+                     all_logits: bool = False) -> np.ndarray:
+        """:meth:`decode` for a vocabulary grown by new tokens (ids ``n_vocab + i``): a new token goes in
+        as its embedding row ``rows[i]`` (``llama_batch.embd``), and its logit is the final hidden state
+        (after the output norm) times ``head[i]``, appended after the model's logits.
+
+        llama.cpp returns the hidden states of every position of a batch once they are switched on,
+        so only the positions whose logits are wanted run with them: the last one (alone), or all."""
+        if start + len(tokens) > self.n_ctx:
+            raise EdgeLoraError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}",
+                                hint="raise n_ctx or shorten the prompt")
+        n = len(tokens)
+        steps = [(0, n, True)] if all_logits else [(0, n - 1, False), (n - 1, n, True)]
+        out = []
+        for begin, end, wanted in steps:
+            self._hidden_states(wanted)
+            for run_begin, run_end in _runs(tokens, begin, end, self.n_vocab, self.n_batch):
+                out.extend(self._decode_run(tokens[run_begin:run_end], start + run_begin, rows, head, wanted))
+        logits = np.stack(out) if all_logits else out[-1]
+        return self._noted(logits)
+
+    def _decode_run(self, chunk: list[int], pos: int, rows: np.ndarray, head: np.ndarray,
+                    wanted: bool) -> list[np.ndarray]:
+        """One batch of only base ids or only new ids; with ``wanted``, each position's full logits."""
+        lib = llama_cpp()
+        new = chunk[0] >= self.n_vocab
+        if new and self._embd_batch is None:
+            self._embd_batch = lib.llama_batch_init(self.n_batch, self.n_embd, 1)
+        b = self._embd_batch if new else self.batch
+        b.n_tokens = len(chunk)
+        if new:
+            data = np.ascontiguousarray(rows[np.asarray(chunk) - self.n_vocab], dtype=np.float32)
+            ctypes.memmove(b.embd, data.ctypes.data, data.nbytes)
+        for i, tok in enumerate(chunk):
+            if not new:
+                b.token[i] = tok
+            b.pos[i] = pos + i
+            b.n_seq_id[i] = 1
+            b.seq_id[i][0] = 0
+            b.logits[i] = wanted
+        status = lib.llama_decode(self.ptr, b)
+        if status != 0:
+            raise EdgeLoraError(f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
+                                path=self.model.path, hint="the context may be full (raise n_ctx) or out of memory")
+        if not wanted:
+            return []
+        n = len(chunk)
+        ptr = _checked_logits(lib.llama_get_logits(self.ptr), self.model.path)
+        logits = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
+        hidden_ptr = lib.llama_get_embeddings(self.ptr)
+        if not hidden_ptr:
+            raise EdgeLoraError("llama.cpp returned no hidden states for this batch", path=self.model.path,
+                                hint="report this with the bundle")
+        hidden = np.ctypeslib.as_array(hidden_ptr, shape=(n, self.n_embd))
+        return list(np.concatenate([logits, hidden @ head.T], axis=1))
+
+    def _hidden_states(self, on: bool) -> None:
+        if on != self._embeddings:
+            llama_cpp().llama_set_embeddings(self.ptr, on)
+            self._embeddings = on
+
     def _noted(self, logits: np.ndarray) -> np.ndarray:
         if not np.isfinite(logits).all():
             self._tainted = True
@@ -264,8 +339,22 @@ class Context:
         lib = llama_cpp()
         if self.ptr:
             lib.llama_batch_free(self.batch)
+            if self._embd_batch is not None:
+                lib.llama_batch_free(self._embd_batch)
             lib.llama_free(self.ptr)
             self.ptr = None
+
+
+def _runs(tokens: list[int], begin: int, end: int, n_vocab: int, n_batch: int) -> list[tuple[int, int]]:
+    """``[begin, end)`` cut into batches of only base ids or only new ids, at most ``n_batch`` each."""
+    runs, i = [], begin
+    while i < end:
+        j, new = i + 1, tokens[i] >= n_vocab
+        while j < end and j - i < n_batch and (tokens[j] >= n_vocab) == new:
+            j += 1
+        runs.append((i, j))
+        i = j
+    return runs
 
 
 def _checked_logits(ptr, path):

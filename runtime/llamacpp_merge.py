@@ -12,6 +12,8 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
+import numpy as np
+
 from edge_lora.adapter import Adapter
 from edge_lora.atomic import atomic_path
 from edge_lora.config import ModelConfig
@@ -20,6 +22,7 @@ from edge_lora.gguf_names import gguf_arch, gguf_module, to_gguf_rows
 from edge_lora.gguf_quant import decode, encode, write_gguf
 
 _SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
+HEAD, EMBD = "output.weight", "token_embd.weight"
 
 
 def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapter, scale: float) -> Path:
@@ -31,7 +34,10 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
         raise EdgeLoraError(f"cannot read the GGUF base to merge into ({err})", path=src) from None
     deltas = {f"{gguf_module(m)}.weight": m for m in adapter.modules}
     found = {t.name for t in reader.tensors}
-    missing = sorted(set(deltas) - found)
+    # a tied base has no output.weight (llama.cpp reads token_embd for the head): the merge unties it, writing
+    # output.weight as token_embd plus the delta, so the input embedding stays the base's
+    untie = HEAD in deltas and HEAD not in found and EMBD in found
+    missing = sorted(set(deltas) - found - ({HEAD} if untie else set()))
     if missing:
         raise EdgeLoraError(f"the GGUF base has no tensor {missing[0]!r} to merge into", path=src, hint="wrong base model?")
     with atomic_path(dst) as tmp:
@@ -43,18 +49,33 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
             writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
         for tensor in reader.tensors:
             qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+            targets = [tensor.name] if tensor.name in deltas else []
+            if untie and tensor.name == EMBD:
+                targets = [HEAD]
             if tensor.name not in deltas:
                 writer.add_tensor(tensor.name, tensor.data, raw_dtype=qtype)
-                continue
-            module = deltas[tensor.name]
-            shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml ne order -> numpy [rows, cols]
-            weight = decode(tensor.data, qtype, shape)
-            weight = weight + scale * to_gguf_rows(config, module, adapter.delta(module))
-            keeps_delta = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
-                                    gguf.GGMLQuantizationType.Q8_0)
-            out_type = qtype if keeps_delta else gguf.GGMLQuantizationType.Q8_0
-            if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
-                out_type = gguf.GGMLQuantizationType.F16
-            writer.add_tensor(tensor.name, encode(weight, out_type), raw_dtype=out_type)
+            for name in targets:
+                _add_merged(writer, gguf, name, tensor, qtype, config, adapter, deltas[name], scale)
         write_gguf(writer, dst, "merged GGUF")
     return dst
+
+
+def _add_merged(writer, gguf, name: str, tensor, qtype, config: ModelConfig, adapter: Adapter, module: str,
+                scale: float) -> None:
+    """``name`` = ``tensor`` with ``module`` merged in (DoRA's row rescale included, as in
+    :meth:`Adapter.merged_weight`), requantized. Rows are in llama.cpp's order; DoRA's norms are per
+    row, so permuting the magnitudes like the rows is all it needs."""
+    shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml ne order -> numpy [rows, cols]
+    weight = decode(tensor.data, qtype, shape)
+    weight = weight + scale * to_gguf_rows(config, module, adapter.delta(module))
+    magnitude = adapter.modules[module].magnitude
+    if magnitude is not None:
+        mag = to_gguf_rows(config, module, magnitude.astype(np.float64)[:, None])[:, 0]
+        norm = np.linalg.norm(weight.astype(np.float64), axis=1)
+        weight = (weight * (mag / np.maximum(norm, 1e-12))[:, None]).astype(np.float32)
+    keeps_delta = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
+                            gguf.GGMLQuantizationType.Q8_0)
+    out_type = qtype if keeps_delta else gguf.GGMLQuantizationType.Q8_0
+    if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
+        out_type = gguf.GGMLQuantizationType.F16
+    writer.add_tensor(name, encode(weight, out_type), raw_dtype=out_type)

@@ -1,8 +1,12 @@
 """The ONNX Runtime backend: one exported decoder, adapters as feeds of its LoRA slots.
 
-Two sessions over one data file: ``model.onnx`` (a LoRA side path on every linear layer) runs
-requests that use adapters, ``model.plain.onnx`` (no LoRA nodes) runs the rest at the base's own
-speed. An adapter set becomes one dict of OrtValues (ranks concatenated, scales folded into B),
+One session at a time on the CPU, so one copy of the prepacked weights per process: until the
+first adapter is added ``model.plain.onnx`` (no LoRA nodes) runs at the base's own speed; the first
+adapter replaces it with ``model.onnx`` (a LoRA side path on every linear layer), which then runs
+every request, those without adapters through its rank-0 defaults (1-5% slower per step than the
+plain graph, SmolLM2-135M and Qwen2.5-0.5B int4, 2026-11-28; 7-11% in an earlier measurement). ``plain_session=True`` (the GPU's default) keeps both sessions, at the cost
+of a second copy of the weights; ``False`` opens only the LoRA one. An adapter set becomes one dict
+of OrtValues (ranks concatenated, scales folded into B),
 built once and cached, so a swap between requests is a dict lookup and never reloads a session;
 each request carries its own dict, so concurrent requests with other sets are not disturbed.
 ``merge`` dequantizes, adds and requantizes the touched weights and reopens the sessions with
@@ -34,6 +38,7 @@ from edge_lora.errors import EdgeLoraError, first_line
 from .devices import CPU, check_device
 from .engine import DecodeState, Engine, LoadedAdapter
 from .onnx_device import DEVICE_LOCK, WEBGPU, DeviceTensors, find_webgpu, node_placement
+from .mapped_pages import release_pages, trim_heap
 from .onnx_merge import WeightStore
 
 PROVIDERS = {
@@ -83,13 +88,17 @@ class OnnxEngine(Engine):
 
     def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
                  provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool = True, spin: bool = True, trusted_keys=None, device: str = "cpu",
+                 plain_session: bool | None = None, spin: bool = True, trusted_keys=None, device: str = "cpu",
                  profile_dir: str | os.PathLike | None = None):
         """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
         feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
         ``provider`` names other execution providers (xnnpack, coreml, nnapi, ...) for the CPU path.
         ``profile_dir``: ONNX Runtime's per-node profile of every session, written there by
-        :meth:`end_profiling` (which provider ran each node, for how long, and every device copy)."""
+        :meth:`end_profiling` (which provider ran each node, for how long, and every device copy).
+        ``plain_session``: ONNX Runtime prepacks the weights per session and cannot share them from
+        Python, so each session is a copy of the weights. ``None`` (the CPU's default): the plain
+        session until the first adapter is added, then the LoRA session alone; ``True`` (the GPU's
+        default): both, base-only requests at the plain graph's speed; ``False``: the LoRA one alone."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         import onnxruntime as ort
 
@@ -115,7 +124,9 @@ class OnnxEngine(Engine):
         data_check = _Background(lambda: self._checked(data_rel))
         data_check.start()
         plain = self.layout.get("plain_model")
-        self.plain_path = self._checked(folder + plain) if plain and plain_session else None
+        # None on the CPU: the plain session only until the first adapter (one session at a time)
+        self._plain_until_adapter = plain_session is None and ep_device is None
+        self.plain_path = self._checked(folder + plain) if plain and plain_session is not False else None
         self.slots = {m: tuple(s) for m, s in self.layout["lora_slots"].items()}
         self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
         self._ep_device = ep_device
@@ -148,6 +159,8 @@ class OnnxEngine(Engine):
             self._open_sessions()
         finally:
             data_check.result()  # a mismatch raises here, and wins over a load error it may explain
+        if not self.gpu:  # nothing else runs yet: DONTNEED is safe too where the kernel lacks PAGEOUT
+            release_pages(self.data_path, quiet=True)
 
     def _checked(self, rel: str) -> Path:
         return self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
@@ -173,6 +186,10 @@ class OnnxEngine(Engine):
         # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
         # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
         disabled = ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
+        if not self.gpu and self.layout["variant"] == "fast":
+            # folding the tied embedding's Reshape of lm_head's int4 weight copies that table (0.5B: 85 MB);
+            # unfolded, the CPU Reshape aliases its input (no copy per run; decode speed measured equal)
+            disabled.append("ConstantFolding")
         if self.profile_dir:
             options.enable_profiling = True
             options.profile_file_prefix = str(self.profile_dir / path.stem)
@@ -188,6 +205,9 @@ class OnnxEngine(Engine):
             raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first_line(err)})", path=path,
                                 hint="re-export the bundle, or upgrade onnxruntime") from None
         session.edge_lora_overrides = overrides
+        if not self.gpu:  # the data file's pages ORT touched to prepack: out (runtime.mapped_pages)
+            release_pages(self.data_path)
+            trim_heap()  # and what a freed session (a plain one whose last request ended) left in the heap
         if self.profile_dir:
             self._profiled.append(session)
         return session
@@ -198,17 +218,19 @@ class OnnxEngine(Engine):
         return [Path(s.end_profiling()) for s in done]
 
     def _open_sessions(self) -> None:
-        """Open the plain session now; the LoRA one opens in the background when the first adapter
-        is added (ORT releases the GIL while it initializes). An engine that never sees an adapter
-        holds one session, and the first base-only token does not wait for, or share the CPU
-        with, the second one's load."""
+        """The plain session now, the LoRA one in the background when the first adapter is added (ORT
+        releases the GIL while it initializes), so the first base-only token does not wait for, or
+        share the CPU with, its load. Only the LoRA session, opened now, with ``plain_session=False``
+        or when adapters are loaded on a CPU engine that holds one session at a time."""
         overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
-        self._lora = _Background(lambda: self._session(self.model_path, overrides))
-        if not self.plain_path:
+        if not self.plain_path or (self._plain_until_adapter and self._adapters):
             self.plain_session = None
+            session = self._session(self.model_path, overrides)
+            self._lora = _Background(lambda: session)
             self.output_names = [o.name for o in self.lora_session.get_outputs()]
             self._note_logits_to_keep(self.lora_session)
             return
+        self._lora = _Background(lambda: self._session(self.model_path, overrides))
         if self._adapters:  # reopened after a merge with adapters loaded: they will want it soon
             self._lora.start()
         self.plain_session = self._session(self.plain_path, overrides)
@@ -225,44 +247,76 @@ class OnnxEngine(Engine):
     def lora_session(self):
         return self._lora.result()
 
+    def prepare_for_adapters(self) -> None:
+        """Open the LoRA session now and wait for it, so that the first request with an adapter does
+        not (an app calls it at startup, off the request path); on a CPU engine that holds one
+        session at a time, base-only requests move to it from here on."""
+        self._start_lora()
+        self._lora.result()
+
+    def _start_lora(self) -> None:
+        if self._plain_until_adapter and self.plain_session is not None:
+            # one copy of the weights: base-only requests move to the LoRA graph at rank 0 (those running
+            # keep the plain session alive until they end); dropped before the LoRA one loads, so the
+            # two copies never coexist (the process's peak). Freed on this thread, its memory would stay
+            # in this thread's malloc arena while the LoRA session allocates in the loading thread's.
+            self.plain_session = None
+            trim_heap()
+        self._lora.start()
+
     # --- adapters -------------------------------------------------------------------
 
     def _attach(self, name: str, adapter: Adapter, source: Path) -> object:
-        if adapter.embed_rows is not None or adapter.head_rows is not None:
-            raise EdgeLoraError("adapters that add tokens are not supported by the ONNX backend", path=source,
-                                hint="use the llama.cpp backend, or export a base with the new tokens merged")
+        if adapter.token_rows and not self.layout.get("added_rows"):
+            raise EdgeLoraError("this bundle's ONNX graph takes no new-token rows (exported before layout "
+                                f"version {names.ADDED_ROWS_LAYOUT_VERSION})", path=source,
+                                hint="re-export the bundle with this edge-lora")
         for module in adapter.modules:
             if module not in self.slots:
-                hint = "a tied-embedding base has no separate lm_head" if module == "lm_head" else "wrong base model?"
+                hint = ("this bundle was exported before tied heads got a LoRA slot: re-export it with this "
+                        "edge-lora" if module == "lm_head" else "wrong base model?")
                 raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
-        self._lora.start()  # requests with adapters need the LoRA session: load it while the caller goes on
-        # DoRA cannot run as a side path; such an adapter can still be merged
-        return {"dora": adapter.dora, "ort_adapter": None if adapter.dora else self._bundled_onnx_adapter(name, source)}
+        norms = self._dora_norms(adapter, source) if adapter.dora else None
+        self._start_lora()  # requests with adapters need the LoRA session: load it while the caller goes on
+        # DoRA's feeds are built here from the weights this bundle holds (its norms depend on them)
+        if not adapter.dora and not adapter.token_rows:
+            self._prime_single_set(name, adapter)
+        return {"dora": adapter.dora, "norms": norms}
 
-    def _bundled_onnx_adapter(self, name: str, source: Path):
-        """The bundle's own .onnx_adapter for this adapter, loaded by ONNX Runtime (scale 1 folded
-        in): the single-adapter set then needs no feeds built in numpy.
+    def _dora_norms(self, adapter: Adapter, source: Path) -> dict:
+        """DoRA's weight-norm terms from the (dequantized) weights this bundle runs, once per adapter."""
+        from edge_lora.dora import prepare_norms
 
-        ``run_with_iobinding`` ignores active adapters, so for shared-KV states the file is read
-        with ``AdapterFormat`` and its OrtValues are bound as inputs; they point into the reader's
-        memory, so the reader lives in the handle (and in every state that binds them)."""
-        entry = self.bundle.adapters.get(name) or {}
-        rel = entry.get("onnx")
-        if not rel or self.bundle.resolve(entry.get("source", "")).resolve() != Path(source).resolve():
-            return None
-        path = self._checked(rel)
-        try:
-            if self.shared_kv:
-                reader = self._ort.AdapterFormat.read_adapter(str(path))
-                return {"reader": reader, "values": reader.get_parameters()}
-            runner = self._ort.LoraAdapter()
-            runner.Load(str(path))
-        except Exception as err:
-            raise EdgeLoraError(f"ONNX Runtime cannot load the adapter ({first_line(err, 160)})", path=path,
-                                hint="re-export the bundle") from None
-        options = self._ort.RunOptions()
-        options.add_active_adapter(runner)
-        return {"adapter": runner, "run_options": options}
+        if not self.layout.get("dora"):
+            raise EdgeLoraError("this bundle's ONNX graph has no DoRA rescale input (exported before layout "
+                                "version 3)", path=source, hint="re-export the bundle with this edge-lora, or engine.merge() the adapter")
+        groups: dict[str, np.ndarray] = {}
+
+        def weight_of(module: str) -> np.ndarray:
+            where = self.layout["linears"].get(module)
+            if where is None:  # a tied head: its weight is the embedding table (no DoRA rescale input)
+                raise EdgeLoraError(f"DoRA on {module!r} of a tied-embedding base is not supported",
+                                    path=source,
+                                    hint="train DoRA without lm_head in the targets, or plain LoRA on it")
+            if where["weight"] not in groups:
+                groups[where["weight"]] = self.weights.dequantized(where["weight"])
+            start, end = where["rows"]
+            return groups[where["weight"]][start:end]
+
+        return prepare_norms(adapter, weight_of)
+
+    def _prime_single_set(self, name: str, adapter: Adapter) -> None:
+        """The set ``{name: 1.0}`` stacked now, from the arrays that were hash-checked and parsed, into
+        the set cache (its first request finds it; evicted like any set, then rebuilt on demand). The
+        bundle's .onnx_adapter holds the same tensors (for onnxruntime-genai), but ONNX Runtime reads
+        one only from a path: a second file, a second hash and a gap between check and use."""
+        arrays = names.stack_lora([(adapter, 1.0)], self.slots, self.lora_dtype)
+        values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
+        with self._cache_lock:
+            entry = {"arrays": arrays, "values": values, "adapters": {name: adapter}}
+            self._set_cache[((name, 1.0),)] = entry
+            while len(self._set_cache) > SET_CACHE_SIZE:
+                self._set_cache.popitem(last=False)
 
     def _detach(self, name: str, handle: object) -> None:
         with self._cache_lock:
@@ -272,16 +326,21 @@ class OnnxEngine(Engine):
     def _feeds_for(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> dict:
         """The cache entry of one adapter set: its OrtValues under ``values``, built once (a swap is
         a lookup); on the GPU also their device copies under ``device``, uploaded on first use."""
+        # with DoRA the order matters (PEFT rescales what the adapters before it added): the caller's order
+        dora = any(loaded[n].adapter.dora for n in adapter_set)
+        order = list(adapter_set.items()) if dora else sorted(adapter_set.items())
         key = tuple(sorted(adapter_set.items()))
+        if dora and len(order) > 1:
+            key = (("__order__", 1.0), *order)
         with self._cache_lock:
             hit = self._set_cache.get(key)
             if hit is not None and all(hit["adapters"][n] is loaded[n].adapter for n in adapter_set):
                 self._set_cache.move_to_end(key)
                 return hit
-        for n in adapter_set:
-            if loaded[n].adapter.dora:
-                raise EdgeLoraError(f"adapter {n!r} is DoRA, which cannot run unmerged", hint=f"engine.merge({n!r}) it instead")
-        arrays = names.stack_lora([(loaded[n].adapter, s) for n, s in sorted(adapter_set.items())], self.slots, self.lora_dtype)
+        arrays = names.stack_lora([(loaded[n].adapter, s) for n, s in order], self.slots, self.lora_dtype,
+                                  [loaded[n].handle.get("norms") for n, _ in order])
+        vocab = self.added_vocab(loaded)  # the set's new tokens, checked for clashes
+        arrays.update(names.added_rows_feeds(vocab.embed, vocab.head, self.config.tie_word_embeddings))
         values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
         entry = {"arrays": arrays, "values": values, "adapters": {n: loaded[n].adapter for n in adapter_set}}
         with self._cache_lock:
@@ -300,10 +359,7 @@ class OnnxEngine(Engine):
                 device = {k: self.gpu.upload(v, "lora") for k, v in values.items()}
                 holder["device"] = device
             if not self._gpu_pads:
-                for group, members in names.group_slots(self.slots).items():
-                    rows, cols = members[0][2], sum(out_f for _, out_f, _ in members)
-                    self._gpu_pads[names.lora_a(group)] = self.gpu.upload(np.zeros((rows, 1), self.lora_dtype), "lora")
-                    self._gpu_pads[names.lora_b(group)] = self.gpu.upload(np.zeros((1, cols), self.lora_dtype), "lora")
+                self._gpu_pads = {k: self.gpu.upload(v, "lora") for k, v in names.zero_pads(self.slots, self.lora_dtype).items()}
         return {**{k: v for k, v in self._gpu_pads.items() if k not in device}, **device}
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
@@ -317,6 +373,13 @@ class OnnxEngine(Engine):
             else:
                 value = self._ort.OrtValue.ortvalue_from_numpy(array)
             self._overrides[tensor] = (array, value)
+        # DoRA norms are of the weights the layer now holds (PEFT: the merged base); cached sets hold old ones
+        for other in list(self._adapters.values()):
+            if other.handle.get("dora"):
+                other.handle["norms"] = self._dora_norms(other.adapter, other.path)
+        if any(la.handle.get("dora") for la in self._adapters.values()):
+            with self._cache_lock:
+                self._set_cache.clear()
         self._open_sessions()
 
     @staticmethod
@@ -338,14 +401,6 @@ class OnnxEngine(Engine):
             if self.plain_session or not self.gpu:
                 return _Choice(self.plain_session or self.lora_session, {})
             return _Choice(self.lora_session, self._on_device(self._no_adapters, {}))
-        if len(adapter_set) == 1:
-            (name, scale), = adapter_set.items()
-            bundled = loaded[name].handle.get("ort_adapter")
-            if bundled and scale == 1.0:
-                if "values" in bundled:
-                    lora = self._on_device(bundled, bundled["values"]) if self.gpu else bundled["values"]
-                    return _Choice(self.lora_session, lora, owner=bundled)
-                return _Choice(self.lora_session, {}, run_options=bundled["run_options"])
         entry = self._feeds_for(adapter_set, loaded)
         return _Choice(self.lora_session, self._on_device(entry, entry["values"]) if self.gpu else entry["values"])
 
@@ -368,10 +423,9 @@ class OnnxEngine(Engine):
                 "plain_session": self.plain_session is not None, "device": device}
 
     def _resident_lora_bytes(self) -> int:
-        """Bytes of LoRA tensors the engine holds on the device: cached sets, bundled adapters, pads."""
+        """Bytes of LoRA tensors the engine holds on the device: cached sets (single adapters too), pads."""
         with self._cache_lock:
             holders = [*self._set_cache.values(), self._no_adapters]
-        holders += [la.handle.get("ort_adapter") or {} for la in list(self._adapters.values())]
         values = {id(v): v for h in holders for v in (h.get("device") or {}).values()}
         values.update({id(v): v for v in self._gpu_pads.values()})
         return sum(v.tensor_size_in_bytes() for v in values.values())
@@ -436,6 +490,21 @@ class _Choice:
     owner: object = None
 
 
+def _added_rows(lora: dict) -> int:
+    """How many new-token rows a request feeds (numpy arrays or OrtValues), past the table's zero row."""
+    rows = lora.get(names.ADDED_EMBED_ROWS)
+    if rows is None:
+        return 0
+    shape = rows.shape() if callable(rows.shape) else rows.shape
+    return int(shape[0]) - 1
+
+
+def _logit_columns(engine: "OnnxEngine", choice: "_Choice") -> tuple[int, int]:
+    """``(new-token rows fed, logits width)`` of a request: one logit per row after the base vocabulary."""
+    rows = _added_rows(choice.lora)
+    return rows, engine.config.vocab_size + rows
+
+
 def _decode_error(engine: OnnxEngine, err: Exception) -> EdgeLoraError:
     return EdgeLoraError(f"ONNX Runtime failed during decoding ({first_line(err)})", path=engine.model_path)
 
@@ -454,6 +523,7 @@ class OnnxState(DecodeState):
         self.past = [ort.OrtValue.ortvalue_from_numpy(empty)] * (2 * c.num_hidden_layers)
         self.length = 0
         self.output_names = engine.output_names
+        self.added, _ = _logit_columns(engine, choice)  # new-token rows fed
 
     def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
@@ -462,6 +532,10 @@ class OnnxState(DecodeState):
         ids = np.asarray([token_ids], dtype=np.int64)
         mask = np.ones((1, self.length + ids.shape[1]), dtype=np.int64)
         feeds = {names.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(ids), names.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(mask)}
+        if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
+            ids, index = names.split_added_ids(ids, c.vocab_size)
+            feeds[names.INPUT_IDS] = ort.OrtValue.ortvalue_from_numpy(ids)
+            feeds[names.ADDED_INDEX] = ort.OrtValue.ortvalue_from_numpy(index)
         for i in range(c.num_hidden_layers):
             feeds[names.past_key(i)] = self.past[2 * i]
             feeds[names.past_value(i)] = self.past[2 * i + 1]
@@ -514,6 +588,7 @@ class SharedKVState(DecodeState):
         self._ids_bound = 0  # how many ids the bound input_ids holds
         self._keep = None  # the bound logits_to_keep value
         self._mask = engine.mask_ones.ctypes.data  # masks are [1, total] views of it, bound by pointer
+        self.added, self.width = _logit_columns(engine, choice)  # new-token rows fed, and the logits' width
 
     def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
@@ -547,6 +622,14 @@ class SharedKVState(DecodeState):
             self.cache = []
 
     def _bind_ids(self, token_ids: list[int]) -> None:
+        if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
+            ids = np.asarray([token_ids], dtype=np.int64)
+            ids, index = names.split_added_ids(ids, self.engine.config.vocab_size)
+            value = self.engine._ort.OrtValue.ortvalue_from_numpy
+            self.binding.bind_ortvalue_input(names.INPUT_IDS, value(ids))
+            self.binding.bind_ortvalue_input(names.ADDED_INDEX, value(index))
+            self._ids_bound = 0
+            return
         if len(token_ids) == 1 and not self.gpu:
             self._token[0, 0] = token_ids[0]  # ORT reads the bound buffer at run time
             if self._ids_bound != 1:
@@ -564,7 +647,7 @@ class SharedKVState(DecodeState):
                 self.binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, keep)
                 self._keep = keep
         if self.logits is None or self.logits.shape[1] != rows:
-            self.logits = np.empty((1, rows, engine.config.vocab_size), np.float32)
+            self.logits = np.empty((1, rows, self.width), np.float32)
             self.binding.bind_ortvalue_output(names.LOGITS, engine._ort.OrtValue.ortvalue_from_numpy(self.logits))
 
     def _reserve(self, total: int) -> None:

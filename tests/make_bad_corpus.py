@@ -375,9 +375,10 @@ def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
         blob[8:16] = struct.pack("<Q", 1 << 40)
         p.write_bytes(bytes(blob))
 
-    # the ONNX engine opens the LoRA graph (model.onnx) only for requests with adapters: use one to reach it
+    # the ONNX engine opens the LoRA graph (model.onnx) only for requests with adapters: use one to reach it.
+    # No .onnx_adapter cases: the runtime builds its feeds from the checked .safetensors and never opens
+    # that file (it is onnxruntime-genai's); test_add_once.py proves a garbage one changes nothing
     for label, rel, kind in (("onnx_model", onnx_model, "backend_adapter_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
-                             ("onnx_adapter", entry["onnx"], "backend_adapter_onnx"),
                              ("gguf_adapter", entry["gguf"], "backend_adapter_llamacpp")):
         case(f"{label}_truncated", kind, rel, truncate)
         case(f"{label}_empty", kind, rel, empty)

@@ -161,13 +161,14 @@ def test_peft_directory_is_imported(bundle, model_dirs, tmp_path):
     np.testing.assert_allclose(stored.delta(some), adapter.delta(some), rtol=1e-6, atol=1e-7)
 
 
-def test_backend_refusal_keeps_the_adapter_and_the_export(model_dirs, tmp_path, capsys):
+def test_dora_and_tied_head_get_onnx_files_and_a_merged_gguf_variant(model_dirs, tmp_path, capsys):
+    """No GGUF LoRA can express DoRA or a tied head's LoRA: bundle.json says the runtime merges them when added."""
     dora = make_adapter(model_dirs["llama"], tmp_path / "dora.safetensors", seed=4, dora=True)
     out = make_bundle(model_dirs["llama"], tmp_path / "b", {"dora": dora})
     entry = Bundle.open(out).adapters["dora"]
-    assert "onnx" not in entry and "gguf" not in entry  # DoRA cannot run as a side path on either backend
-    assert "DoRA" in entry["onnx_skipped"] and entry["gguf_skipped"] and entry["source"]
-    assert "has no gguf file" in capsys.readouterr().err
+    assert entry["onnx"] and "gguf" not in entry and "gguf_skipped" not in entry and "onnx_skipped" not in entry
+    assert "merged into a variant" in entry["gguf_merged"] and "DoRA" in entry["gguf_merged"]
+    assert "has no gguf file" not in capsys.readouterr().err
     tied = make_adapter(model_dirs["smollm"], tmp_path / "tied.safetensors", seed=4)
     md = ModelDir(model_dirs["smollm"])
     adapter = Adapter.load(tied)
@@ -175,7 +176,7 @@ def test_backend_refusal_keeps_the_adapter_and_the_export(model_dirs, tmp_path, 
                                              b=np.ones((md.config.vocab_size, 2), np.float32), alpha=2.0)
     adapter.save(tied)
     entry = Bundle.open(make_bundle(model_dirs["smollm"], tmp_path / "t", {"tied": tied})).adapters["tied"]
-    assert "gguf" not in entry and "tied" in entry["gguf_skipped"]
+    assert entry["onnx"] and "gguf" not in entry and "tied output head" in entry["gguf_merged"]
 
 
 def test_adapter_spec_parsing():

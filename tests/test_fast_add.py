@@ -33,13 +33,14 @@ def core_bundle(tmp_path, model_dirs):
 def hash_reads(monkeypatch):
     """How many times a file's bytes were hashed (the remembered digests skip this)."""
     count = {"n": 0}
-    real = bundle_module._sha256_open
+    for name in ("_sha256_open", "_sha256_buffer"):  # a file on its way in, or bytes already read
+        real = getattr(bundle_module, name)
 
-    def counting(f, *args):
-        count["n"] += 1
-        return real(f, *args)
+        def counting(f, *args, real=real):
+            count["n"] += 1
+            return real(f, *args)
 
-    monkeypatch.setattr(bundle_module, "_sha256_open", counting)
+        monkeypatch.setattr(bundle_module, name, counting)
     return count
 
 

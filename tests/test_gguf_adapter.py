@@ -93,16 +93,21 @@ def test_refuses_what_llama_cpp_cannot_apply(model_dirs, tmp_path):
     assert not any(tmp_path.iterdir())
 
 
-def test_runtime_refuses_dora_adapter_file(model_dirs, tmp_path):
+def test_runtime_runs_dora_adapter_file_as_merged_variant(model_dirs, tmp_path):
     import runtime
 
     md = ModelDir(model_dirs["smollm"])
     bundle = build_bundle(md.path, tmp_path / "b")
     dora = random_adapter(md, seed=4, modules=["model.layers.0.mlp.up_proj"])
     w = dora.modules["model.layers.0.mlp.up_proj"]
-    dora.modules["model.layers.0.mlp.up_proj"] = LoraWeights(w.a, w.b, w.alpha, magnitude=np.ones(w.b.shape[0], np.float32))
+    dora.modules["model.layers.0.mlp.up_proj"] = LoraWeights(w.a, w.b, w.alpha, magnitude=np.full(w.b.shape[0], 0.7, np.float32))
     dora.save(tmp_path / "dora.safetensors")
-    engine = runtime.load(bundle, backend="llamacpp")
-    with pytest.raises(EdgeLoraError, match="DoRA"):
-        engine.add_adapter("d", tmp_path / "dora.safetensors")
-    assert engine.adapters == []
+    engine = runtime.load(bundle, backend="llamacpp", precise=True)
+    engine.add_adapter("d", tmp_path / "dora.safetensors")
+    assert "DoRA" in engine.info()["merged_variants"]["d"]["reason"]
+    ids = [1, 5, 9, 2]
+    assert np.abs(engine.logits(ids, adapters={"d": 1.0}) - _reference(md.path, dora, ids)).max() < 1e-3
+    with pytest.raises(EdgeLoraError, match="merged variant.*scale 1.0"):
+        engine.logits(ids, adapters={"d": 0.5})
+    engine.remove_adapter("d")
+    assert engine.adapters == [] and engine.info()["merged_variants"] == {}

@@ -168,3 +168,20 @@ def test_extra_bufts_decided_from_cpu(tmp_path):
     plain.write_text("processor : 0\nflags\t\t: fpu sse avx2 fma\n")
     assert lib.cpu_has_amx(str(amx)) and not lib.cpu_has_amx(str(plain))
     assert not lib.cpu_has_amx(str(tmp_path / "missing"))
+
+
+def test_memory_knobs_keep_the_logits(bundle):
+    """Reading the file instead of mapping it, and a smaller compute graph per batch, change memory only:
+    the logits of a prompt longer than n_ubatch (several graphs) are the same."""
+    prompt = PROMPT * 6
+    default = _engine(bundle, "a", quant="q8_0")
+    info = default.info()
+    assert info["n_batch"] == info["n_ubatch"] == min(512, info["n_ctx"])
+    assert info["mmap"] == (not info["use_extra_bufts"])  # a repacked copy must not leave the mapped one
+    small = _engine(bundle, "a", quant="q8_0", mmap=False, n_ubatch=16, n_ctx=128)
+    assert (small.info()["mmap"], small.info()["n_ubatch"], small.max_context) == (False, 16, 128)
+    for chosen in ({}, {"a": 1.0}):
+        want = default.logits(prompt, adapters=chosen)
+        np.testing.assert_allclose(small.logits(prompt, adapters=chosen), want, atol=1e-4)
+        want = default.generate_ids(PROMPT, GREEDY, adapters=chosen)
+        assert small.generate_ids(PROMPT, GREEDY, adapters=chosen) == want

@@ -29,7 +29,7 @@ def ids_for(md, n=20, seed=0):
 
 def test_lora_session_opens_only_once_an_adapter_is_added(setup):
     md, adapters, root = setup
-    engine = OnnxEngine(root, quant="int4")
+    engine = OnnxEngine(root, quant="int4", plain_session=True)
     ids = ids_for(md)
     base = engine.logits(ids)
     assert engine._lora._thread is None  # base-only use holds one session
@@ -37,6 +37,31 @@ def test_lora_session_opens_only_once_an_adapter_is_added(setup):
     assert engine._lora._thread is not None  # loading in the background while the caller goes on
     np.testing.assert_allclose(engine.logits(ids, adapters={}), base, atol=1e-6)
     assert np.abs(engine.logits(ids, adapters={"a": 1.0}) - base).max() > 1e-2
+
+
+def test_default_cpu_engine_holds_one_session_at_a_time(setup):
+    """One copy of the weights: the plain graph until the first adapter, then the LoRA graph alone, whose
+    rank-0 defaults give base-only requests the plain graph's logits; plain_session=True keeps both."""
+    md, adapters, root = setup
+    one, two = OnnxEngine(root, quant="int4"), OnnxEngine(root, quant="int4", plain_session=True)
+    ids = ids_for(md, seed=3)
+    base = one.logits(ids)
+    assert one.plain_session is not None and one._lora._thread is None
+    greedy = SamplingParams(max_new_tokens=8)
+    before = one.generate_ids(ids[:6], greedy, adapters={})
+    one.add_adapter("a")
+    two.add_adapter("a")
+    assert one.plain_session is None and not one.info()["plain_session"] and two.info()["plain_session"]
+    np.testing.assert_allclose(one.logits(ids), base, atol=1e-5)
+    with_a = two.logits(ids, adapters={"a": 1.0})
+    np.testing.assert_allclose(one.logits(ids, adapters={"a": 1.0}), with_a, atol=1e-5)
+    assert one.generate_ids(ids[:6], greedy, adapters={}) == before
+    assert two.generate_ids(ids[:6], greedy, adapters={}) == before
+    one.merge("a")  # a reload keeps one session while adapters are loaded
+    assert one.plain_session is None
+    lora_only = OnnxEngine(root, quant="int4", plain_session=False)
+    assert lora_only.plain_session is None
+    np.testing.assert_allclose(lora_only.logits(ids), base, atol=1e-5)
 
 
 def test_swap_a_b_a_none_equals_fresh_sessions(setup):
@@ -99,26 +124,34 @@ def test_per_request_set_leaves_default_and_other_threads_alone(setup):
     assert len({tuple(v) for v in expected.values()}) == 3
 
 
-def test_dora_merges_and_refuses_to_run_unmerged(setup):
+def test_dora_runs_unmerged_and_merges(setup):
     md, adapters, root = setup
     engine = OnnxEngine(root, quant="fp32")
     engine.add_adapter("d")
     ids = ids_for(md)
-    with pytest.raises(EdgeLoraError, match="DoRA"):
-        engine.logits(ids, adapters={"d": 1.0})
+    want = torch_logits(md.path, ids, [(adapters["d"], 1.0)])
+    assert np.abs(engine.logits(ids, adapters={"d": 1.0}) - want).max() < 1e-3
     engine.merge("d")
     assert np.abs(engine.logits(ids, adapters={}) - torch_logits(md.path, ids, [(adapters["d"], 1.0)])).max() < 1e-3
 
 
 def test_onnx_adapter_file_equals_feeds_built_from_safetensors(setup):
-    """The bundle's .onnx_adapter (ORT LoraAdapter, run options) and our numpy feeds give one model."""
+    """The bundle's .onnx_adapter (ORT LoraAdapter, run options) and the feeds the engine builds from the
+    checked .safetensors (it never opens the .onnx_adapter) hold the same tensors and give one model."""
     import onnxruntime as ort
 
     md, _, root = setup
     engine = OnnxEngine(root, quant="int4")
-    engine.add_adapter("a")  # from the bundle: runs through its .onnx_adapter
-    engine.add_adapter("a_file", root / "adapters" / "a.safetensors")  # a loose file: numpy feeds
-    assert engine._adapters["a"].handle["ort_adapter"] and not engine._adapters["a_file"].handle["ort_adapter"]
+    engine.add_adapter("a")  # from the bundle
+    engine.add_adapter("a_file", root / "adapters" / "a.safetensors")  # a loose file
+    exported = ort.AdapterFormat.read_adapter(str(root / "adapters" / "a.onnx_adapter")).get_parameters()
+    for name in ("a", "a_file"):
+        ours = engine._set_cache[((name, 1.0),)]["arrays"]  # stacked when added
+        assert set(ours) <= set(exported)
+        for key, value in exported.items():  # the groups the adapter leaves out: rank-1 zeros (WebGPU)
+            want = ours[key] if key in ours else np.zeros([1 if d == 0 else d for d in value.numpy().shape], np.float32)
+            assert key in ours or 1 in value.numpy().shape
+            np.testing.assert_array_equal(value.numpy(), want)
     ids = ids_for(md)
     via_file = engine.logits(ids, adapters={"a_file": 1.0})
     assert np.abs(engine.logits(ids, adapters={"a": 1.0}) - via_file).max() < 1e-5
@@ -198,14 +231,28 @@ def test_generation_controls_on_onnx(setup):
         assert engine.generate("SELECT name", 16, repetition_penalty=1.3, stop=[stop]) == full[: full.find(stop)]
 
 
-def test_tied_lm_head_adapter_refused(model_dirs, tmp_path):
+def test_layout_2_bundle_still_loads_and_refuses_tied_head_and_dora(model_dirs, tmp_path):
+    """A bundle from before layout version 3 (no tied lm_head slot, no DoRA input) keeps running plain LoRA."""
+    import json
+
     md = ModelDir(model_dirs["smollm"])
     root = build_bundle(md.path, tmp_path / "b", [("fp32", "fast")])
-    adapter = random_adapter(md, seed=1, modules=["lm_head"])
-    adapter.save(tmp_path / "head.safetensors")
-    engine = OnnxEngine(root)
-    with pytest.raises(EdgeLoraError, match="tied"):
+    layout_path = root / "onnx" / "fp32-fast" / "onnx_layout.json"
+    layout = json.loads(layout_path.read_text())
+    layout["version"] = 2
+    del layout["dora"], layout["lora_slots"]["lm_head"]
+    layout_path.write_text(json.dumps(layout))
+    head = random_adapter(md, seed=1, modules=["lm_head"])
+    head.save(tmp_path / "head.safetensors")
+    random_adapter(md, seed=2, dora=True, modules=["model.layers.0.mlp.up_proj"]).save(tmp_path / "dora.safetensors")
+    random_adapter(md, seed=3, modules=["model.layers.0.mlp.up_proj"]).save(tmp_path / "plain.safetensors")
+    engine = OnnxEngine(root, verify_hashes=False)
+    with pytest.raises(EdgeLoraError, match="lm_head.*re-export"):
         engine.add_adapter("head", tmp_path / "head.safetensors")
+    with pytest.raises(EdgeLoraError, match="layout version 3"):
+        engine.add_adapter("dora", tmp_path / "dora.safetensors")
+    engine.add_adapter("plain", tmp_path / "plain.safetensors")
+    assert engine.logits([1, 2, 3], adapters={"plain": 1.0}).shape == (3, md.config.vocab_size)
 
 
 def test_tampered_or_corrupt_model_is_a_user_error(setup, tmp_path):
@@ -217,6 +264,9 @@ def test_tampered_or_corrupt_model_is_a_user_error(setup, tmp_path):
     data.write_bytes(bytes(raw))
     with pytest.raises(EdgeLoraError, match="SHA-256"):
         OnnxEngine(copy, quant="fp32")
+    (copy / "onnx" / "fp32-fast" / "model.onnx").write_bytes(b"not a model")
+    with pytest.raises(EdgeLoraError, match="cannot load"):
+        OnnxEngine(copy, quant="fp32", verify_hashes=False, plain_session=False)
     (copy / "onnx" / "fp32-fast" / "model.plain.onnx").write_bytes(b"not a model")
     with pytest.raises(EdgeLoraError, match="cannot load"):
         OnnxEngine(copy, quant="fp32", verify_hashes=False)

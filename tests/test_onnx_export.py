@@ -47,7 +47,7 @@ def test_export_writes_genai_folder(model_dirs, tmp_path):
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     lora_inputs = [i for i in model.graph.input if i.name.endswith(".lora_A.T")]
-    assert len(lora_inputs) == 4 * md.config.num_hidden_layers  # qkv, o, gate_up, down; tied: no lm_head slot
+    assert len(lora_inputs) == 4 * md.config.num_hidden_layers + 1  # qkv, o, gate_up, down; tied lm_head has one too
     assert all(not i.type.tensor_type.shape.dim[1].dim_value for i in lora_inputs)  # symbolic rank
     plain = onnx.load(str(tmp_path / PLAIN_MODEL_FILE), load_external_data=False)
     assert not [n for n in plain.graph.node if "/lora/" in n.name] and len(plain.graph.input) < len(model.graph.input)

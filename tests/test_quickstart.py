@@ -10,18 +10,28 @@ import pytest
 from edge_lora.cli import main
 from edge_lora.model_dir import ModelDir
 from edge_lora.quickstart.run import DEFAULT_MODEL
-from edge_lora.quickstart.tasks import TASKS, exact_match, score, spell, word_split
+from edge_lora.quickstart.tasks import STYLES, TASKS, exact_match, score, spell, word_split
 
 
 def test_tasks_define_answers_that_a_copy_never_matches():
     assert TASKS["mirror"].prompt("cat") == "mirror: c a t =" and TASKS["mirror"].target("cat") == " x z g"
     assert TASKS["shift"].target("azz") == " b a a"
+    assert TASKS["count"].target("cats") == "<n4>" and TASKS["count"].new_tokens == ("<n3>", "<n4>", "<n5>")
     for task in TASKS.values():
         items = task.examples(200, "eval")
         assert len({p for p, _ in items}) == 200
         copy = {p: " " + p.split(": ", 1)[1].removesuffix(" =") for p, _ in items}
         assert score(lambda prompt: copy[prompt] + "\n", items) == 0.0
         assert score(lambda prompt: dict(items)[prompt] + "\nmore", items) == 100.0
+
+
+def test_style_adapter_learns_the_base_tasks_with_a_suffix_and_trains_one_layer():
+    style = STYLES["period"]
+    items = style.examples(100, "eval")
+    assert len(set(items)) == 100 and all(target.endswith(".") for _, target in items)
+    assert {p.split(":")[0] for p, _ in items} == set(style.families)
+    assert style.styled([("shift: c a t =", " d b u")]) == [("shift: c a t =", " d b u.")]
+    assert style.target_modules(4) == r"model\.layers\.3\..*"
 
 
 def test_train_and_eval_words_never_overlap():
@@ -59,8 +69,12 @@ def test_quickstart_ci_form_meets_its_targets(tmp_path, capsys):
             assert run["base"][task] <= 10
     stacked_on = {run["backend"] for run in summary["runs"] if "stacked" in run}
     assert stacked_on == {"onnx", "llamacpp"}  # stacking and merging ran on every backend
+    composing = [name for name, stack in summary["stacks"].items() if stack["composes"]]
+    assert composing and any(not stack["composes"] for stack in summary["stacks"].values())
     for run in summary["runs"]:
         if "stacked" in run:
-            assert set(run["stacked"]) == set(summary["tasks"]) and run["merged"] >= 85
+            assert set(run["stacked"]) == set(summary["stacks"]) and run["merged"] >= 85
+            for name in composing:  # a task adapter plus a style adapter keeps both effects
+                assert min(run["stacked"][name].values()) >= 90
         assert run["tokens_per_s"] > 0 and run["swap_ms"] > 0
     assert (tmp_path / "bundle" / "bundle.json").is_file()

@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import END, Task, exact_match
+from .tasks import END, exact_match
 
 
 @dataclass
@@ -40,19 +40,21 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[in
     """(ids of prompt + answer + END, number of prompt tokens) per pair; prompt encoded alone as at inference."""
     out = []
     for prompt, target in pairs:
-        p = tokenizer.encode(prompt).ids
-        a = tokenizer.encode(target + END).ids
+        p = tokenizer.encode(prompt)
+        a = tokenizer.encode(target + END)
         out.append((p + a, len(p)))
     return out
 
 
-def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig | None = None, log=None) -> FinetuneResult:
+def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None = None, log=None) -> FinetuneResult:
+    """Train ``task``'s adapter (a quickstart Task or StyleTask): LoRA on its target modules, plus
+    the rows of the tokens it adds."""
     import torch
-    from tokenizers import Tokenizer
 
     from ..model_dir import ModelDir
     from ..train.lora import LoraConfig, apply_lora, to_adapter
     from ..train.model import CausalLM
+    from ..train.tokens import add_new_tokens, attach_new_tokens
 
     config = config or FinetuneConfig()
     start = time.perf_counter()
@@ -60,9 +62,11 @@ def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig 
     _set_threads(torch, config.threads, md)
     torch.manual_seed(config.seed)
     model = CausalLM.from_model_dir(md)
-    lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=config.targets)
+    targets = task.target_modules(md.config.num_hidden_layers) if config.targets == "all-linear" else config.targets
+    lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=targets)
     apply_lora(model, lora)
-    tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+    add_new_tokens(model, len(task.new_tokens))
+    tokenizer = _Vocab(md, task.new_tokens)
     data = _encode_pairs(tokenizer, task.examples(config.train_items, "train", seed=config.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -80,7 +84,7 @@ def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig 
         for i, (seq, n_prompt) in enumerate(batch):
             ids[i, :len(seq)] = torch.tensor(seq)
             labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
-        logits = model(ids)  # right padding: causal attention never reads it
+        logits = _logits(model, ids)  # right padding: causal attention never reads it
         loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
         opt.zero_grad(set_to_none=True)
         loss.backward()
@@ -91,10 +95,42 @@ def train_adapter(model_dir, task: Task, out_path: Path, config: FinetuneConfig 
             log(f"  {task.name}: step {step + 1}/{config.steps} loss {loss_value:.4f}")
     adapter = to_adapter(model, lora, md.fingerprint, extra={"trainer": "edge-lora quickstart", "task": task.name,
                                                               "steps": config.steps, "lr": config.lr})
+    attach_new_tokens(adapter, model, list(task.new_tokens))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
     adapter.save(out_path)
     return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
+
+
+class _Vocab:
+    """The base tokenizer plus ``new_tokens``, in the model's ids: a new token's id follows the
+    model's embedding rows (``vocab_size + i``), which may outnumber the tokenizer's tokens."""
+
+    def __init__(self, md, new_tokens=()):
+        from tokenizers import AddedToken, Tokenizer
+
+        self.tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+        self.size = self.tokenizer.get_vocab_size(with_added_tokens=True)
+        self.shift = md.config.vocab_size - self.size
+        self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new_tokens])
+
+    def encode(self, text: str) -> list[int]:
+        return [i + self.shift if i >= self.size else i for i in self.tokenizer.encode(text).ids]
+
+    def decode(self, ids: list[int]) -> str:
+        return self.tokenizer.decode([i - self.shift if i >= self.size + self.shift else i for i in ids])
+
+
+def _logits(model, ids):
+    """Logits over the base vocabulary and the rows of any tokens the adapter adds."""
+    import torch
+
+    from ..train.tokens import head_weights
+
+    hidden = model.hidden_states(ids)
+    weight, extra = head_weights(model)
+    logits = hidden @ weight.T
+    return logits if extra is None else torch.cat([logits, hidden @ extra.T], dim=-1)
 
 
 def _set_threads(torch, threads: int, md) -> None:
@@ -108,22 +144,26 @@ def _set_threads(torch, threads: int, md) -> None:
 def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8) -> float:
     """Exact-match percent of the fp32 PyTorch model (with an adapter or without), greedy."""
     import torch
-    from tokenizers import Tokenizer
 
     from ..adapter import Adapter
     from ..model_dir import ModelDir
     from ..train.lora import load_adapter_into
     from ..train.model import CausalLM
+    from ..train.tokens import load_new_tokens
 
     md = ModelDir(model_dir)
     _set_threads(torch, 0, md)
     model = CausalLM.from_model_dir(md)
+    added: list[str] = []
     if adapter_path is not None:
-        load_adapter_into(model, Adapter.load(adapter_path, base=md.config))
+        adapter = Adapter.load(adapter_path, base=md.config)
+        load_adapter_into(model, adapter)
+        load_new_tokens(model, adapter)
+        added = adapter.added_tokens
     model.eval()
-    tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
+    tokenizer = _Vocab(md, added)
     by_length: dict[int, list[int]] = {}
-    prompts = [tokenizer.encode(p).ids for p, _ in items]
+    prompts = [tokenizer.encode(p) for p, _ in items]
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
     hits = 0
@@ -131,7 +171,7 @@ def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | Non
         for indices in by_length.values():  # same-length prompts decode as one batch, no padding
             ids = torch.tensor([prompts[i] for i in indices])
             for _ in range(max_new_tokens):
-                nxt = model(ids)[:, -1].argmax(-1, keepdim=True)
+                nxt = _logits(model, ids)[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
             for row, i in zip(ids.tolist(), indices):
                 text = tokenizer.decode(row[len(prompts[i]):])

@@ -10,22 +10,29 @@ def _pct(value) -> str:
 
 
 def format_table(summary: dict) -> str:
-    tasks = summary["tasks"]
-    head = ["backend", "quant"] + [f"base {t}" for t in tasks] + [f"+{t} {t}" for t in tasks] + \
-        ["stack " + "/".join(tasks), f"merged {tasks[0]}"]
+    tasks, styles = summary["tasks"], summary.get("styles", [])
+    adapters = [*tasks, *styles]
+    stacks = list(summary.get("stacks", {}))
+    head = ["backend", "quant"] + [f"base {t}" for t in adapters] + [f"+{t}" for t in adapters] + \
+        [f"stack {name}" for name in stacks] + [f"merged {tasks[0]}"]
     rows = []
     host = summary["host"]
-    rows.append(["pytorch", "fp32"] + [_pct(host["base"][t]) for t in tasks] + [_pct(host["adapter"][t]) for t in tasks]
-                + ["-", "-"])
+    rows.append(["pytorch", "fp32"] + [_pct(host["base"][t]) for t in adapters] + [_pct(host["adapter"][t]) for t in adapters]
+                + ["-"] * len(stacks) + ["-"])
     for r in summary["runs"]:
-        rows.append([r["backend"], r["quant"]] + [_pct(r["base"][t]) for t in tasks] + [_pct(r["adapter"][t]) for t in tasks]
-                    + ["/".join(_pct(r["stacked"].get(t)).strip() for t in tasks) if r.get("stacked") else "-",
-                       _pct(r.get("merged")) if r.get("merged") is not None else "-"])
+        stacked = r.get("stacked") or {}
+        rows.append([r["backend"], r["quant"]] + [_pct(r["base"][t]) for t in adapters] + [_pct(r["adapter"][t]) for t in adapters]
+                    + ["/".join(_pct(v).strip() for v in stacked[name].values()) if name in stacked else "-" for name in stacks]
+                    + [_pct(r.get("merged")) if r.get("merged") is not None else "-"])
     widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]
     line = lambda cells: "  ".join(str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths)))  # noqa: E731
     out = [f"exact-match accuracy (%) on {summary['eval_items']} held-out prompts per task", line(head),
            line(["-" * w for w in widths])]
     out += [line(r) for r in rows]
+    for name, stack in summary.get("stacks", {}).items():
+        what = ("composes: the first task's answers, scored with the style applied" if stack["composes"] else
+                "conflicts: both rewrite every letter; each task scored as it is")
+        out.append(f"  stack {name} ({' + '.join(stack['adapters'])}) {what}")
     tok = summary.get("tokenizer")
     if tok:
         out.append("")
