@@ -3,7 +3,6 @@
 out_dir/
   model.onnx          the decoder with a LoRA slot on every linear layer (what onnxruntime-genai loads)
   model.plain.onnx    the same graph without the LoRA nodes, for requests with no adapter (same data file)
-  model.lora.onnx     the same graph without DoRA's rescale, for adapter sets with no DoRA adapter
   model.onnx.data     every weight, each tensor aligned so ONNX Runtime can memory-map it
   onnx_layout.json    LoRA slots and groups, and where each linear weight lives (the runtime merges through it)
   genai_config.json, tokenizer.json, tokenizer_config.json
@@ -28,7 +27,6 @@ from .onnx_adapter import export_onnx_adapter  # noqa: F401  (part of this modul
 from .onnx_decoder import DecoderOptions, DecoderWriter, config_summary
 
 PLAIN_MODEL_FILE = "model.plain.onnx"
-LORA_MODEL_FILE = "model.lora.onnx"  # model.onnx without DoRA's rescale: the runtime's LoRA graph until a DoRA adapter comes
 # new tokens' inputs: the LoRA graph's only
 ADDED_INPUTS = (names.ADDED_EMBED_ROWS, names.ADDED_HEAD_ROWS, names.ADDED_INDEX)
 PAGE = 4096
@@ -55,11 +53,9 @@ def export_onnx(model_dir: ModelDir, out_dir: Path, quant: str = "int4", variant
     model_path = out_dir / names.MODEL_FILE
     atomic_write_bytes(model_path, model.SerializeToString())
     atomic_write_bytes(out_dir / PLAIN_MODEL_FILE, strip_lora(model).SerializeToString())
-    atomic_write_bytes(out_dir / LORA_MODEL_FILE, strip_dora(model).SerializeToString())
     layout = {
         "format": names.LAYOUT_FORMAT, "version": names.LAYOUT_VERSION, "quant": quant, "variant": variant,
-        "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE,
-        "lora_model": LORA_MODEL_FILE, "dora": True,
+        "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE, "dora": True,
         "added_rows": {"embed": names.ADDED_EMBED_ROWS,
                        "head": None if md.config.tie_word_embeddings else names.ADDED_HEAD_ROWS},
         "lora_slots": {m: list(shape) for m, shape in names.lora_slots(md.config).items()},
@@ -100,25 +96,12 @@ def _write_external_data(model: onnx.ModelProto, data_path: Path) -> dict:
 
 def strip_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     """The graph without LoRA nodes and inputs: each ``.../lora/Add`` is bypassed to its base input."""
-    lora = lambda name: name.endswith((".lora_A.T", ".lora_B.T", ".dora_scale")) or name in ADDED_INPUTS  # noqa: E731
-    return _strip(model, ("/lora/Add", "/lora/DoraScale", "/lora/Added"), lambda node: "/lora/" in node, lora)
-
-
-def strip_dora(model: onnx.ModelProto) -> onnx.ModelProto:
-    """The LoRA graph without DoRA's rescale: one Mul per group is ~1 ms a token on SmolLM2-135M
-    (121 nodes of per-node overhead), which requests with no DoRA adapter should not pay."""
-    return _strip(model, ("/lora/DoraScale",), lambda node: node.endswith("/lora/DoraScale"),
-                  lambda name: name.endswith(".dora_scale"))
-
-
-def _strip(model: onnx.ModelProto, bypassed: tuple[str, ...], drop_node, drop_input) -> onnx.ModelProto:
-    """A copy without the nodes ``drop_node`` names and the inputs ``drop_input`` names; a node whose name
-    ends in one of ``bypassed`` passes its first input through to its readers."""
-    out = onnx.ModelProto()
-    out.CopyFrom(model)
-    graph = out.graph
+    plain = onnx.ModelProto()
+    plain.CopyFrom(model)
+    graph = plain.graph
+    bypassed = ("/lora/Add", "/lora/DoraScale", "/lora/Added")  # each passes its first input through
     bypass = {n.output[0]: n.input[0] for n in graph.node if n.name.endswith(bypassed)}
-    keep = [n for n in graph.node if not drop_node(n.name)]  # logits_to_keep stays: it is no LoRA input
+    keep = [n for n in graph.node if "/lora/" not in n.name]  # logits_to_keep stays: it is no LoRA input
     for node in keep:
         for i, name in enumerate(node.input):
             while name in bypass:  # a DoRA Mul feeds a bias Add or the LoRA Add: follow the chain to the matmul
@@ -126,13 +109,15 @@ def _strip(model: onnx.ModelProto, bypassed: tuple[str, ...], drop_node, drop_in
             node.input[i] = name
     del graph.node[:]
     graph.node.extend(keep)
-    inputs = [i for i in graph.input if not drop_input(i.name)]
-    inits = [t for t in graph.initializer if not drop_input(t.name)]
+    lora = lambda name: (  # noqa: E731
+        name.endswith((".lora_A.T", ".lora_B.T", ".dora_scale")) or name in ADDED_INPUTS)
+    inputs = [i for i in graph.input if not lora(i.name)]
+    inits = [t for t in graph.initializer if not lora(t.name)]
     del graph.input[:]
     graph.input.extend(inputs)
     del graph.initializer[:]
     graph.initializer.extend(inits)
-    return out
+    return plain
 
 
 def genai_config(md: ModelDir, variant: str = "fast") -> dict:

@@ -2,13 +2,11 @@
 
 One session at a time on the CPU, so one copy of the prepacked weights per process: until the
 first adapter is added ``model.plain.onnx`` (no LoRA nodes) runs at the base's own speed; the first
-adapter replaces it with ``model.lora.onnx`` (a LoRA side path on every linear layer), which then
-runs every request, those without adapters through its rank-0 defaults (1-5% slower per step than
-the plain graph, SmolLM2-135M and Qwen2.5-0.5B int4, 2026-11-28), and the first DoRA adapter moves
-it to ``model.onnx`` (the same graph plus DoRA's per-channel rescale, one Mul per group, which
-requests without DoRA should not pay). ``plain_session=True`` (the GPU's default) keeps the plain
-session too, at the cost of a second copy of the weights; ``False`` opens only the LoRA one. An
-adapter set becomes one dict of OrtValues (ranks concatenated, scales folded into B),
+adapter replaces it with ``model.onnx`` (a LoRA side path on every linear layer), which then runs
+every request, those without adapters through its rank-0 defaults (1-5% slower per step than the
+plain graph, SmolLM2-135M and Qwen2.5-0.5B int4, 2026-11-28; 7-11% in an earlier measurement). ``plain_session=True`` (the GPU's default) keeps both sessions, at the cost
+of a second copy of the weights; ``False`` opens only the LoRA one. An adapter set becomes one dict
+of OrtValues (ranks concatenated, scales folded into B),
 built once and cached, so a swap between requests is a dict lookup and never reloads a session;
 each request carries its own dict, so concurrent requests with other sets are not disturbed.
 ``merge`` dequantizes, adds and requantizes the touched weights and reopens the sessions with
@@ -129,10 +127,6 @@ class OnnxEngine(Engine):
         # None on the CPU: the plain session only until the first adapter (one session at a time)
         self._plain_until_adapter = plain_session is None and ep_device is None
         self.plain_path = self._checked(folder + plain) if plain and plain_session is not False else None
-        lean = self.layout.get("lora_model")  # model.onnx without DoRA's rescale (bundles from layout 4 on)
-        self.lean_path = self._checked(folder + lean) if lean else None
-        self._dora_graph = self.lean_path is None  # the LoRA session runs model.onnx once a DoRA adapter comes
-        self._graph_lock = threading.Lock()
         self.slots = {m: tuple(s) for m, s in self.layout["lora_slots"].items()}
         self.lora_dtype = LORA_DTYPES[self.layout.get("lora_dtype", "float32")]
         self._ep_device = ep_device
@@ -229,34 +223,19 @@ class OnnxEngine(Engine):
         share the CPU with, its load. Only the LoRA session, opened now, with ``plain_session=False``
         or when adapters are loaded on a CPU engine that holds one session at a time."""
         overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
-        lora_graph = self._lora_graph()
         if not self.plain_path or (self._plain_until_adapter and self._adapters):
             self.plain_session = None
-            session = self._session(lora_graph, overrides)
+            session = self._session(self.model_path, overrides)
             self._lora = _Background(lambda: session)
             self.output_names = [o.name for o in self.lora_session.get_outputs()]
             self._note_logits_to_keep(self.lora_session)
             return
-        self._lora = _Background(lambda: self._session(lora_graph, overrides))
+        self._lora = _Background(lambda: self._session(self.model_path, overrides))
         if self._adapters:  # reopened after a merge with adapters loaded: they will want it soon
             self._lora.start()
         self.plain_session = self._session(self.plain_path, overrides)
         self.output_names = [o.name for o in self.plain_session.get_outputs()]
         self._note_logits_to_keep(self.plain_session)
-
-    def _lora_graph(self) -> Path:
-        return self.model_path if self._dora_graph else self.lean_path
-
-    def _switch_to_dora_graph(self) -> None:
-        """A DoRA adapter needs model.onnx's rescale inputs: the LoRA session reopens on it, replacing the
-        lean one (requests running keep theirs until they end), and stays there."""
-        with self._graph_lock:
-            if self._dora_graph:
-                return
-            self._lora.wait()  # a lean session still loading finishes first
-            self._dora_graph = True
-            overrides, graph = dict(self._overrides), self.model_path
-            self._lora = _Background(lambda: self._session(graph, overrides))
 
     def _note_logits_to_keep(self, session) -> None:
         """Bundles from before ``logits_to_keep`` lack the input; then every position gets logits."""
@@ -298,8 +277,6 @@ class OnnxEngine(Engine):
                         "edge-lora" if module == "lm_head" else "wrong base model?")
                 raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
         norms = self._dora_norms(adapter, source) if adapter.dora else None
-        if adapter.dora:
-            self._switch_to_dora_graph()
         self._start_lora()  # requests with adapters need the LoRA session: load it while the caller goes on
         # DoRA's feeds are built here from the weights this bundle holds (its norms depend on them)
         if not adapter.dora and not adapter.token_rows:

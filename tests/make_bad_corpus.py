@@ -375,14 +375,10 @@ def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
         blob[8:16] = struct.pack("<Q", 1 << 40)
         p.write_bytes(bytes(blob))
 
-    # the ONNX engine opens the LoRA graph (model.lora.onnx; model.onnx once a DoRA adapter comes) only for
-    # requests with adapters: use one to reach it. No .onnx_adapter cases: the runtime builds its feeds from
-    # the checked .safetensors and never opens that file (it is onnxruntime-genai's); test_add_once.py
-    # proves a garbage one changes nothing
-    folder = onnx_model.rsplit("/", 1)[0]
-    case("onnx_model_bitflip_unhashed", "backend_onnx", onnx_model, flip_last_byte, "does not match its SHA-256", rehash=False)
-    for label, rel, kind in (("onnx_lora_model", f"{folder}/model.lora.onnx", "backend_adapter_onnx"),
-                             ("gguf_model", gguf_model, "backend_llamacpp"),
+    # the ONNX engine opens the LoRA graph (model.onnx) only for requests with adapters: use one to reach it.
+    # No .onnx_adapter cases: the runtime builds its feeds from the checked .safetensors and never opens
+    # that file (it is onnxruntime-genai's); test_add_once.py proves a garbage one changes nothing
+    for label, rel, kind in (("onnx_model", onnx_model, "backend_adapter_onnx"), ("gguf_model", gguf_model, "backend_llamacpp"),
                              ("gguf_adapter", entry["gguf"], "backend_adapter_llamacpp")):
         case(f"{label}_truncated", kind, rel, truncate)
         case(f"{label}_empty", kind, rel, empty)
@@ -390,6 +386,7 @@ def build_backend_corpus(root: Path, bundle: Path) -> list[Case]:
         case(f"{label}_is_a_directory", kind, rel, to_dir, "missing or not a file")
         case(f"{label}_bitflip_unhashed", kind, rel, flip_last_byte,
              "does not match its SHA-256", rehash=False)
+    folder = onnx_model.rsplit("/", 1)[0]
     case("onnx_external_data_truncated", "backend_onnx", onnx_model + ".data", truncate)
     case("onnx_plain_model_truncated", "backend_onnx", f"{folder}/model.plain.onnx", truncate)
     case("onnx_layout_malformed_json", "backend_onnx", f"{folder}/onnx_layout.json", lambda p: p.write_text('{"plain_model": '))

@@ -264,7 +264,7 @@ def test_tampered_or_corrupt_model_is_a_user_error(setup, tmp_path):
     data.write_bytes(bytes(raw))
     with pytest.raises(EdgeLoraError, match="SHA-256"):
         OnnxEngine(copy, quant="fp32")
-    (copy / "onnx" / "fp32-fast" / "model.lora.onnx").write_bytes(b"not a model")  # the LoRA graph
+    (copy / "onnx" / "fp32-fast" / "model.onnx").write_bytes(b"not a model")
     with pytest.raises(EdgeLoraError, match="cannot load"):
         OnnxEngine(copy, quant="fp32", verify_hashes=False, plain_session=False)
     (copy / "onnx" / "fp32-fast" / "model.plain.onnx").write_bytes(b"not a model")
