@@ -315,9 +315,8 @@ def _onnx_adapter_writer(root: Path):
 
             def weights(module: str):
                 where = layout["linears"].get(module)
-                if where is None:
-                    raise EdgeLoraError(f"DoRA on {module!r} of a tied-embedding base is not supported",
-                                        hint="train DoRA without lm_head in the targets")
+                if where is None:  # a tied head: its weight is the embedding table
+                    return store.tied_head_weight(path)
                 if where["weight"] not in groups:
                     groups[where["weight"]] = store.dequantized(where["weight"])
                 return groups[where["weight"]][where["rows"][0]:where["rows"][1]]

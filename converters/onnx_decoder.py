@@ -220,9 +220,10 @@ class DecoderWriter:
     def head(self, x: str) -> str:
         if not self.c.tie_word_embeddings:
             return self.linear(x, "lm_head")
-        # tied: the head's matmul reads the embedding table, the LoRA side path goes around it (no DoRA
-        # rescale: DoRA on a tied head is refused, its norm would be of the shared table)
-        return self.g.op("Add", [self.tied_head(x), self.lora_path(x, "lm_head")], "lm_head/lora/Add")
+        # tied: the head's matmul reads the embedding table, the LoRA side path goes around it; DoRA's
+        # rescale is per vocabulary row, its norm of the table (onnx_merge.WeightStore.tied_head)
+        base = self.dora_rescale(self.tied_head(x), "lm_head")
+        return self.g.op("Add", [base, self.lora_path(x, "lm_head")], "lm_head/lora/Add")
 
     def tied_head(self, x: str) -> str:
         c, g = self.c, self.g

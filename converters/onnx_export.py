@@ -56,6 +56,7 @@ def export_onnx(model_dir: ModelDir, out_dir: Path, quant: str = "int4", variant
     layout = {
         "format": names.LAYOUT_FORMAT, "version": names.LAYOUT_VERSION, "quant": quant, "variant": variant,
         "lora_dtype": lora_dtype, "data_file": names.DATA_FILE, "plain_model": PLAIN_MODEL_FILE, "dora": True,
+        "tied_head_dora": bool(md.config.tie_word_embeddings),
         "added_rows": {"embed": names.ADDED_EMBED_ROWS,
                        "head": None if md.config.tie_word_embeddings else names.ADDED_HEAD_ROWS},
         "lora_slots": {m: list(shape) for m, shape in names.lora_slots(md.config).items()},

@@ -294,10 +294,8 @@ class OnnxEngine(Engine):
 
         def weight_of(module: str) -> np.ndarray:
             where = self.layout["linears"].get(module)
-            if where is None:  # a tied head: its weight is the embedding table (no DoRA rescale input)
-                raise EdgeLoraError(f"DoRA on {module!r} of a tied-embedding base is not supported",
-                                    path=source,
-                                    hint="train DoRA without lm_head in the targets, or plain LoRA on it")
+            if where is None:  # a tied head: its weight is the embedding table
+                return self.weights.tied_head_weight(source)
             if where["weight"] not in groups:
                 groups[where["weight"]] = self.weights.dequantized(where["weight"])
             start, end = where["rows"]

@@ -53,6 +53,16 @@ class WeightStore:
             return q.dequantize_int4_block_t(t["weight_t"], t["scales"], entry["block_size"])
         raise EdgeLoraError(f"unknown weight kind {kind!r} in onnx_layout.json", path=self.data_path.parent)
 
+    def tied_head_weight(self, path=None) -> np.ndarray:
+        """``[vocab, hidden]`` float32: the embedding table a tied head's matmul reads (for DoRA's norm on
+        it; never listed under ``linears``, so a merge cannot write into the shared table)."""
+        if not self.layout.get("tied_head_dora"):
+            raise EdgeLoraError("this bundle's ONNX graph has no DoRA rescale on its tied head", path=path,
+                                hint="re-export the bundle with this edge-lora")
+        if "lm_head" in self.layout["weights"]:  # a quantized copy of the table, or the one the Gather shares
+            return self.dequantized("lm_head")
+        return self.tensor("model.embed_tokens.weight").astype(np.float32)
+
     def requantize(self, group: str, weight: np.ndarray) -> dict[str, np.ndarray]:
         """Quantize ``weight`` back into the group's own format; returns ``{initializer: array}``."""
         entry = self.layout["weights"][group]

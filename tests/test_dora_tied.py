@@ -48,6 +48,7 @@ def made(model_dirs, tmp_path_factory):
         "dora": _peft_dir(md.path, root / "dora", 1, target_modules="all-linear", use_dora=True),
         "head": _peft_dir(md.path, root / "head", 2, target_modules=["q_proj", "lm_head"]),
         "plain": _peft_dir(md.path, root / "plain", 3, target_modules=["q_proj", "v_proj", "down_proj"]),
+        "dora_head": _peft_dir(md.path, root / "dora_head", 4, target_modules=["v_proj", "lm_head"], use_dora=True),
     }
     options = ExportOptions(onnx_quants=["fp32", "int4"], gguf_quants=["f32", "q4_0"])
     bundle = export_bundle(
@@ -80,7 +81,7 @@ def _ids(md, n=12, seed=0):
 def test_export_accepts_them_and_says_what_llama_cpp_gets(made):
     md, _, bundle = made
     entries = json.loads((bundle / "bundle.json").read_text())["adapters"]
-    for name in ("dora", "head"):
+    for name in ("dora", "head", "dora_head"):
         assert entries[name]["onnx"] and not any(k.endswith("_skipped") for k in entries[name]), entries[name]
         assert "merged into a variant" in entries[name]["gguf_merged"]
     assert entries["plain"]["gguf"] and "gguf_merged" not in entries["plain"]
@@ -98,7 +99,7 @@ def test_fp32_logits_match_peft(made, backend, options):
     ids = _ids(md)
     engine = runtime.load(bundle, backend=backend, quant="fp32" if backend == "onnx" else "f32", **options)
     base = engine.logits(ids, adapters={})
-    for name in ("dora", "head"):
+    for name in ("dora", "head", "dora_head"):  # dora_head: DoRA on the tied head (per vocabulary row)
         engine.add_adapter(name)
         want = _logits(_peft(md, dirs, [name]), ids)
         got = engine.logits(ids, adapters={name: 1.0})
@@ -109,7 +110,7 @@ def test_fp32_logits_match_peft(made, backend, options):
         assert np.abs(got - want).max() < TOL and np.abs(want - base).max() > 0.1
     if backend == "llamacpp":
         variants = engine.info()["merged_variants"]
-        assert set(variants) == {"dora", "head"} and all(v["add_seconds"] > 0 for v in variants.values())
+        assert set(variants) == {"dora", "head", "dora_head"} and all(v["add_seconds"] > 0 for v in variants.values())
 
 
 def test_onnx_dora_stacks_and_scales_as_peft(made):
@@ -163,7 +164,7 @@ def test_4_bit_greedy_agrees_with_peft(made, backend, quant):
     md, dirs, bundle = made
     engine = runtime.load(bundle, backend=backend, quant=quant)
     base_model = load_hf(md.path)
-    for name in ("dora", "head"):
+    for name in ("dora", "head", "dora_head"):
         engine.add_adapter(name)
         model = _peft(md, dirs, [name])
         agree = total = 0
