@@ -310,16 +310,7 @@ def _onnx_adapter_writer(root: Path):
             if adapter.dora and not layout.get("dora"):
                 raise EdgeLoraError("the bundle's ONNX graph predates the DoRA rescale input",
                                     hint="re-export the bundle")
-            store = WeightStore(layout, layouts[0].parent / layout["data_file"])
-            groups: dict[str, object] = {}
-
-            def weights(module: str):
-                where = layout["linears"].get(module)
-                if where is None:  # a tied head: its weight is the embedding table
-                    return store.tied_head_weight(path)
-                if where["weight"] not in groups:
-                    groups[where["weight"]] = store.dequantized(where["weight"])
-                return groups[where["weight"]][where["rows"][0]:where["rows"][1]]
+            weights = WeightStore(layout, layouts[0].parent / layout["data_file"]).module_weights(path)
         return export_onnx_adapter(adapter, config, path, weights=weights)
 
     return write

@@ -290,18 +290,7 @@ class OnnxEngine(Engine):
         if not self.layout.get("dora"):
             raise EdgeLoraError("this bundle's ONNX graph has no DoRA rescale input (exported before layout "
                                 "version 3)", path=source, hint="re-export the bundle with this edge-lora, or engine.merge() the adapter")
-        groups: dict[str, np.ndarray] = {}
-
-        def weight_of(module: str) -> np.ndarray:
-            where = self.layout["linears"].get(module)
-            if where is None:  # a tied head: its weight is the embedding table
-                return self.weights.tied_head_weight(source)
-            if where["weight"] not in groups:
-                groups[where["weight"]] = self.weights.dequantized(where["weight"])
-            start, end = where["rows"]
-            return groups[where["weight"]][start:end]
-
-        return prepare_norms(adapter, weight_of)
+        return prepare_norms(adapter, self.weights.module_weights(source))
 
     def _prime_single_set(self, name: str, adapter: Adapter) -> None:
         """The set ``{name: 1.0}`` stacked now, from the arrays that were hash-checked and parsed, into

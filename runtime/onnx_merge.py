@@ -53,6 +53,22 @@ class WeightStore:
             return q.dequantize_int4_block_t(t["weight_t"], t["scales"], entry["block_size"])
         raise EdgeLoraError(f"unknown weight kind {kind!r} in onnx_layout.json", path=self.data_path.parent)
 
+    def module_weights(self, path=None):
+        """``weight_of(module) -> W [out, in]`` float32 for DoRA's norms: each fused group dequantized once
+        (q/k/v share one), a tied head's weight the embedding table (:meth:`tied_head_weight`)."""
+        groups: dict[str, np.ndarray] = {}
+
+        def weight_of(module: str) -> np.ndarray:
+            where = self.layout["linears"].get(module)
+            if where is None:
+                return self.tied_head_weight(path)
+            if where["weight"] not in groups:
+                groups[where["weight"]] = self.dequantized(where["weight"])
+            start, end = where["rows"]
+            return groups[where["weight"]][start:end]
+
+        return weight_of
+
     def tied_head_weight(self, path=None) -> np.ndarray:
         """``[vocab, hidden]`` float32: the embedding table a tied head's matmul reads (for DoRA's norm on
         it; never listed under ``linears``, so a merge cannot write into the shared table)."""

@@ -13,7 +13,7 @@ import torch
 from peft import LoraConfig, PeftModel, get_peft_model
 from peft.tuners.lora import LoraLayer
 from safetensors.numpy import load_file, save_file
-from tiny_models import load_hf
+from tiny_models import load_hf, quick_train_config
 
 import runtime
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
@@ -265,7 +265,6 @@ def test_onnxruntime_genai_runs_the_dora_and_tied_head_files(made):
 def test_our_trainers_dora_runs_on_both_backends(model_dirs, tmp_path):
     """`edge-lora train --dora` (rsLoRA too) -> export -> both backends give our PyTorch model's logits."""
     from edge_lora.adapter import Adapter
-    from edge_lora.train.config import TrainConfig
     from edge_lora.train.lora import load_adapter_into
     from edge_lora.train.model import CausalLM
     from edge_lora.train.trainer import train
@@ -279,26 +278,7 @@ def test_our_trainers_dora_runs_on_both_backends(model_dirs, tmp_path):
         )
     )
     out = tmp_path / "dora.safetensors"
-    train(
-        TrainConfig.from_dict(
-            dict(
-                model=str(md.path),
-                data=str(data),
-                out=str(out),
-                steps=4,
-                batch_size=4,
-                seq_len=32,
-                rank=4,
-                alpha=8,
-                lr=5e-2,
-                progress=False,
-                threads=1,
-                dora=True,
-                rslora=True,
-                eval_split=0,
-            )
-        )
-    )
+    train(quick_train_config(tmp_path, md.path, data, out=str(out), lr=5e-2, dora=True, rslora=True, eval_split=0))
     adapter = Adapter.load(out)
     assert adapter.dora
     bundle = export_bundle(

@@ -10,7 +10,7 @@ import copy
 import numpy as np
 import pytest
 from onnx_helpers import random_adapter
-from tiny_models import load_hf
+from tiny_models import load_hf, quick_train_config
 
 from converters.export import AdapterSource, ExportOptions, export_bundle
 from converters.peft import export_peft, import_peft
@@ -299,7 +299,6 @@ def test_trained_with_add_tokens_exports_and_runs(tmp_path, model_dirs, family):
     import json
 
     from edge_lora.cli import main as cli_main
-    from edge_lora.train.config import TrainConfig
     from edge_lora.train.trainer import train
 
     md = ModelDir(model_dirs[family])
@@ -310,26 +309,8 @@ def test_trained_with_add_tokens_exports_and_runs(tmp_path, model_dirs, family):
             for i in range(12)
         )
     )
-    train(
-        TrainConfig.from_dict(
-            dict(
-                model=str(md.path),
-                data=str(data),
-                out=str(tmp_path / "a.safetensors"),
-                steps=6,
-                batch_size=4,
-                seq_len=32,
-                rank=4,
-                alpha=8,
-                lr=3e-2,
-                progress=False,
-                threads=1,
-                add_tokens=NEW,
-                targets="attention",
-                eval_split=0,
-            )
-        )
-    )
+    train(quick_train_config(tmp_path, md.path, data, out=str(tmp_path / "a.safetensors"), steps=6, lr=3e-2,
+                             add_tokens=NEW, targets="attention", eval_split=0))
     adapter = Adapter.load(tmp_path / "a.safetensors", base=md.config)
     assert (
         cli_main(

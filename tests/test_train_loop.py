@@ -17,8 +17,8 @@ from edge_lora.adapter import Adapter
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.train.cli import main as cli_main
-from edge_lora.train.config import TrainConfig
 from edge_lora.train.trainer import train
+from tiny_models import quick_train_config as quick_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over lazy dog select name from users where id".split()
@@ -51,13 +51,6 @@ def tensors(path):
     if a.head_rows is not None:
         out["head_rows"] = a.head_rows
     return out
-
-
-def quick_cfg(tmp_path, model_dir, data, **kw):
-    base = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "adapter.safetensors"), steps=4, batch_size=4, seq_len=32,
-                rank=4, alpha=8, lr=1e-2, progress=False, threads=1)
-    base.update(kw)
-    return TrainConfig.from_dict(base)
 
 
 @pytest.mark.parametrize("shape, family", [("text", "llama"), ("prompt", "qwen2"), ("chat", "smollm")])

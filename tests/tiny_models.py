@@ -115,3 +115,13 @@ def make_model_dir_with_tokenizer(out_dir: Path, family: str, tokenizer_dir: Pat
 
 def _content(entry):
     return entry.get("content") if isinstance(entry, dict) else entry
+
+
+def quick_train_config(tmp_path: Path, model_dir, data, **overrides):
+    """A TrainConfig for a few steps of the real trainer on a tiny model (what the training tests share)."""
+    from edge_lora.train.config import TrainConfig
+
+    base = dict(model=str(model_dir), data=str(data), out=str(tmp_path / "adapter.safetensors"), steps=4, batch_size=4,
+                seq_len=32, rank=4, alpha=8, lr=1e-2, progress=False, threads=1)
+    base.update(overrides)
+    return TrainConfig.from_dict(base)

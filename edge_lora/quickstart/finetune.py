@@ -40,8 +40,8 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[in
     """(ids of prompt + answer + END, number of prompt tokens) per pair; prompt encoded alone as at inference."""
     out = []
     for prompt, target in pairs:
-        p = tokenizer.encode(prompt)
-        a = tokenizer.encode(target + END)
+        p = tokenizer.encode_text(prompt)
+        a = tokenizer.encode_text(target + END)
         out.append((p + a, len(p)))
     return out
 
@@ -52,6 +52,7 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
     import torch
 
     from ..model_dir import ModelDir
+    from ..train.data import Formatter
     from ..train.lora import LoraConfig, apply_lora, to_adapter
     from ..train.model import CausalLM
     from ..train.tokens import add_new_tokens, attach_new_tokens
@@ -66,7 +67,7 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=targets)
     apply_lora(model, lora)
     add_new_tokens(model, len(task.new_tokens))
-    tokenizer = _Vocab(md, task.new_tokens)
+    tokenizer = Formatter(md, list(task.new_tokens))
     data = _encode_pairs(tokenizer, task.examples(config.train_items, "train", seed=config.seed))
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
@@ -102,25 +103,6 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
     return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
 
 
-class _Vocab:
-    """The base tokenizer plus ``new_tokens``, in the model's ids: a new token's id follows the
-    model's embedding rows (``vocab_size + i``), which may outnumber the tokenizer's tokens."""
-
-    def __init__(self, md, new_tokens=()):
-        from tokenizers import AddedToken, Tokenizer
-
-        self.tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
-        self.size = self.tokenizer.get_vocab_size(with_added_tokens=True)
-        self.shift = md.config.vocab_size - self.size
-        self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in new_tokens])
-
-    def encode(self, text: str) -> list[int]:
-        return [i + self.shift if i >= self.size else i for i in self.tokenizer.encode(text).ids]
-
-    def decode(self, ids: list[int]) -> str:
-        return self.tokenizer.decode([i - self.shift if i >= self.size + self.shift else i for i in ids])
-
-
 def _logits(model, ids):
     """Logits over the base vocabulary and the rows of any tokens the adapter adds."""
     import torch
@@ -147,6 +129,7 @@ def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | Non
 
     from ..adapter import Adapter
     from ..model_dir import ModelDir
+    from ..train.data import Formatter
     from ..train.lora import load_adapter_into
     from ..train.model import CausalLM
     from ..train.tokens import load_new_tokens
@@ -161,9 +144,9 @@ def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | Non
         load_new_tokens(model, adapter)
         added = adapter.added_tokens
     model.eval()
-    tokenizer = _Vocab(md, added)
+    tokenizer = Formatter(md, added)
     by_length: dict[int, list[int]] = {}
-    prompts = [tokenizer.encode(p) for p, _ in items]
+    prompts = [tokenizer.encode_text(p) for p, _ in items]
     for i, ids in enumerate(prompts):
         by_length.setdefault(len(ids), []).append(i)
     hits = 0

@@ -156,6 +156,15 @@ class Formatter:
         mask = np.r_[np.zeros(len(prompt), bool), np.ones(len(completion), bool)]
         return Example(self._model_ids(prompt + completion), mask)
 
+    def encode_text(self, text: str) -> list[int]:
+        """``text`` as the model's ids (new tokens after its rows), special tokens added as the tokenizer does."""
+        return self._model_ids(self.tokenizer.encode(text).ids).tolist()
+
+    def decode(self, ids: list[int]) -> str:
+        """The model's ids back to text (the inverse of the new tokens' move)."""
+        top = self.base_vocab + self.new_id_shift
+        return self.tokenizer.decode([i - self.new_id_shift if i >= top else i for i in ids])
+
     def _model_ids(self, ids: list[int]) -> np.ndarray:
         out = np.asarray(ids, np.int64)
         if self.new_id_shift:
