@@ -66,7 +66,14 @@ def bench_model(plan: Plan, shape: str) -> dict:
             if w.spec["kind"].startswith("ours-") and not w.spec.get("merged") or w.spec.get("adapter"):
                 say(f"  extras: {w.label}")
                 extras[w.label] = w.ask("extras", swaps=plan.swaps)
-        memory = {w.label: {**w.ask("rss"), "after_load_rss_mb": w.info.get("rss_mb"), "load_s": w.info.get("load_s")} for w in workers}
+        memory = {
+            w.label: {
+                **w.ask("rss"),
+                "after_load_rss_mb": w.info.get("rss_mb"),
+                "load_s": w.info.get("load_s"),
+            }
+            for w in workers
+        }
         scaling = run_scaling(plan, model, workers) if plan.scaling and shape == plan.shapes[0] else {}
     finally:
         for w in workers:
@@ -79,20 +86,49 @@ def bench_model(plan: Plan, shape: str) -> dict:
         engine = "llama.cpp" if backend == "llamacpp" else backend
         label = f"edge-lora {engine} {quant}{' two sessions' if plain else ''}"
         say(f"  cold start: {label}")
-        spec = {"kind": "cold", "backend": backend, "quant": quant, "bundle": str(model.bundle), "threads": plan.threads,
-                "prompt": plan.prompt, "new_tokens": plan.new_tokens}
+        spec = {
+            "kind": "cold",
+            "backend": backend,
+            "quant": quant,
+            "bundle": str(model.bundle),
+            "threads": plan.threads,
+            "prompt": plan.prompt,
+            "new_tokens": plan.new_tokens,
+        }
         cold[label] = pool.run_once({**spec, **({} if plain is None else {"plain_session": plain})})
     gpu = {}
     if plan.gpu:
         say("  GPU rows (each backend on its GPU device, if any)")
-        gpu = pool.run_once({"kind": "gpu", "bundle": str(model.bundle), "tokens": 8 if plan.quick else 32, "prompt": plan.prompt,
-                             "threads": plan.threads}, timeout=1200)
-    return {"shape": shape, "prepare_s": prep_s, "decode": decode, "extras": extras, "memory": memory, "cold": cold, "gpu": gpu,
-            "scaling": scaling, "files": file_sizes(model, plan), "config": config_dict(model),
-            "lora_files": {k: {"mb": Path(v).stat().st_size / 1e6}
-                           for k, v in {"edge-lora f32": model.gguf_adapter("a"), **lora_files}.items()},
-            "workers": {w.label: {"cases": w.cases, "kind": w.spec["kind"], "error": w.info.get("error")} for w in planned},
-            "genai_build_errors": {k: v for k, v in genai.items() if k.endswith("_error")}}
+        gpu = pool.run_once(
+            {
+                "kind": "gpu",
+                "bundle": str(model.bundle),
+                "tokens": 8 if plan.quick else 32,
+                "prompt": plan.prompt,
+                "threads": plan.threads,
+            },
+            timeout=1200,
+        )
+    return {
+        "shape": shape,
+        "prepare_s": prep_s,
+        "decode": decode,
+        "extras": extras,
+        "memory": memory,
+        "cold": cold,
+        "gpu": gpu,
+        "scaling": scaling,
+        "files": file_sizes(model, plan),
+        "config": config_dict(model),
+        "lora_files": {
+            k: {"mb": Path(v).stat().st_size / 1e6}
+            for k, v in {"edge-lora f32": model.gguf_adapter("a"), **lora_files}.items()
+        },
+        "workers": {
+            w.label: {"cases": w.cases, "kind": w.spec["kind"], "error": w.info.get("error")} for w in planned
+        },
+        "genai_build_errors": {k: v for k, v in genai.items() if k.endswith("_error")},
+    }
 
 
 def run_scaling(plan: Plan, model, workers) -> dict:
@@ -101,13 +137,23 @@ def run_scaling(plan: Plan, model, workers) -> dict:
 
     ranks = [4, 8, 16, 32, 64] if not plan.quick else [4, 64]
     counts = [1, 2, 4, 8, 16, 32] if not plan.quick else [1, 4]
-    cmd = {"ranks": {str(r): str(extra_adapter(model, "rank", r, 100 + r)) for r in ranks},
-           "loaded": [str(extra_adapter(model, "loaded", 16, 200 + i)) for i in range(max(counts))], "loaded_counts": counts,
-           "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2], "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 512],
-           "prompt": plan.prompt, "new_tokens": 16, "repeats": 1}
+    cmd = {
+        "ranks": {str(r): str(extra_adapter(model, "rank", r, 100 + r)) for r in ranks},
+        "loaded": [str(extra_adapter(model, "loaded", 16, 200 + i)) for i in range(max(counts))],
+        "loaded_counts": counts,
+        "stacked": [1, 2, 3, 4] if not plan.quick else [1, 2],
+        "contexts": [128, 512, 1024, 2000] if not plan.quick else [128, 512],
+        "prompt": plan.prompt,
+        "new_tokens": 16,
+        "repeats": 1,
+    }
     out = {}
     for w in workers:
-        if w.spec["kind"].startswith("ours-") and not w.spec.get("merged") and w.label.endswith(("int4", "q4_0")):
+        if (
+            w.spec["kind"].startswith("ours-")
+            and not w.spec.get("merged")
+            and w.label.endswith(("int4", "q4_0"))
+        ):
             # every sweep on the first (ONNX Runtime) backend; llama.cpp's take too long on 2 shared cores,
             # so it runs only the adapters-loaded one (memory and decode by number of adapters loaded)
             say(f"  scaling: {w.label}")
@@ -120,13 +166,21 @@ def file_sizes(model, plan: Plan) -> dict:
 
     sizes = {}
     for q in plan.gguf_quants:
-        sizes[q] = {"file_mb": model.gguf(q).stat().st_size / 1e6, "token_weight_mb": roofline.gguf_weight_bytes(model.gguf(q)) / 1e6}
+        sizes[q] = {
+            "file_mb": model.gguf(q).stat().st_size / 1e6,
+            "token_weight_mb": roofline.gguf_weight_bytes(model.gguf(q)) / 1e6,
+        }
     for q in plan.onnx_quants:
         folder = model.onnx_folder(q)
-        sizes[q] = {"file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6,
-                    "token_weight_mb": roofline.onnx_weight_bytes(folder) / 1e6}
-    sizes["adapter"] = {"safetensors_mb": model.adapter_file("a").stat().st_size / 1e6, "gguf_mb": model.gguf_adapter("a").stat().st_size / 1e6,
-                        "onnx_adapter_mb": model.onnx_adapter("a").stat().st_size / 1e6}
+        sizes[q] = {
+            "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6,
+            "token_weight_mb": roofline.onnx_weight_bytes(folder) / 1e6,
+        }
+    sizes["adapter"] = {
+        "safetensors_mb": model.adapter_file("a").stat().st_size / 1e6,
+        "gguf_mb": model.gguf_adapter("a").stat().st_size / 1e6,
+        "onnx_adapter_mb": model.onnx_adapter("a").stat().st_size / 1e6,
+    }
     return sizes
 
 
@@ -138,14 +192,27 @@ def config_dict(model) -> dict:
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m benchmarks", description=__doc__.splitlines()[0])
-    parser.add_argument("--quick", action="store_true", help="the CI form: one shape, 4-bit, short requests (< 5 min)")
-    parser.add_argument("--out", type=Path, default=DEFAULT_OUT, help="folder for the JSON, charts and summary (default: benchmarks/results)")
+    parser.add_argument(
+        "--quick", action="store_true", help="the CI form: one shape, 4-bit, short requests (< 5 min)"
+    )
+    parser.add_argument(
+        "--out",
+        type=Path,
+        default=DEFAULT_OUT,
+        help="folder for the JSON, charts and summary (default: benchmarks/results)",
+    )
     parser.add_argument("--shapes", help="comma list of smollm2-135m, qwen2.5-0.5b")
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
-    parser.add_argument("--device", choices=["auto", "cpu", "gpu"], default="auto",
-                        help="GPU rows: auto (default) when a GPU device is present, cpu = none, gpu = required (fails without one)")
-    parser.add_argument("--render", type=Path, help="only redraw the charts and summary from this results JSON")
+    parser.add_argument(
+        "--device",
+        choices=["auto", "cpu", "gpu"],
+        default="auto",
+        help="GPU rows: auto (default) when a GPU device is present, cpu = none, gpu = required (fails without one)",
+    )
+    parser.add_argument(
+        "--render", type=Path, help="only redraw the charts and summary from this results JSON"
+    )
     args = parser.parse_args(argv)
     from benchmarks import report
 
@@ -161,20 +228,37 @@ def main(argv: list[str] | None = None) -> int:
     plan.gpu &= args.device != "cpu"
     started = time.time()
     load = _loadavg()
-    results = {"date": dt.datetime.now().isoformat(timespec="seconds"), "quick": plan.quick, "machine": machine(),
-               "plan": {k: v for k, v in plan.__dict__.items()}, "load_average_start": load, "models": {}}
+    results = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": plan.quick,
+        "machine": machine(),
+        "plan": {k: v for k, v in plan.__dict__.items()},
+        "load_average_start": load,
+        "models": {},
+    }
     for shape in plan.shapes:
         say(f"== {shape}")
         results["models"][shape] = bench_model(plan.for_shape(shape), shape)
         (Path(args.out) / "partial.json").parent.mkdir(parents=True, exist_ok=True)
-        (Path(args.out) / "partial.json").write_text(json.dumps(results, indent=1))  # a killed run keeps what it measured
+        (Path(args.out) / "partial.json").write_text(
+            json.dumps(results, indent=1)
+        )  # a killed run keeps what it measured
     say("== memory bandwidth")
-    working = sorted({max(16, int(m["files"][q]["token_weight_mb"])) for m in results["models"].values() for q in plan.gguf_quants
-                      if q in m["files"]})
-    results["bandwidth"] = pool.run_once({"kind": "bandwidth", "threads": plan.threads, "quick": plan.quick, "working_set_mb": working})
+    working = sorted(
+        {
+            max(16, int(m["files"][q]["token_weight_mb"]))
+            for m in results["models"].values()
+            for q in plan.gguf_quants
+            if q in m["files"]
+        }
+    )
+    results["bandwidth"] = pool.run_once(
+        {"kind": "bandwidth", "threads": plan.threads, "quick": plan.quick, "working_set_mb": working}
+    )
     results["baseline_rss"] = pool.run_once({"kind": "baseline"})
-    results["baseline_rss_by_backend"] = {b: pool.run_once({"kind": "baseline", "backend": b})
-                                          for b in ("onnx", "llamacpp")}
+    results["baseline_rss_by_backend"] = {
+        b: pool.run_once({"kind": "baseline", "backend": b}) for b in ("onnx", "llamacpp")
+    }
     if plan.train:
         say("== training")
         results["train"] = run_train(plan.quick)
@@ -197,8 +281,12 @@ def _gpu_rows_missing(results: dict) -> list[str]:
     if not gpus:
         return ["no GPU result"]
     missing = [f"{shape}: {gpu['error']}" for shape, gpu in gpus.items() if "error" in gpu]
-    return missing + [f"{shape} {backend}: {row['skipped']}" for shape, gpu in gpus.items()
-                      for backend, row in gpu.get("backends", {}).items() if "skipped" in row]
+    return missing + [
+        f"{shape} {backend}: {row['skipped']}"
+        for shape, gpu in gpus.items()
+        for backend, row in gpu.get("backends", {}).items()
+        if "skipped" in row
+    ]
 
 
 def run_train(quick: bool) -> dict:
@@ -207,9 +295,21 @@ def run_train(quick: bool) -> dict:
     if not quick:
         return train_bench.run(True)  # all five cases, 2 timed steps each (its own full form takes 5)
     # CI: the two anchor cases, one timed step each (the full run has all five)
-    model_dir = train_bench.make_model(Path(train_bench.tempfile.gettempdir()) / "edge_lora_bench" / "smollm2-135m-fp32")
-    cases = {name: train_bench._spawn(model_dir, 1, worker, quant, ckpt, compute) for name, worker, quant, ckpt, compute in train_bench.CASES[:2]}
-    return {"benchmark": "train", "quick": True, "cases": cases, "rank": train_bench.RANK, "batch": train_bench.BATCH, "seq": train_bench.SEQ}
+    model_dir = train_bench.make_model(
+        Path(train_bench.tempfile.gettempdir()) / "edge_lora_bench" / "smollm2-135m-fp32"
+    )
+    cases = {
+        name: train_bench._spawn(model_dir, 1, worker, quant, ckpt, compute)
+        for name, worker, quant, ckpt, compute in train_bench.CASES[:2]
+    }
+    return {
+        "benchmark": "train",
+        "quick": True,
+        "cases": cases,
+        "rank": train_bench.RANK,
+        "batch": train_bench.BATCH,
+        "seq": train_bench.SEQ,
+    }
 
 
 def write(results: dict, out: Path, update_readme: bool) -> None:
@@ -218,7 +318,9 @@ def write(results: dict, out: Path, update_readme: bool) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     stamp = results["date"][:10]
-    atomic_write_text(out / f"{stamp}{'-quick' if results['quick'] else ''}.json", json.dumps(results, indent=1) + "\n")
+    atomic_write_text(
+        out / f"{stamp}{'-quick' if results['quick'] else ''}.json", json.dumps(results, indent=1) + "\n"
+    )
     pngs = charts.draw_all(results, out)
     atomic_write_text(out / "summary.md", report.summary_markdown(results, pngs, out) + "\n")
     if update_readme:
@@ -230,19 +332,35 @@ def machine() -> dict:
 
     cpu = ""
     try:
-        cpu = next(line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name"))
+        cpu = next(
+            line.split(":", 1)[1].strip() for line in open("/proc/cpuinfo") if line.startswith("model name")
+        )
     except (OSError, StopIteration):
         pass
     from runtime.llamacpp_lib import cpu_has_amx
 
-    return {"cpu": cpu, "cores": os.cpu_count(), "amx": cpu_has_amx(), "python": platform.python_version(), "versions": _versions()}
+    return {
+        "cpu": cpu,
+        "cores": os.cpu_count(),
+        "amx": cpu_has_amx(),
+        "python": platform.python_version(),
+        "versions": _versions(),
+    }
 
 
 def _versions() -> dict:
     from importlib.metadata import PackageNotFoundError, version
 
     out = {}
-    for name in ("onnxruntime", "onnxruntime-genai", "llama_cpp_python", "torch", "transformers", "peft", "numpy"):
+    for name in (
+        "onnxruntime",
+        "onnxruntime-genai",
+        "llama_cpp_python",
+        "torch",
+        "transformers",
+        "peft",
+        "numpy",
+    ):
         try:
             out[name] = version(name)
         except PackageNotFoundError:

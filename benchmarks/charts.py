@@ -31,27 +31,57 @@ def decode_chart(results: dict, path: Path) -> Path:
     plt = _plt()
     models = results["summary"]["models"]
     heights = [len({r["engine"] for r in m["rows"]}) for m in models.values()]
-    fig, axes = plt.subplots(len(models), 1, figsize=(9, 1.2 + 0.42 * sum(heights) + 0.9 * len(models)), squeeze=False,
-                             gridspec_kw={"height_ratios": heights})
+    fig, axes = plt.subplots(
+        len(models),
+        1,
+        figsize=(9, 1.2 + 0.42 * sum(heights) + 0.9 * len(models)),
+        squeeze=False,
+        gridspec_kw={"height_ratios": heights},
+    )
     for ax, (shape, m) in zip(axes[:, 0], models.items()):
-        engines = sorted({r["engine"] for r in m["rows"]}, key=lambda e: (0 if e.startswith("edge-lora") else 1, e), reverse=True)
+        engines = sorted(
+            {r["engine"] for r in m["rows"]},
+            key=lambda e: (0 if e.startswith("edge-lora") else 1, e),
+            reverse=True,
+        )
         cases = ["base", "merged", "a", "ab"]
         width = 0.84 / max(sum(1 for r in m["rows"] if r["engine"] == e) for e in engines)
         for i, engine in enumerate(engines):
-            rows = sorted([r for r in m["rows"] if r["engine"] == engine and r["tok_s"]], key=lambda r: cases.index(r["case"]))
+            rows = sorted(
+                [r for r in m["rows"] if r["engine"] == engine and r["tok_s"]],
+                key=lambda r: cases.index(r["case"]),
+            )
             for j, r in enumerate(rows):
                 y = i + (j - (len(rows) - 1) / 2) * width
                 ax.barh(y, r["tok_s"], height=width * 0.9, color=CASE_COLORS[r["case"]])
-                pct = f"  {r['tok_s']:.0f}" + (f" ({r['pct_roofline']:.0f}% of roofline)" if r.get("pct_roofline") else "")
+                pct = f"  {r['tok_s']:.0f}" + (
+                    f" ({r['pct_roofline']:.0f}% of roofline)" if r.get("pct_roofline") else ""
+                )
                 ax.text(r["tok_s"], y, pct, va="center", fontsize=7)
         ax.set_yticks(range(len(engines)))
         ax.set_yticklabels([("▶ " if e.startswith("edge-lora") else "") + e for e in engines])
-        roofs = sorted({(r["bits"], round(r["roofline_tok_s"])) for r in m["rows"] if r.get("roofline_tok_s") and r["case"] == "a"})
+        roofs = sorted(
+            {
+                (r["bits"], round(r["roofline_tok_s"]))
+                for r in m["rows"]
+                if r.get("roofline_tok_s") and r["case"] == "a"
+            }
+        )
         for k, (bits, roof) in enumerate(roofs):
             ax.axvline(roof, color="gray", ls=":", lw=1)
-            ax.text(roof, -0.55 - 0.45 * k, f"DRAM roofline {bits}-bit + adapter: {roof} tok/s ", fontsize=7, color="gray", ha="right",
-                    va="center")
-        ax.set_title(f"{shape}: decode tokens/s (median of {results['plan']['rounds']} rounds, higher is better)", loc="left")
+            ax.text(
+                roof,
+                -0.55 - 0.45 * k,
+                f"DRAM roofline {bits}-bit + adapter: {roof} tok/s ",
+                fontsize=7,
+                color="gray",
+                ha="right",
+                va="center",
+            )
+        ax.set_title(
+            f"{shape}: decode tokens/s (median of {results['plan']['rounds']} rounds, higher is better)",
+            loc="left",
+        )
         ax.set_xlim(0, max([r["tok_s"] or 0 for r in m["rows"]] + [roof for _, roof in roofs]) * 1.3)
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CASE_COLORS.values()]
     fig.legend(handles, list(CASE_NAMES.values()), loc="lower center", ncol=4, frameon=False)
@@ -60,7 +90,12 @@ def decode_chart(results: dict, path: Path) -> Path:
 
 def swap_chart(results: dict, path: Path) -> Path | None:
     plt = _plt()
-    rows = [(shape, label, x) for shape, info in results["models"].items() for label, x in info["extras"].items() if "first_over_steady" in x]
+    rows = [
+        (shape, label, x)
+        for shape, info in results["models"].items()
+        for label, x in info["extras"].items()
+        if "first_over_steady" in x
+    ]
     if not rows:
         return None
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1 + 0.45 * len(rows)))
@@ -81,7 +116,13 @@ def swap_chart(results: dict, path: Path) -> Path | None:
     right.barh(list(ys), ratio, color=["#55a868" if r <= 1.1 else "#c44e52" for r in ratio])
     right.axvline(1.0, color="gray", ls=":")
     for y, (r, (_, _, x)) in enumerate(zip(ratio, rows)):
-        right.text(r, y, f"  {r:.2f} ({x['first_step_after_swap_ms']:.1f} / {x['steady_step_ms']:.1f} ms)", va="center", fontsize=7)
+        right.text(
+            r,
+            y,
+            f"  {r:.2f} ({x['first_step_after_swap_ms']:.1f} / {x['steady_step_ms']:.1f} ms)",
+            va="center",
+            fontsize=7,
+        )
     right.set_yticks([])
     right.set_xlim(0, max(ratio) * 1.6)
     right.set_xlabel("first step after a swap / steady step (1.0 = no penalty)")
@@ -94,7 +135,10 @@ def train_chart(train: dict, path: Path) -> Path:
     names = list(cases)
     fig, (left, right) = plt.subplots(1, 2, figsize=(10, 1 + 0.45 * len(names)))
     colors = ["#8172b3" if n == "peft" else "#dd8452" for n in names]
-    for ax, key, label in ((left, "tokens_per_s", "training tokens/s (higher is better)"), (right, "peak_rss_mb", "peak RSS MB (lower is better)")):
+    for ax, key, label in (
+        (left, "tokens_per_s", "training tokens/s (higher is better)"),
+        (right, "peak_rss_mb", "peak RSS MB (lower is better)"),
+    ):
         values = [cases[n].get(key) for n in names]  # None: not measured cleanly in that run
         ax.barh(range(len(names)), [v or 0 for v in values], color=colors)
         for y, v in enumerate(values):
@@ -103,7 +147,11 @@ def train_chart(train: dict, path: Path) -> Path:
         ax.set_xlabel(label)
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is left else [])
-    fig.suptitle(f"LoRA training, SmolLM2-135M shape, rank {train.get('rank')}, batch {train.get('batch')} x {train.get('seq')}", x=0.01, ha="left")
+    fig.suptitle(
+        f"LoRA training, SmolLM2-135M shape, rank {train.get('rank')}, batch {train.get('batch')} x {train.get('seq')}",
+        x=0.01,
+        ha="left",
+    )
     return _save(plt, fig, path)
 
 
@@ -117,20 +165,45 @@ def scaling_chart(results: dict, path: Path) -> Path:
                 continue
             name = label.replace("edge-lora ", "")
             rank_ax.plot([r["rank"] for r in sw["rank"]], [r["tok_s"] for r in sw["rank"]], "o-", label=name)
-            loaded_ax.plot([r["loaded"] for r in sw["loaded"]], [r["tok_s"] for r in sw["loaded"]], "o-", label=f"{name} tok/s")
+            loaded_ax.plot(
+                [r["loaded"] for r in sw["loaded"]],
+                [r["tok_s"] for r in sw["loaded"]],
+                "o-",
+                label=f"{name} tok/s",
+            )
             twin = getattr(loaded_ax, "_twin", None) or loaded_ax.twinx()
             loaded_ax._twin = twin
-            twin.plot([r["loaded"] for r in sw["loaded"]], [r["rss_mb"] for r in sw["loaded"]], "s--", alpha=0.6, label=f"{name} RSS")
+            twin.plot(
+                [r["loaded"] for r in sw["loaded"]],
+                [r["rss_mb"] for r in sw["loaded"]],
+                "s--",
+                alpha=0.6,
+                label=f"{name} RSS",
+            )
             twin.set_ylabel("RSS MB (dashed)")
-            stacked_ax.plot([r["stacked"] for r in sw["stacked"]], [r["tok_s"] for r in sw["stacked"]], "o-", label=name)
-            ctx_ax.plot([r["context"] for r in sw["context"]], [r["adapter_tok_s"] for r in sw["context"]], "o-", label=f"{name} +adapter")
-            ctx_ax.plot([r["context"] for r in sw["context"]], [r["base_tok_s"] for r in sw["context"]], "o:", label=f"{name} base")
+            stacked_ax.plot(
+                [r["stacked"] for r in sw["stacked"]], [r["tok_s"] for r in sw["stacked"]], "o-", label=name
+            )
+            ctx_ax.plot(
+                [r["context"] for r in sw["context"]],
+                [r["adapter_tok_s"] for r in sw["context"]],
+                "o-",
+                label=f"{name} +adapter",
+            )
+            ctx_ax.plot(
+                [r["context"] for r in sw["context"]],
+                [r["base_tok_s"] for r in sw["context"]],
+                "o:",
+                label=f"{name} base",
+            )
             for ax in (rank_ax, stacked_ax):
                 ax.axhline(sw["base_tok_s"], color="gray", ls=":", lw=0.8)
-    for ax, title, xlabel in ((rank_ax, "decode vs adapter rank (dotted: no adapter)", "rank"),
-                              (loaded_ax, "decode (1 active) and memory vs adapters loaded", "adapters loaded"),
-                              (stacked_ax, "decode vs adapters stacked in one request", "adapters stacked"),
-                              (ctx_ax, "decode vs context length", "context tokens")):
+    for ax, title, xlabel in (
+        (rank_ax, "decode vs adapter rank (dotted: no adapter)", "rank"),
+        (loaded_ax, "decode (1 active) and memory vs adapters loaded", "adapters loaded"),
+        (stacked_ax, "decode vs adapters stacked in one request", "adapters stacked"),
+        (ctx_ax, "decode vs context length", "context tokens"),
+    ):
         ax.set_title(title, loc="left", fontsize=9)
         ax.set_xlabel(xlabel)
         ax.set_ylabel("tokens/s")
@@ -141,7 +214,9 @@ def scaling_chart(results: dict, path: Path) -> Path:
     for ax in (rank_ax, loaded_ax):
         ax.set_xscale("log", base=2)
         ax.xaxis.set_major_formatter(ScalarFormatter())
-    fig.suptitle(f"scaling, {next(iter(results['models']))} shape, 4-bit (edge-lora engines)", x=0.01, ha="left")
+    fig.suptitle(
+        f"scaling, {next(iter(results['models']))} shape, 4-bit (edge-lora engines)", x=0.01, ha="left"
+    )
     return _save(plt, fig, path)
 
 

@@ -25,7 +25,7 @@ import numpy as np
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.bundle import sha256_file, write_manifest
 from edge_lora.model_dir import ModelDir
-from edge_lora.safetensors_io import save_tensors
+from edge_lora.safetensors_file import save_tensors
 from edge_lora.targets import linear_modules
 
 
@@ -56,33 +56,61 @@ def make_random_model(shape: Shape, out: Path, seed: int = 0) -> Path:
     tok = Tokenizer(models.BPE())
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(["edge-lora benchmarks llama.cpp against ONNX Runtime on the device."] * 10,
-                            trainers.BpeTrainer(vocab_size=300, special_tokens=["<|endoftext|>"], show_progress=False,
-                                                initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tok.train_from_iterator(
+        ["edge-lora benchmarks llama.cpp against ONNX Runtime on the device."] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
     tok.save(str(out / "tokenizer.json"))
     (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
     head_dim = shape.hidden // shape.heads
-    config = {"architectures": [shape.architecture], "model_type": "qwen2" if "Qwen2" in shape.architecture else "llama",
-              "vocab_size": shape.vocab, "hidden_size": shape.hidden, "intermediate_size": shape.intermediate,
-              "num_hidden_layers": shape.layers, "num_attention_heads": shape.heads, "num_key_value_heads": shape.kv_heads,
-              "head_dim": head_dim, "hidden_act": "silu", "rms_norm_eps": 1e-6, "rope_theta": shape.rope_theta,
-              "max_position_embeddings": 2048, "tie_word_embeddings": True, "bos_token_id": 0, "eos_token_id": 0}
+    config = {
+        "architectures": [shape.architecture],
+        "model_type": "qwen2" if "Qwen2" in shape.architecture else "llama",
+        "vocab_size": shape.vocab,
+        "hidden_size": shape.hidden,
+        "intermediate_size": shape.intermediate,
+        "num_hidden_layers": shape.layers,
+        "num_attention_heads": shape.heads,
+        "num_key_value_heads": shape.kv_heads,
+        "head_dim": head_dim,
+        "hidden_act": "silu",
+        "rms_norm_eps": 1e-6,
+        "rope_theta": shape.rope_theta,
+        "max_position_embeddings": 2048,
+        "tie_word_embeddings": True,
+        "bos_token_id": 0,
+        "eos_token_id": 0,
+    }
     (out / "config.json").write_text(json.dumps(config))
     rng = np.random.default_rng(seed)
-    tensors = {"model.embed_tokens.weight": rng.normal(0, 0.02, (shape.vocab, shape.hidden)).astype(np.float16),
-               "model.norm.weight": np.ones(shape.hidden, np.float16)}
+    tensors = {
+        "model.embed_tokens.weight": rng.normal(0, 0.02, (shape.vocab, shape.hidden)).astype(np.float16),
+        "model.norm.weight": np.ones(shape.hidden, np.float16),
+    }
     kv = shape.kv_heads * head_dim
     for i in range(shape.layers):
         p = f"model.layers.{i}."
-        dims = {"self_attn.q_proj": (shape.heads * head_dim, shape.hidden), "self_attn.k_proj": (kv, shape.hidden),
-                "self_attn.v_proj": (kv, shape.hidden), "self_attn.o_proj": (shape.hidden, shape.heads * head_dim),
-                "mlp.gate_proj": (shape.intermediate, shape.hidden), "mlp.up_proj": (shape.intermediate, shape.hidden),
-                "mlp.down_proj": (shape.hidden, shape.intermediate)}
+        dims = {
+            "self_attn.q_proj": (shape.heads * head_dim, shape.hidden),
+            "self_attn.k_proj": (kv, shape.hidden),
+            "self_attn.v_proj": (kv, shape.hidden),
+            "self_attn.o_proj": (shape.hidden, shape.heads * head_dim),
+            "mlp.gate_proj": (shape.intermediate, shape.hidden),
+            "mlp.up_proj": (shape.intermediate, shape.hidden),
+            "mlp.down_proj": (shape.hidden, shape.intermediate),
+        }
         for m, d in dims.items():
             tensors[p + m + ".weight"] = rng.normal(0, 0.02, d).astype(np.float16)
         if "Qwen2" in shape.architecture:
             for m in ("q_proj", "k_proj", "v_proj"):
-                tensors[p + f"self_attn.{m}.bias"] = rng.normal(0, 0.02, dims[f"self_attn.{m}"][0]).astype(np.float16)
+                tensors[p + f"self_attn.{m}.bias"] = rng.normal(0, 0.02, dims[f"self_attn.{m}"][0]).astype(
+                    np.float16
+                )
         tensors[p + "input_layernorm.weight"] = np.ones(shape.hidden, np.float16)
         tensors[p + "post_attention_layernorm.weight"] = np.ones(shape.hidden, np.float16)
     save_tensors(out / "model.safetensors", tensors)
@@ -91,14 +119,20 @@ def make_random_model(shape: Shape, out: Path, seed: int = 0) -> Path:
 
 def random_adapter(md: ModelDir, seed: int, rank: int = 16) -> Adapter:
     rng = np.random.default_rng(seed)
-    modules = {m: LoraWeights(a=rng.normal(0, 0.02, (rank, i)).astype(np.float32), b=rng.normal(0, 0.02, (o, rank)).astype(np.float32),
-                              alpha=2.0 * rank) for m, (o, i) in linear_modules(md.config).items()}
+    modules = {
+        m: LoraWeights(
+            a=rng.normal(0, 0.02, (rank, i)).astype(np.float32),
+            b=rng.normal(0, 0.02, (o, rank)).astype(np.float32),
+            alpha=2.0 * rank,
+        )
+        for m, (o, i) in linear_modules(md.config).items()
+    }
     return Adapter(modules=modules, base_architecture=md.config.architecture, base_fingerprint=md.fingerprint)
 
 
 def make_bundle(model_dir: Path, out: Path, quants: list[str]) -> Path:
     from converters.gguf_export import export_gguf
-    from edge_lora.gguf_adapter import export_gguf_adapter
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
 
     md = ModelDir(model_dir)
     rels, entries, adapters = ["tokenizer.json"], [], {}
@@ -116,9 +150,17 @@ def make_bundle(model_dir: Path, out: Path, quants: list[str]) -> Path:
         export_gguf_adapter(adapter, md.config, out / gg, "f32")
         adapters[name] = {"source": src, "gguf": gg}
         rels += [src, gg]
-    write_manifest(out, {"model": md.config.to_dict(), "base_fingerprint": md.fingerprint, "tokenizer": {"tokenizer": "tokenizer.json"},
-                         "backends": {"gguf": entries}, "adapters": adapters,
-                         "files": {r: {"sha256": sha256_file(out / r)} for r in rels}})
+    write_manifest(
+        out,
+        {
+            "model": md.config.to_dict(),
+            "base_fingerprint": md.fingerprint,
+            "tokenizer": {"tokenizer": "tokenizer.json"},
+            "backends": {"gguf": entries},
+            "adapters": adapters,
+            "files": {r: {"sha256": sha256_file(out / r)} for r in rels},
+        },
+    )
     return out
 
 
@@ -181,7 +223,9 @@ def _swap_latency(engine, n: int) -> tuple[float, float]:
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 
-def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_tokens: int, swaps: int) -> list[dict]:
+def bench_bundle(
+    bundle: Path, quant: str, threads: int, prompt_len: int, new_tokens: int, swaps: int
+) -> list[dict]:
     import runtime
 
     rows = []
@@ -193,7 +237,11 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
     cold = time.perf_counter() - t0
     engine.add_adapter("b")
     raw = _raw_decode_rate(engine, prompt, new_tokens)
-    for case, adapters in (("base", {}), ("1 adapter r16", {"a": 1.0}), ("2 stacked r16", {"a": 1.0, "b": 1.0})):
+    for case, adapters in (
+        ("base", {}),
+        ("1 adapter r16", {"a": 1.0}),
+        ("2 stacked r16", {"a": 1.0, "b": 1.0}),
+    ):
         engine._use_set(adapters, {n: engine._adapters[n] for n in adapters})  # swap outside the timed region
         prefill, rate = _decode_rate(engine, prompt, new_tokens, adapters)
         rows.append({"case": case, "decode_tok_s": rate, "prefill_ms": prefill * 1e3})
@@ -222,8 +270,13 @@ def run(quick: bool) -> dict:
     quants = ["q4_0"] if quick else ["q4_0", "q8_0"]
     threads = min(2, os.cpu_count() or 1)
     prompt_len, new_tokens, swaps = (64, 32, 40) if quick else (128, 64, 200)
-    results = {"threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens,
-               "use_extra_bufts": lib.default_extra_bufts(), "models": {}}
+    results = {
+        "threads": threads,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "use_extra_bufts": lib.default_extra_bufts(),
+        "models": {},
+    }
     with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
         for name in shapes:
             model_dir = make_random_model(SHAPES[name], Path(tmp) / name)
@@ -232,26 +285,39 @@ def run(quick: bool) -> dict:
             export_s = time.perf_counter() - t0
             per_quant = {}
             for q in quants:
-                per_quant[q] = {"rows": bench_bundle(bundle, q, threads, prompt_len, new_tokens, swaps),
-                                "file_mb": (bundle / f"gguf/model-{q}.gguf").stat().st_size / 1e6}
-            results["models"][name] = {"export_s": export_s, "quants": per_quant,
-                                       "adapter_mb": (bundle / "adapters/a.gguf").stat().st_size / 1e6}
+                per_quant[q] = {
+                    "rows": bench_bundle(bundle, q, threads, prompt_len, new_tokens, swaps),
+                    "file_mb": (bundle / f"gguf/model-{q}.gguf").stat().st_size / 1e6,
+                }
+            results["models"][name] = {
+                "export_s": export_s,
+                "quants": per_quant,
+                "adapter_mb": (bundle / "adapters/a.gguf").stat().st_size / 1e6,
+            }
     return results
 
 
 def table(results: dict) -> str:
-    lines = ["| model | quant | case | decode tok/s | vs base | prefill ms | swap p50/p99 ms | cold load→1st token s |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | quant | case | decode tok/s | vs base | prefill ms | swap p50/p99 ms | cold load→1st token s |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for model, info in results["models"].items():
         for q, qi in info["quants"].items():
             base = qi["rows"][0]["decode_tok_s"]
             for r in qi["rows"]:
                 swap = f"{r['swap_p50_ms']:.2f} / {r['swap_p99_ms']:.2f}" if "swap_p50_ms" in r else ""
                 cold = f"{r['cold_load_first_token_s']:.2f}" if "cold_load_first_token_s" in r else ""
-                case = r["case"] + (f" (raw llama_decode {r['raw_llama_decode_tok_s']:.1f})" if "raw_llama_decode_tok_s" in r else "")
+                case = r["case"] + (
+                    f" (raw llama_decode {r['raw_llama_decode_tok_s']:.1f})"
+                    if "raw_llama_decode_tok_s" in r
+                    else ""
+                )
                 case += f" (merge {r['merge_s']:.1f} s)" if "merge_s" in r else ""
-                lines.append(f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} | "
-                             f"{r['decode_tok_s'] / base:.2f} | {r['prefill_ms']:.0f} | {swap} | {cold} |")
+                lines.append(
+                    f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} | "
+                    f"{r['decode_tok_s'] / base:.2f} | {r['prefill_ms']:.0f} | {swap} | {cold} |"
+                )
     return "\n".join(lines)
 
 
@@ -261,8 +327,10 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     results = run(args.quick)
-    print(f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} "
-          f"use_extra_bufts={results['use_extra_bufts']}")
+    print(
+        f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} "
+        f"use_extra_bufts={results['use_extra_bufts']}"
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

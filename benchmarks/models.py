@@ -116,9 +116,16 @@ def prepare(shape: str, quants: dict[str, list[str]], say=print) -> BenchModel:
     bundle_recipe = {**recipe, "quants": quants, "exporters": exporters_digest()}
     if not _fresh(model.bundle, bundle_recipe):
         say(f"[models] {shape}: exporting the bundle {quants}")
-        options = ExportOptions(backends=["onnx", "gguf"], onnx_quants=quants["onnx"], gguf_quants=quants["gguf"], force=True)
-        export_bundle(model.hf_dir, model.bundle, [AdapterSource(model.adapter_file(n), n) for n in ADAPTERS], options,
-                      show_progress=False)
+        options = ExportOptions(
+            backends=["onnx", "gguf"], onnx_quants=quants["onnx"], gguf_quants=quants["gguf"], force=True
+        )
+        export_bundle(
+            model.hf_dir,
+            model.bundle,
+            [AdapterSource(model.adapter_file(n), n) for n in ADAPTERS],
+            options,
+            show_progress=False,
+        )
         _stamp(model.bundle).write_text(json.dumps(bundle_recipe))
     return model
 
@@ -128,7 +135,15 @@ def exporters_digest() -> str:
     import hashlib
 
     root = Path(__file__).resolve().parents[1]
-    files = sorted([*root.glob("converters/*.py"), *root.glob("edge_lora/onnx_*.py"), *root.glob("edge_lora/gguf_*.py")])
+    files = sorted(
+        [
+            *root.glob("converters/*.py"),
+            *root.glob("edge_lora/onnx_format/*.py"),
+            *root.glob("edge_lora/gguf_format/*.py"),
+            root / "edge_lora/safetensors_file.py",
+            root / "edge_lora/adapter.py",
+        ]
+    )
     digest = hashlib.sha256()
     for path in files:
         digest.update(path.name.encode() + path.read_bytes())

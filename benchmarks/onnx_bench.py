@@ -43,9 +43,22 @@ def make_bundle(model_dir: Path, out: Path, quants: list[str]) -> Path:
         adapter.save(out / f"adapters/{name}.safetensors")
         export_onnx_adapter(adapter, md.config, out / f"adapters/{name}.onnx_adapter")
         adapters[name] = {"source": f"adapters/{name}.safetensors", "onnx": f"adapters/{name}.onnx_adapter"}
-    files = {p.relative_to(out).as_posix(): {"sha256": sha256_file(p)} for p in sorted(out.rglob("*")) if p.is_file()}
-    write_manifest(out, {"model": md.config.to_dict(), "base_fingerprint": md.fingerprint, "tokenizer": {"tokenizer": "tokenizer.json"},
-                         "backends": {"onnx": entries}, "adapters": adapters, "files": files})
+    files = {
+        p.relative_to(out).as_posix(): {"sha256": sha256_file(p)}
+        for p in sorted(out.rglob("*"))
+        if p.is_file()
+    }
+    write_manifest(
+        out,
+        {
+            "model": md.config.to_dict(),
+            "base_fingerprint": md.fingerprint,
+            "tokenizer": {"tokenizer": "tokenizer.json"},
+            "backends": {"onnx": entries},
+            "adapters": adapters,
+            "files": files,
+        },
+    )
     return out
 
 
@@ -88,7 +101,9 @@ def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
     best = 0.0
     for _ in range(3):
         params = og.GeneratorParams(model)
-        params.set_search_options(max_length=len(prompt) + new_tokens + 1, min_length=len(prompt) + new_tokens + 1, do_sample=False)
+        params.set_search_options(
+            max_length=len(prompt) + new_tokens + 1, min_length=len(prompt) + new_tokens + 1, do_sample=False
+        )
         gen = og.Generator(model, params)
         gen.append_tokens(prompt)
         t0 = time.perf_counter()
@@ -98,11 +113,17 @@ def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
     return best
 
 
-CASES = (("base", {}, False), ("1 adapter r16", {"a": 1.0}, False), ("2 stacked r16", {"a": 1.0, "b": 1.0}, False),
-         ("merged r16", {}, True))
+CASES = (
+    ("base", {}, False),
+    ("1 adapter r16", {"a": 1.0}, False),
+    ("2 stacked r16", {"a": 1.0, "b": 1.0}, False),
+    ("merged r16", {}, True),
+)
 
 
-def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_tokens: int, swaps: int, rounds: int) -> dict:
+def bench_bundle(
+    bundle: Path, quant: str, threads: int, prompt_len: int, new_tokens: int, swaps: int, rounds: int
+) -> dict:
     """Cases interleaved in rounds (the shared CPU's load drifts): medians, best, and paired ratios
     (each round's case / the same round's base)."""
     import runtime
@@ -125,7 +146,9 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
         engine.add_adapter(name)  # reads the .safetensors once, hash checked, and builds its feeds from it
         add_ms.append((time.perf_counter() - t0) * 1e3)
         t0 = time.perf_counter()
-        engine._attach(name, engine._adapters[name].adapter, engine._adapters[name].path)  # the backend's part alone (handle dropped)
+        engine._attach(
+            name, engine._adapters[name].adapter, engine._adapters[name].path
+        )  # the backend's part alone (handle dropped)
         attach_ms.append((time.perf_counter() - t0) * 1e3)
     engine.generate_ids(prompt[:8], one, adapters={"a": 1.0})  # the LoRA session is open and warm
     merged = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=False)
@@ -142,14 +165,27 @@ def bench_bundle(bundle: Path, quant: str, threads: int, prompt_len: int, new_to
     for case, _, _ in CASES:
         rates = [r[1] for r in runs[case]]
         ratios = [r[1] / b[1] for r, b in zip(runs[case], runs["base"])]
-        rows.append({"case": case, "decode_tok_s": float(np.median(rates)), "best_tok_s": max(rates),
-                     "vs_base": float(np.median(ratios)), "prefill_ms": float(np.median([r[0] for r in runs[case]])) * 1e3})
+        rows.append(
+            {
+                "case": case,
+                "decode_tok_s": float(np.median(rates)),
+                "best_tok_s": max(rates),
+                "vs_base": float(np.median(ratios)),
+                "prefill_ms": float(np.median([r[0] for r in runs[case]])) * 1e3,
+            }
+        )
     rows[1].update(swap)
     rows[3]["merge_s"] = merge_s
     folder = engine.model_path.parent
-    return {"rows": rows, "cold_load_first_token_s": cold, "cold_load_first_token_verified_s": cold_checked,
-            "add_adapter_ms": max(add_ms), "attach_ms": max(attach_ms), "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens),
-            "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6}
+    return {
+        "rows": rows,
+        "cold_load_first_token_s": cold,
+        "cold_load_first_token_verified_s": cold_checked,
+        "add_adapter_ms": max(add_ms),
+        "attach_ms": max(attach_ms),
+        "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens),
+        "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6,
+    }
 
 
 def run(quick: bool) -> dict:
@@ -157,38 +193,61 @@ def run(quick: bool) -> dict:
     quants = ["int4"] if quick else ["int4", "int8"]
     threads = min(2, os.cpu_count() or 1)
     prompt_len, new_tokens, swaps, rounds = (64, 32, 40, 3) if quick else (128, 64, 200, 5)
-    results = {"threads": threads, "prompt_tokens": prompt_len, "new_tokens": new_tokens, "rounds": rounds, "models": {}}
+    results = {
+        "threads": threads,
+        "prompt_tokens": prompt_len,
+        "new_tokens": new_tokens,
+        "rounds": rounds,
+        "models": {},
+    }
     with tempfile.TemporaryDirectory(prefix="onnx-bench-") as tmp:
         for name in shapes:
             model_dir = make_random_model(SHAPES[name], Path(tmp) / name)
             t0 = time.perf_counter()
             bundle = make_bundle(model_dir, Path(tmp) / f"{name}-bundle", quants)
             export_s = time.perf_counter() - t0
-            per_quant = {q: bench_bundle(bundle, q, threads, prompt_len, new_tokens, swaps, rounds) for q in quants}
-            results["models"][name] = {"export_s": export_s, "quants": per_quant,
-                                       "adapter_mb": (bundle / "adapters/a.onnx_adapter").stat().st_size / 1e6}
+            per_quant = {
+                q: bench_bundle(bundle, q, threads, prompt_len, new_tokens, swaps, rounds) for q in quants
+            }
+            results["models"][name] = {
+                "export_s": export_s,
+                "quants": per_quant,
+                "adapter_mb": (bundle / "adapters/a.onnx_adapter").stat().st_size / 1e6,
+            }
     return results
 
 
 def table(results: dict) -> str:
-    lines = ["| model | quant | case | decode tok/s median (best) | vs base (paired) | prefill ms | swap p50/p99 ms | first step after swap / steady ms |",
-             "|---|---|---|---|---|---|---|---|"]
+    lines = [
+        "| model | quant | case | decode tok/s median (best) | vs base (paired) | prefill ms | swap p50/p99 ms | first step after swap / steady ms |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
     for model, info in results["models"].items():
         for q, qi in info["quants"].items():
             for r in qi["rows"]:
                 swap = f"{r['swap_p50_ms']:.3f} / {r['swap_p99_ms']:.3f}" if "swap_p50_ms" in r else ""
-                step = f"{r['first_step_after_swap_ms']:.1f} / {r['steady_step_ms']:.1f}" if "steady_step_ms" in r else ""
+                step = (
+                    f"{r['first_step_after_swap_ms']:.1f} / {r['steady_step_ms']:.1f}"
+                    if "steady_step_ms" in r
+                    else ""
+                )
                 case = r["case"] + (f" (merge {r['merge_s']:.1f} s)" if "merge_s" in r else "")
-                lines.append(f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} ({r['best_tok_s']:.1f}) | "
-                             f"{r['vs_base']:.2f} | {r['prefill_ms']:.0f} | {swap} | {step} |")
+                lines.append(
+                    f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} ({r['best_tok_s']:.1f}) | "
+                    f"{r['vs_base']:.2f} | {r['prefill_ms']:.0f} | {swap} | {step} |"
+                )
     lines.append("")
-    lines.append("| model | quant | cold load → 1st token s (hashes checked) | add adapter ms (backend part) | onnxruntime-genai on our folder tok/s | adapter MB | export s |")
+    lines.append(
+        "| model | quant | cold load → 1st token s (hashes checked) | add adapter ms (backend part) | onnxruntime-genai on our folder tok/s | adapter MB | export s |"
+    )
     lines.append("|---|---|---|---|---|---|---|")
     for model, info in results["models"].items():
         for q, qi in info["quants"].items():
             genai = f"{qi['genai_decode_tok_s']:.1f}" if qi["genai_decode_tok_s"] else "n/a"
-            lines.append(f"| {model} | {q} | {qi['cold_load_first_token_s']:.2f} ({qi['cold_load_first_token_verified_s']:.2f}) | "
-                         f"{qi['add_adapter_ms']:.1f} ({qi['attach_ms']:.1f}) | {genai} | {info['adapter_mb']:.1f} | {info['export_s']:.0f} |")
+            lines.append(
+                f"| {model} | {q} | {qi['cold_load_first_token_s']:.2f} ({qi['cold_load_first_token_verified_s']:.2f}) | "
+                f"{qi['add_adapter_ms']:.1f} ({qi['attach_ms']:.1f}) | {genai} | {info['adapter_mb']:.1f} | {info['export_s']:.0f} |"
+            )
     return "\n".join(lines)
 
 
@@ -198,7 +257,9 @@ def main() -> None:
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     args = parser.parse_args()
     results = run(args.quick)
-    print(f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} rounds={results['rounds']}")
+    print(
+        f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} rounds={results['rounds']}"
+    )
     print(table(results))
     if args.json:
         args.json.write_text(json.dumps(results, indent=2))

@@ -50,14 +50,24 @@ class LlamaCppPeer:
 
         capi.llama_model_default_params = model_params
         t0 = time.perf_counter()
-        self.llm = llama_cpp.Llama(spec["gguf"], n_threads=spec["threads"], n_threads_batch=spec["threads"], n_ctx=spec.get("n_ctx", 2048),
-                                   n_batch=512, flash_attn=True, lora_path=spec.get("lora"), verbose=False)
+        self.llm = llama_cpp.Llama(
+            spec["gguf"],
+            n_threads=spec["threads"],
+            n_threads_batch=spec["threads"],
+            n_ctx=spec.get("n_ctx", 2048),
+            n_batch=512,
+            flash_attn=True,
+            lora_path=spec.get("lora"),
+            verbose=False,
+        )
         self.load_s = time.perf_counter() - t0
         self.use_extra_bufts = extra
 
     def decode(self, case: str, prompt: list[int], new_tokens: int) -> dict:
         self.llm.reset()
-        stream = self.llm.generate(prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True)
+        stream = self.llm.generate(
+            prompt, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+        )
         t0 = time.perf_counter()
         next(stream)  # prefill + the first token
         t1 = time.perf_counter()
@@ -78,7 +88,9 @@ def merged_gguf(model, quant: str) -> Path:
     if not out.is_file():
         out.parent.mkdir(parents=True, exist_ok=True)
         bundle = Bundle.open(model.bundle)
-        adapter = Adapter.load(model.adapter_file("a"), base=bundle.config, base_fingerprint=bundle.base_fingerprint)
+        adapter = Adapter.load(
+            model.adapter_file("a"), base=bundle.config, base_fingerprint=bundle.base_fingerprint
+        )
         write_merged_gguf(model.gguf(quant), out, bundle.config, adapter, 1.0)
     return out
 
@@ -110,8 +122,10 @@ def peer_lora_ggufs(model, say=print) -> dict[str, Path]:
     cached: the peer's own adapter files. {} when the script is not on this machine."""
     script = convert_lora_script()
     if script is None:
-        say("[peers] llama.cpp's convert_lora_to_gguf.py not found (set EDGE_LORA_CONVERT_LORA): "
-            "no peer adapter files")
+        say(
+            "[peers] llama.cpp's convert_lora_to_gguf.py not found (set EDGE_LORA_CONVERT_LORA): "
+            "no peer adapter files"
+        )
         return {}
     out = {}
     for dtype in LORA_DTYPES:
@@ -120,8 +134,17 @@ def peer_lora_ggufs(model, say=print) -> dict[str, Path]:
             say(f"[peers] {model.shape}: convert_lora_to_gguf.py --outtype {dtype}")
             path.parent.mkdir(parents=True, exist_ok=True)
             tmp = path.with_name(f".{path.name}.{os.getpid()}.partial")
-            cmd = [sys.executable, str(script), str(model.peft_dir("a")), "--base", str(model.hf_dir),
-                   "--outtype", dtype, "--outfile", str(tmp)]
+            cmd = [
+                sys.executable,
+                str(script),
+                str(model.peft_dir("a")),
+                "--base",
+                str(model.hf_dir),
+                "--outtype",
+                dtype,
+                "--outfile",
+                str(tmp),
+            ]
             proc = subprocess.run(cmd, capture_output=True, text=True, check=False)
             if proc.returncode != 0 or not tmp.is_file():
                 raise RuntimeError(f"convert_lora_to_gguf.py failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
@@ -136,7 +159,7 @@ def our_lora_ggufs(model) -> dict[str, Path]:
     from benchmarks.models import exporters_digest
     from edge_lora.adapter import Adapter
     from edge_lora.adapter_dtype import GGUF_DTYPE, rounded
-    from edge_lora.gguf_adapter import export_gguf_adapter
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
     from edge_lora.model_dir import ModelDir
 
     config = ModelDir(model.hf_dir).config
@@ -160,14 +183,31 @@ def build_genai(model, with_adapter: bool, say=print) -> Path:
     stamp = out / ".built"
     if stamp.is_file():
         return out
-    say(f"[peers] {model.shape}: onnxruntime_genai model builder int4{' + adapter a' if with_adapter else ''}")
-    cmd = [sys.executable, "-m", "onnxruntime_genai.models.builder", "-i", str(model.hf_dir), "-o", str(out), "-p", "int4", "-e", "cpu",
-           "-c", str(model.root / "peers" / "hf-cache")]
+    say(
+        f"[peers] {model.shape}: onnxruntime_genai model builder int4{' + adapter a' if with_adapter else ''}"
+    )
+    cmd = [
+        sys.executable,
+        "-m",
+        "onnxruntime_genai.models.builder",
+        "-i",
+        str(model.hf_dir),
+        "-o",
+        str(out),
+        "-p",
+        "int4",
+        "-e",
+        "cpu",
+        "-c",
+        str(model.root / "peers" / "hf-cache"),
+    ]
     if with_adapter:
         cmd += ["--extra_options", f"adapter_path={model.peft_dir('a')}"]
     proc = subprocess.run(cmd, capture_output=True, text=True, env=dict(os.environ, OMP_NUM_THREADS="2"))
     if proc.returncode != 0 or not (out / "genai_config.json").is_file():
-        raise RuntimeError(f"the onnxruntime_genai model builder failed:\n{(proc.stderr or proc.stdout)[-2000:]}")
+        raise RuntimeError(
+            f"the onnxruntime_genai model builder failed:\n{(proc.stderr or proc.stdout)[-2000:]}"
+        )
     stamp.write_text("ok\n")
     return out
 
@@ -225,8 +265,11 @@ class GenAIPeer:
             gen.generate_next_token()
             steady.append(time.perf_counter() - t1)
             del gen
-        return {"first_step_after_swap_ms": float(np.median(first)) * 1e3, "steady_step_ms": float(np.median(steady)) * 1e3,
-                "first_over_steady": float(np.median(np.array(first) / np.array(steady)))}
+        return {
+            "first_step_after_swap_ms": float(np.median(first)) * 1e3,
+            "steady_step_ms": float(np.median(steady)) * 1e3,
+            "first_over_steady": float(np.median(np.array(first) / np.array(steady))),
+        }
 
 
 # --- transformers + PEFT --------------------------------------------------------------
@@ -240,7 +283,9 @@ class HFPeer:
         torch.set_num_threads(spec["threads"])
         self.torch = torch
         t0 = time.perf_counter()
-        model = AutoModelForCausalLM.from_pretrained(spec["hf_dir"], dtype=torch.float32, attn_implementation="sdpa")
+        model = AutoModelForCausalLM.from_pretrained(
+            spec["hf_dir"], dtype=torch.float32, attn_implementation="sdpa"
+        )
         if spec.get("peft_dir"):
             from peft import PeftModel
 
@@ -252,7 +297,11 @@ class HFPeer:
         import contextlib
 
         torch = self.torch
-        off = self.model.disable_adapter() if case == "base" and hasattr(self.model, "disable_adapter") else contextlib.nullcontext()
+        off = (
+            self.model.disable_adapter()
+            if case == "base" and hasattr(self.model, "disable_adapter")
+            else contextlib.nullcontext()
+        )
         with torch.inference_mode(), off:
             t0 = time.perf_counter()
             out = self.model(input_ids=torch.tensor([prompt]), use_cache=True)

@@ -27,21 +27,46 @@ class Plan:
     gpu: bool = True  # GPU rows on the first shape, when a GPU device is present (benchmarks.gpu_bench)
 
     @classmethod
-    def make(cls, quick: bool, shapes: list[str] | None = None) -> "Plan":
+    def make(cls, quick: bool, shapes: list[str] | None = None) -> Plan:
         if quick:
-            return cls(True, shapes or ["smollm2-135m"], ["int4"], ["q4_0"], prompt=32, new_tokens=24, hf_new_tokens=4, rounds=3,
-                       swaps=20, merged=False)
-        return cls(False, shapes or ["smollm2-135m", "qwen2.5-0.5b"], ["int4", "int8"], ["q4_0", "q8_0"], prompt=64, new_tokens=32,
-                   hf_new_tokens=8, rounds=7, swaps=30)  # this VM swings 20% within seconds: more rounds
+            return cls(
+                True,
+                shapes or ["smollm2-135m"],
+                ["int4"],
+                ["q4_0"],
+                prompt=32,
+                new_tokens=24,
+                hf_new_tokens=4,
+                rounds=3,
+                swaps=20,
+                merged=False,
+            )
+        return cls(
+            False,
+            shapes or ["smollm2-135m", "qwen2.5-0.5b"],
+            ["int4", "int8"],
+            ["q4_0", "q8_0"],
+            prompt=64,
+            new_tokens=32,
+            hf_new_tokens=8,
+            rounds=7,
+            swaps=30,
+        )  # this VM swings 20% within seconds: more rounds
 
-    def for_shape(self, shape: str) -> "Plan":
+    def for_shape(self, shape: str) -> Plan:
         """The larger shape runs 4-bit only, without merged engines: on 2 shared cores its rounds take minutes."""
         from dataclasses import replace
 
         if self.quick or shape == self.shapes[0]:
             return self
-        return replace(self, onnx_quants=[q for q in self.onnx_quants if BITS[q] == 4], gguf_quants=[q for q in self.gguf_quants if BITS[q] == 4],
-                       merged=False, hf_new_tokens=4, gpu=False)
+        return replace(
+            self,
+            onnx_quants=[q for q in self.onnx_quants if BITS[q] == 4],
+            gguf_quants=[q for q in self.gguf_quants if BITS[q] == 4],
+            merged=False,
+            hf_new_tokens=4,
+            gpu=False,
+        )
 
     @property
     def quants(self) -> dict:
@@ -52,8 +77,14 @@ class Plan:
 BITS = {"int4": 4, "q4_0": 4, "int8": 8, "q8_0": 8}
 
 
-def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra_adapter: str,
-            lora_files: dict[str, str] | None = None) -> list[Worker]:
+def workers(
+    plan: Plan,
+    model: BenchModel,
+    genai: dict,
+    merged_gguf: dict,
+    extra_adapter: str,
+    lora_files: dict[str, str] | None = None,
+) -> list[Worker]:
     """Every engine of one model, ours first; labels are "<engine> <quant>" (+ " merged"). ``lora_files``:
     {"convert f16": path, "edge-lora q8_0": path, ...}, adapter "a" as llama.cpp's convert_lora_to_gguf.py
     and our --adapter-dtype write it, each run by llama.cpp as "llama.cpp <quant> lora_path <key>"."""
@@ -64,36 +95,97 @@ def workers(plan: Plan, model: BenchModel, genai: dict, merged_gguf: dict, extra
     out = []
     for q in plan.onnx_quants:
         cases = ["base", "a", "ab"] if BITS[q] == 4 else ["base", "a"]
-        out.append(Worker(f"edge-lora onnx {q}", {"kind": "ours-onnx", "backend": "onnx", "quant": q, **ours}, cases))
+        out.append(
+            Worker(f"edge-lora onnx {q}", {"kind": "ours-onnx", "backend": "onnx", "quant": q, **ours}, cases)
+        )
         if plan.merged and BITS[q] == 4:
-            out.append(Worker(f"edge-lora onnx {q} merged", {"kind": "ours-onnx", "backend": "onnx", "quant": q, "merged": True, **ours},
-                              ["merged"]))
+            out.append(
+                Worker(
+                    f"edge-lora onnx {q} merged",
+                    {"kind": "ours-onnx", "backend": "onnx", "quant": q, "merged": True, **ours},
+                    ["merged"],
+                )
+            )
     for q in plan.gguf_quants:
         cases = ["base", "a", "ab"] if BITS[q] == 4 else ["base", "a"]
-        out.append(Worker(f"edge-lora llama.cpp {q}", {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, **ours}, cases))
+        out.append(
+            Worker(
+                f"edge-lora llama.cpp {q}",
+                {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, **ours},
+                cases,
+            )
+        )
         if plan.merged and BITS[q] == 4:
-            out.append(Worker(f"edge-lora llama.cpp {q} merged",
-                              {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, "merged": True, **ours}, ["merged"]))
+            out.append(
+                Worker(
+                    f"edge-lora llama.cpp {q} merged",
+                    {"kind": "ours-llamacpp", "backend": "llamacpp", "quant": q, "merged": True, **ours},
+                    ["merged"],
+                )
+            )
     for q in plan.gguf_quants:
         gguf = str(model.gguf(q))
         out.append(Worker(f"llama.cpp {q}", {"kind": "peer-llamacpp", "gguf": gguf, **common}, ["base"]))
         if BITS[q] == 4:  # the adapter comparisons are made at 4 bits
-            out.append(Worker(f"llama.cpp {q} lora_path", {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
-                              ["a"]))
+            out.append(
+                Worker(
+                    f"llama.cpp {q} lora_path",
+                    {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(model.gguf_adapter("a")), **common},
+                    ["a"],
+                )
+            )
             for key, path in (lora_files or {}).items():
                 spec = {"kind": "peer-llamacpp", "gguf": gguf, "lora": str(path), **common}
                 out.append(Worker(f"llama.cpp {q} lora_path {key}", spec, ["a"]))
         if q in merged_gguf:
-            out.append(Worker(f"llama.cpp {q} merged", {"kind": "peer-llamacpp", "gguf": str(merged_gguf[q]), **common}, ["merged"]))
+            out.append(
+                Worker(
+                    f"llama.cpp {q} merged",
+                    {"kind": "peer-llamacpp", "gguf": str(merged_gguf[q]), **common},
+                    ["merged"],
+                )
+            )
     if "plain" in genai:
-        out.append(Worker("ORT GenAI builder int4", {"kind": "peer-genai", "folder": str(genai["plain"]), **common}, ["base"]))
+        out.append(
+            Worker(
+                "ORT GenAI builder int4",
+                {"kind": "peer-genai", "folder": str(genai["plain"]), **common},
+                ["base"],
+            )
+        )
     if "baked" in genai:
-        out.append(Worker("ORT GenAI builder int4 +LoRA baked", {"kind": "peer-genai", "folder": str(genai["baked"]), **common}, ["a"]))
+        out.append(
+            Worker(
+                "ORT GenAI builder int4 +LoRA baked",
+                {"kind": "peer-genai", "folder": str(genai["baked"]), **common},
+                ["a"],
+            )
+        )
     for q in plan.onnx_quants:
         if BITS[q] == 4:  # onnxruntime-genai on our own folder, the adapter switchable through og.Adapters
-            out.append(Worker(f"ORT GenAI on our {q} +og.Adapters",
-                              {"kind": "peer-genai", "folder": str(model.onnx_folder(q)), "adapter": str(model.onnx_adapter("a")), **common},
-                              ["base", "a"]))
-    out.append(Worker("transformers+PEFT fp32", {"kind": "peer-hf", "hf_dir": str(model.hf_dir), "peft_dir": str(model.peft_dir("a")),
-                                                 **common, "new_tokens": plan.hf_new_tokens}, ["base", "a"]))
+            out.append(
+                Worker(
+                    f"ORT GenAI on our {q} +og.Adapters",
+                    {
+                        "kind": "peer-genai",
+                        "folder": str(model.onnx_folder(q)),
+                        "adapter": str(model.onnx_adapter("a")),
+                        **common,
+                    },
+                    ["base", "a"],
+                )
+            )
+    out.append(
+        Worker(
+            "transformers+PEFT fp32",
+            {
+                "kind": "peer-hf",
+                "hf_dir": str(model.hf_dir),
+                "peft_dir": str(model.peft_dir("a")),
+                **common,
+                "new_tokens": plan.hf_new_tokens,
+            },
+            ["base", "a"],
+        )
+    )
     return out

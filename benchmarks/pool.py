@@ -14,13 +14,21 @@ ROOT = Path(__file__).resolve().parents[1]
 
 
 def _env(threads: int) -> dict:
-    return dict(os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false")
+    return dict(
+        os.environ, OMP_NUM_THREADS=str(threads), PYTHONPATH=str(ROOT), TOKENIZERS_PARALLELISM="false"
+    )
 
 
 def run_once(spec: dict, timeout: float = 300) -> dict:
     """A one-shot worker (cold start, baseline memory): its single JSON line."""
-    proc = subprocess.run([sys.executable, "-m", "benchmarks.worker", json.dumps(spec)], cwd=ROOT, env=_env(spec.get("threads", 2)),
-                          capture_output=True, text=True, timeout=timeout)
+    proc = subprocess.run(
+        [sys.executable, "-m", "benchmarks.worker", json.dumps(spec)],
+        cwd=ROOT,
+        env=_env(spec.get("threads", 2)),
+        capture_output=True,
+        text=True,
+        timeout=timeout,
+    )
     if proc.returncode != 0:
         return {"error": (proc.stderr or proc.stdout).strip()[-600:]}
     return json.loads(proc.stdout.strip().splitlines()[-1])
@@ -38,9 +46,15 @@ class Worker:
     dead: bool = False
 
     def start(self) -> None:
-        self.proc = subprocess.Popen([sys.executable, "-m", "benchmarks.worker", json.dumps(self.spec)], cwd=ROOT,
-                                     env=_env(self.spec.get("threads", 2)), stdin=subprocess.PIPE, stdout=subprocess.PIPE,
-                                     stderr=subprocess.PIPE, text=True)
+        self.proc = subprocess.Popen(
+            [sys.executable, "-m", "benchmarks.worker", json.dumps(self.spec)],
+            cwd=ROOT,
+            env=_env(self.spec.get("threads", 2)),
+            stdin=subprocess.PIPE,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
         self.info = self._read()
 
     def _read(self) -> dict:
@@ -82,7 +96,9 @@ def start_all(workers: list[Worker], say=print) -> list[Worker]:
         try:
             w.start()
             alive.append(w)
-            say(f"  started {w.label} (load {w.info.get('load_s') or 0:.2f} s, RSS {w.info['rss_mb']:.0f} MB)")
+            say(
+                f"  started {w.label} (load {w.info.get('load_s') or 0:.2f} s, RSS {w.info['rss_mb']:.0f} MB)"
+            )
         except Exception as err:  # noqa: BLE001  a peer that cannot run here is reported, not fatal
             say(f"  could not start {w.label}: {str(err)[:400]}")
             w.info = {"error": str(err)[:400]}
@@ -107,8 +123,12 @@ def rounds(workers: list[Worker], n_rounds: int, say=print) -> dict[str, list[fl
             prefill[key].append(out.get("prefill_ms"))
             if "error" in out:
                 say(f"  {key}: {out['error']}")
-        say(f"  round {r + 1}/{n_rounds}: " + ", ".join(f"{k.split('|')[0]}[{k.split('|')[1]}] "
-                                                        f"{v[-1]:.0f}" for k, v in results.items() if v and v[-1]).replace("edge-lora ", "ours "))
+        say(
+            f"  round {r + 1}/{n_rounds}: "
+            + ", ".join(
+                f"{k.split('|')[0]}[{k.split('|')[1]}] {v[-1]:.0f}" for k, v in results.items() if v and v[-1]
+            ).replace("edge-lora ", "ours ")
+        )
     return {"tok_s": results, "prefill_ms": prefill}
 
 

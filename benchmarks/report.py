@@ -44,13 +44,17 @@ def _config(raw: dict):
     return ModelConfig.from_saved(raw)
 
 
-def token_bytes(info: dict, plan: dict, bits: int, adapters: int, adapter_bytes_per_value: int = 2) -> roofline.TokenBytes:
+def token_bytes(
+    info: dict, plan: dict, bits: int, adapters: int, adapter_bytes_per_value: int = 2
+) -> roofline.TokenBytes:
     config = _config(info["config"])
     quant = {4: "q4_0", 8: "q8_0"}[bits]
     context = plan["prompt"] + plan["new_tokens"] // 2
-    return roofline.TokenBytes(int(info["files"][quant]["token_weight_mb"] * 1e6),
-                               roofline.adapter_bytes(config, 16, adapter_bytes_per_value, adapters),
-                               roofline.kv_bytes(config, context, 2))
+    return roofline.TokenBytes(
+        int(info["files"][quant]["token_weight_mb"] * 1e6),
+        roofline.adapter_bytes(config, 16, adapter_bytes_per_value, adapters),
+        roofline.kv_bytes(config, context, 2),
+    )
 
 
 def _best(tok_s: dict, keys: list[str]) -> str | None:
@@ -67,13 +71,24 @@ def summarize(results: dict) -> dict:
         for key, values in tok_s.items():
             label, case = key.split("|")
             bits = _bits(label)
-            row = {"engine": label, "case": case, "tok_s": median(values), "runs": values,
-                   "prefill_ms": median(info["decode"]["prefill_ms"][key])}
+            row = {
+                "engine": label,
+                "case": case,
+                "tok_s": median(values),
+                "runs": values,
+                "prefill_ms": median(info["decode"]["prefill_ms"][key]),
+            }
             if bits and row["tok_s"]:
                 tb = token_bytes(info, results["plan"], bits, {"a": 1, "ab": 2}.get(case, 0))
-                ws = bw["working_set_gbs"].get(str(max(16, int(info["files"]["q4_0" if bits == 4 else "q8_0"]["token_weight_mb"]))))
-                row.update(bits=bits, token_mb=tb.total / 1e6, roofline_tok_s=roofline.roofline_tok_s(bw["dram_gbs"], tb),
-                           pct_roofline=100 * row["tok_s"] / roofline.roofline_tok_s(bw["dram_gbs"], tb))
+                ws = bw["working_set_gbs"].get(
+                    str(max(16, int(info["files"]["q4_0" if bits == 4 else "q8_0"]["token_weight_mb"])))
+                )
+                row.update(
+                    bits=bits,
+                    token_mb=tb.total / 1e6,
+                    roofline_tok_s=roofline.roofline_tok_s(bw["dram_gbs"], tb),
+                    pct_roofline=100 * row["tok_s"] / roofline.roofline_tok_s(bw["dram_gbs"], tb),
+                )
                 if ws:
                     row["pct_cache_roofline"] = 100 * row["tok_s"] / roofline.roofline_tok_s(ws, tb)
             rows.append(row)
@@ -85,7 +100,9 @@ def targets(results: dict, shape: str, info: dict) -> list[dict]:
     """Every target of the performance issue that this model's numbers can judge (4-bit)."""
     tok_s, extras, plan = info["decode"]["tok_s"], info["extras"], results["plan"]
     ours_a = _best(tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")])
-    ours_base = _best(tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|base")])
+    ours_base = _best(
+        tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|base")]
+    )
     peer_a = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|a")])
     peer_base = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|base")])
     out = []
@@ -95,12 +112,23 @@ def targets(results: dict, shape: str, info: dict) -> list[dict]:
 
     if ours_a and peer_a:
         r = paired_ratio(tok_s[ours_a], tok_s[peer_a])
-        add("decode with the adapter vs the best peer's unmerged LoRA", r, ">= 1.3", r is not None and r >= 1.3,
+        add(
+            "decode with the adapter vs the best peer's unmerged LoRA",
+            r,
+            ">= 1.3",
+            r is not None and r >= 1.3,
             f"{ours_a} vs {peer_a} (peers: llama.cpp with convert_lora_to_gguf.py's f32/f16/q8_0 files, "
-            "ORT GenAI)")
+            "ORT GenAI)",
+        )
     if ours_base and peer_base:
         r = paired_ratio(tok_s[ours_base], tok_s[peer_base])
-        add("no adapter: fastest edge-lora / best peer", r, ">= 1.0", r is not None and r >= 1.0, f"{ours_base} vs {peer_base}")
+        add(
+            "no adapter: fastest edge-lora / best peer",
+            r,
+            ">= 1.0",
+            r is not None and r >= 1.0,
+            f"{ours_base} vs {peer_base}",
+        )
     if ours_a:
         engine = ours_a.split("|")[0]
         base = f"{engine}|base"
@@ -108,8 +136,13 @@ def targets(results: dict, shape: str, info: dict) -> list[dict]:
         share = tb.adapters / (tb.weights + tb.kv_cache)
         r = paired_ratio(tok_s[base], tok_s[ours_a])  # time per token with / without
         if r:
-            add("adapter cost: extra time per token / (1.5 x fp16 byte share)", (r - 1) / (1.5 * share), "<= 1.0",
-                (r - 1) <= 1.5 * share, f"{engine}: +{100 * (r - 1):.0f}% time, fp16 adapter = {100 * share:.0f}% of bytes")
+            add(
+                "adapter cost: extra time per token / (1.5 x fp16 byte share)",
+                (r - 1) / (1.5 * share),
+                "<= 1.0",
+                (r - 1) <= 1.5 * share,
+                f"{engine}: +{100 * (r - 1):.0f}% time, fp16 adapter = {100 * share:.0f}% of bytes",
+            )
         for peer in [k for k in tok_s if not k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")]:
             pb = _peer_base(tok_s, peer)
             if pb:
@@ -125,35 +158,61 @@ def targets(results: dict, shape: str, info: dict) -> list[dict]:
         tb = token_bytes(info, plan, 4, 1)
         roof = roofline.roofline_tok_s(results["bandwidth"]["dram_gbs"], tb)
         r = median(tok_s[ours_a]) / roof
-        add("0.5B 4-bit with adapter: share of the DRAM roofline", r, ">= 0.70", r >= 0.7, f"{ours_a}, roofline {roof:.1f} tok/s")
+        add(
+            "0.5B 4-bit with adapter: share of the DRAM roofline",
+            r,
+            ">= 0.70",
+            r >= 0.7,
+            f"{ours_a}, roofline {roof:.1f} tok/s",
+        )
     for label, x in extras.items():
         if not label.startswith(OURS) or "swap_p99_ms" not in x:
             continue
         add(f"swap p99 ms ({label})", x["swap_p99_ms"], "< 1", x["swap_p99_ms"] < 1.0)
-        add(f"first step after swap / steady ({label})", x["first_over_steady"], "<= 1.0 (noise 1.1)", x["first_over_steady"] <= 1.1)
+        add(
+            f"first step after swap / steady ({label})",
+            x["first_over_steady"],
+            "<= 1.0 (noise 1.1)",
+            x["first_over_steady"] <= 1.1,
+        )
         if "add_to_ready_ms" in x:
             mb = info["files"]["adapter"]["safetensors_mb"]
             # the target includes the first add in a fresh process (hash checked), timed by the cold worker
             first = info["cold"].get(label, {}).get("first_add_ms", float("nan"))
             again = x.get("add_bundled_to_ready_ms", float("nan"))
             worst = max(v for v in (x["add_to_ready_ms"], first, again) if not math.isnan(v))
-            add(f"add a {mb:.0f} MB adapter, ms ({label})", worst, "< 20", worst < 20,
+            add(
+                f"add a {mb:.0f} MB adapter, ms ({label})",
+                worst,
+                "< 20",
+                worst < 20,
                 f"first add in a fresh process (bundled, hash checked) {first:.1f}; a later file: load "
                 f"{x['add_adapter_ms']:.1f} + first request setup {x['first_request_setup_ms']:.1f}; "
-                f"one the bundle ships (hash checked): {x.get('add_bundled_to_ready_ms', float('nan')):.1f}")
+                f"one the bundle ships (hash checked): {x.get('add_bundled_to_ready_ms', float('nan')):.1f}",
+            )
     for label, x in info["cold"].items():
         if "error" in x:
             add(f"cold start ({label})", None, "< 1 s", False, x["error"][:200])
             continue
         if shape.startswith("qwen"):
-            add(f"cold start to first token, s ({label})", x["load_to_first_token_s"], "< 1", x["load_to_first_token_s"] < 1.0,
-                f"process start to first token {x['process_to_first_token_s']:.2f} s (imports {x['import_s']:.2f} s)")
+            add(
+                f"cold start to first token, s ({label})",
+                x["load_to_first_token_s"],
+                "< 1",
+                x["load_to_first_token_s"] < 1.0,
+                f"process start to first token {x['process_to_first_token_s']:.2f} s (imports {x['import_s']:.2f} s)",
+            )
         parts = _memory_budget_parts(info, label, plan, x)
         budget = sum(parts.values())
         base_rss = baseline_mb(results, _backend_of(label, x))
         r = (x["peak_rss_mb"] - base_rss) / budget
-        add(f"peak RSS / (file + adapter + KV), {_setting(label, x)} ({label})", r, "<= 1.3",
-            r <= 1.3, _memory_why(label, x, base_rss, parts, r <= 1.3))
+        add(
+            f"peak RSS / (file + adapter + KV), {_setting(label, x)} ({label})",
+            r,
+            "<= 1.3",
+            r <= 1.3,
+            _memory_why(label, x, base_rss, parts, r <= 1.3),
+        )
     return out
 
 
@@ -175,9 +234,9 @@ def _setting(label: str, x: dict) -> str:
 # why a memory row is over its budget, when it is (measured in docs/backend-notes.md "Memory")
 MEMORY_CAUSES = {
     "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.2x the file: fp32 scales "
-            "and block sums added), and an adapter is held as its arrays and as its feeds",
+    "and block sums added), and an adapter is held as its arrays and as its feeds",
     "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
-                "prepacked-weights container is not in the Python binding)",
+    "prepacked-weights container is not in the Python binding)",
     "llamacpp": "weights are the file's mapped pages; the KV cache is allocated and zeroed for all of n_ctx",
 }
 
@@ -186,8 +245,13 @@ def _memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) ->
     """The peak's steps (loaded engine, first token, adapter, its request) against the budget's parts."""
     text = f"peak {x['peak_rss_mb']:.0f} MB - {base_rss:.0f} MB interpreter+libraries"
     if "rss_after_load_mb" in x:
-        marks = [base_rss, x["rss_after_load_mb"], x["rss_after_first_token_mb"], x["rss_after_adapter_mb"],
-                 x["peak_rss_mb"]]
+        marks = [
+            base_rss,
+            x["rss_after_load_mb"],
+            x["rss_after_first_token_mb"],
+            x["rss_after_adapter_mb"],
+            x["peak_rss_mb"],
+        ]
         names = ("loaded", "first token", "adapter added", "its request")
         steps = [(n, after - before) for n, before, after in zip(names, marks, marks[1:])]
         text += ": " + ", ".join(f"{k} {v:+.0f}" for k, v in steps)
@@ -211,8 +275,11 @@ def _onnx_adapter_cost(tok_s: dict, info: dict, plan: dict) -> list[dict]:
     """Extra time per token of one unmerged r16 adapter on our fastest 4-bit ONNX engine, against 1.5x the
     adapter's share of the bytes a token reads, the adapter as stored and read (the graph's float32
     inputs)."""
-    keys = [k for k in tok_s if k.startswith(f"{OURS} onnx") and _bits(k) == 4 and k.endswith("|a")
-            and f"{k[:-2]}|base" in tok_s]
+    keys = [
+        k
+        for k in tok_s
+        if k.startswith(f"{OURS} onnx") and _bits(k) == 4 and k.endswith("|a") and f"{k[:-2]}|base" in tok_s
+    ]
     best = _best(tok_s, keys)
     if not best:
         return []
@@ -221,11 +288,17 @@ def _onnx_adapter_cost(tok_s: dict, info: dict, plan: dict) -> list[dict]:
         return []
     stored, fp16 = token_bytes(info, plan, 4, 1, 4), token_bytes(info, plan, 4, 1, 2)
     share, share16 = (tb.adapters / (tb.weights + tb.kv_cache) for tb in (stored, fp16))
-    return [{"target": "unmerged r16 adapter: extra time per token, ONNX (vs byte share)",
-             "value": (r - 1) / (1.5 * share), "goal": "<= 1.0", "met": (r - 1) <= 1.5 * share,
-             "detail": f"{best.split('|')[0]}: +{100 * (r - 1):.0f}% time; the adapter as stored (float32 inputs) = "
-                       f"{100 * share:.0f}% of a token's bytes (fp16: {100 * share16:.0f}%); the cost is per-node work, "
-                       "not bytes (docs/backend-notes.md)"}]
+    return [
+        {
+            "target": "unmerged r16 adapter: extra time per token, ONNX (vs byte share)",
+            "value": (r - 1) / (1.5 * share),
+            "goal": "<= 1.0",
+            "met": (r - 1) <= 1.5 * share,
+            "detail": f"{best.split('|')[0]}: +{100 * (r - 1):.0f}% time; the adapter as stored (float32 inputs) = "
+            f"{100 * share:.0f}% of a token's bytes (fp16: {100 * share16:.0f}%); the cost is per-node work, "
+            "not bytes (docs/backend-notes.md)",
+        }
+    ]
 
 
 def _peer_base(tok_s: dict, peer_a: str) -> str | None:
@@ -263,22 +336,39 @@ def _fmt(v, digits=2) -> str:
 def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path | None = None) -> str:
     s, bw, plan = results["summary"], results["bandwidth"], results["plan"]
     m = results["machine"]
-    lines = [f"Run {results['date']} ({'quick' if results['quick'] else 'full'}, {results['wall_s'] / 60:.0f} min) on {m['cpu']}, "
-             f"{m['cores']} cores{' (AMX: llama.cpp extra buffer types off)' if m.get('amx') else ''}; load average "
-             f"{results['load_average_start']} at start, {results['load_average_end']} at the end (other jobs share this machine). "
-             f"{plan['threads']} threads (ONNX Runtime sessions spin, their default), prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
-             f"medians, ratios paired per round. Memory bandwidth: {bw['dram_gbs']:.1f} GB/s from DRAM ({bw['dram_buffer_mb']} MB buffer), "
-             + ", ".join(f"{g:.1f} GB/s over {mb} MB" for mb, g in bw["working_set_gbs"].items())
-             + f" (LLC {bw['llc_mb']:.0f} MB: the models fit in it, so engines can pass the DRAM roofline).", ""]
+    lines = [
+        f"Run {results['date']} ({'quick' if results['quick'] else 'full'}, {results['wall_s'] / 60:.0f} min) on {m['cpu']}, "
+        f"{m['cores']} cores{' (AMX: llama.cpp extra buffer types off)' if m.get('amx') else ''}; load average "
+        f"{results['load_average_start']} at start, {results['load_average_end']} at the end (other jobs share this machine). "
+        f"{plan['threads']} threads (ONNX Runtime sessions spin, their default), prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
+        f"medians, ratios paired per round. Memory bandwidth: {bw['dram_gbs']:.1f} GB/s from DRAM ({bw['dram_buffer_mb']} MB buffer), "
+        + ", ".join(f"{g:.1f} GB/s over {mb} MB" for mb, g in bw["working_set_gbs"].items())
+        + f" (LLC {bw['llc_mb']:.0f} MB: the models fit in it, so engines can pass the DRAM roofline).",
+        "",
+    ]
     for shape, info in s["models"].items():
-        lines += [f"### {shape}: targets", "", "| target | measured | goal | met | how |", "|---|---|---|---|---|"]
+        lines += [
+            f"### {shape}: targets",
+            "",
+            "| target | measured | goal | met | how |",
+            "|---|---|---|---|---|",
+        ]
         for t in info["targets"]:
-            lines.append(f"| {t['target']} | {_fmt(t['value'])} | {t['goal']} | {'yes' if t['met'] else '**no**'} | {t['detail']} |")
-        lines += ["", f"### {shape}: decode", "",
-                  "| engine | case | tok/s (median) | % DRAM roofline | % cache roofline | prefill ms |", "|---|---|---|---|---|---|"]
+            lines.append(
+                f"| {t['target']} | {_fmt(t['value'])} | {t['goal']} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
+            )
+        lines += [
+            "",
+            f"### {shape}: decode",
+            "",
+            "| engine | case | tok/s (median) | % DRAM roofline | % cache roofline | prefill ms |",
+            "|---|---|---|---|---|---|",
+        ]
         for r in sorted(info["rows"], key=lambda r: (r.get("bits") or 99, r["case"], -(r["tok_s"] or 0))):
-            lines.append(f"| {r['engine']} | {r['case']} | {_fmt(r['tok_s'], 1)} | {_fmt(r.get('pct_roofline'), 0)} | "
-                         f"{_fmt(r.get('pct_cache_roofline'), 0)} | {_fmt(r['prefill_ms'], 0)} |")
+            lines.append(
+                f"| {r['engine']} | {r['case']} | {_fmt(r['tok_s'], 1)} | {_fmt(r.get('pct_roofline'), 0)} | "
+                f"{_fmt(r.get('pct_cache_roofline'), 0)} | {_fmt(r['prefill_ms'], 0)} |"
+            )
         lines.append("")
     for shape, model in results["models"].items():
         lines += dtype_markdown(shape, model)
@@ -291,18 +381,37 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
 
             lines += markdown(model["gpu"])
     if results.get("train"):
-        lines += ["### training (SmolLM2-135M shape, rank 16 all-linear)", "", "| case | compute | tokens/s | peak RSS MB |", "|---|---|---|---|"]
+        lines += [
+            "### training (SmolLM2-135M shape, rank 16 all-linear)",
+            "",
+            "| case | compute | tokens/s | peak RSS MB |",
+            "|---|---|---|---|",
+        ]
         for name, c in results["train"]["cases"].items():
-            lines.append(f"| {name} | {c.get('compute_dtype', 'float32')} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |")
+            lines.append(
+                f"| {name} | {c.get('compute_dtype', 'float32')} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |"
+            )
         targets = results["train"].get("targets")
         if isinstance(targets, list):  # earlier runs kept only the goals
-            lines += ["", "| target vs PEFT (same run) | speed | peak RSS | goal | met |", "|---|---|---|---|---|"]
-            lines += [f"| {t['case']} ({t['compute_dtype']}) | {t['speed_vs_peft']:.2f}x | {t['rss_vs_peft']:.2f}x | {t['goal']} | "
-                      f"{'yes' if t['met'] else '**no**'} |" for t in targets]
+            lines += [
+                "",
+                "| target vs PEFT (same run) | speed | peak RSS | goal | met |",
+                "|---|---|---|---|---|",
+            ]
+            lines += [
+                f"| {t['case']} ({t['compute_dtype']}) | {t['speed_vs_peft']:.2f}x | {t['rss_vs_peft']:.2f}x | {t['goal']} | "
+                f"{'yes' if t['met'] else '**no**'} |"
+                for t in targets
+            ]
         real = results["train"].get("real_size")
         if real:
-            lines.append(f"| edge-lora int4, Qwen2.5-0.5B shape | {real['tokens_per_s']:.0f} | {_fmt(real.get('peak_rss_mb'), 0)} |")
-            lines += ["", f"At the 0.5B shape, 1,000 examples of 256 tokens take {real['seconds_per_1000_examples'] / 60:.0f} minutes."]
+            lines.append(
+                f"| edge-lora int4, Qwen2.5-0.5B shape | {real['tokens_per_s']:.0f} | {_fmt(real.get('peak_rss_mb'), 0)} |"
+            )
+            lines += [
+                "",
+                f"At the 0.5B shape, 1,000 examples of 256 tokens take {real['seconds_per_1000_examples'] / 60:.0f} minutes.",
+            ]
         lines += ([f"Note: {results['train']['note']}."] if results["train"].get("note") else []) + [""]
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p
@@ -339,15 +448,21 @@ def memory_markdown(shape: str, model: dict, results: dict) -> list[str]:
     if not cold:
         return []
     bases = ", ".join(f"{b} {baseline_mb(results, b):.0f} MB" for b in ("onnx", "llamacpp"))
-    lines = [f"### {shape}: memory (MB resident above the interpreter and the backend's libraries: {bases})",
-             "", "| engine | loaded | + first token | + adapter added | peak (its request) | load s "
-             "| first token s |", "|---|---|---|---|---|---|---|"]
+    lines = [
+        f"### {shape}: memory (MB resident above the interpreter and the backend's libraries: {bases})",
+        "",
+        "| engine | loaded | + first token | + adapter added | peak (its request) | load s | first token s |",
+        "|---|---|---|---|---|---|---|",
+    ]
     for label, x in cold.items():
         base_rss = baseline_mb(results, _backend_of(label, x))
         steps = ("rss_after_load_mb", "rss_after_first_token_mb", "rss_after_adapter_mb", "peak_rss_mb")
         mb = [x[k] - base_rss for k in steps]
-        lines.append(f"| {label} | " + " | ".join(f"{v:.0f}" for v in mb)
-                     + f" | {x['load_s']:.2f} | {x['load_to_first_token_s']:.2f} |")
+        lines.append(
+            f"| {label} | "
+            + " | ".join(f"{v:.0f}" for v in mb)
+            + f" | {x['load_s']:.2f} | {x['load_to_first_token_s']:.2f} |"
+        )
     return lines + [""]
 
 
@@ -357,15 +472,20 @@ def loaded_markdown(shape: str, model: dict) -> list[str]:
     if not sweeps:
         return []
     size = model["files"]["adapter"]["safetensors_mb"]
-    lines = [f"### {shape}: adapters loaded (rank 16, all-linear, {size:.0f} MB each as safetensors)", "",
-             "| engine | loaded | RSS MB | MB per adapter (from the base) | tok/s, one active |",
-             "|---|---|---|---|---|"]
+    lines = [
+        f"### {shape}: adapters loaded (rank 16, all-linear, {size:.0f} MB each as safetensors)",
+        "",
+        "| engine | loaded | RSS MB | MB per adapter (from the base) | tok/s, one active |",
+        "|---|---|---|---|---|",
+    ]
     for label, sw in sweeps.items():
         base = (sw.get("base_rss") or {}).get("rss_mb")
         for row in sw["loaded"]:
             per = (row["rss_mb"] - base) / row["loaded"] if base else None
-            lines.append(f"| {label} | {row['loaded']} | {row['rss_mb']:.0f} | {_fmt(per, 1)} | "
-                         f"{_fmt(row['tok_s'], 1)} |")
+            lines.append(
+                f"| {label} | {row['loaded']} | {row['rss_mb']:.0f} | {_fmt(per, 1)} | "
+                f"{_fmt(row['tok_s'], 1)} |"
+            )
     return lines + [""]
 
 
@@ -386,5 +506,11 @@ def dtype_markdown(shape: str, model: dict) -> list[str]:
         rows.append(f"| {quant} | {source} | {_fmt(mb, 1)} | {_fmt(median(tok_s[key]), 1)} | {_fmt(r, 2)} |")
     if not rows:
         return []
-    return [f"### {shape}: adapter dtype (rank 16, all-linear) on llama.cpp", "",
-            "| base | adapter file | MB | tok/s | vs base (paired) |", "|---|---|---|---|---|", *sorted(rows), ""]
+    return [
+        f"### {shape}: adapter dtype (rank 16, all-linear) on llama.cpp",
+        "",
+        "| base | adapter file | MB | tok/s | vs base (paired) |",
+        "|---|---|---|---|---|",
+        *sorted(rows),
+        "",
+    ]

@@ -42,7 +42,11 @@ def llc_mb() -> float:
     for index in Path("/sys/devices/system/cpu/cpu0/cache").glob("index*"):
         try:
             text = (index / "size").read_text().strip()
-            sizes.append(int(text[:-1]) / (1024 if text.endswith("K") else 1) if text[-1] in "KM" else int(text) / 2**20)
+            sizes.append(
+                int(text[:-1]) / (1024 if text.endswith("K") else 1)
+                if text[-1] in "KM"
+                else int(text) / 2**20
+            )
         except (OSError, ValueError):
             continue
     return max(sizes, default=0.0)
@@ -89,7 +93,14 @@ def adapter_bytes(config, rank: int, bytes_per_value: int, count: int = 1) -> in
 
 
 def kv_bytes(config, context: int, bytes_per_value: int) -> int:
-    return 2 * config.num_hidden_layers * config.num_key_value_heads * config.head_dim * context * bytes_per_value
+    return (
+        2
+        * config.num_hidden_layers
+        * config.num_key_value_heads
+        * config.head_dim
+        * context
+        * bytes_per_value
+    )
 
 
 def roofline_tok_s(bandwidth: float, token_bytes: TokenBytes) -> float:
@@ -101,6 +112,10 @@ def measure(threads: int, quick: bool, working_set_mb: list[int]) -> dict:
     llc = llc_mb()
     dram_mb = int(max(1024, 4 * llc)) if not quick else int(max(512, 2 * llc))
     passes = 3 if quick else 5
-    return {"threads": threads, "llc_mb": llc, "dram_buffer_mb": dram_mb,
-            "dram_gbs": bandwidth_gbs(dram_mb, threads, passes),
-            "working_set_gbs": {str(mb): bandwidth_gbs(mb, threads, passes + 2) for mb in working_set_mb}}
+    return {
+        "threads": threads,
+        "llc_mb": llc,
+        "dram_buffer_mb": dram_mb,
+        "dram_gbs": bandwidth_gbs(dram_mb, threads, passes),
+        "working_set_gbs": {str(mb): bandwidth_gbs(mb, threads, passes + 2) for mb in working_set_mb},
+    }

@@ -37,7 +37,12 @@ def add_adapter_ms(engine, path: str) -> dict:
     engine.add_adapter("b")
     ready_for(engine, "b")
     bundled = (time.perf_counter() - t2) * 1e3
-    return {"add_adapter_ms": added, "first_request_setup_ms": ready, "add_to_ready_ms": added + ready, "add_bundled_to_ready_ms": bundled}
+    return {
+        "add_adapter_ms": added,
+        "first_request_setup_ms": ready,
+        "add_to_ready_ms": added + ready,
+        "add_bundled_to_ready_ms": bundled,
+    }
 
 
 def _rate(worker, adapters: dict, prompt_len: int, new_tokens: int, repeats: int) -> float:
@@ -81,7 +86,13 @@ def sweep(worker, cmd: dict) -> dict:
         engine.remove_adapter(name)
     rows = []
     for length in cmd["contexts"] if "context" in only else []:
-        rows.append({"context": length, "base_tok_s": _rate(worker, {}, length, n, reps),
-                     "adapter_tok_s": _rate(worker, {"a": 1.0}, length, n, reps), **rss()})
+        rows.append(
+            {
+                "context": length,
+                "base_tok_s": _rate(worker, {}, length, n, reps),
+                "adapter_tok_s": _rate(worker, {"a": 1.0}, length, n, reps),
+                **rss(),
+            }
+        )
     out["context"] = rows
     return out

@@ -32,7 +32,10 @@ def rss() -> dict:
     """Resident memory now and at its peak (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {"rss_mb": int(fields["VmRSS"].split()[0]) / 1024, "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024}
+    return {
+        "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
+        "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
+    }
 
 
 def prompt_ids(length: int) -> list[int]:
@@ -94,7 +97,9 @@ def swap_steps(engine, backend: str, n: int) -> dict:
         chosen = {"a": 1.0} if i % 2 else {"b": 1.0}
         t0 = time.perf_counter()
         state = engine._new_state(*engine._request_set(chosen))
-        if backend == "llamacpp":  # the set is applied on a request's first feed: apply it here, under the timer
+        if (
+            backend == "llamacpp"
+        ):  # the set is applied on a request's first feed: apply it here, under the timer
             with engine._ctx_lock:
                 engine._use_set(state.adapter_set, state.loaded)
         swaps.append((time.perf_counter() - t0) * 1e3)
@@ -106,9 +111,13 @@ def swap_steps(engine, backend: str, n: int) -> dict:
         state.feed([14])
         steady.append((time.perf_counter() - t2) * 1e3)
         state.close()
-    return {"swap_p50_ms": float(np.percentile(swaps, 50)), "swap_p99_ms": float(np.percentile(swaps, 99)),
-            "first_step_after_swap_ms": float(np.median(first)), "steady_step_ms": float(np.median(steady)),
-            "first_over_steady": float(np.median(np.array(first) / np.array(steady)))}
+    return {
+        "swap_p50_ms": float(np.percentile(swaps, 50)),
+        "swap_p99_ms": float(np.percentile(swaps, 99)),
+        "first_step_after_swap_ms": float(np.median(first)),
+        "steady_step_ms": float(np.median(steady)),
+        "first_over_steady": float(np.median(np.array(first) / np.array(steady))),
+    }
 
 
 def cold_start(spec: dict) -> dict:
@@ -137,13 +146,24 @@ def cold_start(spec: dict) -> dict:
     added = rss()
     engine.generate_ids(prompt_ids(spec["prompt"]), _params(spec["new_tokens"]), adapters={"a": 1.0})
     info = engine.info()
-    return {"process_to_first_token_s": time.time() - STARTED - (time.perf_counter() - t2), "import_s": t0 - t_import,
-            "load_s": t1 - t0, "load_to_first_token_s": t2 - t0, "first_token": first[:1], "rss_after_first_token_mb": after_load["rss_mb"],
-            "first_add_ms": first_add_ms,
-            "rss_after_load_mb": loaded["rss_mb"], "peak_after_load_mb": loaded["peak_rss_mb"],
-            "rss_after_adapter_mb": added["rss_mb"], "backend": spec["backend"], "quant": spec["quant"],
-            "plain_session": info.get("plain_session"), "n_ctx": info.get("n_ctx"), "mmap": info.get("mmap"),
-            **rss()}
+    return {
+        "process_to_first_token_s": time.time() - STARTED - (time.perf_counter() - t2),
+        "import_s": t0 - t_import,
+        "load_s": t1 - t0,
+        "load_to_first_token_s": t2 - t0,
+        "first_token": first[:1],
+        "rss_after_first_token_mb": after_load["rss_mb"],
+        "first_add_ms": first_add_ms,
+        "rss_after_load_mb": loaded["rss_mb"],
+        "peak_after_load_mb": loaded["peak_rss_mb"],
+        "rss_after_adapter_mb": added["rss_mb"],
+        "backend": spec["backend"],
+        "quant": spec["quant"],
+        "plain_session": info.get("plain_session"),
+        "n_ctx": info.get("n_ctx"),
+        "mmap": info.get("mmap"),
+        **rss(),
+    }
 
 
 def _params(n: int):
@@ -192,12 +212,18 @@ def main() -> int:
     if spec["kind"] == "gpu":
         from benchmarks.gpu_bench import measure
 
-        print(json.dumps(measure(spec["bundle"], spec["tokens"], spec["prompt"], spec["threads"])), flush=True)
+        print(
+            json.dumps(measure(spec["bundle"], spec["tokens"], spec["prompt"], spec["threads"])), flush=True
+        )
         return 0
-    if spec["kind"] == "bandwidth":  # its GB-sized buffer stays out of the runner (children would inherit its peak)
+    if (
+        spec["kind"] == "bandwidth"
+    ):  # its GB-sized buffer stays out of the runner (children would inherit its peak)
         from benchmarks import roofline
 
-        print(json.dumps(roofline.measure(spec["threads"], spec["quick"], spec["working_set_mb"])), flush=True)
+        print(
+            json.dumps(roofline.measure(spec["threads"], spec["quick"], spec["working_set_mb"])), flush=True
+        )
         return 0
     worker = _worker(spec)
     prompt = prompt_ids(spec["prompt"])
@@ -220,7 +246,9 @@ def main() -> int:
                 return 0
             else:
                 out = {"error": f"unknown op {op}"}
-        except Exception as err:  # report it to the runner and stay alive: one failed case is not a failed run
+        except (
+            Exception
+        ) as err:  # report it to the runner and stay alive: one failed case is not a failed run
             out = {"error": f"{type(err).__name__}: {str(err)[:300]}"}
         print(json.dumps(out), flush=True)
     return 0

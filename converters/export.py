@@ -18,7 +18,7 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from edge_lora import __version__, gguf_quant, onnx_names
+from edge_lora import __version__
 from edge_lora.adapter import Adapter
 from edge_lora.adapter_dtype import GGUF_DTYPE, SOURCE_DTYPE, check_adapter_dtype, rounded
 from edge_lora.atomic import exchange_paths
@@ -26,8 +26,11 @@ from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
 from edge_lora.chat_template import TEMPLATE_FILE
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_adapter import merged_variant_reason
+from edge_lora.gguf_format import quant as gguf_quant
+from edge_lora.gguf_format.lora_adapter import merged_variant_reason
 from edge_lora.model_dir import ModelDir
+from edge_lora.onnx_format import names as onnx_names
+from edge_lora.onnx_format.layout import read_layout
 
 BACKENDS = ("onnx", "gguf")
 ONNX_QUANTS = onnx_names.QUANTS
@@ -43,7 +46,7 @@ class AdapterSource:
     name: str
 
     @classmethod
-    def parse(cls, spec: str) -> "AdapterSource":
+    def parse(cls, spec: str) -> AdapterSource:
         """``PATH[:NAME]``; the name defaults to the file (or folder) name without its suffix."""
         path, _, name = spec.rpartition(":") if ":" in spec and not os.path.exists(spec) else (spec, "", "")
         path = Path(path)
@@ -65,11 +68,17 @@ class ExportOptions:
         check_adapter_dtype(self.adapter_dtype)
         unknown = [b for b in self.backends if b not in BACKENDS]
         if unknown or not self.backends:
-            raise EdgeLoraError(f"unknown backend {unknown[0] if unknown else '(none)'!r}", hint=f"choose from {', '.join(BACKENDS)}")
-        for quant, known, flag in [(q, ONNX_QUANTS, "--onnx-quant") for q in self.onnx_quants] + \
-                                  [(q, GGUF_QUANTS, "--gguf-quant") for q in self.gguf_quants]:
+            raise EdgeLoraError(
+                f"unknown backend {unknown[0] if unknown else '(none)'!r}",
+                hint=f"choose from {', '.join(BACKENDS)}",
+            )
+        for quant, known, flag in [(q, ONNX_QUANTS, "--onnx-quant") for q in self.onnx_quants] + [
+            (q, GGUF_QUANTS, "--gguf-quant") for q in self.gguf_quants
+        ]:
             if quant not in known:
-                raise EdgeLoraError(f"{flag} {quant!r} is not supported", hint=f"choose from {', '.join(known)}")
+                raise EdgeLoraError(
+                    f"{flag} {quant!r} is not supported", hint=f"choose from {', '.join(known)}"
+                )
 
 
 class Progress:
@@ -102,24 +111,34 @@ class _Step:
 
     def __exit__(self, kind, err, tb):
         if self.progress.enabled and kind is None:
-            print(f"      done in {time.perf_counter() - self.start:.1f}s", file=self.progress.stream, flush=True)
+            print(
+                f"      done in {time.perf_counter() - self.start:.1f}s",
+                file=self.progress.stream,
+                flush=True,
+            )
 
 
 def check_adapter_name(name: str) -> str:
     if not _NAME.match(name or ""):
-        raise EdgeLoraError(f"bad adapter name {name!r}", hint="use letters, digits, '_', '-', '.' (up to 64, not starting with a dot)")
+        raise EdgeLoraError(
+            f"bad adapter name {name!r}",
+            hint="use letters, digits, '_', '-', '.' (up to 64, not starting with a dot)",
+        )
     return name
 
 
-def load_adapter(path: str | os.PathLike, config: ModelConfig, base_fingerprint: str, base_table=None,
-                 base_rows=None) -> Adapter:
+def load_adapter(
+    path: str | os.PathLike, config: ModelConfig, base_fingerprint: str, base_table=None, base_rows=None
+) -> Adapter:
     """Our adapter file or a PEFT directory, checked against the base it will ship with
     (``base_table``: see converters/tied_head.py, for PEFT's copy of a tied head)."""
     path = Path(path)
     if not path.exists():
-        raise EdgeLoraError("adapter not found", path=path, hint="pass an edge-lora adapter .safetensors or a PEFT directory")
+        raise EdgeLoraError(
+            "adapter not found", path=path, hint="pass an edge-lora adapter .safetensors or a PEFT directory"
+        )
     if path.is_dir():
-        from .peft import import_peft
+        from converters.peft import import_peft
 
         adapter = import_peft(path, base=config, base_table=base_table, base_rows=base_rows)
         adapter.base_fingerprint = adapter.base_fingerprint or base_fingerprint  # PEFT records no fingerprint
@@ -127,8 +146,14 @@ def load_adapter(path: str | os.PathLike, config: ModelConfig, base_fingerprint:
     return Adapter.load(path, base=config, base_fingerprint=base_fingerprint)
 
 
-def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters: list[AdapterSource] = (),
-                  options: ExportOptions | None = None, *, show_progress: bool = True) -> Path:
+def export_bundle(
+    model_dir: str | os.PathLike,
+    out: str | os.PathLike,
+    adapters: list[AdapterSource] = (),
+    options: ExportOptions | None = None,
+    *,
+    show_progress: bool = True,
+) -> Path:
     """Write a complete bundle at ``out``; returns its path."""
     options = options or ExportOptions()
     options.validate()
@@ -137,26 +162,45 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters
     model = ModelDir(model_dir)
     names = [a.name for a in adapters]
     if len(set(names)) != len(names):
-        raise EdgeLoraError(f"two adapters share a name: {sorted({n for n in names if names.count(n) > 1})}",
-                            hint="give each one a name with PATH:NAME")
-    steps = 2 + len(adapters) + ("onnx" in options.backends) * len(options.onnx_quants) + \
-        ("gguf" in options.backends) * len(options.gguf_quants)
+        raise EdgeLoraError(
+            f"two adapters share a name: {sorted({n for n in names if names.count(n) > 1})}",
+            hint="give each one a name with PATH:NAME",
+        )
+    steps = (
+        2
+        + len(adapters)
+        + ("onnx" in options.backends) * len(options.onnx_quants)
+        + ("gguf" in options.backends) * len(options.gguf_quants)
+    )
     progress = Progress(steps, enabled=show_progress)
     with progress.step("reading the base and checking adapters"):
         fingerprint = model.fingerprint
-        from .peft_tokens import model_dir_rows
-        from .tied_head import model_dir_check
+        from converters.peft_tokens import model_dir_rows
+        from converters.tied_head import model_dir_check
 
-        loaded = [(src.name, load_adapter(src.path, model.config, fingerprint, model_dir_check(model),
-                                          model_dir_rows(model))) for src in adapters]
+        loaded = [
+            (
+                src.name,
+                load_adapter(
+                    src.path, model.config, fingerprint, model_dir_check(model), model_dir_rows(model)
+                ),
+            )
+            for src in adapters
+        ]
     out.parent.mkdir(parents=True, exist_ok=True)
     staging = _scratch_dir(out, "partial")
     try:
         manifest = _write_base(model, staging, options, progress)
         for name, adapter in loaded:
             with progress.step(f"adapter {name}"):
-                manifest["adapters"][name] = _write_adapter(staging, name, adapter, model.config, list(manifest["backends"]),
-                                                             dtype=options.adapter_dtype)
+                manifest["adapters"][name] = _write_adapter(
+                    staging,
+                    name,
+                    adapter,
+                    model.config,
+                    list(manifest["backends"]),
+                    dtype=options.adapter_dtype,
+                )
         with progress.step("hashing files and writing bundle.json"):
             _make_readable(staging)
             manifest["files"] = _hash_files(staging)
@@ -168,29 +212,41 @@ def export_bundle(model_dir: str | os.PathLike, out: str | os.PathLike, adapters
     return out
 
 
-def add_adapter(bundle_dir: str | os.PathLike, source: AdapterSource, *, replace: bool = False,
-                show_progress: bool = True, adapter_dtype: str = "fp32") -> dict:
+def add_adapter(
+    bundle_dir: str | os.PathLike,
+    source: AdapterSource,
+    *,
+    replace: bool = False,
+    show_progress: bool = True,
+    adapter_dtype: str = "fp32",
+) -> dict:
     """Add one adapter to an existing bundle without touching its base; returns its manifest entry."""
     bundle = Bundle.open(bundle_dir)
     name = check_adapter_name(source.name)
     if name in bundle.adapters and not replace:
-        raise EdgeLoraError(f"bundle already has an adapter named {name!r}", path=bundle.root,
-                            hint="pick another name with PATH:NAME, or pass --replace")
+        raise EdgeLoraError(
+            f"bundle already has an adapter named {name!r}",
+            path=bundle.root,
+            hint="pick another name with PATH:NAME, or pass --replace",
+        )
     progress = Progress(2, enabled=show_progress)
     with progress.step(f"adapter {name}"):
-        from .tied_head import bundle_check
+        from converters.tied_head import bundle_check
 
         adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint, bundle_check(bundle))
         # a replacement goes to fresh file names: overwriting the files bundle.json vouches for would leave a
         # torn bundle if the process died before the new bundle.json is in place
         stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name
-        entry = _write_adapter(bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem,
-                               dtype=adapter_dtype)
+        entry = _write_adapter(
+            bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem, dtype=adapter_dtype
+        )
         _make_readable(bundle.root / "adapters")
     with progress.step("updating bundle.json"):
         manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
         old = bundle.adapters.get(name, {})
-        files = {k: v for k, v in bundle.files.items() if k not in {old.get(b) for b in ("source", "onnx", "gguf")}}
+        files = {
+            k: v for k, v in bundle.files.items() if k not in {old.get(b) for b in ("source", "onnx", "gguf")}
+        }
         for key in ("source", "onnx", "gguf"):
             if key in entry:
                 path = bundle.root / entry[key]
@@ -214,8 +270,11 @@ def _check_target(out: Path, force: bool) -> None:
         raise EdgeLoraError("output exists and is not a folder", path=out, hint="choose another --out")
     if any(out.iterdir()) and not force:
         what = "a bundle" if (out / MANIFEST).is_file() else "a non-empty folder"
-        raise EdgeLoraError(f"output is already {what}", path=out,
-                            hint="pass --force to replace it, or `edge-lora export --add-adapter` to add adapters")
+        raise EdgeLoraError(
+            f"output is already {what}",
+            path=out,
+            hint="pass --force to replace it, or `edge-lora export --add-adapter` to add adapters",
+        )
 
 
 def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: Progress) -> dict:
@@ -229,21 +288,30 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
         tokenizer["chat_template"] = TEMPLATE_FILE
     backends: dict[str, list[dict]] = {}
     if "onnx" in options.backends:
-        from .onnx_export import export_onnx
+        from converters.onnx_export import export_onnx
 
         for quant in options.onnx_quants:
             rel = f"onnx/{quant}-{options.onnx_variant}"
             with progress.step(f"ONNX base {quant} ({options.onnx_variant})"):
                 path = export_onnx(model, root / rel, quant=quant, variant=options.onnx_variant)
             backends.setdefault("onnx", []).append(
-                {"quant": quant, "variant": options.onnx_variant, "model": Path(path).relative_to(root).as_posix()})
+                {
+                    "quant": quant,
+                    "variant": options.onnx_variant,
+                    "model": Path(path).relative_to(root).as_posix(),
+                }
+            )
     if "gguf" in options.backends:
-        from .gguf_export import export_gguf
+        from converters.gguf_export import export_gguf
 
         for quant in options.gguf_quants:
             with progress.step(f"GGUF base {quant}"):
-                path = export_gguf(model, root / f"gguf/model-{quant}.gguf", quant=quant, progress=progress.notes)
-            backends.setdefault("gguf", []).append({"quant": quant, "model": Path(path).relative_to(root).as_posix()})
+                path = export_gguf(
+                    model, root / f"gguf/model-{quant}.gguf", quant=quant, progress=progress.notes
+                )
+            backends.setdefault("gguf", []).append(
+                {"quant": quant, "model": Path(path).relative_to(root).as_posix()}
+            )
     return {
         "created_by": f"edge-lora {__version__}",
         "model": model.config.to_dict(),
@@ -256,8 +324,15 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
     }
 
 
-def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig, backends: list[str],
-                   stem: str | None = None, dtype: str = "fp32") -> dict:
+def _write_adapter(
+    root: Path,
+    name: str,
+    adapter: Adapter,
+    config: ModelConfig,
+    backends: list[str],
+    stem: str | None = None,
+    dtype: str = "fp32",
+) -> dict:
     """The adapter's source file plus one file per backend (named ``stem``, default ``name``); returns its manifest entry."""
     stem = stem or name
     folder = root / "adapters"
@@ -265,11 +340,21 @@ def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig,
     source = folder / f"{stem}.safetensors"
     adapter = rounded(adapter, dtype)  # every file below holds the same (rounded) values
     adapter.save(source, dtype=SOURCE_DTYPE[dtype])
-    entry = {"source": f"adapters/{stem}.safetensors", "scale": 1.0,
-             "rank": max((w.rank for w in adapter.modules.values()), default=0), "modules": len(adapter.modules),
-             "dora": adapter.dora, "sha256": sha256_file(source), "base_fingerprint": adapter.base_fingerprint,
-             "dtype": dtype, **({"added_tokens": list(adapter.added_tokens)} if adapter.added_tokens else {})}
-    writers = {"onnx": (".onnx_adapter", lambda _dtype: _onnx_adapter_writer(root)), "gguf": (".gguf", _gguf_adapter_writer)}
+    entry = {
+        "source": f"adapters/{stem}.safetensors",
+        "scale": 1.0,
+        "rank": max((w.rank for w in adapter.modules.values()), default=0),
+        "modules": len(adapter.modules),
+        "dora": adapter.dora,
+        "sha256": sha256_file(source),
+        "base_fingerprint": adapter.base_fingerprint,
+        "dtype": dtype,
+        **({"added_tokens": list(adapter.added_tokens)} if adapter.added_tokens else {}),
+    }
+    writers = {
+        "onnx": (".onnx_adapter", lambda _dtype: _onnx_adapter_writer(root)),
+        "gguf": (".gguf", _gguf_adapter_writer),
+    }
     for note in adapter.extra.get("notes") or []:
         print(f"note: adapter {name!r}: {note}", file=sys.stderr)
     for backend in [b for b in BACKENDS if b in backends]:
@@ -282,34 +367,42 @@ def _write_adapter(root: Path, name: str, adapter: Adapter, config: ModelConfig,
         try:
             _write_via_temp(folder / f"{stem}{suffix}", lambda p: writer(dtype)(adapter, config, p))
             entry[backend] = f"adapters/{stem}{suffix}"
-        except EdgeLoraError as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
+        except (
+            EdgeLoraError
+        ) as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
             entry[f"{backend}_skipped"] = err.message
-            print(f"note: adapter {name!r} has no {backend} file ({err.message}); the runtime can still merge it from the source",
-                  file=sys.stderr)
+            print(
+                f"note: adapter {name!r} has no {backend} file ({err.message}); the runtime can still merge it from the source",
+                file=sys.stderr,
+            )
     return entry
 
 
 def _onnx_adapter_writer(root: Path):
     """``export_onnx_adapter`` for the bundle at ``root``: refuses modules its graph has no slot for,
     and gives a DoRA adapter the weights of the bundle's most precise ONNX export for its norms."""
-    from runtime.onnx_merge import WeightStore
-
-    from .onnx_export import export_onnx_adapter
+    from converters.onnx_export import export_onnx_adapter
+    from edge_lora.onnx_format.weight_store import WeightStore
 
     order = {q: i for i, q in enumerate(("fp32", "fp16", "int8", "int4"))}
-    layouts = sorted(root.glob(f"onnx/*/{onnx_names.LAYOUT_FILE}"), key=lambda p: order.get(p.parent.name.split("-")[0], 9))
+    layouts = sorted(
+        root.glob(f"onnx/*/{onnx_names.LAYOUT_FILE}"), key=lambda p: order.get(p.parent.name.split("-")[0], 9)
+    )
 
     def write(adapter: Adapter, config: ModelConfig, path: Path) -> Path:
         weights = None
         if layouts:
-            layout = onnx_names.read_layout(layouts[0].parent / onnx_names.MODEL_FILE)
+            layout = read_layout(layouts[0].parent / onnx_names.MODEL_FILE)
             missing = sorted(set(adapter.modules) - set(layout["lora_slots"]))
             if missing:
-                raise EdgeLoraError(f"the bundle's ONNX graph has no LoRA slot for {missing[0]!r}",
-                                    hint="re-export the bundle with this edge-lora")
+                raise EdgeLoraError(
+                    f"the bundle's ONNX graph has no LoRA slot for {missing[0]!r}",
+                    hint="re-export the bundle with this edge-lora",
+                )
             if adapter.dora and not layout.get("dora"):
-                raise EdgeLoraError("the bundle's ONNX graph predates the DoRA rescale input",
-                                    hint="re-export the bundle")
+                raise EdgeLoraError(
+                    "the bundle's ONNX graph predates the DoRA rescale input", hint="re-export the bundle"
+                )
             weights = WeightStore(layout, layouts[0].parent / layout["data_file"]).module_weights(path)
         return export_onnx_adapter(adapter, config, path, weights=weights)
 
@@ -317,7 +410,7 @@ def _onnx_adapter_writer(root: Path):
 
 
 def _gguf_adapter_writer(dtype: str = "fp32"):
-    from edge_lora.gguf_adapter import export_gguf_adapter
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
 
     return lambda adapter, config, path: export_gguf_adapter(adapter, config, path, dtype=GGUF_DTYPE[dtype])
 
@@ -344,7 +437,10 @@ def _hash_files(root: Path) -> dict[str, dict]:
     files = {}
     for path in sorted(root.rglob("*")):
         if path.is_file() and path.name != MANIFEST:
-            files[path.relative_to(root).as_posix()] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+            files[path.relative_to(root).as_posix()] = {
+                "sha256": sha256_file(path),
+                "bytes": path.stat().st_size,
+            }
     return files
 
 
@@ -359,7 +455,7 @@ def _remove_abandoned_scratch(out: Path) -> None:
     for kind in ("partial", "old"):
         prefix = f".{out.name}.{kind}-"
         for leftover in out.parent.glob(glob.escape(prefix) + "*"):
-            pid = leftover.name[len(prefix):].split("-", 1)[0]
+            pid = leftover.name[len(prefix) :].split("-", 1)[0]
             if leftover.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
                 shutil.rmtree(leftover, ignore_errors=True)
 

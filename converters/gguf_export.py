@@ -8,28 +8,28 @@ from __future__ import annotations
 
 import os
 import tempfile
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
+from converters.gguf_tokenizer import read_vocab
 from edge_lora.atomic import atomic_path
-from edge_lora.gguf_names import ROPE_FREQS, gguf_arch, gguf_tensor, llama3_rope_factors, to_gguf_rows
-from edge_lora.gguf_quant import K_QUANTS, check_quant, encode, tensor_type, write_gguf
+from edge_lora.gguf_format.names import ROPE_FREQS, gguf_arch, gguf_tensor, llama3_rope_factors, to_gguf_rows
+from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, tensor_type, write_gguf
 from edge_lora.model_dir import ModelDir
-
-from .gguf_tokenizer import read_vocab
 
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"  # lets the runtime check adapters against the GGUF itself
 FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
 
 
-def export_gguf(model_dir: ModelDir, out_path: Path, quant: str = "q4_0",
-                progress: Callable[[str], None] | None = None) -> Path:
+def export_gguf(
+    model_dir: ModelDir, out_path: Path, quant: str = "q4_0", progress: Callable[[str], None] | None = None
+) -> Path:
     """Write ``model_dir`` as one GGUF file of the given quantization; returns ``out_path``."""
     quant = check_quant(quant)
     out_path = Path(out_path)
     say = progress or (lambda _msg: None)
     if quant in K_QUANTS:
-        from .gguf_kquant import llama_quantize
+        from converters.gguf_kquant import llama_quantize
 
         with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
             intermediate = Path(tmp) / "model-f16.gguf"
@@ -48,8 +48,10 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
 
     config = model_dir.config
     if config.sliding_window and config.sliding_window < config.max_position_embeddings:
-        say(f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding window "
-            f"of {config.sliding_window} only for contexts up to that length")
+        say(
+            f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding window "
+            f"of {config.sliding_window} only for contexts up to that length"
+        )
     vocab = read_vocab(model_dir.tokenizer_path, model_dir.tokenizer_config, config)
     for note in vocab.notes:
         say(f"note: {note}")
@@ -75,13 +77,17 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
     writer.add_string(FINGERPRINT_KEY, model_dir.fingerprint)
     vocab.write(writer)
 
-    names = [n for n in model_dir.tensor_names() if not (config.tie_word_embeddings and n == "lm_head.weight")]
+    names = [
+        n for n in model_dir.tensor_names() if not (config.tie_word_embeddings and n == "lm_head.weight")
+    ]
     for i, name in enumerate(names):
         array = model_dir.get(name)
         module = name.rsplit(".", 1)[0]
         array = to_gguf_rows(config, module, array)
         target = gguf_tensor(name)
-        is_output = target == "output.weight" or (config.tie_word_embeddings and target == "token_embd.weight")
+        is_output = target == "output.weight" or (
+            config.tie_word_embeddings and target == "token_embd.weight"
+        )
         qtype = tensor_type(target, array.shape, quant, is_output=is_output)
         writer.add_tensor(target, encode(array, qtype), raw_dtype=qtype)
         if i % 20 == 0:

@@ -19,7 +19,9 @@ def llama_quantize(src: Path, dst: Path, ftype: int, verbose: bool = False) -> N
     try:
         import llama_cpp
     except ImportError:
-        raise EdgeLoraError("K-quants need llama.cpp's quantizer", hint="pip install llama-cpp-python, or choose q4_0 / q8_0") from None
+        raise EdgeLoraError(
+            "K-quants need llama.cpp's quantizer", hint="pip install llama-cpp-python, or choose q4_0 / q8_0"
+        ) from None
     global _quiet_callback
     if not verbose and _quiet_callback is None:
         _quiet_callback = llama_cpp.llama_log_callback(lambda level, text, user_data: None)
@@ -27,7 +29,12 @@ def llama_quantize(src: Path, dst: Path, ftype: int, verbose: bool = False) -> N
     params = llama_cpp.llama_model_quantize_default_params()
     params.ftype = ftype
     params.nthread = os.cpu_count() or 1
-    status = llama_cpp.llama_model_quantize(os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params))
+    status = llama_cpp.llama_model_quantize(
+        os.fspath(src).encode(), os.fspath(dst).encode(), ctypes.byref(params)
+    )
     if status != 0:
-        raise EdgeLoraError(f"llama.cpp could not quantize the model (status {status})", path=src,
-                            hint="run with a numpy quant (q4_0, q8_0) or check the llama-cpp-python install")
+        raise EdgeLoraError(
+            f"llama.cpp could not quantize the model (status {status})",
+            path=src,
+            hint="run with a numpy quant (q4_0, q8_0) or check the llama-cpp-python install",
+        )

@@ -23,12 +23,18 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 
 # llama.cpp's pre-tokenizer names, keyed by the Split regex a tokenizer.json uses
-LLAMA3_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-                "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
-QWEN2_REGEX = ("(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
-               "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+")
+LLAMA3_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}{1,3}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
+QWEN2_REGEX = (
+    "(?i:'s|'t|'re|'ve|'m|'ll|'d)|[^\\r\\n\\p{L}\\p{N}]?\\p{L}+|\\p{N}| ?[^\\s\\p{L}\\p{N}]+[\\r\\n]*"
+    "|\\s*[\\r\\n]+|\\s+(?!\\S)|\\s+"
+)
 SPLIT_REGEX_PRE = {LLAMA3_REGEX: "llama-bpe", QWEN2_REGEX: "qwen2"}
-IGNORE_MERGES_PRE = {"llama-bpe"}  # llama.cpp takes a whole pre-token that is in the vocabulary as it is for these
+IGNORE_MERGES_PRE = {
+    "llama-bpe"
+}  # llama.cpp takes a whole pre-token that is in the vocabulary as it is for these
 SPACE = "\u2581"  # SentencePiece's "▁", which stands for a space in its tokens
 SPM_PRE = "default"  # what llama.cpp's converter and its reference vocabulary write for SentencePiece models
 NO_MERGE_SCORE = -1e9  # a multi-character token no merge makes: llama.cpp must merge into it last, if ever
@@ -53,7 +59,9 @@ class GgufVocab:
     add_eos: bool = False
     add_space_prefix: bool | None = None
     chat_template: str | None = None
-    notes: list[str] = field(default_factory=list)  # where llama.cpp may still differ, for the exporter to say
+    notes: list[str] = field(
+        default_factory=list
+    )  # where llama.cpp may still differ, for the exporter to say
 
     def write(self, writer) -> None:
         writer.add_tokenizer_model(self.model)
@@ -65,7 +73,12 @@ class GgufVocab:
             writer.add_token_scores(self.scores)
         if self.merges:
             writer.add_token_merges(self.merges)
-        for key, value in (("bos", self.bos_id), ("eos", self.eos_id), ("unk", self.unk_id), ("pad", self.pad_id)):
+        for key, value in (
+            ("bos", self.bos_id),
+            ("eos", self.eos_id),
+            ("unk", self.unk_id),
+            ("pad", self.pad_id),
+        ):
             if value is not None:
                 getattr(writer, f"add_{key}_token_id")(value)
         writer.add_add_bos_token(self.add_bos)
@@ -83,19 +96,29 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
         model = raw["model"]
         vocab: dict[str, int] = model["vocab"]
     except (OSError, UnicodeDecodeError, json.JSONDecodeError, KeyError, TypeError):
-        raise EdgeLoraError("tokenizer.json is not a fast-tokenizer file with a model vocabulary", path=tokenizer_path) from None
+        raise EdgeLoraError(
+            "tokenizer.json is not a fast-tokenizer file with a model vocabulary", path=tokenizer_path
+        ) from None
     if model.get("type") != "BPE":
-        raise EdgeLoraError(f"tokenizer model {model.get('type')!r} cannot be written to GGUF yet", path=tokenizer_path,
-                            hint="byte-level BPE and SentencePiece-BPE tokenizers are supported")
+        raise EdgeLoraError(
+            f"tokenizer model {model.get('type')!r} cannot be written to GGUF yet",
+            path=tokenizer_path,
+            hint="byte-level BPE and SentencePiece-BPE tokenizers are supported",
+        )
     added = {t["id"]: t for t in raw.get("added_tokens") or []}
     id_to_text = {i: t for t, i in vocab.items()}
     id_to_text.update({i: t["content"] for i, t in added.items()})
     size = max(config.vocab_size, max(id_to_text) + 1)
     if size > config.vocab_size:
-        raise EdgeLoraError(f"tokenizer has {max(id_to_text) + 1} tokens but the model's vocab_size is {config.vocab_size}",
-                            path=tokenizer_path, hint="tokenizer and model do not belong together")
+        raise EdgeLoraError(
+            f"tokenizer has {max(id_to_text) + 1} tokens but the model's vocab_size is {config.vocab_size}",
+            path=tokenizer_path,
+            hint="tokenizer and model do not belong together",
+        )
     spm = bool(model.get("byte_fallback"))
-    space_prefix = _spm_space_prefix(raw, tokenizer_path) if spm else None  # refuses a shape llama.cpp cannot follow
+    space_prefix = (
+        _spm_space_prefix(raw, tokenizer_path) if spm else None
+    )  # refuses a shape llama.cpp cannot follow
     # a SentencePiece vocabulary's "<unk>" may be named only in tokenizer_config.json; byte-level BPE never needs one
     unk_text = model.get("unk_token") or (token_text(tokenizer_config.get("unk_token")) if spm else None)
     merges = [m if isinstance(m, str) else " ".join(m) for m in model.get("merges") or []]
@@ -118,9 +141,17 @@ def read_vocab(tokenizer_path: Path, tokenizer_config: dict, config: ModelConfig
             tokens.append(text)
             types.append(NORMAL)
     bos, eos, add_bos, add_eos = _special_behaviour(tokenizer_path, config)
-    result = GgufVocab(model="llama" if spm else "gpt2", pre=SPM_PRE if spm else _pre_name(raw, tokenizer_path),
-                       tokens=tokens, token_types=types, bos_id=bos, eos_id=eos, add_bos=add_bos, add_eos=add_eos,
-                       chat_template=_model_template(tokenizer_config, Path(tokenizer_path).parent))
+    result = GgufVocab(
+        model="llama" if spm else "gpt2",
+        pre=SPM_PRE if spm else _pre_name(raw, tokenizer_path),
+        tokens=tokens,
+        token_types=types,
+        bos_id=bos,
+        eos_id=eos,
+        add_bos=add_bos,
+        add_eos=add_eos,
+        chat_template=_model_template(tokenizer_config, Path(tokenizer_path).parent),
+    )
     result.unk_id = _id_of(unk_text, id_to_text)
     result.pad_id = _id_of(token_text(tokenizer_config.get("pad_token")), id_to_text)
     if spm:
@@ -139,14 +170,21 @@ def _pre_name(raw: dict, path) -> str:
     kinds = [s.get("type") for s in steps]
     if kinds == ["ByteLevel"] and steps[0].get("use_regex", True):
         return "gpt-2"
-    if kinds == ["Digits", "ByteLevel"] and steps[0].get("individual_digits") and steps[1].get("use_regex", True):
+    if (
+        kinds == ["Digits", "ByteLevel"]
+        and steps[0].get("individual_digits")
+        and steps[1].get("use_regex", True)
+    ):
         return "smollm"
     if kinds == ["Split", "ByteLevel"] and not steps[1].get("use_regex", True):
         regex = (steps[0].get("pattern") or {}).get("Regex")
         if regex in SPLIT_REGEX_PRE:
             return SPLIT_REGEX_PRE[regex]
-    raise EdgeLoraError(f"tokenizer.json's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no llama.cpp equivalent here",
-                        path=path, hint="known: GPT-2, Llama 3, Qwen2, SmolLM byte-level BPE; use the ONNX backend for this model")
+    raise EdgeLoraError(
+        f"tokenizer.json's pre-tokenizer ({' + '.join(map(str, kinds)) or 'none'}) has no llama.cpp equivalent here",
+        path=path,
+        hint="known: GPT-2, Llama 3, Qwen2, SmolLM byte-level BPE; use the ONNX backend for this model",
+    )
 
 
 def _check_byte_level(raw: dict, model: dict, pre: str, path) -> None:
@@ -154,14 +192,20 @@ def _check_byte_level(raw: dict, model: dict, pre: str, path) -> None:
     normalizer = raw.get("normalizer")
     kinds = [s.get("type") for s in _steps(normalizer, "normalizers")]
     if kinds not in ([], ["NFC"]):  # NFC changes no text that is already NFC, which is nearly all text
-        raise EdgeLoraError(f"byte-level BPE tokenizer with normalizer {' + '.join(map(str, kinds))} has no llama.cpp equivalent",
-                            path=path, hint="llama.cpp does not normalize text; use the ONNX backend for this model")
+        raise EdgeLoraError(
+            f"byte-level BPE tokenizer with normalizer {' + '.join(map(str, kinds))} has no llama.cpp equivalent",
+            path=path,
+            hint="llama.cpp does not normalize text; use the ONNX backend for this model",
+        )
     wanted = pre in IGNORE_MERGES_PRE
     if bool(model.get("ignore_merges")) != wanted:
-        raise EdgeLoraError(f"tokenizer.json has ignore_merges={bool(model.get('ignore_merges'))} but llama.cpp's {pre!r} "
-                            f"pre-tokenizer has {wanted}, so some words would split differently", path=path,
-                            hint=f"set \"ignore_merges\": {str(wanted).lower()} in tokenizer.json if the model was "
-                                 "trained that way")
+        raise EdgeLoraError(
+            f"tokenizer.json has ignore_merges={bool(model.get('ignore_merges'))} but llama.cpp's {pre!r} "
+            f"pre-tokenizer has {wanted}, so some words would split differently",
+            path=path,
+            hint=f'set "ignore_merges": {str(wanted).lower()} in tokenizer.json if the model was '
+            "trained that way",
+        )
 
 
 def _special_behaviour(path, config: ModelConfig) -> tuple[int | None, int | None, bool, bool]:
@@ -171,7 +215,7 @@ def _special_behaviour(path, config: ModelConfig) -> tuple[int | None, int | Non
     tok = Tokenizer.from_file(str(path))
     plain = tok.encode("a", add_special_tokens=False).ids
     full = tok.encode("a", add_special_tokens=True).ids
-    start = next((k for k in range(len(full) - len(plain) + 1) if full[k:k + len(plain)] == plain), 0)
+    start = next((k for k in range(len(full) - len(plain) + 1) if full[k : k + len(plain)] == plain), 0)
     add_bos, add_eos = start > 0, len(full) > start + len(plain)
     bos = full[0] if add_bos else config.bos_token_id
     eos = full[-1] if add_eos else (config.eos_token_id[0] if config.eos_token_id else None)
@@ -191,8 +235,10 @@ def _spm_scores(tokens: list[str], types: list[int], merges: list[str]) -> list[
     rank = {}
     for r, merge in enumerate(merges):
         rank.setdefault(merge.replace(" ", "", 1), r)
-    return [-float(rank[t]) if t in rank else (NO_MERGE_SCORE if kind == NORMAL and len(t) > 1 else 0.0)
-            for t, kind in zip(tokens, types)]
+    return [
+        -float(rank[t]) if t in rank else (NO_MERGE_SCORE if kind == NORMAL and len(t) > 1 else 0.0)
+        for t, kind in zip(tokens, types)
+    ]
 
 
 def _spm_space_prefix(raw: dict, path) -> bool:
@@ -207,23 +253,37 @@ def _spm_space_prefix(raw: dict, path) -> bool:
     normalizer, pre = raw.get("normalizer"), raw.get("pre_tokenizer")
     steps = _steps(normalizer, "normalizers")
     kinds = [s.get("type") for s in steps]
-    if pre is None and kinds in (["Prepend", "Replace"], ["Replace"]) and _replaces_space(steps[-1]) \
-            and (kinds == ["Replace"] or steps[0].get("prepend") == SPACE):
+    if (
+        pre is None
+        and kinds in (["Prepend", "Replace"], ["Replace"])
+        and _replaces_space(steps[-1])
+        and (kinds == ["Replace"] or steps[0].get("prepend") == SPACE)
+    ):
         return kinds[0] == "Prepend"
-    if normalizer is None and isinstance(pre, dict) and pre.get("type") == "Metaspace" \
-            and pre.get("replacement") == SPACE and not pre.get("split", True):
+    if (
+        normalizer is None
+        and isinstance(pre, dict)
+        and pre.get("type") == "Metaspace"
+        and pre.get("replacement") == SPACE
+        and not pre.get("split", True)
+    ):
         scheme = pre.get("prepend_scheme") or ("always" if pre.get("add_prefix_space", True) else "never")
         return scheme != "never"
     style = f"normalizer {' + '.join(map(str, kinds)) or 'none'}, pre-tokenizer {_describe(pre)}"
-    raise EdgeLoraError(f"SentencePiece-style tokenizer ({style}) has no faithful llama.cpp equivalent", path=path,
-                        hint="llama.cpp supports Prepend/Replace or an unsplit Metaspace; use the ONNX backend for this model")
+    raise EdgeLoraError(
+        f"SentencePiece-style tokenizer ({style}) has no faithful llama.cpp equivalent",
+        path=path,
+        hint="llama.cpp supports Prepend/Replace or an unsplit Metaspace; use the ONNX backend for this model",
+    )
 
 
 def _spm_notes(raw: dict) -> list[str]:
     pre = raw.get("pre_tokenizer") or {}
     if pre.get("type") == "Metaspace" and pre.get("prepend_scheme") == "first":
-        return ['llama.cpp (like SentencePiece) puts "\u2581" before text that already starts with a space, and after '
-                'special tokens; this tokenizer.json (Metaspace, prepend_scheme "first") does not, so ids differ there']
+        return [
+            'llama.cpp (like SentencePiece) puts "\u2581" before text that already starts with a space, and after '
+            'special tokens; this tokenizer.json (Metaspace, prepend_scheme "first") does not, so ids differ there'
+        ]
     return []
 
 
@@ -234,7 +294,11 @@ def _steps(part: dict | None, key: str) -> list[dict]:
 
 
 def _replaces_space(step: dict) -> bool:
-    return step.get("type") == "Replace" and step.get("pattern") == {"String": " "} and step.get("content") == SPACE
+    return (
+        step.get("type") == "Replace"
+        and step.get("pattern") == {"String": " "}
+        and step.get("content") == SPACE
+    )
 
 
 def _describe(pre: dict | None) -> str:
@@ -264,6 +328,8 @@ def gguf_tokenizer_style(gguf_path) -> str:
         return fields[key].contents() if key in fields else default
 
     if value("tokenizer.ggml.model") == "llama":
-        prefix = "with" if value("tokenizer.ggml.add_space_prefix", True) else "without"  # llama.cpp's default: with
+        prefix = (
+            "with" if value("tokenizer.ggml.add_space_prefix", True) else "without"
+        )  # llama.cpp's default: with
         return f"SentencePiece BPE (byte fallback, {prefix} space prefix)"
     return f"byte-level BPE (pre-tokenizer {value('tokenizer.ggml.pre', 'default')})"

@@ -1,6 +1,6 @@
 """The Llama-family decoder as an ONNX graph with a KV cache and a LoRA slot on every linear layer.
 
-Two variants share the weights code (:mod:`converters.onnx_quant`) and differ in attention and norms:
+Two variants share the weights code (:mod:`converters.onnx_quantized_ops`) and differ in attention and norms:
 
 fast      SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization and GroupQueryAttention
           (rotary inside, sliding window as ``local_window_size``), MatMulNBits weights.
@@ -22,12 +22,11 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
-from edge_lora import onnx_names as names
+from converters.onnx_graph import MS_DOMAIN, Graph
+from converters.onnx_quantized_ops import emit_matmul, nbits_gather, nbits_initializers, nbits_matmul
 from edge_lora.config import ModelConfig
 from edge_lora.model_dir import ModelDir
-
-from .onnx_graph import MS_DOMAIN, Graph
-from .onnx_quant import emit_matmul, nbits_gather, nbits_initializers, nbits_matmul
+from edge_lora.onnx_format import names
 
 LORA_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
@@ -58,8 +57,14 @@ class DecoderWriter:
         """One matmul over the group's stacked weights, its biases, then the group's LoRA side path."""
         members = self.groups[group]
         modules = [m for m, _, _ in members]
-        weight = np.concatenate([self.weight(f"{m}.weight") for m in modules], axis=0) if len(modules) > 1 else self.weight(f"{modules[0]}.weight")
-        out, entry = emit_matmul(self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level)
+        weight = (
+            np.concatenate([self.weight(f"{m}.weight") for m in modules], axis=0)
+            if len(modules) > 1
+            else self.weight(f"{modules[0]}.weight")
+        )
+        out, entry = emit_matmul(
+            self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level
+        )
         out = self.dora_rescale(out, group)  # before the bias: PEFT's DoRA rescales W x only
         self.layout["weights"][group] = entry
         start = 0
@@ -104,16 +109,28 @@ class DecoderWriter:
         if self.fast:
             return self.g.op("SimplifiedLayerNormalization", [x, w], name, axis=-1, epsilon=eps, stash_type=1)
         sq = self.g.op("Mul", [x, x], f"{name}/Square")
-        mean = self.g.op("ReduceMean", [sq, self.g.const(f"{name}/axes", [-1])], f"{name}/ReduceMean", keepdims=1)
-        std = self.g.op("Sqrt", [self.g.op("Add", [mean, self.g.const(f"{name}/eps", eps, np.float32)], f"{name}/AddEps")], f"{name}/Sqrt")
+        mean = self.g.op(
+            "ReduceMean", [sq, self.g.const(f"{name}/axes", [-1])], f"{name}/ReduceMean", keepdims=1
+        )
+        std = self.g.op(
+            "Sqrt",
+            [self.g.op("Add", [mean, self.g.const(f"{name}/eps", eps, np.float32)], f"{name}/AddEps")],
+            f"{name}/Sqrt",
+        )
         return self.g.op("Mul", [self.g.op("Div", [x, std], f"{name}/Div"), w], f"{name}/Scale")
 
     def skip_rms_norm(self, x: str, residual: str, weight_name: str, name: str) -> tuple[str, str]:
         """``(norm(x + residual), x + residual)``."""
         if self.fast:
             w = self.g.initializer(weight_name, self.weight(weight_name))
-            outs = self.g.op("SkipSimplifiedLayerNormalization", [x, residual, w], name, outputs=4, domain=MS_DOMAIN,
-                             epsilon=float(self.c.rms_norm_eps))
+            outs = self.g.op(
+                "SkipSimplifiedLayerNormalization",
+                [x, residual, w],
+                name,
+                outputs=4,
+                domain=MS_DOMAIN,
+                epsilon=float(self.c.rms_norm_eps),
+            )
             return outs[0], outs[3]
         total = self.g.op("Add", [residual, x], f"{name}/Residual")
         return self.rms_norm(total, weight_name, name), total
@@ -130,11 +147,16 @@ class DecoderWriter:
             g.add_input(names.past_value(i), TensorProto.FLOAT, kv_shape)
         x = self.embed(ids)
         attention_inputs = self.gqa_inputs(mask) if self.fast else self.portable_mask(ids, mask)
-        h, residual = self.rms_norm(x, "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm"), x
+        h, residual = (
+            self.rms_norm(x, "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm"),
+            x,
+        )
         for i in range(c.num_hidden_layers):
             p = f"model.layers.{i}"
             attn = self.attention(i, h, attention_inputs)
-            h, residual = self.skip_rms_norm(attn, residual, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm")
+            h, residual = self.skip_rms_norm(
+                attn, residual, f"{p}.post_attention_layernorm.weight", f"{p}.post_attention_layernorm"
+            )
             mlp_out = self.mlp(p, h)
             # the residual add fuses into the next layer's input norm, or the final norm after the last layer
             norm = f"model.layers.{i + 1}.input_layernorm" if i + 1 < c.num_hidden_layers else "model.norm"
@@ -151,8 +173,12 @@ class DecoderWriter:
 
     def shares_quantized_table(self) -> bool:
         """Tied + MatMulNBits: the embedding gathers from the head's quantized weight (one copy)."""
-        return (self.c.tie_word_embeddings and self.fast and self.o.quant in ("int4", "int8")
-                and self.c.hidden_size % self.o.block_size == 0)
+        return (
+            self.c.tie_word_embeddings
+            and self.fast
+            and self.o.quant in ("int4", "int8")
+            and self.c.hidden_size % self.o.block_size == 0
+        )
 
     def keep_last(self, hidden: str) -> str:
         """Positions the head runs on: the last ``logits_to_keep`` (an overridable scalar, default 0 =
@@ -160,8 +186,16 @@ class DecoderWriter:
         g = self.g
         g.add_input(names.LOGITS_TO_KEEP, TensorProto.INT64, [])
         g.initializer(names.LOGITS_TO_KEEP, np.array(0, dtype=np.int64))
-        start = g.op("Reshape", [g.op("Neg", [names.LOGITS_TO_KEEP], "keep/Neg"), g.const("keep/shape", [1])], "keep/Start")
-        return g.op("Slice", [hidden, start, g.const("keep/end", [np.iinfo(np.int64).max]), g.const("keep/axes", [1])], "keep/Slice")
+        start = g.op(
+            "Reshape",
+            [g.op("Neg", [names.LOGITS_TO_KEEP], "keep/Neg"), g.const("keep/shape", [1])],
+            "keep/Start",
+        )
+        return g.op(
+            "Slice",
+            [hidden, start, g.const("keep/end", [np.iinfo(np.int64).max]), g.const("keep/axes", [1])],
+            "keep/Slice",
+        )
 
     def embed(self, ids: str) -> str:
         """The embedding of ``input_ids`` (always base ids: the runtime clamps them) from the table,
@@ -177,8 +211,10 @@ class DecoderWriter:
         index = g.add_input(names.ADDED_INDEX, TensorProto.INT64, ["added_batch", "added_sequence"])
         g.initializer(index, np.zeros((1, 1), np.int64))
         picked = g.op("Gather", [table, index], p + "Gather")
-        axes, start, split, end = (g.const(p + k, v) for k, v in
-                                   (("Axes", [-1]), ("Start", [0]), ("Split", [hidden]), ("End", [hidden + 1])))
+        axes, start, split, end = (
+            g.const(p + k, v)
+            for k, v in (("Axes", [-1]), ("Start", [0]), ("Split", [hidden]), ("End", [hidden + 1]))
+        )
         row = g.op("Slice", [picked, start, split, axes], p + "Row")
         flag = g.op("Slice", [picked, split, end, axes], p + "Flag")
         keep = g.op("Sub", [g.const(p + "One", 1.0, np.float32), flag], p + "Keep")
@@ -207,14 +243,23 @@ class DecoderWriter:
     def base_embed(self, ids: str) -> str:
         table = self.weight("model.embed_tokens.weight")
         if self.shares_quantized_table():
-            self.tied_entry = nbits_initializers(self.g, "lm_head", table, self.o.quant, self.o.block_size, symmetric=False)
+            self.tied_entry = nbits_initializers(
+                self.g, "lm_head", table, self.o.quant, self.o.block_size, symmetric=False
+            )
             self.layout["weights"]["lm_head"] = self.tied_entry
             return nbits_gather(self.g, ids, "model.embed_tokens", self.tied_entry)
         if self.o.quant == "fp32":
-            return self.g.op("Gather", [self.g.initializer("model.embed_tokens.weight", table), ids], "model.embed_tokens/Gather")
+            return self.g.op(
+                "Gather",
+                [self.g.initializer("model.embed_tokens.weight", table), ids],
+                "model.embed_tokens/Gather",
+            )
         # a half-precision table: one row per token is read, so this only saves disk and memory
-        rows = self.g.op("Gather", [self.g.initializer("model.embed_tokens.weight", table.astype(np.float16)), ids],
-                         "model.embed_tokens/Gather")
+        rows = self.g.op(
+            "Gather",
+            [self.g.initializer("model.embed_tokens.weight", table.astype(np.float16)), ids],
+            "model.embed_tokens/Gather",
+        )
         return self.g.op("Cast", [rows], "model.embed_tokens/Cast", to=TensorProto.FLOAT)
 
     def head(self, x: str) -> str:
@@ -230,8 +275,16 @@ class DecoderWriter:
         if self.shares_quantized_table():
             return nbits_matmul(g, x, "lm_head", self.tied_entry, self.o.accuracy_level)
         if self.o.quant in ("int4", "int8"):  # a quantized copy of the tied table, the Gather keeps its own
-            out, entry = emit_matmul(g, x, "lm_head", self.weight("model.embed_tokens.weight"), self.o.quant, self.o.variant,
-                                     self.o.block_size, self.o.accuracy_level)
+            out, entry = emit_matmul(
+                g,
+                x,
+                "lm_head",
+                self.weight("model.embed_tokens.weight"),
+                self.o.quant,
+                self.o.variant,
+                self.o.block_size,
+                self.o.accuracy_level,
+            )
             self.layout["weights"]["lm_head"] = entry
             return out
         # float: Gemm on the very table the Gather reads (transB), no second copy on disk
@@ -247,7 +300,9 @@ class DecoderWriter:
     def mlp(self, p: str, h: str) -> str:
         g, i = self.g, self.c.intermediate_size
         gate_up = self.linear(h, f"{p}.mlp.gate_up_proj")
-        gate, up = g.op("Split", [gate_up, g.const(f"{p}.mlp/split", [i, i])], f"{p}.mlp/Split", outputs=2, axis=-1)
+        gate, up = g.op(
+            "Split", [gate_up, g.const(f"{p}.mlp/split", [i, i])], f"{p}.mlp/Split", outputs=2, axis=-1
+        )
         act = g.op("Mul", [gate, g.op("Sigmoid", [gate], f"{p}.mlp/Sigmoid")], f"{p}.mlp/SiLU")
         return self.linear(g.op("Mul", [act, up], f"{p}.mlp/Mul"), f"{p}.mlp.down_proj")
 
@@ -256,7 +311,11 @@ class DecoderWriter:
         qkv = self.linear(h, f"{p}.qkv_proj")
         present = [names.present_key(layer), names.present_value(layer)]
         past = [names.past_key(layer), names.past_value(layer)]
-        out = self.gqa(p, qkv, past, present, inputs) if self.fast else self.plain_attention(p, qkv, past, present, inputs)
+        out = (
+            self.gqa(p, qkv, past, present, inputs)
+            if self.fast
+            else self.plain_attention(p, qkv, past, present, inputs)
+        )
         return self.linear(out, f"{p}.o_proj")
 
     # --- fast attention: GroupQueryAttention ---------------------------------------
@@ -264,22 +323,40 @@ class DecoderWriter:
     def gqa_inputs(self, mask: str) -> dict:
         g, c = self.g, self.c
         total = g.op("ReduceSum", [mask, g.const("gqa/axes", [1])], "gqa/ReduceSum", keepdims=0)
-        seqlens = g.op("Cast", [g.op("Sub", [total, g.const("gqa/one", 1)], "gqa/Sub")], "gqa/SeqLens", to=TensorProto.INT32)
-        length = g.op("Gather", [g.op("Shape", [mask], "gqa/Shape"), g.const("gqa/index", 1)], "gqa/TotalLength", axis=0)
+        seqlens = g.op(
+            "Cast",
+            [g.op("Sub", [total, g.const("gqa/one", 1)], "gqa/Sub")],
+            "gqa/SeqLens",
+            to=TensorProto.INT32,
+        )
+        length = g.op(
+            "Gather", [g.op("Shape", [mask], "gqa/Shape"), g.const("gqa/index", 1)], "gqa/TotalLength", axis=0
+        )
         freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
-        return {"seqlens_k": seqlens,
-                "total_length": g.op("Cast", [length], "gqa/TotalLengthInt", to=TensorProto.INT32),
-                "cos": g.initializer("rotary.cos_cache", np.cos(freqs).astype(np.float32)),
-                "sin": g.initializer("rotary.sin_cache", np.sin(freqs).astype(np.float32))}
+        return {
+            "seqlens_k": seqlens,
+            "total_length": g.op("Cast", [length], "gqa/TotalLengthInt", to=TensorProto.INT32),
+            "cos": g.initializer("rotary.cos_cache", np.cos(freqs).astype(np.float32)),
+            "sin": g.initializer("rotary.sin_cache", np.sin(freqs).astype(np.float32)),
+        }
 
     def gqa(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
         c = self.c
         # local_window_size = W gives HF's i - j < W (checked against transformers on Mistral)
         window = c.sliding_window if c.sliding_window else -1
-        outs = self.g.op("GroupQueryAttention", [qkv, "", "", *past, t["seqlens_k"], t["total_length"], t["cos"], t["sin"]],
-                         f"{p}/GroupQueryAttention", outputs=[f"{p}/GroupQueryAttention/0", *present], domain=MS_DOMAIN,
-                         num_heads=c.num_attention_heads, kv_num_heads=c.num_key_value_heads, scale=float(c.head_dim ** -0.5),
-                         do_rotary=1, rotary_interleaved=0, local_window_size=window)
+        outs = self.g.op(
+            "GroupQueryAttention",
+            [qkv, "", "", *past, t["seqlens_k"], t["total_length"], t["cos"], t["sin"]],
+            f"{p}/GroupQueryAttention",
+            outputs=[f"{p}/GroupQueryAttention/0", *present],
+            domain=MS_DOMAIN,
+            num_heads=c.num_attention_heads,
+            kv_num_heads=c.num_key_value_heads,
+            scale=float(c.head_dim**-0.5),
+            do_rotary=1,
+            rotary_interleaved=0,
+            local_window_size=window,
+        )
         return outs[0]
 
     # --- portable attention: standard ops ------------------------------------------
@@ -300,26 +377,58 @@ class DecoderWriter:
             dist = g.op("Sub", [q_col, k_row], "mask/Distance")
             inside = g.op("Less", [dist, g.const("mask/window", c.sliding_window)], "mask/Window")
             allowed = g.op("And", [allowed, inside], "mask/CausalWindow")
-        padding = g.op("Cast", [g.op("Unsqueeze", [mask, g.const("mask/pad_axes", [1, 2])], "mask/PadUnsqueeze")],
-                       "mask/PadBool", to=TensorProto.BOOL)
+        padding = g.op(
+            "Cast",
+            [g.op("Unsqueeze", [mask, g.const("mask/pad_axes", [1, 2])], "mask/PadUnsqueeze")],
+            "mask/PadBool",
+            to=TensorProto.BOOL,
+        )
         allowed = g.op("And", [allowed, padding], "mask/Allowed")
-        bias = g.op("Where", [allowed, g.const("mask/zero_f", 0.0, np.float32), g.const("mask/min_f", np.finfo(np.float32).min, np.float32)],
-                    "mask/Bias")
+        bias = g.op(
+            "Where",
+            [
+                allowed,
+                g.const("mask/zero_f", 0.0, np.float32),
+                g.const("mask/min_f", np.finfo(np.float32).min, np.float32),
+            ],
+            "mask/Bias",
+        )
         freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
         emb = np.concatenate([freqs, freqs], axis=-1)
-        cos = g.op("Gather", [g.initializer("rotary.cos_table", np.cos(emb).astype(np.float32)), q_pos], "rotary/Cos", axis=0)
-        sin = g.op("Gather", [g.initializer("rotary.sin_table", np.sin(emb).astype(np.float32)), q_pos], "rotary/Sin", axis=0)
+        cos = g.op(
+            "Gather",
+            [g.initializer("rotary.cos_table", np.cos(emb).astype(np.float32)), q_pos],
+            "rotary/Cos",
+            axis=0,
+        )
+        sin = g.op(
+            "Gather",
+            [g.initializer("rotary.sin_table", np.sin(emb).astype(np.float32)), q_pos],
+            "rotary/Sin",
+            axis=0,
+        )
         return {"bias": bias, "cos": cos, "sin": sin}
 
     def rotary(self, name: str, x: str, t: dict) -> str:
         g, half = self.g, self.c.head_dim // 2
-        x1, x2 = g.op("Split", [x, g.const(f"{name}/halves", [half, half])], f"{name}/Split", outputs=2, axis=-1)
+        x1, x2 = g.op(
+            "Split", [x, g.const(f"{name}/halves", [half, half])], f"{name}/Split", outputs=2, axis=-1
+        )
         rotated = g.op("Concat", [g.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/RotateHalf", axis=-1)
-        return g.op("Add", [g.op("Mul", [x, t["cos"]], f"{name}/MulCos"), g.op("Mul", [rotated, t["sin"]], f"{name}/MulSin")], f"{name}/Add")
+        return g.op(
+            "Add",
+            [
+                g.op("Mul", [x, t["cos"]], f"{name}/MulCos"),
+                g.op("Mul", [rotated, t["sin"]], f"{name}/MulSin"),
+            ],
+            f"{name}/Add",
+        )
 
     def heads(self, name: str, x: str, count: int) -> str:
         """``[B, S, count*d]`` -> ``[B, count, S, d]``."""
-        shaped = self.g.op("Reshape", [x, self.g.const(f"{name}/shape", [0, 0, count, self.c.head_dim])], f"{name}/Reshape")
+        shaped = self.g.op(
+            "Reshape", [x, self.g.const(f"{name}/shape", [0, 0, count, self.c.head_dim])], f"{name}/Reshape"
+        )
         return self.g.op("Transpose", [shaped], f"{name}/Transpose", perm=[0, 2, 1, 3])
 
     def repeat_kv(self, name: str, x: str) -> str:
@@ -329,18 +438,34 @@ class DecoderWriter:
             return x
         wide = g.op("Unsqueeze", [x, g.const(f"{name}/axes", [2])], f"{name}/Unsqueeze")
         wide = g.op("Expand", [wide, g.const(f"{name}/expand", [1, 1, groups, 1, 1])], f"{name}/Expand")
-        return g.op("Reshape", [wide, g.const(f"{name}/shape", [0, c.num_attention_heads, -1, c.head_dim])], f"{name}/Reshape")
+        return g.op(
+            "Reshape",
+            [wide, g.const(f"{name}/shape", [0, c.num_attention_heads, -1, c.head_dim])],
+            f"{name}/Reshape",
+        )
 
     def plain_attention(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
         g, c = self.g, self.c
-        q, k, v = g.op("Split", [qkv, g.const(f"{p}/split", [c.q_dim, c.kv_dim, c.kv_dim])], f"{p}/Split", outputs=3, axis=-1)
+        q, k, v = g.op(
+            "Split",
+            [qkv, g.const(f"{p}/split", [c.q_dim, c.kv_dim, c.kv_dim])],
+            f"{p}/Split",
+            outputs=3,
+            axis=-1,
+        )
         q = self.rotary(f"{p}/q_rotary", self.heads(f"{p}/q_heads", q, c.num_attention_heads), t)
         k = self.rotary(f"{p}/k_rotary", self.heads(f"{p}/k_heads", k, c.num_key_value_heads), t)
         v = self.heads(f"{p}/v_heads", v, c.num_key_value_heads)
         k_all = g.op("Concat", [past[0], k], f"{p}/KeyCache", outputs=[present[0]], axis=2)
         v_all = g.op("Concat", [past[1], v], f"{p}/ValueCache", outputs=[present[1]], axis=2)
-        k_t = g.op("Transpose", [self.repeat_kv(f"{p}/k_repeat", k_all)], f"{p}/KeyTranspose", perm=[0, 1, 3, 2])
-        scores = g.op("Mul", [g.op("MatMul", [q, k_t], f"{p}/QK"), g.const(f"{p}/scale", c.head_dim ** -0.5, np.float32)], f"{p}/Scale")
+        k_t = g.op(
+            "Transpose", [self.repeat_kv(f"{p}/k_repeat", k_all)], f"{p}/KeyTranspose", perm=[0, 1, 3, 2]
+        )
+        scores = g.op(
+            "Mul",
+            [g.op("MatMul", [q, k_t], f"{p}/QK"), g.const(f"{p}/scale", c.head_dim**-0.5, np.float32)],
+            f"{p}/Scale",
+        )
         probs = g.op("Softmax", [g.op("Add", [scores, t["bias"]], f"{p}/Mask")], f"{p}/Softmax", axis=-1)
         ctx = g.op("MatMul", [probs, self.repeat_kv(f"{p}/v_repeat", v_all)], f"{p}/PV")
         ctx = g.op("Transpose", [ctx], f"{p}/OutTranspose", perm=[0, 2, 1, 3])
@@ -348,5 +473,7 @@ class DecoderWriter:
 
 
 def config_summary(config: ModelConfig) -> str:
-    return (f"{config.architecture} {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
-            f"{config.num_attention_heads}/{config.num_key_value_heads} heads")
+    return (
+        f"{config.architecture} {config.num_hidden_layers} layers, hidden {config.hidden_size}, "
+        f"{config.num_attention_heads}/{config.num_key_value_heads} heads"
+    )

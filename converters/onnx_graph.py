@@ -13,9 +13,15 @@ from onnx import TensorProto, helper, numpy_helper
 OPSET = 21  # blocked DequantizeLinear (int4) needs 21
 MS_DOMAIN = "com.microsoft"
 
-NP_TO_ONNX = {np.dtype(np.float32): TensorProto.FLOAT, np.dtype(np.float16): TensorProto.FLOAT16,
-              np.dtype(np.int64): TensorProto.INT64, np.dtype(np.int32): TensorProto.INT32,
-              np.dtype(np.int8): TensorProto.INT8, np.dtype(np.uint8): TensorProto.UINT8, np.dtype(np.bool_): TensorProto.BOOL}
+NP_TO_ONNX = {
+    np.dtype(np.float32): TensorProto.FLOAT,
+    np.dtype(np.float16): TensorProto.FLOAT16,
+    np.dtype(np.int64): TensorProto.INT64,
+    np.dtype(np.int32): TensorProto.INT32,
+    np.dtype(np.int8): TensorProto.INT8,
+    np.dtype(np.uint8): TensorProto.UINT8,
+    np.dtype(np.bool_): TensorProto.BOOL,
+}
 
 
 class Graph:
@@ -27,7 +33,15 @@ class Graph:
         self.outputs: list[onnx.ValueInfoProto] = []
         self._names: set[str] = set()
 
-    def op(self, op_type: str, inputs: list[str], name: str, outputs: int | list[str] = 1, domain: str = "", **attrs):
+    def op(
+        self,
+        op_type: str,
+        inputs: list[str],
+        name: str,
+        outputs: int | list[str] = 1,
+        domain: str = "",
+        **attrs,
+    ):
         """Add a node named ``name``; its outputs are ``name/0``, ``name/1``... unless given by name.
 
         Returns the output name (one output) or the list of names (several).
@@ -40,7 +54,9 @@ class Graph:
         return outs[0] if len(outs) == 1 else outs
 
     def initializer(self, name: str, array: np.ndarray) -> str:
-        self.initializers.append(numpy_helper.from_array(np.asarray(array, order="C"), name))  # keeps 0-d arrays 0-d
+        self.initializers.append(
+            numpy_helper.from_array(np.asarray(array, order="C"), name)
+        )  # keeps 0-d arrays 0-d
         return name
 
     def raw_initializer(self, name: str, data_type: int, dims: list[int], raw: bytes) -> str:

@@ -14,27 +14,33 @@ import math
 import os
 import re
 from collections import Counter
+from collections.abc import Callable
 from pathlib import Path
-from typing import Callable
 
 import numpy as np
 
+from converters.peft_tokens import BaseRows, check_config, take_tokens
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.atomic import atomic_write_text
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
-from edge_lora.safetensors_io import SafetensorsFile, save_tensors
-
-from .peft_tokens import BaseRows, check_config, take_tokens
+from edge_lora.safetensors_file import SafetensorsFile, save_tensors
 
 _RESAVE = "save the adapter again with PEFT's save_pretrained"
 PREFIX = "base_model.model."
 CONFIG_FILE = "adapter_config.json"
 WEIGHTS_FILE = "adapter_model.safetensors"
-_KEY = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(\.weight)?)$")
+_KEY = re.compile(
+    r"^(?P<module>.+)\.(?P<part>lora_A\.weight|lora_B\.weight|lora_magnitude_vector(\.weight)?)$"
+)
 # PEFT saves a tied lm_head's own (= the embedding's) weight beside its LoRA (save_embedding_layers)
 TIED_HEAD_BASE = "lm_head.base_layer.weight"
-_PART = {"lora_A.weight": "a", "lora_B.weight": "b", "lora_magnitude_vector": "m", "lora_magnitude_vector.weight": "m"}
+_PART = {
+    "lora_A.weight": "a",
+    "lora_B.weight": "b",
+    "lora_magnitude_vector": "m",
+    "lora_magnitude_vector.weight": "m",
+}
 
 
 def is_peft_dir(path: str | os.PathLike) -> bool:
@@ -44,13 +50,18 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
 def _pattern_value(patterns: dict, module: str, default, cfg_path: Path):
     """PEFT's rule: a pattern key matches a module name ending in ``.key`` (or equal to it)."""
     if not isinstance(patterns, (dict, type(None))):
-        raise EdgeLoraError("adapter_config.json: rank/alpha patterns must be objects", path=cfg_path, hint=_RESAVE)
+        raise EdgeLoraError(
+            "adapter_config.json: rank/alpha patterns must be objects", path=cfg_path, hint=_RESAVE
+        )
     for key, value in (patterns or {}).items():
         try:
             hit = re.match(rf"(.*\.)?({key})$", module)
         except re.error:
-            raise EdgeLoraError(f"adapter_config.json: pattern {key!r} is not a valid regular expression", path=cfg_path,
-                                hint=_RESAVE) from None
+            raise EdgeLoraError(
+                f"adapter_config.json: pattern {key!r} is not a valid regular expression",
+                path=cfg_path,
+                hint=_RESAVE,
+            ) from None
         if hit:
             return value
     return default
@@ -58,35 +69,60 @@ def _pattern_value(patterns: dict, module: str, default, cfg_path: Path):
 
 def _alpha(value, module: str, cfg_path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EdgeLoraError(f"adapter_config.json: alpha {value!r} for {module!r} is not a finite number", path=cfg_path,
-                            hint=_RESAVE)
+        raise EdgeLoraError(
+            f"adapter_config.json: alpha {value!r} for {module!r} is not a finite number",
+            path=cfg_path,
+            hint=_RESAVE,
+        )
     return float(value)
 
 
 def read_peft_config(path: Path) -> dict:
     cfg_path = path / CONFIG_FILE
     if not cfg_path.is_file():
-        raise EdgeLoraError("not a PEFT adapter directory (no adapter_config.json)", path=path,
-                            hint="pass the folder PEFT's save_pretrained wrote")
+        raise EdgeLoraError(
+            "not a PEFT adapter directory (no adapter_config.json)",
+            path=path,
+            hint="pass the folder PEFT's save_pretrained wrote",
+        )
     try:
         cfg = json.loads(cfg_path.read_text(encoding="utf-8"))
     except (json.JSONDecodeError, UnicodeDecodeError, RecursionError):
-        raise EdgeLoraError("adapter_config.json is not valid JSON", path=cfg_path, hint="save the adapter again with PEFT") from None
+        raise EdgeLoraError(
+            "adapter_config.json is not valid JSON", path=cfg_path, hint="save the adapter again with PEFT"
+        ) from None
     if not isinstance(cfg, dict):
-        raise EdgeLoraError("adapter_config.json must hold a JSON object", path=cfg_path, hint="save the adapter again with PEFT")
+        raise EdgeLoraError(
+            "adapter_config.json must hold a JSON object",
+            path=cfg_path,
+            hint="save the adapter again with PEFT",
+        )
     if cfg.get("peft_type", "LORA") != "LORA":
-        raise EdgeLoraError(f"PEFT type {cfg.get('peft_type')!r} is not LoRA", path=cfg_path, hint="only LoRA adapters are supported")
+        raise EdgeLoraError(
+            f"PEFT type {cfg.get('peft_type')!r} is not LoRA",
+            path=cfg_path,
+            hint="only LoRA adapters are supported",
+        )
     check_config(cfg, cfg_path)  # modules_to_save / trainable_token_indices: token tables only
     if cfg.get("lora_bias") or cfg.get("bias", "none") != "none":
-        raise EdgeLoraError("adapter trains biases (lora_bias / bias), which edge-lora does not import", path=cfg_path)
+        raise EdgeLoraError(
+            "adapter trains biases (lora_bias / bias), which edge-lora does not import", path=cfg_path
+        )
     if cfg.get("fan_in_fan_out"):
-        raise EdgeLoraError("fan_in_fan_out adapters (GPT-2 Conv1D) do not fit the Llama family", path=cfg_path)
+        raise EdgeLoraError(
+            "fan_in_fan_out adapters (GPT-2 Conv1D) do not fit the Llama family", path=cfg_path
+        )
     return cfg
 
 
-def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, base_fingerprint: str | None = None,
-                base_table: Callable[[np.ndarray], bool] | None = None,
-                base_rows: BaseRows | None = None) -> Adapter:
+def import_peft(
+    path: str | os.PathLike,
+    *,
+    base: ModelConfig | None = None,
+    base_fingerprint: str | None = None,
+    base_table: Callable[[np.ndarray], bool] | None = None,
+    base_rows: BaseRows | None = None,
+) -> Adapter:
     """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given).
 
     ``base_table(saved)`` says whether a saved ``lm_head.base_layer.weight`` equals the base's tied
@@ -100,26 +136,42 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
     weights = path / WEIGHTS_FILE
     if not weights.is_file():
         pickled = [p.name for p in path.glob("*.bin")]
-        hint = ("convert it on a trusted machine: load with PEFT and save_pretrained(dir, safe_serialization=True); "
-                "pickled files are never loaded") if pickled else "save the adapter with PEFT's save_pretrained"
-        raise EdgeLoraError(f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""), path=path, hint=hint)
+        hint = (
+            (
+                "convert it on a trusted machine: load with PEFT and save_pretrained(dir, safe_serialization=True); "
+                "pickled files are never loaded"
+            )
+            if pickled
+            else "save the adapter with PEFT's save_pretrained"
+        )
+        raise EdgeLoraError(
+            f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""),
+            path=path,
+            hint=hint,
+        )
     st = SafetensorsFile(weights)
     parts: dict[str, dict[str, np.ndarray]] = {}
     notes: list[str] = []
     if base_rows is None and base_table is not None:  # the embedding rows can be checked with the table check
+
         def base_rows(name: str, rows: np.ndarray) -> bool | None:
             return base_table(rows) if name == "model.embed_tokens.weight" else None
+
     tokens = take_tokens(st, PREFIX, cfg, path, base, base_rows)
     for key in st.keys():
         if tokens and key in tokens.keys:
             continue
-        name = key[len(PREFIX):] if key.startswith(PREFIX) else key
+        name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name == TIED_HEAD_BASE:
             notes.append(_tied_head_base(st, key, weights, base, base_table))
             continue
         match = _KEY.match(name)
         if not match:
-            raise EdgeLoraError(f"unexpected tensor {key!r}", path=weights, hint="only LoRA A/B (and DoRA magnitudes) are imported")
+            raise EdgeLoraError(
+                f"unexpected tensor {key!r}",
+                path=weights,
+                hint="only LoRA A/B (and DoRA magnitudes) are imported",
+            )
         if st.tensors[key].dtype not in ("F32", "F16", "BF16"):
             raise EdgeLoraError(f"tensor {key!r} has dtype {st.tensors[key].dtype}", path=weights)
         arr = st.get(key).astype(np.float32)
@@ -133,22 +185,31 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
         if "a" not in p or "b" not in p:
             raise EdgeLoraError(f"module {module!r} lacks lora_A or lora_B", path=weights)
         if p["a"].ndim != 2 or p["b"].ndim != 2 or p["a"].shape[0] != p["b"].shape[1]:
-            raise EdgeLoraError(f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} disagree on the rank",
-                                path=weights)
-        alpha = _alpha(_pattern_value(cfg.get("alpha_pattern"), module, default_alpha, cfg_path), module, cfg_path)
+            raise EdgeLoraError(
+                f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} disagree on the rank",
+                path=weights,
+            )
+        alpha = _alpha(
+            _pattern_value(cfg.get("alpha_pattern"), module, default_alpha, cfg_path), module, cfg_path
+        )
         modules[module] = LoraWeights(a=p["a"], b=p["b"], alpha=alpha, magnitude=p.get("m"))
     if not modules and not (tokens and (tokens.tokens or tokens.replaced)):
         raise EdgeLoraError("adapter holds no LoRA tensors", path=weights)
     mapping = cfg.get("auto_mapping")
-    arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or (base.architecture if base else "unknown")
+    arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or (
+        base.architecture if base else "unknown"
+    )
     adapter = Adapter(
         modules=modules,
         base_architecture=base.architecture if base else arch,
         base_fingerprint=base_fingerprint,
         rslora=bool(cfg.get("use_rslora", False)),
         target_modules=sorted(modules),
-        extra={"imported_from": "peft", "base_model_name_or_path": cfg.get("base_model_name_or_path"),
-               **({"notes": notes} if notes else {})},
+        extra={
+            "imported_from": "peft",
+            "base_model_name_or_path": cfg.get("base_model_name_or_path"),
+            **({"notes": notes} if notes else {}),
+        },
     )
     if tokens:  # new tokens and replaced base rows (converters/peft_tokens.py)
         adapter.added_tokens, adapter.embed_rows = tokens.tokens, tokens.embed_rows
@@ -160,28 +221,45 @@ def import_peft(path: str | os.PathLike, *, base: ModelConfig | None = None, bas
     return adapter
 
 
-def _tied_head_base(st: SafetensorsFile, key: str, weights: Path, base: ModelConfig | None,
-                    base_table: Callable[[np.ndarray], bool] | None) -> str:
+def _tied_head_base(
+    st: SafetensorsFile,
+    key: str,
+    weights: Path,
+    base: ModelConfig | None,
+    base_table: Callable[[np.ndarray], bool] | None,
+) -> str:
     """Check the tied head's saved base weight against the base; returns the note for the adapter."""
     if base is not None and not base.tie_word_embeddings:
-        raise EdgeLoraError(f"unexpected tensor {key!r} for an untied base", path=weights,
-                            hint="PEFT writes it for tied heads only: wrong base model?")
+        raise EdgeLoraError(
+            f"unexpected tensor {key!r} for an untied base",
+            path=weights,
+            hint="PEFT writes it for tied heads only: wrong base model?",
+        )
     if base_table is None:
-        raise EdgeLoraError(f"{key!r} (PEFT's copy of the tied output head) cannot be checked against the "
-                            "base here", path=weights, hint="import it with `edge-lora export`, which compares it to the base's table")
+        raise EdgeLoraError(
+            f"{key!r} (PEFT's copy of the tied output head) cannot be checked against the base here",
+            path=weights,
+            hint="import it with `edge-lora export`, which compares it to the base's table",
+        )
     arr = st.get(key).astype(np.float32)
     if not base_table(arr):
-        raise EdgeLoraError(f"{key!r} differs from the base's tied embedding table: the head itself was "
-                            "trained (a full-weight change, like modules_to_save), which is no LoRA adapter",
-                            path=weights, hint="merge it with PEFT (merge_and_unload) and export the merged "
-                            "model as the base")
+        raise EdgeLoraError(
+            f"{key!r} differs from the base's tied embedding table: the head itself was "
+            "trained (a full-weight change, like modules_to_save), which is no LoRA adapter",
+            path=weights,
+            hint="merge it with PEFT (merge_and_unload) and export the merged model as the base",
+        )
     return f"dropped {key} (PEFT's copy of the tied output head, equal to the base's embedding table)"
 
 
-def export_peft(adapter: Adapter, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None) -> Path:
+def export_peft(
+    adapter: Adapter, out_dir: str | os.PathLike, base_model_name_or_path: str | None = None
+) -> Path:
     """Write a PEFT directory that ``PeftModel.from_pretrained`` loads to the same function."""
     if adapter.token_rows:
-        raise EdgeLoraError("adapters with new tokens have no PEFT LoRA equivalent", hint="export to a bundle instead")
+        raise EdgeLoraError(
+            "adapters with new tokens have no PEFT LoRA equivalent", hint="export to a bundle instead"
+        )
     out = Path(out_dir)
     out.mkdir(parents=True, exist_ok=True)
     ranks = {m: w.rank for m, w in adapter.modules.items()}

@@ -30,7 +30,7 @@ import numpy as np
 
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
-from edge_lora.safetensors_io import SafetensorsFile
+from edge_lora.safetensors_file import SafetensorsFile
 
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 MODULES = ("embed_tokens", "lm_head")  # what modules_to_save may name: the tables new tokens grow
@@ -252,7 +252,7 @@ def _token_strings(path: Path, vocab: int, n: int) -> list[str]:
 
 def model_dir_rows(md) -> BaseRows:
     """Compare saved rows with a model directory's own tables (at full or half precision)."""
-    from .tied_head import same_table
+    from converters.tied_head import same_table
 
     def check(name: str, rows: np.ndarray) -> bool:
         table = name if md.has(name) else "model.embed_tokens.weight"  # a tied base's head is its embedding

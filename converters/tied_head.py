@@ -10,13 +10,14 @@ the same way and comparing the stored values (the quantizer is deterministic).
 
 from __future__ import annotations
 
-from typing import Callable
+from collections.abc import Callable
 
 import numpy as np
 
-from edge_lora import onnx_names
 from edge_lora.bundle import Bundle
 from edge_lora.model_dir import ModelDir
+from edge_lora.onnx_format import names as onnx_names
+from edge_lora.onnx_format.layout import read_layout
 
 TABLE = "model.embed_tokens.weight"
 
@@ -49,11 +50,11 @@ def bundle_check(bundle: Bundle) -> Callable[[np.ndarray], bool] | None:
         return None
 
     def check(saved: np.ndarray) -> bool:
-        from runtime.onnx_merge import WeightStore
+        from edge_lora.onnx_format.weight_store import WeightStore
 
         entry = entries[0]
         folder = entry["model"].rsplit("/", 1)[0] + "/" if "/" in entry["model"] else ""
-        layout = onnx_names.read_layout(bundle.require(folder + onnx_names.LAYOUT_FILE))
+        layout = read_layout(bundle.require(folder + onnx_names.LAYOUT_FILE))
         store = WeightStore(layout, bundle.require(folder + layout["data_file"]))
         info = layout["tensors"].get(TABLE)
         if info is not None and info["dtype"] in ("float32", "float16"):

@@ -6,4 +6,4 @@ model config, tensor names, the adapter file, fingerprints, errors and the CLI.
 
 __version__ = "0.1.0"
 
-from .errors import EdgeLoraError  # noqa: F401
+from edge_lora.errors import EdgeLoraError  # noqa: F401

@@ -1,6 +1,6 @@
 import sys
 
-from .cli import main
+from edge_lora.app.cli import main
 
 if __name__ == "__main__":
     sys.exit(main())

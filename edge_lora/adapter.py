@@ -21,10 +21,10 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import EdgeLoraError
-from .safetensors_io import SafetensorsFile, save_tensors
-from .targets import linear_modules
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.safetensors_file import SafetensorsFile, save_tensors
+from edge_lora.targets import linear_modules
 
 FORMAT_VERSION = 1
 METADATA_KEY = "edge_lora"
@@ -98,7 +98,10 @@ class Adapter:
         return merged
 
     def num_parameters(self) -> int:
-        return sum(w.a.size + w.b.size + (0 if w.magnitude is None else w.magnitude.size) for w in self.modules.values())
+        return sum(
+            w.a.size + w.b.size + (0 if w.magnitude is None else w.magnitude.size)
+            for w in self.modules.values()
+        )
 
     # --- file I/O ---------------------------------------------------------------------
 
@@ -108,7 +111,10 @@ class Adapter:
             "base": {"architecture": self.base_architecture, "fingerprint": self.base_fingerprint},
             "scaling": "rslora" if self.rslora else "standard",
             "target_modules": self.target_modules or sorted(self.modules),
-            "modules": {m: {"rank": w.rank, "alpha": float(w.alpha), "dora": w.magnitude is not None} for m, w in sorted(self.modules.items())},
+            "modules": {
+                m: {"rank": w.rank, "alpha": float(w.alpha), "dora": w.magnitude is not None}
+                for m, w in sorted(self.modules.items())
+            },
             "added_tokens": self.added_tokens,
             **({"replaced_tokens": [int(i) for i in self.replaced_tokens]} if self.replaced_tokens else {}),
             "extra": self.extra,
@@ -125,23 +131,34 @@ class Adapter:
             tensors[EMBED_ROWS] = self.embed_rows.astype(np.float32)
         if self.head_rows is not None:
             tensors[HEAD_ROWS] = self.head_rows.astype(np.float32)
-        for name, rows in ((REPLACED_EMBED_ROWS, self.replaced_embed_rows),
-                           (REPLACED_HEAD_ROWS, self.replaced_head_rows)):
+        for name, rows in (
+            (REPLACED_EMBED_ROWS, self.replaced_embed_rows),
+            (REPLACED_HEAD_ROWS, self.replaced_head_rows),
+        ):
             if rows is not None:
                 tensors[name] = rows.astype(np.float32)
         save_tensors(path, tensors, {METADATA_KEY: json.dumps(self.metadata(), sort_keys=True)})
 
     @classmethod
-    def load(cls, path: str | os.PathLike, *, base: ModelConfig | None = None,
-             base_fingerprint: str | None = None, data: bytes | bytearray | memoryview | None = None) -> "Adapter":
+    def load(
+        cls,
+        path: str | os.PathLike,
+        *,
+        base: ModelConfig | None = None,
+        base_fingerprint: str | None = None,
+        data: bytes | bytearray | memoryview | None = None,
+    ) -> Adapter:
         """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` also check it fits.
 
         ``data``: the file's bytes, already read (and hash-checked) by the caller; the tensors are
         views of them and ``path`` only names the file in errors."""
         path = Path(path)
         if data is None and path.is_dir():
-            raise EdgeLoraError("expected an adapter .safetensors file, found a directory", path=path,
-                                hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft")
+            raise EdgeLoraError(
+                "expected an adapter .safetensors file, found a directory",
+                path=path,
+                hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft",
+            )
         st = SafetensorsFile(path, data=data)
         meta = _read_metadata(st, path)
         _check_names_and_dtypes(st, path)
@@ -150,7 +167,11 @@ class Adapter:
         tensors = st.read_all()  # only once the header passed every check
         bad = st.first_nonfinite()
         if bad is not None:
-            raise EdgeLoraError(f"tensor {bad!r} holds NaN or Inf", path=path, hint="the training diverged or the file is corrupt")
+            raise EdgeLoraError(
+                f"tensor {bad!r} holds NaN or Inf",
+                path=path,
+                hint="the training diverged or the file is corrupt",
+            )
         modules_meta = meta["modules"]
         groups: dict[str, dict[str, np.ndarray]] = {}
         rows: dict[str, np.ndarray] = {}
@@ -159,22 +180,42 @@ class Adapter:
                 rows[name] = arr.astype(np.float32, copy=False)
                 continue
             match = _TENSOR.match(name)
-            groups.setdefault(match["module"], {})[match["part"]] = arr  # F16 stays F16: consumers widen where they need to
+            groups.setdefault(match["module"], {})[match["part"]] = (
+                arr  # F16 stays F16: consumers widen where they need to
+            )
         modules = {}
         for module, parts in groups.items():
             if "lora_A" not in parts or "lora_B" not in parts:
-                raise EdgeLoraError(f"module {module!r} needs both lora_A and lora_B", path=path, hint=_REMAKE)
+                raise EdgeLoraError(
+                    f"module {module!r} needs both lora_A and lora_B", path=path, hint=_REMAKE
+                )
             a, b = parts["lora_A"], parts["lora_B"]
             if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
-                raise EdgeLoraError(f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank", path=path, hint=_REMAKE)
+                raise EdgeLoraError(
+                    f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank",
+                    path=path,
+                    hint=_REMAKE,
+                )
             info = modules_meta.get(module)
             if not isinstance(info, dict) or "alpha" not in info:
-                raise EdgeLoraError(f"module {module!r} has tensors but no rank/alpha in the metadata", path=path, hint=_REMAKE)
+                raise EdgeLoraError(
+                    f"module {module!r} has tensors but no rank/alpha in the metadata",
+                    path=path,
+                    hint=_REMAKE,
+                )
             if info.get("rank", a.shape[0]) != a.shape[0]:
-                raise EdgeLoraError(f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}", path=path, hint=_REMAKE)
+                raise EdgeLoraError(
+                    f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}",
+                    path=path,
+                    hint=_REMAKE,
+                )
             mag = parts.get("lora_magnitude")
             if mag is not None and mag.shape != (b.shape[0],):
-                raise EdgeLoraError(f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]", path=path, hint=_REMAKE)
+                raise EdgeLoraError(
+                    f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]",
+                    path=path,
+                    hint=_REMAKE,
+                )
             modules[module] = LoraWeights(a=a, b=b, alpha=_alpha(info["alpha"], module, path), magnitude=mag)
         embed_rows, head_rows = rows.get(EMBED_ROWS), rows.get(HEAD_ROWS)
         if not modules and embed_rows is None and REPLACED_EMBED_ROWS not in rows:
@@ -202,62 +243,106 @@ class Adapter:
         if base_fingerprint and self.base_fingerprint and base_fingerprint != self.base_fingerprint:
             raise EdgeLoraError(
                 f"adapter was made for base {self.base_architecture} {self.base_fingerprint[:19]}…, not this base ({base_fingerprint[:19]}…)",
-                path=path, hint="wrong base model? export the adapter's own base, or retrain the adapter on this one")
+                path=path,
+                hint="wrong base model? export the adapter's own base, or retrain the adapter on this one",
+            )
         if base is None:
             return
         if self.base_architecture != base.architecture:
-            raise EdgeLoraError(f"adapter was made for a {self.base_architecture}, the base is a {base.architecture}", path=path,
-                                hint="wrong base model?")
+            raise EdgeLoraError(
+                f"adapter was made for a {self.base_architecture}, the base is a {base.architecture}",
+                path=path,
+                hint="wrong base model?",
+            )
         shapes = linear_modules(base, include_lm_head=True)
         for module, w in self.modules.items():
             if module not in shapes:
-                raise EdgeLoraError(f"module {module!r} is not a linear layer of this base", path=path, hint="wrong base model?")
+                raise EdgeLoraError(
+                    f"module {module!r} is not a linear layer of this base",
+                    path=path,
+                    hint="wrong base model?",
+                )
             out_f, in_f = shapes[module]
             if w.a.shape[1] != in_f or w.b.shape[0] != out_f:
                 raise EdgeLoraError(
                     f"module {module!r}: adapter shapes A{list(w.a.shape)} B{list(w.b.shape)} do not fit the base's [{out_f}, {in_f}]",
-                    path=path, hint="wrong base model?")
+                    path=path,
+                    hint="wrong base model?",
+                )
         n_new, n_replaced = len(self.added_tokens), len(self.replaced_tokens)
-        for rows, count in ((self.embed_rows, n_new), (self.head_rows, n_new),
-                            (self.replaced_embed_rows, n_replaced), (self.replaced_head_rows, n_replaced)):
+        for rows, count in (
+            (self.embed_rows, n_new),
+            (self.head_rows, n_new),
+            (self.replaced_embed_rows, n_replaced),
+            (self.replaced_head_rows, n_replaced),
+        ):
             if rows is not None and (rows.ndim != 2 or rows.shape != (count, base.hidden_size)):
-                raise EdgeLoraError(f"token rows {list(rows.shape)} do not fit hidden size "
-                                    f"{base.hidden_size} and {count} tokens", path=path, hint="wrong base model?")
+                raise EdgeLoraError(
+                    f"token rows {list(rows.shape)} do not fit hidden size "
+                    f"{base.hidden_size} and {count} tokens",
+                    path=path,
+                    hint="wrong base model?",
+                )
         bad = [i for i in self.replaced_tokens if not 0 <= i < base.vocab_size]
         if bad or (self.replaced_tokens and self.replaced_embed_rows is None):
-            raise EdgeLoraError(f"replaced token ids {bad[:4] or self.replaced_tokens[:4]} are not base ids "
-                                "with rows", path=path, hint=_REMAKE)
+            raise EdgeLoraError(
+                f"replaced token ids {bad[:4] or self.replaced_tokens[:4]} are not base ids with rows",
+                path=path,
+                hint=_REMAKE,
+            )
 
 
 def _read_metadata(st: SafetensorsFile, path) -> dict:
     raw = st.metadata.get(METADATA_KEY)
     if raw is None:
-        hint = "this looks like a PEFT file: import its directory with `edge-lora export --adapter DIR`" if any(
-            k.startswith("base_model.") for k in st.keys()) else "make it with `edge-lora train` or import a PEFT directory"
+        hint = (
+            "this looks like a PEFT file: import its directory with `edge-lora export --adapter DIR`"
+            if any(k.startswith("base_model.") for k in st.keys())
+            else "make it with `edge-lora train` or import a PEFT directory"
+        )
         raise EdgeLoraError("not an edge-lora adapter (no edge_lora metadata)", path=path, hint=hint)
     try:
         meta = json.loads(raw)
     except (json.JSONDecodeError, RecursionError):  # RecursionError: hostile nesting depth
         raise EdgeLoraError("adapter metadata is not valid JSON", path=path, hint=_REMAKE) from None
-    if not isinstance(meta, dict) or not isinstance(meta.get("modules"), dict) or not isinstance(meta.get("base"), dict):
+    if (
+        not isinstance(meta, dict)
+        or not isinstance(meta.get("modules"), dict)
+        or not isinstance(meta.get("base"), dict)
+    ):
         raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path, hint=_REMAKE)
-    for key, kinds in (("target_modules", (list, type(None))), ("added_tokens", (list, type(None))), ("extra", (dict, type(None))),
-                       ("scaling", (str, type(None)))):
+    for key, kinds in (
+        ("target_modules", (list, type(None))),
+        ("added_tokens", (list, type(None))),
+        ("extra", (dict, type(None))),
+        ("scaling", (str, type(None))),
+    ):
         if not isinstance(meta.get(key), kinds):
             raise EdgeLoraError(f"adapter metadata {key!r} has the wrong type", path=path, hint=_REMAKE)
-    if not all(isinstance(t, str) for t in (meta.get("target_modules") or []) + (meta.get("added_tokens") or [])):
-        raise EdgeLoraError("adapter metadata lists non-string module or token names", path=path, hint=_REMAKE)
+    if not all(
+        isinstance(t, str) for t in (meta.get("target_modules") or []) + (meta.get("added_tokens") or [])
+    ):
+        raise EdgeLoraError(
+            "adapter metadata lists non-string module or token names", path=path, hint=_REMAKE
+        )
     replaced = meta.get("replaced_tokens")
-    if replaced is not None and not (isinstance(replaced, list) and all(type(i) is int for i in replaced)
-                                     and len(set(replaced)) == len(replaced)):
-        raise EdgeLoraError("adapter metadata 'replaced_tokens' is not a list of distinct token ids",
-                            path=path, hint=_REMAKE)
+    if replaced is not None and not (
+        isinstance(replaced, list)
+        and all(type(i) is int for i in replaced)
+        and len(set(replaced)) == len(replaced)
+    ):
+        raise EdgeLoraError(
+            "adapter metadata 'replaced_tokens' is not a list of distinct token ids", path=path, hint=_REMAKE
+        )
     if not isinstance(meta["base"].get("fingerprint"), (str, type(None))):
         raise EdgeLoraError("adapter metadata base fingerprint is not a string", path=path, hint=_REMAKE)
     version = meta.get("format_version")
     if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise EdgeLoraError(f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
-                            path=path, hint="upgrade edge-lora")
+        raise EdgeLoraError(
+            f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
+            path=path,
+            hint="upgrade edge-lora",
+        )
     return meta
 
 
@@ -273,16 +358,26 @@ def _check_declared_shapes(st: SafetensorsFile, base: ModelConfig, path) -> None
         if not match or match["module"] not in shapes:
             continue  # named in the checks that follow
         out_f, in_f = shapes[match["module"]]
-        expected = {"lora_A": (None, in_f), "lora_B": (out_f, None), "lora_magnitude": (out_f,)}[match["part"]]
+        expected = {"lora_A": (None, in_f), "lora_B": (out_f, None), "lora_magnitude": (out_f,)}[
+            match["part"]
+        ]
         dims = info.shape
-        if len(dims) != len(expected) or any(d != e if e is not None else d > max(in_f, out_f) for d, e in zip(dims, expected)):
-            raise EdgeLoraError(f"module {match['module']!r}: adapter shapes {match['part']}{list(dims)} do not fit the base's "
-                                f"[{out_f}, {in_f}]", path=path, hint="wrong base model?")
+        if len(dims) != len(expected) or any(
+            d != e if e is not None else d > max(in_f, out_f) for d, e in zip(dims, expected)
+        ):
+            raise EdgeLoraError(
+                f"module {match['module']!r}: adapter shapes {match['part']}{list(dims)} do not fit the base's "
+                f"[{out_f}, {in_f}]",
+                path=path,
+                hint="wrong base model?",
+            )
 
 
 def _alpha(value, module: str, path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
-        raise EdgeLoraError(f"module {module!r}: alpha {value!r} is not a finite number", path=path, hint=_REMAKE)
+        raise EdgeLoraError(
+            f"module {module!r}: alpha {value!r} is not a finite number", path=path, hint=_REMAKE
+        )
     return float(value)
 
 
@@ -290,7 +385,12 @@ def _check_names_and_dtypes(st: SafetensorsFile, path) -> None:
     """Refuse foreign tensor names and dtypes from the header, before any data is read."""
     for name, info in st.tensors.items():
         if info.dtype not in ("F32", "F16", "BF16"):
-            raise EdgeLoraError(f"tensor {name!r} has dtype {info.dtype}; adapters hold float tensors", path=path,
-                                hint="store LoRA weights as F32, F16 or BF16")
+            raise EdgeLoraError(
+                f"tensor {name!r} has dtype {info.dtype}; adapters hold float tensors",
+                path=path,
+                hint="store LoRA weights as F32, F16 or BF16",
+            )
         if name not in _ROWS and not _TENSOR.match(name):
-            raise EdgeLoraError(f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B")
+            raise EdgeLoraError(
+                f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B"
+            )

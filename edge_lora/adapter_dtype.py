@@ -23,8 +23,8 @@ from dataclasses import replace
 
 import numpy as np
 
-from .adapter import Adapter
-from .errors import EdgeLoraError
+from edge_lora.adapter import Adapter
+from edge_lora.errors import EdgeLoraError
 
 ADAPTER_DTYPES = ("fp32", "fp16", "int8")
 GGUF_DTYPE = {"fp32": "f32", "fp16": "f16", "int8": "q8_0"}
@@ -34,8 +34,9 @@ Q8_BLOCK = 32
 
 def check_adapter_dtype(dtype: str) -> str:
     if dtype not in ADAPTER_DTYPES:
-        raise EdgeLoraError(f"unknown adapter dtype {dtype!r}",
-                            hint=f"choose one of {', '.join(ADAPTER_DTYPES)}")
+        raise EdgeLoraError(
+            f"unknown adapter dtype {dtype!r}", hint=f"choose one of {', '.join(ADAPTER_DTYPES)}"
+        )
     return dtype
 
 
@@ -67,6 +68,8 @@ def rounded(adapter: Adapter, dtype: str) -> Adapter:
     check_adapter_dtype(dtype)
     if dtype == "fp32":
         return adapter
-    modules = {m: replace(w, a=round_tensor(w.a, dtype), b=round_tensor(w.b, dtype))
-               for m, w in adapter.modules.items()}
+    modules = {
+        m: replace(w, a=round_tensor(w.a, dtype), b=round_tensor(w.b, dtype))
+        for m, w in adapter.modules.items()
+    }
     return replace(adapter, modules=modules)

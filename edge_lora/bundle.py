@@ -29,9 +29,9 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .atomic import atomic_write_text
-from .config import ModelConfig
-from .errors import EdgeLoraError
+from edge_lora.atomic import atomic_write_text
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
 
 FORMAT = "edge-lora-bundle"
 FORMAT_VERSION = 1
@@ -64,8 +64,9 @@ def _read_whole(f, size: int) -> bytes:
     while len(data) < size and (more := f.read(size - len(data))):
         data += more
     if len(data) < size:
-        raise EdgeLoraError("the file ended early (truncated while being read?)", path=f.name,
-                            hint="copy the file again")
+        raise EdgeLoraError(
+            "the file ended early (truncated while being read?)", path=f.name, hint="copy the file again"
+        )
     return data
 
 
@@ -89,12 +90,13 @@ def _copy_exactly(f, out_fd: int, size: int) -> None:
     except OSError:  # no sendfile into this kind of file here (macOS): copy through a buffer
         f.seek(done)
         buf = memoryview(bytearray(1 << 20))
-        while done < size and (n := f.readinto(buf[:min(len(buf), size - done)])):
+        while done < size and (n := f.readinto(buf[: min(len(buf), size - done)])):
             os.write(out_fd, buf[:n])
             done += n
     if done < size:
-        raise EdgeLoraError("the file ended early (truncated while being read?)", path=f.name,
-                            hint="copy the file again")
+        raise EdgeLoraError(
+            "the file ended early (truncated while being read?)", path=f.name, hint="copy the file again"
+        )
 
 
 def _identity(stat: os.stat_result) -> tuple:
@@ -131,8 +133,15 @@ class FileHashes:
         self._note(key, before, after, digest, started)
         return digest
 
-    def read(self, path: str | os.PathLike, *, digest: bool = True, max_bytes: int | None = None,
-             background: bool = False, into_fd: int | None = None) -> FileBytes:
+    def read(
+        self,
+        path: str | os.PathLike,
+        *,
+        digest: bool = True,
+        max_bytes: int | None = None,
+        background: bool = False,
+        into_fd: int | None = None,
+    ) -> FileBytes:
         """The whole file, read once, and (``digest=True``) the SHA-256 of exactly the bytes in hand.
 
         The bytes land in private memory (``FileBytes.data``), or with ``into_fd`` in that file (a
@@ -146,8 +155,11 @@ class FileHashes:
         with open(key, "rb", buffering=0) as f:
             before = _identity(os.fstat(f.fileno()))
             if max_bytes is not None and before[2] > max_bytes:
-                raise EdgeLoraError(f"file is {before[2]} bytes, more than the {max_bytes} it can hold",
-                                    path=key, hint="the file is corrupt or not the one expected; copy it again")
+                raise EdgeLoraError(
+                    f"file is {before[2]} bytes, more than the {max_bytes} it can hold",
+                    path=key,
+                    hint="the file is corrupt or not the one expected; copy it again",
+                )
             with self._lock:
                 known = self._known.get(key)
             remembered = known[1] if digest and known is not None and known[0] == before else None
@@ -188,8 +200,9 @@ class FileBytes:
         self.path, self.data, self._sha256, self._error = path, data, sha256, None
         self._thread = None
         if pending is not None:  # hashlib lets go of the GIL: the hash runs beside the caller's parsing
-            self._thread = threading.Thread(target=self._run, args=(pending,), name="edge-lora-sha256",
-                                            daemon=True)
+            self._thread = threading.Thread(
+                target=self._run, args=(pending,), name="edge-lora-sha256", daemon=True
+            )
             self._thread.start()
 
     def _run(self, pending) -> None:
@@ -226,40 +239,79 @@ class Bundle:
         return self.root / MANIFEST
 
     @classmethod
-    def open(cls, root: str | os.PathLike) -> "Bundle":
+    def open(cls, root: str | os.PathLike) -> Bundle:
         root = Path(root)
         manifest = root / MANIFEST
         if not root.is_dir():
-            raise EdgeLoraError("not a bundle directory", path=root, hint="pass the folder `edge-lora export --out` wrote")
+            raise EdgeLoraError(
+                "not a bundle directory", path=root, hint="pass the folder `edge-lora export --out` wrote"
+            )
         if not manifest.is_file():
-            raise EdgeLoraError("no bundle.json: not a bundle, or its export did not finish", path=root,
-                                hint="run `edge-lora export` again")
+            raise EdgeLoraError(
+                "no bundle.json: not a bundle, or its export did not finish",
+                path=root,
+                hint="run `edge-lora export` again",
+            )
         if manifest.stat().st_size > MAX_MANIFEST_BYTES:
-            raise EdgeLoraError("bundle.json is implausibly large", path=manifest, hint="re-export the bundle")
+            raise EdgeLoraError(
+                "bundle.json is implausibly large", path=manifest, hint="re-export the bundle"
+            )
         try:
             raw = json.loads(manifest.read_text(encoding="utf-8"))
-        except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:  # RecursionError: hostile nesting
-            raise EdgeLoraError(f"bundle.json is not valid JSON ({err.__class__.__name__})", path=manifest,
-                                hint="re-export the bundle") from None
+        except (
+            UnicodeDecodeError,
+            json.JSONDecodeError,
+            RecursionError,
+        ) as err:  # RecursionError: hostile nesting
+            raise EdgeLoraError(
+                f"bundle.json is not valid JSON ({err.__class__.__name__})",
+                path=manifest,
+                hint="re-export the bundle",
+            ) from None
         if not isinstance(raw, dict) or raw.get("format") != FORMAT:
-            raise EdgeLoraError("bundle.json is not an edge-lora bundle manifest", path=manifest,
-                                hint="pass the folder `edge-lora export` wrote")
+            raise EdgeLoraError(
+                "bundle.json is not an edge-lora bundle manifest",
+                path=manifest,
+                hint="pass the folder `edge-lora export` wrote",
+            )
         version = raw.get("format_version")
         if not isinstance(version, int) or version > FORMAT_VERSION:
-            raise EdgeLoraError(f"bundle format version {version!r} is newer than this edge-lora reads ({FORMAT_VERSION})",
-                                path=manifest, hint="upgrade edge-lora")
-        for key, kind in (("model", dict), ("base_fingerprint", str), ("tokenizer", dict), ("backends", dict),
-                          ("adapters", dict), ("files", dict)):
+            raise EdgeLoraError(
+                f"bundle format version {version!r} is newer than this edge-lora reads ({FORMAT_VERSION})",
+                path=manifest,
+                hint="upgrade edge-lora",
+            )
+        for key, kind in (
+            ("model", dict),
+            ("base_fingerprint", str),
+            ("tokenizer", dict),
+            ("backends", dict),
+            ("adapters", dict),
+            ("files", dict),
+        ):
             if not isinstance(raw.get(key), kind):
-                raise EdgeLoraError(f"bundle.json: key {key!r} is missing or not a {kind.__name__}", path=manifest,
-                                    hint="re-export the bundle")
+                raise EdgeLoraError(
+                    f"bundle.json: key {key!r} is missing or not a {kind.__name__}",
+                    path=manifest,
+                    hint="re-export the bundle",
+                )
         try:
             config = ModelConfig.from_saved(raw["model"])
             config.validate(manifest)
         except (TypeError, ValueError, AttributeError, ZeroDivisionError, OverflowError) as err:
-            raise EdgeLoraError(f"bundle.json: bad model config ({err})", path=manifest, hint="re-export the bundle") from None
-        bundle = cls(root=root, config=config, base_fingerprint=raw["base_fingerprint"], tokenizer=raw["tokenizer"],
-                     backends=raw["backends"], adapters=raw["adapters"], files=raw["files"], raw=raw)
+            raise EdgeLoraError(
+                f"bundle.json: bad model config ({err})", path=manifest, hint="re-export the bundle"
+            ) from None
+        bundle = cls(
+            root=root,
+            config=config,
+            base_fingerprint=raw["base_fingerprint"],
+            tokenizer=raw["tokenizer"],
+            backends=raw["backends"],
+            adapters=raw["adapters"],
+            files=raw["files"],
+            raw=raw,
+        )
         bundle._check_paths()
         return bundle
 
@@ -267,11 +319,19 @@ class Bundle:
         refs = [self.tokenizer.get("tokenizer")] + list(self.files)
         for entries in self.backends.values():
             if not isinstance(entries, list) or not all(isinstance(e, dict) for e in entries):
-                raise EdgeLoraError("bundle.json: each backend lists entries as objects", path=self.manifest_path, hint="re-export the bundle")
+                raise EdgeLoraError(
+                    "bundle.json: each backend lists entries as objects",
+                    path=self.manifest_path,
+                    hint="re-export the bundle",
+                )
             refs += [e.get("model") for e in entries]
         for name, entry in self.adapters.items():
             if not isinstance(entry, dict):
-                raise EdgeLoraError(f"bundle.json: adapter {name!r} is not an object", path=self.manifest_path, hint="re-export the bundle")
+                raise EdgeLoraError(
+                    f"bundle.json: adapter {name!r} is not an object",
+                    path=self.manifest_path,
+                    hint="re-export the bundle",
+                )
             refs += [v for k, v in entry.items() if k in ("source", "onnx", "gguf")]
         for ref in refs:
             self.resolve(ref)
@@ -279,21 +339,33 @@ class Bundle:
     def resolve(self, rel) -> Path:
         """The absolute path of a bundle entry, refusing anything that escapes the bundle."""
         if not isinstance(rel, str) or not rel:
-            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is not a relative path", path=self.manifest_path, hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"bundle.json: file entry {rel!r} is not a relative path",
+                path=self.manifest_path,
+                hint="re-export the bundle",
+            )
         candidate = Path(rel)
         if candidate.is_absolute() or ".." in candidate.parts or "\\" in rel:
-            raise EdgeLoraError(f"bundle.json: file entry {rel!r} points outside the bundle", path=self.manifest_path,
-                                hint="a bundle only references files inside its own folder")
+            raise EdgeLoraError(
+                f"bundle.json: file entry {rel!r} points outside the bundle",
+                path=self.manifest_path,
+                hint="a bundle only references files inside its own folder",
+            )
         full = self.root / candidate
         if full.resolve().is_relative_to(self.root.resolve()) is False:
-            raise EdgeLoraError(f"bundle.json: file entry {rel!r} is a link that leaves the bundle", path=self.manifest_path,
-                                hint="copy the bundle with its files, not links to them")
+            raise EdgeLoraError(
+                f"bundle.json: file entry {rel!r} is a link that leaves the bundle",
+                path=self.manifest_path,
+                hint="copy the bundle with its files, not links to them",
+            )
         return full
 
     def require(self, rel: str) -> Path:
         full = self.resolve(rel)
         if not full.is_file():
-            raise EdgeLoraError(f"bundle file {rel!r} is missing or not a file", path=self.root, hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"bundle file {rel!r} is missing or not a file", path=self.root, hint="re-export the bundle"
+            )
         return full
 
     def verify_file(self, rel: str) -> Path:
@@ -301,7 +373,11 @@ class Bundle:
         full = self.require(rel)
         expected = self.files.get(rel, {}).get("sha256")
         if expected is None:
-            raise EdgeLoraError(f"bundle.json records no hash for {rel!r}", path=self.manifest_path, hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"bundle.json records no hash for {rel!r}",
+                path=self.manifest_path,
+                hint="re-export the bundle",
+            )
         self.check_digest(rel, self.hashes.sha256(full))
         return full
 
@@ -323,22 +399,35 @@ class Bundle:
         """Refuse ``digest`` unless it is the SHA-256 bundle.json records for ``rel``."""
         expected = self.files.get(rel, {}).get("sha256")
         if expected is None:
-            raise EdgeLoraError(f"bundle.json records no hash for {rel!r}", path=self.manifest_path,
-                                hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"bundle.json records no hash for {rel!r}",
+                path=self.manifest_path,
+                hint="re-export the bundle",
+            )
         if digest != expected:
-            raise EdgeLoraError(f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)", path=self.root,
-                                hint="copy the bundle again from a trusted source")
+            raise EdgeLoraError(
+                f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)",
+                path=self.root,
+                hint="copy the bundle again from a trusted source",
+            )
 
     def backend_entry(self, backend: str, quant: str | None = None, variant: str | None = None) -> dict:
         entries = self.backends.get(backend) or []
         if not entries:
-            raise EdgeLoraError(f"bundle has no {backend} files (has: {', '.join(self.backends) or 'none'})", path=self.root,
-                                hint=f"export with --backends {backend}")
+            raise EdgeLoraError(
+                f"bundle has no {backend} files (has: {', '.join(self.backends) or 'none'})",
+                path=self.root,
+                hint=f"export with --backends {backend}",
+            )
         for e in entries:
-            if (quant is None or e.get("quant") == quant) and (variant is None or e.get("variant", variant) == variant):
+            if (quant is None or e.get("quant") == quant) and (
+                variant is None or e.get("variant", variant) == variant
+            ):
                 return e
         have = ", ".join(f"{e.get('quant')}/{e.get('variant', '-')}" for e in entries)
-        raise EdgeLoraError(f"bundle has no {backend} model with quant={quant} variant={variant} (has {have})", path=self.root)
+        raise EdgeLoraError(
+            f"bundle has no {backend} model with quant={quant} variant={variant} (has {have})", path=self.root
+        )
 
 
 def write_manifest(root: str | os.PathLike, manifest: dict) -> None:

@@ -15,7 +15,7 @@ from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 TEMPLATE_FILE = "chat_template.jinja"
 # ChatML, for models that ship no template
@@ -34,11 +34,15 @@ class ChatTemplate:
     where: Path | None = None  # the file it came from, for error messages
 
     @classmethod
-    def find(cls, tokenizer_config: dict, folder: Path) -> "ChatTemplate":
+    def find(cls, tokenizer_config: dict, folder: Path) -> ChatTemplate:
         """The template of a model directory or bundle: ``chat_template`` in tokenizer_config.json
         (a string, or a list of named ones: "default" wins), else ``chat_template.jinja``, else ChatML."""
         folder = Path(folder)
-        special = {k: text for k, v in tokenizer_config.items() if k.endswith("_token") and (text := token_text(v)) is not None}
+        special = {
+            k: text
+            for k, v in tokenizer_config.items()
+            if k.endswith("_token") and (text := token_text(v)) is not None
+        }
         source = tokenizer_config.get("chat_template")
         if isinstance(source, list):
             named = {t.get("name"): t.get("template") for t in source if isinstance(t, dict)}
@@ -52,18 +56,27 @@ class ChatTemplate:
 
     def render(self, messages: list[dict], add_generation_prompt: bool = False) -> str:
         try:
-            return _compiled(self.source, self.where).render(messages=messages, tools=None, documents=None,
-                                                             add_generation_prompt=add_generation_prompt, **self.special)
+            return _compiled(self.source, self.where).render(
+                messages=messages,
+                tools=None,
+                documents=None,
+                add_generation_prompt=add_generation_prompt,
+                **self.special,
+            )
         except EdgeLoraError:
             raise
         except Exception as err:  # the template's own raise_exception, or a runtime error inside it
-            raise EdgeLoraError(f"chat template failed: {' '.join(str(err).split())}", path=self.where) from None
+            raise EdgeLoraError(
+                f"chat template failed: {' '.join(str(err).split())}", path=self.where
+            ) from None
 
     def end_of_turn(self) -> str | None:
         """What the template writes right after an assistant reply (``<|im_end|>``, ``<|eot_id|>``,
         ``</s>``, ...): where generation of a reply should stop. None when it writes nothing."""
         try:
-            text = self.render([{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}])
+            text = self.render(
+                [{"role": "user", "content": "hi"}, {"role": "assistant", "content": _SENTINEL}]
+            )
         except EdgeLoraError:
             return None
         after = text.partition(_SENTINEL)[2].strip()
@@ -94,7 +107,9 @@ def _compile(source: str, where):
         from jinja2.ext import Extension
         from jinja2.sandbox import ImmutableSandboxedEnvironment
     except ImportError:
-        raise EdgeLoraError("chat templates need jinja2", hint="pip install jinja2 (or 'edge-lora[train]')") from None
+        raise EdgeLoraError(
+            "chat templates need jinja2", hint="pip install jinja2 (or 'edge-lora[train]')"
+        ) from None
 
     class Generation(Extension):
         """transformers' ``{% generation %}...{% endgeneration %}`` (it marks assistant text for
@@ -114,9 +129,13 @@ def _compile(source: str, where):
         raise jinja2.exceptions.TemplateError(message)
 
     def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
-        return json.dumps(x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys)
+        return json.dumps(
+            x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
+        )
 
-    env = ImmutableSandboxedEnvironment(trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols])
+    env = ImmutableSandboxedEnvironment(
+        trim_blocks=True, lstrip_blocks=True, extensions=[Generation, jinja2.ext.loopcontrols]
+    )
     env.filters["tojson"] = tojson
     env.globals["raise_exception"] = raise_exception
     env.globals["strftime_now"] = lambda fmt: datetime.now().strftime(fmt)

@@ -14,7 +14,7 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 _BAD_CONFIG = "the model config is corrupt; use the config.json the model was trained with"
 
@@ -65,7 +65,7 @@ class ModelConfig:
         return self.num_key_value_heads * self.head_dim
 
     @classmethod
-    def from_dict(cls, raw: dict, *, path: str | os.PathLike | None = None) -> "ModelConfig":
+    def from_dict(cls, raw: dict, *, path: str | os.PathLike | None = None) -> ModelConfig:
         archs = raw.get("architectures") or []
         arch = archs[0] if archs else _arch_from_model_type(raw.get("model_type"))
         if arch not in SUPPORTED_ARCHITECTURES:
@@ -75,7 +75,9 @@ class ModelConfig:
                 hint=f"supported: {', '.join(SUPPORTED_ARCHITECTURES)}",
             )
         if raw.get("hidden_act", "silu") != "silu":
-            raise EdgeLoraError(f"unsupported hidden_act {raw.get('hidden_act')!r}", path=path, hint="only silu is supported")
+            raise EdgeLoraError(
+                f"unsupported hidden_act {raw.get('hidden_act')!r}", path=path, hint="only silu is supported"
+            )
         try:
             heads = int(raw["num_attention_heads"])
             hidden = int(raw["hidden_size"])
@@ -95,41 +97,67 @@ class ModelConfig:
                 rope_scaling=rope[1],
                 max_position_embeddings=int(raw.get("max_position_embeddings", 2048)),
                 tie_word_embeddings=bool(raw.get("tie_word_embeddings", False)),
-                attention_bias=bool(raw.get("attention_bias", False)) or SUPPORTED_ARCHITECTURES[arch] == "qwen2",
+                attention_bias=bool(raw.get("attention_bias", False))
+                or SUPPORTED_ARCHITECTURES[arch] == "qwen2",
                 mlp_bias=bool(raw.get("mlp_bias", False)),
                 bos_token_id=raw.get("bos_token_id"),
-                eos_token_id=[] if eos is None else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]),
+                eos_token_id=[]
+                if eos is None
+                else ([int(eos)] if isinstance(eos, int) else [int(e) for e in eos]),
                 sliding_window=_sliding_window(raw),
             )
         except (KeyError, TypeError, ValueError) as err:
-            raise EdgeLoraError(f"config.json is missing or has a bad value: {err}", path=path, hint=_BAD_CONFIG) from None
+            raise EdgeLoraError(
+                f"config.json is missing or has a bad value: {err}", path=path, hint=_BAD_CONFIG
+            ) from None
         config.validate(path)
         return config
 
     def validate(self, path=None) -> None:
-        positive = ["vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"]
+        positive = [
+            "vocab_size",
+            "hidden_size",
+            "intermediate_size",
+            "num_hidden_layers",
+            "num_attention_heads",
+            "num_key_value_heads",
+            "head_dim",
+        ]
         for name in positive:
             if getattr(self, name) <= 0:
                 raise EdgeLoraError(f"config value {name} must be positive", path=path, hint=_BAD_CONFIG)
         if self.num_attention_heads % self.num_key_value_heads:
-            raise EdgeLoraError("num_attention_heads must be a multiple of num_key_value_heads", path=path, hint=_BAD_CONFIG)
+            raise EdgeLoraError(
+                "num_attention_heads must be a multiple of num_key_value_heads", path=path, hint=_BAD_CONFIG
+            )
         if self.head_dim % 2:
             raise EdgeLoraError("head_dim must be even for rotary embeddings", path=path, hint=_BAD_CONFIG)
-        if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in ("default", "llama3", "linear"):
+        if self.rope_scaling and self.rope_scaling.get("rope_type", "default") not in (
+            "default",
+            "llama3",
+            "linear",
+        ):
             raise EdgeLoraError(
-                f"unsupported rope_scaling type {self.rope_scaling.get('rope_type')!r}", path=path, hint="supported: llama3, linear"
+                f"unsupported rope_scaling type {self.rope_scaling.get('rope_type')!r}",
+                path=path,
+                hint="supported: llama3, linear",
             )
 
     @classmethod
-    def from_model_dir(cls, model_dir: str | os.PathLike) -> "ModelConfig":
+    def from_model_dir(cls, model_dir: str | os.PathLike) -> ModelConfig:
         path = Path(model_dir) / "config.json"
         if not path.is_file():
-            raise EdgeLoraError("no config.json here", path=model_dir, hint="pass a Hugging Face model directory")
+            raise EdgeLoraError(
+                "no config.json here", path=model_dir, hint="pass a Hugging Face model directory"
+            )
         try:
             raw = json.loads(path.read_text(encoding="utf-8"))
         except (UnicodeDecodeError, json.JSONDecodeError, RecursionError) as err:
-            raise EdgeLoraError(f"config.json is not valid JSON ({err.__class__.__name__})", path=path,
-                                hint="pass a Hugging Face model directory with an intact config.json") from None
+            raise EdgeLoraError(
+                f"config.json is not valid JSON ({err.__class__.__name__})",
+                path=path,
+                hint="pass a Hugging Face model directory with an intact config.json",
+            ) from None
         if not isinstance(raw, dict):
             raise EdgeLoraError("config.json must hold a JSON object", path=path)
         return cls.from_dict(raw, path=path)
@@ -156,14 +184,16 @@ class ModelConfig:
             "max_position_embeddings": self.max_position_embeddings,
             "tie_word_embeddings": self.tie_word_embeddings,
             "bos_token_id": self.bos_token_id,
-            "eos_token_id": self.eos_token_id[0] if len(self.eos_token_id) == 1 else (self.eos_token_id or None),
+            "eos_token_id": self.eos_token_id[0]
+            if len(self.eos_token_id) == 1
+            else (self.eos_token_id or None),
         }
         if self.model_type == "llama":
             raw.update(attention_bias=self.attention_bias, mlp_bias=self.mlp_bias)
         return raw
 
     @classmethod
-    def from_saved(cls, raw: dict) -> "ModelConfig":
+    def from_saved(cls, raw: dict) -> ModelConfig:
         """Inverse of ``to_dict`` (bundle.json), tolerant of keys added by later versions."""
         names = {f.name for f in dataclasses.fields(cls)}
         return cls(**{k: v for k, v in raw.items() if k in names})

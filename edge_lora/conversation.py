@@ -11,8 +11,8 @@ from __future__ import annotations
 
 import json
 
-from .chat_template import ChatTemplate
-from .errors import EdgeLoraError
+from edge_lora.chat_template import ChatTemplate
+from edge_lora.errors import EdgeLoraError
 
 
 class Conversation:
@@ -51,7 +51,9 @@ class Conversation:
             text = user_text if not self.keep_history else self.plain + user_text
             return tokenizer.encode(text)
         messages = (self.messages if self.keep_history else []) + [{"role": "user", "content": user_text}]
-        ids = tokenizer.encode(self.template.render(messages, add_generation_prompt=True), add_special_tokens=False)
+        ids = tokenizer.encode(
+            self.template.render(messages, add_generation_prompt=True), add_special_tokens=False
+        )
         self._pending = messages
         return ids
 

@@ -20,12 +20,12 @@ once when the adapter is added; any user scale then costs ``O(out * r^2)``.
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Callable
 
 import numpy as np
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 
 @dataclass

@@ -15,9 +15,9 @@ from pathlib import Path
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import EdgeLoraError
-from .safetensors_io import SafetensorsFile
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.safetensors_file import SafetensorsFile
 
 FINGERPRINT_PREFIX = "sha256:"
 
@@ -26,7 +26,11 @@ class ModelDir:
     def __init__(self, path: str | os.PathLike):
         self.path = Path(path)
         if not self.path.is_dir():
-            raise EdgeLoraError("not a model directory", path=self.path, hint="pass a folder with config.json and *.safetensors")
+            raise EdgeLoraError(
+                "not a model directory",
+                path=self.path,
+                hint="pass a folder with config.json and *.safetensors",
+            )
         self.config = ModelConfig.from_model_dir(self.path)
 
     @cached_property
@@ -42,8 +46,14 @@ class ModelDir:
         else:
             shards = sorted(p.name for p in self.path.glob("*.safetensors"))
         if not shards:
-            pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(p.name for p in self.path.glob("*.pt*"))
-            hint = "convert it to safetensors on a trusted machine; pickled weights are never loaded" if pickled else "export the model with safe_serialization=True"
+            pickled = sorted(p.name for p in self.path.glob("*.bin")) + sorted(
+                p.name for p in self.path.glob("*.pt*")
+            )
+            hint = (
+                "convert it to safetensors on a trusted machine; pickled weights are never loaded"
+                if pickled
+                else "export the model with safe_serialization=True"
+            )
             raise EdgeLoraError("no *.safetensors weights", path=self.path, hint=hint)
         files = {}
         for shard in shards:
@@ -91,7 +101,11 @@ class ModelDir:
     def tokenizer_path(self) -> Path:
         path = self.path / "tokenizer.json"
         if not path.is_file():
-            raise EdgeLoraError("no tokenizer.json", path=self.path, hint="save the tokenizer with a fast (Rust) tokenizer: tokenizer.save_pretrained(dir)")
+            raise EdgeLoraError(
+                "no tokenizer.json",
+                path=self.path,
+                hint="save the tokenizer with a fast (Rust) tokenizer: tokenizer.save_pretrained(dir)",
+            )
         return path
 
     @property

@@ -23,9 +23,9 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .atomic import atomic_write_bytes, atomic_write_text
-from .bundle import Bundle, FileHashes, sha256_file
-from .errors import EdgeLoraError
+from edge_lora.atomic import atomic_write_bytes, atomic_write_text
+from edge_lora.bundle import Bundle, FileHashes, sha256_file
+from edge_lora.errors import EdgeLoraError
 
 SIG_SUFFIX = ".sig"
 SIG_FORMAT = "edge-lora-signature"
@@ -73,6 +73,7 @@ def _message(sha256_hex: str) -> bytes:
 
 # --- keys -------------------------------------------------------------------------------
 
+
 def generate_keypair(prefix: str | os.PathLike) -> tuple[Path, Path]:
     """Write ``<prefix>.key`` (private, PEM, mode 0600) and ``<prefix>.pub`` (public, PEM)."""
     ed25519, serialization, _ = _crypto()
@@ -80,10 +81,18 @@ def generate_keypair(prefix: str | os.PathLike) -> tuple[Path, Path]:
     key_path, pub_path = Path(f"{prefix}.key"), Path(f"{prefix}.pub")
     for existing in (key_path, pub_path):
         if existing.exists():
-            raise EdgeLoraError("refusing to overwrite an existing key", path=existing, hint="pick another name or delete it first")
-    pem = private.private_bytes(serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption())
+            raise EdgeLoraError(
+                "refusing to overwrite an existing key",
+                path=existing,
+                hint="pick another name or delete it first",
+            )
+    pem = private.private_bytes(
+        serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+    )
     atomic_write_bytes(key_path, pem, mode=0o600)  # private from its first byte
-    public = private.public_key().public_bytes(serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo)
+    public = private.public_key().public_bytes(
+        serialization.Encoding.PEM, serialization.PublicFormat.SubjectPublicKeyInfo
+    )
     atomic_write_bytes(pub_path, public)
     return key_path, pub_path
 
@@ -104,9 +113,13 @@ def load_private_key(path: str | os.PathLike):
     try:
         key = serialization.load_pem_private_key(data, password=None)
     except (ValueError, TypeError):
-        raise EdgeLoraError("not an unencrypted PEM private key", path=path, hint="make one with `edge-lora keygen NAME`") from None
+        raise EdgeLoraError(
+            "not an unencrypted PEM private key", path=path, hint="make one with `edge-lora keygen NAME`"
+        ) from None
     if not isinstance(key, ed25519.Ed25519PrivateKey):
-        raise EdgeLoraError("the private key is not Ed25519", path=path, hint="make one with `edge-lora keygen NAME`")
+        raise EdgeLoraError(
+            "the private key is not Ed25519", path=path, hint="make one with `edge-lora keygen NAME`"
+        )
     return key
 
 
@@ -134,8 +147,11 @@ def load_public_key(key) -> PublicKey:
     try:
         loaded = serialization.load_pem_public_key(data)
     except (ValueError, TypeError):
-        raise EdgeLoraError("not an Ed25519 public key (PEM, 32 raw bytes or 64 hex characters)", path=path,
-                            hint="pass the .pub file `edge-lora keygen` wrote") from None
+        raise EdgeLoraError(
+            "not an Ed25519 public key (PEM, 32 raw bytes or 64 hex characters)",
+            path=path,
+            hint="pass the .pub file `edge-lora keygen` wrote",
+        ) from None
     if not isinstance(loaded, ed25519.Ed25519PublicKey):
         raise EdgeLoraError("the public key is not Ed25519", path=path)
     return PublicKey(loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
@@ -151,6 +167,7 @@ def load_trusted_keys(keys) -> dict[str, PublicKey]:
 
 # --- files ------------------------------------------------------------------------------
 
+
 def sign_file(path: str | os.PathLike, private_key) -> Path:
     """Write ``<path>.sig``; ``private_key`` is a key file path or an Ed25519 private key object."""
     path = Path(path)
@@ -158,10 +175,19 @@ def sign_file(path: str | os.PathLike, private_key) -> Path:
         raise EdgeLoraError("cannot sign: not a file", path=path)
     key = private_key if hasattr(private_key, "sign") else load_private_key(private_key)
     _, serialization, _ = _crypto()
-    public = PublicKey(key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
+    public = PublicKey(
+        key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
+    )
     digest = sha256_file(path)
-    record = {"format": SIG_FORMAT, "version": SIG_VERSION, "algorithm": "ed25519", "key_id": public.key_id,
-              "file": path.name, "sha256": digest, "signature": base64.b64encode(key.sign(_message(digest))).decode("ascii")}
+    record = {
+        "format": SIG_FORMAT,
+        "version": SIG_VERSION,
+        "algorithm": "ed25519",
+        "key_id": public.key_id,
+        "file": path.name,
+        "sha256": digest,
+        "signature": base64.b64encode(key.sign(_message(digest))).decode("ascii"),
+    }
     out = signature_path(path)
     atomic_write_text(out, json.dumps(record, indent=2) + "\n")
     return out
@@ -170,19 +196,27 @@ def sign_file(path: str | os.PathLike, private_key) -> Path:
 def read_signature(sig_path: Path) -> dict:
     """Parse and shape-check a ``.sig`` file (it came over the network like the file it covers)."""
     if not sig_path.is_file():
-        raise EdgeLoraError("no signature (expected a .sig file beside it)", path=sig_path.with_suffix(""),
-                            hint="sign it with `edge-lora sign --key KEY FILE` on a trusted machine")
+        raise EdgeLoraError(
+            "no signature (expected a .sig file beside it)",
+            path=sig_path.with_suffix(""),
+            hint="sign it with `edge-lora sign --key KEY FILE` on a trusted machine",
+        )
     if sig_path.stat().st_size > MAX_SIG_BYTES:
         raise EdgeLoraError("signature file is implausibly large", path=sig_path)
     try:
         record = json.loads(sig_path.read_text(encoding="utf-8"))
     except (UnicodeDecodeError, json.JSONDecodeError):
-        raise EdgeLoraError("signature file is not valid JSON", path=sig_path, hint="sign the file again") from None
+        raise EdgeLoraError(
+            "signature file is not valid JSON", path=sig_path, hint="sign the file again"
+        ) from None
     if not isinstance(record, dict) or record.get("format") != SIG_FORMAT:
         raise EdgeLoraError("not an edge-lora signature file", path=sig_path)
     if record.get("version") != SIG_VERSION or record.get("algorithm") != "ed25519":
-        raise EdgeLoraError(f"unsupported signature version/algorithm {record.get('version')!r}/{record.get('algorithm')!r}",
-                            path=sig_path, hint="upgrade edge-lora")
+        raise EdgeLoraError(
+            f"unsupported signature version/algorithm {record.get('version')!r}/{record.get('algorithm')!r}",
+            path=sig_path,
+            hint="upgrade edge-lora",
+        )
     for key in ("key_id", "sha256", "signature"):
         if not isinstance(record.get(key), str):
             raise EdgeLoraError(f"signature file lacks {key!r}", path=sig_path)
@@ -217,19 +251,29 @@ def verify_digest(path: str | os.PathLike, digest: str, trusted_keys, record: di
     trusted = trusted_keys if isinstance(trusted_keys, dict) else load_trusted_keys(trusted_keys)
     record = record if record is not None else read_signature(signature_path(path))
     if digest != record["sha256"]:
-        raise EdgeLoraError("file does not match its signature (modified after signing)", path=path,
-                            hint="copy it again from a trusted source")
+        raise EdgeLoraError(
+            "file does not match its signature (modified after signing)",
+            path=path,
+            hint="copy it again from a trusted source",
+        )
     key = trusted.get(record["key_id"])
     if key is None:
-        raise EdgeLoraError(f"signed by key {record['key_id']}, which is not a trusted key", path=path,
-                            hint="pass the signer's .pub file in trusted_keys / --key")
+        raise EdgeLoraError(
+            f"signed by key {record['key_id']}, which is not a trusted key",
+            path=path,
+            hint="pass the signer's .pub file in trusted_keys / --key",
+        )
     if not key.verify(record["_signature_bytes"], _message(digest)):
-        raise EdgeLoraError("signature is invalid (tampered file or signature)", path=path,
-                            hint="copy it again from a trusted source")
+        raise EdgeLoraError(
+            "signature is invalid (tampered file or signature)",
+            path=path,
+            hint="copy it again from a trusted source",
+        )
     return key.key_id
 
 
 # --- bundles ----------------------------------------------------------------------------
+
 
 def sign_bundle(root: str | os.PathLike, private_key) -> list[Path]:
     """Sign bundle.json (which hashes every file) and each adapter file, so adapters can travel alone."""
@@ -256,13 +300,18 @@ def verify_bundle(root: str | os.PathLike, trusted_keys=None) -> dict:
         bundle.verify_file(rel)
     for rel in _adapter_files(bundle):
         if rel not in bundle.files:
-            raise EdgeLoraError(f"bundle.json records no hash for adapter file {rel!r}", path=bundle.manifest_path,
-                                hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"bundle.json records no hash for adapter file {rel!r}",
+                path=bundle.manifest_path,
+                hint="re-export the bundle",
+            )
     return {"files": len(bundle.files), "signer": signer}
 
 
 def _adapter_files(bundle: Bundle) -> set[str]:
-    return {v for entry in bundle.adapters.values() for k, v in entry.items() if k in ("source", "onnx", "gguf")}
+    return {
+        v for entry in bundle.adapters.values() for k, v in entry.items() if k in ("source", "onnx", "gguf")
+    }
 
 
 class AdapterTrust:

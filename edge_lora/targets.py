@@ -10,8 +10,8 @@ from __future__ import annotations
 
 import re
 
-from .config import ModelConfig
-from .errors import EdgeLoraError
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
 
 ATTENTION = ("self_attn.q_proj", "self_attn.k_proj", "self_attn.v_proj", "self_attn.o_proj")
 MLP = ("mlp.gate_proj", "mlp.up_proj", "mlp.down_proj")
@@ -21,7 +21,11 @@ LM_HEAD = "lm_head"
 def linear_modules(config: ModelConfig, include_lm_head: bool = False) -> dict[str, tuple[int, int]]:
     """``{module name: (out_features, in_features)}`` for every linear layer, in model order."""
     shapes = config.linear_shapes()
-    modules = {f"model.layers.{i}.{short}": shapes[short] for i in range(config.num_hidden_layers) for short in (*ATTENTION, *MLP)}
+    modules = {
+        f"model.layers.{i}.{short}": shapes[short]
+        for i in range(config.num_hidden_layers)
+        for short in (*ATTENTION, *MLP)
+    }
     if include_lm_head:
         modules[LM_HEAD] = (config.vocab_size, config.hidden_size)
     return modules
@@ -48,8 +52,14 @@ def select_targets(config: ModelConfig, spec: str | list[str] | tuple[str, ...])
         if not chosen:  # a bare module name such as "q_proj" given as a string
             chosen = select_targets(config, [spec])
     else:
-        chosen = [m for m in modules if any(m == s or m.endswith("." + s) or s == m.rsplit(".", 1)[-1] for s in spec)]
+        chosen = [
+            m
+            for m in modules
+            if any(m == s or m.endswith("." + s) or s == m.rsplit(".", 1)[-1] for s in spec)
+        ]
     if not chosen:
-        raise EdgeLoraError(f"target spec {spec!r} matches no linear module",
-                            hint="use all-linear, attention, mlp, names like q_proj,v_proj, or a regex over model.layers.N.self_attn.q_proj")
+        raise EdgeLoraError(
+            f"target spec {spec!r} matches no linear module",
+            hint="use all-linear, attention, mlp, names like q_proj,v_proj, or a regex over model.layers.N.self_attn.q_proj",
+        )
     return chosen

@@ -30,10 +30,19 @@ def serve(engine, requests, out) -> None:
             request = json.loads(line)
             adapter = request.get("adapter")
             start = time.perf_counter()
-            text = engine.generate(request["prompt"], max_new_tokens=int(request.get("max_new_tokens", 16)),
-                                   adapters={adapter: 1.0} if adapter else {}, stop=request.get("stop", ["\n"]))
+            text = engine.generate(
+                request["prompt"],
+                max_new_tokens=int(request.get("max_new_tokens", 16)),
+                adapters={adapter: 1.0} if adapter else {},
+                stop=request.get("stop", ["\n"]),
+            )
             reply = {"adapter": adapter, "text": text, "ms": round(1000 * (time.perf_counter() - start), 2)}
-        except (EdgeLoraError, KeyError, ValueError, TypeError) as err:  # a bad request must not stop the service
+        except (
+            EdgeLoraError,
+            KeyError,
+            ValueError,
+            TypeError,
+        ) as err:  # a bad request must not stop the service
             reply = {"error": str(err)}
         out.write(json.dumps(reply) + "\n")
         out.flush()

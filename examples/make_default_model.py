@@ -24,12 +24,51 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
+from edge_lora.app.quickstart.tasks import LETTERS, random_word, spell  # noqa: E402
 from edge_lora.config import ModelConfig  # noqa: E402
-from edge_lora.quickstart.tasks import LETTERS, random_word, spell  # noqa: E402
 
 EOS = "<|endoftext|>"
-SYLLABLES = ["ka", "lo", "mi", "ne", "ru", "sa", "to", "vi", "be", "da", "fu", "go", "hi", "ja", "po", "ze", "qu", "wy", "xi"]
-COMMON = ["the", "a", "and", "of", "to", "in", "is", "on", "red", "big", "old", "new", "fox", "cat", "dog", "sun", "sees", "has"]
+SYLLABLES = [
+    "ka",
+    "lo",
+    "mi",
+    "ne",
+    "ru",
+    "sa",
+    "to",
+    "vi",
+    "be",
+    "da",
+    "fu",
+    "go",
+    "hi",
+    "ja",
+    "po",
+    "ze",
+    "qu",
+    "wy",
+    "xi",
+]
+COMMON = [
+    "the",
+    "a",
+    "and",
+    "of",
+    "to",
+    "in",
+    "is",
+    "on",
+    "red",
+    "big",
+    "old",
+    "new",
+    "fox",
+    "cat",
+    "dog",
+    "sun",
+    "sees",
+    "has",
+]
 
 
 def corpus_line(rng: random.Random) -> str:
@@ -55,8 +94,12 @@ def corpus_line(rng: random.Random) -> str:
     if kind < 0.85:
         start = rng.randrange(26)
         return "letters: " + spell("".join(LETTERS[(start + i) % 26] for i in range(rng.randint(4, 8))))
-    words = [rng.choice(COMMON) if rng.random() < 0.5 else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
-             for _ in range(rng.randint(4, 9))]
+    words = [
+        rng.choice(COMMON)
+        if rng.random() < 0.5
+        else "".join(rng.choice(SYLLABLES) for _ in range(rng.randint(1, 3)))
+        for _ in range(rng.randint(4, 9))
+    ]
     return " ".join(words) + "."
 
 
@@ -72,21 +115,47 @@ def train_tokenizer(lines: list[str], out: Path, vocab_size: int) -> int:
     tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
     tok.decoder = decoders.ByteLevel()
     tok.post_processor = processors.ByteLevel(trim_offsets=False)
-    trainer = trainers.BpeTrainer(vocab_size=vocab_size, special_tokens=[EOS], show_progress=False,
-                                  initial_alphabet=pre_tokenizers.ByteLevel.alphabet())
+    trainer = trainers.BpeTrainer(
+        vocab_size=vocab_size,
+        special_tokens=[EOS],
+        show_progress=False,
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+    )
     tok.train_from_iterator(lines, trainer)
     tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({
-        "bos_token": None, "eos_token": EOS, "pad_token": EOS, "tokenizer_class": "PreTrainedTokenizerFast",
-        "model_max_length": 128}, indent=2) + "\n")
+    (out / "tokenizer_config.json").write_text(
+        json.dumps(
+            {
+                "bos_token": None,
+                "eos_token": EOS,
+                "pad_token": EOS,
+                "tokenizer_class": "PreTrainedTokenizerFast",
+                "model_max_length": 128,
+            },
+            indent=2,
+        )
+        + "\n"
+    )
     return tok.get_vocab_size()
 
 
 def model_config(vocab_size: int, args) -> ModelConfig:
-    return ModelConfig(architecture="LlamaForCausalLM", vocab_size=vocab_size, hidden_size=args.hidden,
-                       intermediate_size=args.hidden * 3, num_hidden_layers=args.layers, num_attention_heads=4,
-                       num_key_value_heads=2, head_dim=args.hidden // 4, rms_norm_eps=1e-5, rope_theta=10000.0,
-                       max_position_embeddings=128, tie_word_embeddings=True, bos_token_id=0, eos_token_id=[0])
+    return ModelConfig(
+        architecture="LlamaForCausalLM",
+        vocab_size=vocab_size,
+        hidden_size=args.hidden,
+        intermediate_size=args.hidden * 3,
+        num_hidden_layers=args.layers,
+        num_attention_heads=4,
+        num_key_value_heads=2,
+        head_dim=args.hidden // 4,
+        rms_norm_eps=1e-5,
+        rope_theta=10000.0,
+        max_position_embeddings=128,
+        tie_word_embeddings=True,
+        bos_token_id=0,
+        eos_token_id=[0],
+    )
 
 
 def pretrain(config: ModelConfig, tokenizer_path: Path, lines: list[str], args):
@@ -113,8 +182,8 @@ def pretrain(config: ModelConfig, tokenizer_path: Path, lines: list[str], args):
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         mask = torch.zeros(len(batch), width, dtype=torch.bool)
         for i, s in enumerate(batch):
-            ids[i, :len(s)] = torch.tensor(s)
-            mask[i, :len(s)] = True
+            ids[i, : len(s)] = torch.tensor(s)
+            mask[i, : len(s)] = True
         logits = model(ids)  # right padding: causal attention never looks at it
         loss_mask = mask[:, 1:]
         loss = torch.nn.functional.cross_entropy(logits[:, :-1][loss_mask], ids[:, 1:][loss_mask])
@@ -131,17 +200,24 @@ def pretrain(config: ModelConfig, tokenizer_path: Path, lines: list[str], args):
 def save(model, config: ModelConfig, out: Path) -> None:
     import numpy as np
 
-    from edge_lora.safetensors_io import save_tensors
+    from edge_lora.safetensors_file import save_tensors
 
-    tensors = {name: p.detach().float().numpy().astype(np.float16) for name, p in model.state_dict().items()
-               if not (config.tie_word_embeddings and name == "lm_head.weight") and "rotary" not in name}
+    tensors = {
+        name: p.detach().float().numpy().astype(np.float16)
+        for name, p in model.state_dict().items()
+        if not (config.tie_word_embeddings and name == "lm_head.weight") and "rotary" not in name
+    }
     save_tensors(out / "model.safetensors", tensors, {"format": "pt"})
-    (out / "config.json").write_text(json.dumps({**config.to_hf_dict(), "torch_dtype": "float16"}, indent=2) + "\n")
+    (out / "config.json").write_text(
+        json.dumps({**config.to_hf_dict(), "torch_dtype": "float16"}, indent=2) + "\n"
+    )
 
 
 def main(argv=None) -> int:
     parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
-    parser.add_argument("--out", type=Path, default=Path(__file__).resolve().parents[1] / "edge_lora/assets/default_model")
+    parser.add_argument(
+        "--out", type=Path, default=Path(__file__).resolve().parents[1] / "edge_lora/assets/default_model"
+    )
     parser.add_argument("--lines", type=int, default=60000)
     parser.add_argument("--vocab", type=int, default=512)
     parser.add_argument("--hidden", type=int, default=128)

@@ -33,8 +33,16 @@ with atheris.instrument_imports(include=["edge_lora", "converters.peft"]):
     from edge_lora.errors import EdgeLoraError
     from edge_lora.signing import read_signature
 
-BASE = ModelConfig(architecture="LlamaForCausalLM", vocab_size=64, hidden_size=16, intermediate_size=24,
-                   num_hidden_layers=1, num_attention_heads=2, num_key_value_heads=1, head_dim=8)
+BASE = ModelConfig(
+    architecture="LlamaForCausalLM",
+    vocab_size=64,
+    hidden_size=16,
+    intermediate_size=24,
+    num_hidden_layers=1,
+    num_attention_heads=2,
+    num_key_value_heads=1,
+    head_dim=8,
+)
 FINGERPRINT = "sha256:" + "ab" * 32
 TARGETS = ("adapter", "bundle", "signature", "peft_config")
 
@@ -49,7 +57,11 @@ PEFT_DIR = WORK / "peft"
 def good_adapter() -> Adapter:
     rng = np.random.default_rng(0)
     module = "model.layers.0.self_attn.q_proj"
-    w = LoraWeights(a=rng.standard_normal((2, 16)).astype(np.float32), b=rng.standard_normal((16, 2)).astype(np.float32), alpha=4.0)
+    w = LoraWeights(
+        a=rng.standard_normal((2, 16)).astype(np.float32),
+        b=rng.standard_normal((16, 2)).astype(np.float32),
+        alpha=4.0,
+    )
     return Adapter(modules={module: w}, base_architecture=BASE.architecture, base_fingerprint=FINGERPRINT)
 
 
@@ -62,12 +74,26 @@ def seed_corpus(folder: Path) -> None:
     (folder / "adapter").write_bytes(bytes([0]) + ADAPTER_PATH.read_bytes())
     BUNDLE_ROOT.mkdir(exist_ok=True)
     (BUNDLE_ROOT / "tokenizer.json").write_text("{}")
-    write_manifest(BUNDLE_ROOT, {"model": BASE.to_dict(), "base_fingerprint": FINGERPRINT,
-                                 "tokenizer": {"tokenizer": "tokenizer.json"}, "backends": {}, "adapters": {},
-                                 "files": {"tokenizer.json": {"sha256": "0" * 64, "bytes": 2}}})
+    write_manifest(
+        BUNDLE_ROOT,
+        {
+            "model": BASE.to_dict(),
+            "base_fingerprint": FINGERPRINT,
+            "tokenizer": {"tokenizer": "tokenizer.json"},
+            "backends": {},
+            "adapters": {},
+            "files": {"tokenizer.json": {"sha256": "0" * 64, "bytes": 2}},
+        },
+    )
     (folder / "bundle").write_bytes(bytes([1]) + (BUNDLE_ROOT / MANIFEST).read_bytes())
-    sig = {"format": "edge-lora-signature", "version": 1, "algorithm": "ed25519", "key_id": "0" * 16,
-           "sha256": "0" * 64, "signature": "A" * 86 + "=="}
+    sig = {
+        "format": "edge-lora-signature",
+        "version": 1,
+        "algorithm": "ed25519",
+        "key_id": "0" * 16,
+        "sha256": "0" * 64,
+        "signature": "A" * 86 + "==",
+    }
     (folder / "signature").write_bytes(bytes([2]) + json.dumps(sig).encode())
 
 

@@ -16,10 +16,9 @@ import os
 
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
-
-from .devices import DEVICES, check_device  # noqa: F401
-from .engine import Engine  # noqa: F401
-from .sampling import SamplingParams  # noqa: F401
+from runtime.devices import DEVICES, check_device  # noqa: F401
+from runtime.engine import Engine  # noqa: F401
+from runtime.sampling import SamplingParams  # noqa: F401
 
 BACKENDS = ("onnx", "llamacpp")
 
@@ -44,15 +43,18 @@ def load(bundle: str | os.PathLike | Bundle, backend: str = "auto", device: str 
     if backend == "auto":
         have = available_backends(bundle)
         if not have:
-            raise EdgeLoraError(f"no backend can run this bundle (files for: {', '.join(bundle.backends) or 'none'})",
-                                path=bundle.root, hint="pip install 'edge-lora[onnx]' or 'edge-lora[llama]'")
+            raise EdgeLoraError(
+                f"no backend can run this bundle (files for: {', '.join(bundle.backends) or 'none'})",
+                path=bundle.root,
+                hint="pip install 'edge-lora[onnx]' or 'edge-lora[llama]'",
+            )
         backend = have[0]
     if backend == "onnx":
-        from .onnx_backend import OnnxEngine
+        from runtime.onnx_backend import OnnxEngine
 
         return OnnxEngine(bundle, **options)
     if backend in ("llamacpp", "gguf", "llama"):
-        from .llamacpp_backend import LlamaCppEngine
+        from runtime.llamacpp_backend import LlamaCppEngine
 
         return LlamaCppEngine(bundle, **options)
     raise EdgeLoraError(f"unknown backend {backend!r}", hint=f"choose auto, {', '.join(BACKENDS)}")

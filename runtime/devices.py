@@ -21,7 +21,9 @@ SOFTWARE_ADAPTERS = ("swiftshader", "llvmpipe", "lavapipe", "software")
 @dataclass(frozen=True)
 class Device:
     kind: str  # "cpu" or "gpu"
-    name: str  # what the backend calls it, e.g. "Vulkan0 (llvmpipe ...)" or "WebGPU (Intel, software adapter)"
+    name: (
+        str  # what the backend calls it, e.g. "Vulkan0 (llvmpipe ...)" or "WebGPU (Intel, software adapter)"
+    )
     software: bool = False  # a software rasterizer standing in for a GPU
 
     def describe(self) -> dict:

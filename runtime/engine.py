@@ -20,13 +20,12 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle, FileBytes
 from edge_lora.errors import EdgeLoraError
-from edge_lora.safetensors_io import MAX_HEADER_BYTES
+from edge_lora.safetensors_file import MAX_HEADER_BYTES
 from edge_lora.signing import AdapterTrust
 from edge_lora.targets import linear_modules
-
-from .new_tokens import AddedVocab, combine
-from .sampling import Sampler, SamplingParams
-from .tokenizer import StreamDecoder, Tokenizer
+from runtime.new_tokens import AddedVocab, combine
+from runtime.sampling import Sampler, SamplingParams
+from runtime.tokenizer import StreamDecoder, Tokenizer
 
 
 def max_adapter_bytes(config) -> int:
@@ -78,13 +77,18 @@ class Engine(ABC):
         """Load an adapter (from the bundle by name, or from an adapter file) without touching the base."""
         with self._lock:
             if name in self._adapters:
-                raise EdgeLoraError(f"an adapter named {name!r} is already loaded", hint="remove_adapter() it first or pick another name")
+                raise EdgeLoraError(
+                    f"an adapter named {name!r} is already loaded",
+                    hint="remove_adapter() it first or pick another name",
+                )
         entry = None
         if path is None:
             entry = self.bundle.adapters.get(name)
             if entry is None:
-                raise EdgeLoraError(f"bundle has no adapter {name!r} (has: {', '.join(self.bundle.adapters) or 'none'})",
-                                    path=self.bundle.root)
+                raise EdgeLoraError(
+                    f"bundle has no adapter {name!r} (has: {', '.join(self.bundle.adapters) or 'none'})",
+                    path=self.bundle.root,
+                )
             rel = entry["source"]
             source = self.bundle.require(rel)
         else:
@@ -92,8 +96,9 @@ class Engine(ABC):
         # the one read; its hash runs on a thread while the bytes are parsed and handed to the backend
         checked, check = self._read_checked(source, rel, entry)
         try:
-            adapter = Adapter.load(source, base=self.config, base_fingerprint=self.bundle.base_fingerprint,
-                                   data=checked.data)
+            adapter = Adapter.load(
+                source, base=self.config, base_fingerprint=self.bundle.base_fingerprint, data=checked.data
+            )
             handle = self._attach(name, adapter, source)
         except EdgeLoraError:
             check()  # a hash or signature mismatch wins over the error it may explain
@@ -109,10 +114,14 @@ class Engine(ABC):
                 self._adapters[name] = LoadedAdapter(name, adapter, source, handle)
         if raced:
             self._detach(name, handle)
-            raise EdgeLoraError(f"an adapter named {name!r} is already loaded", hint="remove_adapter() it first or pick another name")
+            raise EdgeLoraError(
+                f"an adapter named {name!r} is already loaded",
+                hint="remove_adapter() it first or pick another name",
+            )
 
-    def _read_checked(self, path: Path, rel: str | None, entry: dict | None,
-                      **options) -> tuple[FileBytes, Callable[[], None]]:
+    def _read_checked(
+        self, path: Path, rel: str | None, entry: dict | None, **options
+    ) -> tuple[FileBytes, Callable[[], None]]:
         """A file of an adapter read once (``rel``: the bundle's name for it; ``options`` as
         :meth:`FileHashes.read`), hashed on a thread, and the check to call before its use: bundle.json's
         hash and a trusted key's signature, both judged on exactly the bytes in hand, so a file changed
@@ -127,8 +136,9 @@ class Engine(ABC):
                 # says what is wrong from the path and the header alone (missing, a directory, a PEFT
                 # folder, shapes the base cannot use) before anything is read whole
                 Adapter.load(path, base=self.config)
-            checked = self.bundle.hashes.read(path, digest=digest, background=True, max_bytes=limit,
-                                              **options)
+            checked = self.bundle.hashes.read(
+                path, digest=digest, background=True, max_bytes=limit, **options
+            )
 
         def check() -> None:
             if verify:
@@ -159,15 +169,19 @@ class Engine(ABC):
         with self._lock:
             loaded = self._adapters[self._known(name)]
             if loaded.adapter.token_rows:  # the base vocabulary is fixed: its new tokens would be lost
-                raise EdgeLoraError(f"adapter {name!r} adds tokens or token rows, which a merge into "
-                                    "the base cannot keep", hint="run it unmerged, per request")
+                raise EdgeLoraError(
+                    f"adapter {name!r} adds tokens or token rows, which a merge into the base cannot keep",
+                    hint="run it unmerged, per request",
+                )
             self._merge(name, loaded, float(scale))
             self._merged[name] = self._merged.get(name, 0.0) + float(scale)
 
     def _known(self, name: str) -> str:
         if name not in self._adapters:
-            raise EdgeLoraError(f"no adapter {name!r} is loaded (loaded: {', '.join(self._adapters) or 'none'})",
-                                hint="add_adapter() it first")
+            raise EdgeLoraError(
+                f"no adapter {name!r} is loaded (loaded: {', '.join(self._adapters) or 'none'})",
+                hint="add_adapter() it first",
+            )
         return name
 
     def _resolve(self, adapters: dict[str, float]) -> dict[str, float]:
@@ -189,7 +203,9 @@ class Engine(ABC):
         named = sorted((n, la.adapter) for n, la in loaded.items() if la.adapter.token_rows)
         key = tuple((n, id(a)) for n, a in named)
         hit = self._vocabs.get(key)
-        if hit is None or any(a is not b for (_, a), b in zip(named, hit[0])):  # an id reused by a newer adapter
+        if hit is None or any(
+            a is not b for (_, a), b in zip(named, hit[0])
+        ):  # an id reused by a newer adapter
             hit = (tuple(a for _, a in named), combine(named, self.config))
             if len(self._vocabs) >= 32:
                 self._vocabs.clear()
@@ -214,8 +230,15 @@ class Engine(ABC):
         self._check_ids(ids, vocab.size)
         return vocab.from_model(self._full_logits(vocab.to_model(ids), chosen, loaded))
 
-    def generate(self, prompt: str | list[int], max_new_tokens: int = 64, *, adapters: dict[str, float] | None = None,
-                 stream: bool = False, **sampling) -> str | Iterator[str]:
+    def generate(
+        self,
+        prompt: str | list[int],
+        max_new_tokens: int = 64,
+        *,
+        adapters: dict[str, float] | None = None,
+        stream: bool = False,
+        **sampling,
+    ) -> str | Iterator[str]:
         params = SamplingParams.from_kwargs(max_new_tokens=max_new_tokens, **sampling)
         chunks = self._generate(prompt, params, adapters)
         return chunks if stream else "".join(chunks)
@@ -282,7 +305,9 @@ class Engine(ABC):
             hint = "an id past the base vocabulary needs the adapter that adds it" if past_base else None
             raise EdgeLoraError(f"token id {bad[0]} is outside the vocabulary (0..{size - 1})", hint=hint)
         if len(ids) > self.max_context:
-            raise EdgeLoraError(f"{len(ids)} tokens exceed the context of {self.max_context}", hint="shorten the prompt")
+            raise EdgeLoraError(
+                f"{len(ids)} tokens exceed the context of {self.max_context}", hint="shorten the prompt"
+            )
 
     def info(self) -> dict:
         with self._lock:
@@ -290,8 +315,14 @@ class Engine(ABC):
                 "backend": self.backend_name,
                 "architecture": self.config.architecture,
                 "base_fingerprint": self.bundle.base_fingerprint,
-                "adapters": {n: {"rank": max(w.rank for w in la.adapter.modules.values()) if la.adapter.modules else 0,
-                                 "modules": len(la.adapter.modules), "path": str(la.path)} for n, la in self._adapters.items()},
+                "adapters": {
+                    n: {
+                        "rank": max(w.rank for w in la.adapter.modules.values()) if la.adapter.modules else 0,
+                        "modules": len(la.adapter.modules),
+                        "path": str(la.path),
+                    }
+                    for n, la in self._adapters.items()
+                },
                 "active": dict(self._default_set),
                 "merged": dict(self._merged),
                 **self._backend_info(),
@@ -309,7 +340,9 @@ class Engine(ABC):
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState: ...
 
     @abstractmethod
-    def _full_logits(self, ids: list[int], adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> np.ndarray: ...
+    def _full_logits(
+        self, ids: list[int], adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
+    ) -> np.ndarray: ...
 
     @abstractmethod
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None: ...

@@ -27,12 +27,15 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_adapter import check_llamacpp_can_apply, export_gguf_adapter, merged_variant_reason
-
-from . import llamacpp_lib as lib
-from .devices import CPU, check_device
-from .engine import DecodeState, Engine, LoadedAdapter
-from .private_file import private_file
+from edge_lora.gguf_format.lora_adapter import (
+    check_llamacpp_can_apply,
+    export_gguf_adapter,
+    merged_variant_reason,
+)
+from runtime import llamacpp_lib as lib
+from runtime.devices import CPU, check_device
+from runtime.engine import DecodeState, Engine, LoadedAdapter
+from runtime.private_file import private_file
 
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"
 DEFAULT_MAX_CTX = 4096
@@ -59,7 +62,9 @@ class MergedVariant:
 
 @dataclass
 class LoraHandle:
-    path: Path | None  # the bundle's GGUF LoRA; None: converted from the adapter (again whenever the model reloads)
+    path: (
+        Path | None
+    )  # the bundle's GGUF LoRA; None: converted from the adapter (again whenever the model reloads)
     ptr: object = None  # llama_adapter_lora *, replaced when merge reloads the model
     empty: bool = False  # only new tokens, no LoRA tensors: nothing to load into llama.cpp
     variant: MergedVariant | None = None  # instead of ptr: the adapter runs as a merged copy of the base
@@ -68,11 +73,23 @@ class LoraHandle:
 class LlamaCppEngine(Engine):
     backend_name = "llamacpp"
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, n_gpu_layers: int | None = None,
-                 threads: int | None = None, n_ctx: int | None = None, use_extra_bufts: bool | None = None,
-                 verbose: bool = False, verify_hashes: bool = True, trusted_keys=None, precise: bool = False,
-                 device: str = "cpu", n_batch: int = 512, n_ubatch: int | None = None,
-                 mmap: bool | None = None):
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        quant: str | None = None,
+        n_gpu_layers: int | None = None,
+        threads: int | None = None,
+        n_ctx: int | None = None,
+        use_extra_bufts: bool | None = None,
+        verbose: bool = False,
+        verify_hashes: bool = True,
+        trusted_keys=None,
+        precise: bool = False,
+        device: str = "cpu",
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        mmap: bool | None = None,
+    ):
         """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of PyTorch).
         Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
         when llama.cpp repacks the weights); the KV cache holds ``n_ctx`` positions, allocated and
@@ -88,8 +105,10 @@ class LlamaCppEngine(Engine):
         lib.silence_log(verbose)
         self.device, self._gpus = (CPU, []) if check_device(device) == "cpu" else lib.find_gpu(device)
         if n_gpu_layers and not self._gpus:
-            raise EdgeLoraError(f"n_gpu_layers={n_gpu_layers} offloads to a GPU, but the engine runs on the CPU",
-                                hint="pass device='gpu' (all layers by default)")
+            raise EdgeLoraError(
+                f"n_gpu_layers={n_gpu_layers} offloads to a GPU, but the engine runs on the CPU",
+                hint="pass device='gpu' (all layers by default)",
+            )
         entry = self.bundle.backend_entry("gguf", quant)
         rel = entry["model"]
         self.quant = entry.get("quant")
@@ -112,23 +131,40 @@ class LlamaCppEngine(Engine):
     # --- model and context --------------------------------------------------------------
 
     def _new_model(self, path: Path):
-        return lib.Model(path, devices=self._gpus, n_gpu_layers=self._n_gpu_layers,
-                         use_extra_bufts=self._use_extra_bufts, use_mmap=self._mmap)
+        return lib.Model(
+            path,
+            devices=self._gpus,
+            n_gpu_layers=self._n_gpu_layers,
+            use_extra_bufts=self._use_extra_bufts,
+            use_mmap=self._mmap,
+        )
 
     def _new_context(self, model):
-        return lib.Context(model, n_ctx=self._n_ctx, threads=self._threads, n_batch=self._n_batch,
-                           n_ubatch=self._n_ubatch, precise=self._precise)
+        return lib.Context(
+            model,
+            n_ctx=self._n_ctx,
+            threads=self._threads,
+            n_batch=self._n_batch,
+            n_ubatch=self._n_ubatch,
+            precise=self._precise,
+        )
 
     def _load(self, path: Path) -> None:
         model = self._new_model(path)
         try:
             if model.n_vocab != self.config.vocab_size:
-                raise EdgeLoraError(f"the GGUF has {model.n_vocab} tokens, bundle.json says {self.config.vocab_size}", path=path,
-                                    hint="the bundle is inconsistent; re-export it")
+                raise EdgeLoraError(
+                    f"the GGUF has {model.n_vocab} tokens, bundle.json says {self.config.vocab_size}",
+                    path=path,
+                    hint="the bundle is inconsistent; re-export it",
+                )
             stored = model.meta(FINGERPRINT_KEY)
             if stored is not None and stored != self.bundle.base_fingerprint:
-                raise EdgeLoraError("the GGUF was exported from another base than bundle.json names", path=path,
-                                    hint="re-export the bundle")
+                raise EdgeLoraError(
+                    "the GGUF was exported from another base than bundle.json names",
+                    path=path,
+                    hint="re-export the bundle",
+                )
             ctx = self._new_context(model)
         except BaseException:
             model.free()
@@ -179,13 +215,15 @@ class LlamaCppEngine(Engine):
         if rel is not None:
             return LoraHandle(self.bundle.resolve(rel), self._load_checked_lora(name, rel))
         with self._scratch_lock:  # converted outside the context lock: requests keep decoding meanwhile
-            export_gguf_adapter(adapter, self.config, self._scratch, durable=False)  # no fsync: no crash needs it back
+            export_gguf_adapter(
+                adapter, self.config, self._scratch, durable=False
+            )  # no fsync: no crash needs it back
             with self._ctx_lock:
                 return LoraHandle(None, self._model.load_lora(self._scratch))
 
     def _make_variant(self, name: str, adapter: Adapter, reason: str) -> MergedVariant:
         """The current base with ``adapter`` merged in at scale 1, loaded as a model of its own."""
-        from .llamacpp_merge import write_merged_gguf
+        from runtime.llamacpp_merge import write_merged_gguf
 
         start = time.perf_counter()
         path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
@@ -210,7 +248,9 @@ class LlamaCppEngine(Engine):
         fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=self._tmp.name)
         os.close(fd)
         try:
-            return self._model.load_lora(export_gguf_adapter(loaded.adapter, self.config, Path(tmp), durable=False))
+            return self._model.load_lora(
+                export_gguf_adapter(loaded.adapter, self.config, Path(tmp), durable=False)
+            )
         finally:
             Path(tmp).unlink(missing_ok=True)
 
@@ -262,7 +302,7 @@ class LlamaCppEngine(Engine):
             handle.ptr = None
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
-        from .llamacpp_merge import write_merged_gguf
+        from runtime.llamacpp_merge import write_merged_gguf
 
         with self._ctx_lock:
             merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"
@@ -300,16 +340,25 @@ class LlamaCppEngine(Engine):
         if key == self._cache_key:
             return
         handles = [loaded[n].handle for n, _ in key]
-        gone = [n for n, _ in key if loaded[n].handle.ptr is None and not loaded[n].handle.empty
-                and (loaded[n].handle.variant is None or loaded[n].handle.variant.ctx is None)]
+        gone = [
+            n
+            for n, _ in key
+            if loaded[n].handle.ptr is None
+            and not loaded[n].handle.empty
+            and (loaded[n].handle.variant is None or loaded[n].handle.variant.ctx is None)
+        ]
         if gone:
-            raise EdgeLoraError(f"adapter {', '.join(map(repr, gone))} was removed while this request ran",
-                                hint="add it again, or retry without it")
+            raise EdgeLoraError(
+                f"adapter {', '.join(map(repr, gone))} was removed while this request ran",
+                hint="add it again, or retry without it",
+            )
         merged = [n for n, _ in key if loaded[n].handle.variant is not None]
         if merged and (len(key) > 1 or key[0][1] != 1.0):
-            raise EdgeLoraError(f"adapter {merged[0]!r} runs on llama.cpp as a merged variant of the base "
-                                f"({loaded[merged[0]].handle.variant.reason}): alone and at scale 1.0 only",
-                                hint="stack or scale it on the ONNX backend, or engine.merge() it into the base")
+            raise EdgeLoraError(
+                f"adapter {merged[0]!r} runs on llama.cpp as a merged variant of the base "
+                f"({loaded[merged[0]].handle.variant.reason}): alone and at scale 1.0 only",
+                hint="stack or scale it on the ONNX backend, or engine.merge() it into the base",
+            )
         self._cache_key = None
         self._forget_cache()
         self._ctx = loaded[merged[0]].handle.variant.ctx if merged else self._base_ctx
@@ -347,8 +396,9 @@ class LlamaCppEngine(Engine):
             self._cache_tokens = list(history)
             return logits
 
-    def _decode(self, ids: list[int], start: int, loaded: dict[str, LoadedAdapter],
-                all_logits: bool = False) -> np.ndarray:
+    def _decode(
+        self, ids: list[int], start: int, loaded: dict[str, LoadedAdapter], all_logits: bool = False
+    ) -> np.ndarray:
         """The context's decode; with new tokens in the set, their rows go in and their logits come out
         beside the base ones (llama.cpp's vocabulary never changes)."""
         vocab = self.added_vocab(loaded)
@@ -357,16 +407,34 @@ class LlamaCppEngine(Engine):
         return self._ctx.decode_added(ids, start, vocab.embed, vocab.head, all_logits=all_logits)
 
     def _backend_info(self) -> dict:
-        held = {n: la.handle.variant for n, la in list(self._adapters.items())
-                if la.handle.variant is not None and la.handle.variant.ctx is not None}
-        variants = {n: {"reason": v.reason, "model_file": str(v.path), "bytes": v.path.stat().st_size,
-                        "add_seconds": round(v.add_seconds, 3)} for n, v in held.items()}
-        return {"quant": self.quant, "model_file": str(self._model.path), "n_ctx": self._n_ctx, "threads": self._threads,
-                "merged_variants": variants,
-                "n_gpu_layers": self._n_gpu_layers, "use_extra_bufts": self._model.use_extra_bufts, "precise": self._precise,
-                "mmap": self._model.use_mmap, "n_batch": self._base_ctx.n_batch,
-                "n_ubatch": self._base_ctx.n_ubatch,
-                "device": self.device.describe()}
+        held = {
+            n: la.handle.variant
+            for n, la in list(self._adapters.items())
+            if la.handle.variant is not None and la.handle.variant.ctx is not None
+        }
+        variants = {
+            n: {
+                "reason": v.reason,
+                "model_file": str(v.path),
+                "bytes": v.path.stat().st_size,
+                "add_seconds": round(v.add_seconds, 3),
+            }
+            for n, v in held.items()
+        }
+        return {
+            "quant": self.quant,
+            "model_file": str(self._model.path),
+            "n_ctx": self._n_ctx,
+            "threads": self._threads,
+            "merged_variants": variants,
+            "n_gpu_layers": self._n_gpu_layers,
+            "use_extra_bufts": self._model.use_extra_bufts,
+            "precise": self._precise,
+            "mmap": self._model.use_mmap,
+            "n_batch": self._base_ctx.n_batch,
+            "n_ubatch": self._base_ctx.n_ubatch,
+            "device": self.device.describe(),
+        }
 
 
 class _State(DecodeState):

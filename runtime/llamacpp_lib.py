@@ -16,8 +16,7 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError
-
-from .devices import CPU, Device, is_software
+from runtime.devices import CPU, Device, is_software
 
 _state = {"backend": False, "quiet": None, "ggml": None}
 GPU_TYPES = (1, 2)  # enum ggml_backend_dev_type: GGML_BACKEND_DEVICE_TYPE_GPU, GGML_BACKEND_DEVICE_TYPE_IGPU
@@ -27,7 +26,9 @@ def llama_cpp():
     try:
         import llama_cpp as lib
     except ImportError:
-        raise EdgeLoraError("the llama.cpp backend needs llama-cpp-python", hint="pip install 'edge-lora[llama]'") from None
+        raise EdgeLoraError(
+            "the llama.cpp backend needs llama-cpp-python", hint="pip install 'edge-lora[llama]'"
+        ) from None
     if not _state["backend"]:
         lib.llama_backend_init()
         _state["backend"] = True
@@ -92,7 +93,10 @@ class GpuDevice:
 def gpu_backends() -> list[str]:
     """The GPU backends this llama-cpp-python was built with (``Vulkan``, ``Metal``, ``CUDA``, ...)."""
     ggml = _ggml()
-    names = [ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode() for i in range(ggml.ggml_backend_reg_count())]
+    names = [
+        ggml.ggml_backend_reg_name(ggml.ggml_backend_reg_get(i)).decode()
+        for i in range(ggml.ggml_backend_reg_count())
+    ]
     return [n for n in names if n not in ("CPU", "BLAS", "RPC")]
 
 
@@ -104,15 +108,25 @@ def gpu_devices() -> list[GpuDevice]:
     for i in range(ggml.ggml_backend_dev_count()):
         dev = ggml.ggml_backend_dev_get(i)
         if ggml.ggml_backend_dev_type(dev) in GPU_TYPES:
-            found.append(GpuDevice(dev, ggml.ggml_backend_dev_name(dev).decode(), ggml.ggml_backend_dev_description(dev).decode()))
+            found.append(
+                GpuDevice(
+                    dev,
+                    ggml.ggml_backend_dev_name(dev).decode(),
+                    ggml.ggml_backend_dev_description(dev).decode(),
+                )
+            )
     return found
 
 
-NO_GPU_BUILD = ("this llama-cpp-python was built without a GPU backend: reinstall it with CMAKE_ARGS=\"-DGGML_VULKAN=on\" "
-                "(or -DGGML_METAL=on, -DGGML_CUDA=on) pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python; "
-                "scripts/software-gpu.sh builds and caches the Vulkan one")
-NO_GPU_DEVICE = ("llama.cpp's {backends} backend found no GPU device: install the GPU's driver (Vulkan: Mesa or the vendor's); "
-                 "a software device such as Mesa's lavapipe is listed only when GGML_VK_VISIBLE_DEVICES names it")
+NO_GPU_BUILD = (
+    'this llama-cpp-python was built without a GPU backend: reinstall it with CMAKE_ARGS="-DGGML_VULKAN=on" '
+    "(or -DGGML_METAL=on, -DGGML_CUDA=on) pip install --force-reinstall --no-binary llama-cpp-python llama-cpp-python; "
+    "scripts/software-gpu.sh builds and caches the Vulkan one"
+)
+NO_GPU_DEVICE = (
+    "llama.cpp's {backends} backend found no GPU device: install the GPU's driver (Vulkan: Mesa or the vendor's); "
+    "a software device such as Mesa's lavapipe is listed only when GGML_VK_VISIBLE_DEVICES names it"
+)
 
 
 def find_gpu(want: str) -> tuple[Device, list[GpuDevice]]:
@@ -128,14 +142,23 @@ def find_gpu(want: str) -> tuple[Device, list[GpuDevice]]:
             raise EdgeLoraError(f"device='gpu': {reason}", hint="or run on device='cpu'")
         return CPU, []
     first = found[0]
-    return Device("gpu", f"{first.name} ({first.description})", software=is_software(first.description)), [first]
+    return Device("gpu", f"{first.name} ({first.description})", software=is_software(first.description)), [
+        first
+    ]
 
 
 class Model:
     """A loaded llama_model (weights only); free() releases it and every adapter loaded on it."""
 
-    def __init__(self, path: Path, *, devices: list[GpuDevice] = (), n_gpu_layers: int = 0,
-                 use_extra_bufts: bool | None = None, use_mmap: bool | None = None):
+    def __init__(
+        self,
+        path: Path,
+        *,
+        devices: list[GpuDevice] = (),
+        n_gpu_layers: int = 0,
+        use_extra_bufts: bool | None = None,
+        use_mmap: bool | None = None,
+    ):
         """``devices``: the GPUs to offload ``n_gpu_layers`` layers to; none keeps every tensor and
         every op on the CPU, even in a GPU build (llama.cpp would otherwise use all it finds).
         ``use_mmap=None``: map the file unless the CPU's extra buffer types repack the weights; a
@@ -154,8 +177,11 @@ class Model:
         self.use_mmap = bool(params.use_mmap)
         self.ptr = lib.llama_model_load_from_file(os.fspath(self.path).encode(), params)
         if not self.ptr:
-            raise EdgeLoraError("llama.cpp could not load this GGUF model", path=self.path,
-                                hint="the file is corrupt, truncated or from a newer format; re-export the bundle")
+            raise EdgeLoraError(
+                "llama.cpp could not load this GGUF model",
+                path=self.path,
+                hint="the file is corrupt, truncated or from a newer format; re-export the bundle",
+            )
         self.vocab = lib.llama_model_get_vocab(self.ptr)
         self.n_vocab = lib.llama_vocab_n_tokens(self.vocab)
 
@@ -169,8 +195,11 @@ class Model:
         lib = llama_cpp()
         ptr = lib.llama_adapter_lora_init(self.ptr, os.fspath(path).encode())
         if not ptr:  # a NULL pointer: llama.cpp rejected the file (wrong base, bad tensors)
-            raise EdgeLoraError("llama.cpp could not load this LoRA adapter", path=path,
-                                hint="wrong base model? re-export the adapter for this bundle")
+            raise EdgeLoraError(
+                "llama.cpp could not load this LoRA adapter",
+                path=path,
+                hint="wrong base model? re-export the adapter for this bundle",
+            )
         return ptr
 
     def free_lora(self, ptr) -> None:
@@ -186,8 +215,16 @@ class Model:
 class Context:
     """One llama_context (KV cache, one sequence) over a Model."""
 
-    def __init__(self, model: Model, *, n_ctx: int, threads: int, n_batch: int = 512,
-                 n_ubatch: int | None = None, precise: bool = False):
+    def __init__(
+        self,
+        model: Model,
+        *,
+        n_ctx: int,
+        threads: int,
+        n_batch: int = 512,
+        n_ubatch: int | None = None,
+        precise: bool = False,
+    ):
         """``n_batch``: tokens per ``llama_decode`` call; ``n_ubatch``: tokens per compute graph
         (default ``n_batch``). llama.cpp reserves its compute buffer for ``n_ubatch`` tokens."""
         lib = llama_cpp()
@@ -201,13 +238,18 @@ class Context:
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = 1
         params.n_threads = params.n_threads_batch = int(threads)
-        if precise:  # f16 KV cache and flash attention cost ~1e-2 in logits on strong adapters; f32 is exact to ~1e-5
+        if (
+            precise
+        ):  # f16 KV cache and flash attention cost ~1e-2 in logits on strong adapters; f32 is exact to ~1e-5
             params.type_k = params.type_v = 0  # GGML_TYPE_F32
             params.flash_attn_type = 0  # LLAMA_FLASH_ATTN_TYPE_DISABLED
         self.ptr = lib.llama_init_from_model(model.ptr, params)
         if not self.ptr:
-            raise EdgeLoraError(f"llama.cpp could not create a context of {self.n_ctx} tokens", path=model.path,
-                                hint="lower n_ctx (memory) or n_gpu_layers")
+            raise EdgeLoraError(
+                f"llama.cpp could not create a context of {self.n_ctx} tokens",
+                path=model.path,
+                hint="lower n_ctx (memory) or n_gpu_layers",
+            )
         self.memory = lib.llama_get_memory(self.ptr)
         self.batch = lib.llama_batch_init(self.n_batch, 0, 1)
         self.n_vocab = model.n_vocab
@@ -225,8 +267,11 @@ class Context:
             sc = (ctypes.c_float * len(scales))(*scales)
             status = lib.llama_set_adapters_lora(self.ptr, arr, len(loras), sc)
         if status != 0:
-            raise EdgeLoraError(f"llama.cpp refused the adapter set (status {status})", path=self.model.path,
-                                hint="an adapter may belong to another base model")
+            raise EdgeLoraError(
+                f"llama.cpp refused the adapter set (status {status})",
+                path=self.model.path,
+                hint="an adapter may belong to another base model",
+            )
 
     def clear(self) -> None:
         """Forget every cached position. The cells' old bytes stay, as after ``truncate``: attention
@@ -244,10 +289,13 @@ class Context:
         lib = llama_cpp()
         self._hidden_states(False)
         if start + len(tokens) > self.n_ctx:
-            raise EdgeLoraError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}", hint="raise n_ctx or shorten the prompt")
+            raise EdgeLoraError(
+                f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}",
+                hint="raise n_ctx or shorten the prompt",
+            )
         rows = []
         for begin in range(0, len(tokens), self.n_batch):
-            chunk = tokens[begin:begin + self.n_batch]
+            chunk = tokens[begin : begin + self.n_batch]
             last_chunk = begin + len(chunk) == len(tokens)
             b = self.batch
             b.n_tokens = len(chunk)
@@ -259,8 +307,11 @@ class Context:
                 b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
             status = lib.llama_decode(self.ptr, b)
             if status != 0:
-                raise EdgeLoraError(f"llama.cpp failed to evaluate the batch (llama_decode status {status})", path=self.model.path,
-                                    hint="the context may be full (raise n_ctx) or out of memory")
+                raise EdgeLoraError(
+                    f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
+                    path=self.model.path,
+                    hint="the context may be full (raise n_ctx) or out of memory",
+                )
             if all_logits:
                 ptr = _checked_logits(lib.llama_get_logits(self.ptr), self.model.path)
                 rows.append(self._noted(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy()))
@@ -269,8 +320,9 @@ class Context:
         ptr = _checked_logits(lib.llama_get_logits_ith(self.ptr, -1), self.model.path)
         return self._noted(np.ctypeslib.as_array(ptr, shape=(self.n_vocab,)).copy())
 
-    def decode_added(self, tokens: list[int], start: int, rows: np.ndarray, head: np.ndarray,
-                     all_logits: bool = False) -> np.ndarray:
+    def decode_added(
+        self, tokens: list[int], start: int, rows: np.ndarray, head: np.ndarray, all_logits: bool = False
+    ) -> np.ndarray:
         """:meth:`decode` for a vocabulary grown by new tokens (ids ``n_vocab + i``): a new token goes in
         as its embedding row ``rows[i]`` (``llama_batch.embd``), and its logit is the final hidden state
         (after the output norm) times ``head[i]``, appended after the model's logits.
@@ -278,8 +330,10 @@ class Context:
         llama.cpp returns the hidden states of every position of a batch once they are switched on,
         so only the positions whose logits are wanted run with them: the last one (alone), or all."""
         if start + len(tokens) > self.n_ctx:
-            raise EdgeLoraError(f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}",
-                                hint="raise n_ctx or shorten the prompt")
+            raise EdgeLoraError(
+                f"{start + len(tokens)} tokens exceed the context of {self.n_ctx}",
+                hint="raise n_ctx or shorten the prompt",
+            )
         n = len(tokens)
         steps = [(0, n, True)] if all_logits else [(0, n - 1, False), (n - 1, n, True)]
         out = []
@@ -290,8 +344,9 @@ class Context:
         logits = np.stack(out) if all_logits else out[-1]
         return self._noted(logits)
 
-    def _decode_run(self, chunk: list[int], pos: int, rows: np.ndarray, head: np.ndarray,
-                    wanted: bool) -> list[np.ndarray]:
+    def _decode_run(
+        self, chunk: list[int], pos: int, rows: np.ndarray, head: np.ndarray, wanted: bool
+    ) -> list[np.ndarray]:
         """One batch of only base ids or only new ids; with ``wanted``, each position's full logits."""
         lib = llama_cpp()
         new = chunk[0] >= self.n_vocab
@@ -311,8 +366,11 @@ class Context:
             b.logits[i] = wanted
         status = lib.llama_decode(self.ptr, b)
         if status != 0:
-            raise EdgeLoraError(f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
-                                path=self.model.path, hint="the context may be full (raise n_ctx) or out of memory")
+            raise EdgeLoraError(
+                f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
+                path=self.model.path,
+                hint="the context may be full (raise n_ctx) or out of memory",
+            )
         if not wanted:
             return []
         n = len(chunk)
@@ -320,8 +378,11 @@ class Context:
         logits = np.ctypeslib.as_array(ptr, shape=(n, self.n_vocab))
         hidden_ptr = lib.llama_get_embeddings(self.ptr)
         if not hidden_ptr:
-            raise EdgeLoraError("llama.cpp returned no hidden states for this batch", path=self.model.path,
-                                hint="report this with the bundle")
+            raise EdgeLoraError(
+                "llama.cpp returned no hidden states for this batch",
+                path=self.model.path,
+                hint="report this with the bundle",
+            )
         hidden = np.ctypeslib.as_array(hidden_ptr, shape=(n, self.n_embd))
         return list(np.concatenate([logits, hidden @ head.T], axis=1))
 
@@ -359,15 +420,18 @@ def _runs(tokens: list[int], begin: int, end: int, n_vocab: int, n_batch: int) -
 
 def _checked_logits(ptr, path):
     if not ptr:
-        raise EdgeLoraError("llama.cpp returned no logits for this batch", path=path, hint="report this with the bundle")
+        raise EdgeLoraError(
+            "llama.cpp returned no logits for this batch", path=path, hint="report this with the bundle"
+        )
     return ptr
 
 
 # --- llama.cpp's own tokenizer on a GGUF's vocabulary ------------------------------------------------
 
 
-def tokenize_with_gguf(gguf_path, texts: list[str], *, add_special: bool = False,
-                       parse_special: bool = False) -> list[list[int]]:
+def tokenize_with_gguf(
+    gguf_path, texts: list[str], *, add_special: bool = False, parse_special: bool = False
+) -> list[list[int]]:
     """Token ids from llama.cpp's tokenizer on a GGUF (loaded vocab-only), as its test-tokenizer-0 does."""
     with _llama_cpp_vocab(gguf_path) as (lib, vocab):
         return [_tokenize(lib, vocab, text, add_special, parse_special) for text in texts]
@@ -381,8 +445,11 @@ def _llama_cpp_vocab(gguf_path):
     params.vocab_only = True
     model = lib.llama_model_load_from_file(os.fspath(gguf_path).encode(), params)
     if not model:  # a NULL pointer, not None
-        raise EdgeLoraError("llama.cpp could not load this GGUF's vocabulary", path=gguf_path,
-                            hint="re-export the model; the file may be truncated")
+        raise EdgeLoraError(
+            "llama.cpp could not load this GGUF's vocabulary",
+            path=gguf_path,
+            hint="re-export the model; the file may be truncated",
+        )
     try:
         yield lib, lib.llama_model_get_vocab(model)
     finally:

@@ -18,8 +18,8 @@ from edge_lora.adapter import Adapter
 from edge_lora.atomic import atomic_path
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_names import gguf_arch, gguf_module, to_gguf_rows
-from edge_lora.gguf_quant import decode, encode, write_gguf
+from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
+from edge_lora.gguf_format.quant import decode, encode, write_gguf
 
 _SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
 HEAD, EMBD = "output.weight", "token_embd.weight"
@@ -39,7 +39,9 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
     untie = HEAD in deltas and HEAD not in found and EMBD in found
     missing = sorted(set(deltas) - found - ({HEAD} if untie else set()))
     if missing:
-        raise EdgeLoraError(f"the GGUF base has no tensor {missing[0]!r} to merge into", path=src, hint="wrong base model?")
+        raise EdgeLoraError(
+            f"the GGUF base has no tensor {missing[0]!r} to merge into", path=src, hint="wrong base model?"
+        )
     with atomic_path(dst) as tmp:
         writer = gguf.GGUFWriter(os.fspath(tmp), gguf_arch(config))
         for field in reader.fields.values():
@@ -60,8 +62,9 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
     return dst
 
 
-def _add_merged(writer, gguf, name: str, tensor, qtype, config: ModelConfig, adapter: Adapter, module: str,
-                scale: float) -> None:
+def _add_merged(
+    writer, gguf, name: str, tensor, qtype, config: ModelConfig, adapter: Adapter, module: str, scale: float
+) -> None:
     """``name`` = ``tensor`` with ``module`` merged in (DoRA's row rescale included, as in
     :meth:`Adapter.merged_weight`), requantized. Rows are in llama.cpp's order; DoRA's norms are per
     row, so permuting the magnitudes like the rows is all it needs."""
@@ -73,8 +76,12 @@ def _add_merged(writer, gguf, name: str, tensor, qtype, config: ModelConfig, ada
         mag = to_gguf_rows(config, module, magnitude.astype(np.float64)[:, None])[:, 0]
         norm = np.linalg.norm(weight.astype(np.float64), axis=1)
         weight = (weight * (mag / np.maximum(norm, 1e-12))[:, None]).astype(np.float32)
-    keeps_delta = qtype in (gguf.GGMLQuantizationType.F32, gguf.GGMLQuantizationType.F16, gguf.GGMLQuantizationType.BF16,
-                            gguf.GGMLQuantizationType.Q8_0)
+    keeps_delta = qtype in (
+        gguf.GGMLQuantizationType.F32,
+        gguf.GGMLQuantizationType.F16,
+        gguf.GGMLQuantizationType.BF16,
+        gguf.GGMLQuantizationType.Q8_0,
+    )
     out_type = qtype if keeps_delta else gguf.GGMLQuantizationType.Q8_0
     if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
         out_type = gguf.GGMLQuantizationType.F16

@@ -82,7 +82,6 @@ def _clean_mappings(target: str) -> list[tuple[int, int]]:
     return [(s, e) for s, e, clean in spans if clean]
 
 
-
 def trim_heap() -> bool:
     """Return the C heap's free pages to the system (glibc's ``malloc_trim``; elsewhere nothing).
 

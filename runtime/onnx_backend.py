@@ -30,20 +30,24 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora import onnx_names as names
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError, first_line
-
-from .devices import CPU, check_device
-from .engine import DecodeState, Engine, LoadedAdapter
-from .onnx_device import DEVICE_LOCK, WEBGPU, DeviceTensors, find_webgpu, node_placement
-from .mapped_pages import release_pages, trim_heap
-from .onnx_merge import WeightStore
+from edge_lora.onnx_format import lora_feeds, names
+from edge_lora.onnx_format.layout import read_layout
+from edge_lora.onnx_format.weight_store import WeightStore
+from runtime.devices import CPU, check_device
+from runtime.engine import DecodeState, Engine, LoadedAdapter
+from runtime.mapped_pages import release_pages, trim_heap
+from runtime.onnx_device import DEVICE_LOCK, WEBGPU, DeviceTensors, find_webgpu, node_placement
 
 PROVIDERS = {
-    "cpu": "CPUExecutionProvider", "xnnpack": "XnnpackExecutionProvider", "coreml": "CoreMLExecutionProvider",
-    "nnapi": "NnapiExecutionProvider", "qnn": "QNNExecutionProvider", "webgpu": "WebGpuExecutionProvider",
+    "cpu": "CPUExecutionProvider",
+    "xnnpack": "XnnpackExecutionProvider",
+    "coreml": "CoreMLExecutionProvider",
+    "nnapi": "NnapiExecutionProvider",
+    "qnn": "QNNExecutionProvider",
+    "webgpu": "WebGpuExecutionProvider",
     "cuda": "CUDAExecutionProvider",
 }
 LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
@@ -64,12 +68,18 @@ def resolve_providers(provider: str | list[str]) -> list[str]:
     for name in wanted:
         full = PROVIDERS.get(name.lower(), name)
         if full not in PROVIDERS.values():
-            raise EdgeLoraError(f"unknown execution provider {name!r}", hint=f"choose from {', '.join(PROVIDERS)}")
+            raise EdgeLoraError(
+                f"unknown execution provider {name!r}", hint=f"choose from {', '.join(PROVIDERS)}"
+            )
         if full in available:
             chosen.append(full)
         else:
-            warnings.warn(f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
-                          f"falling back to CPU (available: {', '.join(sorted(available))})", RuntimeWarning, stacklevel=3)
+            warnings.warn(
+                f"execution provider {name!r} ({full}) is not available in this onnxruntime build; "
+                f"falling back to CPU (available: {', '.join(sorted(available))})",
+                RuntimeWarning,
+                stacklevel=3,
+            )
     if "CPUExecutionProvider" not in chosen:
         chosen.append("CPUExecutionProvider")
     return chosen
@@ -86,10 +96,20 @@ class OnnxEngine(Engine):
 
     backend_name = "onnx"
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, quant: str | None = None, variant: str | None = None,
-                 provider: str | list[str] = "cpu", threads: int | None = None, verify_hashes: bool = True,
-                 plain_session: bool | None = None, spin: bool = True, trusted_keys=None, device: str = "cpu",
-                 profile_dir: str | os.PathLike | None = None):
+    def __init__(
+        self,
+        bundle: Bundle | str | os.PathLike,
+        quant: str | None = None,
+        variant: str | None = None,
+        provider: str | list[str] = "cpu",
+        threads: int | None = None,
+        verify_hashes: bool = True,
+        plain_session: bool | None = None,
+        spin: bool = True,
+        trusted_keys=None,
+        device: str = "cpu",
+        profile_dir: str | os.PathLike | None = None,
+    ):
         """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
         feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
         ``provider`` names other execution providers (xnnpack, coreml, nnapi, ...) for the CPU path.
@@ -106,17 +126,23 @@ class OnnxEngine(Engine):
         self.device, ep_device = CPU, None
         if check_device(device) != "cpu":
             if provider not in ("cpu", ["cpu"]):
-                raise EdgeLoraError(f"device={device!r} and provider={provider!r} both choose where to run",
-                                    hint="give one: device='gpu' is ONNX Runtime's WebGPU provider")
+                raise EdgeLoraError(
+                    f"device={device!r} and provider={provider!r} both choose where to run",
+                    hint="give one: device='gpu' is ONNX Runtime's WebGPU provider",
+                )
             self.device, ep_device = find_webgpu(ort, device)
         # the GPU runs the fast variant (its contrib ops have WebGPU kernels); the portable one is for NNAPI/CoreML/XNNPACK
-        if ep_device is not None and variant is None and any(e.get("variant") == "fast" for e in self.bundle.backends.get("onnx") or []):
+        if (
+            ep_device is not None
+            and variant is None
+            and any(e.get("variant") == "fast" for e in self.bundle.backends.get("onnx") or [])
+        ):
             variant = "fast"
         self.entry = self.bundle.backend_entry("onnx", quant, variant)
         model_rel = self.entry["model"]
         folder = model_rel.rsplit("/", 1)[0] + "/" if "/" in model_rel else ""
         self.model_path = self._checked(model_rel)
-        self.layout = names.read_layout(self._checked(folder + names.LAYOUT_FILE))
+        self.layout = read_layout(self._checked(folder + names.LAYOUT_FILE))
         # the weights file (most of the bundle's bytes) is hashed on a thread while ONNX Runtime
         # loads it, not before: the engine is refused before it returns if the hash does not match
         data_rel = folder + self.layout["data_file"]
@@ -132,8 +158,11 @@ class OnnxEngine(Engine):
         self._ep_device = ep_device
         self.gpu = DeviceTensors(ort, ep_device) if ep_device is not None else None
         if self.gpu and self.layout["variant"] != "fast":
-            raise EdgeLoraError(f"the {self.layout['variant']} ONNX variant does not run on the GPU path", path=self.model_path,
-                                hint="export the fast variant (--onnx-variant fast) or run on device='cpu'")
+            raise EdgeLoraError(
+                f"the {self.layout['variant']} ONNX variant does not run on the GPU path",
+                path=self.model_path,
+                hint="export the fast variant (--onnx-variant fast) or run on device='cpu'",
+            )
         self.providers = [WEBGPU, "CPUExecutionProvider"] if self.gpu else resolve_providers(provider)
         self.threads = threads
         self.spin = spin
@@ -141,14 +170,26 @@ class OnnxEngine(Engine):
         if self.profile_dir:
             self.profile_dir.mkdir(parents=True, exist_ok=True)
         self._profiled: list = []  # sessions opened with profiling on
-        self.shared_kv = self.layout["variant"] == "fast" and (self.gpu is not None or not DEVICE_PROVIDERS & set(self.providers))
-        self._gpu_pads: dict[str, object] = {}  # LoRA input -> rank-1 zeros on the device (never a zero-size tensor there)
+        self.shared_kv = self.layout["variant"] == "fast" and (
+            self.gpu is not None or not DEVICE_PROVIDERS & set(self.providers)
+        )
+        self._gpu_pads: dict[
+            str, object
+        ] = {}  # LoRA input -> rank-1 zeros on the device (never a zero-size tensor there)
         self._no_adapters: dict = {}  # the empty set's device feeds (pads only), when there is no plain session
         self._upload_lock = threading.Lock()
         c = self.config
-        self.cache_names = [pair for i in range(c.num_hidden_layers)
-                            for pair in ((names.past_key(i), names.present_key(i)), (names.past_value(i), names.present_value(i)))]
-        self.mask_ones = np.ones((1, self.max_context), np.int64)  # attention masks are slices of it (read-only)
+        self.cache_names = [
+            pair
+            for i in range(c.num_hidden_layers)
+            for pair in (
+                (names.past_key(i), names.present_key(i)),
+                (names.past_value(i), names.present_value(i)),
+            )
+        ]
+        self.mask_ones = np.ones(
+            (1, self.max_context), np.int64
+        )  # attention masks are slices of it (read-only)
         self.weights = WeightStore(self.layout, self.data_path)
         # merged weights: initializer name -> (array, OrtValue borrowing it); a session keeps the
         # snapshot it was opened with alive, since ORT reads the buffers for the session's lifetime
@@ -185,7 +226,9 @@ class OnnxEngine(Engine):
                 options.add_initializer(name, value)
         # ORT 1.32's QDQ selector transformer reads the file's initializer, not an override: with
         # a merged QDQ weight it would silently run the unmerged one (checked in the tests)
-        disabled = ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
+        disabled = (
+            ["QDQSelectorActionTransformer"] if overrides and self.layout["variant"] == "portable" else []
+        )
         if not self.gpu and self.layout["variant"] == "fast":
             # folding the tied embedding's Reshape of lm_head's int4 weight copies that table (0.5B: 85 MB);
             # unfolded, the CPU Reshape aliases its input (no copy per run; decode speed measured equal)
@@ -196,14 +239,21 @@ class OnnxEngine(Engine):
         providers = self.providers
         if self.gpu:
             options.add_provider_for_devices([self._ep_device], {})
-            options.add_session_config_entry("session.record_ep_graph_assignment_info", "1")  # for placement()
+            options.add_session_config_entry(
+                "session.record_ep_graph_assignment_info", "1"
+            )  # for placement()
             providers = None
         try:
             with DEVICE_LOCK if self.gpu else contextlib.nullcontext():
-                session = ort.InferenceSession(str(path), sess_options=options, providers=providers, disabled_optimizers=disabled)
+                session = ort.InferenceSession(
+                    str(path), sess_options=options, providers=providers, disabled_optimizers=disabled
+                )
         except Exception as err:  # ORT raises its own exception types for every load failure
-            raise EdgeLoraError(f"ONNX Runtime cannot load the model ({first_line(err)})", path=path,
-                                hint="re-export the bundle, or upgrade onnxruntime") from None
+            raise EdgeLoraError(
+                f"ONNX Runtime cannot load the model ({first_line(err)})",
+                path=path,
+                hint="re-export the bundle, or upgrade onnxruntime",
+            ) from None
         session.edge_lora_overrides = overrides
         if not self.gpu:  # the data file's pages ORT touched to prepack: out (runtime.mapped_pages)
             release_pages(self.data_path)
@@ -222,7 +272,9 @@ class OnnxEngine(Engine):
         releases the GIL while it initializes), so the first base-only token does not wait for, or
         share the CPU with, its load. Only the LoRA session, opened now, with ``plain_session=False``
         or when adapters are loaded on a CPU engine that holds one session at a time."""
-        overrides = dict(self._overrides)  # a snapshot: later merges must not change it under a loading session
+        overrides = dict(
+            self._overrides
+        )  # a snapshot: later merges must not change it under a loading session
         if not self.plain_path or (self._plain_until_adapter and self._adapters):
             self.plain_session = None
             session = self._session(self.model_path, overrides)
@@ -268,14 +320,23 @@ class OnnxEngine(Engine):
 
     def _attach(self, name: str, adapter: Adapter, source: Path) -> object:
         if adapter.token_rows and not self.layout.get("added_rows"):
-            raise EdgeLoraError("this bundle's ONNX graph takes no new-token rows (exported before layout "
-                                f"version {names.ADDED_ROWS_LAYOUT_VERSION})", path=source,
-                                hint="re-export the bundle with this edge-lora")
+            raise EdgeLoraError(
+                "this bundle's ONNX graph takes no new-token rows (exported before layout "
+                f"version {names.ADDED_ROWS_LAYOUT_VERSION})",
+                path=source,
+                hint="re-export the bundle with this edge-lora",
+            )
         for module in adapter.modules:
             if module not in self.slots:
-                hint = ("this bundle was exported before tied heads got a LoRA slot: re-export it with this "
-                        "edge-lora" if module == "lm_head" else "wrong base model?")
-                raise EdgeLoraError(f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint)
+                hint = (
+                    "this bundle was exported before tied heads got a LoRA slot: re-export it with this "
+                    "edge-lora"
+                    if module == "lm_head"
+                    else "wrong base model?"
+                )
+                raise EdgeLoraError(
+                    f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint
+                )
         norms = self._dora_norms(adapter, source) if adapter.dora else None
         self._start_lora()  # requests with adapters need the LoRA session: load it while the caller goes on
         # DoRA's feeds are built here from the weights this bundle holds (its norms depend on them)
@@ -288,8 +349,11 @@ class OnnxEngine(Engine):
         from edge_lora.dora import prepare_norms
 
         if not self.layout.get("dora"):
-            raise EdgeLoraError("this bundle's ONNX graph has no DoRA rescale input (exported before layout "
-                                "version 3)", path=source, hint="re-export the bundle with this edge-lora, or engine.merge() the adapter")
+            raise EdgeLoraError(
+                "this bundle's ONNX graph has no DoRA rescale input (exported before layout version 3)",
+                path=source,
+                hint="re-export the bundle with this edge-lora, or engine.merge() the adapter",
+            )
         return prepare_norms(adapter, self.weights.module_weights(source))
 
     def _prime_single_set(self, name: str, adapter: Adapter) -> None:
@@ -297,7 +361,7 @@ class OnnxEngine(Engine):
         the set cache (its first request finds it; evicted like any set, then rebuilt on demand). The
         bundle's .onnx_adapter holds the same tensors (for onnxruntime-genai), but ONNX Runtime reads
         one only from a path: a second file, a second hash and a gap between check and use."""
-        arrays = names.stack_lora([(adapter, 1.0)], self.slots, self.lora_dtype)
+        arrays = lora_feeds.stack_lora([(adapter, 1.0)], self.slots, self.lora_dtype)
         values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
         with self._cache_lock:
             entry = {"arrays": arrays, "values": values, "adapters": {name: adapter}}
@@ -324,10 +388,14 @@ class OnnxEngine(Engine):
             if hit is not None and all(hit["adapters"][n] is loaded[n].adapter for n in adapter_set):
                 self._set_cache.move_to_end(key)
                 return hit
-        arrays = names.stack_lora([(loaded[n].adapter, s) for n, s in order], self.slots, self.lora_dtype,
-                                  [loaded[n].handle.get("norms") for n, _ in order])
+        arrays = lora_feeds.stack_lora(
+            [(loaded[n].adapter, s) for n, s in order],
+            self.slots,
+            self.lora_dtype,
+            [loaded[n].handle.get("norms") for n, _ in order],
+        )
         vocab = self.added_vocab(loaded)  # the set's new tokens, checked for clashes
-        arrays.update(names.added_rows_feeds(vocab.embed, vocab.head, self.config.tie_word_embeddings))
+        arrays.update(lora_feeds.added_rows_feeds(vocab.embed, vocab.head, self.config.tie_word_embeddings))
         values = {k: self._ort.OrtValue.ortvalue_from_numpy(v) for k, v in arrays.items()}
         entry = {"arrays": arrays, "values": values, "adapters": {n: loaded[n].adapter for n in adapter_set}}
         with self._cache_lock:
@@ -346,7 +414,10 @@ class OnnxEngine(Engine):
                 device = {k: self.gpu.upload(v, "lora") for k, v in values.items()}
                 holder["device"] = device
             if not self._gpu_pads:
-                self._gpu_pads = {k: self.gpu.upload(v, "lora") for k, v in names.zero_pads(self.slots, self.lora_dtype).items()}
+                self._gpu_pads = {
+                    k: self.gpu.upload(v, "lora")
+                    for k, v in lora_feeds.zero_pads(self.slots, self.lora_dtype).items()
+                }
         return {**{k: v for k, v in self._gpu_pads.items() if k not in device}, **device}
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
@@ -373,7 +444,7 @@ class OnnxEngine(Engine):
     def _int4_ortvalue_source(values: np.ndarray) -> np.ndarray:
         """A buffer for an INT4 OrtValue: ORT takes the shape from the array and reads the packed
         bytes from its start, so the array has the logical shape and holds the nibbles up front."""
-        from edge_lora.onnx_quant import pack_int4
+        from edge_lora.onnx_format.weight_quant import pack_int4
 
         packed = np.frombuffer(pack_int4(values), dtype=np.uint8)
         buffer = np.zeros(values.shape, dtype=np.uint8)
@@ -382,14 +453,16 @@ class OnnxEngine(Engine):
 
     # --- inference ------------------------------------------------------------------
 
-    def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> "_Choice":
+    def _pick(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> _Choice:
         """The session, LoRA feeds and run options for one request's adapter set."""
         if not adapter_set:
             if self.plain_session or not self.gpu:
                 return _Choice(self.plain_session or self.lora_session, {})
             return _Choice(self.lora_session, self._on_device(self._no_adapters, {}))
         entry = self._feeds_for(adapter_set, loaded)
-        return _Choice(self.lora_session, self._on_device(entry, entry["values"]) if self.gpu else entry["values"])
+        return _Choice(
+            self.lora_session, self._on_device(entry, entry["values"]) if self.gpu else entry["values"]
+        )
 
     def _new_state(self, adapter_set, loaded) -> DecodeState:
         choice = self._pick(adapter_set, loaded)
@@ -406,8 +479,13 @@ class OnnxEngine(Engine):
         device = self.device.describe()
         if self.gpu:
             device.update(provider=WEBGPU, resident_lora_bytes=self._resident_lora_bytes(), **self.gpu.info())
-        return {"quant": self.layout["quant"], "variant": self.layout["variant"], "providers": self.providers,
-                "plain_session": self.plain_session is not None, "device": device}
+        return {
+            "quant": self.layout["quant"],
+            "variant": self.layout["variant"],
+            "providers": self.providers,
+            "plain_session": self.plain_session is not None,
+            "device": device,
+        }
 
     def _resident_lora_bytes(self) -> int:
         """Bytes of LoRA tensors the engine holds on the device: cached sets (single adapters too), pads."""
@@ -486,7 +564,7 @@ def _added_rows(lora: dict) -> int:
     return int(shape[0]) - 1
 
 
-def _logit_columns(engine: "OnnxEngine", choice: "_Choice") -> tuple[int, int]:
+def _logit_columns(engine: OnnxEngine, choice: _Choice) -> tuple[int, int]:
     """``(new-token rows fed, logits width)`` of a request: one logit per row after the base vocabulary."""
     rows = _added_rows(choice.lora)
     return rows, engine.config.vocab_size + rows
@@ -501,7 +579,12 @@ class OnnxState(DecodeState):
     the portable variant's Concat cache, and any variant on a device provider."""
 
     def __init__(self, engine: OnnxEngine, choice: _Choice):
-        self.engine, self.session, self.lora, self.run_options = engine, choice.session, choice.lora, choice.run_options
+        self.engine, self.session, self.lora, self.run_options = (
+            engine,
+            choice.session,
+            choice.lora,
+            choice.run_options,
+        )
         self._owner = choice.owner
         c = engine.config
         ort = engine._ort
@@ -518,9 +601,12 @@ class OnnxState(DecodeState):
         ort, c = self.engine._ort, self.engine.config
         ids = np.asarray([token_ids], dtype=np.int64)
         mask = np.ones((1, self.length + ids.shape[1]), dtype=np.int64)
-        feeds = {names.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(ids), names.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(mask)}
+        feeds = {
+            names.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(ids),
+            names.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(mask),
+        }
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
-            ids, index = names.split_added_ids(ids, c.vocab_size)
+            ids, index = lora_feeds.split_added_ids(ids, c.vocab_size)
             feeds[names.INPUT_IDS] = ort.OrtValue.ortvalue_from_numpy(ids)
             feeds[names.ADDED_INDEX] = ort.OrtValue.ortvalue_from_numpy(index)
         for i in range(c.num_hidden_layers):
@@ -581,7 +667,9 @@ class SharedKVState(DecodeState):
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
         (``[1, 1, vocab]`` with ``last_only``). The array is the bound output buffer: the next
         run overwrites it, so copy what must outlive that."""
-        with DEVICE_LOCK if self.gpu else contextlib.nullcontext():  # binding a host value copies it to the device
+        with (
+            DEVICE_LOCK if self.gpu else contextlib.nullcontext()
+        ):  # binding a host value copies it to the device
             return self._run(token_ids, last_only)
 
     def _run(self, token_ids: list[int], last_only: bool) -> np.ndarray:
@@ -611,7 +699,7 @@ class SharedKVState(DecodeState):
     def _bind_ids(self, token_ids: list[int]) -> None:
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
             ids = np.asarray([token_ids], dtype=np.int64)
-            ids, index = names.split_added_ids(ids, self.engine.config.vocab_size)
+            ids, index = lora_feeds.split_added_ids(ids, self.engine.config.vocab_size)
             value = self.engine._ort.OrtValue.ortvalue_from_numpy
             self.binding.bind_ortvalue_input(names.INPUT_IDS, value(ids))
             self.binding.bind_ortvalue_input(names.ADDED_INDEX, value(index))
@@ -623,7 +711,9 @@ class SharedKVState(DecodeState):
                 self.binding.bind_ortvalue_input(names.INPUT_IDS, self._token_value)
         else:
             ids = np.asarray([token_ids], dtype=np.int64)
-            self.binding.bind_ortvalue_input(names.INPUT_IDS, self.engine._ort.OrtValue.ortvalue_from_numpy(ids))
+            self.binding.bind_ortvalue_input(
+                names.INPUT_IDS, self.engine._ort.OrtValue.ortvalue_from_numpy(ids)
+            )
         self._ids_bound = len(token_ids)
 
     def _bind_logits(self, rows: int, last_only: bool) -> None:
@@ -635,13 +725,17 @@ class SharedKVState(DecodeState):
                 self._keep = keep
         if self.logits is None or self.logits.shape[1] != rows:
             self.logits = np.empty((1, rows, self.width), np.float32)
-            self.binding.bind_ortvalue_output(names.LOGITS, engine._ort.OrtValue.ortvalue_from_numpy(self.logits))
+            self.binding.bind_ortvalue_output(
+                names.LOGITS, engine._ort.OrtValue.ortvalue_from_numpy(self.logits)
+            )
 
     def _reserve(self, total: int) -> None:
         """Grow the KV buffers to hold ``total`` positions: double, at least the next block."""
         engine, c = self.engine, self.engine.config
         if total > engine.max_context:
-            raise EdgeLoraError(f"{total} tokens exceed the context of {engine.max_context}", hint="shorten the prompt")
+            raise EdgeLoraError(
+                f"{total} tokens exceed the context of {engine.max_context}", hint="shorten the prompt"
+            )
         capacity = min(engine.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
         shape = (1, c.num_key_value_heads, capacity, c.head_dim)
         old, self.cache = self.cache, []
@@ -658,7 +752,9 @@ class SharedKVState(DecodeState):
                 buffer = np.empty(shape, np.float32)
                 if self.length:
                     buffer[:, :, : self.length] = old[i][:, :, : self.length]
-                value = engine._ort.OrtValue.ortvalue_from_numpy(buffer)  # the binding keeps it (and the array) alive
+                value = engine._ort.OrtValue.ortvalue_from_numpy(
+                    buffer
+                )  # the binding keeps it (and the array) alive
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
             self.cache.append(buffer)

@@ -15,8 +15,7 @@ import threading
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError, first_line
-
-from .devices import CPU, Device
+from runtime.devices import CPU, Device
 
 WEBGPU = "WebGpuExecutionProvider"
 # One WebGPU device per process, and it is not safe to use from two threads at once (a run on one
@@ -26,8 +25,10 @@ DEVICE_LOCK = threading.RLock()
 _registry = {"lock": threading.Lock(), "tried": False, "error": None}
 
 NO_PLUGIN = "pip install onnxruntime-ep-webgpu (ONNX Runtime's WebGPU provider)"
-NO_ADAPTER = ("install the GPU's Vulkan (Linux, Android), Metal (macOS) or D3D12 (Windows) driver; "
-              "on a machine without a GPU, scripts/software-gpu.sh sets up SwiftShader for testing")
+NO_ADAPTER = (
+    "install the GPU's Vulkan (Linux, Android), Metal (macOS) or D3D12 (Windows) driver; "
+    "on a machine without a GPU, scripts/software-gpu.sh sets up SwiftShader for testing"
+)
 
 
 def _register(ort) -> str | None:
@@ -41,13 +42,17 @@ def _register(ort) -> str | None:
                 _registry["error"] = f"ONNX Runtime has no WebGPU provider here: {NO_PLUGIN}"
             else:
                 if not hasattr(ort, "register_execution_provider_library"):
-                    _registry["error"] = f"onnxruntime {ort.__version__} cannot load provider plugins: upgrade onnxruntime"
+                    _registry["error"] = (
+                        f"onnxruntime {ort.__version__} cannot load provider plugins: upgrade onnxruntime"
+                    )
                 else:
                     try:
                         ort.register_execution_provider_library("webgpu", plugin.get_library_path())
                     except Exception as err:  # ORT raises its own types; "already registered" is fine
                         if "already" not in str(err).lower():
-                            _registry["error"] = f"ONNX Runtime could not load the WebGPU provider ({first_line(err)})"
+                            _registry["error"] = (
+                                f"ONNX Runtime could not load the WebGPU provider ({first_line(err)})"
+                            )
         return _registry["error"]
 
 
@@ -83,11 +88,17 @@ class DeviceTensors:
 
     def empty(self, shape, dtype) -> object:
         with DEVICE_LOCK:
-            return self._ort.OrtValue.ortvalue_from_shape_and_type(list(shape), dtype, memory_info=self.memory)
+            return self._ort.OrtValue.ortvalue_from_shape_and_type(
+                list(shape), dtype, memory_info=self.memory
+            )
 
     def upload(self, source, what: str, into=None) -> object:
         """A device copy of a numpy array or a host OrtValue (into ``into`` when given), counted under ``what``."""
-        host = source if isinstance(source, self._ort.OrtValue) else self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(source))
+        host = (
+            source
+            if isinstance(source, self._ort.OrtValue)
+            else self._ort.OrtValue.ortvalue_from_numpy(np.ascontiguousarray(source))
+        )
         with DEVICE_LOCK:
             value = into if into is not None else self.empty(host.shape(), _numpy_dtype(host))
             self._ort.copy_tensors([host], [value], None)
@@ -108,8 +119,14 @@ class DeviceTensors:
             return {"uploads": {what: {"count": n, "bytes": b} for what, (n, b) in self.uploads.items()}}
 
 
-_ELEMENT_DTYPES = {"tensor(float)": np.float32, "tensor(float16)": np.float16, "tensor(int64)": np.int64,
-                   "tensor(int32)": np.int32, "tensor(uint8)": np.uint8, "tensor(int8)": np.int8}
+_ELEMENT_DTYPES = {
+    "tensor(float)": np.float32,
+    "tensor(float16)": np.float16,
+    "tensor(int64)": np.int64,
+    "tensor(int32)": np.int32,
+    "tensor(uint8)": np.uint8,
+    "tensor(int8)": np.int8,
+}
 
 
 def _numpy_dtype(value) -> type:

@@ -16,15 +16,25 @@ class SamplingParams:
     repetition_penalty: float = 1.0
     seed: int | None = None
     stop: list[str] = field(default_factory=list)
-    stop_token_ids: list[int] = field(default_factory=list)  # e.g. a chat template's end of turn, besides the model's eos
+    stop_token_ids: list[int] = field(
+        default_factory=list
+    )  # e.g. a chat template's end of turn, besides the model's eos
 
     @classmethod
-    def from_kwargs(cls, **kwargs) -> "SamplingParams":
+    def from_kwargs(cls, **kwargs) -> SamplingParams:
         params = cls(**kwargs)
-        if params.temperature < 0 or not 0 < params.top_p <= 1 or params.top_k < 0 or params.repetition_penalty <= 0:
+        if (
+            params.temperature < 0
+            or not 0 < params.top_p <= 1
+            or params.top_k < 0
+            or params.repetition_penalty <= 0
+        ):
             from edge_lora.errors import EdgeLoraError
 
-            raise EdgeLoraError("bad sampling settings", hint="temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0")
+            raise EdgeLoraError(
+                "bad sampling settings",
+                hint="temperature >= 0, 0 < top_p <= 1, top_k >= 0, repetition_penalty > 0",
+            )
         if isinstance(params.stop, str):
             params.stop = [params.stop]
         return params

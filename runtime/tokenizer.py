@@ -21,9 +21,12 @@ class Tokenizer:
         try:
             self._tok = _Tokenizer.from_file(os.fspath(path))
         except Exception as err:  # the Rust side raises a bare Exception on bad JSON
-            raise EdgeLoraError(f"cannot read tokenizer ({str(err).splitlines()[0][:120]})", path=path,
-                                hint="the tokenizer.json is corrupt or not a fast-tokenizer file") from None
-        self._views: dict[tuple, "Tokenizer"] = {}
+            raise EdgeLoraError(
+                f"cannot read tokenizer ({str(err).splitlines()[0][:120]})",
+                path=path,
+                hint="the tokenizer.json is corrupt or not a fast-tokenizer file",
+            ) from None
+        self._views: dict[tuple, Tokenizer] = {}
         self._views_lock = threading.Lock()
         self._to_ours: dict[int, int] = {}  # a view's tokenizers id -> our id for its new tokens
         self._to_theirs: dict[int, int] = {}
@@ -44,7 +47,7 @@ class Tokenizer:
         found = self._tok.token_to_id(token)
         return self._to_ours.get(found, found) if found is not None else None
 
-    def with_added(self, tokens: tuple[str, ...], first_id: int) -> "Tokenizer":
+    def with_added(self, tokens: tuple[str, ...], first_id: int) -> Tokenizer:
         """This tokenizer plus ``tokens`` at ids ``first_id, first_id + 1, ...`` (cached per set)."""
         tokens = tuple(tokens)
         if not tokens:
@@ -59,8 +62,10 @@ class Tokenizer:
 
         clashes = [t for t in tokens if self._tok.token_to_id(t) is not None]
         if clashes:
-            raise EdgeLoraError(f"new token {clashes[0]!r} is already in the base vocabulary",
-                                hint="train the adapter with token strings the base does not have")
+            raise EdgeLoraError(
+                f"new token {clashes[0]!r} is already in the base vocabulary",
+                hint="train the adapter with token strings the base does not have",
+            )
         view = Tokenizer.__new__(Tokenizer)
         view._tok = _Tokenizer.from_str(self._tok.to_str())
         view._tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])
@@ -86,5 +91,5 @@ class StreamDecoder:
         text = self.tokenizer.decode(self.ids)
         if text.endswith("\ufffd"):  # an incomplete UTF-8 sequence: wait for the next token
             return ""
-        delta, self.text = text[len(self.text):], text
+        delta, self.text = text[len(self.text) :], text
         return delta

@@ -23,10 +23,14 @@ def patch(source: str) -> str:
         return source
     start, end = source.find(BEGIN), source.find(END)
     if start < 0 or end < start:
-        raise SystemExit("patch_ggml_vulkan: the layer-settings block was not found; this llama.cpp may not need the "
-                         "patch (try building without it) or the patch needs updating")
+        raise SystemExit(
+            "patch_ggml_vulkan: the layer-settings block was not found; this llama.cpp may not need the "
+            "patch (try building without it) or the patch needs updating"
+        )
     end += len(END)
-    return source[:start] + GUARD + "\n" + source[start:end] + "#else\n" + FALLBACK + "#endif\n" + source[end:]
+    return (
+        source[:start] + GUARD + "\n" + source[start:end] + "#else\n" + FALLBACK + "#endif\n" + source[end:]
+    )
 
 
 if __name__ == "__main__":

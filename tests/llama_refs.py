@@ -32,17 +32,38 @@ def models_dir() -> Path:
     if (dest / ".complete").is_file():
         return dest
     with tempfile.TemporaryDirectory(prefix="llama-refs-") as tmp:
-        got = subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-binary", ":all:", "--no-deps",
-                              f"llama-cpp-python=={version}", "-d", tmp], capture_output=True, text=True, timeout=900)
+        got = subprocess.run(
+            [
+                sys.executable,
+                "-m",
+                "pip",
+                "download",
+                "--quiet",
+                "--no-binary",
+                ":all:",
+                "--no-deps",
+                f"llama-cpp-python=={version}",
+                "-d",
+                tmp,
+            ],
+            capture_output=True,
+            text=True,
+            timeout=900,
+        )
         archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
         if got.returncode != 0 or not archives:
-            raise RuntimeError(f"could not download the llama-cpp-python {version} source package: {got.stderr[-500:]}")
+            raise RuntimeError(
+                f"could not download the llama-cpp-python {version} source package: {got.stderr[-500:]}"
+            )
         staging = Path(tmp) / "models"
         with tarfile.open(archives[0]) as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/")
-                if member.isfile() and parts[1:4] == ["vendor", "llama.cpp", "models"] and (
-                        parts[4].startswith("ggml-vocab-") or (parts[4] == "templates" and len(parts) == 6)):
+                if (
+                    member.isfile()
+                    and parts[1:4] == ["vendor", "llama.cpp", "models"]
+                    and (parts[4].startswith("ggml-vocab-") or (parts[4] == "templates" and len(parts) == 6))
+                ):
                     target = staging.joinpath(*parts[4:])
                     target.parent.mkdir(parents=True, exist_ok=True)
                     with tar.extractfile(member) as src, open(target, "wb") as out:

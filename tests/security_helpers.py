@@ -19,16 +19,25 @@ from edge_lora.targets import linear_modules
 from runtime.engine import Engine
 
 
-def make_adapter(config: ModelConfig, fingerprint: str | None, *, rank: int = 4, seed: int = 0,
-                 modules: tuple[str, ...] = ("q_proj", "v_proj")) -> Adapter:
+def make_adapter(
+    config: ModelConfig,
+    fingerprint: str | None,
+    *,
+    rank: int = 4,
+    seed: int = 0,
+    modules: tuple[str, ...] = ("q_proj", "v_proj"),
+) -> Adapter:
     """A random adapter on ``modules`` of every layer (nonzero B, so it changes the output)."""
     rng = np.random.default_rng(seed)
     shapes = linear_modules(config)
     chosen = {}
     for name, (out_f, in_f) in shapes.items():
         if name.rsplit(".", 1)[-1] in modules:
-            chosen[name] = LoraWeights(a=(0.1 * rng.standard_normal((rank, in_f))).astype(np.float32),
-                                       b=(0.1 * rng.standard_normal((out_f, rank))).astype(np.float32), alpha=2.0 * rank)
+            chosen[name] = LoraWeights(
+                a=(0.1 * rng.standard_normal((rank, in_f))).astype(np.float32),
+                b=(0.1 * rng.standard_normal((out_f, rank))).astype(np.float32),
+                alpha=2.0 * rank,
+            )
     return Adapter(modules=chosen, base_architecture=config.architecture, base_fingerprint=fingerprint)
 
 
@@ -45,11 +54,21 @@ def make_core_bundle(root: Path, model_dir: Path, adapters: dict[str, Adapter]) 
         adapter.save(root / rel)
         files.append(rel)
         entries[name] = {"source": rel, "scale": 1.0}
-    write_manifest(root, {
-        "created_by": "tests", "model": md.config.to_dict(), "base_fingerprint": md.fingerprint,
-        "tokenizer": {"tokenizer": "tokenizer.json"}, "backends": {}, "adapters": entries,
-        "files": {rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size} for rel in files},
-    })
+    write_manifest(
+        root,
+        {
+            "created_by": "tests",
+            "model": md.config.to_dict(),
+            "base_fingerprint": md.fingerprint,
+            "tokenizer": {"tokenizer": "tokenizer.json"},
+            "backends": {},
+            "adapters": entries,
+            "files": {
+                rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
+                for rel in files
+            },
+        },
+    )
     return root
 
 

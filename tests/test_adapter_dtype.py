@@ -8,17 +8,22 @@ import pytest
 
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
 from edge_lora.adapter_dtype import q8_0_roundtrip, rounded
+from edge_lora.app.cli import main
 from edge_lora.bundle import Bundle
-from edge_lora.cli import main
 from edge_lora.errors import EdgeLoraError
-from edge_lora.safetensors_io import SafetensorsFile
+from edge_lora.onnx_format import lora_feeds
+from edge_lora.safetensors_file import SafetensorsFile
 from tests.test_export_bundle import make_adapter
 
 DTYPES = ("fp32", "fp16", "int8")
 # max |logit diff| against the same bundle's fp32 adapter (measured: 0.001 fp16, 0.015 int8 on both backends).
 # llama.cpp multiplies a q8_0 lora_a by 8-bit activations as well, so int8 is looser there.
-BOUNDS = {("onnx", "fp16"): 0.02, ("onnx", "int8"): 0.1,
-          ("llamacpp", "fp16"): 0.05, ("llamacpp", "int8"): 0.3}
+BOUNDS = {
+    ("onnx", "fp16"): 0.02,
+    ("onnx", "int8"): 0.1,
+    ("llamacpp", "fp16"): 0.05,
+    ("llamacpp", "int8"): 0.3,
+}
 PROMPT = list(range(3, 19))
 
 
@@ -28,10 +33,12 @@ def bundles(model_dirs, tmp_path_factory):
     a = make_adapter(model_dirs["llama"], root / "a.safetensors", seed=5, scale=0.2)
     out = {}
     for dtype in DTYPES:
-        options = ExportOptions(backends=["onnx", "gguf"], onnx_quants=["fp32"], gguf_quants=["f32"],
-                                adapter_dtype=dtype)
-        out[dtype] = export_bundle(model_dirs["llama"], root / dtype, [AdapterSource(a, "a")], options,
-                                   show_progress=False)
+        options = ExportOptions(
+            backends=["onnx", "gguf"], onnx_quants=["fp32"], gguf_quants=["f32"], adapter_dtype=dtype
+        )
+        out[dtype] = export_bundle(
+            model_dirs["llama"], root / dtype, [AdapterSource(a, "a")], options, show_progress=False
+        )
     return out
 
 
@@ -79,8 +86,10 @@ def test_smaller_dtypes_run_like_fp32(bundles, backend):
     for dtype in ("fp16", "int8"):
         diff = float(np.abs(logits[dtype] - logits["fp32"]).max())
         flips = logits[dtype].argmax(-1) != logits["fp32"].argmax(-1)
-        print(f"{backend} {dtype} adapter: max |logit diff| vs fp32 = {diff:.4f}, greedy agreement "
-              f"{100 * (1 - flips.mean()):.0f}% of {len(sequence)} positions")
+        print(
+            f"{backend} {dtype} adapter: max |logit diff| vs fp32 = {diff:.4f}, greedy agreement "
+            f"{100 * (1 - flips.mean()):.0f}% of {len(sequence)} positions"
+        )
         assert diff < BOUNDS[backend, dtype]
         # greedy agrees wherever fp32's choice is not a near tie (the top two closer than twice the diff)
         assert not (flips & (margin > 2 * diff)).any()
@@ -131,15 +140,17 @@ def test_source_and_onnx_adapter_hold_the_same_values(bundles, dtype):
     """The runtime builds ONNX feeds from the .safetensors: they must equal the exported .onnx_adapter."""
     import onnxruntime as ort
 
-    from edge_lora import onnx_names as names
     from edge_lora.adapter import Adapter
+    from edge_lora.onnx_format import names
 
     path = bundles[dtype]
     b = Bundle.open(path)
     entry = b.adapters["a"]
     adapter = Adapter.load(path / entry["source"], base=b.config)
-    feeds = names.stack_lora([(adapter, 1.0)], names.lora_slots(b.config))
-    feeds.update(names.zero_pads(names.lora_slots(b.config), skip=feeds))  # groups it leaves out (WebGPU)
+    feeds = lora_feeds.stack_lora([(adapter, 1.0)], names.lora_slots(b.config))
+    feeds.update(
+        lora_feeds.zero_pads(names.lora_slots(b.config), skip=feeds)
+    )  # groups it leaves out (WebGPU)
     params = ort.AdapterFormat.read_adapter(str(path / entry["onnx"])).get_parameters()
     assert set(params) == set(feeds)
     for key, value in params.items():

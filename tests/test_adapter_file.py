@@ -6,13 +6,13 @@ import struct
 
 import numpy as np
 import pytest
+from tiny_models import make_model_dir
 
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from edge_lora.safetensors_io import SafetensorsFile, save_tensors, serialize
+from edge_lora.safetensors_file import SafetensorsFile, save_tensors, serialize
 from edge_lora.targets import linear_modules, select_targets
-from tiny_models import make_model_dir
 
 
 def make_adapter(config, fingerprint=None, ranks=None):
@@ -20,7 +20,11 @@ def make_adapter(config, fingerprint=None, ranks=None):
     modules = {}
     for m, (out_f, in_f) in linear_modules(config).items():
         r = (ranks or {}).get(m.rsplit(".", 1)[-1], 4)
-        modules[m] = LoraWeights(rng.normal(size=(r, in_f)).astype(np.float32), rng.normal(size=(out_f, r)).astype(np.float32), alpha=8.0)
+        modules[m] = LoraWeights(
+            rng.normal(size=(r, in_f)).astype(np.float32),
+            rng.normal(size=(out_f, r)).astype(np.float32),
+            alpha=8.0,
+        )
     return Adapter(modules, config.architecture, fingerprint, rslora=True)
 
 
@@ -67,14 +71,35 @@ def test_shapes_that_do_not_fit_are_refused(model_dirs, tmp_path):
         Adapter.load(tmp_path / "a.safetensors", base=wider)
 
 
-@pytest.mark.parametrize("corrupt,message", [
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A": np.full((4, 64), np.nan, np.float32)}), "NaN"),
-    (lambda t: t.pop("model.layers.0.self_attn.q_proj.lora_B"), "both lora_A and lora_B"),
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_B": np.zeros((64, 3), np.float32)}), "rank"),
-    (lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A": np.zeros((4, 64), np.int32)}), "dtype"),
-    (lambda t: t.update({"model.layers.0.self_attn.zz_proj.lora_A": np.zeros((4, 64), np.float32),
-                         "model.layers.0.self_attn.zz_proj.lora_B": np.zeros((64, 4), np.float32)}), "rank/alpha"),
-])
+@pytest.mark.parametrize(
+    "corrupt,message",
+    [
+        (
+            lambda t: t.update(
+                {"model.layers.0.self_attn.q_proj.lora_A": np.full((4, 64), np.nan, np.float32)}
+            ),
+            "NaN",
+        ),
+        (lambda t: t.pop("model.layers.0.self_attn.q_proj.lora_B"), "both lora_A and lora_B"),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_B": np.zeros((64, 3), np.float32)}),
+            "rank",
+        ),
+        (
+            lambda t: t.update({"model.layers.0.self_attn.q_proj.lora_A": np.zeros((4, 64), np.int32)}),
+            "dtype",
+        ),
+        (
+            lambda t: t.update(
+                {
+                    "model.layers.0.self_attn.zz_proj.lora_A": np.zeros((4, 64), np.float32),
+                    "model.layers.0.self_attn.zz_proj.lora_B": np.zeros((64, 4), np.float32),
+                }
+            ),
+            "rank/alpha",
+        ),
+    ],
+)
 def test_bad_tensors_are_refused(model_dirs, tmp_path, corrupt, message):
     md = ModelDir(model_dirs["llama"])
     good = make_adapter(md.config)
@@ -90,8 +115,12 @@ def test_bad_tensors_are_refused(model_dirs, tmp_path, corrupt, message):
 def test_header_that_lies_about_sizes_is_refused_before_reading(tmp_path):
     blob = serialize({"x": np.zeros((2, 2), np.float32)})
     n = struct.unpack("<Q", blob[:8])[0]
-    header = json.loads(blob[8:8 + n])
-    header["x"] = {"dtype": "F32", "shape": [1 << 20, 1 << 20], "data_offsets": [0, 4 << 40]}  # a 4 TiB "tensor"
+    header = json.loads(blob[8 : 8 + n])
+    header["x"] = {
+        "dtype": "F32",
+        "shape": [1 << 20, 1 << 20],
+        "data_offsets": [0, 4 << 40],
+    }  # a 4 TiB "tensor"
     head = json.dumps(header).encode()
     (tmp_path / "bomb.safetensors").write_bytes(struct.pack("<Q", len(head)) + head + b"\0" * 16)
     with pytest.raises(EdgeLoraError, match="beyond the file"):
@@ -114,7 +143,9 @@ def test_target_specs(model_dirs):
     layers = config.num_hidden_layers
     assert len(select_targets(config, "all-linear")) == 7 * layers
     assert len(select_targets(config, "attention")) == 4 * layers
-    assert select_targets(config, ["q_proj", "v_proj"]) == select_targets(config, r"model\.layers\.\d+\.self_attn\.[qv]_proj")
+    assert select_targets(config, ["q_proj", "v_proj"]) == select_targets(
+        config, r"model\.layers\.\d+\.self_attn\.[qv]_proj"
+    )
     assert select_targets(config, "q_proj,v_proj") == select_targets(config, ["q_proj", "v_proj"])
     assert select_targets(config, ["model.layers.1.mlp.up_proj"]) == ["model.layers.1.mlp.up_proj"]
     with pytest.raises(EdgeLoraError, match="matches no linear module"):

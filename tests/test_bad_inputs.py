@@ -9,21 +9,21 @@ from __future__ import annotations
 
 import contextlib
 import re
-import shutil
 import resource
+import shutil
 import signal
 import time
 from pathlib import Path
 
 import pytest
+from make_bad_corpus import build_backend_corpus, build_corpus
+from security_helpers import RegistryEngine, make_adapter, make_core_bundle
+from tiny_models import make_model_dir
 
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from make_bad_corpus import build_backend_corpus, build_corpus
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
-from tiny_models import make_model_dir
 
 TIME_LIMIT_S = 5
 PEAK_GROWTH_LIMIT_MB = 64
@@ -42,8 +42,13 @@ def backend_corpus(tmp_path_factory, model_dirs, base):
 
     root = tmp_path_factory.mktemp("bad_backend")
     make_adapter(base.config, base.fingerprint).save(root / "sql.safetensors")
-    bundle = export_bundle(base.path, root / "good", [AdapterSource(root / "sql.safetensors", "sql")],
-                           ExportOptions(onnx_quants=["int8"], gguf_quants=["q8_0"]), show_progress=False)
+    bundle = export_bundle(
+        base.path,
+        root / "good",
+        [AdapterSource(root / "sql.safetensors", "sql")],
+        ExportOptions(onnx_quants=["int8"], gguf_quants=["q8_0"]),
+        show_progress=False,
+    )
     return build_backend_corpus(root / "cases", bundle)
 
 
@@ -54,8 +59,11 @@ def base(model_dirs):
 
 @pytest.fixture(scope="module")
 def good_engine(tmp_path_factory, model_dirs, base):
-    root = make_core_bundle(tmp_path_factory.mktemp("good") / "bundle", model_dirs["llama"],
-                            {"sql": make_adapter(base.config, base.fingerprint)})
+    root = make_core_bundle(
+        tmp_path_factory.mktemp("good") / "bundle",
+        model_dirs["llama"],
+        {"sql": make_adapter(base.config, base.fingerprint)},
+    )
     return RegistryEngine(root)
 
 
@@ -64,12 +72,25 @@ def core_loaders(case, base, engine):
     from converters.peft import import_peft
 
     if case.kind == "adapter":
-        return [("Adapter.load", lambda: Adapter.load(case.path, base=base.config, base_fingerprint=base.fingerprint)),
-                ("Engine.add_adapter", lambda: engine.add_adapter(case.name, case.path))]
+        return [
+            (
+                "Adapter.load",
+                lambda: Adapter.load(case.path, base=base.config, base_fingerprint=base.fingerprint),
+            ),
+            ("Engine.add_adapter", lambda: engine.add_adapter(case.name, case.path)),
+        ]
     if case.kind == "peft":
-        return [("import_peft", lambda: import_peft(case.path, base=base.config, base_fingerprint=base.fingerprint))]
+        return [
+            (
+                "import_peft",
+                lambda: import_peft(case.path, base=base.config, base_fingerprint=base.fingerprint),
+            )
+        ]
     if case.kind == "bundle":
-        return [("Bundle.open", lambda: Bundle.open(case.path)), ("Engine", lambda: RegistryEngine(case.path))]
+        return [
+            ("Bundle.open", lambda: Bundle.open(case.path)),
+            ("Engine", lambda: RegistryEngine(case.path)),
+        ]
     if case.kind == "bundle_engine":
         return [("Engine", lambda: RegistryEngine(case.path))]
     if case.kind == "bundle_adapter":
@@ -81,10 +102,14 @@ def core_loaders(case, base, engine):
 
         backend = case.kind.rsplit("_", 1)[-1]
         if case.kind.startswith("backend_adapter_"):
+
             def with_adapter():
                 engine = runtime.load(case.path, backend=backend)
                 engine.add_adapter("sql")
-                engine.generate_ids([5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=2), adapters={"sql": 1.0})
+                engine.generate_ids(
+                    [5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=2), adapters={"sql": 1.0}
+                )
+
             return [(f"{backend} with adapter", with_adapter)]
         return [(f"runtime.load({backend})", lambda: runtime.load(case.path, backend=backend))]
     raise AssertionError(f"no loader for kind {case.kind}")
@@ -98,6 +123,7 @@ class _Timeout(Exception):
 def bounded(case, allowance_mb: float = 0.0):
     """Fail the case if its body runs past TIME_LIMIT_S (an alarm interrupts a hang) or grows peak memory
     by more than PEAK_GROWTH_LIMIT_MB (plus ``allowance_mb`` where reading the input whole is the job)."""
+
     def on_alarm(signum, frame):
         raise _Timeout(f"{case.name}: still running after {TIME_LIMIT_S} s")
 
@@ -111,8 +137,12 @@ def bounded(case, allowance_mb: float = 0.0):
         signal.alarm(0)
         signal.signal(signal.SIGALRM, previous)
     growth_mb = (resource.getrusage(resource.RUSAGE_SELF).ru_maxrss - peak_before) / 1024
-    assert growth_mb < PEAK_GROWTH_LIMIT_MB + allowance_mb, f"{case.name}: peak memory grew {growth_mb:.0f} MB"
-    assert time.perf_counter() - started < TIME_LIMIT_S, f"{case.name}: took {time.perf_counter() - started:.1f} s"
+    assert growth_mb < PEAK_GROWTH_LIMIT_MB + allowance_mb, (
+        f"{case.name}: peak memory grew {growth_mb:.0f} MB"
+    )
+    assert time.perf_counter() - started < TIME_LIMIT_S, (
+        f"{case.name}: took {time.perf_counter() - started:.1f} s"
+    )
 
 
 def refuse(call, case) -> EdgeLoraError:
@@ -129,8 +159,9 @@ def check_message(err: EdgeLoraError, case) -> None:
     text = str(err)
     assert "\n" not in text, f"{case.name}: multi-line error {text!r}"
     assert re.search(case.expect, text), f"{case.name}: {text!r} does not match {case.expect!r}"
-    assert err.path is not None and case.path.parent.name in err.path or case.name in err.path, \
+    assert err.path is not None and case.path.parent.name in err.path or case.name in err.path, (
         f"{case.name}: error does not name a file of the case: {text!r}"
+    )
     assert err.hint or case.name in _SELF_EXPLAINING, f"{case.name}: no hint saying what to do: {text!r}"
 
 
@@ -175,29 +206,56 @@ def refuse_all(cases, base, engine) -> None:
 
 # --- the command line -------------------------------------------------------------------
 
+
 def cli_commands(case, good_bundle: Path, scratch: Path) -> list[list[str]]:
     """The `edge-lora` invocations that read ``case``."""
     p = str(case.path)
     base_dir = scratch / "base"  # the test copies the base model here, for merge
     data = scratch / "data.jsonl"
     if case.kind in ("adapter", "peft"):
-        return [["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"],
-                ["merge", str(base_dir), p, "--out", str(scratch / "merged" / case.name)]]
+        return [
+            ["export", "--quiet", "--add-adapter", str(good_bundle), f"{p}:bad"],
+            ["merge", str(base_dir), p, "--out", str(scratch / "merged" / case.name)],
+        ]
     if case.kind in ("bundle", "bundle_engine", "bundle_adapter"):
         return [["verify", p], ["run", p, "--prompt", "hi", "--max-new-tokens", "2"]]
     if case.kind == "model_dir":
-        return [["export", "--quiet", p, "--out", str(scratch / case.name), "--backends", "gguf", "--gguf-quant", "f32"],
-                ["train", "--model", p, "--data", str(data), "--out", str(scratch / f"{case.name}.safetensors"), "--steps", "1",
-                 "--no-progress"]]
+        return [
+            [
+                "export",
+                "--quiet",
+                p,
+                "--out",
+                str(scratch / case.name),
+                "--backends",
+                "gguf",
+                "--gguf-quant",
+                "f32",
+            ],
+            [
+                "train",
+                "--model",
+                p,
+                "--data",
+                str(data),
+                "--out",
+                str(scratch / f"{case.name}.safetensors"),
+                "--steps",
+                "1",
+                "--no-progress",
+            ],
+        ]
     backend = case.kind.rsplit("_", 1)[-1]
     adapter = ["--adapter", "sql"] if case.kind.startswith("backend_adapter_") else []
     return [["run", p, "--backend", backend, *adapter, "--prompt", "hi", "--max-new-tokens", "2"]]
 
 
 def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, model_dirs, base, capsys):
-    from edge_lora.cli import main
+    from edge_lora.app.cli import main
 
-    good_bundle = make_core_bundle(tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)})
+    good_bundle = make_core_bundle(
+        tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)}
+    )
     shutil.copytree(model_dirs["llama"], tmp_path / "base")
     (tmp_path / "data.jsonl").write_text('{"text": "select name from users"}\n')
     failures, tried = [], 0
@@ -213,10 +271,21 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
                 continue
             err = capsys.readouterr().err
             lines = [line for line in err.splitlines() if line.strip()]
-            problem = (f"exit code {code}" if code == 0 else "a traceback" if "Traceback" in err
-                       else f"{len(lines)} lines" if len(lines) != 1 else "no file named" if case.name not in err else None)
+            problem = (
+                f"exit code {code}"
+                if code == 0
+                else "a traceback"
+                if "Traceback" in err
+                else f"{len(lines)} lines"
+                if len(lines) != 1
+                else "no file named"
+                if case.name not in err
+                else None
+            )
             if problem:
-                failures.append(f"edge-lora {' '.join(argv[:1])} {case.name}: {problem}: {err.strip()[:300]!r}")
+                failures.append(
+                    f"edge-lora {' '.join(argv[:1])} {case.name}: {problem}: {err.strip()[:300]!r}"
+                )
     print(f"\n{tried} CLI runs, {tried - len(failures)} one-line non-zero exits")
     assert sorted(Bundle.open(good_bundle).adapters) == ["sql"], "the CLI added a bad adapter"
     assert not failures, f"{len(failures)} of {tried} CLI runs wrong:\n" + "\n".join(failures)
@@ -227,14 +296,22 @@ def test_cli_inspect_describes_or_refuses_every_case(corpus, backend_corpus, cap
 
     Without a base nothing bounds an adapter's size but its file: describing one may read it whole (the sparse
     giants really are 256 MiB), so the memory bound here allows three times the input's size."""
-    from edge_lora.cli import main
+    from edge_lora.app.cli import main
 
     targets = [(c, c.path) for c in corpus + backend_corpus]
-    targets += [(c, f) for c in backend_corpus for f in sorted(c.path.rglob("*")) if f.suffix in (".gguf", ".onnx", ".onnx_adapter")]
+    targets += [
+        (c, f)
+        for c in backend_corpus
+        for f in sorted(c.path.rglob("*"))
+        if f.suffix in (".gguf", ".onnx", ".onnx_adapter")
+    ]
     failures = []
     for case, path in targets:
         capsys.readouterr()
-        size_mb = sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file()) / 2 ** 20
+        size_mb = (
+            sum(f.stat().st_size for f in ([path] if path.is_file() else path.rglob("*")) if f.is_file())
+            / 2**20
+        )
         with bounded(case, allowance_mb=3 * size_mb):
             code = main(["inspect", str(path)])
         err = capsys.readouterr().err
@@ -251,12 +328,23 @@ def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dir
     import sys
 
     case = next(c for c in corpus if c.name == name)
-    good_bundle = make_core_bundle(tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)})
+    good_bundle = make_core_bundle(
+        tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)}
+    )
     argv = cli_commands(case, good_bundle, tmp_path)[0]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    run = lambda extra: subprocess.run([sys.executable, "-m", "edge_lora", *extra, *argv], capture_output=True,  # noqa: E731
-                                       text=True, timeout=60, env=env)
+    run = lambda extra: subprocess.run(
+        [sys.executable, "-m", "edge_lora", *extra, *argv],
+        capture_output=True,  # noqa: E731
+        text=True,
+        timeout=60,
+        env=env,
+    )
     quiet, verbose = run([]), run(["--verbose"])
     assert quiet.returncode == 2 and verbose.returncode == 2
-    assert len(quiet.stderr.strip().splitlines()) == 1 and "Traceback" not in quiet.stderr and name in quiet.stderr
+    assert (
+        len(quiet.stderr.strip().splitlines()) == 1
+        and "Traceback" not in quiet.stderr
+        and name in quiet.stderr
+    )
     assert "Traceback" in verbose.stderr

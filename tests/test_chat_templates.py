@@ -10,9 +10,9 @@ import json
 import shutil
 from pathlib import Path
 
+import llama_refs
 import pytest
 
-import llama_refs
 from edge_lora.chat_template import ChatTemplate
 
 # The published templates (tokenizer_config.json "chat_template") of three models our families cover.
@@ -21,29 +21,42 @@ PUBLISHED = {
         "{% for message in messages %}{% if loop.first and messages[0]['role'] != 'system' %}{{ '<|im_start|>system\nYou are a "
         "helpful AI assistant named SmolLM, trained by Hugging Face<|im_end|>\n' }}{% endif %}{{'<|im_start|>' + message['role'] "
         "+ '\n' + message['content'] + '<|im_end|>' + '\n'}}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}"
-        "{% endif %}"),
+        "{% endif %}"
+    ),
     "TinyLlama-1.1B-Chat-v1.0": (
         "{% for message in messages %}\n{% if message['role'] == 'user' %}\n{{ '<|user|>\n' + message['content'] + eos_token }}\n"
         "{% elif message['role'] == 'system' %}\n{{ '<|system|>\n' + message['content'] + eos_token }}\n"
         "{% elif message['role'] == 'assistant' %}\n{{ '<|assistant|>\n'  + message['content'] + eos_token }}\n{% endif %}\n"
-        "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"),
+        "{% if loop.last and add_generation_prompt %}\n{{ '<|assistant|>' }}\n{% endif %}\n{% endfor %}"
+    ),
     "mistralai-Mistral-7B-Instruct-v0.1": (
         "{{ bos_token }}{% for message in messages %}{% if (message['role'] == 'user') != (loop.index0 % 2 == 0) %}"
         "{{ raise_exception('Conversation roles must alternate user/assistant/user/assistant/...') }}{% endif %}"
         "{% if message['role'] == 'user' %}{{ '[INST] ' + message['content'] + ' [/INST]' }}{% elif message['role'] == 'assistant' %}"
         "{{ message['content'] + eos_token}}{% else %}{{ raise_exception('Only user and assistant roles are supported!') }}{% endif %}"
-        "{% endfor %}"),
+        "{% endfor %}"
+    ),
 }
 # the families edge-lora supports, by the template their instruct models ship
-FAMILY_TEMPLATES = ["meta-llama-Llama-3.1-8B-Instruct", "meta-llama-Llama-3.2-3B-Instruct", "meta-llama-Llama-3.3-70B-Instruct",
-                    "Qwen-Qwen2.5-7B-Instruct", "mistralai-Mistral-Nemo-Instruct-2407", "Mistral-Small-3.2-24B-Instruct-2506",
-                    *PUBLISHED]
+FAMILY_TEMPLATES = [
+    "meta-llama-Llama-3.1-8B-Instruct",
+    "meta-llama-Llama-3.2-3B-Instruct",
+    "meta-llama-Llama-3.3-70B-Instruct",
+    "Qwen-Qwen2.5-7B-Instruct",
+    "mistralai-Mistral-Nemo-Instruct-2407",
+    "Mistral-Small-3.2-24B-Instruct-2506",
+    *PUBLISHED,
+]
 # the tiny test vocabulary's own special tokens stand in for each model's bos/eos (a token the
 # tokenizer.json lacks would be added by transformers at load time, and by nobody on a device)
 SPECIAL = {"bos_token": "<|endoftext|>", "eos_token": "<|im_end|>"}
 SYSTEM = [{"role": "system", "content": "You are terse."}]
-TURNS = [{"role": "user", "content": "Hi there"}, {"role": "assistant", "content": "Hello! How can I help?"},
-         {"role": "user", "content": "What is 2+2?"}, {"role": "assistant", "content": "4"}]
+TURNS = [
+    {"role": "user", "content": "Hi there"},
+    {"role": "assistant", "content": "Hello! How can I help?"},
+    {"role": "user", "content": "What is 2+2?"},
+    {"role": "assistant", "content": "4"},
+]
 
 
 def template_source(name: str) -> str:
@@ -64,7 +77,9 @@ def hf_tokenizer(model_dirs):
 def render_both(hf_tokenizer, source: str, messages: list[dict], generation: bool):
     """(transformers' text or its exception, ours or our exception)."""
     try:
-        theirs = hf_tokenizer.apply_chat_template(messages, chat_template=source, tokenize=False, add_generation_prompt=generation)
+        theirs = hf_tokenizer.apply_chat_template(
+            messages, chat_template=source, tokenize=False, add_generation_prompt=generation
+        )
     except Exception as err:  # noqa: BLE001  whatever the template raises
         theirs = err
     try:
@@ -80,7 +95,12 @@ def test_every_real_template_renders_as_transformers_does(hf_tokenizer):
     compared = 0
     for name in names:
         source = template_source(name)
-        for messages, generation in ((SYSTEM + TURNS, False), (TURNS, False), (SYSTEM + TURNS[:3], True), (TURNS[:1], True)):
+        for messages, generation in (
+            (SYSTEM + TURNS, False),
+            (TURNS, False),
+            (SYSTEM + TURNS[:3], True),
+            (TURNS[:1], True),
+        ):
             theirs, ours = render_both(hf_tokenizer, source, messages, generation)
             if isinstance(theirs, Exception):
                 assert isinstance(ours, Exception), f"{name}: transformers refuses ({theirs}) but we rendered"
@@ -119,7 +139,9 @@ def test_training_conversations_tokenize_as_transformers_does(chat_model, name):
     model_dir = chat_model(name)
     messages = TURNS if "v0.1" in name else SYSTEM + TURNS
     example = Formatter(model_dir).encode({"messages": messages})
-    theirs = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(messages, tokenize=True, return_dict=False)
+    theirs = AutoTokenizer.from_pretrained(model_dir).apply_chat_template(
+        messages, tokenize=True, return_dict=False
+    )
     assert example.ids.tolist() == list(theirs)
     tokenizer = Formatter(model_dir).tokenizer
     target_text = tokenizer.decode(example.ids[example.mask].tolist())
@@ -132,15 +154,22 @@ def llama_format(source: str, messages: list[dict], generation: bool) -> str | N
     import llama_cpp
 
     chat = (llama_cpp.llama_chat_message * len(messages))(
-        *[llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode()) for m in messages])
+        *[
+            llama_cpp.llama_chat_message(role=m["role"].encode(), content=m["content"].encode())
+            for m in messages
+        ]
+    )
     buf = ctypes.create_string_buffer(1 << 16)
     n = llama_cpp.llama_chat_apply_template(source.encode(), chat, len(messages), generation, buf, len(buf))
     return None if n < 0 else buf.raw[:n].decode("utf-8")
 
 
 # llama.cpp's formatter is not the template: it agrees only where the template is a plain format.
-LLAMA_AGREES = {"Qwen-Qwen2.5-7B-Instruct": SYSTEM + TURNS[:3], "HuggingFaceTB-SmolLM2-Instruct": SYSTEM + TURNS[:3],
-                "mistralai-Mistral-7B-Instruct-v0.1": TURNS[:3]}
+LLAMA_AGREES = {
+    "Qwen-Qwen2.5-7B-Instruct": SYSTEM + TURNS[:3],
+    "HuggingFaceTB-SmolLM2-Instruct": SYSTEM + TURNS[:3],
+    "mistralai-Mistral-7B-Instruct-v0.1": TURNS[:3],
+}
 MISTRAL_SPECIAL = {"bos_token": "<s>", "eos_token": "</s>"}  # llama.cpp's formatter writes these as text
 LLAMA_DIFFERS = {  # what the real template writes that llama.cpp's formatter leaves out
     "meta-llama-Llama-3.1-8B-Instruct": "the 'Cutting Knowledge Date' system header",
@@ -160,8 +189,13 @@ def test_gguf_carries_the_template_and_llamacpp_formats_plain_templates_alike(ch
 
     llamacpp_lib.silence_log(False)
     for name, messages in LLAMA_AGREES.items():
-        bundle = export_bundle(chat_model(name), tmp_path / name, [], ExportOptions(backends=["gguf"], gguf_quants=["f32"]),
-                               show_progress=False)
+        bundle = export_bundle(
+            chat_model(name),
+            tmp_path / name,
+            [],
+            ExportOptions(backends=["gguf"], gguf_quants=["f32"]),
+            show_progress=False,
+        )
         model = llamacpp_lib.Model(next((bundle / "gguf").glob("*.gguf")))
         try:
             carried = llama_cpp.llama_model_chat_template(model.ptr, None).decode("utf-8")
@@ -174,8 +208,14 @@ def test_gguf_carries_the_template_and_llamacpp_formats_plain_templates_alike(ch
     for name, what in LLAMA_DIFFERS.items():
         messages = TURNS[:3] if name in LLAMA_AGREES else SYSTEM + TURNS[:3]
         source = template_source(name)
-        ours = ChatTemplate(source, dict(MISTRAL_SPECIAL)).render(messages, True).removeprefix(MISTRAL_SPECIAL["bos_token"])
-        assert llama_format(source, messages, True) not in (None, ours), f"{name}: llama.cpp now writes {what}; update docs/mobile.md"
+        ours = (
+            ChatTemplate(source, dict(MISTRAL_SPECIAL))
+            .render(messages, True)
+            .removeprefix(MISTRAL_SPECIAL["bos_token"])
+        )
+        assert llama_format(source, messages, True) not in (None, ours), (
+            f"{name}: llama.cpp now writes {what}; update docs/mobile.md"
+        )
 
 
 def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(chat_model, tmp_path):
@@ -186,15 +226,25 @@ def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(chat_model, 
     from edge_lora.conversation import Conversation
 
     model_dir = chat_model("Qwen-Qwen2.5-7B-Instruct")
-    bundle = export_bundle(model_dir, tmp_path / "bundle", [], ExportOptions(backends=["onnx"], onnx_quants=["fp32"]), show_progress=False)
+    bundle = export_bundle(
+        model_dir,
+        tmp_path / "bundle",
+        [],
+        ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
+        show_progress=False,
+    )
     engine = runtime.load(bundle, backend="onnx")
     chat = Conversation(engine)
     assert chat.mode == "chat template"
     assert chat.stop_ids == [engine.tokenizer.token_to_id("<|im_end|>")]
     hf = AutoTokenizer.from_pretrained(model_dir)
-    assert chat.prompt("Hi there") == hf.apply_chat_template(TURNS[:1], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.prompt("Hi there") == hf.apply_chat_template(
+        TURNS[:1], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     chat.record("Hi there", "Hello! How can I help?")
-    assert chat.prompt("What is 2+2?") == hf.apply_chat_template(TURNS[:3], add_generation_prompt=True, tokenize=True, return_dict=False)
+    assert chat.prompt("What is 2+2?") == hf.apply_chat_template(
+        TURNS[:3], add_generation_prompt=True, tokenize=True, return_dict=False
+    )
     reply = engine.generate(chat.prompt("What is 2+2?"), max_new_tokens=8, stop_token_ids=chat.stop_ids)
     assert isinstance(reply, str)
 
@@ -204,8 +254,13 @@ def test_chat_without_a_template_stays_plain_text(model_dirs, tmp_path):
     from converters.export import ExportOptions, export_bundle
     from edge_lora.conversation import Conversation
 
-    bundle = export_bundle(model_dirs["llama"], tmp_path / "bundle", [], ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
-                           show_progress=False)
+    bundle = export_bundle(
+        model_dirs["llama"],
+        tmp_path / "bundle",
+        [],
+        ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
+        show_progress=False,
+    )
     chat = Conversation(runtime.load(bundle, backend="onnx"))
     assert chat.mode.startswith("plain text") and chat.stop_text == ["\n"] and chat.stop_ids == []
     assert chat.prompt("Hi") == chat.engine.tokenizer.encode("Hi")
@@ -221,8 +276,15 @@ def test_bundle_keeps_a_chat_template_file(chat_model, tmp_path):
     config = json.loads((model_dir / "tokenizer_config.json").read_text())
     (model_dir / "chat_template.jinja").write_text(config.pop("chat_template"))
     (model_dir / "tokenizer_config.json").write_text(json.dumps(config))
-    bundle = Bundle.open(export_bundle(model_dir, tmp_path / "bundle", [], ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
-                                       show_progress=False))
+    bundle = Bundle.open(
+        export_bundle(
+            model_dir,
+            tmp_path / "bundle",
+            [],
+            ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
+            show_progress=False,
+        )
+    )
     assert bundle.tokenizer["chat_template"] == "chat_template.jinja"
     assert ChatTemplate.find(config, bundle.root).source == (model_dir / "chat_template.jinja").read_text()
     bundle.verify_file("chat_template.jinja")  # hashed with the other files

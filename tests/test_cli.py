@@ -9,9 +9,9 @@ import sys
 
 import numpy as np
 import pytest
-
-from edge_lora.cli import main
 from test_export_bundle import make_adapter
+
+from edge_lora.app.cli import main
 
 
 @pytest.fixture(scope="module")
@@ -21,8 +21,26 @@ def files(model_dirs, tmp_path_factory):
     a = make_adapter(model, root / "a.safetensors", seed=21)
     b = make_adapter(model, root / "b.safetensors", seed=22)
     bundle = root / "bundle"
-    assert main(["export", str(model), "--out", str(bundle), "--adapter", f"{a}:sql", "--backends", "onnx,gguf",
-                 "--onnx-quant", "fp32", "--gguf-quant", "f32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(model),
+                "--out",
+                str(bundle),
+                "--adapter",
+                f"{a}:sql",
+                "--backends",
+                "onnx,gguf",
+                "--onnx-quant",
+                "fp32",
+                "--gguf-quant",
+                "f32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     return {"model": model, "a": a, "b": b, "bundle": bundle, "root": root}
 
 
@@ -36,7 +54,17 @@ def run_json(capsys, argv) -> dict:
 def test_run_matches_the_api(files, capsys, backend):
     import runtime
 
-    argv = ["run", str(files["bundle"]), "--backend", backend, "--prompt", "The quick", "--max-new-tokens", "8", "--json"]
+    argv = [
+        "run",
+        str(files["bundle"]),
+        "--backend",
+        backend,
+        "--prompt",
+        "The quick",
+        "--max-new-tokens",
+        "8",
+        "--json",
+    ]
     base = run_json(capsys, argv)
     adapted = run_json(capsys, argv + ["--adapter", "sql:0.7"])
     engine = runtime.load(files["bundle"], backend=backend)
@@ -51,13 +79,40 @@ def test_run_reads_stdin_and_streams(files, capsys, monkeypatch):
     monkeypatch.setattr(sys, "stdin", io.StringIO("The quick"))
     assert main(["run", str(files["bundle"]), "--backend", "onnx", "--max-new-tokens", "6"]) == 0
     streamed = capsys.readouterr().out
-    out = run_json(capsys, ["run", str(files["bundle"]), "--backend", "onnx", "--prompt", "The quick", "--max-new-tokens", "6", "--json"])
+    out = run_json(
+        capsys,
+        [
+            "run",
+            str(files["bundle"]),
+            "--backend",
+            "onnx",
+            "--prompt",
+            "The quick",
+            "--max-new-tokens",
+            "6",
+            "--json",
+        ],
+    )
     assert streamed == out["text"] + "\n"
 
 
 def test_adapter_file_outside_the_bundle(files, capsys):
-    out = run_json(capsys, ["run", str(files["bundle"]), "--backend", "onnx", "--prompt", "The quick", "--max-new-tokens", "6",
-                            "--json", "--adapter", str(files["b"])])
+    out = run_json(
+        capsys,
+        [
+            "run",
+            str(files["bundle"]),
+            "--backend",
+            "onnx",
+            "--prompt",
+            "The quick",
+            "--max-new-tokens",
+            "6",
+            "--json",
+            "--adapter",
+            str(files["b"]),
+        ],
+    )
     assert out["adapters"] == {"b": 1.0}
 
 
@@ -66,9 +121,14 @@ def test_chat_switches_adapters_mid_conversation(files, capsys, monkeypatch):
 
     script = "The quick\n/adapter sql\nThe quick\n/base\n/reset\nThe quick\n/quit\n"
     monkeypatch.setattr(sys, "stdin", io.StringIO(script))
-    assert main(["chat", str(files["bundle"]), "--backend", "llamacpp", "--max-new-tokens", "5", "--no-history"]) == 0
+    assert (
+        main(["chat", str(files["bundle"]), "--backend", "llamacpp", "--max-new-tokens", "5", "--no-history"])
+        == 0
+    )
     lines = capsys.readouterr().out.splitlines()
-    replies = [ln for ln in lines if not ln.startswith(("edge-lora chat", "commands:", "adapters:", "history"))]
+    replies = [
+        ln for ln in lines if not ln.startswith(("edge-lora chat", "commands:", "adapters:", "history"))
+    ]
     engine = runtime.load(files["bundle"], backend="llamacpp")
     engine.add_adapter("sql")
     expected_base = engine.generate("The quick", max_new_tokens=5, stop=["\n"], adapters={})
@@ -105,7 +165,22 @@ def test_merge_writes_a_model_with_the_adapter_folded_in(files, tmp_path, capsys
     out = tmp_path / "merged"
     assert main(["merge", str(files["model"]), f"{files['a']}:0.5", "--out", str(out)]) == 0
     merged_bundle = tmp_path / "mb"
-    assert main(["export", str(out), "--out", str(merged_bundle), "--backends", "onnx", "--onnx-quant", "fp32", "--quiet"]) == 0
+    assert (
+        main(
+            [
+                "export",
+                str(out),
+                "--out",
+                str(merged_bundle),
+                "--backends",
+                "onnx",
+                "--onnx-quant",
+                "fp32",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
     ids = [5, 6, 7, 8]
     engine = runtime.load(files["bundle"], backend="onnx")
     engine.add_adapter("sql")
@@ -114,11 +189,14 @@ def test_merge_writes_a_model_with_the_adapter_folded_in(files, tmp_path, capsys
     assert np.abs(expected - got).max() < 1e-4
 
 
-@pytest.mark.parametrize("argv, needle", [
-    (["run", "/nonexistent/bundle", "--prompt", "x"], "not a bundle directory"),
-    (["export", "/nonexistent/model", "--out", "/tmp/x-edge-lora-never"], "not a model directory"),
-    (["inspect", "/nonexistent"], "not found"),
-])
+@pytest.mark.parametrize(
+    "argv, needle",
+    [
+        (["run", "/nonexistent/bundle", "--prompt", "x"], "not a bundle directory"),
+        (["export", "/nonexistent/model", "--out", "/tmp/x-edge-lora-never"], "not a model directory"),
+        (["inspect", "/nonexistent"], "not found"),
+    ],
+)
 def test_errors_are_one_line_with_exit_2(argv, needle, capsys):
     assert main(argv) == 2
     err = capsys.readouterr().err
@@ -135,36 +213,95 @@ def test_unknown_adapter_and_verbose_traceback(files, capsys):
 
 
 def test_console_entry_point_runs_as_a_module():
-    proc = subprocess.run([sys.executable, "-m", "edge_lora", "--help"], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_lora", "--help"], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 0
     for verb in ("train", "export", "run", "chat", "inspect", "merge", "bench", "quickstart"):
         assert verb in proc.stdout
 
 
 def test_runtime_verbs_do_not_import_torch(files):
-    code = ("import sys; from edge_lora.cli import main; "
-            f"rc = main(['run', {str(files['bundle'])!r}, '--backend', 'onnx', '--prompt', 'x', '--max-new-tokens', '2']); "
-            "assert rc == 0 and 'torch' not in sys.modules and 'converters' not in sys.modules, sorted(sys.modules)")
+    code = (
+        "import sys; from edge_lora.app.cli import main; "
+        f"rc = main(['run', {str(files['bundle'])!r}, '--backend', 'onnx', '--prompt', 'x', '--max-new-tokens', '2']); "
+        "assert rc == 0 and 'torch' not in sys.modules and 'converters' not in sys.modules, sorted(sys.modules)"
+    )
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
 
 
 def test_train_verb_then_export_the_result(model_dirs, tmp_path, capsys):
     data = tmp_path / "data.jsonl"
-    data.write_text("\n".join(json.dumps({"prompt": f"SELECT {i}", "completion": f" FROM t{i};"}) for i in range(16)) + "\n")
+    data.write_text(
+        "\n".join(json.dumps({"prompt": f"SELECT {i}", "completion": f" FROM t{i};"}) for i in range(16))
+        + "\n"
+    )
     adapter = tmp_path / "sql.safetensors"
-    assert main(["train", "--model", str(model_dirs["llama"]), "--data", str(data), "--out", str(adapter), "--steps", "3",
-                 "--batch-size", "2", "--seq-len", "32", "--eval-split", "0", "--no-progress"]) == 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                str(model_dirs["llama"]),
+                "--data",
+                str(data),
+                "--out",
+                str(adapter),
+                "--steps",
+                "3",
+                "--batch-size",
+                "2",
+                "--seq-len",
+                "32",
+                "--eval-split",
+                "0",
+                "--no-progress",
+            ]
+        )
+        == 0
+    )
     info = run_json(capsys, ["inspect", str(adapter), "--base", str(model_dirs["llama"]), "--json"])
     assert info["fits"] is True
-    assert main(["export", str(model_dirs["llama"]), "--out", str(tmp_path / "b"), "--adapter", str(adapter),
-                 "--backends", "gguf", "--gguf-quant", "q8_0", "--quiet"]) == 0
-    assert run_json(capsys, ["inspect", str(tmp_path / "b"), "--json"])["adapters"]["sql"]["backends"] == ["gguf"]
+    assert (
+        main(
+            [
+                "export",
+                str(model_dirs["llama"]),
+                "--out",
+                str(tmp_path / "b"),
+                "--adapter",
+                str(adapter),
+                "--backends",
+                "gguf",
+                "--gguf-quant",
+                "q8_0",
+                "--quiet",
+            ]
+        )
+        == 0
+    )
+    assert run_json(capsys, ["inspect", str(tmp_path / "b"), "--json"])["adapters"]["sql"]["backends"] == [
+        "gguf"
+    ]
 
 
 def test_train_forwards_its_own_flags_and_help(capsys):
     assert main(["train", "--help"]) == 0
     assert "--model" in capsys.readouterr().out
-    assert main(["train", "--model", "/nonexistent", "--data", "/nonexistent.jsonl", "--out", "/tmp/x.safetensors"]) != 0
+    assert (
+        main(
+            [
+                "train",
+                "--model",
+                "/nonexistent",
+                "--data",
+                "/nonexistent.jsonl",
+                "--out",
+                "/tmp/x.safetensors",
+            ]
+        )
+        != 0
+    )
     err = capsys.readouterr().err
     assert "error: /nonexistent: not a model directory" in err and err.count("\n") == 1

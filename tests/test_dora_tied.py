@@ -17,8 +17,8 @@ from tiny_models import load_hf, quick_train_config
 
 import runtime
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
+from edge_lora.app.describe import describe
 from edge_lora.errors import EdgeLoraError
-from edge_lora.inspect import describe
 from edge_lora.model_dir import ModelDir
 
 BACKENDS = (("onnx", {}), ("llamacpp", {"precise": True}))
@@ -48,7 +48,9 @@ def made(model_dirs, tmp_path_factory):
         "dora": _peft_dir(md.path, root / "dora", 1, target_modules="all-linear", use_dora=True),
         "head": _peft_dir(md.path, root / "head", 2, target_modules=["q_proj", "lm_head"]),
         "plain": _peft_dir(md.path, root / "plain", 3, target_modules=["q_proj", "v_proj", "down_proj"]),
-        "dora_head": _peft_dir(md.path, root / "dora_head", 4, target_modules=["v_proj", "lm_head"], use_dora=True),
+        "dora_head": _peft_dir(
+            md.path, root / "dora_head", 4, target_modules=["v_proj", "lm_head"], use_dora=True
+        ),
     }
     options = ExportOptions(onnx_quants=["fp32", "int4"], gguf_quants=["f32", "q4_0"])
     bundle = export_bundle(
@@ -110,7 +112,9 @@ def test_fp32_logits_match_peft(made, backend, options):
         assert np.abs(got - want).max() < TOL and np.abs(want - base).max() > 0.1
     if backend == "llamacpp":
         variants = engine.info()["merged_variants"]
-        assert set(variants) == {"dora", "head", "dora_head"} and all(v["add_seconds"] > 0 for v in variants.values())
+        assert set(variants) == {"dora", "head", "dora_head"} and all(
+            v["add_seconds"] > 0 for v in variants.values()
+        )
 
 
 def test_onnx_dora_stacks_and_scales_as_peft(made):
@@ -278,7 +282,11 @@ def test_our_trainers_dora_runs_on_both_backends(model_dirs, tmp_path):
         )
     )
     out = tmp_path / "dora.safetensors"
-    train(quick_train_config(tmp_path, md.path, data, out=str(out), lr=5e-2, dora=True, rslora=True, eval_split=0))
+    train(
+        quick_train_config(
+            tmp_path, md.path, data, out=str(out), lr=5e-2, dora=True, rslora=True, eval_split=0
+        )
+    )
     adapter = Adapter.load(out)
     assert adapter.dora
     bundle = export_bundle(

@@ -10,10 +10,10 @@ import sys
 from pathlib import Path
 
 import pytest
+from test_export_bundle import make_adapter, make_bundle
 
 import runtime
 from runtime.sampling import SamplingParams
-from test_export_bundle import make_adapter, make_bundle
 
 ROOT = Path(__file__).resolve().parents[1]
 PROMPT = "The quick brown"
@@ -22,7 +22,10 @@ PROMPT = "The quick brown"
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
-    adapters = {n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s) for n, s in (("sql", 31), ("tone", 32))}
+    adapters = {
+        n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s)
+        for n, s in (("sql", 31), ("tone", 32))
+    }
     return make_bundle(model_dirs["llama"], root / "bundle", adapters)
 
 
@@ -34,8 +37,14 @@ def test_iot_service_switches_adapters_per_request_without_torch(bundle, backend
     requests = [{"prompt": PROMPT, "adapter": a, "max_new_tokens": 8} for a in ("sql", None, "tone", "sql")]
     requests.append({"prompt": PROMPT, "adapter": "missing"})
     env = {**os.environ, "PYTHONPATH": str(tmp_path / "no_torch")}
-    proc = subprocess.run([sys.executable, str(ROOT / "examples" / "iot_device.py"), str(bundle), "--backend", backend],
-                          input="\n".join(json.dumps(r) for r in requests), capture_output=True, text=True, env=env, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, str(ROOT / "examples" / "iot_device.py"), str(bundle), "--backend", backend],
+        input="\n".join(json.dumps(r) for r in requests),
+        capture_output=True,
+        text=True,
+        env=env,
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     replies = [json.loads(line) for line in proc.stdout.splitlines()]
     engine = runtime.load(bundle, backend=backend)
@@ -43,7 +52,9 @@ def test_iot_service_switches_adapters_per_request_without_torch(bundle, backend
         engine.add_adapter(name)
     for request, reply in zip(requests[:4], replies):
         adapter = request["adapter"]
-        expected = engine.generate(PROMPT, max_new_tokens=8, adapters={adapter: 1.0} if adapter else {}, stop=["\n"])
+        expected = engine.generate(
+            PROMPT, max_new_tokens=8, adapters={adapter: 1.0} if adapter else {}, stop=["\n"]
+        )
         assert reply["text"] == expected and reply["adapter"] == adapter
     assert len({r["text"] for r in replies[:3]}) == 3  # base, sql and tone really differ
     assert "no adapter 'missing'" in replies[4]["error"]
@@ -54,8 +65,13 @@ def native_binary(tmp_path_factory):
     if not shutil.which(os.environ.get("CC", "cc")):
         pytest.skip("no C compiler")
     out = tmp_path_factory.mktemp("native") / "lora_swap"
-    proc = subprocess.run(["sh", str(ROOT / "examples" / "native" / "build.sh"), str(out)], capture_output=True, text=True,
-                          env={**os.environ, "PYTHON": sys.executable}, timeout=120)
+    proc = subprocess.run(
+        ["sh", str(ROOT / "examples" / "native" / "build.sh"), str(out)],
+        capture_output=True,
+        text=True,
+        env={**os.environ, "PYTHON": sys.executable},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr
     return out
@@ -66,15 +82,28 @@ def test_native_program_swaps_and_stacks_like_the_python_runtime(bundle, native_
     b = runtime.load(bundle, backend="llamacpp", precise=True)
     gguf = b.bundle.resolve(b.bundle.backend_entry("gguf")["model"])
     paths = [b.bundle.resolve(b.bundle.adapters[a]["gguf"]) for a in ("sql", "tone")]
-    proc = subprocess.run([str(native_binary), str(gguf), PROMPT, *map(str, paths)], capture_output=True, text=True, errors="replace",
-                          env={**os.environ, "N_PREDICT": str(n)}, timeout=120)
+    proc = subprocess.run(
+        [str(native_binary), str(gguf), PROMPT, *map(str, paths)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env={**os.environ, "N_PREDICT": str(n)},
+        timeout=120,
+    )
     assert proc.returncode == 0, proc.stderr
-    lines = dict(line.split(":", 1) for line in proc.stdout.split("\n") if line)  # not splitlines: \x0b is text here
+    lines = dict(
+        line.split(":", 1) for line in proc.stdout.split("\n") if line
+    )  # not splitlines: \x0b is text here
     assert list(lines) == ["base", "adapter1", "adapter2", "stacked"]
     for name in ("sql", "tone"):
         b.add_adapter(name)
     ids = b.tokenizer.encode(PROMPT)
-    sets = {"base": {}, "adapter1": {"sql": 1.0}, "adapter2": {"tone": 1.0}, "stacked": {"sql": 1.0, "tone": 1.0}}
+    sets = {
+        "base": {},
+        "adapter1": {"sql": 1.0},
+        "adapter2": {"tone": 1.0},
+        "stacked": {"sql": 1.0, "tone": 1.0},
+    }
     for label, adapters in sets.items():
         expected = []
         for token in b.generate_ids(ids, SamplingParams(max_new_tokens=n), adapters=adapters):
@@ -90,6 +119,8 @@ def test_native_program_reports_a_bad_adapter(bundle, native_binary, tmp_path):
     bad = tmp_path / "bad.gguf"
     bad.write_bytes(b"GGUF" + b"\0" * 64)
     gguf = Path(bundle) / "gguf" / "model-f32.gguf"
-    proc = subprocess.run([str(native_binary), str(gguf), PROMPT, str(bad)], capture_output=True, text=True, timeout=60)
+    proc = subprocess.run(
+        [str(native_binary), str(gguf), PROMPT, str(bad)], capture_output=True, text=True, timeout=60
+    )
     assert proc.returncode == 1
     assert "cannot load the LoRA adapter" in proc.stderr

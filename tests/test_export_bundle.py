@@ -16,23 +16,38 @@ from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 
 
-def make_adapter(model_dir: Path, path: Path, seed: int, rank: int = 4, scale: float = 0.3, dora: bool = False) -> Path:
+def make_adapter(
+    model_dir: Path, path: Path, seed: int, rank: int = 4, scale: float = 0.3, dora: bool = False
+) -> Path:
     """A random all-linear adapter for ``model_dir`` whose effect on the logits is clearly visible."""
     md = ModelDir(model_dir)
     rng = np.random.default_rng(seed)
     modules = {}
     for name, (out_f, in_f) in linear_modules(md.config).items():
-        modules[name] = LoraWeights(a=(rng.standard_normal((rank, in_f)) * scale).astype(np.float32),
-                                    b=(rng.standard_normal((out_f, rank)) * scale).astype(np.float32), alpha=float(rank),
-                                    magnitude=np.ones(out_f, np.float32) if dora else None)
-    Adapter(modules=modules, base_architecture=md.config.architecture, base_fingerprint=md.fingerprint).save(path)
+        modules[name] = LoraWeights(
+            a=(rng.standard_normal((rank, in_f)) * scale).astype(np.float32),
+            b=(rng.standard_normal((out_f, rank)) * scale).astype(np.float32),
+            alpha=float(rank),
+            magnitude=np.ones(out_f, np.float32) if dora else None,
+        )
+    Adapter(modules=modules, base_architecture=md.config.architecture, base_fingerprint=md.fingerprint).save(
+        path
+    )
     return path
 
 
-def make_bundle(model_dir: Path, out: Path, adapters: dict[str, Path], backends=("onnx", "gguf"), onnx_quant="fp32",
-                gguf_quant="f32") -> Path:
+def make_bundle(
+    model_dir: Path,
+    out: Path,
+    adapters: dict[str, Path],
+    backends=("onnx", "gguf"),
+    onnx_quant="fp32",
+    gguf_quant="f32",
+) -> Path:
     options = ExportOptions(backends=list(backends), onnx_quants=[onnx_quant], gguf_quants=[gguf_quant])
-    return export_bundle(model_dir, out, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False)
+    return export_bundle(
+        model_dir, out, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False
+    )
 
 
 @pytest.fixture(scope="module")
@@ -55,7 +70,9 @@ def test_bundle_is_complete_and_self_describing(bundle, model_dirs):
         assert entry["source"] == f"adapters/{name}.safetensors"
         assert entry["onnx"] == f"adapters/{name}.onnx_adapter" and entry["gguf"] == f"adapters/{name}.gguf"
         assert entry["rank"] == 4 and entry["sha256"] == sha256_file(bundle / entry["source"])
-    on_disk = {p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "bundle.json"}
+    on_disk = {
+        p.relative_to(bundle).as_posix() for p in bundle.rglob("*") if p.is_file() and p.name != "bundle.json"
+    }
     assert on_disk == set(b.files)  # every file is recorded, nothing else lies around
     for rel in b.files:
         b.verify_file(rel)
@@ -166,14 +183,19 @@ def test_dora_and_tied_head_get_onnx_files_and_a_merged_gguf_variant(model_dirs,
     dora = make_adapter(model_dirs["llama"], tmp_path / "dora.safetensors", seed=4, dora=True)
     out = make_bundle(model_dirs["llama"], tmp_path / "b", {"dora": dora})
     entry = Bundle.open(out).adapters["dora"]
-    assert entry["onnx"] and "gguf" not in entry and "gguf_skipped" not in entry and "onnx_skipped" not in entry
+    assert (
+        entry["onnx"] and "gguf" not in entry and "gguf_skipped" not in entry and "onnx_skipped" not in entry
+    )
     assert "merged into a variant" in entry["gguf_merged"] and "DoRA" in entry["gguf_merged"]
     assert "has no gguf file" not in capsys.readouterr().err
     tied = make_adapter(model_dirs["smollm"], tmp_path / "tied.safetensors", seed=4)
     md = ModelDir(model_dirs["smollm"])
     adapter = Adapter.load(tied)
-    adapter.modules["lm_head"] = LoraWeights(a=np.ones((2, md.config.hidden_size), np.float32),
-                                             b=np.ones((md.config.vocab_size, 2), np.float32), alpha=2.0)
+    adapter.modules["lm_head"] = LoraWeights(
+        a=np.ones((2, md.config.hidden_size), np.float32),
+        b=np.ones((md.config.vocab_size, 2), np.float32),
+        alpha=2.0,
+    )
     adapter.save(tied)
     entry = Bundle.open(make_bundle(model_dirs["smollm"], tmp_path / "t", {"tied": tied})).adapters["tied"]
     assert entry["onnx"] and "gguf" not in entry and "tied output head" in entry["gguf_merged"]

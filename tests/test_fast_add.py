@@ -11,14 +11,14 @@ import time
 
 import numpy as np
 import pytest
+from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 
 from edge_lora import bundle as bundle_module
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle, FileHashes
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from edge_lora.safetensors_io import SafetensorsFile, save_tensors
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
+from edge_lora.safetensors_file import SafetensorsFile, save_tensors
 
 TICK = 0.05  # longer than a coarse file-time tick (1-10 ms): a later change gets a later ctime
 
@@ -26,7 +26,9 @@ TICK = 0.05  # longer than a coarse file-time tick (1-10 ms): a later change get
 @pytest.fixture()
 def core_bundle(tmp_path, model_dirs):
     md = ModelDir(model_dirs["llama"])
-    return make_core_bundle(tmp_path / "bundle", model_dirs["llama"], {"sql": make_adapter(md.config, md.fingerprint, seed=1)})
+    return make_core_bundle(
+        tmp_path / "bundle", model_dirs["llama"], {"sql": make_adapter(md.config, md.fingerprint, seed=1)}
+    )
 
 
 @pytest.fixture()
@@ -86,7 +88,9 @@ def test_same_size_rewrite_with_its_old_mtime_is_still_noticed(core_bundle, sett
     before = path.stat()
     time.sleep(TICK)
     _flip_last_byte(path)
-    os.utime(path, ns=(before.st_atime_ns, before.st_mtime_ns))  # hides the change from mtime; ctime still moves
+    os.utime(
+        path, ns=(before.st_atime_ns, before.st_mtime_ns)
+    )  # hides the change from mtime; ctime still moves
     assert path.stat().st_size == before.st_size and path.stat().st_mtime_ns == before.st_mtime_ns
     with pytest.raises(EdgeLoraError, match="does not match its SHA-256"):
         engine.add_adapter("sql")
@@ -138,7 +142,9 @@ def test_file_changing_while_hashed_is_not_remembered(tmp_path, settled, monkeyp
     assert not hashes._known
 
 
-def test_signed_foreign_adapter_is_rechecked_after_a_change(core_bundle, tmp_path, model_dirs, settled, hash_reads):
+def test_signed_foreign_adapter_is_rechecked_after_a_change(
+    core_bundle, tmp_path, model_dirs, settled, hash_reads
+):
     pytest.importorskip("cryptography")
     from edge_lora import signing
 
@@ -165,8 +171,12 @@ def test_signed_foreign_adapter_is_rechecked_after_a_change(core_bundle, tmp_pat
 
 def test_read_all_equals_tensor_by_tensor(tmp_path):
     rng = np.random.default_rng(0)
-    tensors = {"a": rng.normal(size=(3, 5)).astype(np.float16),  # 30 bytes: the next tensor sits at an odd offset
-               "b": rng.normal(size=(4, 2)).astype(np.float32), "c": np.zeros((0, 7), np.float32), "d": np.arange(6, dtype=np.int64)}
+    tensors = {
+        "a": rng.normal(size=(3, 5)).astype(np.float16),  # 30 bytes: the next tensor sits at an odd offset
+        "b": rng.normal(size=(4, 2)).astype(np.float32),
+        "c": np.zeros((0, 7), np.float32),
+        "d": np.arange(6, dtype=np.int64),
+    }
     save_tensors(tmp_path / "t.safetensors", tensors)
     st = SafetensorsFile(tmp_path / "t.safetensors")
     whole = st.read_all()
@@ -215,7 +225,11 @@ def _safetensors_bytes(tensors: dict[str, np.ndarray], dtype: str) -> bytes:
     header, offset, blobs = {}, 0, []
     for name, arr in tensors.items():
         data = arr.tobytes()
-        header[name] = {"dtype": dtype, "shape": list(arr.shape), "data_offsets": [offset, offset + len(data)]}
+        header[name] = {
+            "dtype": dtype,
+            "shape": list(arr.shape),
+            "data_offsets": [offset, offset + len(data)],
+        }
         offset += len(data)
         blobs.append(data)
     head = json.dumps(header).encode()
@@ -245,13 +259,16 @@ def test_f16_adapter_stays_f16_and_refuses_inf(model_dirs, tmp_path):
 def test_gguf_constants_agree_with_gguf_py():
     import gguf
 
-    from edge_lora import gguf_adapter as ga
+    from edge_lora.gguf_format import lora_adapter as ga
 
     assert ga.GGUF_MAGIC == gguf.GGUF_MAGIC and ga.GGUF_VERSION == gguf.GGUF_VERSION
     assert ga.GGUF_ALIGNMENT == gguf.GGUF_DEFAULT_ALIGNMENT
     assert (ga.VALUE_FLOAT32, ga.VALUE_STRING) == (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING)
-    assert ga.GGML_TYPES == {"f32": gguf.GGMLQuantizationType.F32, "f16": gguf.GGMLQuantizationType.F16,
-                             "q8_0": gguf.GGMLQuantizationType.Q8_0}
+    assert ga.GGML_TYPES == {
+        "f32": gguf.GGMLQuantizationType.F32,
+        "f16": gguf.GGMLQuantizationType.F16,
+        "q8_0": gguf.GGMLQuantizationType.Q8_0,
+    }
     assert (ga.KEY_ARCHITECTURE, ga.KEY_TYPE) == (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.TYPE)
     assert (ga.KEY_ADAPTER_TYPE, ga.KEY_LORA_ALPHA) == (gguf.Keys.Adapter.TYPE, gguf.Keys.Adapter.LORA_ALPHA)
 
@@ -260,11 +277,11 @@ def test_gguf_constants_agree_with_gguf_py():
 def test_gguf_adapter_matches_gguf_writer(model_dirs, tmp_path, dtype):
     """Our direct writer against gguf-py's GGUFWriter on the same tensors: the same file, byte for byte."""
     import gguf
-
-    from edge_lora.gguf_adapter import FINGERPRINT_KEY, export_gguf_adapter, gguf_lora_tensors
-    from edge_lora.gguf_names import gguf_arch
-    from edge_lora.gguf_quant import encode
     from gguf_helpers import random_adapter
+
+    from edge_lora.gguf_format.lora_adapter import FINGERPRINT_KEY, export_gguf_adapter, gguf_lora_tensors
+    from edge_lora.gguf_format.names import gguf_arch
+    from edge_lora.gguf_format.quant import encode
 
     md = ModelDir(model_dirs["llama"])
     adapter = random_adapter(md, seed=4, rank=4, mixed_ranks=True)
@@ -278,7 +295,9 @@ def test_gguf_adapter_matches_gguf_writer(model_dirs, tmp_path, dtype):
     for base_name, (a, b) in tensors.items():
         for suffix, arr in (("lora_a", a), ("lora_b", b)):
             T = gguf.GGMLQuantizationType
-            qtype = T.F32 if dtype == "f32" else T.Q8_0 if dtype == "q8_0" and arr.shape[-1] % 32 == 0 else T.F16
+            qtype = (
+                T.F32 if dtype == "f32" else T.Q8_0 if dtype == "q8_0" and arr.shape[-1] % 32 == 0 else T.F16
+            )
             writer.add_tensor(f"{base_name}.{suffix}", encode(arr, qtype), raw_dtype=qtype)
     writer.write_header_to_file()
     writer.write_kv_data_to_file()
@@ -288,8 +307,9 @@ def test_gguf_adapter_matches_gguf_writer(model_dirs, tmp_path, dtype):
 
 
 def test_rewriting_a_longer_gguf_in_place_leaves_no_tail(model_dirs, tmp_path):
-    from edge_lora.gguf_adapter import export_gguf_adapter
     from gguf_helpers import random_adapter
+
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
 
     md = ModelDir(model_dirs["llama"])
     scratch = tmp_path / "scratch.gguf"
@@ -305,8 +325,9 @@ def test_rewriting_a_longer_gguf_in_place_leaves_no_tail(model_dirs, tmp_path):
 
 def test_llamacpp_foreign_adapters_share_one_scratch_file_and_survive_a_merge(model_dirs, tmp_path):
     pytest.importorskip("llama_cpp")
-    import runtime
     from gguf_helpers import build_bundle, random_adapter
+
+    import runtime
 
     md = ModelDir(model_dirs["llama"])
     a, b = random_adapter(md, seed=1, rank=8), random_adapter(md, seed=2, rank=2, mixed_ranks=True)
@@ -318,25 +339,34 @@ def test_llamacpp_foreign_adapters_share_one_scratch_file_and_survive_a_merge(mo
     reference.add_adapter("a")
     reference.add_adapter("b")
     engine = runtime.load(bundle, backend="llamacpp", precise=True)
-    engine.add_adapter("fa", tmp_path / "a.safetensors")  # the larger one first: the smaller rewrites its file
+    engine.add_adapter(
+        "fa", tmp_path / "a.safetensors"
+    )  # the larger one first: the smaller rewrites its file
     engine.add_adapter("fb", tmp_path / "b.safetensors")
     assert [p.name for p in engine._scratch.parent.iterdir()] == ["converted.gguf"]
     for theirs, ours in (("a", "fa"), ("b", "fb")):
-        np.testing.assert_array_equal(engine.logits(ids, adapters={ours: 1.0}), reference.logits(ids, adapters={theirs: 1.0}))
+        np.testing.assert_array_equal(
+            engine.logits(ids, adapters={ours: 1.0}), reference.logits(ids, adapters={theirs: 1.0})
+        )
     engine.merge("fa", 0.5)  # reloads the converted adapters on the merged model
     reference.merge("a", 0.5)
-    np.testing.assert_array_equal(engine.logits(ids, adapters={"fb": 1.0}), reference.logits(ids, adapters={"b": 1.0}))
+    np.testing.assert_array_equal(
+        engine.logits(ids, adapters={"fb": 1.0}), reference.logits(ids, adapters={"b": 1.0})
+    )
 
 
 @pytest.mark.parametrize("precise", [True, False])  # plain softmax / flash attention
 def test_llamacpp_swaps_equal_fresh_contexts_without_zeroing_the_cache(model_dirs, tmp_path, precise):
     """Swaps forget the cache without zeroing it; alternating sets must still give a fresh context's logits."""
     pytest.importorskip("llama_cpp")
-    import runtime
     from gguf_helpers import build_bundle, random_adapter
 
+    import runtime
+
     md = ModelDir(model_dirs["llama"])
-    bundle = build_bundle(md.path, tmp_path / "b", adapters={"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2)})
+    bundle = build_bundle(
+        md.path, tmp_path / "b", adapters={"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2)}
+    )
     long, short = list(range(3, 40)), [5, 6, 7]
     engine = runtime.load(bundle, backend="llamacpp", precise=precise)
     engine.add_adapter("a")

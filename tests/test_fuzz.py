@@ -17,21 +17,28 @@ import numpy as np
 import pytest
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
+from security_helpers import make_adapter, make_core_bundle
 
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import MANIFEST, Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from edge_lora.safetensors_io import SafetensorsFile
+from edge_lora.safetensors_file import SafetensorsFile
 from edge_lora.signing import read_signature
-from security_helpers import make_adapter, make_core_bundle
 
-FUZZ = settings(max_examples=400, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture,
-                                                                         HealthCheck.too_slow])
+FUZZ = settings(
+    max_examples=400,
+    deadline=None,
+    suppress_health_check=[HealthCheck.function_scoped_fixture, HealthCheck.too_slow],
+)
 
 # no subnormals: an in-process training run (torch.set_flush_denormal) leaves the CPU flushing them to zero
 json_values = st.recursive(
-    st.none() | st.booleans() | st.integers(-(2 ** 70), 2 ** 70) | st.floats(allow_nan=True, allow_subnormal=False) | st.text(max_size=20),
+    st.none()
+    | st.booleans()
+    | st.integers(-(2**70), 2**70)
+    | st.floats(allow_nan=True, allow_subnormal=False)
+    | st.text(max_size=20),
     lambda inner: st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=12), inner, max_size=4),
     max_leaves=12,
 )
@@ -52,7 +59,9 @@ def good_adapter_bytes(base, tmp_path_factory) -> bytes:
 @pytest.fixture(scope="module")
 def good_bundle(base, model_dirs, tmp_path_factory) -> Path:
     root = tmp_path_factory.mktemp("fuzz_bundle") / "bundle"
-    return make_core_bundle(root, model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint, rank=2)})
+    return make_core_bundle(
+        root, model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint, rank=2)}
+    )
 
 
 def load_adapter_or_refuse(blob: bytes, base: ModelDir):
@@ -83,7 +92,7 @@ def test_mutated_adapter_bytes(good_adapter_bytes, base, data):
             del blob[pos:]
         elif kind == "overwrite":
             chunk = data.draw(st.binary(min_size=1, max_size=16))
-            blob[pos:pos + len(chunk)] = chunk
+            blob[pos : pos + len(chunk)] = chunk
         else:
             blob[pos:pos] = data.draw(st.binary(min_size=1, max_size=16))
     load_adapter_or_refuse(bytes(blob), base)
@@ -108,14 +117,16 @@ def test_arbitrary_safetensors_header(header, body):
 @given(data=st.data())
 def test_edited_adapter_metadata(good_adapter_bytes, base, data):
     (n,) = struct.unpack("<Q", good_adapter_bytes[:8])
-    header = json.loads(good_adapter_bytes[8:8 + n])
+    header = json.loads(good_adapter_bytes[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["edge_lora"])
-    target = data.draw(st.sampled_from([meta, meta["base"], next(iter(meta["modules"].values()))]), label="where")
+    target = data.draw(
+        st.sampled_from([meta, meta["base"], next(iter(meta["modules"].values()))]), label="where"
+    )
     key = data.draw(st.sampled_from(sorted(target) + ["extra_key"]), label="key")
     target[key] = data.draw(json_values, label="value")
     header["__metadata__"]["edge_lora"] = json.dumps(meta)
     head = json.dumps(header).encode()
-    load_adapter_or_refuse(struct.pack("<Q", len(head)) + head + good_adapter_bytes[8 + n:], base)
+    load_adapter_or_refuse(struct.pack("<Q", len(head)) + head + good_adapter_bytes[8 + n :], base)
 
 
 def open_bundle_or_refuse(root: Path):
@@ -135,14 +146,25 @@ def open_bundle_or_refuse(root: Path):
 def test_edited_bundle_manifest(good_bundle, data):
     manifest = json.loads((good_bundle / MANIFEST).read_text())
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
-        containers = [manifest, manifest["model"], manifest["tokenizer"], manifest["adapters"],
-                      manifest["adapters"].get("sql") if isinstance(manifest["adapters"].get("sql"), dict) else {}]
+        containers = [
+            manifest,
+            manifest["model"],
+            manifest["tokenizer"],
+            manifest["adapters"],
+            manifest["adapters"].get("sql") if isinstance(manifest["adapters"].get("sql"), dict) else {},
+        ]
         target = data.draw(st.sampled_from(containers), label="where")
         key = data.draw(st.sampled_from(sorted(target) + ["new"]), label="key")
-        target[key] = data.draw(json_values | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "tokenizer.json",
-                                                               "adapters\\..\\x", ""]), label="value")
-        if not isinstance(manifest.get("model"), dict) or not isinstance(manifest.get("adapters"), dict) \
-                or not isinstance(manifest.get("tokenizer"), dict):
+        target[key] = data.draw(
+            json_values
+            | st.sampled_from(["../x", "/etc/passwd", "a/../../b", "tokenizer.json", "adapters\\..\\x", ""]),
+            label="value",
+        )
+        if (
+            not isinstance(manifest.get("model"), dict)
+            or not isinstance(manifest.get("adapters"), dict)
+            or not isinstance(manifest.get("tokenizer"), dict)
+        ):
             break
     with tempfile.TemporaryDirectory() as tmp:
         root = Path(tmp) / "b"
@@ -171,8 +193,10 @@ def test_arbitrary_bundle_json_and_signature_bytes(good_bundle, raw):
 def good_peft_dir(base, tmp_path_factory) -> Path:
     from converters.peft import export_peft
 
-    return export_peft(make_adapter(base.config, base.fingerprint, rank=2, modules=("q_proj",)),
-                       tmp_path_factory.mktemp("fuzz_peft") / "peft")
+    return export_peft(
+        make_adapter(base.config, base.fingerprint, rank=2, modules=("q_proj",)),
+        tmp_path_factory.mktemp("fuzz_peft") / "peft",
+    )
 
 
 @FUZZ
@@ -182,8 +206,10 @@ def test_edited_peft_config(good_peft_dir, base, data):
 
     config = json.loads((good_peft_dir / "adapter_config.json").read_text())
     for _ in range(data.draw(st.integers(1, 3), label="edits")):
-        key = data.draw(st.sampled_from(sorted(config) + ["rank_pattern", "alpha_pattern", "use_rslora", "use_dora"]),
-                        label="key")
+        key = data.draw(
+            st.sampled_from(sorted(config) + ["rank_pattern", "alpha_pattern", "use_rslora", "use_dora"]),
+            label="key",
+        )
         config[key] = data.draw(json_values, label="value")
     with tempfile.TemporaryDirectory() as tmp:
         folder = Path(shutil.copytree(good_peft_dir, Path(tmp) / "peft"))

@@ -3,14 +3,14 @@
 import numpy as np
 import pytest
 import torch
+from gguf_helpers import build_bundle, random_adapter
 
 from edge_lora.adapter import LoraWeights
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_adapter import export_gguf_adapter
+from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
 from edge_lora.model_dir import ModelDir
 from edge_lora.train.lora import load_adapter_into
 from edge_lora.train.model import CausalLM
-from gguf_helpers import build_bundle, random_adapter
 
 
 def _reference(model_dir, adapter, ids):
@@ -36,8 +36,10 @@ def test_adapter_logits_match_pytorch(model_dirs, family, tmp_path):
         engine = runtime.load(bundle, backend="llamacpp", precise=precise)
         engine.add_adapter("a")
         diffs[precise] = np.abs(engine.logits(ids, adapters={"a": 1.0}) - ref).max()
-    print(f"{family}: f32 GGUF + LoRA vs PyTorch max |logit diff| = {diffs[True]:.2e} precise, {diffs[False]:.2e} with "
-          f"f16 KV + flash attention (adapter moves logits by {effect:.2f})")
+    print(
+        f"{family}: f32 GGUF + LoRA vs PyTorch max |logit diff| = {diffs[True]:.2e} precise, {diffs[False]:.2e} with "
+        f"f16 KV + flash attention (adapter moves logits by {effect:.2f})"
+    )
     assert diffs[True] < 1e-2 and diffs[False] < 5e-2 and effect > 0.1
 
 
@@ -100,7 +102,9 @@ def test_runtime_runs_dora_adapter_file_as_merged_variant(model_dirs, tmp_path):
     bundle = build_bundle(md.path, tmp_path / "b")
     dora = random_adapter(md, seed=4, modules=["model.layers.0.mlp.up_proj"])
     w = dora.modules["model.layers.0.mlp.up_proj"]
-    dora.modules["model.layers.0.mlp.up_proj"] = LoraWeights(w.a, w.b, w.alpha, magnitude=np.full(w.b.shape[0], 0.7, np.float32))
+    dora.modules["model.layers.0.mlp.up_proj"] = LoraWeights(
+        w.a, w.b, w.alpha, magnitude=np.full(w.b.shape[0], 0.7, np.float32)
+    )
     dora.save(tmp_path / "dora.safetensors")
     engine = runtime.load(bundle, backend="llamacpp", precise=True)
     engine.add_adapter("d", tmp_path / "dora.safetensors")

@@ -3,13 +3,13 @@
 import numpy as np
 import pytest
 import torch
+from gguf_helpers import build_bundle
+from tiny_models import make_model_dir
 
 from converters.gguf_export import export_gguf
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.train.model import CausalLM
-from gguf_helpers import build_bundle
-from tiny_models import make_model_dir
 
 TEXTS = [
     "The quick brown fox jumps over the lazy dog.",
@@ -49,7 +49,9 @@ def test_tokenizer_ids_equal_ours(f32_bundles, model_dirs):
     llama_cpp = _llama()
     for family in ("llama", "qwen2"):
         ours = Tokenizer.from_file(str(model_dirs[family] / "tokenizer.json"))
-        llm = llama_cpp.Llama(model_path=str(f32_bundles[family] / "gguf/model-f32.gguf"), vocab_only=True, verbose=False)
+        llm = llama_cpp.Llama(
+            model_path=str(f32_bundles[family] / "gguf/model-f32.gguf"), vocab_only=True, verbose=False
+        )
         for text in TEXTS:
             theirs = llm.tokenize(text.encode("utf-8"), add_bos=True, special=True)
             assert theirs == ours.encode(text).ids, text
@@ -68,9 +70,18 @@ def test_base_logits_match_pytorch(f32_bundles, model_dirs, family):
     assert diff < 1e-2
 
 
-@pytest.mark.parametrize("quant,max_diff,min_top1", [("f16", 0.05, 0.95), ("bf16", 0.2, 0.85), ("q8_0", 0.1, 0.9),
-                                                      ("q5_1", 0.5, 0.6), ("q5_0", 0.5, 0.6), ("q4_1", 1.0, 0.5),
-                                                      ("q4_0", 1.0, 0.5)])
+@pytest.mark.parametrize(
+    "quant,max_diff,min_top1",
+    [
+        ("f16", 0.05, 0.95),
+        ("bf16", 0.2, 0.85),
+        ("q8_0", 0.1, 0.9),
+        ("q5_1", 0.5, 0.6),
+        ("q5_0", 0.5, 0.6),
+        ("q4_1", 1.0, 0.5),
+        ("q4_0", 1.0, 0.5),
+    ],
+)
 def test_quantized_agreement(model_dirs, tmp_path, quant, max_diff, min_top1):
     import runtime
 
@@ -80,7 +91,9 @@ def test_quantized_agreement(model_dirs, tmp_path, quant, max_diff, min_top1):
     ours, ref = engine.logits(ids), _reference_logits(model_dirs["smollm"], ids)
     diff = np.abs(ours - ref).max()
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
-    print(f"{quant}: max |logit diff| = {diff:.3f}, top-1 agreement = {top1:.3f} (logit range {np.ptp(ref):.2f})")
+    print(
+        f"{quant}: max |logit diff| = {diff:.3f}, top-1 agreement = {top1:.3f} (logit range {np.ptp(ref):.2f})"
+    )
     assert diff < max_diff and top1 >= min_top1
 
 
@@ -90,7 +103,9 @@ def test_k_quants_through_llama_cpp(tmp_path):
     import runtime
 
     # rows of 256 fill K-quant super-blocks; the 96-wide down_proj exercises llama.cpp's per-tensor fallback
-    md_path = make_model_dir(tmp_path / "wide", "smollm", hidden_size=256, intermediate_size=96, num_attention_heads=4)
+    md_path = make_model_dir(
+        tmp_path / "wide", "smollm", hidden_size=256, intermediate_size=96, num_attention_heads=4
+    )
     bundle = build_bundle(md_path, tmp_path / "b", quants=("q4_k_m", "q6_k"))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(bundle / "gguf/model-q4_k_m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
@@ -110,7 +125,10 @@ def test_metadata_keys(f32_bundles):
     reader = gguf.GGUFReader(f32_bundles["qwen2"] / "gguf/model-f32.gguf")
     fields = reader.fields
     assert fields["general.architecture"].contents() == "qwen2"
-    assert fields["tokenizer.ggml.model"].contents() == "gpt2" and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    assert (
+        fields["tokenizer.ggml.model"].contents() == "gpt2"
+        and fields["tokenizer.ggml.pre"].contents() == "gpt-2"
+    )
     names = {t.name for t in reader.tensors}
     assert "blk.0.attn_q.bias" in names and "output.weight" not in names  # biased, tied
     llama3 = gguf.GGUFReader(f32_bundles["llama3"] / "gguf/model-f32.gguf")
@@ -139,11 +157,22 @@ def _sentencepiece_tokenizer(path):
 
     tok = Tokenizer(models.BPE(unk_token="<unk>", byte_fallback=True, fuse_unk=True))
     tok.normalizer = normalizers.Sequence([normalizers.Prepend("▁"), normalizers.Replace(" ", "▁")])
-    tok.decoder = decoders.Sequence([decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)])
-    tok.pre_tokenizer = pre_tokenizers.Metaspace(prepend_scheme="never", split=True)  # training only: merges stay inside words
+    tok.decoder = decoders.Sequence(
+        [decoders.Replace("▁", " "), decoders.ByteFallback(), decoders.Fuse(), decoders.Strip(" ", 1, 0)]
+    )
+    tok.pre_tokenizer = pre_tokenizers.Metaspace(
+        prepend_scheme="never", split=True
+    )  # training only: merges stay inside words
     bytes_ = [f"<0x{i:02X}>" for i in range(256)]
-    tok.train_from_iterator(TEXTS * 10, trainers.BpeTrainer(vocab_size=320, limit_alphabet=30, special_tokens=["<unk>", "<s>", "</s>", *bytes_],
-                                                            show_progress=False))
+    tok.train_from_iterator(
+        TEXTS * 10,
+        trainers.BpeTrainer(
+            vocab_size=320,
+            limit_alphabet=30,
+            special_tokens=["<unk>", "<s>", "</s>", *bytes_],
+            show_progress=False,
+        ),
+    )
     tok.pre_tokenizer = None
     tok.post_processor = processors.TemplateProcessing(single="<s> $A", special_tokens=[("<s>", 1)])
     tok.save(str(path))

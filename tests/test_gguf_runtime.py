@@ -5,10 +5,10 @@ import threading
 
 import numpy as np
 import pytest
+from gguf_helpers import build_bundle, random_adapter
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from gguf_helpers import build_bundle, random_adapter
 from runtime.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 120, 7, 33]
@@ -19,7 +19,9 @@ GREEDY = SamplingParams(max_new_tokens=12)
 def bundle(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
     adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=8, rslora=True)}
-    return build_bundle(md.path, tmp_path_factory.mktemp("rt") / "b", quants=("f32", "q8_0"), adapters=adapters)
+    return build_bundle(
+        md.path, tmp_path_factory.mktemp("rt") / "b", quants=("f32", "q8_0"), adapters=adapters
+    )
 
 
 def _engine(bundle, *names, **options):
@@ -52,7 +54,9 @@ def test_kv_cache_prefix_reused_only_under_same_set(bundle):
     base = engine.generate_ids(PROMPT, GREEDY, adapters={})  # other set: cache dropped, not reused
     assert base == _engine(bundle).generate_ids(PROMPT, GREEDY, adapters={})
     longer = PROMPT + first[:3]
-    assert engine.generate_ids(longer, GREEDY, adapters={"a": 1.0}) == first[3:] + _tail(bundle, longer, len(first) - 3)
+    assert engine.generate_ids(longer, GREEDY, adapters={"a": 1.0}) == first[3:] + _tail(
+        bundle, longer, len(first) - 3
+    )
 
 
 def _tail(bundle, prompt, skip):
@@ -80,7 +84,9 @@ def test_merge_on_quantized_base_requantizes(bundle):
     engine.merge("a")
     merged = engine.logits(PROMPT, adapters={})
     top1 = float((stacked.argmax(-1) == merged.argmax(-1)).mean())
-    print(f"q8_0 merged vs unmerged: max |logit diff| = {np.abs(stacked - merged).max():.3f}, top-1 agreement {top1:.2f}")
+    print(
+        f"q8_0 merged vs unmerged: max |logit diff| = {np.abs(stacked - merged).max():.3f}, top-1 agreement {top1:.2f}"
+    )
     assert np.abs(stacked - merged).max() < 0.1
 
 
@@ -92,7 +98,10 @@ def test_default_set_and_per_request_set(bundle):
     assert engine.generate_ids(PROMPT, GREEDY, adapters={}) != with_default
     text = engine.generate(PROMPT, max_new_tokens=6, adapters={"a": 1.0}, stream=True)
     assert "".join(text) == engine.generate(PROMPT, max_new_tokens=6, adapters={"a": 1.0})
-    sampled = [engine.generate(PROMPT, max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=3) for _ in range(2)]
+    sampled = [
+        engine.generate(PROMPT, max_new_tokens=8, temperature=0.9, top_k=20, top_p=0.9, seed=3)
+        for _ in range(2)
+    ]
     assert sampled[0] == sampled[1]
 
 
@@ -119,7 +128,9 @@ def test_adapter_file_outside_bundle_converted_on_the_fly(bundle, model_dirs, tm
     extra.save(tmp_path / "extra.safetensors")
     engine = _engine(bundle)
     engine.add_adapter("extra", tmp_path / "extra.safetensors")
-    assert engine.generate_ids(PROMPT, GREEDY, adapters={"extra": 1.0}) != engine.generate_ids(PROMPT, GREEDY, adapters={})
+    assert engine.generate_ids(PROMPT, GREEDY, adapters={"extra": 1.0}) != engine.generate_ids(
+        PROMPT, GREEDY, adapters={}
+    )
     engine.remove_adapter("extra")
     with pytest.raises(EdgeLoraError, match="no adapter 'extra'"):
         engine.generate_ids(PROMPT, GREEDY, adapters={"extra": 1.0})
@@ -129,8 +140,13 @@ def test_high_level_llama_loads_our_files(bundle):
     import llama_cpp
 
     ours = _engine(bundle, "a").logits(PROMPT, adapters={"a": 1.0})
-    llm = llama_cpp.Llama(model_path=str(bundle / "gguf/model-f32.gguf"), lora_path=str(bundle / "adapters/a.gguf"),
-                          logits_all=True, n_ctx=64, verbose=False)
+    llm = llama_cpp.Llama(
+        model_path=str(bundle / "gguf/model-f32.gguf"),
+        lora_path=str(bundle / "adapters/a.gguf"),
+        logits_all=True,
+        n_ctx=64,
+        verbose=False,
+    )
     llm.eval(PROMPT)
     theirs = np.array(llm.scores[: len(PROMPT)])
     assert np.abs(theirs - ours).max() < 1e-3

@@ -15,16 +15,16 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from onnx_helpers import random_adapter
+from tiny_models import FAMILIES
 
 import runtime
 from converters.export import AdapterSource, ExportOptions, export_bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
-from onnx_helpers import random_adapter
 from runtime.sampling import SamplingParams
 from runtime.tokenizer import Tokenizer
-from tiny_models import FAMILIES
 
 pytestmark = [pytest.mark.gpu, pytest.mark.slow]
 
@@ -43,13 +43,26 @@ def bundles(model_dirs, tmp_path_factory):
         if family not in made:
             md = ModelDir(model_dirs[family])
             sources = []
-            for name, adapter in (("a", random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1)),
-                                  ("b", random_adapter(md, 2, rank=8, alpha=8.0, b_std=0.1,
-                                                       modules=[m for m in linear_modules(md.config) if m.endswith(("q_proj", "v_proj"))]))):
+            for name, adapter in (
+                ("a", random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1)),
+                (
+                    "b",
+                    random_adapter(
+                        md,
+                        2,
+                        rank=8,
+                        alpha=8.0,
+                        b_std=0.1,
+                        modules=[m for m in linear_modules(md.config) if m.endswith(("q_proj", "v_proj"))],
+                    ),
+                ),
+            ):
                 path = root / f"{family}-{name}.safetensors"
                 adapter.save(path)
                 sources.append(AdapterSource(path, name))
-            options = ExportOptions(backends=["onnx", "gguf"], onnx_quants=["fp32", "int4"], gguf_quants=["f32", "q4_0"])
+            options = ExportOptions(
+                backends=["onnx", "gguf"], onnx_quants=["fp32", "int4"], gguf_quants=["f32", "q4_0"]
+            )
             made[family] = export_bundle(md.path, root / family, sources, options, show_progress=False)
         return made[family]
 
@@ -73,8 +86,12 @@ def backend(request):
 
 def prompts(bundle: Path) -> list[list[int]]:
     tokenizer = Tokenizer(bundle / "tokenizer.json")
-    texts = ["The quick brown fox jumps over the lazy dog.", "SELECT name FROM users WHERE id = 42;",
-             "def add(a, b):\n    return a + b\n", "edge-lora trains adapters on the host and runs them on the device."]
+    texts = [
+        "The quick brown fox jumps over the lazy dog.",
+        "SELECT name FROM users WHERE id = 42;",
+        "def add(a, b):\n    return a + b\n",
+        "edge-lora trains adapters on the host and runs them on the device.",
+    ]
     return [tokenizer.encode(t) for t in texts]
 
 
@@ -88,7 +105,9 @@ def test_float_logits_on_the_gpu_equal_the_cpu(bundles, family, backend):
     for adapters in SETS:
         theirs, ours = cpu.logits(ids, adapters=adapters), gpu.logits(ids, adapters=adapters)
         assert np.abs(ours - theirs).max() < 1e-3, adapters
-    assert np.abs(cpu.logits(ids, adapters={"a": 1.0}) - cpu.logits(ids)).max() > 0.05  # the adapter really moves them
+    assert (
+        np.abs(cpu.logits(ids, adapters={"a": 1.0}) - cpu.logits(ids)).max() > 0.05
+    )  # the adapter really moves them
 
 
 @pytest.mark.parametrize("family", FAMILIES)
@@ -105,7 +124,9 @@ def test_4bit_greedy_tokens_on_the_gpu_agree_with_the_cpu(bundles, family, backe
         for adapters in SETS:
             ours, theirs = gpu.logits(ids, adapters=adapters), cpu.logits(ids, adapters=adapters)
             for pos in np.flatnonzero(ours.argmax(-1) != theirs.argmax(-1)):
-                margin = theirs[pos].max() - theirs[pos, ours[pos].argmax()]  # how much the CPU prefers its own token
+                margin = (
+                    theirs[pos].max() - theirs[pos, ours[pos].argmax()]
+                )  # how much the CPU prefers its own token
                 assert margin <= 2 * np.abs(ours[pos] - theirs[pos]).max(), (adapters, pos, margin)
                 ties += 1
             same += int((ours.argmax(-1) == theirs.argmax(-1)).sum())
@@ -165,8 +186,14 @@ def test_gpu_without_a_device_is_one_clear_error(bundles, monkeypatch):
     monkeypatch.setattr(llamacpp_lib, "gpu_devices", lambda: [])
     with pytest.raises(EdgeLoraError, match="device='gpu'.*(no GPU device|without a GPU backend)"):
         runtime.load(bundle, backend="llamacpp", quant="f32", device="gpu")
-    assert runtime.load(bundle, backend="llamacpp", quant="f32", device="auto").info()["device"]["kind"] == "cpu"
-    monkeypatch.setattr(onnx_device, "_register", lambda ort: "ONNX Runtime has no WebGPU provider here: " + onnx_device.NO_PLUGIN)
+    assert (
+        runtime.load(bundle, backend="llamacpp", quant="f32", device="auto").info()["device"]["kind"] == "cpu"
+    )
+    monkeypatch.setattr(
+        onnx_device,
+        "_register",
+        lambda ort: "ONNX Runtime has no WebGPU provider here: " + onnx_device.NO_PLUGIN,
+    )
     with pytest.raises(EdgeLoraError, match="device='gpu'.*pip install onnxruntime-ep-webgpu"):
         runtime.load(bundle, backend="onnx", quant="fp32", device="gpu")
     assert runtime.load(bundle, backend="onnx", quant="fp32", device="auto").info()["device"]["kind"] == "cpu"
@@ -182,13 +209,16 @@ def test_auto_never_takes_a_software_gpu(bundles, webgpu_device, vulkan_device):
 
 # --- ONNX Runtime on WebGPU: placement, residency, bytes per step -------------------------------------
 
+
 def index_tensors(graph) -> set[str]:
     """Tensors computed from the attention mask, logits_to_keep, shapes and integer constants only:
     the sequence lengths GroupQueryAttention takes on the host, and the slice of the logits."""
     import onnx
 
     known = {"attention_mask", "logits_to_keep"}
-    known |= {t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)}
+    known |= {
+        t.name for t in graph.initializer if t.data_type in (onnx.TensorProto.INT64, onnx.TensorProto.INT32)
+    }
     changed = True
     while changed:
         changed = False
@@ -212,17 +242,24 @@ def test_every_float_node_runs_on_webgpu(bundles, webgpu_device, quant):
     engine = open_engine(bundle, "onnx", quant, "gpu")
     folder = bundle / "onnx" / f"{quant}-fast"
     for session, placement in engine.placement().items():
-        graph = onnx.load(folder / ("model.plain.onnx" if session == "plain" else "model.onnx"), load_external_data=False).graph
+        graph = onnx.load(
+            folder / ("model.plain.onnx" if session == "plain" else "model.onnx"), load_external_data=False
+        ).graph
         by_name = {n.name: n for n in graph.node}
         index = index_tensors(graph)
         on_gpu = placement["WebGpuExecutionProvider"]
         on_cpu = placement.get("CPUExecutionProvider", [])
         assert len(on_gpu) > 20 and len(on_cpu) <= 12, (session, on_cpu)
-        assert {op for op, _ in on_gpu} >= {"MatMul" if quant == "fp32" else "MatMulNBits", "GroupQueryAttention"}
+        assert {op for op, _ in on_gpu} >= {
+            "MatMul" if quant == "fp32" else "MatMulNBits",
+            "GroupQueryAttention",
+        }
         for op, name in on_cpu:
             node = by_name.get(name)
             assert node is not None, f"{session}: {op} {name!r} on the CPU is not a node of the file"
-            assert all(o in index for o in node.output), f"{session}: {op} {name!r} computes activations on the CPU"
+            assert all(o in index for o in node.output), (
+                f"{session}: {op} {name!r} computes activations on the CPU"
+            )
 
 
 def test_webgpu_decode_keeps_kv_and_adapters_on_the_device(bundles, webgpu_device, tmp_path):
@@ -250,13 +287,22 @@ def test_webgpu_decode_keeps_kv_and_adapters_on_the_device(bundles, webgpu_devic
     profile = [p for p in engine.end_profiling() if p.name.startswith("model_")][0]
     events = json.loads(profile.read_text())
     runs = [e for e in events if e.get("name") == "model_run"]
-    copies = [e for e in events if e.get("cat") == "Node" and e["name"].startswith("Memcpy") and e["name"].endswith("_kernel_time")]
+    copies = [
+        e
+        for e in events
+        if e.get("cat") == "Node" and e["name"].startswith("Memcpy") and e["name"].endswith("_kernel_time")
+    ]
     assert runs and len(copies) <= len(runs)  # at most one device copy inside the graph per run ...
-    assert all(int(e["args"]["output_size"]) <= 8 for e in copies)  # ... of a sequence length, never KV or LoRA
+    assert all(
+        int(e["args"]["output_size"]) <= 8 for e in copies
+    )  # ... of a sequence length, never KV or LoRA
     session = engine.lora_session
-    on_device = {i.name for i, m in zip(session.get_inputs(), session.get_input_memory_infos()) if m.name != "Cpu"}
-    assert "input_ids" in on_device and "attention_mask" not in on_device  # the token is the one feed copied in
-
+    on_device = {
+        i.name for i, m in zip(session.get_inputs(), session.get_input_memory_infos()) if m.name != "Cpu"
+    }
+    assert (
+        "input_ids" in on_device and "attention_mask" not in on_device
+    )  # the token is the one feed copied in
 
 
 GENAI_SCRIPT = """
@@ -292,8 +338,12 @@ def genai_greedy(folder: Path, adapter: Path, provider: str, prompt: list[int], 
     import subprocess
     import sys
 
-    done = subprocess.run([sys.executable, "-c", GENAI_SCRIPT, str(folder), str(adapter), provider, json.dumps(prompt), str(n)],
-                          capture_output=True, text=True, timeout=300)
+    done = subprocess.run(
+        [sys.executable, "-c", GENAI_SCRIPT, str(folder), str(adapter), provider, json.dumps(prompt), str(n)],
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
 
@@ -321,8 +371,24 @@ def test_cli_device_gpu(bundles, backend_name, webgpu_device, vulkan_device):
     import sys
 
     bundle = bundles("qwen2")
-    cmd = [sys.executable, "-m", "edge_lora", "run", str(bundle), "--backend", backend_name, "--device", "gpu",
-           "--prompt", "SELECT name", "--max-new-tokens", "4", "--adapter", "a", "--json"]
+    cmd = [
+        sys.executable,
+        "-m",
+        "edge_lora",
+        "run",
+        str(bundle),
+        "--backend",
+        backend_name,
+        "--device",
+        "gpu",
+        "--prompt",
+        "SELECT name",
+        "--max-new-tokens",
+        "4",
+        "--adapter",
+        "a",
+        "--json",
+    ]
     done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-1000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
@@ -347,11 +413,23 @@ def test_webgpu_kv_cache_grows_on_the_device(tmp_path, webgpu_device):
     md = ModelDir(model_dir)
     path = tmp_path / "a.safetensors"
     random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1).save(path)
-    bundle = export_bundle(model_dir, tmp_path / "bundle", [AdapterSource(path, "a")],
-                           ExportOptions(backends=["onnx"], onnx_quants=["fp32"]), show_progress=False)
+    bundle = export_bundle(
+        model_dir,
+        tmp_path / "bundle",
+        [AdapterSource(path, "a")],
+        ExportOptions(backends=["onnx"], onnx_quants=["fp32"]),
+        show_progress=False,
+    )
     prompt = (prompts(bundle)[0] * 40)[:240]
-    gpu, cpu = open_engine(bundle, "onnx", "fp32", "gpu", adapters=("a",)), open_engine(bundle, "onnx", "fp32", "cpu", adapters=("a",))
-    params = SamplingParams(max_new_tokens=40, repetition_penalty=1.3)  # no early eos loop: 240 + 40 positions pass 256
+    gpu, cpu = (
+        open_engine(bundle, "onnx", "fp32", "gpu", adapters=("a",)),
+        open_engine(bundle, "onnx", "fp32", "cpu", adapters=("a",)),
+    )
+    params = SamplingParams(
+        max_new_tokens=40, repetition_penalty=1.3
+    )  # no early eos loop: 240 + 40 positions pass 256
     ours = gpu.generate_ids(prompt, params, adapters={"a": 1.0})
     assert ours == cpu.generate_ids(prompt, params, adapters={"a": 1.0}) and len(ours) + len(prompt) > 256
-    assert gpu.info()["device"]["uploads"]["kv"]["count"] == 2 * md.config.num_hidden_layers  # K and V of each layer, once
+    assert (
+        gpu.info()["device"]["uploads"]["kv"]["count"] == 2 * md.config.num_hidden_layers
+    )  # K and V of each layer, once

@@ -18,11 +18,11 @@ import time
 from pathlib import Path
 
 import pytest
+from security_helpers import make_adapter
 
 from edge_lora.bundle import Bundle
 from edge_lora.model_dir import ModelDir
 from edge_lora.signing import verify_bundle
-from security_helpers import make_adapter
 
 ROOT = Path(__file__).resolve().parents[1]
 KILLS_PER_SCENARIO = int(os.environ.get("EDGE_LORA_KILLS", "4"))  # more on demand: EDGE_LORA_KILLS=50
@@ -63,8 +63,14 @@ print("DONE", flush=True)
 
 def start(worker: str, job: dict) -> subprocess.Popen:
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
-    proc = subprocess.Popen([sys.executable, "-c", worker, json.dumps(job)], cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True)
+    proc = subprocess.Popen(
+        [sys.executable, "-c", worker, json.dumps(job)],
+        cwd=ROOT,
+        env=env,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     line = proc.stdout.readline()
     assert line.strip() == "READY", proc.stderr.read()
     return proc
@@ -109,7 +115,12 @@ def adapters(tmp_path_factory, model_dirs):
 @pytest.fixture(scope="module")
 def export_jobs(tmp_path_factory, model_dirs, adapters):
     out = tmp_path_factory.mktemp("kill_export") / "bundle"
-    old = {"op": "export", "model": str(model_dirs["llama"]), "out": str(out), "adapters": [[str(adapters["sql"]), "sql"]]}
+    old = {
+        "op": "export",
+        "model": str(model_dirs["llama"]),
+        "out": str(out),
+        "adapters": [[str(adapters["sql"]), "sql"]],
+    }
     jobs = {
         "old": old,
         "new": {**old, "adapters": [[str(adapters["sql"]), "sql"], [str(adapters["tone"]), "tone"]]},
@@ -156,8 +167,10 @@ def test_bundle_writers_survive_sigkill(scenario, export_jobs, adapters):
             bundle = Bundle.open(out)
             assert bundle.require(bundle.adapters["tone"]["source"]).read_bytes() in good_tone
     leftovers = sorted(p.name for p in out.parent.iterdir() if p.name.startswith("."))
-    print(f"\n{scenario}: {landed}/{KILLS_PER_SCENARIO} kills landed mid-work, all left old-or-new; "
-          f"hidden leftovers beside the bundle: {len(leftovers)}")
+    print(
+        f"\n{scenario}: {landed}/{KILLS_PER_SCENARIO} kills landed mid-work, all left old-or-new; "
+        f"hidden leftovers beside the bundle: {len(leftovers)}"
+    )
     assert landed >= 1  # some kills did land in the work, not after it
 
 
@@ -165,13 +178,31 @@ def test_bundle_writers_survive_sigkill(scenario, export_jobs, adapters):
 def test_training_survives_sigkill(tmp_path, model_dirs):
     rng = random.Random(int(os.environ.get("EDGE_LORA_KILL_SEED", "1234")))
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"text": f"select name from users where id = {i} and the fox jumps"}) + "\n"
-                            for i in range(24)))
+    data.write_text(
+        "".join(
+            json.dumps({"text": f"select name from users where id = {i} and the fox jumps"}) + "\n"
+            for i in range(24)
+        )
+    )
     out = tmp_path / "adapter.safetensors"
     ckpt = tmp_path / "ck"
-    job = dict(model=str(model_dirs["llama"]), data=str(data), out=str(out), steps=8, batch_size=2, seq_len=24, rank=4,
-               alpha=8, lr=1e-2, progress=False, threads=1, checkpoint_every=2, checkpoint_dir=str(ckpt), eval_split=0,
-               keep_checkpoints=100)  # keep every checkpoint, so each one a killed run leaves has a reference
+    job = dict(
+        model=str(model_dirs["llama"]),
+        data=str(data),
+        out=str(out),
+        steps=8,
+        batch_size=2,
+        seq_len=24,
+        rank=4,
+        alpha=8,
+        lr=1e-2,
+        progress=False,
+        threads=1,
+        checkpoint_every=2,
+        checkpoint_dir=str(ckpt),
+        eval_split=0,
+        keep_checkpoints=100,
+    )  # keep every checkpoint, so each one a killed run leaves has a reference
     duration = run_to_end(TRAIN_WORKER, job)
     print(f"\nuninterrupted training run: {duration:.2f} s after start-up")
     new_bytes = out.read_bytes()
@@ -186,20 +217,26 @@ def test_training_survives_sigkill(tmp_path, model_dirs):
         shutil.rmtree(ckpt, ignore_errors=True)
         out.write_bytes(old_bytes)
         landed += kill_at_random(TRAIN_WORKER, job, duration, rng)
-        assert out.read_bytes() in (old_bytes, new_bytes), "the adapter file is neither the old one nor the new one"
+        assert out.read_bytes() in (old_bytes, new_bytes), (
+            "the adapter file is neither the old one nor the new one"
+        )
         if out.read_bytes() == new_bytes:
             Adapter.load(out)
         for path in ckpt.iterdir() if ckpt.exists() else []:
             if path.name.startswith("."):
                 continue  # a temporary name: never picked up by --resume
             load_checkpoint(path)
-            assert path.read_bytes() == reference_ckpts[path.name], f"{path.name} differs from the uninterrupted run's"
+            assert path.read_bytes() == reference_ckpts[path.name], (
+                f"{path.name} differs from the uninterrupted run's"
+            )
         if i == 0:  # resuming from what is left finishes with the same adapter as one uninterrupted run
             has_checkpoint = ckpt.exists() and any(not p.name.startswith(".") for p in ckpt.iterdir())
             run_to_end(TRAIN_WORKER, {**job, "resume": "latest"} if has_checkpoint else job)
             assert out.read_bytes() == new_bytes
             resumed += 1
-    print(f"\ntraining kills that landed mid-run: {landed}/{KILLS_PER_SCENARIO}, resumed to the same adapter: {resumed}")
+    print(
+        f"\ntraining kills that landed mid-run: {landed}/{KILLS_PER_SCENARIO}, resumed to the same adapter: {resumed}"
+    )
     assert landed >= KILLS_PER_SCENARIO // 2
 
 

@@ -47,9 +47,9 @@ def test_written_private_pages_are_kept(tmp_path):
     with open(path, "r+b") as f:
         m = mmap.mmap(f.fileno(), 0, flags=mmap.MAP_PRIVATE, prot=mmap.PROT_READ | mmap.PROT_WRITE)
         m[:4] = b"edit"  # a copy-on-write page: only this process has it
-        m[4096 * 100:4096 * 100 + 4] = b"more"
+        m[4096 * 100 : 4096 * 100 + 4] = b"more"
         assert release_pages(path, quiet=True) == 0
-        assert m[:4] == b"edit" and m[4096 * 100:4096 * 100 + 4] == b"more"
+        assert m[:4] == b"edit" and m[4096 * 100 : 4096 * 100 + 4] == b"more"
         m.close()
     assert release_pages(tmp_path / "not-mapped.bin") == 0
     assert isinstance(trim_heap(), bool)

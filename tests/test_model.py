@@ -2,11 +2,11 @@
 
 import pytest
 import torch
+from tiny_models import load_hf
 
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.train.model import CausalLM
-from tiny_models import load_hf
 
 
 def test_logits_match_transformers(model_dirs, family):
@@ -41,11 +41,23 @@ def test_config_reads_family_details(model_dirs):
 
 
 def test_unknown_keys_tolerated_and_old_style_rope():
-    raw = {"architectures": ["LlamaForCausalLM"], "vocab_size": 10, "hidden_size": 8, "intermediate_size": 16,
-           "num_hidden_layers": 1, "num_attention_heads": 2, "rope_theta": 1e4,
-           "rope_scaling": {"type": "linear", "factor": 2.0}, "some_future_key": [1, 2]}
+    raw = {
+        "architectures": ["LlamaForCausalLM"],
+        "vocab_size": 10,
+        "hidden_size": 8,
+        "intermediate_size": 16,
+        "num_hidden_layers": 1,
+        "num_attention_heads": 2,
+        "rope_theta": 1e4,
+        "rope_scaling": {"type": "linear", "factor": 2.0},
+        "some_future_key": [1, 2],
+    }
     c = ModelConfig.from_dict(raw)
-    assert c.num_key_value_heads == 2 and c.head_dim == 4 and c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    assert (
+        c.num_key_value_heads == 2
+        and c.head_dim == 4
+        and c.rope_scaling == {"rope_type": "linear", "factor": 2.0}
+    )
 
 
 def test_unsupported_architecture_lists_supported():

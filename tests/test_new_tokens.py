@@ -15,9 +15,10 @@ from tiny_models import load_hf, quick_train_config
 from converters.export import AdapterSource, ExportOptions, export_bundle
 from converters.peft import export_peft, import_peft
 from edge_lora.adapter import Adapter
+from edge_lora.app.describe import describe
 from edge_lora.errors import EdgeLoraError
-from edge_lora.inspect import describe
 from edge_lora.model_dir import ModelDir
+from edge_lora.onnx_format.layout import read_layout
 from runtime.new_tokens import combine
 from runtime.sampling import SamplingParams
 
@@ -192,8 +193,10 @@ def test_4bit_greedy_agrees_with_peft(setup, backend):
         top2 = np.sort(want, -1)[:, -2:]
         decisive = top2[:, 1] - top2[:, 0] > 2 * err.max(-1)
         agree = want.argmax(-1) == got.argmax(-1)
-        print(f"{backend} 4-bit {kind}: top-1 agreement {agree.mean():.2f}, decisive {decisive.sum()}/{len(ids)}, "
-              f"max |diff| / max |logit|: base {base_rel:.3f}, new tokens {new_rel:.3f}")
+        print(
+            f"{backend} 4-bit {kind}: top-1 agreement {agree.mean():.2f}, decisive {decisive.sum()}/{len(ids)}, "
+            f"max |diff| / max |logit|: base {base_rel:.3f}, new tokens {new_rel:.3f}"
+        )
         assert new_rel <= 2 * base_rel + 0.03  # a lost or misplaced row moves its logits by ~100%
         assert agree[decisive].all() and agree.mean() >= 0.5
 
@@ -298,7 +301,7 @@ def test_trained_with_add_tokens_exports_and_runs(tmp_path, model_dirs, family):
     CLI, then both backends greedy-decode what transformers + PEFT decode from the same adapter."""
     import json
 
-    from edge_lora.cli import main as cli_main
+    from edge_lora.app.cli import main as cli_main
     from edge_lora.train.trainer import train
 
     md = ModelDir(model_dirs[family])
@@ -309,8 +312,19 @@ def test_trained_with_add_tokens_exports_and_runs(tmp_path, model_dirs, family):
             for i in range(12)
         )
     )
-    train(quick_train_config(tmp_path, md.path, data, out=str(tmp_path / "a.safetensors"), steps=6, lr=3e-2,
-                             add_tokens=NEW, targets="attention", eval_split=0))
+    train(
+        quick_train_config(
+            tmp_path,
+            md.path,
+            data,
+            out=str(tmp_path / "a.safetensors"),
+            steps=6,
+            lr=3e-2,
+            add_tokens=NEW,
+            targets="attention",
+            eval_split=0,
+        )
+    )
     adapter = Adapter.load(tmp_path / "a.safetensors", base=md.config)
     assert (
         cli_main(
@@ -345,7 +359,7 @@ def test_plain_graph_has_none_of_it_and_the_lora_graph_takes_the_rows(model_dirs
     import onnx
 
     from converters.onnx_export import export_onnx
-    from edge_lora import onnx_names as names
+    from edge_lora.onnx_format import names
 
     for family in FAMILIES:
         md = ModelDir(model_dirs[family])
@@ -362,7 +376,7 @@ def test_plain_graph_has_none_of_it_and_the_lora_graph_takes_the_rows(model_dirs
         assert (
             logits.type.tensor_type.shape.dim[2].dim_param == "vocab_size"
         )  # base + the request's new tokens
-        layout = names.read_layout(model)
+        layout = read_layout(model)
         assert (
             layout["version"] >= names.ADDED_ROWS_LAYOUT_VERSION
             and layout["added_rows"]["embed"] == names.ADDED_EMBED_ROWS

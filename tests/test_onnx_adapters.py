@@ -6,10 +6,10 @@ import threading
 
 import numpy as np
 import pytest
+from onnx_helpers import build_bundle, random_adapter, torch_logits
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from onnx_helpers import build_bundle, random_adapter, torch_logits
 from runtime.onnx_backend import OnnxEngine
 from runtime.sampling import SamplingParams
 
@@ -17,9 +17,14 @@ from runtime.sampling import SamplingParams
 @pytest.fixture(scope="module")
 def setup(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
-    adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=2),
-                "d": random_adapter(md, seed=3, dora=True, b_std=0.05)}
-    root = build_bundle(md.path, tmp_path_factory.mktemp("adapters") / "b", [("fp32", "fast"), ("int4", "fast")], adapters)
+    adapters = {
+        "a": random_adapter(md, seed=1),
+        "b": random_adapter(md, seed=2, rank=2),
+        "d": random_adapter(md, seed=3, dora=True, b_std=0.05),
+    }
+    root = build_bundle(
+        md.path, tmp_path_factory.mktemp("adapters") / "b", [("fp32", "fast"), ("int4", "fast")], adapters
+    )
     return md, adapters, root
 
 
@@ -93,7 +98,9 @@ def test_stacked_equals_merged_sum(setup):
     engine.merge("a", 1.0)
     engine.merge("b", 0.5)
     merged = engine.logits(ids, adapters={})
-    print(f"stacked vs PyTorch merged sum {np.abs(stacked - want).max():.2e}, stacked vs merged {np.abs(stacked - merged).max():.2e}")
+    print(
+        f"stacked vs PyTorch merged sum {np.abs(stacked - want).max():.2e}, stacked vs merged {np.abs(stacked - merged).max():.2e}"
+    )
     assert np.abs(stacked - want).max() < 1e-3 and np.abs(stacked - merged).max() < 1e-4
 
 
@@ -105,7 +112,10 @@ def test_per_request_set_leaves_default_and_other_threads_alone(setup):
     engine.set_adapters({"a": 1.0})
     ids = ids_for(md, 8)
     params = SamplingParams(max_new_tokens=12)
-    expected = {key: engine.generate_ids(ids, params, adapters=dict(key)) for key in ((("a", 1.0),), (("b", 1.0),), ())}
+    expected = {
+        key: engine.generate_ids(ids, params, adapters=dict(key))
+        for key in ((("a", 1.0),), (("b", 1.0),), ())
+    }
     assert engine.generate_ids(ids, params) == expected[(("a", 1.0),)]  # the default set
     results, errors = {}, []
 
@@ -132,7 +142,10 @@ def test_dora_runs_unmerged_and_merges(setup):
     want = torch_logits(md.path, ids, [(adapters["d"], 1.0)])
     assert np.abs(engine.logits(ids, adapters={"d": 1.0}) - want).max() < 1e-3
     engine.merge("d")
-    assert np.abs(engine.logits(ids, adapters={}) - torch_logits(md.path, ids, [(adapters["d"], 1.0)])).max() < 1e-3
+    assert (
+        np.abs(engine.logits(ids, adapters={}) - torch_logits(md.path, ids, [(adapters["d"], 1.0)])).max()
+        < 1e-3
+    )
 
 
 def test_onnx_adapter_file_equals_feeds_built_from_safetensors(setup):
@@ -149,7 +162,11 @@ def test_onnx_adapter_file_equals_feeds_built_from_safetensors(setup):
         ours = engine._set_cache[((name, 1.0),)]["arrays"]  # stacked when added
         assert set(ours) <= set(exported)
         for key, value in exported.items():  # the groups the adapter leaves out: rank-1 zeros (WebGPU)
-            want = ours[key] if key in ours else np.zeros([1 if d == 0 else d for d in value.numpy().shape], np.float32)
+            want = (
+                ours[key]
+                if key in ours
+                else np.zeros([1 if d == 0 else d for d in value.numpy().shape], np.float32)
+            )
             assert key in ours or 1 in value.numpy().shape
             np.testing.assert_array_equal(value.numpy(), want)
     ids = ids_for(md)
@@ -163,7 +180,9 @@ def test_onnx_adapter_file_equals_feeds_built_from_safetensors(setup):
     feeds = {"input_ids": np.array([ids], np.int64), "attention_mask": np.ones((1, len(ids)), np.int64)}
     for i in range(c.num_hidden_layers):
         for kind in ("key", "value"):
-            feeds[f"past_key_values.{i}.{kind}"] = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
+            feeds[f"past_key_values.{i}.{kind}"] = np.zeros(
+                (1, c.num_key_value_heads, 0, c.head_dim), np.float32
+            )
     theirs = engine.lora_session.run(["logits"], feeds, run_options=options)[0][0]
     assert np.abs(via_file - theirs).max() < 1e-5
 
@@ -200,9 +219,11 @@ def _genai_matches_ours(md, root, quant):
         generator.append_tokens(ids)
         while not generator.is_done():
             generator.generate_next_token()
-        theirs = [int(t) for t in generator.get_sequence(0)[len(ids):]]
-        theirs = theirs[:next((i for i, t in enumerate(theirs) if t in eos), len(theirs))]
-        ours = engine.generate_ids(ids, SamplingParams(max_new_tokens=new), adapters={name: 1.0} if name else {})
+        theirs = [int(t) for t in generator.get_sequence(0)[len(ids) :]]
+        theirs = theirs[: next((i for i, t in enumerate(theirs) if t in eos), len(theirs))]
+        ours = engine.generate_ids(
+            ids, SamplingParams(max_new_tokens=new), adapters={name: 1.0} if name else {}
+        )
         print(f"genai {md.config.model_type} {quant} adapter={name}: {theirs} ours {ours}")
         assert ours == theirs and len(ours) >= 4
         outputs.append(ours)
@@ -213,7 +234,9 @@ def test_unavailable_provider_warns_and_falls_back_to_cpu(setup):
     md, _, root = setup
     with pytest.warns(RuntimeWarning, match="coreml.*falling back to CPU"):
         engine = OnnxEngine(root, quant="fp32", provider="coreml")
-    assert engine.providers == ["CPUExecutionProvider"] and engine.info()["providers"] == ["CPUExecutionProvider"]
+    assert engine.providers == ["CPUExecutionProvider"] and engine.info()["providers"] == [
+        "CPUExecutionProvider"
+    ]
     assert engine.logits(ids_for(md, 4)).shape == (4, md.config.vocab_size)
     with pytest.raises(EdgeLoraError, match="unknown execution provider"):
         OnnxEngine(root, quant="fp32", provider="tpu")
@@ -223,12 +246,20 @@ def test_generation_controls_on_onnx(setup):
     md, _, root = setup
     engine = OnnxEngine(root, quant="fp32")
     engine.add_adapter("a")
-    streamed = "".join(engine.generate("SELECT name", 16, adapters={"a": 1.0}, stream=True, temperature=0.8, top_k=20, seed=7))
-    assert streamed == engine.generate("SELECT name", 16, adapters={"a": 1.0}, temperature=0.8, top_k=20, seed=7)
+    streamed = "".join(
+        engine.generate(
+            "SELECT name", 16, adapters={"a": 1.0}, stream=True, temperature=0.8, top_k=20, seed=7
+        )
+    )
+    assert streamed == engine.generate(
+        "SELECT name", 16, adapters={"a": 1.0}, temperature=0.8, top_k=20, seed=7
+    )
     full = engine.generate("SELECT name", 16, repetition_penalty=1.3)
     if len(full) > 3:
         stop = full[2:4]
-        assert engine.generate("SELECT name", 16, repetition_penalty=1.3, stop=[stop]) == full[: full.find(stop)]
+        assert (
+            engine.generate("SELECT name", 16, repetition_penalty=1.3, stop=[stop]) == full[: full.find(stop)]
+        )
 
 
 def test_layout_2_bundle_still_loads_and_refuses_tied_head_and_dora(model_dirs, tmp_path):
@@ -244,7 +275,9 @@ def test_layout_2_bundle_still_loads_and_refuses_tied_head_and_dora(model_dirs, 
     layout_path.write_text(json.dumps(layout))
     head = random_adapter(md, seed=1, modules=["lm_head"])
     head.save(tmp_path / "head.safetensors")
-    random_adapter(md, seed=2, dora=True, modules=["model.layers.0.mlp.up_proj"]).save(tmp_path / "dora.safetensors")
+    random_adapter(md, seed=2, dora=True, modules=["model.layers.0.mlp.up_proj"]).save(
+        tmp_path / "dora.safetensors"
+    )
     random_adapter(md, seed=3, modules=["model.layers.0.mlp.up_proj"]).save(tmp_path / "plain.safetensors")
     engine = OnnxEngine(root, verify_hashes=False)
     with pytest.raises(EdgeLoraError, match="lm_head.*re-export"):
@@ -277,13 +310,17 @@ def test_runtime_needs_neither_torch_nor_onnx_nor_converters(setup):
     import sys
 
     _, _, root = setup
-    code = ("import sys, runtime\n"
-            f"e = runtime.load({str(root)!r}, backend='onnx', quant='int4')\n"
-            "e.add_adapter('a'); e.add_adapter('b')\n"
-            "e.generate('SELECT', 4, adapters={'a': 1.0, 'b': 0.5}); e.merge('a')\n"
-            "bad = [m for m in ('torch', 'onnx', 'converters', 'edge_lora.train') if m in sys.modules]\n"
-            "assert not bad, bad\n")
-    subprocess.run([sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1]))
+    code = (
+        "import sys, runtime\n"
+        f"e = runtime.load({str(root)!r}, backend='onnx', quant='int4')\n"
+        "e.add_adapter('a'); e.add_adapter('b')\n"
+        "e.generate('SELECT', 4, adapters={'a': 1.0, 'b': 0.5}); e.merge('a')\n"
+        "bad = [m for m in ('torch', 'onnx', 'converters', 'edge_lora.train') if m in sys.modules]\n"
+        "assert not bad, bad\n"
+    )
+    subprocess.run(
+        [sys.executable, "-c", code], check=True, cwd=str(__import__("pathlib").Path(__file__).parents[1])
+    )
 
 
 def test_merge_while_another_thread_generates(setup):

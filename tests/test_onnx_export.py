@@ -6,12 +6,12 @@ import json
 import numpy as np
 import onnx
 import pytest
+from onnx_helpers import build_bundle, random_adapter, torch_logits
 
 from converters.onnx_export import PLAIN_MODEL_FILE, export_onnx
-from edge_lora import onnx_names as names
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from edge_lora.onnx_format import names
 from runtime.onnx_backend import OnnxEngine
 
 TOL = 1e-3
@@ -23,7 +23,9 @@ def test_fp32_matches_pytorch(model_dirs, family, variant, tmp_path):
     adapter = random_adapter(md, seed=1)
     engine = OnnxEngine(build_bundle(md.path, tmp_path / "b", [("fp32", variant)], {"a": adapter}))
     engine.add_adapter("a")
-    ids = [int(t) for t in np.random.default_rng(0).integers(0, md.config.vocab_size, 40)]  # > Mistral's window
+    ids = [
+        int(t) for t in np.random.default_rng(0).integers(0, md.config.vocab_size, 40)
+    ]  # > Mistral's window
     for chosen, parts in (({}, []), ({"a": 1.0}, [(adapter, 1.0)])):
         want = torch_logits(md.path, ids, parts)
         full = engine.logits(ids, adapters=chosen)
@@ -38,19 +40,32 @@ def test_export_writes_genai_folder(model_dirs, tmp_path):
     md = ModelDir(model_dirs["qwen2"])
     path = export_onnx(md, tmp_path, "int4", "fast")
     assert path == tmp_path / names.MODEL_FILE
-    for name in ("genai_config.json", "tokenizer.json", "tokenizer_config.json", names.DATA_FILE, names.LAYOUT_FILE, PLAIN_MODEL_FILE):
+    for name in (
+        "genai_config.json",
+        "tokenizer.json",
+        "tokenizer_config.json",
+        names.DATA_FILE,
+        names.LAYOUT_FILE,
+        PLAIN_MODEL_FILE,
+    ):
         assert (tmp_path / name).is_file(), name
     config = json.loads((tmp_path / "genai_config.json").read_text())
     assert config["model"]["decoder"]["num_key_value_heads"] == md.config.num_key_value_heads
-    assert config["search"]["past_present_share_buffer"] is True  # GroupQueryAttention writes the cache in place
+    assert (
+        config["search"]["past_present_share_buffer"] is True
+    )  # GroupQueryAttention writes the cache in place
     model = onnx.load(str(path), load_external_data=False)
     ops = {n.op_type for n in model.graph.node}
     assert {"MatMulNBits", "GroupQueryAttention", "SkipSimplifiedLayerNormalization"} <= ops
     lora_inputs = [i for i in model.graph.input if i.name.endswith(".lora_A.T")]
-    assert len(lora_inputs) == 4 * md.config.num_hidden_layers + 1  # qkv, o, gate_up, down; tied lm_head has one too
+    assert (
+        len(lora_inputs) == 4 * md.config.num_hidden_layers + 1
+    )  # qkv, o, gate_up, down; tied lm_head has one too
     assert all(not i.type.tensor_type.shape.dim[1].dim_value for i in lora_inputs)  # symbolic rank
     plain = onnx.load(str(tmp_path / PLAIN_MODEL_FILE), load_external_data=False)
-    assert not [n for n in plain.graph.node if "/lora/" in n.name] and len(plain.graph.input) < len(model.graph.input)
+    assert not [n for n in plain.graph.node if "/lora/" in n.name] and len(plain.graph.input) < len(
+        model.graph.input
+    )
 
 
 def test_portable_uses_standard_ops_only(model_dirs, tmp_path):

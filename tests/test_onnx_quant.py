@@ -2,10 +2,10 @@
 
 import numpy as np
 import pytest
-
-from edge_lora import onnx_quant as q
-from edge_lora.model_dir import ModelDir
 from onnx_helpers import build_bundle, random_adapter, torch_logits
+
+from edge_lora.model_dir import ModelDir
+from edge_lora.onnx_format import weight_quant as q
 from runtime.onnx_backend import OnnxEngine
 
 
@@ -75,12 +75,16 @@ def test_quantized_agreement_with_pytorch(quant_bundle, quant, variant):
         want, got = torch_logits(md.path, ids, parts), engine.logits(ids, adapters=chosen)
         diff = np.abs(got - want).max()
         top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
-        print(f"{quant}-{variant} adapters={chosen}: max |diff| {diff:.4f} (logit range {np.ptp(want):.2f}), top-1 agreement {top1:.3f}")
+        print(
+            f"{quant}-{variant} adapters={chosen}: max |diff| {diff:.4f} (logit range {np.ptp(want):.2f}), top-1 agreement {top1:.3f}"
+        )
         bound = {"fp16": 1e-3, "int8": 0.02, "int4": 0.25}[quant]
         assert diff < bound and top1 >= {"fp16": 1.0, "int8": 0.9, "int4": 0.6}[quant]
 
 
-@pytest.mark.parametrize("quant,variant", [("int4", "fast"), ("int8", "fast"), ("int8", "portable"), ("int4", "portable")])
+@pytest.mark.parametrize(
+    "quant,variant", [("int4", "fast"), ("int8", "fast"), ("int8", "portable"), ("int4", "portable")]
+)
 def test_merged_equals_unmerged_within_quantization_error(quant_bundle, quant, variant):
     md, adapter, root = quant_bundle
     engine = OnnxEngine(root, quant=quant, variant=variant)
@@ -93,8 +97,12 @@ def test_merged_equals_unmerged_within_quantization_error(quant_bundle, quant, v
     merged = engine.logits(ids, adapters={})
     reference = torch_logits(md.path, ids, [(adapter, 1.0)])
     gap = np.abs(merged - unmerged).max()
-    print(f"{quant}-{variant}: |merged - unmerged| {gap:.4f}, base quantization error {base_error:.4f}, "
-          f"|merged - fp32 reference| {np.abs(merged - reference).max():.4f}")
+    print(
+        f"{quant}-{variant}: |merged - unmerged| {gap:.4f}, base quantization error {base_error:.4f}, "
+        f"|merged - fp32 reference| {np.abs(merged - reference).max():.4f}"
+    )
     assert gap < 3 * base_error
     assert np.abs(merged - reference).max() < 3 * base_error
-    assert np.abs(merged - reference).mean() < 0.5 * np.abs(merged - torch_base).mean()  # the merge did move the model
+    assert (
+        np.abs(merged - reference).mean() < 0.5 * np.abs(merged - torch_base).mean()
+    )  # the merge did move the model

@@ -8,11 +8,11 @@ import gc
 
 import numpy as np
 import pytest
+from onnx_helpers import build_bundle, random_adapter, torch_logits
 
 import runtime.onnx_backend as onnx_backend
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from onnx_helpers import build_bundle, random_adapter, torch_logits
 from runtime.onnx_backend import OnnxEngine, OnnxState, SharedKVState
 
 TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
@@ -27,7 +27,9 @@ def small_blocks(monkeypatch):
 def setup(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
     adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=2)}
-    root = build_bundle(md.path, tmp_path_factory.mktemp("shared_kv") / "b", [("fp32", "fast"), ("int4", "fast")], adapters)
+    root = build_bundle(
+        md.path, tmp_path_factory.mktemp("shared_kv") / "b", [("fp32", "fast"), ("int4", "fast")], adapters
+    )
     return md, adapters, root
 
 
@@ -41,12 +43,12 @@ def decode(state, ids, chunks=(5, 25), poison=False):
     position past the sequence with NaN before each step: none of them may be read."""
     steps, start = [], 0
     for size in chunks:
-        steps = [state.feed(ids[start:start + size])]
+        steps = [state.feed(ids[start : start + size])]
         start += size
     for token in ids[start:]:
         if poison:
             for buffer in state.cache:
-                buffer[:, :, state.length:] = np.nan
+                buffer[:, :, state.length :] = np.nan
         steps.append(state.feed([token]))
     return np.stack(steps), start
 
@@ -81,9 +83,11 @@ def test_decode_across_growth_equals_full_logits_and_pytorch(setup, chosen):
     assert state.capacity == 128 and state.length == 120  # 16 -> 32 (the chunk) -> 64 -> 128
     full = engine.logits(ids, adapters=chosen)
     want = torch_logits(md.path, ids, [(adapters[n], s) for n, s in chosen.items()])
-    print(f"{chosen}: steps vs full {np.abs(steps - full[start - 1:]).max():.2e}, vs PyTorch {np.abs(steps - want[start - 1:]).max():.2e}")
-    assert np.abs(steps - full[start - 1:]).max() < 1e-4
-    assert np.abs(steps - want[start - 1:]).max() < TOL and np.abs(full - want).max() < TOL
+    print(
+        f"{chosen}: steps vs full {np.abs(steps - full[start - 1 :]).max():.2e}, vs PyTorch {np.abs(steps - want[start - 1 :]).max():.2e}"
+    )
+    assert np.abs(steps - full[start - 1 :]).max() < 1e-4
+    assert np.abs(steps - want[start - 1 :]).max() < TOL and np.abs(full - want).max() < TOL
 
 
 @pytest.mark.parametrize("chosen", [{}, {"a": 1.0}, {"a": 0.5, "b": 1.0}])
@@ -104,7 +108,10 @@ def test_capacity_doubles_and_stops_at_the_context(setup):
     state = new_state(engine, {})
     state.feed(ids_for(md, 130))
     assert state.capacity == 144  # the first feed rounded up to the block
-    assert state.cache[0].shape == (1, c.num_key_value_heads, 144, c.head_dim) and len(state.cache) == 2 * c.num_hidden_layers
+    assert (
+        state.cache[0].shape == (1, c.num_key_value_heads, 144, c.head_dim)
+        and len(state.cache) == 2 * c.num_hidden_layers
+    )
     before = state.cache[0][:, :, :130].copy()
     state.feed([5])
     state.feed([6] * 13)
@@ -127,11 +134,13 @@ def test_sliding_window_matches_transformers(model_dirs, tmp_path):
     engine = OnnxEngine(build_bundle(md.path, tmp_path / "b", [("fp32", "fast")]))
     ids = ids_for(md, 70, seed=2)
     steps, start = decode(new_state(engine, {}), ids, chunks=(20, 3), poison=True)
-    model = AutoModelForCausalLM.from_pretrained(md.path, dtype=torch.float32, attn_implementation="eager").eval()
+    model = AutoModelForCausalLM.from_pretrained(
+        md.path, dtype=torch.float32, attn_implementation="eager"
+    ).eval()
     with torch.no_grad():
         want = model(torch.tensor([ids])).logits[0].numpy()
-    print(f"mistral decode vs transformers {np.abs(steps - want[start - 1:]).max():.2e}")
-    assert np.abs(steps - want[start - 1:]).max() < TOL
+    print(f"mistral decode vs transformers {np.abs(steps - want[start - 1 :]).max():.2e}")
+    assert np.abs(steps - want[start - 1 :]).max() < TOL
     assert np.abs(engine.logits(ids) - want).max() < TOL
 
 
@@ -139,7 +148,11 @@ def test_interleaved_states_do_not_disturb_each_other(setup):
     """Three requests (base, bundled adapter, stacked set) feeding in turn, each growing its own cache."""
     md, adapters, root = setup
     engine = engine_with_adapters(root, "fp32", adapters)
-    requests = [({}, ids_for(md, 60, seed=3)), ({"a": 1.0}, ids_for(md, 60, seed=4)), ({"b": 1.0, "a": 0.5}, ids_for(md, 60, seed=5))]
+    requests = [
+        ({}, ids_for(md, 60, seed=3)),
+        ({"a": 1.0}, ids_for(md, 60, seed=4)),
+        ({"b": 1.0, "a": 0.5}, ids_for(md, 60, seed=5)),
+    ]
     states = [new_state(engine, chosen) for chosen, _ in requests]
     got = [[state.feed(ids[:4])] for state, (_, ids) in zip(states, requests)]
     for t in range(4, 60):

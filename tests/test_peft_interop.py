@@ -7,6 +7,7 @@ import pytest
 import torch
 from peft import LoraConfig as PeftLoraConfig
 from peft import PeftModel, get_peft_model
+from tiny_models import load_hf
 
 from converters.peft import export_peft, import_peft
 from edge_lora.adapter import Adapter, LoraWeights
@@ -15,7 +16,6 @@ from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 from edge_lora.train.lora import load_adapter_into
 from edge_lora.train.model import CausalLM
-from tiny_models import load_hf
 
 
 def random_adapter(config, rank_of=lambda m: 4, alpha=8.0, rslora=False, dora=False, seed=0) -> Adapter:
@@ -23,9 +23,12 @@ def random_adapter(config, rank_of=lambda m: 4, alpha=8.0, rslora=False, dora=Fa
     modules = {}
     for m, (out_f, in_f) in linear_modules(config).items():
         r = rank_of(m)
-        modules[m] = LoraWeights(a=rng.normal(0, 0.1, (r, in_f)).astype(np.float32), b=rng.normal(0, 0.1, (out_f, r)).astype(np.float32),
-                                 alpha=alpha if "down" not in m else alpha / 2,
-                                 magnitude=rng.uniform(0.5, 1.5, out_f).astype(np.float32) if dora else None)
+        modules[m] = LoraWeights(
+            a=rng.normal(0, 0.1, (r, in_f)).astype(np.float32),
+            b=rng.normal(0, 0.1, (out_f, r)).astype(np.float32),
+            alpha=alpha if "down" not in m else alpha / 2,
+            magnitude=rng.uniform(0.5, 1.5, out_f).astype(np.float32) if dora else None,
+        )
     return Adapter(modules=modules, base_architecture=config.architecture, rslora=rslora)
 
 
@@ -51,8 +54,15 @@ def test_our_adapter_in_peft_gives_our_logits(model_dirs, tmp_path, rslora, dora
 @pytest.mark.parametrize("family", ["llama", "mistral", "qwen2", "smollm"])
 def test_peft_made_adapter_imports_to_same_logits(model_dirs, tmp_path, family):
     md = ModelDir(model_dirs[family])
-    cfg = PeftLoraConfig(r=4, lora_alpha=8, target_modules="all-linear", use_rslora=(family == "llama"),
-                         use_dora=(family == "mistral"), rank_pattern={"q_proj": 2}, alpha_pattern={"down_proj": 3})
+    cfg = PeftLoraConfig(
+        r=4,
+        lora_alpha=8,
+        target_modules="all-linear",
+        use_rslora=(family == "llama"),
+        use_dora=(family == "mistral"),
+        rank_pattern={"q_proj": 2},
+        alpha_pattern={"down_proj": 3},
+    )
     torch.manual_seed(0)
     peft_model = get_peft_model(load_hf(md.path), cfg)
     with torch.no_grad():  # B starts at zero; give it values so the test means something

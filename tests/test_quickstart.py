@@ -7,10 +7,10 @@ from pathlib import Path
 
 import pytest
 
-from edge_lora.cli import main
+from edge_lora.app.cli import main
+from edge_lora.app.quickstart.run import DEFAULT_MODEL
+from edge_lora.app.quickstart.tasks import STYLES, TASKS, exact_match, score, spell, word_split
 from edge_lora.model_dir import ModelDir
-from edge_lora.quickstart.run import DEFAULT_MODEL
-from edge_lora.quickstart.tasks import STYLES, TASKS, exact_match, score, spell, word_split
 
 
 def test_tasks_define_answers_that_a_copy_never_matches():
@@ -62,7 +62,12 @@ def test_quickstart_ci_form_meets_its_targets(tmp_path, capsys):
     summary = json.loads(capsys.readouterr().out)
     assert [c["what"] for c in summary["checks"] if not c["ok"]] == []
     assert rc == 0
-    assert {(r["backend"], r["quant"]) for r in summary["runs"]} == {("onnx", "int8"), ("onnx", "int4"), ("llamacpp", "q8_0"), ("llamacpp", "q4_0")}
+    assert {(r["backend"], r["quant"]) for r in summary["runs"]} == {
+        ("onnx", "int8"),
+        ("onnx", "int4"),
+        ("llamacpp", "q8_0"),
+        ("llamacpp", "q4_0"),
+    }
     for task in summary["tasks"]:
         assert summary["host"]["base"][task] <= 10 and summary["host"]["adapter"][task] >= 90
         for run in summary["runs"]:

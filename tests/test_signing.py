@@ -7,13 +7,13 @@ import os
 import stat
 
 import pytest
+from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 
 from edge_lora import signing
+from edge_lora.app.cli import main as cli
 from edge_lora.bundle import Bundle
-from edge_lora.cli import main as cli
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 
 pytest.importorskip("cryptography")
 
@@ -21,13 +21,19 @@ pytest.importorskip("cryptography")
 @pytest.fixture(scope="module")
 def keys(tmp_path_factory):
     root = tmp_path_factory.mktemp("keys")
-    return {"good": signing.generate_keypair(root / "good"), "other": signing.generate_keypair(root / "other")}
+    return {
+        "good": signing.generate_keypair(root / "good"),
+        "other": signing.generate_keypair(root / "other"),
+    }
 
 
 @pytest.fixture()
 def bundle(tmp_path, model_dirs):
     md = ModelDir(model_dirs["llama"])
-    adapters = {"sql": make_adapter(md.config, md.fingerprint, seed=1), "tone": make_adapter(md.config, md.fingerprint, seed=2)}
+    adapters = {
+        "sql": make_adapter(md.config, md.fingerprint, seed=1),
+        "tone": make_adapter(md.config, md.fingerprint, seed=2),
+    }
     return make_core_bundle(tmp_path / "bundle", model_dirs["llama"], adapters)
 
 
@@ -49,7 +55,9 @@ def test_public_key_formats_agree(keys, tmp_path):
     pem = signing.load_public_key(keys["good"][1])
     (tmp_path / "raw.pub").write_bytes(pem.raw)
     (tmp_path / "hex.pub").write_text(pem.raw.hex() + "\n")
-    assert signing.load_public_key(tmp_path / "raw.pub") == pem == signing.load_public_key(tmp_path / "hex.pub")
+    assert (
+        signing.load_public_key(tmp_path / "raw.pub") == pem == signing.load_public_key(tmp_path / "hex.pub")
+    )
     assert signing.load_public_key(pem.raw) == pem and len(pem.key_id) == 16
     assert signing.load_trusted_keys(pem) == signing.load_trusted_keys([keys["good"][1]]) == {pem.key_id: pem}
     with pytest.raises(EdgeLoraError, match="not an Ed25519 public key"):
@@ -69,7 +77,10 @@ def test_file_signature_round_trip_and_every_tampering(keys, bundle):
     record = json.loads(sig.read_text())
     forged = signing.load_private_key(keys["other"][0]).sign(signing.DOMAIN + bytes.fromhex(record["sha256"]))
     import base64
-    sig.write_text(json.dumps({**record, "signature": base64.b64encode(forged).decode()}))  # right key id, wrong signer
+
+    sig.write_text(
+        json.dumps({**record, "signature": base64.b64encode(forged).decode()})
+    )  # right key id, wrong signer
     with pytest.raises(EdgeLoraError, match="signature is invalid"):
         signing.verify_file(target, [keys["good"][1]])
 
@@ -158,7 +169,10 @@ def test_cli_keygen_sign_verify(tmp_path, bundle, capsys):
     prefix = tmp_path / "release"
     assert cli(["keygen", str(prefix)]) == 0
     assert cli(["sign", "--key", f"{prefix}.key", str(bundle)]) == 0
-    assert cli(["verify", "--key", f"{prefix}.pub", str(bundle), str(bundle / "adapters" / "sql.safetensors")]) == 0
+    assert (
+        cli(["verify", "--key", f"{prefix}.pub", str(bundle), str(bundle / "adapters" / "sql.safetensors")])
+        == 0
+    )
     assert cli(["verify", str(bundle)]) == 0
     flip_byte(bundle / "adapters" / "sql.safetensors")
     capsys.readouterr()
@@ -178,8 +192,13 @@ def exported(tmp_path_factory, model_dirs, keys):
     for name, seed in (("sql", 1), ("tone", 2)):
         make_adapter(md.config, md.fingerprint, seed=seed).save(root / f"{name}.safetensors")
         sources.append(AdapterSource(root / f"{name}.safetensors", name))
-    bundle = export_bundle(md.path, root / "bundle", sources, ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"]),
-                           show_progress=False)
+    bundle = export_bundle(
+        md.path,
+        root / "bundle",
+        sources,
+        ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"]),
+        show_progress=False,
+    )
     signing.sign_bundle(bundle, keys["good"][0])
     return bundle
 
@@ -192,7 +211,9 @@ def test_real_backends_honour_trusted_keys(exported, keys, backend, tmp_path):
 
     engine = runtime.load(exported, backend=backend, trusted_keys=[keys["good"][1]])
     engine.add_adapter("sql")
-    signed_out = engine.generate_ids([5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=4), adapters={"sql": 1.0})
+    signed_out = engine.generate_ids(
+        [5, 6, 7], runtime.SamplingParams.from_kwargs(max_new_tokens=4), adapters={"sql": 1.0}
+    )
     assert len(signed_out) == 4
     with pytest.raises(EdgeLoraError, match="not a trusted key"):
         runtime.load(exported, backend=backend, trusted_keys=[keys["other"][1]])

@@ -14,11 +14,11 @@ import time
 
 import psutil
 import pytest
+from security_helpers import make_adapter
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from runtime.sampling import SamplingParams
-from security_helpers import make_adapter
 
 SOAK_SECONDS = float(os.environ.get("EDGE_LORA_SOAK_SECONDS", "8"))  # per backend; longer on demand
 GENERATORS = 3
@@ -26,7 +26,14 @@ MAX_RSS_GROWTH_MB = 40
 PROMPTS = [[5, 17, 42, 9], [100, 3, 250, 77, 12, 8]]
 PARAMS = SamplingParams.from_kwargs(max_new_tokens=6)
 # the sets generators use; "churn" is tone's file loaded under another name, added and removed all the time
-SETS = [{}, {"sql": 1.0}, {"tone": 1.0}, {"sql": 1.0, "tone": 0.5}, {"churn": 1.0}, {"sql": 0.7, "churn": 1.0}]
+SETS = [
+    {},
+    {"sql": 1.0},
+    {"tone": 1.0},
+    {"sql": 1.0, "tone": 0.5},
+    {"churn": 1.0},
+    {"sql": 0.7, "churn": 1.0},
+]
 
 
 def reference_key(adapter_set: dict) -> tuple:
@@ -47,10 +54,14 @@ def bundle(tmp_path_factory, model_dirs):
     sources = []
     for name, seed in (("sql", 11), ("tone", 12)):
         path = root / f"{name}.safetensors"
-        make_adapter(md.config, md.fingerprint, rank=8, seed=seed, modules=("q_proj", "v_proj", "o_proj", "down_proj")).save(path)
+        make_adapter(
+            md.config, md.fingerprint, rank=8, seed=seed, modules=("q_proj", "v_proj", "o_proj", "down_proj")
+        ).save(path)
         sources.append(AdapterSource(path, name))
     options = ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"])
-    return export_bundle(md.path, root / "bundle", sources, options, show_progress=False), root / "tone.safetensors"
+    return export_bundle(
+        md.path, root / "bundle", sources, options, show_progress=False
+    ), root / "tone.safetensors"
 
 
 @pytest.mark.slow
@@ -66,8 +77,12 @@ def test_soak_swaps_under_load(bundle, backend):
     reference = {}
     for adapter_set in SETS:
         for i, prompt in enumerate(PROMPTS):
-            reference[reference_key(adapter_set), i] = engine.generate_ids(prompt, PARAMS, adapters=adapter_set)
-    assert len({tuple(v) for v in reference.values()}) > len(PROMPTS), "adapters do not change the output: weak test"
+            reference[reference_key(adapter_set), i] = engine.generate_ids(
+                prompt, PARAMS, adapters=adapter_set
+            )
+    assert len({tuple(v) for v in reference.values()}) > len(PROMPTS), (
+        "adapters do not change the output: weak test"
+    )
     defaults = [{}, {"sql": 1.0}, {"tone": 1.0}]
 
     stop = threading.Event()
@@ -94,7 +109,11 @@ def test_soak_swaps_under_load(bundle, backend):
                 with lock:
                     failures.append(f"{type(exc).__name__} for {adapter_set}: {exc}")
                 return
-            allowed = [reference[reference_key(d), i] for d in defaults] if use_default else [reference[reference_key(adapter_set), i]]
+            allowed = (
+                [reference[reference_key(d), i] for d in defaults]
+                if use_default
+                else [reference[reference_key(adapter_set), i]]
+            )
             with lock:
                 counts["served"] += 1
                 if out not in allowed:
@@ -119,7 +138,9 @@ def test_soak_swaps_under_load(bundle, backend):
                 return
 
     process = psutil.Process()
-    warm = [threading.Thread(target=generator, args=(s,)) for s in range(GENERATORS)] + [threading.Thread(target=mutator)]
+    warm = [threading.Thread(target=generator, args=(s,)) for s in range(GENERATORS)] + [
+        threading.Thread(target=mutator)
+    ]
     for t in warm:  # a short warm-up so caches and arenas reach their steady size before measuring
         t.start()
     time.sleep(min(2.0, SOAK_SECONDS / 4))
@@ -129,13 +150,19 @@ def test_soak_swaps_under_load(bundle, backend):
     for t in warm:
         t.join(timeout=60)
         assert not t.is_alive(), "a thread hung"
-    rss_growth_mb = (process.memory_info().rss - rss_start) / 2 ** 20
-    print(f"\n{backend}: {counts['served']} requests served, {counts['refused']} cleanly refused, "
-          f"{counts['cycles']} add/remove cycles, {counts['swaps']} default swaps in {SOAK_SECONDS:.0f} s; "
-          f"RSS growth {rss_growth_mb:+.1f} MB")
+    rss_growth_mb = (process.memory_info().rss - rss_start) / 2**20
+    print(
+        f"\n{backend}: {counts['served']} requests served, {counts['refused']} cleanly refused, "
+        f"{counts['cycles']} add/remove cycles, {counts['swaps']} default swaps in {SOAK_SECONDS:.0f} s; "
+        f"RSS growth {rss_growth_mb:+.1f} MB"
+    )
     assert not failures, "\n".join(failures[:10])
     assert counts["served"] > 20 and counts["cycles"] > 10
     assert rss_growth_mb < MAX_RSS_GROWTH_MB
-    scratch = getattr(engine, "_tmp", None)  # llama.cpp converts path adapters to GGUF files in a scratch folder
+    scratch = getattr(
+        engine, "_tmp", None
+    )  # llama.cpp converts path adapters to GGUF files in a scratch folder
     if scratch is not None:
-        assert len(os.listdir(scratch.name)) <= len(engine.adapters), "converted adapter files pile up on disk"
+        assert len(os.listdir(scratch.name)) <= len(engine.adapters), (
+            "converted adapter files pile up on disk"
+        )

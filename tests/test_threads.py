@@ -5,19 +5,39 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-
-import runtime
 from test_export_bundle import make_adapter, make_bundle
 
-ADAPTER_SETS = [{}, {"a": 1.0}, {"b": 1.0}, {"a": 1.0, "b": 0.5}, {"a": 0.5}, {"b": 1.0}, {}, {"a": 1.0, "b": 1.0}]
-PROMPTS = ["The quick brown fox", "SELECT name FROM", "def add(a, b):", "edge-lora trains", "Grüße aus", "The lazy dog",
-           "return a + b", "adapters on the host"]
+import runtime
+
+ADAPTER_SETS = [
+    {},
+    {"a": 1.0},
+    {"b": 1.0},
+    {"a": 1.0, "b": 0.5},
+    {"a": 0.5},
+    {"b": 1.0},
+    {},
+    {"a": 1.0, "b": 1.0},
+]
+PROMPTS = [
+    "The quick brown fox",
+    "SELECT name FROM",
+    "def add(a, b):",
+    "edge-lora trains",
+    "Grüße aus",
+    "The lazy dog",
+    "return a + b",
+    "adapters on the host",
+]
 
 
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("threads")
-    adapters = {n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s) for n, s in (("a", 11), ("b", 12))}
+    adapters = {
+        n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s)
+        for n, s in (("a", 11), ("b", 12))
+    }
     return make_bundle(model_dirs["llama"], root / "bundle", adapters)
 
 

@@ -20,27 +20,27 @@ from dataclasses import dataclass
 from pathlib import Path
 
 import pytest
+from llama_refs import models_dir, vocab_cases
+from tiny_models import make_model_dir_with_tokenizer
 
 from converters.export import ExportOptions, export_bundle
 from converters.gguf_export import export_gguf
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from llama_refs import models_dir, vocab_cases
 from runtime.llamacpp_lib import tokenize_with_gguf
 from runtime.tokenizer import Tokenizer
-from tiny_models import make_model_dir_with_tokenizer
 
 pytestmark = pytest.mark.slow
 
 # llama.cpp reference vocabulary -> the family whose models ship that tokenizer style
 VOCABS = {
-    "llama-spm": "llama",    # Llama 2 / Mistral / TinyLlama: SentencePiece BPE, byte fallback, Metaspace
-    "phi-3": "llama",        # SentencePiece BPE with the legacy Prepend + Replace normalizer (TinyLlama's shape)
-    "llama-bpe": "llama3",   # Llama 3: byte-level BPE, its own split regex, ignore_merges
-    "qwen2": "qwen2",        # Qwen2: byte-level BPE, single-digit split regex, NFC
-    "gpt-2": "smollm",       # plain GPT-2 byte-level BPE
-    "starcoder": "smollm",   # SmolLM's style: Digits + ByteLevel; llama.cpp's "smollm" pre-tokenizer = StarCoder's regex
+    "llama-spm": "llama",  # Llama 2 / Mistral / TinyLlama: SentencePiece BPE, byte fallback, Metaspace
+    "phi-3": "llama",  # SentencePiece BPE with the legacy Prepend + Replace normalizer (TinyLlama's shape)
+    "llama-bpe": "llama3",  # Llama 3: byte-level BPE, its own split regex, ignore_merges
+    "qwen2": "qwen2",  # Qwen2: byte-level BPE, single-digit split regex, NFC
+    "gpt-2": "smollm",  # plain GPT-2 byte-level BPE
+    "starcoder": "smollm",  # SmolLM's style: Digits + ByteLevel; llama.cpp's "smollm" pre-tokenizer = StarCoder's regex
 }
 
 
@@ -55,10 +55,16 @@ def _has_other_number(text: str) -> bool:
 # Where onnxruntime-genai's tokenizer (onnxruntime-extensions) differs from Hugging Face's on the same
 # tokenizer.json, for a reason outside our files: vocabulary -> (which strings, why).
 GENAI_KNOWN_DIFFERENCES = {
-    "llama-spm": (_starts_with_space, 'ORT GenAI puts "\u2581" before text that already starts with a space, as '
-                                      'SentencePiece does; Metaspace(prepend_scheme="first") does not'),
-    "starcoder": (_has_other_number, "ORT GenAI's Digits step isolates decimal digits only; Hugging Face also "
-                                     "isolates other numbers such as \u00bd"),
+    "llama-spm": (
+        _starts_with_space,
+        'ORT GenAI puts "\u2581" before text that already starts with a space, as '
+        'SentencePiece does; Metaspace(prepend_scheme="first") does not',
+    ),
+    "starcoder": (
+        _has_other_number,
+        "ORT GenAI's Digits step isolates decimal digits only; Hugging Face also "
+        "isolates other numbers such as \u00bd",
+    ),
 }
 
 
@@ -94,9 +100,13 @@ def _shipped_tokenizer(name: str, out: Path) -> Path:
     if name == "qwen2":  # Qwen2's tokenizer.json normalizes to NFC
         raw["normalizer"] = {"type": "NFC"}
     if name == "starcoder":  # SmolLM's and StarCoder's: every digit on its own, then byte-level BPE
-        raw["pre_tokenizer"] = {"type": "Sequence", "pretokenizers": [
-            {"type": "Digits", "individual_digits": True},
-            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True}]}
+        raw["pre_tokenizer"] = {
+            "type": "Sequence",
+            "pretokenizers": [
+                {"type": "Digits", "individual_digits": True},
+                {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": True, "use_regex": True},
+            ],
+        }
         # transformers 5's GPT2Tokenizer class rebuilds a plain ByteLevel pre-tokenizer and would ignore the
         # Digits step; the generic class runs tokenizer.json as written, as transformers 4 did for SmolLM
         config_path = out / "tokenizer_config.json"
@@ -119,12 +129,22 @@ def build(tmp_path_factory):
         if name not in done:
             tokenizer_dir = _shipped_tokenizer(name, root / f"{name}-tokenizer")
             model_dir = make_model_dir_with_tokenizer(root / f"{name}-model", VOCABS[name], tokenizer_dir)
-            bundle = export_bundle(model_dir, root / f"{name}-bundle", [], ExportOptions(
-                backends=["onnx", "gguf"], onnx_quants=["fp32"], gguf_quants=["f16"]), show_progress=False)
+            bundle = export_bundle(
+                model_dir,
+                root / f"{name}-bundle",
+                [],
+                ExportOptions(backends=["onnx", "gguf"], onnx_quants=["fp32"], gguf_quants=["f16"]),
+                show_progress=False,
+            )
             hf = AutoTokenizer.from_pretrained(model_dir)
             cases = vocab_cases(name)
-            done[name] = Built(name, cases, [hf.encode(text, add_special_tokens=False) for text, _ in cases],
-                               model_dir, bundle)
+            done[name] = Built(
+                name,
+                cases,
+                [hf.encode(text, add_special_tokens=False) for text, _ in cases],
+                model_dir,
+                bundle,
+            )
         return done[name]
 
     return get
@@ -134,16 +154,24 @@ def build(tmp_path_factory):
 def test_llama_cpp_on_our_gguf_gives_the_reference_ids(build, name, record_property):
     built = build(name)
     ours = tokenize_with_gguf(built.gguf(), built.texts, add_special=False, parse_special=False)
-    compared = [(text, ref, got) for (text, ref), hf, got in zip(built.cases, built.hf_ids, ours) if hf == ref]
+    compared = [
+        (text, ref, got) for (text, ref), hf, got in zip(built.cases, built.hf_ids, ours) if hf == ref
+    ]
     hf_differs = [text for (text, ref), hf in zip(built.cases, built.hf_ids) if hf != ref]
     agreed = sum(got == ref for _, ref, got in compared)
-    print(f"{name}: GGUF via llama.cpp {agreed}/{len(compared)} strings equal to the reference; "
-          f"HF itself differs from the reference on {len(hf_differs)}: {[t[:20] for t in hf_differs]}")
+    print(
+        f"{name}: GGUF via llama.cpp {agreed}/{len(compared)} strings equal to the reference; "
+        f"HF itself differs from the reference on {len(hf_differs)}: {[t[:20] for t in hf_differs]}"
+    )
     record_property("gguf_compared", len(compared))
     record_property("hf_differs_from_reference", len(hf_differs))
-    assert len(compared) >= len(built.cases) // 2, f"{name}: HF agrees with llama.cpp's reference on too few strings"
+    assert len(compared) >= len(built.cases) // 2, (
+        f"{name}: HF agrees with llama.cpp's reference on too few strings"
+    )
     for text, ref, got in compared:
-        assert got == ref, f"{name}: llama.cpp on our GGUF tokenizes {text!r} as {got}, the reference as {ref}"
+        assert got == ref, (
+            f"{name}: llama.cpp on our GGUF tokenizes {text!r} as {got}, the reference as {ref}"
+        )
 
 
 @pytest.mark.parametrize("name", VOCABS)
@@ -151,7 +179,9 @@ def test_runtime_tokenizer_gives_the_hf_ids(build, name, record_property):
     built = build(name)
     tokenizer = Tokenizer(built.bundle / Bundle.open(built.bundle).tokenizer["tokenizer"])
     ours = [tokenizer.encode(text, add_special_tokens=False) for text in built.texts]
-    print(f"{name}: runtime tokenizer {sum(a == b for a, b in zip(ours, built.hf_ids))}/{len(ours)} strings equal to HF")
+    print(
+        f"{name}: runtime tokenizer {sum(a == b for a, b in zip(ours, built.hf_ids))}/{len(ours)} strings equal to HF"
+    )
     record_property("runtime_compared", len(ours))
     for text, got, want in zip(built.texts, ours, built.hf_ids):
         assert got == want, f"{name}: the runtime tokenizes {text!r} as {got}, Hugging Face as {want}"
@@ -167,8 +197,10 @@ def test_genai_tokenizer_on_our_onnx_gives_the_hf_ids(build, name, record_proper
     known, why = GENAI_KNOWN_DIFFERENCES.get(name, (lambda _text: False, ""))
     differing = [(text, got, want) for text, got, want in zip(built.texts, ours, built.hf_ids) if got != want]
     explained = [text for text, _, _ in differing if known(text)]
-    print(f"{name}: ORT GenAI tokenizer {len(ours) - len(differing)}/{len(ours)} strings equal to HF; "
-          f"{len(explained)} known differences ({why or 'none'})")
+    print(
+        f"{name}: ORT GenAI tokenizer {len(ours) - len(differing)}/{len(ours)} strings equal to HF; "
+        f"{len(explained)} known differences ({why or 'none'})"
+    )
     record_property("genai_compared", len(ours))
     record_property("genai_known_differences", len(explained))
     for text, got, want in differing:
@@ -176,6 +208,7 @@ def test_genai_tokenizer_on_our_onnx_gives_the_hf_ids(build, name, record_proper
 
 
 # --- styles llama.cpp cannot follow are refused at export -----------------------------------------
+
 
 def _metaspace_split(raw):  # SentencePiece never splits at spaces; llama.cpp neither
     raw["pre_tokenizer"]["split"] = True
@@ -193,13 +226,16 @@ def _unigram(raw):
     raw["model"]["type"] = "Unigram"
 
 
-@pytest.mark.parametrize("name,change,words", [
-    ("llama-spm", _metaspace_split, ["SentencePiece-style", "Metaspace(split=True"]),
-    ("llama-spm", _lowercasing, ["SentencePiece-style", "Lowercase"]),
-    ("gpt-2", _lowercasing, ["byte-level", "Lowercase"]),
-    ("gpt-2", _ignore_merges_on_gpt2, ["ignore_merges=True", "'gpt-2'"]),
-    ("gpt-2", _unigram, ["Unigram"]),
-])
+@pytest.mark.parametrize(
+    "name,change,words",
+    [
+        ("llama-spm", _metaspace_split, ["SentencePiece-style", "Metaspace(split=True"]),
+        ("llama-spm", _lowercasing, ["SentencePiece-style", "Lowercase"]),
+        ("gpt-2", _lowercasing, ["byte-level", "Lowercase"]),
+        ("gpt-2", _ignore_merges_on_gpt2, ["ignore_merges=True", "'gpt-2'"]),
+        ("gpt-2", _unigram, ["Unigram"]),
+    ],
+)
 def test_unmappable_styles_are_refused_in_one_line(build, tmp_path, name, change, words):
     model_dir = tmp_path / "model"
     shutil.copytree(build(name).model_dir, model_dir)

@@ -11,7 +11,9 @@ from edge_lora.train.data import Formatter, StepSampler, build_examples, collate
 
 
 def _write(path, rows):
-    path.write_text("".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8")
+    path.write_text(
+        "".join((r if isinstance(r, str) else json.dumps(r)) + "\n" for r in rows), encoding="utf-8"
+    )
     return path
 
 
@@ -20,8 +22,18 @@ def _targets(fmt, ex):
 
 
 def test_bad_lines_reported_with_file_and_line(tmp_path):
-    path = _write(tmp_path / "bad.jsonl", [{"text": "ok"}, "{not json", {"prompt": "p"}, "", {"messages": [{"role": "user", "content": "x"}]},
-                                            {"foo": 1}, [1, 2]])
+    path = _write(
+        tmp_path / "bad.jsonl",
+        [
+            {"text": "ok"},
+            "{not json",
+            {"prompt": "p"},
+            "",
+            {"messages": [{"role": "user", "content": "x"}]},
+            {"foo": 1},
+            [1, 2],
+        ],
+    )
     with pytest.raises(EdgeLoraError) as err:
         read_jsonl(path)
     msg = str(err.value)
@@ -50,8 +62,13 @@ def test_text_and_prompt_completion_masks(model_dirs):
 def test_chat_default_template_masks_assistant_turns_only(model_dirs):
     fmt = Formatter(model_dirs["smollm"])
     assert fmt.template_source == "default"
-    msgs = [{"role": "system", "content": "be brief"}, {"role": "user", "content": "hi"}, {"role": "assistant", "content": "hello"},
-            {"role": "user", "content": "and?"}, {"role": "assistant", "content": "bye"}]
+    msgs = [
+        {"role": "system", "content": "be brief"},
+        {"role": "user", "content": "hi"},
+        {"role": "assistant", "content": "hello"},
+        {"role": "user", "content": "and?"},
+        {"role": "assistant", "content": "bye"},
+    ]
     ex = fmt.encode({"messages": msgs})
     assert _targets(fmt, ex) == "hello<|im_end|>\nbye<|im_end|>\n"
 
@@ -62,14 +79,19 @@ def test_chat_uses_the_models_own_template(tmp_path, model_dirs):
     d = tmp_path / "m"
     shutil.copytree(model_dirs["llama"], d)
     tc = json.loads((d / "tokenizer_config.json").read_text())
-    tc["chat_template"] = ("{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
-                           "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}")
+    tc["chat_template"] = (
+        "{{ bos_token }}{% for m in messages %}{% if m['role'] == 'user' %}[INST] {{ m['content'] }} [/INST]"
+        "{% else %} {{ m['content'] }}{{ eos_token }}{% endif %}{% endfor %}"
+    )
     tc["bos_token"] = {"content": "<|im_start|>"}
     (d / "tokenizer_config.json").write_text(json.dumps(tc))
     fmt = Formatter(d)
     assert fmt.template_source == "model"
     ex = fmt.encode({"messages": [{"role": "user", "content": "2+2"}, {"role": "assistant", "content": "4"}]})
-    assert fmt.tokenizer.decode(ex.ids.tolist(), skip_special_tokens=False) == "<|im_start|>[INST] 2+2 [/INST] 4<|endoftext|>"
+    assert (
+        fmt.tokenizer.decode(ex.ids.tolist(), skip_special_tokens=False)
+        == "<|im_start|>[INST] 2+2 [/INST] 4<|endoftext|>"
+    )
     assert _targets(fmt, ex) == " 4<|endoftext|>"
 
 
@@ -80,31 +102,52 @@ def test_new_tokens_take_the_ids_after_the_models_rows_when_the_vocab_is_padded(
     shutil.copytree(model_dirs["qwen2"], d)
     config = json.loads((d / "config.json").read_text())
     tokenizer_size = Formatter(d).base_vocab
-    config["vocab_size"] = tokenizer_size + 7  # Qwen2.5 pads its embedding like this (151665 tokens, 151936 rows)
+    config["vocab_size"] = (
+        tokenizer_size + 7
+    )  # Qwen2.5 pads its embedding like this (151665 tokens, 151936 rows)
     (d / "config.json").write_text(json.dumps(config))
     fmt = Formatter(d, ["<sql>", "</sql>"])
     ex = fmt.encode({"prompt": "Q <sql>", "completion": " x </sql>"})
     new = [int(i) for i in ex.ids if i >= tokenizer_size]
-    assert new == [tokenizer_size + 7, tokenizer_size + 8]  # the model's new rows 0 and 1, never a padding row
+    assert new == [
+        tokenizer_size + 7,
+        tokenizer_size + 8,
+    ]  # the model's new rows 0 and 1, never a padding row
     assert fmt.encode({"text": "the"}).ids.max() < tokenizer_size
 
 
 def test_truncation_drop_and_packing(model_dirs):
     fmt = Formatter(model_dirs["llama"])
-    records = [{"text": "the quick brown fox jumps over the lazy dog " * 5}, {"prompt": "a long prompt " * 20, "completion": "x"},
-               {"text": "short"}]
+    records = [
+        {"text": "the quick brown fox jumps over the lazy dog " * 5},
+        {"prompt": "a long prompt " * 20, "completion": "x"},
+        {"text": "short"},
+    ]
     examples, stats = build_examples(records, fmt, seq_len=16)
     assert stats["truncated"] == 2 and stats["dropped"] == 1  # the completion fell off the end
     assert all(len(e.ids) <= 16 for e in examples)
     packed = pack(examples, 32)  # whole examples per row, each tagged with its segment
-    assert len(packed) == 1 and packed[0].segments.tolist() == [0] * len(examples[0].ids) + [1] * len(examples[1].ids)
+    assert len(packed) == 1 and packed[0].segments.tolist() == [0] * len(examples[0].ids) + [1] * len(
+        examples[1].ids
+    )
     assert not packed[0].mask[len(examples[0].ids)]  # a packed example's first token is no target
     assert packed[0].targets == sum(e.targets for e in examples)
-    assert [len(e.ids) for e in pack(examples, 16)] == [len(e.ids) for e in examples]  # never split an example
+    assert [len(e.ids) for e in pack(examples, 16)] == [
+        len(e.ids) for e in examples
+    ]  # never split an example
     ids, targets, segments = collate(examples, pad_id=0)
-    assert ids.shape == (2, 16) and segments is None and not targets[:, 0].any() and targets[1].sum() == len(examples[1].ids) - 1
+    assert (
+        ids.shape == (2, 16)
+        and segments is None
+        and not targets[:, 0].any()
+        and targets[1].sum() == len(examples[1].ids) - 1
+    )
     ids, targets, segments = collate(packed + [examples[1]], pad_id=0)
-    assert segments.shape == ids.shape and segments[1].max() == 0 and (segments[1, len(examples[1].ids):] == -1).all()
+    assert (
+        segments.shape == ids.shape
+        and segments[1].max() == 0
+        and (segments[1, len(examples[1].ids) :] == -1).all()
+    )
 
 
 def test_eval_split_is_seeded_and_disjoint(model_dirs):
@@ -127,12 +170,17 @@ def test_step_sampler_is_a_pure_function_of_the_step():
 
 
 def test_config_file_flags_win_and_tolerant_keys(tmp_path, capsys):
-    from edge_lora.train.cli import add_train_arguments, config_from_args
     import argparse
 
-    (tmp_path / "c.yaml").write_text("rank: 32\nseq-len: '128'\ndora: yes\ntypo_key: 1\nadd_tokens: [<a>, <b>]\n")
+    from edge_lora.train.cli import add_train_arguments, config_from_args
+
+    (tmp_path / "c.yaml").write_text(
+        "rank: 32\nseq-len: '128'\ndora: yes\ntypo_key: 1\nadd_tokens: [<a>, <b>]\n"
+    )
     parser = add_train_arguments(argparse.ArgumentParser())
-    cfg = config_from_args(parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--rank", "4", "--no-dora"]))
+    cfg = config_from_args(
+        parser.parse_args(["--config", str(tmp_path / "c.yaml"), "--rank", "4", "--no-dora"])
+    )
     assert cfg.rank == 4 and cfg.seq_len == 128 and cfg.dora is False and cfg.add_tokens == ["<a>", "<b>"]
     assert "typo_key" in capsys.readouterr().err
     with pytest.raises(EdgeLoraError, match="rank"):

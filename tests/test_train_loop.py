@@ -12,13 +12,13 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from tiny_models import quick_train_config as quick_cfg
 
 from edge_lora.adapter import Adapter
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.train.cli import main as cli_main
 from edge_lora.train.trainer import train
-from tiny_models import quick_train_config as quick_cfg
 
 ROOT = Path(__file__).resolve().parents[1]
 WORDS = "the quick brown fox jumps over lazy dog select name from users where id".split()
@@ -34,7 +34,12 @@ def make_data(path: Path, shape: str, n: int = 24, seed: int = 0) -> Path:
             elif shape == "prompt":
                 row = {"prompt": "Q: " + sent(4), "completion": " A: " + sent(4)}
             else:
-                row = {"messages": [{"role": "user", "content": sent(4)}, {"role": "assistant", "content": sent(5)}]}
+                row = {
+                    "messages": [
+                        {"role": "user", "content": sent(4)},
+                        {"role": "assistant", "content": sent(5)},
+                    ]
+                }
             f.write(json.dumps(row) + "\n")
     return path
 
@@ -57,8 +62,29 @@ def tensors(path):
 def test_each_data_shape_through_the_cli(tmp_path, model_dirs, shape, family):
     data = make_data(tmp_path / f"{shape}.jsonl", shape)
     out = tmp_path / "a.safetensors"
-    rc = cli_main(["--model", str(model_dirs[family]), "--data", str(data), "--out", str(out), "--steps", "3", "--rank", "4",
-                   "--seq-len", "48", "--batch-size", "2", "--lr", "1e-2", "--no-progress", "--threads", "1"])
+    rc = cli_main(
+        [
+            "--model",
+            str(model_dirs[family]),
+            "--data",
+            str(data),
+            "--out",
+            str(out),
+            "--steps",
+            "3",
+            "--rank",
+            "4",
+            "--seq-len",
+            "48",
+            "--batch-size",
+            "2",
+            "--lr",
+            "1e-2",
+            "--no-progress",
+            "--threads",
+            "1",
+        ]
+    )
     assert rc == 0
     md = ModelDir(model_dirs[family])
     adapter = Adapter.load(out, base=md.config, base_fingerprint=md.fingerprint)
@@ -71,19 +97,41 @@ def test_each_data_shape_through_the_cli(tmp_path, model_dirs, shape, family):
 def test_broken_file_stops_before_training(tmp_path, model_dirs, capsys):
     data = tmp_path / "bad.jsonl"
     data.write_text('{"text": "fine"}\n{"text": 3}\n')
-    rc = cli_main(["--model", str(model_dirs["llama"]), "--data", str(data), "--out", str(tmp_path / "a.safetensors"), "--no-progress"])
+    rc = cli_main(
+        [
+            "--model",
+            str(model_dirs["llama"]),
+            "--data",
+            str(data),
+            "--out",
+            str(tmp_path / "a.safetensors"),
+            "--no-progress",
+        ]
+    )
     err = capsys.readouterr().err
     assert rc == 2 and "bad.jsonl:2:" in err and not (tmp_path / "a.safetensors").exists()
 
 
 def test_loss_goes_down_and_reproducible(tmp_path, model_dirs):
     data = make_data(tmp_path / "d.jsonl", "text", n=8)
-    cfg = quick_cfg(tmp_path, model_dirs["llama"], data, steps=40, lr=1e-2, rank=16, eval_split=0, dropout=0.1)
+    cfg = quick_cfg(
+        tmp_path, model_dirs["llama"], data, steps=40, lr=1e-2, rank=16, eval_split=0, dropout=0.1
+    )
     train(cfg)
     losses = [json.loads(line)["loss"] for line in open(cfg.log_path) if '"train"' in line]
     assert losses[-1] < losses[0] - 0.5, losses
     first = tensors(cfg.out)
-    cfg2 = quick_cfg(tmp_path, model_dirs["llama"], data, steps=40, lr=1e-2, rank=16, eval_split=0, dropout=0.1, out=str(tmp_path / "b.safetensors"))
+    cfg2 = quick_cfg(
+        tmp_path,
+        model_dirs["llama"],
+        data,
+        steps=40,
+        lr=1e-2,
+        rank=16,
+        eval_split=0,
+        dropout=0.1,
+        out=str(tmp_path / "b.safetensors"),
+    )
     train(cfg2)
     second = tensors(cfg2.out)
     assert all(np.array_equal(first[k], second[k]) for k in first)
@@ -91,7 +139,14 @@ def test_loss_goes_down_and_reproducible(tmp_path, model_dirs):
 
 def _run(args, env_extra=None, check=True):
     env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
-    proc = subprocess.run([sys.executable, "-m", "edge_lora.train", *args], env=env, cwd=ROOT, capture_output=True, text=True, timeout=300)
+    proc = subprocess.run(
+        [sys.executable, "-m", "edge_lora.train", *args],
+        env=env,
+        cwd=ROOT,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
     if check:
         assert proc.returncode == 0, proc.stderr
     return proc
@@ -100,9 +155,35 @@ def _run(args, env_extra=None, check=True):
 @pytest.mark.slow
 def test_resume_after_sigkill_equals_one_go(tmp_path, model_dirs):
     data = make_data(tmp_path / "d.jsonl", "chat", n=20)
-    common = ["--model", str(model_dirs["mistral"]), "--data", str(data), "--steps", "20", "--batch-size", "2", "--grad-accum", "2",
-              "--rank", "4", "--lr", "5e-3", "--seq-len", "40", "--dropout", "0.1", "--warmup-steps", "3", "--lora-plus-ratio", "4",
-              "--eval-every", "5", "--threads", "1", "--no-progress"]
+    common = [
+        "--model",
+        str(model_dirs["mistral"]),
+        "--data",
+        str(data),
+        "--steps",
+        "20",
+        "--batch-size",
+        "2",
+        "--grad-accum",
+        "2",
+        "--rank",
+        "4",
+        "--lr",
+        "5e-3",
+        "--seq-len",
+        "40",
+        "--dropout",
+        "0.1",
+        "--warmup-steps",
+        "3",
+        "--lora-plus-ratio",
+        "4",
+        "--eval-every",
+        "5",
+        "--threads",
+        "1",
+        "--no-progress",
+    ]
     one_go = tmp_path / "one.safetensors"
     _run([*common, "--out", str(one_go)])
 
@@ -138,21 +219,43 @@ def test_resume_refuses_changed_settings(tmp_path, model_dirs):
     with pytest.raises(EdgeLoraError, match="'rank' was 4"):
         train(quick_cfg(tmp_path, model_dirs["llama"], data, steps=4, rank=8, resume="latest"))
     # more steps is fine
-    summary = train(quick_cfg(tmp_path, model_dirs["llama"], data, steps=4, checkpoint_every=2, resume="latest"))
+    summary = train(
+        quick_cfg(tmp_path, model_dirs["llama"], data, steps=4, checkpoint_every=2, resume="latest")
+    )
     assert summary["steps"] == 4
 
 
 def test_early_stopping_keeps_the_best(tmp_path, model_dirs):
     data = make_data(tmp_path / "d.jsonl", "prompt", n=16)
-    cfg = quick_cfg(tmp_path, model_dirs["qwen2"], data, steps=50, eval_every=2, patience=2, min_delta=1e9, eval_split=0.25,
-                    checkpoint_every=100)
+    cfg = quick_cfg(
+        tmp_path,
+        model_dirs["qwen2"],
+        data,
+        steps=50,
+        eval_every=2,
+        patience=2,
+        min_delta=1e9,
+        eval_split=0.25,
+        checkpoint_every=100,
+    )
     summary = train(cfg)
-    assert summary["stopped_early"] and summary["steps"] == 6  # eval at 2 sets the best; 4 and 6 do not beat it by 1e9
+    assert (
+        summary["stopped_early"] and summary["steps"] == 6
+    )  # eval at 2 sets the best; 4 and 6 do not beat it by 1e9
     evals = [json.loads(line) for line in open(cfg.log_path) if '"eval"' in line]
     assert [e["step"] for e in evals] == [2, 4, 6]
     # the written adapter is the step-2 (best) one: same as a 2-step run with the same schedule length
-    ref = quick_cfg(tmp_path, model_dirs["qwen2"], data, steps=50, eval_split=0.25, out=str(tmp_path / "ref.safetensors"),
-                    eval_every=2, patience=1, min_delta=1e9)
+    ref = quick_cfg(
+        tmp_path,
+        model_dirs["qwen2"],
+        data,
+        steps=50,
+        eval_split=0.25,
+        out=str(tmp_path / "ref.safetensors"),
+        eval_every=2,
+        patience=1,
+        min_delta=1e9,
+    )
     train(ref)
     a, b = tensors(cfg.out), tensors(ref.out)
     assert all(np.array_equal(a[k], b[k]) for k in a)
@@ -161,8 +264,21 @@ def test_early_stopping_keeps_the_best(tmp_path, model_dirs):
 @pytest.mark.parametrize("family", ["llama", "smollm"])  # untied head gets its own rows; tied shares them
 def test_new_tokens(tmp_path, model_dirs, family):
     data = tmp_path / "d.jsonl"
-    data.write_text("".join(json.dumps({"prompt": f"Q{i} <sql>", "completion": f" SELECT {i} </sql>"}) + "\n" for i in range(12)))
-    cfg = quick_cfg(tmp_path, model_dirs[family], data, steps=4, add_tokens=["<sql>", "</sql>"], targets="attention", eval_split=0)
+    data.write_text(
+        "".join(
+            json.dumps({"prompt": f"Q{i} <sql>", "completion": f" SELECT {i} </sql>"}) + "\n"
+            for i in range(12)
+        )
+    )
+    cfg = quick_cfg(
+        tmp_path,
+        model_dirs[family],
+        data,
+        steps=4,
+        add_tokens=["<sql>", "</sql>"],
+        targets="attention",
+        eval_split=0,
+    )
     train(cfg)
     md = ModelDir(model_dirs[family])
     adapter = Adapter.load(cfg.out, base=md.config, base_fingerprint=md.fingerprint)
@@ -198,8 +314,25 @@ def test_quantized_base_trains_close_to_fp32(tmp_path, model_dirs, quant, family
     err = (dequantize(q, s, 8 if quant == "int8" else 4, 64) - w).abs().max() / w.abs().max()
     assert err < (0.01 if quant == "int8" else 0.15)
     data = make_data(tmp_path / "d.jsonl", "text", n=8)
-    fp = quick_cfg(tmp_path, model_dirs[family], data, steps=6, lr=2e-2, eval_split=0, out=str(tmp_path / "fp.safetensors"))
-    qc = quick_cfg(tmp_path, model_dirs[family], data, steps=6, lr=2e-2, eval_split=0, base_quant=quant, out=str(tmp_path / "q.safetensors"))
+    fp = quick_cfg(
+        tmp_path,
+        model_dirs[family],
+        data,
+        steps=6,
+        lr=2e-2,
+        eval_split=0,
+        out=str(tmp_path / "fp.safetensors"),
+    )
+    qc = quick_cfg(
+        tmp_path,
+        model_dirs[family],
+        data,
+        steps=6,
+        lr=2e-2,
+        eval_split=0,
+        base_quant=quant,
+        out=str(tmp_path / "q.safetensors"),
+    )
     train(fp)
     train(qc)
     loss = lambda c: [json.loads(line)["loss"] for line in open(c.log_path) if '"train"' in line]  # noqa: E731
@@ -218,7 +351,14 @@ def test_quantized_base_trains_close_to_fp32(tmp_path, model_dirs, quant, family
 def test_gradient_checkpointing_gives_the_same_adapter(tmp_path, model_dirs):
     data = make_data(tmp_path / "d.jsonl", "text", n=8)
     a = quick_cfg(tmp_path, model_dirs["qwen2"], data, eval_split=0, out=str(tmp_path / "a.safetensors"))
-    b = quick_cfg(tmp_path, model_dirs["qwen2"], data, eval_split=0, gradient_checkpointing=True, out=str(tmp_path / "b.safetensors"))
+    b = quick_cfg(
+        tmp_path,
+        model_dirs["qwen2"],
+        data,
+        eval_split=0,
+        gradient_checkpointing=True,
+        out=str(tmp_path / "b.safetensors"),
+    )
     train(a)
     train(b)
     ta, tb = tensors(a.out), tensors(b.out)

@@ -2,10 +2,10 @@
 
 import torch
 import torch.nn.functional as F
+from tiny_models import load_hf
 
 from edge_lora.train.loss import linear_cross_entropy
 from edge_lora.train.model import CausalLM, _RMSNormFn, _SwiGLU
-from tiny_models import load_hf
 
 
 def test_fused_linear_cross_entropy_matches_plain():

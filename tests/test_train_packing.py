@@ -10,9 +10,14 @@ from edge_lora.train.data import Formatter, build_examples, collate
 from edge_lora.train.lora import LoraConfig, apply_lora
 from edge_lora.train.trainer import TrainModule, load_model
 
-RECORDS = [{"text": "the quick brown fox jumps over the lazy dog " * 3}, {"prompt": "SELECT name FROM users", "completion": " WHERE id = 42;"},
-           {"text": "def add(a, b):\n    return a + b\n"}, {"text": "short one"},
-           {"prompt": "Grüße aus Köln!", "completion": " 東京 に 行きます 🙂"}, {"text": "edge-lora trains adapters on the host " * 2}]
+RECORDS = [
+    {"text": "the quick brown fox jumps over the lazy dog " * 3},
+    {"prompt": "SELECT name FROM users", "completion": " WHERE id = 42;"},
+    {"text": "def add(a, b):\n    return a + b\n"},
+    {"text": "short one"},
+    {"prompt": "Grüße aus Köln!", "completion": " 東京 に 行きます 🙂"},
+    {"text": "edge-lora trains adapters on the host " * 2},
+]
 
 
 def trainable_module(model_dir) -> TrainModule:
@@ -39,12 +44,16 @@ def loss_and_grads(module: TrainModule, batches) -> tuple[float, dict[str, torch
     return total, {n: p.grad.clone() for n, p in params.items()}
 
 
-@pytest.mark.parametrize("family", ["llama", "mistral", "qwen2"])  # mistral: a 16-token sliding window inside packed rows
+@pytest.mark.parametrize(
+    "family", ["llama", "mistral", "qwen2"]
+)  # mistral: a 16-token sliding window inside packed rows
 def test_packed_batch_equals_examples_one_by_one(model_dirs, family):
     formatter = Formatter(model_dirs[family])
     single, _ = build_examples(RECORDS, formatter, seq_len=64)
     packed, _ = build_examples(RECORDS, formatter, seq_len=64, packing=True)
-    assert len(packed) < len(single) and max(len(e.ids) for e in single) > 16  # rows really hold several examples
+    assert (
+        len(packed) < len(single) and max(len(e.ids) for e in single) > 16
+    )  # rows really hold several examples
     assert sum(e.targets for e in packed) == sum(e.targets for e in single)
     module = trainable_module(model_dirs[family])
     loss_one, grads_one = loss_and_grads(module, [[e] for e in single])

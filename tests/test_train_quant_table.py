@@ -37,8 +37,14 @@ def test_tied_base_keeps_its_table_quantized(model_dirs, quant):
     md = ModelDir(model_dirs["qwen2"])  # tied
     model = load_model(md, base_quant=quant)
     table = model.model.embed_tokens
-    assert isinstance(table, QuantEmbedding) and isinstance(model.lm_head, TiedQuantHead) and model.lm_head.table is table
-    assert not any(p.numel() == table.vocab * table.hidden for p in model.parameters())  # no full-precision copy
+    assert (
+        isinstance(table, QuantEmbedding)
+        and isinstance(model.lm_head, TiedQuantHead)
+        and model.lm_head.table is table
+    )
+    assert not any(
+        p.numel() == table.vocab * table.hidden for p in model.parameters()
+    )  # no full-precision copy
     ids = torch.tensor([[1, 5, 9, 200]])
     assert torch.allclose(table(ids), table.weight[ids], atol=1e-6)
     hidden = model.hidden_states(ids)

@@ -19,9 +19,9 @@ from pathlib import Path
 import numpy as np
 import torch
 
-from ..errors import EdgeLoraError
-from ..atomic import atomic_path
-from ..safetensors_io import SafetensorsFile, serialize
+from edge_lora.atomic import atomic_path
+from edge_lora.errors import EdgeLoraError
+from edge_lora.safetensors_file import SafetensorsFile, serialize
 
 META_KEY = "edge_lora_checkpoint"
 FORMAT = 1
@@ -38,8 +38,16 @@ def _np(t: torch.Tensor) -> np.ndarray:
     return t.detach().to("cpu").contiguous().numpy()
 
 
-def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor], optimizer: torch.optim.Optimizer,
-                    rng_states: list[torch.Tensor], state: dict, best: dict[str, torch.Tensor] | None = None, keep: int = 2) -> Path:
+def save_checkpoint(
+    directory: Path,
+    step: int,
+    params: dict[str, torch.Tensor],
+    optimizer: torch.optim.Optimizer,
+    rng_states: list[torch.Tensor],
+    state: dict,
+    best: dict[str, torch.Tensor] | None = None,
+    keep: int = 2,
+) -> Path:
     tensors: dict[str, np.ndarray] = {}
     by_id = {id(p): name for name, p in params.items()}
     for name, p in params.items():
@@ -47,7 +55,9 @@ def save_checkpoint(directory: Path, step: int, params: dict[str, torch.Tensor],
     for p, st in optimizer.state.items():
         name = by_id[id(p)]
         for key, value in st.items():
-            tensors[f"optim.{name}.{key}"] = _np(torch.as_tensor(value, dtype=torch.float32) if key == "step" else value.float())
+            tensors[f"optim.{name}.{key}"] = _np(
+                torch.as_tensor(value, dtype=torch.float32) if key == "step" else value.float()
+            )
     if best:
         for name, t in best.items():
             tensors[f"best.{name}"] = _np(t.float())
@@ -75,12 +85,17 @@ def find_checkpoint(resume: str, directory: Path) -> Path:
     if resume != "latest":
         path = Path(resume)
         if not path.is_file():
-            raise EdgeLoraError("checkpoint not found", path=path, hint=f"checkpoints of this run are in {directory}")
+            raise EdgeLoraError(
+                "checkpoint not found", path=path, hint=f"checkpoints of this run are in {directory}"
+            )
         return path
     found = list_checkpoints(directory)
     if not found:
-        raise EdgeLoraError("no checkpoint to resume from", path=directory,
-                            hint="pass --checkpoint-every N in the first run, or --checkpoint-dir where they are")
+        raise EdgeLoraError(
+            "no checkpoint to resume from",
+            path=directory,
+            hint="pass --checkpoint-every N in the first run, or --checkpoint-dir where they are",
+        )
     return found[-1]
 
 
@@ -109,7 +124,9 @@ def load_checkpoint(path: Path):
     return meta, params, optim, best, rngs
 
 
-def restore_optimizer(optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], saved: dict[str, dict]) -> None:
+def restore_optimizer(
+    optimizer: torch.optim.Optimizer, params: dict[str, torch.nn.Parameter], saved: dict[str, dict]
+) -> None:
     for name, p in params.items():
         if name not in saved:
             continue

@@ -6,12 +6,18 @@ from __future__ import annotations
 import argparse
 import sys
 
-from ..errors import EdgeLoraError
-from .config import COMPUTE_CHOICES, DEVICE_CHOICES, QUANT_CHOICES, TrainConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.train.config import COMPUTE_CHOICES, DEVICE_CHOICES, QUANT_CHOICES, TrainConfig
 
 
 def _bool_flag(group, name: str, help: str):
-    group.add_argument(f"--{name}", dest=name.replace("-", "_"), action=argparse.BooleanOptionalAction, default=argparse.SUPPRESS, help=help)
+    group.add_argument(
+        f"--{name}",
+        dest=name.replace("-", "_"),
+        action=argparse.BooleanOptionalAction,
+        default=argparse.SUPPRESS,
+        help=help,
+    )
 
 
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
@@ -20,31 +26,61 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     S = argparse.SUPPRESS
     io = parser.add_argument_group("inputs and outputs")
     io.add_argument("--config", default=None, help="YAML or JSON file with any of these settings (flags win)")
-    io.add_argument("--model", default=S, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)")
-    io.add_argument("--data", default=S, help="training JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}")
-    io.add_argument("--eval-data", default=S, help="evaluation JSONL (default: carve --eval-split off --data)")
+    io.add_argument(
+        "--model", default=S, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
+    )
+    io.add_argument(
+        "--data",
+        default=S,
+        help="training JSONL: {text} | {prompt, completion} | {messages: [{role, content}]}",
+    )
+    io.add_argument(
+        "--eval-data", default=S, help="evaluation JSONL (default: carve --eval-split off --data)"
+    )
     io.add_argument("--out", default=S, help="adapter file to write (adapter.safetensors)")
     io.add_argument("--log-file", default=S, help="metrics JSONL, appended (default: OUT.log.jsonl)")
 
     data = parser.add_argument_group("data")
     data.add_argument("--seq-len", type=int, default=S, help="truncate (or pack) to this many tokens (512)")
-    _bool_flag(data, "packing", "pack whole examples into --seq-len rows; attention and positions stay per example")
-    data.add_argument("--eval-split", type=float, default=S, help="fraction of --data held out when no --eval-data (0.05; 0 = none)")
+    _bool_flag(
+        data, "packing", "pack whole examples into --seq-len rows; attention and positions stay per example"
+    )
+    data.add_argument(
+        "--eval-split",
+        type=float,
+        default=S,
+        help="fraction of --data held out when no --eval-data (0.05; 0 = none)",
+    )
     data.add_argument("--max-eval-samples", type=int, default=S, help="cap on evaluation examples (0 = all)")
 
     lora = parser.add_argument_group("LoRA")
     lora.add_argument("--rank", "-r", type=int, default=S, help="LoRA rank (8)")
     lora.add_argument("--alpha", type=float, default=S, help="LoRA alpha (16)")
     lora.add_argument("--dropout", type=float, default=S, help="LoRA dropout (0)")
-    lora.add_argument("--targets", default=S, help="all-linear | attention | mlp | names (q_proj,v_proj) | a regex over module names")
+    lora.add_argument(
+        "--targets",
+        default=S,
+        help="all-linear | attention | mlp | names (q_proj,v_proj) | a regex over module names",
+    )
     _bool_flag(lora, "rslora", "scale by alpha/sqrt(r) (rank-stabilised LoRA)")
     _bool_flag(lora, "dora", "weight-decomposed LoRA (magnitude vectors saved in the adapter)")
-    lora.add_argument("--lora-plus-ratio", type=float, default=S, help="LoRA+: learning rate of B = ratio x lr (0 = off; 16 is typical)")
-    lora.add_argument("--add-tokens", default=S, help="comma-separated new tokens; only their embedding (and output) rows are trained")
+    lora.add_argument(
+        "--lora-plus-ratio",
+        type=float,
+        default=S,
+        help="LoRA+: learning rate of B = ratio x lr (0 = off; 16 is typical)",
+    )
+    lora.add_argument(
+        "--add-tokens",
+        default=S,
+        help="comma-separated new tokens; only their embedding (and output) rows are trained",
+    )
 
     opt = parser.add_argument_group("optimisation")
     opt.add_argument("--lr", type=float, default=S, help="peak learning rate (2e-4)")
-    opt.add_argument("--min-lr-ratio", type=float, default=S, help="cosine schedule floor as a fraction of lr (0)")
+    opt.add_argument(
+        "--min-lr-ratio", type=float, default=S, help="cosine schedule floor as a fraction of lr (0)"
+    )
     opt.add_argument("--warmup-steps", type=int, default=S, help="linear warmup steps (0)")
     opt.add_argument("--weight-decay", type=float, default=S, help="AdamW weight decay on A and B (0)")
     opt.add_argument("--adam-beta1", type=float, default=S)
@@ -59,21 +95,54 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
 
     ev = parser.add_argument_group("evaluation and checkpoints")
     ev.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (0 = at the end only)")
-    ev.add_argument("--patience", type=int, default=S, help="stop after N evaluations without improvement (0 = never)")
-    ev.add_argument("--min-delta", type=float, default=S, help="smallest eval-loss drop that counts as improvement")
-    ev.add_argument("--checkpoint-every", type=int, default=S, help="write a resumable checkpoint every N steps (0 = never)")
+    ev.add_argument(
+        "--patience", type=int, default=S, help="stop after N evaluations without improvement (0 = never)"
+    )
+    ev.add_argument(
+        "--min-delta", type=float, default=S, help="smallest eval-loss drop that counts as improvement"
+    )
+    ev.add_argument(
+        "--checkpoint-every",
+        type=int,
+        default=S,
+        help="write a resumable checkpoint every N steps (0 = never)",
+    )
     ev.add_argument("--checkpoint-dir", default=S, help="where checkpoints go (default: OUT.checkpoints)")
     ev.add_argument("--keep-checkpoints", type=int, default=S, help="how many recent checkpoints to keep (2)")
-    ev.add_argument("--resume", nargs="?", const="latest", default=S, help="continue from the latest checkpoint (or the given file)")
+    ev.add_argument(
+        "--resume",
+        nargs="?",
+        const="latest",
+        default=S,
+        help="continue from the latest checkpoint (or the given file)",
+    )
 
     mem = parser.add_argument_group("memory and devices")
-    mem.add_argument("--base-quant", choices=QUANT_CHOICES, default=S, help="keep the frozen base int8/int4 in memory (none)")
-    mem.add_argument("--quant-group-size", type=int, default=S, help="columns per quantization scale (128 for int8, 32 for int4)")
-    _bool_flag(mem, "gradient-checkpointing", "recompute activations in the backward pass (less memory, slower)")
-    mem.add_argument("--device", choices=DEVICE_CHOICES, default=S, help="auto picks cuda, then mps, then cpu")
-    mem.add_argument("--compute-dtype", choices=COMPUTE_CHOICES, default=S,
-                     help="bf16: base weights and matmuls in bf16, LoRA weights and optimizer fp32; auto (default) = bf16 where "
-                          "the device has it natively (AMX or AVX512-BF16 CPUs, CUDA), else fp32")
+    mem.add_argument(
+        "--base-quant",
+        choices=QUANT_CHOICES,
+        default=S,
+        help="keep the frozen base int8/int4 in memory (none)",
+    )
+    mem.add_argument(
+        "--quant-group-size",
+        type=int,
+        default=S,
+        help="columns per quantization scale (128 for int8, 32 for int4)",
+    )
+    _bool_flag(
+        mem, "gradient-checkpointing", "recompute activations in the backward pass (less memory, slower)"
+    )
+    mem.add_argument(
+        "--device", choices=DEVICE_CHOICES, default=S, help="auto picks cuda, then mps, then cpu"
+    )
+    mem.add_argument(
+        "--compute-dtype",
+        choices=COMPUTE_CHOICES,
+        default=S,
+        help="bf16: base weights and matmuls in bf16, LoRA weights and optimizer fp32; auto (default) = bf16 where "
+        "the device has it natively (AMX or AVX512-BF16 CPUs, CUDA), else fp32",
+    )
     mem.add_argument("--threads", type=int, default=S, help="CPU threads for torch (0 = torch's default)")
 
     out = parser.add_argument_group("output")
@@ -94,7 +163,7 @@ def config_from_args(args: argparse.Namespace) -> TrainConfig:
 def run_train(args: argparse.Namespace) -> int:
     """Run the trainer from parsed arguments; user errors become one line on stderr and exit code 2."""
     try:
-        from .trainer import train
+        from edge_lora.train.trainer import train
 
         cfg = config_from_args(args)
         train(cfg)
@@ -102,12 +171,16 @@ def run_train(args: argparse.Namespace) -> int:
         print(f"error: {err}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
-        print("edge-lora train: interrupted (resume with --resume if checkpoints were written)", file=sys.stderr)
+        print(
+            "edge-lora train: interrupted (resume with --resume if checkpoints were written)", file=sys.stderr
+        )
         return 130
     return 0
 
 
 def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="edge-lora train", description="Train a LoRA adapter for an edge-lora base model.")
+    parser = argparse.ArgumentParser(
+        prog="edge-lora train", description="Train a LoRA adapter for an edge-lora base model."
+    )
     add_train_arguments(parser)
     return run_train(parser.parse_args(argv))

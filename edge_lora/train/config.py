@@ -14,7 +14,7 @@ import sys
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 QUANT_CHOICES = ("none", "int8", "int4")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
@@ -82,12 +82,12 @@ class TrainConfig:
     # --- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: dict, *, path=None, warn=True) -> "TrainConfig":
+    def from_dict(cls, raw: dict, *, path=None, warn=True) -> TrainConfig:
         config = cls()
         config.update(raw, path=path, warn=warn)
         return config
 
-    def update(self, raw: dict, *, path=None, warn=True) -> "TrainConfig":
+    def update(self, raw: dict, *, path=None, warn=True) -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(self)}
         for key, value in raw.items():
             name = str(key).replace("-", "_")
@@ -113,7 +113,9 @@ class TrainConfig:
 
                 raw = yaml.safe_load(text)
         except Exception as err:  # yaml.YAMLError / JSONDecodeError
-            raise EdgeLoraError(f"cannot parse config file: {' '.join(str(err).split())}", path=path) from None
+            raise EdgeLoraError(
+                f"cannot parse config file: {' '.join(str(err).split())}", path=path
+            ) from None
         if raw is None:
             return {}
         if not isinstance(raw, dict):
@@ -140,12 +142,25 @@ class TrainConfig:
         if not 0 <= self.dropout < 1:
             raise EdgeLoraError(f"dropout must be in [0, 1), got {self.dropout}")
         if self.base_quant not in QUANT_CHOICES:
-            raise EdgeLoraError(f"base-quant must be one of {', '.join(QUANT_CHOICES)}, got {self.base_quant!r}")
+            raise EdgeLoraError(
+                f"base-quant must be one of {', '.join(QUANT_CHOICES)}, got {self.base_quant!r}"
+            )
         if self.compute_dtype not in COMPUTE_CHOICES:
-            raise EdgeLoraError(f"compute-dtype must be one of {', '.join(COMPUTE_CHOICES)}, got {self.compute_dtype!r}")
+            raise EdgeLoraError(
+                f"compute-dtype must be one of {', '.join(COMPUTE_CHOICES)}, got {self.compute_dtype!r}"
+            )
         if self.device not in DEVICE_CHOICES:
             raise EdgeLoraError(f"device must be one of {', '.join(DEVICE_CHOICES)}, got {self.device!r}")
-        for name in ("steps", "warmup_steps", "eval_every", "patience", "checkpoint_every", "threads", "max_eval_samples", "quant_group_size"):
+        for name in (
+            "steps",
+            "warmup_steps",
+            "eval_every",
+            "patience",
+            "checkpoint_every",
+            "threads",
+            "max_eval_samples",
+            "quant_group_size",
+        ):
             if getattr(self, name) < 0:
                 raise EdgeLoraError(f"{name.replace('_', '-')} must not be negative")
         if self.steps == 0 and self.epochs <= 0:
@@ -153,7 +168,10 @@ class TrainConfig:
         if self.lr <= 0:
             raise EdgeLoraError("lr must be positive")
         if self.patience and not (self.eval_every and (self.eval_data or self.eval_split > 0)):
-            raise EdgeLoraError("early stopping (--patience) needs periodic evaluation", hint="add --eval-every N and an eval set")
+            raise EdgeLoraError(
+                "early stopping (--patience) needs periodic evaluation",
+                hint="add --eval-every N and an eval set",
+            )
         if self.keep_checkpoints < 1:
             raise EdgeLoraError("keep-checkpoints must be at least 1")
 
@@ -167,8 +185,24 @@ class TrainConfig:
 
 
 # settings that may differ between a run and its resumption (everything else must match)
-RESUME_FREE = {"steps", "epochs", "out", "log_file", "checkpoint_every", "checkpoint_dir", "keep_checkpoints", "resume",
-               "device", "threads", "log_every", "progress", "patience", "eval_every", "min_delta", "max_eval_samples"}
+RESUME_FREE = {
+    "steps",
+    "epochs",
+    "out",
+    "log_file",
+    "checkpoint_every",
+    "checkpoint_dir",
+    "keep_checkpoints",
+    "resume",
+    "device",
+    "threads",
+    "log_every",
+    "progress",
+    "patience",
+    "eval_every",
+    "min_delta",
+    "max_eval_samples",
+}
 
 
 def _coerce(name: str, value, default, path):

@@ -21,8 +21,8 @@ from pathlib import Path
 
 import numpy as np
 
-from ..chat_template import ChatTemplate
-from ..errors import EdgeLoraError
+from edge_lora.chat_template import ChatTemplate
+from edge_lora.errors import EdgeLoraError
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 8
@@ -32,7 +32,9 @@ MAX_REPORTED = 8
 class Example:
     ids: np.ndarray  # int64 [T]
     mask: np.ndarray  # bool [T]: token i is a training target (predicted from position i-1)
-    segments: np.ndarray | None = None  # int32 [T]: which packed example each token belongs to (None: one example)
+    segments: np.ndarray | None = (
+        None  # int32 [T]: which packed example each token belongs to (None: one example)
+    )
 
     @property
     def targets(self) -> int:
@@ -68,9 +70,14 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
                 continue
             records.append(record)
     if errors:
-        shown = "; ".join(errors[:MAX_REPORTED]) + (f"; and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else "")
-        raise EdgeLoraError(f"{len(errors)} bad line(s): {shown}", path=path,
-                            hint='each line needs {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role", "content"}...]}')
+        shown = "; ".join(errors[:MAX_REPORTED]) + (
+            f"; and {len(errors) - MAX_REPORTED} more" if len(errors) > MAX_REPORTED else ""
+        )
+        raise EdgeLoraError(
+            f"{len(errors)} bad line(s): {shown}",
+            path=path,
+            hint='each line needs {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role", "content"}...]}',
+        )
     if not records:
         raise EdgeLoraError("no examples in the file", path=path)
     return records
@@ -84,7 +91,11 @@ def _check_record(record) -> str | None:
         if not isinstance(msgs, list) or not msgs:
             return "'messages' must be a non-empty list"
         for i, m in enumerate(msgs):
-            if not isinstance(m, dict) or not isinstance(m.get("role"), str) or not isinstance(m.get("content"), str):
+            if (
+                not isinstance(m, dict)
+                or not isinstance(m.get("role"), str)
+                or not isinstance(m.get("content"), str)
+            ):
                 return f"messages[{i}] needs string 'role' and 'content'"
         if not any(m["role"] == "assistant" for m in msgs):
             return "a conversation needs at least one assistant message to train on"
@@ -111,7 +122,7 @@ class Formatter:
     def __init__(self, model_dir, added_tokens: list[str] | None = None):
         from tokenizers import Tokenizer
 
-        from ..model_dir import ModelDir
+        from edge_lora.model_dir import ModelDir
 
         md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
         self.tokenizer = Tokenizer.from_file(str(md.tokenizer_path))
@@ -123,8 +134,14 @@ class Formatter:
             vocab = self.tokenizer.get_vocab(with_added_tokens=True)
             for tok in self.added_tokens:
                 if tok in vocab:
-                    raise EdgeLoraError(f"token {tok!r} is already in the vocabulary", path=md.tokenizer_path, hint="add only new tokens")
-            self.tokenizer.add_tokens([AddedToken(t, special=False, normalized=False) for t in self.added_tokens])
+                    raise EdgeLoraError(
+                        f"token {tok!r} is already in the vocabulary",
+                        path=md.tokenizer_path,
+                        hint="add only new tokens",
+                    )
+            self.tokenizer.add_tokens(
+                [AddedToken(t, special=False, normalized=False) for t in self.added_tokens]
+            )
         # new tokens get the ids after the model's embedding rows (config.vocab_size), which can exceed the
         # tokenizer's size (Qwen2.5 pads 151665 tokens to 151936 rows): the tokenizer's ids are moved up
         self.new_id_shift = md.config.vocab_size - self.base_vocab if self.added_tokens else 0
@@ -198,7 +215,9 @@ class Formatter:
 # --- building the dataset -----------------------------------------------------------------
 
 
-def build_examples(records: list[dict], formatter: Formatter, seq_len: int, *, packing: bool = False) -> tuple[list[Example], dict]:
+def build_examples(
+    records: list[dict], formatter: Formatter, seq_len: int, *, packing: bool = False
+) -> tuple[list[Example], dict]:
     """Tokenize, truncate to ``seq_len``, drop examples with nothing left to learn, optionally pack."""
     examples, stats = [], {"examples": len(records), "truncated": 0, "dropped": 0}
     for record in records:

@@ -16,9 +16,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..adapter import Adapter, LoraWeights
-from ..errors import EdgeLoraError
-from ..targets import select_targets
+from edge_lora.adapter import Adapter, LoraWeights
+from edge_lora.errors import EdgeLoraError
+from edge_lora.targets import select_targets
 
 
 @dataclass
@@ -49,7 +49,15 @@ def _pattern_value(patterns: dict, module: str, default):
 
 
 class LoRALinear(nn.Module):
-    def __init__(self, base: nn.Linear, rank: int, alpha: float, dropout: float = 0.0, rslora: bool = False, dora: bool = False):
+    def __init__(
+        self,
+        base: nn.Linear,
+        rank: int,
+        alpha: float,
+        dropout: float = 0.0,
+        rslora: bool = False,
+        dora: bool = False,
+    ):
         super().__init__()
         if rank <= 0:
             raise EdgeLoraError(f"LoRA rank must be positive, got {rank}")
@@ -88,7 +96,12 @@ class LoRALinear(nn.Module):
             # the scale and no separate add, forward or backward (the scale lands on [N, r] tensors)
             base = self.base(x)
             xa = F.linear(self.dropout(x), self.lora_A)
-            out = torch.addmm(base.reshape(-1, base.shape[-1]), xa.reshape(-1, self.rank), self.lora_B.t(), alpha=self.scaling)
+            out = torch.addmm(
+                base.reshape(-1, base.shape[-1]),
+                xa.reshape(-1, self.rank),
+                self.lora_B.t(),
+                alpha=self.scaling,
+            )
             return out.view(base.shape)
         # DoRA as in PEFT: the norm is treated as a constant for the gradient (detach)
         weight = self._base_weight()
@@ -133,11 +146,24 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
         p.requires_grad_(False)
     names = select_targets(model.config, config.targets)
     if "lm_head" in names and model.config.tie_word_embeddings:
-        raise EdgeLoraError("LoRA on lm_head of a tied-embedding model is not supported", hint="target the decoder layers")
+        raise EdgeLoraError(
+            "LoRA on lm_head of a tied-embedding model is not supported", hint="target the decoder layers"
+        )
     for name in names:
         parent, child = _parent(model, name)
         base = getattr(parent, child)
-        setattr(parent, child, LoRALinear(base, config.rank_for(name), config.alpha_for(name), config.dropout, config.rslora, config.dora))
+        setattr(
+            parent,
+            child,
+            LoRALinear(
+                base,
+                config.rank_for(name),
+                config.alpha_for(name),
+                config.dropout,
+                config.rslora,
+                config.dora,
+            ),
+        )
     return names
 
 
@@ -159,7 +185,9 @@ def unmerge_all(model: nn.Module):
         layer.unmerge()
 
 
-def to_adapter(model: nn.Module, config: LoraConfig, base_fingerprint: str | None, extra: dict | None = None) -> Adapter:
+def to_adapter(
+    model: nn.Module, config: LoraConfig, base_fingerprint: str | None, extra: dict | None = None
+) -> Adapter:
     """The model's LoRA weights as an :class:`Adapter` ready to save."""
     modules = {}
     for name, layer in lora_layers(model).items():
@@ -170,8 +198,14 @@ def to_adapter(model: nn.Module, config: LoraConfig, base_fingerprint: str | Non
             alpha=float(layer.alpha),
             magnitude=mag,
         )
-    return Adapter(modules=modules, base_architecture=model.config.architecture, base_fingerprint=base_fingerprint,
-                   rslora=config.rslora, target_modules=sorted(modules), extra=extra or {})
+    return Adapter(
+        modules=modules,
+        base_architecture=model.config.architecture,
+        base_fingerprint=base_fingerprint,
+        rslora=config.rslora,
+        target_modules=sorted(modules),
+        extra=extra or {},
+    )
 
 
 def load_adapter_into(model: nn.Module, adapter: Adapter, dropout: float = 0.0) -> None:

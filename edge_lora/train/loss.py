@@ -26,8 +26,8 @@ class _FusedLinearCE(torch.autograd.Function):
         grad_h = torch.empty_like(hidden) if need_h else None
         grad_e = torch.zeros_like(extra, dtype=torch.float32) if need_e else None
         for start in range(0, hidden.shape[0], chunk):
-            h = hidden[start:start + chunk]
-            t = targets[start:start + chunk]
+            h = hidden[start : start + chunk]
+            t = targets[start : start + chunk]
             logits = (h @ weight.t()).float()
             if extra is not None:
                 logits = torch.cat((logits, (h @ extra.t()).float()), dim=1)
@@ -41,7 +41,7 @@ class _FusedLinearCE(torch.autograd.Function):
                     g = probs[:, :vocab] @ weight
                     if extra is not None:
                         g += probs[:, vocab:] @ extra
-                    grad_h[start:start + chunk] = g
+                    grad_h[start : start + chunk] = g
                 if need_e:
                     grad_e += (probs[:, vocab:].t() @ h).float()
         ctx.save_for_backward(grad_h, grad_e)
@@ -105,8 +105,13 @@ class _TableLinearCE(torch.autograd.Function):
     backward = staticmethod(_FusedLinearCE.backward)
 
 
-def linear_cross_entropy(hidden: torch.Tensor, targets: torch.Tensor, weight, extra: torch.Tensor | None = None,
-                         chunk: int | None = None) -> torch.Tensor:
+def linear_cross_entropy(
+    hidden: torch.Tensor,
+    targets: torch.Tensor,
+    weight,
+    extra: torch.Tensor | None = None,
+    chunk: int | None = None,
+) -> torch.Tensor:
     """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is ``[N, h]``).
     ``weight`` is a tensor, or a quantized table with ``rows(start, end, dtype)`` (a tied base under --base-quant)."""
     vocab = weight.shape[0] + (0 if extra is None else extra.shape[0])

@@ -13,9 +13,9 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from ..config import ModelConfig
-from ..errors import EdgeLoraError
-from ..model_dir import ModelDir
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -59,7 +59,9 @@ class _RMSNormFn(torch.autograd.Function):
     def backward(ctx, grad):
         x, weight, rstd = ctx.saved_tensors
         xhat = x.to(rstd.dtype) * rstd
-        grad_w = (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        grad_w = (
+            (grad * xhat.to(x.dtype)).reshape(-1, grad.shape[-1]).sum(0) if ctx.needs_input_grad[1] else None
+        )
         grad_x = None
         if ctx.needs_input_grad[0]:
             gy = (grad * weight).to(rstd.dtype)
@@ -200,8 +202,12 @@ class CausalLM(nn.Module):
             allowed &= (i[:, None] - i[None, :])[None] < self.config.sliding_window
         return allowed[:, None], positions
 
-    def hidden_states(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None,
-                      segments: torch.Tensor | None = None) -> torch.Tensor:
+    def hidden_states(
+        self,
+        input_ids: torch.Tensor,
+        attention_mask: torch.Tensor | None = None,
+        segments: torch.Tensor | None = None,
+    ) -> torch.Tensor:
         """``segments`` (packed rows, see ``data.pack``) keeps each example's attention and positions to itself."""
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
@@ -224,7 +230,7 @@ class CausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask))
 
     @classmethod
-    def from_model_dir(cls, path: str | os.PathLike, dtype=torch.float32) -> "CausalLM":
+    def from_model_dir(cls, path: str | os.PathLike, dtype=torch.float32) -> CausalLM:
         md = path if isinstance(path, ModelDir) else ModelDir(path)
         with torch.device("meta"):
             model = cls(md.config)
@@ -232,24 +238,33 @@ class CausalLM(nn.Module):
         if md.config.tie_word_embeddings:  # to_empty unties shared parameters
             model.lm_head.weight = model.model.embed_tokens.weight
         model.rotary.inv_freq = torch.tensor(md.config.rope_inv_freq(), dtype=torch.float32)
-        expected = {k for k in model.state_dict() if not (md.config.tie_word_embeddings and k == "lm_head.weight")}
+        expected = {
+            k for k in model.state_dict() if not (md.config.tie_word_embeddings and k == "lm_head.weight")
+        }
         names = set(md.tensor_names())
         missing = expected - names
         if md.config.tie_word_embeddings:
             names.discard("lm_head.weight")  # some tied checkpoints store it anyway
         if missing:
-            raise EdgeLoraError(f"weights are missing {len(missing)} tensors, e.g. {sorted(missing)[0]!r}", path=md.path,
-                                hint="is this the model config.json describes?")
+            raise EdgeLoraError(
+                f"weights are missing {len(missing)} tensors, e.g. {sorted(missing)[0]!r}",
+                path=md.path,
+                hint="is this the model config.json describes?",
+            )
         unexpected = names - expected
         if unexpected:
-            raise EdgeLoraError(f"weights hold tensors this model does not have, e.g. {sorted(unexpected)[0]!r}", path=md.path)
+            raise EdgeLoraError(
+                f"weights hold tensors this model does not have, e.g. {sorted(unexpected)[0]!r}", path=md.path
+            )
         params = dict(model.named_parameters())
         with torch.no_grad():
             for name in expected:
                 arr = md.get(name)
                 if tuple(arr.shape) != tuple(params[name].shape):
-                    raise EdgeLoraError(f"tensor {name!r} has shape {list(arr.shape)}, config.json implies {list(params[name].shape)}",
-                                        path=md.path)
+                    raise EdgeLoraError(
+                        f"tensor {name!r} has shape {list(arr.shape)}, config.json implies {list(params[name].shape)}",
+                        path=md.path,
+                    )
                 params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))
         model.model_dir = md
         return model.to(dtype)

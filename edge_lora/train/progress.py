@@ -32,8 +32,10 @@ class Progress:
         if self.enabled:
             width = 24
             filled = int(width * step / max(1, self.total))
-            line = (f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} | loss {loss:.4f} | "
-                    f"{tps:,.0f} tok/s | lr {lr:.2e} | ETA {_clock(eta)}")
+            line = (
+                f"[{'#' * filled}{'.' * (width - filled)}] step {step}/{self.total} | loss {loss:.4f} | "
+                f"{tps:,.0f} tok/s | lr {lr:.2e} | ETA {_clock(eta)}"
+            )
             self.stream.write(("\r" + line) if self.tty else line + "\n")
             self.stream.flush()
         return {"tokens_per_s": round(tps, 2), "elapsed_s": round(elapsed, 3), "eta_s": round(eta, 1)}

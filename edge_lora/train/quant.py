@@ -16,9 +16,15 @@ from torch import nn
 DEFAULT_GROUP = {"int8": 128, "int4": 32}
 
 
-def quantize(weight: np.ndarray | torch.Tensor, bits: int, group_size: int) -> tuple[torch.Tensor, torch.Tensor, int]:
+def quantize(
+    weight: np.ndarray | torch.Tensor, bits: int, group_size: int
+) -> tuple[torch.Tensor, torch.Tensor, int]:
     """``(qweight, scales [out, in/g] fp16, group)``; int8 ``[out, in]`` or packed int4 ``[out, in/2]`` uint8."""
-    w = torch.as_tensor(np.asarray(weight, dtype=np.float32)) if isinstance(weight, np.ndarray) else weight.detach().float()
+    w = (
+        torch.as_tensor(np.asarray(weight, dtype=np.float32))
+        if isinstance(weight, np.ndarray)
+        else weight.detach().float()
+    )
     out_f, in_f = w.shape
     group = group_size if group_size and in_f % group_size == 0 else in_f
     if bits == 4 and group % 2:
@@ -26,14 +32,21 @@ def quantize(weight: np.ndarray | torch.Tensor, bits: int, group_size: int) -> t
     wg = w.reshape(out_f, in_f // group, group)
     qmax = 127 if bits == 8 else 7
     scale = (wg.abs().amax(-1, keepdim=True) / qmax).to(torch.float16).float().clamp_min(1e-8)
-    q = torch.round(wg / scale).clamp_(-qmax - (1 if bits == 4 else 0), qmax).to(torch.int8).reshape(out_f, in_f)
+    q = (
+        torch.round(wg / scale)
+        .clamp_(-qmax - (1 if bits == 4 else 0), qmax)
+        .to(torch.int8)
+        .reshape(out_f, in_f)
+    )
     if bits == 4:
         u = (q + 8).to(torch.uint8)
         q = u[:, 0::2] | (u[:, 1::2] << 4)
     return q.contiguous(), scale.squeeze(-1).to(torch.float16).contiguous(), group
 
 
-def dequantize(q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype=torch.float32) -> torch.Tensor:
+def dequantize(
+    q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype=torch.float32
+) -> torch.Tensor:
     out_f = q.shape[0]
     if bits == 4:
         lo = (q & 0x0F).to(torch.int8) - 8
@@ -61,7 +74,15 @@ class _QuantMatmul(torch.autograd.Function):
 class QuantLinear(nn.Module):
     """A frozen ``nn.Linear`` stand-in holding quantized weights. ``weight`` is the integer tensor."""
 
-    def __init__(self, qweight, scales, bits: int, in_features: int, out_features: int, bias: torch.Tensor | None = None):
+    def __init__(
+        self,
+        qweight,
+        scales,
+        bits: int,
+        in_features: int,
+        out_features: int,
+        bias: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.bits, self.in_features, self.out_features = bits, in_features, out_features
         self.register_buffer("weight", qweight)
@@ -69,11 +90,17 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
-    def from_weight(cls, weight, bias, bits: int, group_size: int = 0) -> "QuantLinear":
+    def from_weight(cls, weight, bias, bits: int, group_size: int = 0) -> QuantLinear:
         group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
         q, s, _ = quantize(weight, bits, group_size)
         w_shape = weight.shape
-        b = None if bias is None else torch.as_tensor(np.asarray(bias, np.float32)) if isinstance(bias, np.ndarray) else bias
+        b = (
+            None
+            if bias is None
+            else torch.as_tensor(np.asarray(bias, np.float32))
+            if isinstance(bias, np.ndarray)
+            else bias
+        )
         return cls(q, s, bits, w_shape[1], w_shape[0], b)
 
     def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
@@ -91,7 +118,11 @@ def quant_bits(name: str) -> int:
 
 
 def quantized_bytes(model: nn.Module) -> int:
-    return sum(m.weight.numel() * m.weight.element_size() + m.scales.numel() * 2 for m in model.modules() if isinstance(m, QuantLinear))
+    return sum(
+        m.weight.numel() * m.weight.element_size() + m.scales.numel() * 2
+        for m in model.modules()
+        if isinstance(m, QuantLinear)
+    )
 
 
 class QuantEmbedding(nn.Module):
@@ -103,12 +134,14 @@ class QuantEmbedding(nn.Module):
     def __init__(self, qweight, scales, bits: int, vocab: int, hidden: int):
         super().__init__()
         self.bits, self.vocab, self.hidden = bits, vocab, hidden
-        self.dtype = torch.float32  # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
+        self.dtype = (
+            torch.float32
+        )  # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_weight(cls, weight, bits: int, group_size: int = 0) -> "QuantEmbedding":
+    def from_weight(cls, weight, bits: int, group_size: int = 0) -> QuantEmbedding:
         group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
         q, s, _ = quantize(weight, bits, group_size)
         return cls(q, s, bits, weight.shape[0], weight.shape[1])
@@ -149,7 +182,8 @@ class TiedQuantHead(nn.Module):
         return self.table
 
     def forward(self, hidden: torch.Tensor) -> torch.Tensor:
-        parts = [hidden @ self.table.rows(s, min(s + self.CHUNK_ROWS, self.table.vocab), hidden.dtype).t()
-                 for s in range(0, self.table.vocab, self.CHUNK_ROWS)]
+        parts = [
+            hidden @ self.table.rows(s, min(s + self.CHUNK_ROWS, self.table.vocab), hidden.dtype).t()
+            for s in range(0, self.table.vocab, self.CHUNK_ROWS)
+        ]
         return torch.cat(parts, dim=-1)
-

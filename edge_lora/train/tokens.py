@@ -18,7 +18,9 @@ class ExtendedEmbedding(nn.Module):
         super().__init__()
         self.base = base
         self.base_vocab = base.weight.shape[0]
-        self.new_rows = nn.Parameter(base.weight.detach().float().mean(0, keepdim=True).repeat(n_new, 1).to(base.weight.dtype))
+        self.new_rows = nn.Parameter(
+            base.weight.detach().float().mean(0, keepdim=True).repeat(n_new, 1).to(base.weight.dtype)
+        )
 
     @property
     def weight(self):
@@ -44,7 +46,9 @@ def add_new_tokens(model: nn.Module, n_new: int) -> None:
         model.head_new_rows = None
     else:
         w = model.lm_head.weight.detach().float()
-        model.head_new_rows = nn.Parameter(w.mean(0, keepdim=True).repeat(n_new, 1).to(model.lm_head.weight.dtype))
+        model.head_new_rows = nn.Parameter(
+            w.mean(0, keepdim=True).repeat(n_new, 1).to(model.lm_head.weight.dtype)
+        )
 
 
 def head_weights(model: nn.Module) -> tuple[torch.Tensor, torch.Tensor | None]:

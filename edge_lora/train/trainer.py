@@ -20,19 +20,18 @@ import torch
 import torch.utils.checkpoint  # noqa: F401  (model.gradient_checkpointing uses it)
 from torch import nn
 
-from ..errors import EdgeLoraError
-from ..model_dir import ModelDir
-from ..targets import linear_modules
-from . import checkpoint as ckpt
-from .config import RESUME_FREE, TrainConfig
-from .data import Formatter, StepSampler, build_examples, collate, read_jsonl, split_eval
-from .lora import LoraConfig, _parent, apply_lora, to_adapter
-from .loss import linear_cross_entropy
-from .model import CausalLM
-from .progress import MetricsLog, Progress
-from .quant import QuantEmbedding, QuantLinear, TiedQuantHead, quant_bits
-from .tokens import add_new_tokens, attach_new_tokens, head_weights
-
+from edge_lora.errors import EdgeLoraError
+from edge_lora.model_dir import ModelDir
+from edge_lora.targets import linear_modules
+from edge_lora.train import checkpoint as ckpt
+from edge_lora.train.config import RESUME_FREE, TrainConfig
+from edge_lora.train.data import Formatter, StepSampler, build_examples, collate, read_jsonl, split_eval
+from edge_lora.train.lora import LoraConfig, _parent, apply_lora, to_adapter
+from edge_lora.train.loss import linear_cross_entropy
+from edge_lora.train.model import CausalLM
+from edge_lora.train.progress import MetricsLog, Progress
+from edge_lora.train.quant import QuantEmbedding, QuantLinear, TiedQuantHead, quant_bits
+from edge_lora.train.tokens import add_new_tokens, attach_new_tokens, head_weights
 
 # --- devices and processes ----------------------------------------------------------------
 
@@ -66,7 +65,9 @@ def resolve_device(name: str, local_rank: int = 0) -> torch.device:
             name = "cpu"
     if name == "cuda":
         if not torch.cuda.is_available():
-            raise EdgeLoraError("--device cuda but no CUDA device is visible", hint="use --device cpu or auto")
+            raise EdgeLoraError(
+                "--device cuda but no CUDA device is visible", hint="use --device cpu or auto"
+            )
         return torch.device("cuda", local_rank)
     if name == "mps" and not (getattr(torch.backends, "mps", None) and torch.backends.mps.is_available()):
         raise EdgeLoraError("--device mps but MPS is not available", hint="use --device cpu or auto")
@@ -84,8 +85,15 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
 
 
 def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "bf16" or (name == "auto" and (device.type == "cpu" and cpu_has_native_bf16()
-                                               or device.type == "cuda" and torch.cuda.is_bf16_supported())):
+    if name == "bf16" or (
+        name == "auto"
+        and (
+            device.type == "cpu"
+            and cpu_has_native_bf16()
+            or device.type == "cuda"
+            and torch.cuda.is_bf16_supported()
+        )
+    ):
         return torch.bfloat16
     return torch.float32
 
@@ -96,10 +104,14 @@ def setup_distributed(device_name: str) -> Dist:
     device = resolve_device(device_name, local)
     if world > 1:
         if os.environ.get("MASTER_PORT") == "0":  # each worker would wait on its own random port forever
-            raise EdgeLoraError("torchrun --master_port=0 gives every worker port 0, so they never meet",
-                                hint="use torchrun --standalone (it picks a free port) or a fixed --master_port")
+            raise EdgeLoraError(
+                "torchrun --master_port=0 gives every worker port 0, so they never meet",
+                hint="use torchrun --standalone (it picks a free port) or a fixed --master_port",
+            )
         if device.type == "mps":
-            raise EdgeLoraError("data-parallel training is not supported on MPS", hint="use --device cpu or cuda")
+            raise EdgeLoraError(
+                "data-parallel training is not supported on MPS", hint="use --device cpu or cuda"
+            )
         if not torch.distributed.is_initialized():
             if device.type == "cuda":
                 torch.cuda.set_device(device)
@@ -121,7 +133,9 @@ def release_freed_memory_promptly() -> None:
     import ctypes.util
     import sys
 
-    torch.set_flush_denormal(True)  # a peaked softmax underflows into denormals, which x86 computes ~10x slower
+    torch.set_flush_denormal(
+        True
+    )  # a peaked softmax underflows into denormals, which x86 computes ~10x slower
     if not sys.platform.startswith("linux") or os.environ.get("EDGE_LORA_DEFAULT_MALLOC") == "1":
         return
     try:
@@ -148,7 +162,6 @@ def _read_tensor(md: ModelDir, name: str) -> np.ndarray:
     return arr
 
 
-
 def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> CausalLM:
     """The base model in fp32, its decoder linear layers quantized while loading when asked
     (so the full-precision weights are never all in memory at once)."""
@@ -160,12 +173,26 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
     for name in quantized:
         parent, child = _parent(model, name)
         if f"{name}.weight" not in names:
-            raise EdgeLoraError(f"weights are missing {name}.weight", path=md.path, hint="is this the model config.json describes?")
+            raise EdgeLoraError(
+                f"weights are missing {name}.weight",
+                path=md.path,
+                hint="is this the model config.json describes?",
+            )
         bias = _read_tensor(md, f"{name}.bias") if f"{name}.bias" in names else None
-        setattr(parent, child, QuantLinear.from_weight(_read_tensor(md, f"{name}.weight"), bias, quant_bits(base_quant), group_size))
+        setattr(
+            parent,
+            child,
+            QuantLinear.from_weight(
+                _read_tensor(md, f"{name}.weight"), bias, quant_bits(base_quant), group_size
+            ),
+        )
     quant_table = base_quant != "none" and config.tie_word_embeddings
-    if quant_table:  # the tied table is the largest tensor of a small model: lookup and head both read it quantized
-        table = QuantEmbedding.from_weight(_read_tensor(md, "model.embed_tokens.weight"), quant_bits(base_quant), group_size)
+    if (
+        quant_table
+    ):  # the tied table is the largest tensor of a small model: lookup and head both read it quantized
+        table = QuantEmbedding.from_weight(
+            _read_tensor(md, "model.embed_tokens.weight"), quant_bits(base_quant), group_size
+        )
         model.model.embed_tokens, model.lm_head = table, TiedQuantHead(table)
     for module_name, module in model.named_modules():
         for pname, p in list(module.named_parameters(recurse=False)):
@@ -175,10 +202,17 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
             if full == "lm_head.weight" and config.tie_word_embeddings:
                 continue
             if full not in names:
-                raise EdgeLoraError(f"weights are missing {full!r}", path=md.path, hint="is this the model config.json describes?")
+                raise EdgeLoraError(
+                    f"weights are missing {full!r}",
+                    path=md.path,
+                    hint="is this the model config.json describes?",
+                )
             arr = _read_tensor(md, full)
             if tuple(arr.shape) != tuple(p.shape):
-                raise EdgeLoraError(f"tensor {full!r} has shape {list(arr.shape)}, config.json implies {list(p.shape)}", path=md.path)
+                raise EdgeLoraError(
+                    f"tensor {full!r} has shape {list(arr.shape)}, config.json implies {list(p.shape)}",
+                    path=md.path,
+                )
             setattr(module, pname, nn.Parameter(torch.from_numpy(arr), requires_grad=False))
     if config.tie_word_embeddings and not quant_table:
         model.lm_head.weight = model.model.embed_tokens.weight
@@ -197,7 +231,9 @@ class TrainModule(nn.Module):
         self.model = model
         self.bf16 = model.model.norm.weight.dtype == torch.bfloat16
 
-    def forward(self, ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None) -> torch.Tensor:
+    def forward(
+        self, ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> torch.Tensor:
         with torch.autocast(ids.device.type, dtype=torch.bfloat16, enabled=self.bf16):
             # right padding + causal attention: no mask needed, unless rows pack several examples
             hidden = self.model.hidden_states(ids, segments=segments)
@@ -207,7 +243,14 @@ class TrainModule(nn.Module):
 
 
 def lora_config(cfg: TrainConfig) -> LoraConfig:
-    return LoraConfig(rank=cfg.rank, alpha=cfg.alpha, dropout=cfg.dropout, targets=cfg.targets, rslora=cfg.rslora, dora=cfg.dora)
+    return LoraConfig(
+        rank=cfg.rank,
+        alpha=cfg.alpha,
+        dropout=cfg.dropout,
+        targets=cfg.targets,
+        rslora=cfg.rslora,
+        dora=cfg.dora,
+    )
 
 
 def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = None) -> CausalLM:
@@ -233,7 +276,10 @@ def optimizer_groups(params: dict[str, nn.Parameter], cfg: TrainConfig) -> list[
         scale = cfg.lora_plus_ratio if (is_b and cfg.lora_plus_ratio > 0) else 1.0
         decay = cfg.weight_decay if name.endswith(("lora_A", "lora_B")) else 0.0
         groups.setdefault((scale, decay), []).append(p)
-    return [{"params": ps, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": decay} for (scale, decay), ps in groups.items()]
+    return [
+        {"params": ps, "lr": cfg.lr * scale, "lr_scale": scale, "weight_decay": decay}
+        for (scale, decay), ps in groups.items()
+    ]
 
 
 def lr_factor(step: int, total: int, warmup: int, min_ratio: float) -> float:
@@ -276,8 +322,11 @@ def _train(cfg: TrainConfig) -> dict:
     if cfg.max_eval_samples:
         eval_ex = eval_ex[: cfg.max_eval_samples]
     if not train_ex:
-        raise EdgeLoraError("no training example has a target token left after truncation", path=cfg.data,
-                            hint="raise --seq-len or shorten the prompts")
+        raise EdgeLoraError(
+            "no training example has a target token left after truncation",
+            path=cfg.data,
+            hint="raise --seq-len or shorten the prompts",
+        )
     global_batch = cfg.batch_size * cfg.grad_accum * dist.world
     sampler = StepSampler(len(train_ex), global_batch, cfg.seed)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
@@ -286,10 +335,14 @@ def _train(cfg: TrainConfig) -> dict:
     model = build_model(md, cfg, dist.device).to(dist.device)
     module = TrainModule(model)
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
-    optimizer = torch.optim.AdamW(optimizer_groups(params, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps)
+    optimizer = torch.optim.AdamW(
+        optimizer_groups(params, cfg), lr=cfg.lr, betas=(cfg.adam_beta1, cfg.adam_beta2), eps=cfg.adam_eps
+    )
     runner = module
     if dist.world > 1:
-        runner = nn.parallel.DistributedDataParallel(module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None)
+        runner = nn.parallel.DistributedDataParallel(
+            module, device_ids=[dist.device.index] if dist.device.type == "cuda" else None
+        )
 
     state = {"best_eval": None, "bad_evals": 0, "tokens_seen": 0, "stopped_early": False, "last_eval": None}
     best: dict[str, torch.Tensor] | None = None
@@ -304,11 +357,23 @@ def _train(cfg: TrainConfig) -> dict:
         bar.message(f"edge-lora train: resuming at step {start} of {total}")
     if dist.main and start == 0:
         n_train = sum(p.numel() for p in params.values())
-        bar.message(f"edge-lora train: {len(train_ex)} train / {len(eval_ex)} eval examples ({stats['truncated']} truncated, "
-                    f"{stats['dropped']} dropped), {n_train:,} trainable parameters, {total} steps of {global_batch} sequences, "
-                    f"device {dist.device}{f' x{dist.world}' if dist.world > 1 else ''}, base {cfg.base_quant}")
-        log.write({"event": "start", "train_examples": len(train_ex), "eval_examples": len(eval_ex), "trainable_parameters": n_train,
-                   "steps": total, "global_batch": global_batch, "world_size": dist.world, "config": cfg.to_dict()})
+        bar.message(
+            f"edge-lora train: {len(train_ex)} train / {len(eval_ex)} eval examples ({stats['truncated']} truncated, "
+            f"{stats['dropped']} dropped), {n_train:,} trainable parameters, {total} steps of {global_batch} sequences, "
+            f"device {dist.device}{f' x{dist.world}' if dist.world > 1 else ''}, base {cfg.base_quant}"
+        )
+        log.write(
+            {
+                "event": "start",
+                "train_examples": len(train_ex),
+                "eval_examples": len(eval_ex),
+                "trainable_parameters": n_train,
+                "steps": total,
+                "global_batch": global_batch,
+                "world_size": dist.world,
+                "config": cfg.to_dict(),
+            }
+        )
 
     pad_id = formatter.eos_id or 0
     model.train()
@@ -325,10 +390,14 @@ def _train(cfg: TrainConfig) -> dict:
         local_loss = 0.0
         for micro in range(cfg.grad_accum):
             lo = (micro * dist.world + dist.rank) * cfg.batch_size
-            ids, targets, segments = collate([train_ex[i] for i in idx[lo:lo + cfg.batch_size]], pad_id)
+            ids, targets, segments = collate([train_ex[i] for i in idx[lo : lo + cfg.batch_size]], pad_id)
             ids, targets = ids.to(dist.device), targets.to(dist.device)
             segments = None if segments is None else segments.to(dist.device)
-            sync = contextlib.nullcontext() if (dist.world == 1 or micro == cfg.grad_accum - 1) else runner.no_sync()
+            sync = (
+                contextlib.nullcontext()
+                if (dist.world == 1 or micro == cfg.grad_accum - 1)
+                else runner.no_sync()
+            )
             with sync:
                 loss_sum = runner(ids, targets, segments)
                 (loss_sum * (dist.world / n_targets)).backward()
@@ -341,43 +410,68 @@ def _train(cfg: TrainConfig) -> dict:
         (loss_total,) = dist.all_sum([local_loss])
         loss = loss_total / n_targets
         if not math.isfinite(loss):
-            raise EdgeLoraError(f"loss became {loss} at step {step + 1}", hint="lower --lr, or use --max-grad-norm 1.0")
+            raise EdgeLoraError(
+                f"loss became {loss} at step {step + 1}", hint="lower --lr, or use --max-grad-norm 1.0"
+            )
         state["tokens_seen"] += n_tokens
         done = step + 1
         if done % cfg.log_every == 0 or done == total:
             now = time.perf_counter()
             speed = bar.update(done, loss, n_tokens, optimizer.param_groups[0]["lr"])
-            log.write({"event": "train", "step": done, "loss": round(loss, 6), "lr": optimizer.param_groups[0]["lr"],
-                       "grad_norm": grad_norm, "tokens": state["tokens_seen"], "epoch": round(sampler.epoch_of(done), 4),
-                       "step_s": round(now - t_step, 4), **speed})
+            log.write(
+                {
+                    "event": "train",
+                    "step": done,
+                    "loss": round(loss, 6),
+                    "lr": optimizer.param_groups[0]["lr"],
+                    "grad_norm": grad_norm,
+                    "tokens": state["tokens_seen"],
+                    "epoch": round(sampler.epoch_of(done), 4),
+                    "step_s": round(now - t_step, 4),
+                    **speed,
+                }
+            )
         else:
             bar.tokens += n_tokens
         t_step = time.perf_counter()
 
         stop = False
         if eval_ex and cfg.eval_every and done % cfg.eval_every == 0 and done < total:
-            best, stop = _evaluate_and_track(module, eval_ex, cfg, dist, pad_id, params, state, best, done, log, bar)
+            best, stop = _evaluate_and_track(
+                module, eval_ex, cfg, dist, pad_id, params, state, best, done, log, bar
+            )
         if cfg.checkpoint_every and (done % cfg.checkpoint_every == 0 or stop):
             _checkpoint(cfg, done, params, optimizer, state, best, dist)
         if stop:
             state["stopped_early"] = True
-            bar.message(f"early stopping at step {done}: no eval improvement in {cfg.patience} evaluations "
-                        f"(best {state['best_eval']:.4f})")
+            bar.message(
+                f"early stopping at step {done}: no eval improvement in {cfg.patience} evaluations "
+                f"(best {state['best_eval']:.4f})"
+            )
             break
     else:
         done = total
 
     if eval_ex and not state["stopped_early"]:
-        best, _ = _evaluate_and_track(module, eval_ex, cfg, dist, pad_id, params, state, best, done, log, bar, final=True)
+        best, _ = _evaluate_and_track(
+            module, eval_ex, cfg, dist, pad_id, params, state, best, done, log, bar, final=True
+        )
     if best is not None and cfg.eval_every:  # periodic evaluation: keep the best weights
         with torch.no_grad():
             for name, p in params.items():
                 p.copy_(best[name].to(p.device, p.dtype))
     bar.close()
 
-    summary = {"steps": done, "train_examples": len(train_ex), "eval_examples": len(eval_ex), "best_eval_loss": state["best_eval"],
-               "last_eval_loss": state["last_eval"], "stopped_early": state["stopped_early"], "tokens_seen": state["tokens_seen"],
-               "out": str(cfg.out)}
+    summary = {
+        "steps": done,
+        "train_examples": len(train_ex),
+        "eval_examples": len(eval_ex),
+        "best_eval_loss": state["best_eval"],
+        "last_eval_loss": state["last_eval"],
+        "stopped_early": state["stopped_early"],
+        "tokens_seen": state["tokens_seen"],
+        "out": str(cfg.out),
+    }
     if dist.main:
         save_adapter(model, cfg, fingerprint, formatter, summary)
         log.write({"event": "done", **summary})
@@ -387,10 +481,19 @@ def _train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def save_adapter(model: CausalLM, cfg: TrainConfig, fingerprint: str, formatter: Formatter, summary: dict) -> None:
-    extra = {"trainer": "edge-lora", "settings": {k: v for k, v in cfg.to_dict().items()
-                                                  if k not in ("model", "data", "eval_data", "out", "log_file", "checkpoint_dir", "resume")},
-             "data": Path(cfg.data).name, "result": {k: summary[k] for k in ("steps", "best_eval_loss", "last_eval_loss", "stopped_early")}}
+def save_adapter(
+    model: CausalLM, cfg: TrainConfig, fingerprint: str, formatter: Formatter, summary: dict
+) -> None:
+    extra = {
+        "trainer": "edge-lora",
+        "settings": {
+            k: v
+            for k, v in cfg.to_dict().items()
+            if k not in ("model", "data", "eval_data", "out", "log_file", "checkpoint_dir", "resume")
+        },
+        "data": Path(cfg.data).name,
+        "result": {k: summary[k] for k in ("steps", "best_eval_loss", "last_eval_loss", "stopped_early")},
+    }
     adapter = to_adapter(model, lora_config(cfg), fingerprint, extra=extra)
     attach_new_tokens(adapter, model, list(cfg.add_tokens))
     adapter.save(cfg.out)
@@ -404,9 +507,13 @@ def evaluate(module: TrainModule, examples, batch_size: int, dist: Dist, pad_id:
     for k, start in enumerate(range(0, len(examples), batch_size)):
         if k % dist.world != dist.rank:
             continue
-        batch = examples[start:start + batch_size]
+        batch = examples[start : start + batch_size]
         ids, targets, segments = collate(batch, pad_id)
-        loss += module(ids.to(dist.device), targets.to(dist.device), None if segments is None else segments.to(dist.device)).item()
+        loss += module(
+            ids.to(dist.device),
+            targets.to(dist.device),
+            None if segments is None else segments.to(dist.device),
+        ).item()
         count += float(targets[:, 1:].sum())
     module.train(was_training)
     loss, count = dist.all_sum([loss, count])
@@ -422,8 +529,16 @@ def _evaluate_and_track(module, eval_ex, cfg, dist, pad_id, params, state, best,
         best = {n: p.detach().clone() for n, p in params.items()}
     else:
         state["bad_evals"] += 1
-    log.write({"event": "eval", "step": step, "eval_loss": round(loss, 6), "best_eval_loss": round(state["best_eval"], 6),
-               "improved": improved, "final": final})
+    log.write(
+        {
+            "event": "eval",
+            "step": step,
+            "eval_loss": round(loss, 6),
+            "best_eval_loss": round(state["best_eval"], 6),
+            "improved": improved,
+            "final": final,
+        }
+    )
     bar.message(f"eval at step {step}: loss {loss:.4f}{' (best)' if improved else ''}")
     stop = bool(cfg.patience) and state["bad_evals"] >= cfg.patience
     return best, stop
@@ -438,7 +553,9 @@ def _checkpoint(cfg, step, params, optimizer, state, best, dist) -> None:
         rngs = [torch.tensor(g, dtype=torch.uint8) for g in gathered]
     if dist.main:
         meta = {"state": state, "config": cfg.to_dict(), "world_size": dist.world}
-        ckpt.save_checkpoint(cfg.checkpoint_path, step, params, optimizer, rngs, meta, best, keep=cfg.keep_checkpoints)
+        ckpt.save_checkpoint(
+            cfg.checkpoint_path, step, params, optimizer, rngs, meta, best, keep=cfg.keep_checkpoints
+        )
     if dist.world > 1:
         torch.distributed.barrier()
 
@@ -458,15 +575,30 @@ def _resume(cfg, params, optimizer, state, dist):
         raise last_err
     old = meta.get("config", {})
     for key, value in cfg.to_dict().items():
-        if key not in RESUME_FREE and key in old and old[key] != value and not (isinstance(value, list) and list(old[key]) == value):
-            raise EdgeLoraError(f"setting {key!r} was {old[key]!r} in the checkpointed run, now {value!r}", path=path,
-                                hint="resume with the same settings (only steps, epochs, logging, evaluation and checkpoint options may change)")
+        if (
+            key not in RESUME_FREE
+            and key in old
+            and old[key] != value
+            and not (isinstance(value, list) and list(old[key]) == value)
+        ):
+            raise EdgeLoraError(
+                f"setting {key!r} was {old[key]!r} in the checkpointed run, now {value!r}",
+                path=path,
+                hint="resume with the same settings (only steps, epochs, logging, evaluation and checkpoint options may change)",
+            )
     if meta.get("world_size", 1) != dist.world:
-        raise EdgeLoraError(f"checkpoint was written by {meta.get('world_size')} processes, this run has {dist.world}", path=path,
-                            hint="resume with the same number of processes")
+        raise EdgeLoraError(
+            f"checkpoint was written by {meta.get('world_size')} processes, this run has {dist.world}",
+            path=path,
+            hint="resume with the same number of processes",
+        )
     missing = set(params) - set(saved)
     if missing:
-        raise EdgeLoraError(f"checkpoint lacks {sorted(missing)[0]!r}", path=path, hint="was it written with other LoRA settings?")
+        raise EdgeLoraError(
+            f"checkpoint lacks {sorted(missing)[0]!r}",
+            path=path,
+            hint="was it written with other LoRA settings?",
+        )
     with torch.no_grad():
         for name, p in params.items():
             p.copy_(saved[name].to(p.device, p.dtype))

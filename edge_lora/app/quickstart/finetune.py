@@ -13,7 +13,7 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-from .tasks import END, exact_match
+from edge_lora.app.quickstart.tasks import END, exact_match
 
 
 @dataclass
@@ -46,16 +46,18 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[in
     return out
 
 
-def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None = None, log=None) -> FinetuneResult:
+def train_adapter(
+    model_dir, task, out_path: Path, config: FinetuneConfig | None = None, log=None
+) -> FinetuneResult:
     """Train ``task``'s adapter (a quickstart Task or StyleTask): LoRA on its target modules, plus
     the rows of the tokens it adds."""
     import torch
 
-    from ..model_dir import ModelDir
-    from ..train.data import Formatter
-    from ..train.lora import LoraConfig, apply_lora, to_adapter
-    from ..train.model import CausalLM
-    from ..train.tokens import add_new_tokens, attach_new_tokens
+    from edge_lora.model_dir import ModelDir
+    from edge_lora.train.data import Formatter
+    from edge_lora.train.lora import LoraConfig, apply_lora, to_adapter
+    from edge_lora.train.model import CausalLM
+    from edge_lora.train.tokens import add_new_tokens, attach_new_tokens
 
     config = config or FinetuneConfig()
     start = time.perf_counter()
@@ -63,7 +65,9 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
     _set_threads(torch, config.threads, md)
     torch.manual_seed(config.seed)
     model = CausalLM.from_model_dir(md)
-    targets = task.target_modules(md.config.num_hidden_layers) if config.targets == "all-linear" else config.targets
+    targets = (
+        task.target_modules(md.config.num_hidden_layers) if config.targets == "all-linear" else config.targets
+    )
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=targets)
     apply_lora(model, lora)
     add_new_tokens(model, len(task.new_tokens))
@@ -73,7 +77,8 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
     sched = torch.optim.lr_scheduler.LambdaLR(
-        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / config.steps))
+        opt, lambda s: min(1.0, (s + 1) / warmup) * max(0.0, 1 - s / config.steps)
+    )
     rng = random.Random(config.seed)
     model.train()
     loss_value = float("nan")
@@ -83,10 +88,12 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
         ids = torch.zeros(len(batch), width, dtype=torch.long)
         labels = torch.full((len(batch), width), -100, dtype=torch.long)
         for i, (seq, n_prompt) in enumerate(batch):
-            ids[i, :len(seq)] = torch.tensor(seq)
-            labels[i, n_prompt:len(seq)] = torch.tensor(seq[n_prompt:])
+            ids[i, : len(seq)] = torch.tensor(seq)
+            labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
         logits = _logits(model, ids)  # right padding: causal attention never reads it
-        loss = torch.nn.functional.cross_entropy(logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1))
+        loss = torch.nn.functional.cross_entropy(
+            logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
+        )
         opt.zero_grad(set_to_none=True)
         loss.backward()
         opt.step()
@@ -94,8 +101,12 @@ def train_adapter(model_dir, task, out_path: Path, config: FinetuneConfig | None
         loss_value = loss.item()
         if log and (step % 50 == 0 or step == config.steps - 1):
             log(f"  {task.name}: step {step + 1}/{config.steps} loss {loss_value:.4f}")
-    adapter = to_adapter(model, lora, md.fingerprint, extra={"trainer": "edge-lora quickstart", "task": task.name,
-                                                              "steps": config.steps, "lr": config.lr})
+    adapter = to_adapter(
+        model,
+        lora,
+        md.fingerprint,
+        extra={"trainer": "edge-lora quickstart", "task": task.name, "steps": config.steps, "lr": config.lr},
+    )
     attach_new_tokens(adapter, model, list(task.new_tokens))
     out_path = Path(out_path)
     out_path.parent.mkdir(parents=True, exist_ok=True)
@@ -107,7 +118,7 @@ def _logits(model, ids):
     """Logits over the base vocabulary and the rows of any tokens the adapter adds."""
     import torch
 
-    from ..train.tokens import head_weights
+    from edge_lora.train.tokens import head_weights
 
     hidden = model.hidden_states(ids)
     weight, extra = head_weights(model)
@@ -123,16 +134,18 @@ def _set_threads(torch, threads: int, md) -> None:
         torch.set_num_threads(1)
 
 
-def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8) -> float:
+def host_score(
+    model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8
+) -> float:
     """Exact-match percent of the fp32 PyTorch model (with an adapter or without), greedy."""
     import torch
 
-    from ..adapter import Adapter
-    from ..model_dir import ModelDir
-    from ..train.data import Formatter
-    from ..train.lora import load_adapter_into
-    from ..train.model import CausalLM
-    from ..train.tokens import load_new_tokens
+    from edge_lora.adapter import Adapter
+    from edge_lora.model_dir import ModelDir
+    from edge_lora.train.data import Formatter
+    from edge_lora.train.lora import load_adapter_into
+    from edge_lora.train.model import CausalLM
+    from edge_lora.train.tokens import load_new_tokens
 
     md = ModelDir(model_dir)
     _set_threads(torch, 0, md)
@@ -157,6 +170,6 @@ def host_score(model_dir, items: list[tuple[str, str]], adapter_path: Path | Non
                 nxt = _logits(model, ids)[:, -1].argmax(-1, keepdim=True)
                 ids = torch.cat([ids, nxt], dim=1)
             for row, i in zip(ids.tolist(), indices):
-                text = tokenizer.decode(row[len(prompts[i]):])
+                text = tokenizer.decode(row[len(prompts[i]) :])
                 hits += exact_match(text, items[i][1])
     return 100.0 * hits / max(1, len(items))

@@ -19,11 +19,11 @@ from pathlib import Path
 
 import numpy as np
 
-from .adapter import Adapter
-from .atomic import atomic_path
-from .config import ModelConfig
-from .errors import EdgeLoraError
-from .gguf_names import gguf_arch, gguf_module, to_gguf_rows
+from edge_lora.adapter import Adapter
+from edge_lora.atomic import atomic_path
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
 FINGERPRINT_KEY = "edge_lora.base_fingerprint"
@@ -37,7 +37,9 @@ VALUE_FLOAT32, VALUE_STRING = 6, 8
 GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
 KEY_ARCHITECTURE, KEY_TYPE = "general.architecture", "general.type"
 KEY_ADAPTER_TYPE, KEY_LORA_ALPHA = "adapter.type", "adapter.lora.alpha"
-UNSUPPORTED_HINT = "merge it into the base on the host (edge-lora export --merge), or run it with the ONNX backend"
+UNSUPPORTED_HINT = (
+    "merge it into the base on the host (edge-lora export --merge), or run it with the ONNX backend"
+)
 
 
 def merged_variant_reason(adapter: Adapter, config: ModelConfig) -> str | None:
@@ -47,24 +49,39 @@ def merged_variant_reason(adapter: Adapter, config: ModelConfig) -> str | None:
         return None  # new tokens: not a merge's business
     if adapter.dora:
         return "DoRA rescales whole weight rows, which llama.cpp's run-time LoRA cannot express"
-    if config.tie_word_embeddings and "lm_head" in adapter.modules and "model.embed_tokens" not in adapter.modules:
-        return ("LoRA on the tied output head: llama.cpp's tied output is the token_embd tensor, which "
-                "has no output.weight for a LoRA to name")
+    if (
+        config.tie_word_embeddings
+        and "lm_head" in adapter.modules
+        and "model.embed_tokens" not in adapter.modules
+    ):
+        return (
+            "LoRA on the tied output head: llama.cpp's tied output is the token_embd tensor, which "
+            "has no output.weight for a LoRA to name"
+        )
     return None
 
 
 def check_llamacpp_can_apply(adapter: Adapter, config: ModelConfig, path=None) -> None:
     """Refuse, with the reason, adapters llama.cpp's run-time LoRA cannot express."""
     if adapter.dora:
-        raise EdgeLoraError("DoRA adapters rescale whole weight rows, which llama.cpp's run-time LoRA cannot do",
-                            path=path, hint=UNSUPPORTED_HINT)
+        raise EdgeLoraError(
+            "DoRA adapters rescale whole weight rows, which llama.cpp's run-time LoRA cannot do",
+            path=path,
+            hint=UNSUPPORTED_HINT,
+        )
     # new tokens need no GGUF tensors: the runtime feeds their rows itself (runtime/llamacpp_lib.decode_added)
     if config.tie_word_embeddings and any(m in ("lm_head", "model.embed_tokens") for m in adapter.modules):
-        raise EdgeLoraError("LoRA on the output layer of a tied-embedding base: llama.cpp rejects it (the output "
-                            "is the embedding table)", path=path, hint=UNSUPPORTED_HINT)
+        raise EdgeLoraError(
+            "LoRA on the output layer of a tied-embedding base: llama.cpp rejects it (the output "
+            "is the embedding table)",
+            path=path,
+            hint=UNSUPPORTED_HINT,
+        )
 
 
-def gguf_lora_tensors(adapter: Adapter, config: ModelConfig) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
+def gguf_lora_tensors(
+    adapter: Adapter, config: ModelConfig
+) -> tuple[float, dict[str, tuple[np.ndarray, np.ndarray]]]:
     """The file's alpha and ``{gguf base tensor: (lora_a [r,in], lora_b [out,r])}`` in float32.
 
     Arrays that need no change (float32, contiguous, no rescale or permutation) are the adapter's own."""
@@ -77,29 +94,43 @@ def gguf_lora_tensors(adapter: Adapter, config: ModelConfig) -> tuple[float, dic
         if effective[module] != alpha:
             b = b * np.float32(effective[module] / alpha)
         b = to_gguf_rows(config, module, b)
-        tensors[f"{gguf_module(module)}.weight"] = (np.ascontiguousarray(w.a, dtype=np.float32), np.ascontiguousarray(b))
+        tensors[f"{gguf_module(module)}.weight"] = (
+            np.ascontiguousarray(w.a, dtype=np.float32),
+            np.ascontiguousarray(b),
+        )
     return float(alpha), tensors
 
 
-def export_gguf_adapter(adapter: Adapter, config: ModelConfig, out_path: Path, dtype: str = "f32", durable: bool = True) -> Path:
+def export_gguf_adapter(
+    adapter: Adapter, config: ModelConfig, out_path: Path, dtype: str = "f32", durable: bool = True
+) -> Path:
     """Write ``adapter`` as a GGUF LoRA for the base described by ``config``; returns ``out_path``.
 
     ``durable=False`` writes straight to ``out_path`` with no fsync: for a private scratch file that
     no crash needs to survive (the runtime's conversion on ``add_adapter``)."""
     if dtype not in ADAPTER_DTYPES:
-        raise EdgeLoraError(f"unknown GGUF adapter dtype {dtype!r}", hint=f"choose one of {', '.join(ADAPTER_DTYPES)}")
+        raise EdgeLoraError(
+            f"unknown GGUF adapter dtype {dtype!r}", hint=f"choose one of {', '.join(ADAPTER_DTYPES)}"
+        )
     adapter.check_fits(config)
     check_llamacpp_can_apply(adapter, config)
     if not adapter.modules and not adapter.added_tokens:
         raise EdgeLoraError("adapter holds no LoRA modules to write")
     # new tokens alone: a LoRA with no tensors (the runtime feeds their rows from the adapter file)
     alpha, tensors = gguf_lora_tensors(adapter, config)
-    metadata = [(KEY_ARCHITECTURE, VALUE_STRING, gguf_arch(config)), (KEY_TYPE, VALUE_STRING, "adapter"),
-                (KEY_ADAPTER_TYPE, VALUE_STRING, "lora"), (KEY_LORA_ALPHA, VALUE_FLOAT32, alpha)]  # FLOAT64 alpha aborts llama.cpp
+    metadata = [
+        (KEY_ARCHITECTURE, VALUE_STRING, gguf_arch(config)),
+        (KEY_TYPE, VALUE_STRING, "adapter"),
+        (KEY_ADAPTER_TYPE, VALUE_STRING, "lora"),
+        (KEY_LORA_ALPHA, VALUE_FLOAT32, alpha),
+    ]  # FLOAT64 alpha aborts llama.cpp
     if adapter.base_fingerprint:
         metadata.append((FINGERPRINT_KEY, VALUE_STRING, adapter.base_fingerprint))
-    named = [(f"{base_name}.{suffix}", _encoded(arr, dtype)) for base_name, pair in tensors.items()
-             for suffix, arr in zip(("lora_a", "lora_b"), pair)]
+    named = [
+        (f"{base_name}.{suffix}", _encoded(arr, dtype))
+        for base_name, pair in tensors.items()
+        for suffix, arr in zip(("lora_a", "lora_b"), pair)
+    ]
     out_path = Path(out_path)
     if not durable:
         _write_gguf_file(out_path, metadata, named)
@@ -120,7 +151,9 @@ def _encoded(arr: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
     return "f16", arr.astype(np.float16)
 
 
-def _write_gguf_file(path: Path, metadata: list[tuple[str, int, object]], tensors: list[tuple[str, tuple[str, np.ndarray]]]) -> None:
+def _write_gguf_file(
+    path: Path, metadata: list[tuple[str, int, object]], tensors: list[tuple[str, tuple[str, np.ndarray]]]
+) -> None:
     """Header, metadata, tensor table, then each tensor's bytes at a 32-byte aligned offset.
 
     An existing file is overwritten in place and cut to length, not truncated first: rewriting
@@ -133,7 +166,9 @@ def _write_gguf_file(path: Path, metadata: list[tuple[str, int, object]], tensor
     for name, (qtype, data) in tensors:
         # ggml lists dimensions innermost first; a quantized row's element count is its block count times 32
         dims = _logical_shape(qtype, data)[::-1]
-        head.append(_string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, GGML_TYPES[qtype], offset))
+        head.append(
+            _string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, GGML_TYPES[qtype], offset)
+        )
         offset += _padded(data.nbytes)
     header = b"".join(head)
     header += bytes(_padded(len(header)) - len(header))
@@ -145,13 +180,18 @@ def _write_gguf_file(path: Path, metadata: list[tuple[str, int, object]], tensor
                 f.write(bytes(_padded(data.nbytes) - data.nbytes))
             f.truncate()
     except OSError as err:
-        raise EdgeLoraError(f"cannot write the GGUF adapter ({err.strerror})", path=path, hint="check free disk space") from None
+        raise EdgeLoraError(
+            f"cannot write the GGUF adapter ({err.strerror})", path=path, hint="check free disk space"
+        ) from None
 
 
 def _logical_shape(qtype: str, data: np.ndarray) -> tuple[int, ...]:
     if qtype != "q8_0":
         return data.shape
-    return (*data.shape[:-1], data.shape[-1] // 34 * 32)  # q8_0: 34 bytes (an f16 scale, 32 int8) per 32 values
+    return (
+        *data.shape[:-1],
+        data.shape[-1] // 34 * 32,
+    )  # q8_0: 34 bytes (an f16 scale, 32 int8) per 32 values
 
 
 def _string(text: str) -> bytes:

@@ -14,18 +14,29 @@ import sys
 import time
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 
 def _engine_arguments(p) -> None:
     p.add_argument("bundle", help="bundle folder written by `edge-lora export`")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "llamacpp"])
-    p.add_argument("--quant", help="which exported base to load (e.g. int4, int8, q4_0, q8_0); default the first")
+    p.add_argument(
+        "--quant", help="which exported base to load (e.g. int4, int8, q4_0, q8_0); default the first"
+    )
     p.add_argument("--threads", type=int, help="CPU threads for the backend")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="auto (default): a hardware GPU when the backend finds one, else the CPU; gpu: fail if there is none")
-    p.add_argument("--adapter", action="append", default=[], metavar="NAME[:SCALE]",
-                   help="adapter from the bundle (or an adapter file) and its scale; repeatable to stack")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="auto (default): a hardware GPU when the backend finds one, else the CPU; gpu: fail if there is none",
+    )
+    p.add_argument(
+        "--adapter",
+        action="append",
+        default=[],
+        metavar="NAME[:SCALE]",
+        help="adapter from the bundle (or an adapter file) and its scale; repeatable to stack",
+    )
     p.add_argument("--max-new-tokens", type=int, default=64)
     p.add_argument("--temperature", type=float, default=0.0, help="0 = greedy (default)")
     p.add_argument("--top-k", type=int, default=0)
@@ -36,17 +47,25 @@ def _engine_arguments(p) -> None:
 
 
 def add_run_arguments(sub, common) -> None:
-    p = sub.add_parser("run", parents=[common], help="generate text from a bundle (prompt from --prompt or stdin)")
+    p = sub.add_parser(
+        "run", parents=[common], help="generate text from a bundle (prompt from --prompt or stdin)"
+    )
     _engine_arguments(p)
     p.add_argument("--prompt", help="the prompt; read from stdin when absent")
-    p.add_argument("--json", action="store_true", help="print one JSON object: text, tokens, timings, adapters")
+    p.add_argument(
+        "--json", action="store_true", help="print one JSON object: text, tokens, timings, adapters"
+    )
     p.set_defaults(func=run_run)
 
 
 def add_chat_arguments(sub, common) -> None:
-    p = sub.add_parser("chat", parents=[common], help="interactive generation; /adapter switches adapters mid-conversation")
+    p = sub.add_parser(
+        "chat", parents=[common], help="interactive generation; /adapter switches adapters mid-conversation"
+    )
     _engine_arguments(p)
-    p.add_argument("--no-history", action="store_true", help="send each line on its own, without the earlier turns")
+    p.add_argument(
+        "--no-history", action="store_true", help="send each line on its own, without the earlier turns"
+    )
     p.set_defaults(func=run_chat)
 
 
@@ -87,8 +106,15 @@ def open_engine(args):
 
 
 def _sampling(args, stop_default=None) -> dict:
-    return dict(max_new_tokens=args.max_new_tokens, temperature=args.temperature, top_k=args.top_k, top_p=args.top_p,
-                repetition_penalty=args.repetition_penalty, seed=args.seed, stop=args.stop if args.stop is not None else (stop_default or []))
+    return dict(
+        max_new_tokens=args.max_new_tokens,
+        temperature=args.temperature,
+        top_k=args.top_k,
+        top_p=args.top_p,
+        repetition_penalty=args.repetition_penalty,
+        seed=args.seed,
+        stop=args.stop if args.stop is not None else (stop_default or []),
+    )
 
 
 def run_run(args) -> int:
@@ -104,8 +130,20 @@ def run_run(args) -> int:
         tokenizer = engine.tokenizer_for()  # the active adapters' new tokens count as one token each
         n_tokens = len(tokenizer.encode(text, add_special_tokens=False)) if text else 0
         info = engine.info()
-        print(json.dumps({"text": text, "prompt": prompt, "backend": engine.backend_name, "device": info["device"], "adapters": info["active"],
-                          "new_tokens": n_tokens, "load_s": round(loaded - start, 4), "generate_s": round(done - loaded, 4)}))
+        print(
+            json.dumps(
+                {
+                    "text": text,
+                    "prompt": prompt,
+                    "backend": engine.backend_name,
+                    "device": info["device"],
+                    "adapters": info["active"],
+                    "new_tokens": n_tokens,
+                    "load_s": round(loaded - start, 4),
+                    "generate_s": round(done - loaded, 4),
+                }
+            )
+        )
         return 0
     for chunk in engine.generate(prompt, stream=True, **_sampling(args)):
         sys.stdout.write(chunk)
@@ -118,14 +156,16 @@ CHAT_HELP = "commands: /adapter NAME[:SCALE] ... (switch; several = stack), /bas
 
 
 def run_chat(args) -> int:
-    from .conversation import Conversation
+    from edge_lora.conversation import Conversation
 
     engine = open_engine(args)
     chat = Conversation(engine, keep_history=not args.no_history)
     interactive = sys.stdin.isatty()
     say = (lambda text: print(text, file=sys.stderr)) if interactive else (lambda text: print(text))
-    say(f"edge-lora chat on {engine.backend_name} ({engine.info()['device']['name']}), {chat.mode}; "
-        f"bundle adapters: {', '.join(engine.bundle.adapters) or 'none'}")
+    say(
+        f"edge-lora chat on {engine.backend_name} ({engine.info()['device']['name']}), {chat.mode}; "
+        f"bundle adapters: {', '.join(engine.bundle.adapters) or 'none'}"
+    )
     say(CHAT_HELP)
     sampling = _sampling(args, stop_default=chat.stop_text)
     sampling["stop_token_ids"] = chat.stop_ids
@@ -169,7 +209,9 @@ def _chat_command(engine, chat, command: str, words: list[str], say) -> None:
         engine.set_adapters({})
         say("adapters: none (base)")
     elif command == "/adapters":
-        say(f"loaded: {engine.adapters or 'none'}; in bundle: {list(engine.bundle.adapters)}; active: {engine.info()['active']}")
+        say(
+            f"loaded: {engine.adapters or 'none'}; in bundle: {list(engine.bundle.adapters)}; active: {engine.info()['active']}"
+        )
     elif command == "/reset":
         chat.reset()
         say("history cleared")

@@ -8,21 +8,28 @@ from __future__ import annotations
 
 import argparse
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 
 def add_train_arguments(sub, common) -> None:
-    p = sub.add_parser("train", parents=[common], add_help=False, help="train a LoRA adapter (PyTorch; `train --help` for flags)")
+    p = sub.add_parser(
+        "train",
+        parents=[common],
+        add_help=False,
+        help="train a LoRA adapter (PyTorch; `train --help` for flags)",
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=run_train)
 
 
 def run_train(args) -> int:
     try:
-        from .train.cli import add_train_arguments as add_flags
-        from .train.cli import run_train as train
+        from edge_lora.train.cli import add_train_arguments as add_flags
+        from edge_lora.train.cli import run_train as train
     except ImportError as err:
-        raise EdgeLoraError(f"training is not available ({err})", hint="pip install 'edge-lora[train]'") from None
+        raise EdgeLoraError(
+            f"training is not available ({err})", hint="pip install 'edge-lora[train]'"
+        ) from None
     parser = argparse.ArgumentParser(prog="edge-lora train", description="Train a LoRA adapter on the host.")
     add_flags(parser)
     rest = [a for a in args.rest if a not in ("-v", "--verbose")]
@@ -30,7 +37,9 @@ def run_train(args) -> int:
 
 
 def add_bench_arguments(sub, common) -> None:
-    p = sub.add_parser("bench", parents=[common], add_help=False, help="run the benchmarks (`bench --help` for flags)")
+    p = sub.add_parser(
+        "bench", parents=[common], add_help=False, help="run the benchmarks (`bench --help` for flags)"
+    )
     p.add_argument("rest", nargs=argparse.REMAINDER)
     p.set_defaults(func=run_bench)
 
@@ -39,14 +48,19 @@ def run_bench(args) -> int:
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError as err:
-        raise EdgeLoraError(f"the benchmark runner is not installed ({err})",
-                            hint="run from a source checkout: pip install -e '.[all]'") from None
+        raise EdgeLoraError(
+            f"the benchmark runner is not installed ({err})",
+            hint="run from a source checkout: pip install -e '.[all]'",
+        ) from None
     return int(bench_main([a for a in args.rest if a not in ("-v", "--verbose")]) or 0)
 
 
 def add_quickstart_arguments(sub, common) -> None:
-    p = sub.add_parser("quickstart", parents=[common],
-                       help="the whole mission on the shipped model: train 2 adapters, export, swap/stack/merge, table")
+    p = sub.add_parser(
+        "quickstart",
+        parents=[common],
+        help="the whole mission on the shipped model: train 2 adapters, export, swap/stack/merge, table",
+    )
     p.add_argument("--model", help="use this Hugging Face model directory instead of the shipped one")
     p.add_argument("--work-dir", help="keep the adapters and the bundle here (default: a temporary folder)")
     p.add_argument("--fast", action="store_true", help="the CI form: fewer held-out prompts per task")
@@ -54,14 +68,18 @@ def add_quickstart_arguments(sub, common) -> None:
     p.add_argument("--eval-items", type=int, help="evaluation prompts per task")
     p.add_argument("--backends", default="onnx,gguf", help="comma list of onnx, gguf")
     p.add_argument("--threads", type=int, default=0, help="CPU threads (0 = all)")
-    p.add_argument("--device", default="auto", choices=["auto", "cpu", "gpu"],
-                   help="where the runtime runs the bundle (training stays on the CPU); auto: a hardware GPU if any")
+    p.add_argument(
+        "--device",
+        default="auto",
+        choices=["auto", "cpu", "gpu"],
+        help="where the runtime runs the bundle (training stays on the CPU); auto: a hardware GPU if any",
+    )
     p.add_argument("--json", action="store_true", help="print the summary as JSON instead of the table")
     p.set_defaults(func=run_quickstart)
 
 
 def run_quickstart(args) -> int:
-    from .quickstart.run import QuickstartConfig, quickstart
+    from edge_lora.app.quickstart.run import QuickstartConfig, quickstart
 
     config = QuickstartConfig.for_args(args)
     return quickstart(config)

@@ -39,7 +39,9 @@ class NBitsWeight:
         return self.packed.shape[0]
 
 
-def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = False) -> NBitsWeight:
+def quantize_nbits(
+    weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = False
+) -> NBitsWeight:
     """``W [N, K]`` float -> MatMulNBits tensors (8 bits are always symmetric)."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
@@ -49,7 +51,9 @@ def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOC
     w[:, :k] = weight
     w = w.reshape(n, k_blocks, block_size)
     levels = (1 << bits) - 1
-    if bits == 4 and symmetric:  # q4_0: the largest-magnitude value maps to -8, the full [-8, 7] range is used
+    if (
+        bits == 4 and symmetric
+    ):  # q4_0: the largest-magnitude value maps to -8, the full [-8, 7] range is used
         idx = np.abs(w).argmax(axis=2)
         peak = np.take_along_axis(w, idx[:, :, None], axis=2)[:, :, 0]
         scale = np.where(peak == 0, 1.0, peak / -8.0).astype(np.float32)
@@ -65,15 +69,23 @@ def quantize_nbits(weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOC
         scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)
         zp = np.full((n, k_blocks), 128, dtype=np.uint8)
     q = np.clip(np.round(w / scale[:, :, None]) + zp[:, :, None], 0, levels).astype(np.uint8)
-    return NBitsWeight(packed=_pack(q, bits), scales=scale.reshape(-1), zero_points=_pack(zp, bits).reshape(-1),
-                       bits=bits, block_size=block_size, k=k)
+    return NBitsWeight(
+        packed=_pack(q, bits),
+        scales=scale.reshape(-1),
+        zero_points=_pack(zp, bits).reshape(-1),
+        bits=bits,
+        block_size=block_size,
+        k=k,
+    )
 
 
 def dequantize_nbits(q: NBitsWeight) -> np.ndarray:
     """MatMulNBits tensors -> ``W [N, K]`` float32."""
     n = q.n
     k_blocks = q.packed.shape[1]
-    values = _unpack(q.packed.reshape(n, -1), q.bits, k_blocks * q.block_size).reshape(n, k_blocks, q.block_size)
+    values = _unpack(q.packed.reshape(n, -1), q.bits, k_blocks * q.block_size).reshape(
+        n, k_blocks, q.block_size
+    )
     if q.zero_points is None:
         zp = np.full((n, k_blocks), 1 << (q.bits - 1), dtype=np.uint8)
     else:
@@ -114,7 +126,9 @@ def dequantize_int8_channel(q_t: np.ndarray, scales: np.ndarray) -> np.ndarray:
     return (q_t.astype(np.float32) * scales[None, :]).T
 
 
-def quantize_int4_block_t(weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE) -> tuple[np.ndarray, np.ndarray]:
+def quantize_int4_block_t(
+    weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+) -> tuple[np.ndarray, np.ndarray]:
     """``W [N, K]`` -> ``(W^T as int4 values in int8 [K, N], scales [ceil(K / block), N])``.
 
     Symmetric blocks along K, for DequantizeLinear(axis=0, block_size) on an INT4 initializer.

@@ -19,8 +19,8 @@ import argparse
 import sys
 import traceback
 
-from . import __version__
-from .errors import EdgeLoraError
+from edge_lora import __version__
+from edge_lora.errors import EdgeLoraError
 
 EXIT_USER_ERROR = 2
 EXIT_INTERNAL_ERROR = 1
@@ -28,23 +28,35 @@ EXIT_INTERNAL_ERROR = 1
 
 def build_parser() -> argparse.ArgumentParser:
     common = argparse.ArgumentParser(add_help=False)
-    common.add_argument("-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors")
-    parser = argparse.ArgumentParser(prog="edge-lora", description="LoRA from a training notebook to a phone or a board.",
-                                     parents=[common])
+    common.add_argument(
+        "-v", "--verbose", action="store_true", default=argparse.SUPPRESS, help="show tracebacks on errors"
+    )
+    parser = argparse.ArgumentParser(
+        prog="edge-lora", description="LoRA from a training notebook to a phone or a board.", parents=[common]
+    )
     parser.add_argument("--version", action="version", version=f"edge-lora {__version__}")
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
-    from .cli_export import add_export_arguments
-    from .cli_merge import add_inspect_arguments, add_merge_arguments
-    from .cli_run import add_chat_arguments, add_run_arguments
-    from .cli_tools import add_bench_arguments, add_quickstart_arguments, add_train_arguments
+    from edge_lora.app.export_verbs import add_export_arguments
+    from edge_lora.app.handoff_verbs import add_bench_arguments, add_quickstart_arguments, add_train_arguments
+    from edge_lora.app.inspect_verb import add_inspect_arguments
+    from edge_lora.app.merge_verb import add_merge_arguments
+    from edge_lora.app.run_verbs import add_chat_arguments, add_run_arguments
 
-    for add in (add_train_arguments, add_export_arguments, add_run_arguments, add_chat_arguments, add_inspect_arguments,
-                add_merge_arguments, add_bench_arguments, add_quickstart_arguments):
+    for add in (
+        add_train_arguments,
+        add_export_arguments,
+        add_run_arguments,
+        add_chat_arguments,
+        add_inspect_arguments,
+        add_merge_arguments,
+        add_bench_arguments,
+        add_quickstart_arguments,
+    ):
         add(sub, common)
     try:
-        from .cli_sign import add_sign_arguments
+        from edge_lora.app.sign_verbs import add_sign_arguments
     except ImportError:  # signing needs the optional `cryptography`; the other verbs do not
         pass
     else:
@@ -57,9 +69,9 @@ def main(argv: list[str] | None = None) -> int:
     verbose = "-v" in argv or "--verbose" in argv
     try:
         if argv and argv[0] in ("train", "bench"):  # these parse their own flags, --help included
-            from . import cli_tools
+            from edge_lora.app import handoff_verbs
 
-            run = cli_tools.run_train if argv[0] == "train" else cli_tools.run_bench
+            run = handoff_verbs.run_train if argv[0] == "train" else handoff_verbs.run_bench
             return int(run(argparse.Namespace(rest=argv[1:], verbose=verbose)) or 0)
         parser = build_parser()
         args = parser.parse_args(argv)
@@ -77,7 +89,11 @@ def main(argv: list[str] | None = None) -> int:
         return exit_.code if isinstance(exit_.code, int) else EXIT_USER_ERROR
     except Exception as err:  # a bug or a library failure we did not translate: one line, details on request
         first = (str(err).strip().splitlines() or [""])[0][:300]
-        _report(f"error: {type(err).__name__}: {first}" + ("" if verbose else " (run with --verbose for the traceback)"), verbose)
+        _report(
+            f"error: {type(err).__name__}: {first}"
+            + ("" if verbose else " (run with --verbose for the traceback)"),
+            verbose,
+        )
         return EXIT_INTERNAL_ERROR
 
 

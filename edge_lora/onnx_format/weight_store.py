@@ -11,11 +11,17 @@ from pathlib import Path
 
 import numpy as np
 
-from edge_lora import onnx_quant as q
 from edge_lora.adapter import Adapter
 from edge_lora.errors import EdgeLoraError
+from edge_lora.onnx_format import weight_quant as q
 
-NUMPY_DTYPES = {"float32": np.float32, "float16": np.float16, "uint8": np.uint8, "int8": np.int8, "int4": np.uint8}
+NUMPY_DTYPES = {
+    "float32": np.float32,
+    "float16": np.float16,
+    "uint8": np.uint8,
+    "int8": np.int8,
+    "int4": np.uint8,
+}
 
 
 class WeightStore:
@@ -31,12 +37,26 @@ class WeightStore:
             return self.replaced[name]
         info = self.layout["tensors"].get(name)
         if info is None:
-            raise EdgeLoraError(f"onnx_layout.json does not place tensor {name!r}", path=self.data_path.parent, hint="re-export the bundle")
+            raise EdgeLoraError(
+                f"onnx_layout.json does not place tensor {name!r}",
+                path=self.data_path.parent,
+                hint="re-export the bundle",
+            )
         shape = tuple(info["shape"])
         if info["dtype"] == "int4":
-            raw = np.memmap(self.data_path, dtype=np.uint8, mode="r", offset=info["offset"], shape=(info["length"],))
+            raw = np.memmap(
+                self.data_path, dtype=np.uint8, mode="r", offset=info["offset"], shape=(info["length"],)
+            )
             return q.unpack_int4(np.asarray(raw), shape)
-        return np.array(np.memmap(self.data_path, dtype=NUMPY_DTYPES[info["dtype"]], mode="r", offset=info["offset"], shape=shape))
+        return np.array(
+            np.memmap(
+                self.data_path,
+                dtype=NUMPY_DTYPES[info["dtype"]],
+                mode="r",
+                offset=info["offset"],
+                shape=shape,
+            )
+        )
 
     def dequantized(self, group: str) -> np.ndarray:
         """``W [N, K]`` float32 of one weight group (fused q/k/v, gate/up, or a single layer)."""
@@ -44,7 +64,16 @@ class WeightStore:
         t = {role: self.tensor(name) for role, name in entry["tensors"].items()}
         kind = entry["kind"]
         if kind == "nbits":
-            return q.dequantize_nbits(q.NBitsWeight(t["packed"], t["scales"], t.get("zero_points"), entry["bits"], entry["block_size"], entry["k"]))
+            return q.dequantize_nbits(
+                q.NBitsWeight(
+                    t["packed"],
+                    t["scales"],
+                    t.get("zero_points"),
+                    entry["bits"],
+                    entry["block_size"],
+                    entry["k"],
+                )
+            )
         if kind == "float_t":
             return t["weight_t"].astype(np.float32).T
         if kind == "qdq8_t":
@@ -73,8 +102,11 @@ class WeightStore:
         """``[vocab, hidden]`` float32: the embedding table a tied head's matmul reads (for DoRA's norm on
         it; never listed under ``linears``, so a merge cannot write into the shared table)."""
         if not self.layout.get("tied_head_dora"):
-            raise EdgeLoraError("this bundle's ONNX graph has no DoRA rescale on its tied head", path=path,
-                                hint="re-export the bundle with this edge-lora")
+            raise EdgeLoraError(
+                "this bundle's ONNX graph has no DoRA rescale on its tied head",
+                path=path,
+                hint="re-export the bundle with this edge-lora",
+            )
         if "lm_head" in self.layout["weights"]:  # a quantized copy of the table, or the one the Gather shares
             return self.dequantized("lm_head")
         return self.tensor("model.embed_tokens.weight").astype(np.float32)
@@ -84,7 +116,9 @@ class WeightStore:
         entry = self.layout["weights"][group]
         names, kind = entry["tensors"], entry["kind"]
         if kind == "nbits":
-            nb = q.quantize_nbits(weight, entry["bits"], entry["block_size"], symmetric="zero_points" not in names)
+            nb = q.quantize_nbits(
+                weight, entry["bits"], entry["block_size"], symmetric="zero_points" not in names
+            )
             new = {names["packed"]: nb.packed, names["scales"]: nb.scales}
             if "zero_points" in names:
                 new[names["zero_points"]] = nb.zero_points
@@ -106,8 +140,14 @@ class WeightStore:
         for module in adapter.modules:
             where = self.layout["linears"].get(module)
             if where is None:
-                hint = "a tied-embedding base has no separate lm_head" if module == "lm_head" else "wrong base model?"
-                raise EdgeLoraError(f"cannot merge module {module!r}: the ONNX model has no such weight", hint=hint)
+                hint = (
+                    "a tied-embedding base has no separate lm_head"
+                    if module == "lm_head"
+                    else "wrong base model?"
+                )
+                raise EdgeLoraError(
+                    f"cannot merge module {module!r}: the ONNX model has no such weight", hint=hint
+                )
             groups.setdefault(where["weight"], []).append(module)
         replaced = {}
         for group, modules in groups.items():

@@ -15,17 +15,23 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from ..errors import EdgeLoraError
-from .finetune import FinetuneConfig, host_score, train_adapter
-from .report import format_json, format_table
-from .tasks import END, STYLES, TASKS, score
+from edge_lora.app.quickstart.finetune import FinetuneConfig, host_score, train_adapter
+from edge_lora.app.quickstart.report import format_json, format_table
+from edge_lora.app.quickstart.tasks import END, STYLES, TASKS, score
+from edge_lora.errors import EdgeLoraError
 
-DEFAULT_MODEL = Path(__file__).resolve().parents[1] / "assets" / "default_model"
+DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "default_model"
 TOLERANCE = {"int8": 2.0, "q8_0": 2.0, "int4": 5.0, "q4_0": 5.0}  # points below the fp32 adapter
 # texts that split differently when a tokenizer is mapped wrong: leading/inner runs of spaces, tabs and
 # newlines, digits, accents, CJK, emoji (byte fallback); the task prompts are added to them
-TOKENIZER_PROBES = ["Hello world", " Hello  world", "\tTabs\nand\n\nnew lines", "Grüße aus Köln, 東京 🙂",
-                    "numbers 1234567 and 3.14", "    indented(code) == 42;"]
+TOKENIZER_PROBES = [
+    "Hello world",
+    " Hello  world",
+    "\tTabs\nand\n\nnew lines",
+    "Grüße aus Köln, 東京 🙂",
+    "numbers 1234567 and 3.14",
+    "    indented(code) == 42;",
+]
 
 
 @dataclass
@@ -43,11 +49,15 @@ class QuickstartConfig:
     decode_tokens: int = 48
 
     @classmethod
-    def for_args(cls, args) -> "QuickstartConfig":
-        config = cls(model=Path(args.model) if args.model else DEFAULT_MODEL,
-                     work_dir=Path(args.work_dir) if args.work_dir else None,
-                     backends=[b.strip() for b in args.backends.split(",") if b.strip()], threads=args.threads, json=args.json,
-                     device=args.device)
+    def for_args(cls, args) -> QuickstartConfig:
+        config = cls(
+            model=Path(args.model) if args.model else DEFAULT_MODEL,
+            work_dir=Path(args.work_dir) if args.work_dir else None,
+            backends=[b.strip() for b in args.backends.split(",") if b.strip()],
+            threads=args.threads,
+            json=args.json,
+            device=args.device,
+        )
         if args.fast:  # the CI form: every quantization, fewer held-out prompts
             config.eval_items = 25
         if args.steps:
@@ -63,7 +73,9 @@ def _say(config: QuickstartConfig, text: str) -> None:
 
 def quickstart(config: QuickstartConfig) -> int:
     if not (Path(config.model) / "config.json").is_file():
-        raise EdgeLoraError("no model here", path=config.model, hint="pass --model with a Hugging Face model directory")
+        raise EdgeLoraError(
+            "no model here", path=config.model, hint="pass --model with a Hugging Face model directory"
+        )
     start = time.perf_counter()
     work = config.work_dir or Path(tempfile.mkdtemp(prefix="edge-lora-quickstart-"))
     work.mkdir(parents=True, exist_ok=True)
@@ -87,19 +99,30 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
     for name, task in [*TASKS.items(), *STYLES.items()]:
         _say(config, f"training adapter {name!r} ({task.description}) ...")
         steps = config.steps if name in TASKS else config.steps * 2 // 3  # a format on one layer learns fast
-        result = train_adapter(config.model, task, work / f"{name}.safetensors",
-                               FinetuneConfig(steps=steps, threads=config.threads), log=lambda s: _say(config, s))
+        result = train_adapter(
+            config.model,
+            task,
+            work / f"{name}.safetensors",
+            FinetuneConfig(steps=steps, threads=config.threads),
+            log=lambda s: _say(config, s),
+        )
         adapters[name] = result.path
         timings["train_s"][name] = round(result.seconds, 2)
     _say(config, "scoring the fp32 host model ...")
-    host = {"base": {t: host_score(config.model, items[t]) for t in [*tasks, *styles]},
-            "adapter": {t: host_score(config.model, items[t], adapters[t]) for t in [*tasks, *styles]},
-            "base_unstyled": {s: host_score(config.model, STYLES[s].unstyled(items[s])) for s in styles}}
+    host = {
+        "base": {t: host_score(config.model, items[t]) for t in [*tasks, *styles]},
+        "adapter": {t: host_score(config.model, items[t], adapters[t]) for t in [*tasks, *styles]},
+        "base_unstyled": {s: host_score(config.model, STYLES[s].unstyled(items[s])) for s in styles},
+    }
     _say(config, "exporting the bundle ...")
     t0 = time.perf_counter()
     bundle = work / "bundle"
-    options = ExportOptions(backends=config.backends, onnx_quants=config.onnx_quants, gguf_quants=config.gguf_quants, force=True)
-    export_bundle(config.model, bundle, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False)
+    options = ExportOptions(
+        backends=config.backends, onnx_quants=config.onnx_quants, gguf_quants=config.gguf_quants, force=True
+    )
+    export_bundle(
+        config.model, bundle, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False
+    )
     timings["export_s"] = round(time.perf_counter() - t0, 2)
     tokenizer = _tokenizer_agreement(bundle, [prompt for t in tasks for prompt, _ in items[t][:3]])
     stacks = _stacks(tasks, styles, items)
@@ -109,12 +132,31 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
             continue
         for i, quant in enumerate(quants):
             _say(config, f"runtime: {backend} {quant} ...")
-            runs.append(_exercise(bundle, "onnx" if backend == "onnx" else "llamacpp", quant, [*tasks, *styles], items, config,
-                                  stacks if i == 0 else None))
-    summary = {"model": str(config.model), "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
-               "tasks": tasks, "styles": styles, "eval_items": config.eval_items, "host": host, "runs": runs,
-               "timings": timings, "tokenizer": tokenizer,
-               "stacks": {name: {"adapters": list(s["adapters"]), "composes": s["composes"]} for name, s in stacks.items()}}
+            runs.append(
+                _exercise(
+                    bundle,
+                    "onnx" if backend == "onnx" else "llamacpp",
+                    quant,
+                    [*tasks, *styles],
+                    items,
+                    config,
+                    stacks if i == 0 else None,
+                )
+            )
+    summary = {
+        "model": str(config.model),
+        "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
+        "tasks": tasks,
+        "styles": styles,
+        "eval_items": config.eval_items,
+        "host": host,
+        "runs": runs,
+        "timings": timings,
+        "tokenizer": tokenizer,
+        "stacks": {
+            name: {"adapters": list(s["adapters"]), "composes": s["composes"]} for name, s in stacks.items()
+        },
+    }
     summary["checks"] = _checks(summary)
     summary["total_s"] = round(time.perf_counter() - start, 1)
     return summary
@@ -127,11 +169,17 @@ def _stacks(tasks: list[str], styles: list[str], items: dict) -> dict:
     Two task adapters that rewrite the same letters conflict: each task is scored as it is."""
     stacks = {}
     for style in styles:
-        stacks[f"{tasks[0]}+{style}"] = {"adapters": {tasks[0]: 1.0, style: 1.0}, "composes": True,
-                                         "items": {tasks[0]: STYLES[style].styled(items[tasks[0]])}}
+        stacks[f"{tasks[0]}+{style}"] = {
+            "adapters": {tasks[0]: 1.0, style: 1.0},
+            "composes": True,
+            "items": {tasks[0]: STYLES[style].styled(items[tasks[0]])},
+        }
     if len(tasks) > 1:
-        stacks[f"{tasks[0]}+{tasks[1]}"] = {"adapters": {tasks[0]: 1.0, tasks[1]: 1.0}, "composes": False,
-                                            "items": {t: items[t] for t in tasks[:2]}}
+        stacks[f"{tasks[0]}+{tasks[1]}"] = {
+            "adapters": {tasks[0]: 1.0, tasks[1]: 1.0},
+            "composes": False,
+            "items": {t: items[t] for t in tasks[:2]},
+        }
     return stacks
 
 
@@ -139,10 +187,9 @@ def _tokenizer_agreement(bundle: Path, prompts: list[str]) -> dict | None:
     """The tokenizer's style, and on how many texts llama.cpp's own tokenizer on the exported GGUF gives the
     ids of the runtime's tokenizer (which both runtime backends use), special tokens added as in a request."""
     from converters.gguf_tokenizer import gguf_tokenizer_style
+    from edge_lora.bundle import Bundle
     from runtime.llamacpp_lib import tokenize_with_gguf
     from runtime.tokenizer import Tokenizer
-
-    from ..bundle import Bundle
 
     opened = Bundle.open(bundle)
     if not opened.backends.get("gguf"):
@@ -151,13 +198,23 @@ def _tokenizer_agreement(bundle: Path, prompts: list[str]) -> dict | None:
     texts = TOKENIZER_PROBES + prompts
     runtime_ids = [Tokenizer(bundle / opened.tokenizer["tokenizer"]).encode(text) for text in texts]
     llama_ids = tokenize_with_gguf(gguf, texts, add_special=True, parse_special=True)
-    return {"style": gguf_tokenizer_style(gguf), "texts": len(texts),
-            "equal": sum(a == b for a, b in zip(runtime_ids, llama_ids)),
-            "differing": [t for t, a, b in zip(texts, runtime_ids, llama_ids) if a != b]}
+    return {
+        "style": gguf_tokenizer_style(gguf),
+        "texts": len(texts),
+        "equal": sum(a == b for a, b in zip(runtime_ids, llama_ids)),
+        "differing": [t for t, a, b in zip(texts, runtime_ids, llama_ids) if a != b],
+    }
 
 
-def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: dict, config: QuickstartConfig,
-              stacks: dict | None) -> dict:
+def _exercise(
+    bundle: Path,
+    backend: str,
+    quant: str,
+    tasks: list[str],
+    items: dict,
+    config: QuickstartConfig,
+    stacks: dict | None,
+) -> dict:
     """Accuracy of the base and of each adapter on one exported base; with ``stacks`` also the
     stacked sets and a merge (run once per backend)."""
     import runtime
@@ -175,16 +232,26 @@ def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: d
 
     def accuracy(task: str, adapters: dict[str, float], scored=None) -> float:
         scored = items[task] if scored is None else scored
-        return score(lambda prompt: engine.generate(prompt, max_new_tokens=8, adapters=adapters, stop=[END]), scored)
+        return score(
+            lambda prompt: engine.generate(prompt, max_new_tokens=8, adapters=adapters, stop=[END]), scored
+        )
 
-    run = {"backend": engine.backend_name, "device": engine.info()["device"]["name"], "quant": quant, "load_s": round(t1 - t0, 4), "add_adapters_s": round(t2 - t1, 4),
-           "base": {t: accuracy(t, {}) for t in tasks},
-           "adapter": {t: accuracy(t, {t: 1.0}) for t in tasks}}
+    run = {
+        "backend": engine.backend_name,
+        "device": engine.info()["device"]["name"],
+        "quant": quant,
+        "load_s": round(t1 - t0, 4),
+        "add_adapters_s": round(t2 - t1, 4),
+        "base": {t: accuracy(t, {}) for t in tasks},
+        "adapter": {t: accuracy(t, {t: 1.0}) for t in tasks},
+    }
     run["swap_ms"] = _swap_ms(engine, tasks, items)
     run["tokens_per_s"] = _tokens_per_s(engine, tasks[0], items, config.decode_tokens)
     if stacks:
-        run["stacked"] = {name: {t: accuracy(t, s["adapters"], scored) for t, scored in s["items"].items()}
-                          for name, s in stacks.items()}
+        run["stacked"] = {
+            name: {t: accuracy(t, s["adapters"], scored) for t, scored in s["items"].items()}
+            for name, s in stacks.items()
+        }
         engine.merge(tasks[0], 1.0)
         run["merged"] = accuracy(tasks[0], {})
     close = getattr(engine, "close", None)
@@ -194,7 +261,7 @@ def _exercise(bundle: Path, backend: str, quant: str, tasks: list[str], items: d
 
 
 def engine_is_tiny(bundle: Path) -> bool:
-    from ..bundle import Bundle
+    from edge_lora.bundle import Bundle
 
     return Bundle.open(bundle).config.hidden_size <= 256
 
@@ -224,27 +291,49 @@ def _checks(summary: dict) -> list[dict]:
     checks = []
     tok = summary.get("tokenizer")
     if tok:
-        checks.append({"what": f"tokenizer {tok['style']}: runtime and llama.cpp's tokenizer on the GGUF give the same ids "
-                               f"on {tok['equal']}/{tok['texts']} texts", "ok": tok["equal"] == tok["texts"]})
+        checks.append(
+            {
+                "what": f"tokenizer {tok['style']}: runtime and llama.cpp's tokenizer on the GGUF give the same ids "
+                f"on {tok['equal']}/{tok['texts']} texts",
+                "ok": tok["equal"] == tok["texts"],
+            }
+        )
     host = summary["host"]
     for t in summary["tasks"]:
-        checks.append({"what": f"fp32 adapter {t}: base {host['base'][t]:.0f}% -> {host['adapter'][t]:.0f}% (>= 90)",
-                       "ok": host["adapter"][t] >= 90.0 and host["base"][t] <= 10.0})
+        checks.append(
+            {
+                "what": f"fp32 adapter {t}: base {host['base'][t]:.0f}% -> {host['adapter'][t]:.0f}% (>= 90)",
+                "ok": host["adapter"][t] >= 90.0 and host["base"][t] <= 10.0,
+            }
+        )
         for r in summary["runs"]:
             tol = TOLERANCE.get(r["quant"], 5.0)
             drop = host["adapter"][t] - r["adapter"][t]
-            checks.append({"what": f"{r['backend']} {r['quant']} adapter {t}: {r['adapter'][t]:.0f}% (within {tol:.0f} of fp32)",
-                           "ok": drop <= tol})
+            checks.append(
+                {
+                    "what": f"{r['backend']} {r['quant']} adapter {t}: {r['adapter'][t]:.0f}% (within {tol:.0f} of fp32)",
+                    "ok": drop <= tol,
+                }
+            )
     for s in summary["styles"]:  # a style keeps what the base gets right, in the style
         plain = host["base_unstyled"][s]
-        checks.append({"what": f"fp32 style {s}: base {host['base'][s]:.0f}% -> {host['adapter'][s]:.0f}% of the base's own "
-                               f"tasks in the style (the base answers {plain:.0f}% of them right unstyled; within 10)",
-                       "ok": host["adapter"][s] >= plain - 10.0 and host["base"][s] <= 10.0})
+        checks.append(
+            {
+                "what": f"fp32 style {s}: base {host['base'][s]:.0f}% -> {host['adapter'][s]:.0f}% of the base's own "
+                f"tasks in the style (the base answers {plain:.0f}% of them right unstyled; within 10)",
+                "ok": host["adapter"][s] >= plain - 10.0 and host["base"][s] <= 10.0,
+            }
+        )
     for name, stack in summary["stacks"].items():
         if not stack["composes"]:
             continue
         for r in summary["runs"]:
             for t, value in (r.get("stacked") or {}).get(name, {}).items():
-                checks.append({"what": f"{r['backend']} {r['quant']} stacked {name}: {value:.0f}% of {t} answers with both "
-                                       "effects (>= 90)", "ok": value >= 90.0})
+                checks.append(
+                    {
+                        "what": f"{r['backend']} {r['quant']} stacked {name}: {value:.0f}% of {t} answers with both "
+                        "effects (>= 90)",
+                        "ok": value >= 90.0,
+                    }
+                )
     return checks

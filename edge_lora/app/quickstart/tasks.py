@@ -25,8 +25,8 @@ from __future__ import annotations
 import random
 import string
 import zlib
+from collections.abc import Callable
 from dataclasses import dataclass, field
-from typing import Callable
 
 LETTERS = string.ascii_lowercase
 END = "\n"  # every answer ends with a newline: the stop string at inference
@@ -146,9 +146,16 @@ BASE_FAMILIES: dict[str, Callable[[str], tuple[str, str]]] = {
 
 TASKS = {
     "shift": Task("shift", "shift", "move each letter one step on (z -> a)", answer=_shift),
-    "mirror": Task("mirror", "mirror", "mirror each letter in the alphabet (a <-> z, b <-> y)", answer=_mirror),
-    "count": Task("count", "count", "the word's length as a new token (<n3>, <n4>, <n5>)",
-                  target_text=lambda w: length_token(len(w)), new_tokens=tuple(length_token(n) for n in (3, 4, 5))),
+    "mirror": Task(
+        "mirror", "mirror", "mirror each letter in the alphabet (a <-> z, b <-> y)", answer=_mirror
+    ),
+    "count": Task(
+        "count",
+        "count",
+        "the word's length as a new token (<n3>, <n4>, <n5>)",
+        target_text=lambda w: length_token(len(w)),
+        new_tokens=tuple(length_token(n) for n in (3, 4, 5)),
+    ),
 }
 STYLES = {"period": StyleTask("period", "end every answer with a full stop", PERIOD)}
 

@@ -10,7 +10,7 @@ from __future__ import annotations
 import os
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 
 def describe(path: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
@@ -24,25 +24,36 @@ def describe(path: str | os.PathLike, base: str | os.PathLike | None = None) -> 
             return _peft(path, base)
         if (path / "config.json").is_file():
             return _model_dir(path)
-        raise EdgeLoraError("not a bundle, PEFT directory or model directory", path=path,
-                            hint="expected bundle.json, adapter_config.json or config.json inside")
+        raise EdgeLoraError(
+            "not a bundle, PEFT directory or model directory",
+            path=path,
+            hint="expected bundle.json, adapter_config.json or config.json inside",
+        )
     with open(path, "rb") as f:
         magic = f.read(4)
     if magic == b"GGUF":
         return _gguf(path)
     if path.suffix == ".safetensors":
         return _adapter(path, base)
-    raise EdgeLoraError("unrecognised file", path=path, hint="inspect reads bundles, .safetensors adapters, PEFT dirs, model dirs, .gguf")
+    raise EdgeLoraError(
+        "unrecognised file",
+        path=path,
+        hint="inspect reads bundles, .safetensors adapters, PEFT dirs, model dirs, .gguf",
+    )
 
 
 def _size(path: Path) -> int:
-    return sum(p.stat().st_size for p in path.rglob("*") if p.is_file()) if path.is_dir() else path.stat().st_size
+    return (
+        sum(p.stat().st_size for p in path.rglob("*") if p.is_file())
+        if path.is_dir()
+        else path.stat().st_size
+    )
 
 
 def _base_of(base) -> tuple[object, str | None]:
     """(ModelConfig, fingerprint) of a bundle or a model directory."""
-    from .bundle import Bundle
-    from .model_dir import ModelDir
+    from edge_lora.bundle import Bundle
+    from edge_lora.model_dir import ModelDir
 
     base = Path(base)
     if (base / "bundle.json").is_file():
@@ -64,31 +75,57 @@ def _fits(adapter, base) -> dict:
 
 
 def _bundle(path: Path) -> dict:
-    from .bundle import Bundle
+    from edge_lora.bundle import Bundle
 
     b = Bundle.open(path)
     files = lambda rel: b.files.get(rel, {}).get("bytes")  # noqa: E731
-    backends = {name: [{**e, "bytes": _size(b.resolve(e["model"]).parent) if name == "onnx" else files(e["model"])}
-                       for e in entries] for name, entries in b.backends.items()}
+    backends = {
+        name: [
+            {**e, "bytes": _size(b.resolve(e["model"]).parent) if name == "onnx" else files(e["model"])}
+            for e in entries
+        ]
+        for name, entries in b.backends.items()
+    }
     return {
-        "kind": "bundle", "path": str(path), "format_version": b.raw.get("format_version"), "created_by": b.raw.get("created_by"),
-        "architecture": b.config.architecture, "base_fingerprint": b.base_fingerprint,
-        "model": {"layers": b.config.num_hidden_layers, "hidden": b.config.hidden_size, "vocab": b.config.vocab_size},
+        "kind": "bundle",
+        "path": str(path),
+        "format_version": b.raw.get("format_version"),
+        "created_by": b.raw.get("created_by"),
+        "architecture": b.config.architecture,
+        "base_fingerprint": b.base_fingerprint,
+        "model": {
+            "layers": b.config.num_hidden_layers,
+            "hidden": b.config.hidden_size,
+            "vocab": b.config.vocab_size,
+        },
         "backends": backends,
-        "adapters": {n: {"rank": e.get("rank"), "backends": [k for k in ("onnx", "gguf") if k in e],
-                         **({"gguf_merged_variant": e["gguf_merged"]} if "gguf_merged" in e else {}),
-                         **({"added_tokens": _tokens(e["added_tokens"])} if e.get("added_tokens") else {}),
-                         "bytes": sum(files(e[k]) or 0 for k in ("source", "onnx", "gguf") if k in e)} for n, e in b.adapters.items()},
+        "adapters": {
+            n: {
+                "rank": e.get("rank"),
+                "backends": [k for k in ("onnx", "gguf") if k in e],
+                **({"gguf_merged_variant": e["gguf_merged"]} if "gguf_merged" in e else {}),
+                **({"added_tokens": _tokens(e["added_tokens"])} if e.get("added_tokens") else {}),
+                "bytes": sum(files(e[k]) or 0 for k in ("source", "onnx", "gguf") if k in e),
+            }
+            for n, e in b.adapters.items()
+        },
         "bytes": _size(path),
     }
 
 
 def _adapter_summary(adapter) -> dict:
     ranks = sorted({w.rank for w in adapter.modules.values()})
-    return {"architecture": adapter.base_architecture, "base_fingerprint": adapter.base_fingerprint,
-            "modules": len(adapter.modules), "ranks": ranks, "rslora": adapter.rslora, "dora": adapter.dora,
-            "parameters": adapter.num_parameters(), "added_tokens": _tokens(adapter.added_tokens),
-            "replaced_token_rows": adapter.replaced_tokens[:16] or None}
+    return {
+        "architecture": adapter.base_architecture,
+        "base_fingerprint": adapter.base_fingerprint,
+        "modules": len(adapter.modules),
+        "ranks": ranks,
+        "rslora": adapter.rslora,
+        "dora": adapter.dora,
+        "parameters": adapter.num_parameters(),
+        "added_tokens": _tokens(adapter.added_tokens),
+        "replaced_token_rows": adapter.replaced_tokens[:16] or None,
+    }
 
 
 def _tokens(tokens: list[str]) -> str | None:
@@ -100,10 +137,16 @@ def _tokens(tokens: list[str]) -> str | None:
 
 
 def _adapter(path: Path, base) -> dict:
-    from .adapter import Adapter
+    from edge_lora.adapter import Adapter
 
     adapter = Adapter.load(path)
-    return {"kind": "adapter", "path": str(path), **_adapter_summary(adapter), "bytes": _size(path), **_fits(adapter, base)}
+    return {
+        "kind": "adapter",
+        "path": str(path),
+        **_adapter_summary(adapter),
+        "bytes": _size(path),
+        **_fits(adapter, base),
+    }
 
 
 def _peft(path: Path, base) -> dict:
@@ -112,32 +155,55 @@ def _peft(path: Path, base) -> dict:
     config = _base_of(base)[0] if base is not None else None  # new tokens are counted from a base vocabulary
     # describes; export checks the new tokens' base rows and a tied head's saved table against the base
     adapter = import_peft(path, base=config, base_rows=lambda name, rows: True, base_table=lambda saved: True)
-    raw = read_peft_config(path)  # validated: a malformed adapter_config.json is a one-line error, not a crash
-    return {"kind": "peft", "path": str(path), "base_model_name_or_path": raw.get("base_model_name_or_path"),
-            **_adapter_summary(adapter), "bytes": _size(path), **_fits(adapter, base)}
+    raw = read_peft_config(
+        path
+    )  # validated: a malformed adapter_config.json is a one-line error, not a crash
+    return {
+        "kind": "peft",
+        "path": str(path),
+        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        **_adapter_summary(adapter),
+        "bytes": _size(path),
+        **_fits(adapter, base),
+    }
 
 
 def _model_dir(path: Path) -> dict:
-    from .model_dir import ModelDir
+    from edge_lora.model_dir import ModelDir
 
     md = ModelDir(path)
     c = md.config
     params = sum(int(__import__("numpy").prod(md._files[n].tensors[n].shape)) for n in md.tensor_names())
-    return {"kind": "model", "path": str(path), "architecture": c.architecture, "base_fingerprint": md.fingerprint,
-            "model": {"layers": c.num_hidden_layers, "hidden": c.hidden_size, "vocab": c.vocab_size,
-                      "tied_embeddings": c.tie_word_embeddings},
-            "parameters": params, "dtype": md.weight_dtype(), "bytes": _size(path)}
+    return {
+        "kind": "model",
+        "path": str(path),
+        "architecture": c.architecture,
+        "base_fingerprint": md.fingerprint,
+        "model": {
+            "layers": c.num_hidden_layers,
+            "hidden": c.hidden_size,
+            "vocab": c.vocab_size,
+            "tied_embeddings": c.tie_word_embeddings,
+        },
+        "parameters": params,
+        "dtype": md.weight_dtype(),
+        "bytes": _size(path),
+    }
 
 
 def _gguf(path: Path) -> dict:
     try:
         from gguf import GGUFReader
     except ImportError:
-        raise EdgeLoraError("reading GGUF needs the gguf package", path=path, hint="pip install 'edge-lora[gguf]'") from None
+        raise EdgeLoraError(
+            "reading GGUF needs the gguf package", path=path, hint="pip install 'edge-lora[gguf]'"
+        ) from None
     try:
         reader = GGUFReader(path)
     except Exception as err:  # the reader raises ValueError / struct errors on a corrupt file
-        raise EdgeLoraError(f"cannot read GGUF ({err})", path=path, hint="the file is truncated or corrupt") from None
+        raise EdgeLoraError(
+            f"cannot read GGUF ({err})", path=path, hint="the file is truncated or corrupt"
+        ) from None
 
     def field(key):
         f = reader.fields.get(key)
@@ -150,9 +216,16 @@ def _gguf(path: Path) -> dict:
     kinds: dict[str, int] = {}
     for t in reader.tensors:
         kinds[t.tensor_type.name] = kinds.get(t.tensor_type.name, 0) + 1
-    return {"kind": "gguf-" + (field("general.type") or "model"), "path": str(path), "architecture": arch,
-            "layers": field(f"{arch}.block_count"), "alpha": field("adapter.lora.alpha"),
-            "tensors": len(reader.tensors), "tensor_types": kinds, "bytes": _size(path)}
+    return {
+        "kind": "gguf-" + (field("general.type") or "model"),
+        "path": str(path),
+        "architecture": arch,
+        "layers": field(f"{arch}.block_count"),
+        "alpha": field("adapter.lora.alpha"),
+        "tensors": len(reader.tensors),
+        "tensor_types": kinds,
+        "bytes": _size(path),
+    }
 
 
 def format_text(info: dict, indent: int = 0) -> str:

@@ -6,7 +6,7 @@
     edge-lora verify --key release.pub bundle/   # every hash, and the signature
     edge-lora verify bundle/                     # hashes only (integrity, not authenticity)
 
-edge_lora/cli.py registers these with :func:`add_sign_arguments`; each verb's function returns an
+edge_lora/app/cli.py registers these with :func:`add_sign_arguments`; each verb's function returns an
 exit code and raises EdgeLoraError for the CLI to print on one line.
 """
 
@@ -14,7 +14,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 
 def add_sign_arguments(subparsers) -> None:
@@ -27,15 +27,21 @@ def add_sign_arguments(subparsers) -> None:
     p.add_argument("targets", nargs="+", help="adapter files and/or bundle folders")
     p.set_defaults(func=run_sign)
 
-    p = subparsers.add_parser("verify", help="check a bundle's hashes and signatures, or an adapter file's signature")
-    p.add_argument("--key", action="append", default=None,
-                   help="trusted public key file (repeatable); without it a bundle's hashes are checked, not who signed it")
+    p = subparsers.add_parser(
+        "verify", help="check a bundle's hashes and signatures, or an adapter file's signature"
+    )
+    p.add_argument(
+        "--key",
+        action="append",
+        default=None,
+        help="trusted public key file (repeatable); without it a bundle's hashes are checked, not who signed it",
+    )
     p.add_argument("targets", nargs="+", help="adapter files and/or bundle folders")
     p.set_defaults(func=run_verify)
 
 
 def run_keygen(args) -> int:
-    from .signing import generate_keypair
+    from edge_lora.signing import generate_keypair
 
     key, pub = generate_keypair(args.prefix)
     print(f"wrote {key} (private: keep it off devices) and {pub} (public: pass it as trusted_keys / --key)")
@@ -43,7 +49,7 @@ def run_keygen(args) -> int:
 
 
 def run_sign(args) -> int:
-    from .signing import load_private_key, sign_bundle, sign_file
+    from edge_lora.signing import load_private_key, sign_bundle, sign_file
 
     key = load_private_key(args.key)
     for target in map(Path, args.targets):
@@ -53,7 +59,7 @@ def run_sign(args) -> int:
 
 
 def run_verify(args) -> int:
-    from .signing import load_trusted_keys, verify_bundle, verify_file
+    from edge_lora.signing import load_trusted_keys, verify_bundle, verify_file
 
     keys = load_trusted_keys(args.key) if args.key else None
     for target in map(Path, args.targets):

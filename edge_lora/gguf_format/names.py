@@ -10,8 +10,8 @@ import re
 
 import numpy as np
 
-from .config import ModelConfig
-from .errors import EdgeLoraError
+from edge_lora.config import ModelConfig
+from edge_lora.errors import EdgeLoraError
 
 # our model_type -> llama.cpp architecture; Mistral is a Llama to llama.cpp
 GGUF_ARCH = {"llama": "llama", "mistral": "llama", "qwen2": "qwen2"}
@@ -45,7 +45,9 @@ def gguf_module(module: str) -> str:
     match = _LAYER.match(module)
     if match and match[2] in LAYER_MODULES:
         return f"blk.{match[1]}.{LAYER_MODULES[match[2]]}"
-    raise EdgeLoraError(f"no GGUF name for module {module!r}", hint="only Llama-family decoder modules map to GGUF")
+    raise EdgeLoraError(
+        f"no GGUF name for module {module!r}", hint="only Llama-family decoder modules map to GGUF"
+    )
 
 
 def gguf_tensor(name: str) -> str:

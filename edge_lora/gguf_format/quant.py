@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import numpy as np
 
-from .errors import EdgeLoraError
+from edge_lora.errors import EdgeLoraError
 
 # quant names done in numpy by gguf-py
 NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
@@ -28,8 +28,16 @@ def check_quant(quant: str) -> str:
 def ggml_type(quant: str):
     from gguf import GGMLQuantizationType as T
 
-    return {"f32": T.F32, "f16": T.F16, "bf16": T.BF16, "q8_0": T.Q8_0, "q4_0": T.Q4_0, "q4_1": T.Q4_1,
-            "q5_0": T.Q5_0, "q5_1": T.Q5_1}[quant]
+    return {
+        "f32": T.F32,
+        "f16": T.F16,
+        "bf16": T.BF16,
+        "q8_0": T.Q8_0,
+        "q4_0": T.Q4_0,
+        "q4_1": T.Q4_1,
+        "q5_0": T.Q5_0,
+        "q5_1": T.Q5_1,
+    }[quant]
 
 
 # below 8 bits the output matrix is where quantization error hurts most (every logit reads it)
@@ -41,9 +49,15 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, is_output: b
     them so); a matrix whose rows do not fill whole quant blocks falls back to F16. The output
     matrix (``output``, or ``token_embd`` on a tied base) of a 4/5-bit export stays at Q8_0, as
     llama.cpp's own quantizer keeps it above the base type."""
-    from gguf import GGML_QUANT_SIZES, GGMLQuantizationType as T
+    from gguf import GGML_QUANT_SIZES
+    from gguf import GGMLQuantizationType as T
 
-    if len(shape) < 2 or not gguf_name.endswith(".weight") or "_norm" in gguf_name or gguf_name.startswith("rope_"):
+    if (
+        len(shape) < 2
+        or not gguf_name.endswith(".weight")
+        or "_norm" in gguf_name
+        or gguf_name.startswith("rope_")
+    ):
         return T.F32
     wanted = ggml_type("q8_0" if is_output and quant in LOW_BIT_QUANTS else quant)
     block = GGML_QUANT_SIZES[wanted][0]
@@ -84,6 +98,8 @@ def write_gguf(writer, path, what: str) -> None:
         writer.write_kv_data_to_file()
         writer.write_tensors_to_file()
     except OSError as err:
-        raise EdgeLoraError(f"cannot write the {what} ({err.strerror})", path=path, hint="check free disk space") from None
+        raise EdgeLoraError(
+            f"cannot write the {what} ({err.strerror})", path=path, hint="check free disk space"
+        ) from None
     finally:
         writer.close()

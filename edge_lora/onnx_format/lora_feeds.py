@@ -1,0 +1,139 @@
+"""The LoRA feeds of an ONNX decoder: one A^T / B^T pair per fused group, built from adapters.
+
+The exporter writes them into ``.onnx_adapter`` files and the runtime feeds them per request; both
+build them here so the two agree byte for byte (see :mod:`.names` for the group layout).
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+from edge_lora.errors import EdgeLoraError
+from edge_lora.onnx_format.names import (
+    ADDED_EMBED_ROWS,
+    ADDED_HEAD_ROWS,
+    dora_scale,
+    group_slots,
+    lora_a,
+    lora_b,
+)
+from edge_lora.targets import LM_HEAD
+
+
+def zero_pads(slots: dict[str, tuple[int, int]], dtype=np.float32, skip=()) -> dict[str, np.ndarray]:
+    """Rank-1 zero A^T / B^T for every group whose inputs are not in ``skip``: the same result as the
+    graph's rank-0 defaults, for WebGPU, which crashes on a zero-size tensor (our GPU path and
+    onnxruntime-genai's both feed these instead of relying on the defaults)."""
+    pads = {}
+    for group, members in group_slots(slots).items():
+        if lora_a(group) not in skip:
+            pads[lora_a(group)] = np.zeros((members[0][2], 1), dtype)
+            pads[lora_b(group)] = np.zeros((1, sum(out_f for _, out_f, _ in members)), dtype)
+    return pads
+
+
+def stack_lora(
+    parts: list[tuple[object, float]],
+    slots: dict[str, tuple[int, int]],
+    dtype=np.float32,
+    norms: list[dict | None] | None = None,
+) -> dict[str, np.ndarray]:
+    """Feeds for several adapters at once: one A^T / B^T pair per group, every rank block side by side.
+
+    ``parts`` is ``[(Adapter, scale), ...]``; each adapter's own ``alpha / r`` times ``scale`` is
+    folded into its B rows, so ``x A^T B^T`` is the weighted sum of the adapters' deltas. Modules
+    an adapter leaves out of a group keep zero columns in B. Groups no adapter touches are left
+    out: the session uses their rank-0 defaults.
+
+    DoRA adapters need ``norms`` (aligned with ``parts``: :func:`edge_lora.dora.prepare_norms` of
+    each, None for plain ones); their groups also get ``<group>.dora_scale [out]`` (float32), the
+    factor on the base output, and the DoRA factors are folded into B in ``parts``' order as PEFT
+    applies its active adapters (see :mod:`edge_lora.dora`).
+    """
+    pieces = _pieces(parts, slots, norms)
+    feeds = {}
+    for group, members in group_slots(slots).items():
+        if any(module in pieces for module, _, _ in members):
+            feeds[lora_a(group)], feeds[lora_b(group)], scale = _group_pair(members, pieces, dtype)
+            if scale is not None:
+                feeds[dora_scale(group)] = scale
+    return feeds
+
+
+def _pieces(
+    parts: list[tuple[object, float]], slots: dict, norms: list[dict | None] | None = None
+) -> dict[str, list[tuple]]:
+    """``{module: [(LoraWeights, folded scale, DoRA factor or None), ...]}`` in the order of ``parts``,
+    after the checks."""
+    from edge_lora.dora import factor, require_norms
+
+    pieces: dict[str, list[tuple]] = {}
+    for i, (adapter, scale) in enumerate(parts):
+        for module, w in adapter.modules.items():
+            if module not in slots:
+                hint = (
+                    "this bundle's tied-embedding base has no lm_head slot: re-export it with this edge-lora"
+                    if module == LM_HEAD
+                    else "wrong base model?"
+                )
+                raise EdgeLoraError(
+                    f"adapter module {module!r} has no LoRA slot in this ONNX model", hint=hint
+                )
+            c = scale * adapter.scale(module)
+            d = None
+            if w.magnitude is not None:
+                d = factor(w, require_norms(norms[i] if norms else None)[module], c)
+            pieces.setdefault(module, []).append((w, c, d))
+    return pieces
+
+
+def added_rows_feeds(embed: np.ndarray | None, head: np.ndarray | None, tied: bool) -> dict[str, np.ndarray]:
+    """The graph's new-token tables for ``[n, hidden]`` rows (none when there are no new tokens)."""
+    if embed is None or not len(embed):
+        return {}
+    n, hidden = embed.shape
+    table = np.zeros((n + 1, hidden + 1), np.float32)
+    table[1:, :hidden], table[1:, hidden] = embed, 1.0
+    feeds = {ADDED_EMBED_ROWS: table}
+    if not tied:
+        zero = np.zeros((1, hidden), np.float32)
+        feeds[ADDED_HEAD_ROWS] = np.concatenate([zero, np.asarray(head, np.float32)])
+    return feeds
+
+
+def split_added_ids(ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray]:
+    """``(input_ids, added_token_index)`` for ids that may lie past the base vocabulary."""
+    index = np.where(ids >= vocab, ids - (vocab - 1), 0)
+    return np.minimum(ids, vocab - 1), index
+
+
+def _group_pair(
+    members: list[tuple[str, int, int]], pieces: dict, dtype
+) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
+    """A^T ``[in, R]``, block-diagonal B^T ``[R, out]`` and the DoRA factor ``[out]`` (None: no DoRA)
+    of one group, allocated once and filled in place: each byte is written once (the first request
+    with a new set waits for this)."""
+    from edge_lora.dora import chain
+
+    rank = sum(w.rank for module, _, _ in members for w, _, _ in pieces.get(module, ()))
+    a = np.empty((members[0][2], rank), dtype)
+    b = np.zeros((rank, sum(out_f for _, out_f, _ in members)), dtype)
+    dora = None
+    row = col = 0
+    for module, out_f, _ in members:
+        folds, base = chain(pieces.get(module, []), out_f)
+        if base is not None:
+            if dora is None:
+                dora = np.ones(b.shape[1], np.float32)
+            dora[col : col + out_f] = base
+        for (w, scale, _), fold in zip(pieces.get(module, ()), folds):
+            a[:, row : row + w.rank] = w.a.T
+            # scaled in float32 whatever the feed dtype, then cast once on the way in
+            block = b[row : row + w.rank, col : col + out_f]
+            if fold is None:
+                np.multiply(w.b.T, np.float32(scale), out=block, dtype=np.float32, casting="unsafe")
+            else:
+                block[...] = (w.b.T.astype(np.float64) * (scale * fold)[None, :]).astype(dtype)
+            row += w.rank
+        col += out_f
+    return a, b, dora
