@@ -78,6 +78,31 @@ class ModelDir:
         arr = self._files[name].get(name)
         return arr.astype(np.float32) if arr.dtype in (np.float16, np.float64) else arr
 
+    def shape(self, name: str) -> tuple[int, ...]:
+        """A tensor's shape from its shard's header (no data read)."""
+        if name not in self._files:
+            raise EdgeLoraError(f"tensor {name!r} not found in the weights", path=self.path)
+        return tuple(self._files[name].tensors[name].shape)
+
+    def read_float32(self, name: str) -> np.ndarray:
+        """A tensor as a fresh float32 array read with plain file reads: float32 goes straight from the
+        file into the array, and no memory map of the shard lingers in the process's resident set."""
+        if name not in self._files:
+            raise EdgeLoraError(f"tensor {name!r} not found in the weights", path=self.path)
+        st = self._files[name]
+        info = st.tensors[name]
+        if info.dtype != "F32":
+            return np.ascontiguousarray(self.get(name), dtype=np.float32)
+        arr = np.empty(info.shape, dtype=np.float32)
+        with open(st.path, "rb") as f:
+            f.seek(info.start)
+            f.readinto(memoryview(arr).cast("B"))
+        return arr
+
+    def release(self) -> None:
+        """Drop the shards' memory maps (they are reopened on the next read)."""
+        self.__dict__.pop("_files", None)
+
     def weight_dtype(self) -> str:
         name = "model.embed_tokens.weight"
         return self._files[name].tensors[name].dtype if name in self._files else "F32"

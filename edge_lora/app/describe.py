@@ -7,6 +7,7 @@ for GGUF files. ``base`` (a bundle or model directory) adds a "fits" verdict for
 
 from __future__ import annotations
 
+import math
 import os
 from pathlib import Path
 
@@ -173,7 +174,7 @@ def _model_dir(path: Path) -> dict:
 
     md = ModelDir(path)
     c = md.config
-    params = sum(int(__import__("numpy").prod(md._files[n].tensors[n].shape)) for n in md.tensor_names())
+    params = sum(math.prod(md.shape(n)) for n in md.tensor_names())
     return {
         "kind": "model",
         "path": str(path),

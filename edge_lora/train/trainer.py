@@ -15,7 +15,6 @@ import time
 from dataclasses import dataclass
 from pathlib import Path
 
-import numpy as np
 import torch
 import torch.utils.checkpoint  # noqa: F401  (model.gradient_checkpointing uses it)
 from torch import nn
@@ -149,19 +148,6 @@ def release_freed_memory_promptly() -> None:
 # --- the model ------------------------------------------------------------------------------
 
 
-def _read_tensor(md: ModelDir, name: str) -> np.ndarray:
-    """Read one tensor with plain file reads (float32 stays zero-copy; no memory map lingers in RSS)."""
-    st = md._files[name]
-    info = st.tensors[name]
-    if info.dtype != "F32":
-        return np.ascontiguousarray(md.get(name), dtype=np.float32)
-    arr = np.empty(info.shape, dtype=np.float32)
-    with open(st.path, "rb") as f:
-        f.seek(info.start)
-        f.readinto(memoryview(arr).cast("B"))
-    return arr
-
-
 def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> CausalLM:
     """The base model in fp32, its decoder linear layers quantized while loading when asked
     (so the full-precision weights are never all in memory at once)."""
@@ -178,12 +164,12 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
                 path=md.path,
                 hint="is this the model config.json describes?",
             )
-        bias = _read_tensor(md, f"{name}.bias") if f"{name}.bias" in names else None
+        bias = md.read_float32(f"{name}.bias") if f"{name}.bias" in names else None
         setattr(
             parent,
             child,
             QuantLinear.from_weight(
-                _read_tensor(md, f"{name}.weight"), bias, quant_bits(base_quant), group_size
+                md.read_float32(f"{name}.weight"), bias, quant_bits(base_quant), group_size
             ),
         )
     quant_table = base_quant != "none" and config.tie_word_embeddings
@@ -191,7 +177,7 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
         quant_table
     ):  # the tied table is the largest tensor of a small model: lookup and head both read it quantized
         table = QuantEmbedding.from_weight(
-            _read_tensor(md, "model.embed_tokens.weight"), quant_bits(base_quant), group_size
+            md.read_float32("model.embed_tokens.weight"), quant_bits(base_quant), group_size
         )
         model.model.embed_tokens, model.lm_head = table, TiedQuantHead(table)
     for module_name, module in model.named_modules():
@@ -207,7 +193,7 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
                     path=md.path,
                     hint="is this the model config.json describes?",
                 )
-            arr = _read_tensor(md, full)
+            arr = md.read_float32(full)
             if tuple(arr.shape) != tuple(p.shape):
                 raise EdgeLoraError(
                     f"tensor {full!r} has shape {list(arr.shape)}, config.json implies {list(p.shape)}",
@@ -218,7 +204,7 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
         model.lm_head.weight = model.model.embed_tokens.weight
     model.rotary.inv_freq = torch.tensor(config.rope_inv_freq(), dtype=torch.float32)
     model.model_dir = md
-    md.__dict__.pop("_files", None)  # release the memory maps of the checkpoint
+    md.release()  # the checkpoint's memory maps are no longer needed
     return model
 
 
