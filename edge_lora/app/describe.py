@@ -10,8 +10,15 @@ from __future__ import annotations
 import math
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    from edge_lora.adapter import Adapter
+    from edge_lora.config import ModelConfig
+
+BasePath = str | os.PathLike | None  # a bundle or model directory to judge the fit against
 
 
 def describe(path: str | os.PathLike, base: str | os.PathLike | None = None) -> dict:
@@ -51,7 +58,7 @@ def _size(path: Path) -> int:
     )
 
 
-def _base_of(base) -> tuple[object, str | None]:
+def _base_of(base: str | os.PathLike) -> tuple[ModelConfig, str | None]:
     """(ModelConfig, fingerprint) of a bundle or a model directory."""
     from edge_lora.bundle import Bundle
     from edge_lora.model_dir import ModelDir
@@ -64,7 +71,7 @@ def _base_of(base) -> tuple[object, str | None]:
     return md.config, md.fingerprint
 
 
-def _fits(adapter, base) -> dict:
+def _fits(adapter: Adapter, base: BasePath) -> dict:
     if base is None:
         return {}
     config, fingerprint = _base_of(base)
@@ -114,7 +121,7 @@ def _bundle(path: Path) -> dict:
     }
 
 
-def _adapter_summary(adapter) -> dict:
+def _adapter_summary(adapter: Adapter) -> dict:
     ranks = sorted({w.rank for w in adapter.modules.values()})
     return {
         "architecture": adapter.base_architecture,
@@ -137,7 +144,7 @@ def _tokens(tokens: list[str]) -> str | None:
     return f"{len(tokens)}: {shown}" + (", ..." if len(tokens) > 16 else "")
 
 
-def _adapter(path: Path, base) -> dict:
+def _adapter(path: Path, base: BasePath) -> dict:
     from edge_lora.adapter import Adapter
 
     adapter = Adapter.load(path)
@@ -150,15 +157,14 @@ def _adapter(path: Path, base) -> dict:
     }
 
 
-def _peft(path: Path, base) -> dict:
+def _peft(path: Path, base: BasePath) -> dict:
     from converters.peft import import_peft, read_peft_config
 
     config = _base_of(base)[0] if base is not None else None  # new tokens are counted from a base vocabulary
     # describes; export checks the new tokens' base rows and a tied head's saved table against the base
     adapter = import_peft(path, base=config, base_rows=lambda name, rows: True, base_table=lambda saved: True)
-    raw = read_peft_config(
-        path
-    )  # validated: a malformed adapter_config.json is a one-line error, not a crash
+    # validated: a malformed adapter_config.json is a one-line error, not a crash
+    raw = read_peft_config(path)
     return {
         "kind": "peft",
         "path": str(path),
@@ -206,7 +212,7 @@ def _gguf(path: Path) -> dict:
             f"cannot read GGUF ({err})", path=path, hint="the file is truncated or corrupt"
         ) from None
 
-    def field(key):
+    def field(key: str) -> Any:
         f = reader.fields.get(key)
         if f is None:
             return None

@@ -8,6 +8,8 @@ edge-lora export --add-adapter BUNDLE PATH[:NAME] [--replace]
 
 from __future__ import annotations
 
+import argparse
+
 from edge_lora.errors import EdgeLoraError
 
 
@@ -15,7 +17,7 @@ def _csv(text: str) -> list[str]:
     return [t.strip() for t in text.split(",") if t.strip()]
 
 
-def add_export_arguments(sub, common) -> None:
+def add_export_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "export",
         parents=[common],
@@ -63,7 +65,7 @@ def add_export_arguments(sub, common) -> None:
     p.set_defaults(func=run_export)
 
 
-def run_export(args) -> int:
+def run_export(args: argparse.Namespace) -> int:
     from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
 
     if args.add_adapter:

@@ -11,7 +11,7 @@ import argparse
 from edge_lora.errors import EdgeLoraError
 
 
-def add_train_arguments(sub, common) -> None:
+def add_train_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "train",
         parents=[common],
@@ -22,7 +22,7 @@ def add_train_arguments(sub, common) -> None:
     p.set_defaults(func=run_train)
 
 
-def run_train(args) -> int:
+def run_train(args: argparse.Namespace) -> int:
     try:
         from edge_lora.train.cli import add_train_arguments as add_flags
         from edge_lora.train.cli import run_train as train
@@ -36,7 +36,7 @@ def run_train(args) -> int:
     return int(train(parser.parse_args(rest)) or 0)
 
 
-def add_bench_arguments(sub, common) -> None:
+def add_bench_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "bench", parents=[common], add_help=False, help="run the benchmarks (`bench --help` for flags)"
     )
@@ -44,7 +44,7 @@ def add_bench_arguments(sub, common) -> None:
     p.set_defaults(func=run_bench)
 
 
-def run_bench(args) -> int:
+def run_bench(args: argparse.Namespace) -> int:
     try:
         from benchmarks.__main__ import main as bench_main
     except ImportError as err:
@@ -55,7 +55,7 @@ def run_bench(args) -> int:
     return int(bench_main([a for a in args.rest if a not in ("-v", "--verbose")]) or 0)
 
 
-def add_quickstart_arguments(sub, common) -> None:
+def add_quickstart_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "quickstart",
         parents=[common],
@@ -78,7 +78,7 @@ def add_quickstart_arguments(sub, common) -> None:
     p.set_defaults(func=run_quickstart)
 
 
-def run_quickstart(args) -> int:
+def run_quickstart(args: argparse.Namespace) -> int:
     from edge_lora.app.quickstart.run import QuickstartConfig, quickstart
 
     config = QuickstartConfig.for_args(args)

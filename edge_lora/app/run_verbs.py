@@ -9,15 +9,22 @@ An adapter is a name from the bundle or the path of an adapter file (its name is
 
 from __future__ import annotations
 
+import argparse
 import json
 import sys
 import time
+from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_lora.errors import EdgeLoraError
 
+if TYPE_CHECKING:
+    from edge_lora.conversation import Conversation
+    from runtime.engine import Engine
 
-def _engine_arguments(p) -> None:
+
+def _engine_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("bundle", help="bundle folder written by `edge-lora export`")
     p.add_argument("--backend", default="auto", choices=["auto", "onnx", "llamacpp"])
     p.add_argument(
@@ -28,7 +35,8 @@ def _engine_arguments(p) -> None:
         "--device",
         default="auto",
         choices=["auto", "cpu", "gpu"],
-        help="auto (default): a hardware GPU when the backend finds one, else the CPU; gpu: fail if there is none",
+        help="auto (default): a hardware GPU when the backend finds one, else the CPU; "
+        "gpu: fail if there is none",
     )
     p.add_argument(
         "--adapter",
@@ -46,7 +54,7 @@ def _engine_arguments(p) -> None:
     p.add_argument("--stop", action="append", default=None, help="stop string; repeatable")
 
 
-def add_run_arguments(sub, common) -> None:
+def add_run_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "run", parents=[common], help="generate text from a bundle (prompt from --prompt or stdin)"
     )
@@ -58,7 +66,7 @@ def add_run_arguments(sub, common) -> None:
     p.set_defaults(func=run_run)
 
 
-def add_chat_arguments(sub, common) -> None:
+def add_chat_arguments(sub: argparse._SubParsersAction, common: argparse.ArgumentParser) -> None:
     p = sub.add_parser(
         "chat", parents=[common], help="interactive generation; /adapter switches adapters mid-conversation"
     )
@@ -86,7 +94,7 @@ def parse_adapter_spec(spec: str) -> tuple[str, str | None, float]:
     return body, None, scale
 
 
-def open_engine(args):
+def open_engine(args: argparse.Namespace) -> Engine:
     import runtime
 
     options = {}
@@ -105,7 +113,7 @@ def open_engine(args):
     return engine
 
 
-def _sampling(args, stop_default=None) -> dict:
+def _sampling(args: argparse.Namespace, stop_default: list[str] | None = None) -> dict:
     return dict(
         max_new_tokens=args.max_new_tokens,
         temperature=args.temperature,
@@ -117,7 +125,7 @@ def _sampling(args, stop_default=None) -> dict:
     )
 
 
-def run_run(args) -> int:
+def run_run(args: argparse.Namespace) -> int:
     prompt = args.prompt if args.prompt is not None else sys.stdin.read()
     if not prompt:
         raise EdgeLoraError("empty prompt", hint="pass --prompt TEXT or pipe text on stdin")
@@ -152,10 +160,13 @@ def run_run(args) -> int:
     return 0
 
 
-CHAT_HELP = "commands: /adapter NAME[:SCALE] ... (switch; several = stack), /base (no adapter), /adapters (list), /reset, /quit"
+CHAT_HELP = (
+    "commands: /adapter NAME[:SCALE] ... (switch; several = stack), /base (no adapter), "
+    "/adapters (list), /reset, /quit"
+)
 
 
-def run_chat(args) -> int:
+def run_chat(args: argparse.Namespace) -> int:
     from edge_lora.conversation import Conversation
 
     engine = open_engine(args)
@@ -195,7 +206,9 @@ def run_chat(args) -> int:
         chat.record(line, reply)
 
 
-def _chat_command(engine, chat, command: str, words: list[str], say) -> None:
+def _chat_command(
+    engine: Engine, chat: Conversation, command: str, words: list[str], say: Callable[[str], None]
+) -> None:
     if command == "/adapter":
         active = {}
         for spec in words:
@@ -210,7 +223,8 @@ def _chat_command(engine, chat, command: str, words: list[str], say) -> None:
         say("adapters: none (base)")
     elif command == "/adapters":
         say(
-            f"loaded: {engine.adapters or 'none'}; in bundle: {list(engine.bundle.adapters)}; active: {engine.info()['active']}"
+            f"loaded: {engine.adapters or 'none'}; in bundle: {list(engine.bundle.adapters)}; "
+            f"active: {engine.info()['active']}"
         )
     elif command == "/reset":
         chat.reset()

@@ -12,12 +12,13 @@ exit code and raises EdgeLoraError for the CLI to print on one line.
 
 from __future__ import annotations
 
+import argparse
 from pathlib import Path
 
 from edge_lora.errors import EdgeLoraError
 
 
-def add_sign_arguments(subparsers) -> None:
+def add_sign_arguments(subparsers: argparse._SubParsersAction) -> None:
     p = subparsers.add_parser("keygen", help="make an Ed25519 key pair for signing adapters and bundles")
     p.add_argument("prefix", help="writes PREFIX.key (private, mode 0600) and PREFIX.pub (public)")
     p.set_defaults(func=run_keygen)
@@ -34,13 +35,14 @@ def add_sign_arguments(subparsers) -> None:
         "--key",
         action="append",
         default=None,
-        help="trusted public key file (repeatable); without it a bundle's hashes are checked, not who signed it",
+        help="trusted public key file (repeatable); "
+        "without it a bundle's hashes are checked, not who signed it",
     )
     p.add_argument("targets", nargs="+", help="adapter files and/or bundle folders")
     p.set_defaults(func=run_verify)
 
 
-def run_keygen(args) -> int:
+def run_keygen(args: argparse.Namespace) -> int:
     from edge_lora.signing import generate_keypair
 
     key, pub = generate_keypair(args.prefix)
@@ -48,7 +50,7 @@ def run_keygen(args) -> int:
     return 0
 
 
-def run_sign(args) -> int:
+def run_sign(args: argparse.Namespace) -> int:
     from edge_lora.signing import load_private_key, sign_bundle, sign_file
 
     key = load_private_key(args.key)
@@ -58,7 +60,7 @@ def run_sign(args) -> int:
     return 0
 
 
-def run_verify(args) -> int:
+def run_verify(args: argparse.Namespace) -> int:
     from edge_lora.signing import load_trusted_keys, verify_bundle, verify_file
 
     keys = load_trusted_keys(args.key) if args.key else None

@@ -8,12 +8,23 @@ exported backends are compared with.
 
 from __future__ import annotations
 
+import os
 import random
 import time
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
+from types import ModuleType
+from typing import TYPE_CHECKING
 
-from edge_lora.app.quickstart.tasks import END, exact_match
+from edge_lora.app.quickstart.tasks import END, StyleTask, Task, exact_match
+
+if TYPE_CHECKING:  # torch is imported where it is used: the quickstart's device half runs without it
+    import torch
+
+    from edge_lora.model_dir import ModelDir
+    from edge_lora.train.data import Formatter
+    from edge_lora.train.model import CausalLM
 
 
 @dataclass
@@ -36,8 +47,9 @@ class FinetuneResult:
     final_loss: float
 
 
-def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
-    """(ids of prompt + answer + END, number of prompt tokens) per pair; prompt encoded alone as at inference."""
+def _encode_pairs(tokenizer: Formatter, pairs: list[tuple[str, str]]) -> list[tuple[list[int], int]]:
+    """(ids of prompt + answer + END, number of prompt tokens) per pair; the prompt is encoded alone,
+    as at inference."""
     out = []
     for prompt, target in pairs:
         p = tokenizer.encode_text(prompt)
@@ -47,10 +59,13 @@ def _encode_pairs(tokenizer, pairs: list[tuple[str, str]]) -> list[tuple[list[in
 
 
 def train_adapter(
-    model_dir, task, out_path: Path, config: FinetuneConfig | None = None, log=None
+    model_dir: str | os.PathLike,
+    task: Task | StyleTask,
+    out_path: Path,
+    config: FinetuneConfig | None = None,
+    log: Callable[[str], None] | None = None,
 ) -> FinetuneResult:
-    """Train ``task``'s adapter (a quickstart Task or StyleTask): LoRA on its target modules, plus
-    the rows of the tokens it adds."""
+    """Train ``task``'s adapter: LoRA on its target modules, plus the rows of the tokens it adds."""
     import torch
 
     from edge_lora.model_dir import ModelDir
@@ -65,14 +80,29 @@ def train_adapter(
     _set_threads(torch, config.threads, md)
     torch.manual_seed(config.seed)
     model = CausalLM.from_model_dir(md)
-    targets = (
-        task.target_modules(md.config.num_hidden_layers) if config.targets == "all-linear" else config.targets
-    )
+    layers = md.config.num_hidden_layers
+    targets = task.target_modules(layers) if config.targets == "all-linear" else config.targets
     lora = LoraConfig(rank=config.rank, alpha=config.alpha, targets=targets)
     apply_lora(model, lora)
     add_new_tokens(model, len(task.new_tokens))
     tokenizer = Formatter(md, list(task.new_tokens))
     data = _encode_pairs(tokenizer, task.examples(config.train_items, "train", seed=config.seed))
+    loss_value = _fit(model, data, config, log=lambda text: log and log(f"  {task.name}: {text}"))
+    extra = {"trainer": "edge-lora quickstart", "task": task.name, "steps": config.steps, "lr": config.lr}
+    adapter = to_adapter(model, lora, md.fingerprint, extra=extra)
+    attach_new_tokens(adapter, model, list(task.new_tokens))
+    out_path = Path(out_path)
+    out_path.parent.mkdir(parents=True, exist_ok=True)
+    adapter.save(out_path)
+    return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
+
+
+def _fit(
+    model: CausalLM, data: list[tuple[list[int], int]], config: FinetuneConfig, log: Callable[[str], None]
+) -> float:
+    """AdamW with a short warm-up and a linear decay on random batches; returns the last loss."""
+    import torch
+
     params = [p for p in model.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(params, lr=config.lr, weight_decay=0.0)
     warmup = max(1, config.steps // 20)
@@ -83,13 +113,7 @@ def train_adapter(
     model.train()
     loss_value = float("nan")
     for step in range(config.steps):
-        batch = [data[rng.randrange(len(data))] for _ in range(config.batch_size)]
-        width = max(len(ids) for ids, _ in batch)
-        ids = torch.zeros(len(batch), width, dtype=torch.long)
-        labels = torch.full((len(batch), width), -100, dtype=torch.long)
-        for i, (seq, n_prompt) in enumerate(batch):
-            ids[i, : len(seq)] = torch.tensor(seq)
-            labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+        ids, labels = _batch([data[rng.randrange(len(data))] for _ in range(config.batch_size)])
         logits = _logits(model, ids)  # right padding: causal attention never reads it
         loss = torch.nn.functional.cross_entropy(
             logits[:, :-1].reshape(-1, logits.shape[-1]), labels[:, 1:].reshape(-1)
@@ -99,22 +123,25 @@ def train_adapter(
         opt.step()
         sched.step()
         loss_value = loss.item()
-        if log and (step % 50 == 0 or step == config.steps - 1):
-            log(f"  {task.name}: step {step + 1}/{config.steps} loss {loss_value:.4f}")
-    adapter = to_adapter(
-        model,
-        lora,
-        md.fingerprint,
-        extra={"trainer": "edge-lora quickstart", "task": task.name, "steps": config.steps, "lr": config.lr},
-    )
-    attach_new_tokens(adapter, model, list(task.new_tokens))
-    out_path = Path(out_path)
-    out_path.parent.mkdir(parents=True, exist_ok=True)
-    adapter.save(out_path)
-    return FinetuneResult(out_path, time.perf_counter() - start, loss_value)
+        if step % 50 == 0 or step == config.steps - 1:
+            log(f"step {step + 1}/{config.steps} loss {loss_value:.4f}")
+    return loss_value
 
 
-def _logits(model, ids):
+def _batch(batch: list[tuple[list[int], int]]) -> tuple[torch.Tensor, torch.Tensor]:
+    """Right-padded ids and labels that score only the answer tokens (-100 elsewhere)."""
+    import torch
+
+    width = max(len(ids) for ids, _ in batch)
+    ids = torch.zeros(len(batch), width, dtype=torch.long)
+    labels = torch.full((len(batch), width), -100, dtype=torch.long)
+    for i, (seq, n_prompt) in enumerate(batch):
+        ids[i, : len(seq)] = torch.tensor(seq)
+        labels[i, n_prompt : len(seq)] = torch.tensor(seq[n_prompt:])
+    return ids, labels
+
+
+def _logits(model: CausalLM, ids: torch.Tensor) -> torch.Tensor:
     """Logits over the base vocabulary and the rows of any tokens the adapter adds."""
     import torch
 
@@ -126,8 +153,9 @@ def _logits(model, ids):
     return logits if extra is None else torch.cat([logits, hidden @ extra.T], dim=-1)
 
 
-def _set_threads(torch, threads: int, md) -> None:
-    """A tiny model gains nothing from a second thread, and on a busy CPU OpenMP's spinning makes it far slower."""
+def _set_threads(torch: ModuleType, threads: int, md: ModelDir) -> None:
+    """A tiny model gains nothing from a second thread, and on a busy CPU OpenMP's spinning makes it
+    far slower."""
     if threads:
         torch.set_num_threads(threads)
     elif md.config.hidden_size <= 256:
@@ -135,7 +163,10 @@ def _set_threads(torch, threads: int, md) -> None:
 
 
 def host_score(
-    model_dir, items: list[tuple[str, str]], adapter_path: Path | None = None, max_new_tokens: int = 8
+    model_dir: str | os.PathLike,
+    items: list[tuple[str, str]],
+    adapter_path: Path | None = None,
+    max_new_tokens: int = 8,
 ) -> float:
     """Exact-match percent of the fp32 PyTorch model (with an adapter or without), greedy."""
     import torch

@@ -5,11 +5,39 @@ from __future__ import annotations
 import json
 
 
-def _pct(value) -> str:
+def _pct(value: float | None) -> str:
     return "   -" if value is None else f"{value:5.1f}"
 
 
 def format_table(summary: dict) -> str:
+    out = [f"exact-match accuracy (%) on {summary['eval_items']} held-out prompts per task"]
+    out += _accuracy_rows(summary)
+    for name, stack in summary.get("stacks", {}).items():
+        what = (
+            "composes: the first task's answers, scored with the style applied"
+            if stack["composes"]
+            else "conflicts: both rewrite every letter; each task scored as it is"
+        )
+        out.append(f"  stack {name} ({' + '.join(stack['adapters'])}) {what}")
+    tok = summary.get("tokenizer")
+    if tok:
+        out.append("")
+        out.append(
+            f"tokenizer: {tok['style']}; the runtime (both backends) and llama.cpp's own tokenizer on the "
+            f"GGUF give the same ids on {tok['equal']}/{tok['texts']} texts"
+            + (f", differ on {tok['differing']}" if tok["differing"] else "")
+        )
+    out += ["", *_timing_lines(summary)]
+    checks = summary["checks"]
+    out.append("")
+    out.append("targets: " + ("all met" if all(c["ok"] for c in checks) else "NOT all met"))
+    out += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['what']}" for c in checks]
+    out.append(f"total {summary['total_s']:.1f}s; bundle at {summary['bundle']}")
+    return "\n".join(out)
+
+
+def _accuracy_rows(summary: dict) -> list[str]:
+    """The accuracy table: a header, a rule, the fp32 host row, then one row per exported base."""
     tasks, styles = summary["tasks"], summary.get("styles", [])
     adapters = [*tasks, *styles]
     stacks = list(summary.get("stacks", {}))
@@ -20,15 +48,14 @@ def format_table(summary: dict) -> str:
         + [f"stack {name}" for name in stacks]
         + [f"merged {tasks[0]}"]
     )
-    rows = []
     host = summary["host"]
-    rows.append(
+    rows = [
         ["pytorch", "fp32"]
         + [_pct(host["base"][t]) for t in adapters]
         + [_pct(host["adapter"][t]) for t in adapters]
         + ["-"] * len(stacks)
         + ["-"]
-    )
+    ]
     for r in summary["runs"]:
         stacked = r.get("stacked") or {}
         rows.append(
@@ -42,48 +69,29 @@ def format_table(summary: dict) -> str:
             + [_pct(r.get("merged")) if r.get("merged") is not None else "-"]
         )
     widths = [max(len(str(row[i])) for row in [head] + rows) for i in range(len(head))]
-    line = lambda cells: "  ".join(
-        str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
-    )  # noqa: E731
-    out = [
-        f"exact-match accuracy (%) on {summary['eval_items']} held-out prompts per task",
-        line(head),
-        line(["-" * w for w in widths]),
-    ]
-    out += [line(r) for r in rows]
-    for name, stack in summary.get("stacks", {}).items():
-        what = (
-            "composes: the first task's answers, scored with the style applied"
-            if stack["composes"]
-            else "conflicts: both rewrite every letter; each task scored as it is"
+
+    def line(cells: list) -> str:
+        return "  ".join(
+            str(c).rjust(w) if i > 1 else str(c).ljust(w) for i, (c, w) in enumerate(zip(cells, widths))
         )
-        out.append(f"  stack {name} ({' + '.join(stack['adapters'])}) {what}")
-    tok = summary.get("tokenizer")
-    if tok:
-        out.append("")
-        out.append(
-            f"tokenizer: {tok['style']}; the runtime (both backends) and llama.cpp's own tokenizer on the GGUF "
-            f"give the same ids on {tok['equal']}/{tok['texts']} texts"
-            + (f", differ on {tok['differing']}" if tok["differing"] else "")
-        )
+
+    return [line(head), line(["-" * w for w in widths])] + [line(r) for r in rows]
+
+
+def _timing_lines(summary: dict) -> list[str]:
     t = summary["timings"]
-    out.append("")
-    out.append(
+    lines = [
         "timings: "
         + ", ".join(f"train {k} {v:.1f}s" for k, v in t["train_s"].items())
         + f", export {t['export_s']:.1f}s"
-    )
+    ]
     for r in summary["runs"]:
-        out.append(
-            f"  {r['backend']:8s} {r['quant']:5s} load {r['load_s'] * 1000:6.0f} ms  add adapters {r['add_adapters_s'] * 1000:5.0f} ms"
-            f"  swap {r['swap_ms']:6.2f} ms  decode {r['tokens_per_s']:7.1f} tok/s  on {r.get('device', 'CPU')}"
+        lines.append(
+            f"  {r['backend']:8s} {r['quant']:5s} load {r['load_s'] * 1000:6.0f} ms  "
+            f"add adapters {r['add_adapters_s'] * 1000:5.0f} ms  swap {r['swap_ms']:6.2f} ms  "
+            f"decode {r['tokens_per_s']:7.1f} tok/s  on {r.get('device', 'CPU')}"
         )
-    checks = summary["checks"]
-    out.append("")
-    out.append("targets: " + ("all met" if all(c["ok"] for c in checks) else "NOT all met"))
-    out += [f"  [{'ok' if c['ok'] else 'FAIL'}] {c['what']}" for c in checks]
-    out.append(f"total {summary['total_s']:.1f}s; bundle at {summary['bundle']}")
-    return "\n".join(out)
+    return lines
 
 
 def format_json(summary: dict) -> str:

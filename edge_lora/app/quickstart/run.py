@@ -8,17 +8,22 @@ the style adapter stacked on a task adapter keeps both effects (>= 90%) on every
 
 from __future__ import annotations
 
+import argparse
 import shutil
 import sys
 import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_lora.app.quickstart.finetune import FinetuneConfig, host_score, train_adapter
 from edge_lora.app.quickstart.report import format_json, format_table
 from edge_lora.app.quickstart.tasks import END, STYLES, TASKS, score
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    from runtime.engine import Engine
 
 DEFAULT_MODEL = Path(__file__).resolve().parents[2] / "assets" / "default_model"
 TOLERANCE = {"int8": 2.0, "q8_0": 2.0, "int4": 5.0, "q4_0": 5.0}  # points below the fp32 adapter
@@ -49,7 +54,7 @@ class QuickstartConfig:
     decode_tokens: int = 48
 
     @classmethod
-    def for_args(cls, args) -> QuickstartConfig:
+    def for_args(cls, args: argparse.Namespace) -> QuickstartConfig:
         config = cls(
             model=Path(args.model) if args.model else DEFAULT_MODEL,
             work_dir=Path(args.work_dir) if args.work_dir else None,
@@ -89,13 +94,51 @@ def quickstart(config: QuickstartConfig) -> int:
 
 
 def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
-    from converters.export import AdapterSource, ExportOptions, export_bundle
-
     tasks, styles = list(TASKS), list(STYLES)
     items = {t: TASKS[t].examples(config.eval_items, "eval") for t in tasks}
     items.update({s: STYLES[s].examples(config.eval_items, "eval") for s in styles})
-    timings: dict = {"train_s": {}}
-    adapters = {}
+    adapters, train_s = _train_adapters(config, work)
+    _say(config, "scoring the fp32 host model ...")
+    host = {
+        "base": {t: host_score(config.model, items[t]) for t in [*tasks, *styles]},
+        "adapter": {t: host_score(config.model, items[t], adapters[t]) for t in [*tasks, *styles]},
+        "base_unstyled": {s: host_score(config.model, STYLES[s].unstyled(items[s])) for s in styles},
+    }
+    _say(config, "exporting the bundle ...")
+    bundle, export_s = _export(config, work, adapters)
+    tokenizer = _tokenizer_agreement(bundle, [prompt for t in tasks for prompt, _ in items[t][:3]])
+    stacks = _stacks(tasks, styles, items)
+    runs = []
+    for backend, quants in (("onnx", config.onnx_quants), ("gguf", config.gguf_quants)):
+        if backend not in config.backends:
+            continue
+        for i, quant in enumerate(quants):
+            _say(config, f"runtime: {backend} {quant} ...")
+            engine = "onnx" if backend == "onnx" else "llamacpp"
+            measured = stacks if i == 0 else None
+            runs.append(_exercise(bundle, engine, quant, [*tasks, *styles], items, config, measured))
+    summary = {
+        "model": str(config.model),
+        "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
+        "tasks": tasks,
+        "styles": styles,
+        "eval_items": config.eval_items,
+        "host": host,
+        "runs": runs,
+        "timings": {"train_s": train_s, "export_s": export_s},
+        "tokenizer": tokenizer,
+        "stacks": {
+            name: {"adapters": list(s["adapters"]), "composes": s["composes"]} for name, s in stacks.items()
+        },
+    }
+    summary["checks"] = _checks(summary)
+    summary["total_s"] = round(time.perf_counter() - start, 1)
+    return summary
+
+
+def _train_adapters(config: QuickstartConfig, work: Path) -> tuple[dict[str, Path], dict[str, float]]:
+    """Every task and style adapter trained on the host: their paths and seconds each."""
+    adapters, seconds = {}, {}
     for name, task in [*TASKS.items(), *STYLES.items()]:
         _say(config, f"training adapter {name!r} ({task.description}) ...")
         steps = config.steps if name in TASKS else config.steps * 2 // 3  # a format on one layer learns fast
@@ -107,59 +150,22 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
             log=lambda s: _say(config, s),
         )
         adapters[name] = result.path
-        timings["train_s"][name] = round(result.seconds, 2)
-    _say(config, "scoring the fp32 host model ...")
-    host = {
-        "base": {t: host_score(config.model, items[t]) for t in [*tasks, *styles]},
-        "adapter": {t: host_score(config.model, items[t], adapters[t]) for t in [*tasks, *styles]},
-        "base_unstyled": {s: host_score(config.model, STYLES[s].unstyled(items[s])) for s in styles},
-    }
-    _say(config, "exporting the bundle ...")
-    t0 = time.perf_counter()
+        seconds[name] = round(result.seconds, 2)
+    return adapters, seconds
+
+
+def _export(config: QuickstartConfig, work: Path, adapters: dict[str, Path]) -> tuple[Path, float]:
+    """The bundle with every adapter, and the seconds the export took."""
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    start = time.perf_counter()
     bundle = work / "bundle"
     options = ExportOptions(
         backends=config.backends, onnx_quants=config.onnx_quants, gguf_quants=config.gguf_quants, force=True
     )
-    export_bundle(
-        config.model, bundle, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False
-    )
-    timings["export_s"] = round(time.perf_counter() - t0, 2)
-    tokenizer = _tokenizer_agreement(bundle, [prompt for t in tasks for prompt, _ in items[t][:3]])
-    stacks = _stacks(tasks, styles, items)
-    runs = []
-    for backend, quants in (("onnx", config.onnx_quants), ("gguf", config.gguf_quants)):
-        if backend not in config.backends:
-            continue
-        for i, quant in enumerate(quants):
-            _say(config, f"runtime: {backend} {quant} ...")
-            runs.append(
-                _exercise(
-                    bundle,
-                    "onnx" if backend == "onnx" else "llamacpp",
-                    quant,
-                    [*tasks, *styles],
-                    items,
-                    config,
-                    stacks if i == 0 else None,
-                )
-            )
-    summary = {
-        "model": str(config.model),
-        "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
-        "tasks": tasks,
-        "styles": styles,
-        "eval_items": config.eval_items,
-        "host": host,
-        "runs": runs,
-        "timings": timings,
-        "tokenizer": tokenizer,
-        "stacks": {
-            name: {"adapters": list(s["adapters"]), "composes": s["composes"]} for name, s in stacks.items()
-        },
-    }
-    summary["checks"] = _checks(summary)
-    summary["total_s"] = round(time.perf_counter() - start, 1)
-    return summary
+    sources = [AdapterSource(p, n) for n, p in adapters.items()]
+    export_bundle(config.model, bundle, sources, options, show_progress=False)
+    return bundle, round(time.perf_counter() - start, 2)
 
 
 def _stacks(tasks: list[str], styles: list[str], items: dict) -> dict:
@@ -230,7 +236,7 @@ def _exercise(
         engine.add_adapter(name)
     t2 = time.perf_counter()
 
-    def accuracy(task: str, adapters: dict[str, float], scored=None) -> float:
+    def accuracy(task: str, adapters: dict[str, float], scored: list | None = None) -> float:
         scored = items[task] if scored is None else scored
         return score(
             lambda prompt: engine.generate(prompt, max_new_tokens=8, adapters=adapters, stop=[END]), scored
@@ -266,7 +272,7 @@ def engine_is_tiny(bundle: Path) -> bool:
     return Bundle.open(bundle).config.hidden_size <= 256
 
 
-def _swap_ms(engine, tasks: list[str], items: dict, rounds: int = 10) -> float:
+def _swap_ms(engine: Engine, tasks: list[str], items: dict, rounds: int = 10) -> float:
     """Latency of a one-token request whose adapter differs from the previous request's."""
     prompt = items[tasks[0]][0][0]
     engine.generate(prompt, max_new_tokens=1, adapters={tasks[0]: 1.0})
@@ -276,7 +282,7 @@ def _swap_ms(engine, tasks: list[str], items: dict, rounds: int = 10) -> float:
     return round(1000 * (time.perf_counter() - start) / rounds, 3)
 
 
-def _tokens_per_s(engine, task: str, items: dict, n: int) -> float:
+def _tokens_per_s(engine: Engine, task: str, items: dict, n: int) -> float:
     from runtime.sampling import SamplingParams
 
     ids = engine.tokenizer.encode(items[task][0][0])
@@ -293,8 +299,8 @@ def _checks(summary: dict) -> list[dict]:
     if tok:
         checks.append(
             {
-                "what": f"tokenizer {tok['style']}: runtime and llama.cpp's tokenizer on the GGUF give the same ids "
-                f"on {tok['equal']}/{tok['texts']} texts",
+                "what": f"tokenizer {tok['style']}: runtime and llama.cpp's tokenizer on the GGUF give "
+                f"the same ids on {tok['equal']}/{tok['texts']} texts",
                 "ok": tok["equal"] == tok["texts"],
             }
         )
@@ -311,7 +317,8 @@ def _checks(summary: dict) -> list[dict]:
             drop = host["adapter"][t] - r["adapter"][t]
             checks.append(
                 {
-                    "what": f"{r['backend']} {r['quant']} adapter {t}: {r['adapter'][t]:.0f}% (within {tol:.0f} of fp32)",
+                    "what": f"{r['backend']} {r['quant']} adapter {t}: {r['adapter'][t]:.0f}% "
+                    f"(within {tol:.0f} of fp32)",
                     "ok": drop <= tol,
                 }
             )
@@ -319,8 +326,9 @@ def _checks(summary: dict) -> list[dict]:
         plain = host["base_unstyled"][s]
         checks.append(
             {
-                "what": f"fp32 style {s}: base {host['base'][s]:.0f}% -> {host['adapter'][s]:.0f}% of the base's own "
-                f"tasks in the style (the base answers {plain:.0f}% of them right unstyled; within 10)",
+                "what": f"fp32 style {s}: base {host['base'][s]:.0f}% -> {host['adapter'][s]:.0f}% of the "
+                f"base's own tasks in the style (the base answers {plain:.0f}% of them right unstyled; "
+                "within 10)",
                 "ok": host["adapter"][s] >= plain - 10.0 and host["base"][s] <= 10.0,
             }
         )
@@ -331,8 +339,8 @@ def _checks(summary: dict) -> list[dict]:
             for t, value in (r.get("stacked") or {}).get(name, {}).items():
                 checks.append(
                     {
-                        "what": f"{r['backend']} {r['quant']} stacked {name}: {value:.0f}% of {t} answers with both "
-                        "effects (>= 90)",
+                        "what": f"{r['backend']} {r['quant']} stacked {name}: {value:.0f}% of {t} answers "
+                        "with both effects (>= 90)",
                         "ok": value >= 90.0,
                     }
                 )

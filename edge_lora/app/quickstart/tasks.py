@@ -99,7 +99,8 @@ class StyleTask:
     new_tokens: tuple[str, ...] = field(default=())
 
     def target_modules(self, num_layers: int) -> str:
-        """The last layer only: a format decided where the next token is chosen, the letters left to the task adapter."""
+        """The last layer only: a format decided where the next token is chosen, the letters left to
+        the task adapter."""
         return rf"model\.layers\.{num_layers - 1}\..*"
 
     def examples(self, n: int, split: str, seed: int = 0) -> list[tuple[str, str]]:
