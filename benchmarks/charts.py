@@ -60,24 +60,7 @@ def decode_chart(results: dict, path: Path) -> Path:
                 ax.text(r["tok_s"], y, pct, va="center", fontsize=7)
         ax.set_yticks(range(len(engines)))
         ax.set_yticklabels([("▶ " if e.startswith("edge-lora") else "") + e for e in engines])
-        roofs = sorted(
-            {
-                (r["bits"], round(r["roofline_tok_s"]))
-                for r in m["rows"]
-                if r.get("roofline_tok_s") and r["case"] == "a"
-            }
-        )
-        for k, (bits, roof) in enumerate(roofs):
-            ax.axvline(roof, color="gray", ls=":", lw=1)
-            ax.text(
-                roof,
-                -0.55 - 0.45 * k,
-                f"DRAM roofline {bits}-bit + adapter: {roof} tok/s ",
-                fontsize=7,
-                color="gray",
-                ha="right",
-                va="center",
-            )
+        roofs = _roofline_marks(ax, m["rows"])
         ax.set_title(
             f"{shape}: decode tokens/s (median of {results['plan']['rounds']} rounds, higher is better)",
             loc="left",
@@ -86,6 +69,29 @@ def decode_chart(results: dict, path: Path) -> Path:
     handles = [plt.Rectangle((0, 0), 1, 1, color=c) for c in CASE_COLORS.values()]
     fig.legend(handles, list(CASE_NAMES.values()), loc="lower center", ncol=4, frameon=False)
     return _save(plt, fig, path, rect=(0, 0.04, 1, 1))  # room for the legend below
+
+
+def _roofline_marks(ax, rows: list[dict]) -> list[tuple[int, int]]:
+    """A dotted line per bit width at the DRAM roofline with one adapter; returns (bits, tok/s) of each."""
+    roofs = sorted(
+        {
+            (r["bits"], round(r["roofline_tok_s"]))
+            for r in rows
+            if r.get("roofline_tok_s") and r["case"] == "a"
+        }
+    )
+    for k, (bits, roof) in enumerate(roofs):
+        ax.axvline(roof, color="gray", ls=":", lw=1)
+        ax.text(
+            roof,
+            -0.55 - 0.45 * k,
+            f"DRAM roofline {bits}-bit + adapter: {roof} tok/s ",
+            fontsize=7,
+            color="gray",
+            ha="right",
+            va="center",
+        )
+    return roofs
 
 
 def swap_chart(results: dict, path: Path) -> Path | None:
@@ -148,7 +154,8 @@ def train_chart(train: dict, path: Path) -> Path:
         ax.set_yticks(range(len(names)))
         ax.set_yticklabels(names if ax is left else [])
     fig.suptitle(
-        f"LoRA training, SmolLM2-135M shape, rank {train.get('rank')}, batch {train.get('batch')} x {train.get('seq')}",
+        f"LoRA training, SmolLM2-135M shape, rank {train.get('rank')}, "
+        f"batch {train.get('batch')} x {train.get('seq')}",
         x=0.01,
         ha="left",
     )
@@ -159,45 +166,10 @@ def scaling_chart(results: dict, path: Path) -> Path:
     plt = _plt()
     fig, axes = plt.subplots(2, 2, figsize=(10, 6.5))
     (rank_ax, loaded_ax), (stacked_ax, ctx_ax) = axes
-    for shape, info in results["models"].items():
+    for info in results["models"].values():
         for label, sw in (info.get("scaling") or {}).items():
-            if "error" in sw:
-                continue
-            name = label.replace("edge-lora ", "")
-            rank_ax.plot([r["rank"] for r in sw["rank"]], [r["tok_s"] for r in sw["rank"]], "o-", label=name)
-            loaded_ax.plot(
-                [r["loaded"] for r in sw["loaded"]],
-                [r["tok_s"] for r in sw["loaded"]],
-                "o-",
-                label=f"{name} tok/s",
-            )
-            twin = getattr(loaded_ax, "_twin", None) or loaded_ax.twinx()
-            loaded_ax._twin = twin
-            twin.plot(
-                [r["loaded"] for r in sw["loaded"]],
-                [r["rss_mb"] for r in sw["loaded"]],
-                "s--",
-                alpha=0.6,
-                label=f"{name} RSS",
-            )
-            twin.set_ylabel("RSS MB (dashed)")
-            stacked_ax.plot(
-                [r["stacked"] for r in sw["stacked"]], [r["tok_s"] for r in sw["stacked"]], "o-", label=name
-            )
-            ctx_ax.plot(
-                [r["context"] for r in sw["context"]],
-                [r["adapter_tok_s"] for r in sw["context"]],
-                "o-",
-                label=f"{name} +adapter",
-            )
-            ctx_ax.plot(
-                [r["context"] for r in sw["context"]],
-                [r["base_tok_s"] for r in sw["context"]],
-                "o:",
-                label=f"{name} base",
-            )
-            for ax in (rank_ax, stacked_ax):
-                ax.axhline(sw["base_tok_s"], color="gray", ls=":", lw=0.8)
+            if "error" not in sw:
+                _plot_sweeps(axes, label.replace("edge-lora ", ""), sw)
     for ax, title, xlabel in (
         (rank_ax, "decode vs adapter rank (dotted: no adapter)", "rank"),
         (loaded_ax, "decode (1 active) and memory vs adapters loaded", "adapters loaded"),
@@ -218,6 +190,46 @@ def scaling_chart(results: dict, path: Path) -> Path:
         f"scaling, {next(iter(results['models']))} shape, 4-bit (edge-lora engines)", x=0.01, ha="left"
     )
     return _save(plt, fig, path)
+
+
+def _plot_sweeps(axes, name: str, sw: dict) -> None:
+    """One engine's sweeps: decode by rank, by adapters loaded (and RSS, dashed, on a twin axis), by
+    adapters stacked, by context length (with and without the adapter)."""
+    (rank_ax, loaded_ax), (stacked_ax, ctx_ax) = axes
+    rank_ax.plot([r["rank"] for r in sw["rank"]], [r["tok_s"] for r in sw["rank"]], "o-", label=name)
+    loaded_ax.plot(
+        [r["loaded"] for r in sw["loaded"]],
+        [r["tok_s"] for r in sw["loaded"]],
+        "o-",
+        label=f"{name} tok/s",
+    )
+    twin = getattr(loaded_ax, "_twin", None) or loaded_ax.twinx()
+    loaded_ax._twin = twin
+    twin.plot(
+        [r["loaded"] for r in sw["loaded"]],
+        [r["rss_mb"] for r in sw["loaded"]],
+        "s--",
+        alpha=0.6,
+        label=f"{name} RSS",
+    )
+    twin.set_ylabel("RSS MB (dashed)")
+    stacked_ax.plot(
+        [r["stacked"] for r in sw["stacked"]], [r["tok_s"] for r in sw["stacked"]], "o-", label=name
+    )
+    ctx_ax.plot(
+        [r["context"] for r in sw["context"]],
+        [r["adapter_tok_s"] for r in sw["context"]],
+        "o-",
+        label=f"{name} +adapter",
+    )
+    ctx_ax.plot(
+        [r["context"] for r in sw["context"]],
+        [r["base_tok_s"] for r in sw["context"]],
+        "o:",
+        label=f"{name} base",
+    )
+    for ax in (rank_ax, stacked_ax):
+        ax.axhline(sw["base_tok_s"], color="gray", ls=":", lw=0.8)
 
 
 def _save(plt, fig, path: Path, rect=None) -> Path:

@@ -49,24 +49,10 @@ SHAPES = {
 
 
 def make_random_model(shape: Shape, out: Path, seed: int = 0) -> Path:
-    """config.json + fp16 safetensors + a small byte-level BPE tokenizer (the rest of the vocab is padding)."""
-    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
-
+    """config.json + fp16 safetensors + a small byte-level BPE tokenizer (the rest of the vocab is
+    padding)."""
     out.mkdir(parents=True, exist_ok=True)
-    tok = Tokenizer(models.BPE())
-    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
-    tok.decoder = decoders.ByteLevel()
-    tok.train_from_iterator(
-        ["edge-lora benchmarks llama.cpp against ONNX Runtime on the device."] * 10,
-        trainers.BpeTrainer(
-            vocab_size=300,
-            special_tokens=["<|endoftext|>"],
-            show_progress=False,
-            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
-        ),
-    )
-    tok.save(str(out / "tokenizer.json"))
-    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+    _write_tokenizer(out)
     head_dim = shape.hidden // shape.heads
     config = {
         "architectures": [shape.architecture],
@@ -87,6 +73,32 @@ def make_random_model(shape: Shape, out: Path, seed: int = 0) -> Path:
         "eos_token_id": 0,
     }
     (out / "config.json").write_text(json.dumps(config))
+    save_tensors(out / "model.safetensors", _random_tensors(shape, head_dim, seed))
+    return out
+
+
+def _write_tokenizer(out: Path) -> None:
+    """A byte-level BPE of 300 tokens trained on one sentence, and its tokenizer_config.json."""
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(
+        ["edge-lora benchmarks llama.cpp against ONNX Runtime on the device."] * 10,
+        trainers.BpeTrainer(
+            vocab_size=300,
+            special_tokens=["<|endoftext|>"],
+            show_progress=False,
+            initial_alphabet=pre_tokenizers.ByteLevel.alphabet(),
+        ),
+    )
+    tok.save(str(out / "tokenizer.json"))
+    (out / "tokenizer_config.json").write_text(json.dumps({"eos_token": "<|endoftext|>"}))
+
+
+def _random_tensors(shape: Shape, head_dim: int, seed: int) -> dict:
+    """The Llama / Qwen2 weights of ``shape``, fp16, normal(0, 0.02); norms at one."""
     rng = np.random.default_rng(seed)
     tensors = {
         "model.embed_tokens.weight": rng.normal(0, 0.02, (shape.vocab, shape.hidden)).astype(np.float16),
@@ -113,8 +125,7 @@ def make_random_model(shape: Shape, out: Path, seed: int = 0) -> Path:
                 )
         tensors[p + "input_layernorm.weight"] = np.ones(shape.hidden, np.float16)
         tensors[p + "post_attention_layernorm.weight"] = np.ones(shape.hidden, np.float16)
-    save_tensors(out / "model.safetensors", tensors)
-    return out
+    return tensors
 
 
 def random_adapter(md: ModelDir, seed: int, rank: int = 16) -> Adapter:
@@ -165,7 +176,8 @@ def make_bundle(model_dir: Path, out: Path, quants: list[str]) -> Path:
 
 
 def _decode_rate(engine, prompt, new_tokens, adapters, repeats: int = 3) -> tuple[float, float]:
-    """Best (prefill seconds, decode tokens/s) of a few greedy requests: the CPU is shared, best-of is the least noisy."""
+    """Best (prefill seconds, decode tokens/s) of a few greedy requests: the CPU is shared, best-of is the
+    least noisy."""
     runs = [_one_request(engine, prompt, new_tokens, adapters) for _ in range(repeats)]
     return min(r[0] for r in runs), max(r[1] for r in runs)
 
@@ -299,7 +311,8 @@ def run(quick: bool) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | quant | case | decode tok/s | vs base | prefill ms | swap p50/p99 ms | cold load→1st token s |",
+        "| model | quant | case | decode tok/s | vs base | prefill ms | swap p50/p99 ms "
+        "| cold load→1st token s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, info in results["models"].items():

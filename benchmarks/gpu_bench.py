@@ -127,7 +127,8 @@ def markdown(result: dict) -> list[str]:
     lines = [
         "### GPU (each backend on its GPU device next to the same engine on the CPU)",
         "",
-        "| backend | device | case | GPU tok/s | CPU tok/s | greedy equal | LoRA uploads in the request | first request s |",
+        "| backend | device | case | GPU tok/s | CPU tok/s | greedy equal | LoRA uploads in the request "
+        "| first request s |",
         "|---|---|---|---|---|---|---|---|",
     ]
     notes = []
@@ -137,14 +138,16 @@ def markdown(result: dict) -> list[str]:
             continue
         for case, c in row["cases"].items():
             lines.append(
-                f"| {backend} {row['quant']} | {row['device']['name']} | {case} | {c['gpu_tok_s']} | {c['cpu_tok_s']} | "
+                f"| {backend} {row['quant']} | {row['device']['name']} | {case} | {c['gpu_tok_s']} "
+                f"| {c['cpu_tok_s']} | "
                 f"{c['greedy_prefix_equal']} | {c['lora_uploads_during_request']} | {c['first_request_s']} |"
             )
         step = row["per_decode_step"]
         if "host_to_device_bytes" in step:
             notes.append(
-                f"{backend}: a decode step moves {step['host_to_device_bytes']:.0f} B in and {step['device_to_host_bytes']} B "
-                f"(the logits) out; KV cache and LoRA stay on the device ({step['resident_lora_mb']} MB of LoRA resident)"
+                f"{backend}: a decode step moves {step['host_to_device_bytes']:.0f} B in and "
+                f"{step['device_to_host_bytes']} B (the logits) out; KV cache and LoRA stay on the device "
+                f"({step['resident_lora_mb']} MB of LoRA resident)"
             )
         if row["device"].get("software"):
             notes.append(

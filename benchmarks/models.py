@@ -77,7 +77,8 @@ def _fresh(folder: Path, recipe: dict) -> bool:
 
 
 def _build_into(folder: Path, recipe: dict, build) -> None:
-    """Build in a private sibling, stamp it, then swap it in: two runs sharing the cache never see a half folder."""
+    """Build in a private sibling, stamp it, then swap it in: two runs sharing the cache never see a half
+    folder."""
     tmp = folder.with_name(f".{folder.name}.{os.getpid()}.partial")
     shutil.rmtree(tmp, ignore_errors=True)
     tmp.mkdir(parents=True)

@@ -82,7 +82,7 @@ def _steps(engines: dict, prompt: list[int], n: int) -> dict[str, list[float]]:
     return times
 
 
-def main(argv=None) -> None:
+def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description=__doc__)
     p.add_argument("--hf", type=Path, help="a model directory (default: a random SmolLM2-135M shape)")
     p.add_argument("--rounds", type=int, default=5)
@@ -90,7 +90,11 @@ def main(argv=None) -> None:
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--only", choices=["onnx", "llamacpp"], help="one backend's rows")
     p.add_argument("--work", type=Path, help="reuse (or keep) the exports in this folder")
-    args = p.parse_args(argv)
+    return p
+
+
+def main(argv=None) -> None:
+    args = _parser().parse_args(argv)
     import runtime
     from benchmarks.gguf_bench import SHAPES, make_random_model
 
@@ -129,6 +133,11 @@ def main(argv=None) -> None:
     for _ in range(args.rounds):
         for label, values in _steps(engines, prompt, args.tokens).items():
             times[label] += values
+    _print_rates(times)
+
+
+def _print_rates(times: dict[str, list[float]]) -> None:
+    """Each engine's median rate, then each pair's paired speed ratio and time difference per token."""
     for label, values in times.items():
         print(
             f"{label:28s} {1 / statistics.median(values):8.1f} tok/s "

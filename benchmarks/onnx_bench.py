@@ -131,25 +131,8 @@ def bench_bundle(
 
     prompt = [int(t) for t in np.random.default_rng(0).integers(3, 250, prompt_len)]
     one = SamplingParams(max_new_tokens=1)
-    t0 = time.perf_counter()
-    engine = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=False)
-    engine.generate_ids(prompt[:8], one, adapters={})
-    cold = time.perf_counter() - t0
-    t0 = time.perf_counter()
-    checked = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=True)
-    checked.generate_ids(prompt[:8], one, adapters={})
-    cold_checked = time.perf_counter() - t0
-    del checked
-    add_ms, attach_ms = [], []
-    for name in ("a", "b"):
-        t0 = time.perf_counter()
-        engine.add_adapter(name)  # reads the .safetensors once, hash checked, and builds its feeds from it
-        add_ms.append((time.perf_counter() - t0) * 1e3)
-        t0 = time.perf_counter()
-        engine._attach(
-            name, engine._adapters[name].adapter, engine._adapters[name].path
-        )  # the backend's part alone (handle dropped)
-        attach_ms.append((time.perf_counter() - t0) * 1e3)
+    engine, cold, cold_checked = _cold_loads(bundle, quant, threads, prompt[:8], one)
+    add_ms, attach_ms = _add_adapter_ms(engine)
     engine.generate_ids(prompt[:8], one, adapters={"a": 1.0})  # the LoRA session is open and warm
     merged = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=False)
     merged.add_adapter("a")
@@ -161,6 +144,54 @@ def bench_bundle(
     for _ in range(rounds):
         for case, adapters, on_merged in CASES:
             runs[case].append(_one_request(merged if on_merged else engine, prompt, new_tokens, adapters))
+    rows = _case_rows(runs)
+    rows[1].update(swap)
+    rows[3]["merge_s"] = merge_s
+    folder = engine.model_path.parent
+    return {
+        "rows": rows,
+        "cold_load_first_token_s": cold,
+        "cold_load_first_token_verified_s": cold_checked,
+        "add_adapter_ms": max(add_ms),
+        "attach_ms": max(attach_ms),
+        "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens),
+        "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6,
+    }
+
+
+def _cold_loads(bundle: Path, quant: str, threads: int, prompt: list[int], one) -> tuple:
+    """Load to the first token, without and with the hash check; returns the first engine and both times."""
+    import runtime
+
+    t0 = time.perf_counter()
+    engine = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=False)
+    engine.generate_ids(prompt, one, adapters={})
+    cold = time.perf_counter() - t0
+    t0 = time.perf_counter()
+    checked = runtime.load(bundle, backend="onnx", quant=quant, threads=threads, verify_hashes=True)
+    checked.generate_ids(prompt, one, adapters={})
+    cold_checked = time.perf_counter() - t0
+    del checked
+    return engine, cold, cold_checked
+
+
+def _add_adapter_ms(engine) -> tuple[list[float], list[float]]:
+    """Adapters "a" and "b": add_adapter's ms, and the backend's part of it alone."""
+    add_ms, attach_ms = [], []
+    for name in ("a", "b"):
+        t0 = time.perf_counter()
+        engine.add_adapter(name)  # reads the .safetensors once, hash checked, and builds its feeds from it
+        add_ms.append((time.perf_counter() - t0) * 1e3)
+        t0 = time.perf_counter()
+        engine._attach(
+            name, engine._adapters[name].adapter, engine._adapters[name].path
+        )  # the backend's part alone (handle dropped)
+        attach_ms.append((time.perf_counter() - t0) * 1e3)
+    return add_ms, attach_ms
+
+
+def _case_rows(runs: dict) -> list[dict]:
+    """Per case: median and best decode rate, the median of the paired ratios to base, median prefill."""
     rows = []
     for case, _, _ in CASES:
         rates = [r[1] for r in runs[case]]
@@ -174,18 +205,7 @@ def bench_bundle(
                 "prefill_ms": float(np.median([r[0] for r in runs[case]])) * 1e3,
             }
         )
-    rows[1].update(swap)
-    rows[3]["merge_s"] = merge_s
-    folder = engine.model_path.parent
-    return {
-        "rows": rows,
-        "cold_load_first_token_s": cold,
-        "cold_load_first_token_verified_s": cold_checked,
-        "add_adapter_ms": max(add_ms),
-        "attach_ms": max(attach_ms),
-        "genai_decode_tok_s": _genai_rate(folder, prompt, new_tokens),
-        "file_mb": sum(p.stat().st_size for p in folder.glob("model.onnx*")) / 1e6,
-    }
+    return rows
 
 
 def run(quick: bool) -> dict:
@@ -219,7 +239,8 @@ def run(quick: bool) -> dict:
 
 def table(results: dict) -> str:
     lines = [
-        "| model | quant | case | decode tok/s median (best) | vs base (paired) | prefill ms | swap p50/p99 ms | first step after swap / steady ms |",
+        "| model | quant | case | decode tok/s median (best) | vs base (paired) | prefill ms "
+        "| swap p50/p99 ms | first step after swap / steady ms |",
         "|---|---|---|---|---|---|---|---|",
     ]
     for model, info in results["models"].items():
@@ -233,20 +254,24 @@ def table(results: dict) -> str:
                 )
                 case = r["case"] + (f" (merge {r['merge_s']:.1f} s)" if "merge_s" in r else "")
                 lines.append(
-                    f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} ({r['best_tok_s']:.1f}) | "
+                    f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} "
+                    f"| {r['decode_tok_s']:.1f} ({r['best_tok_s']:.1f}) | "
                     f"{r['vs_base']:.2f} | {r['prefill_ms']:.0f} | {swap} | {step} |"
                 )
     lines.append("")
     lines.append(
-        "| model | quant | cold load → 1st token s (hashes checked) | add adapter ms (backend part) | onnxruntime-genai on our folder tok/s | adapter MB | export s |"
+        "| model | quant | cold load → 1st token s (hashes checked) | add adapter ms (backend part) "
+        "| onnxruntime-genai on our folder tok/s | adapter MB | export s |"
     )
     lines.append("|---|---|---|---|---|---|---|")
     for model, info in results["models"].items():
         for q, qi in info["quants"].items():
             genai = f"{qi['genai_decode_tok_s']:.1f}" if qi["genai_decode_tok_s"] else "n/a"
             lines.append(
-                f"| {model} | {q} | {qi['cold_load_first_token_s']:.2f} ({qi['cold_load_first_token_verified_s']:.2f}) | "
-                f"{qi['add_adapter_ms']:.1f} ({qi['attach_ms']:.1f}) | {genai} | {info['adapter_mb']:.1f} | {info['export_s']:.0f} |"
+                f"| {model} | {q} | {qi['cold_load_first_token_s']:.2f} "
+                f"({qi['cold_load_first_token_verified_s']:.2f}) | "
+                f"{qi['add_adapter_ms']:.1f} ({qi['attach_ms']:.1f}) | {genai} | {info['adapter_mb']:.1f} "
+                f"| {info['export_s']:.0f} |"
             )
     return "\n".join(lines)
 
@@ -258,7 +283,8 @@ def main() -> None:
     args = parser.parse_args()
     results = run(args.quick)
     print(
-        f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} rounds={results['rounds']}"
+        f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} "
+        f"rounds={results['rounds']}"
     )
     print(table(results))
     if args.json:

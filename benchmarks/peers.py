@@ -1,4 +1,5 @@
-"""The peers, measured by the runner itself in the same run: llama.cpp, ONNX Runtime GenAI, transformers + PEFT.
+"""The peers, measured by the runner itself in the same run: llama.cpp, ONNX Runtime GenAI,
+transformers + PEFT.
 
 llama.cpp       llama-cpp-python's own ``Llama`` on the bundle's GGUF files: no adapter; ``lora_path=``
                 (llama_set_adapters_lora, unmerged); and a merged GGUF. Its fastest safe settings:
@@ -43,7 +44,8 @@ class LlamaCppPeer:
         extra = default_extra_bufts()
         defaults = capi.llama_model_default_params
 
-        def model_params():  # Llama() has no knob for the extra buffer types: set them where it reads its defaults
+        # Llama() has no knob for the extra buffer types: set them where it reads its defaults
+        def model_params():
             params = defaults()
             params.use_extra_bufts = extra
             return params
@@ -79,7 +81,8 @@ class LlamaCppPeer:
 
 
 def merged_gguf(model, quant: str) -> Path:
-    """The bundle's GGUF with adapter "a" merged (dequantize, add, requantize), cached: the merged peer's file."""
+    """The bundle's GGUF with adapter "a" merged (dequantize, add, requantize), cached: the merged peer's
+    file."""
     from edge_lora.adapter import Adapter
     from edge_lora.bundle import Bundle
     from runtime.llamacpp_merge import write_merged_gguf
@@ -257,7 +260,8 @@ class GenAIPeer:
             gen = og.Generator(self.model, params)
             gen.set_active_adapter(self.adapters, "a")
             gen.append_tokens([5, 6, 7, 8, 9, 10, 11, 12])
-            gen.generate_next_token()  # picks from the prompt's logits: the next call is the first decode step
+            # picks from the prompt's logits: the next call is the first decode step
+            gen.generate_next_token()
             t0 = time.perf_counter()
             gen.generate_next_token()
             first.append(time.perf_counter() - t0)

@@ -54,7 +54,8 @@ class Plan:
         )  # this VM swings 20% within seconds: more rounds
 
     def for_shape(self, shape: str) -> Plan:
-        """The larger shape runs 4-bit only, without merged engines: on 2 shared cores its rounds take minutes."""
+        """The larger shape runs 4-bit only, without merged engines: on 2 shared cores its rounds take
+        minutes."""
         from dataclasses import replace
 
         if self.quick or shape == self.shapes[0]:
@@ -92,6 +93,27 @@ def workers(
 
     common = {"threads": plan.threads, "prompt": plan.prompt, "new_tokens": plan.new_tokens}
     ours = {"bundle": str(model.bundle), "adapters": list(ADAPTERS), "extra_adapter": extra_adapter, **common}
+    out = _our_workers(plan, ours)
+    out += _llamacpp_peers(plan, model, merged_gguf, lora_files, common)
+    out += _genai_peers(plan, model, genai, common)
+    out.append(
+        Worker(
+            "transformers+PEFT fp32",
+            {
+                "kind": "peer-hf",
+                "hf_dir": str(model.hf_dir),
+                "peft_dir": str(model.peft_dir("a")),
+                **common,
+                "new_tokens": plan.hf_new_tokens,
+            },
+            ["base", "a"],
+        )
+    )
+    return out
+
+
+def _our_workers(plan: Plan, ours: dict) -> list[Worker]:
+    """edge-lora on each backend and quant (cases "base", "a", plus "ab" at 4 bits), and merged at 4 bits."""
     out = []
     for q in plan.onnx_quants:
         cases = ["base", "a", "ab"] if BITS[q] == 4 else ["base", "a"]
@@ -123,6 +145,14 @@ def workers(
                     ["merged"],
                 )
             )
+    return out
+
+
+def _llamacpp_peers(
+    plan: Plan, model: BenchModel, merged_gguf: dict, lora_files: dict[str, str] | None, common: dict
+) -> list[Worker]:
+    """llama.cpp on each GGUF: base; at 4 bits with our adapter file and each of ``lora_files``; merged."""
+    out = []
     for q in plan.gguf_quants:
         gguf = str(model.gguf(q))
         out.append(Worker(f"llama.cpp {q}", {"kind": "peer-llamacpp", "gguf": gguf, **common}, ["base"]))
@@ -145,6 +175,12 @@ def workers(
                     ["merged"],
                 )
             )
+    return out
+
+
+def _genai_peers(plan: Plan, model: BenchModel, genai: dict, common: dict) -> list[Worker]:
+    """ONNX Runtime GenAI: its own builder's folders (plain, adapter baked) and our 4-bit folders."""
+    out = []
     if "plain" in genai:
         out.append(
             Worker(
@@ -175,17 +211,4 @@ def workers(
                     ["base", "a"],
                 )
             )
-    out.append(
-        Worker(
-            "transformers+PEFT fp32",
-            {
-                "kind": "peer-hf",
-                "hf_dir": str(model.hf_dir),
-                "peft_dir": str(model.peft_dir("a")),
-                **common,
-                "new_tokens": plan.hf_new_tokens,
-            },
-            ["base", "a"],
-        )
-    )
     return out

@@ -1,23 +1,30 @@
-"""From raw results to numbers a person reads: medians, paired ratios, rooflines, targets, markdown.
+"""The benchmarks' Summary as markdown: the run's line, each model's targets and decode tables, the
+per-section tables, the charts; written to results/summary.md and between the markers of
+benchmarks/README.md.
 
-Labels are "<engine> <quant>[ <variant>]" and cases "base" / "a" (one rank-16 adapter unmerged) /
-"ab" (two stacked) / "merged". Rooflines use one byte count per (model, bit width, adapter state)
-so every engine is held to the same floor: the GGUF's weights (q4_0 = 4.5 bits, q8_0 = 8.5 bits),
-the adapter in fp16 (the smallest form that keeps its accuracy), and an f16 KV cache at the
-request's average context.
+The numbers come from benchmarks.targets (``summarize``: decode rows against the rooflines, the
+targets), the section tables from benchmarks.summary_tables, the GPU rows from benchmarks.gpu_bench.
 """
 
 from __future__ import annotations
 
-import math
 import re
 from pathlib import Path
 
-from benchmarks import roofline
-from benchmarks.plan import BITS
-from benchmarks.pool import median, paired_ratio
+from benchmarks.pool import median as median  # re-exported: the tests read report.median
+from benchmarks.summary_tables import (
+    dtype_markdown,
+    fmt,
+    loaded_markdown,
+    memory_markdown,
+    train_markdown,
+)
+from benchmarks.targets import _is_peer as _is_peer  # re-exported for the tests
+from benchmarks.targets import _peer_base as _peer_base  # re-exported for the tests
+from benchmarks.targets import summarize as summarize  # re-exported: the runner's entry point
+from benchmarks.targets import targets as targets  # re-exported for the tests
+from benchmarks.targets import token_bytes as token_bytes  # re-exported for the tests
 
-OURS = "edge-lora"
 BEGIN, END = "<!-- summary:begin -->", "<!-- summary:end -->"
 INTRO = """# Benchmarks
 
@@ -31,388 +38,67 @@ form (< 5 minutes on 2 cores, results not asserted). The Summary below is regene
 """
 
 
-def _bits(label: str) -> int | None:
-    for token in label.split("|")[0].split():
-        if token in BITS:
-            return BITS[token]
-    return None
-
-
-def _config(raw: dict):
-    from edge_lora.config import ModelConfig
-
-    return ModelConfig.from_saved(raw)
-
-
-def token_bytes(
-    info: dict, plan: dict, bits: int, adapters: int, adapter_bytes_per_value: int = 2
-) -> roofline.TokenBytes:
-    config = _config(info["config"])
-    quant = {4: "q4_0", 8: "q8_0"}[bits]
-    context = plan["prompt"] + plan["new_tokens"] // 2
-    return roofline.TokenBytes(
-        int(info["files"][quant]["token_weight_mb"] * 1e6),
-        roofline.adapter_bytes(config, 16, adapter_bytes_per_value, adapters),
-        roofline.kv_bytes(config, context, 2),
+def _run_line(results: dict) -> str:
+    """The run: when, how long, on what, under which load and plan, and the machine's bandwidth."""
+    bw, plan, m = results["bandwidth"], results["plan"], results["machine"]
+    kind = "quick" if results["quick"] else "full"
+    amx = " (AMX: llama.cpp extra buffer types off)" if m.get("amx") else ""
+    return (
+        f"Run {results['date']} ({kind}, {results['wall_s'] / 60:.0f} min) "
+        f"on {m['cpu']}, {m['cores']} cores{amx}; "
+        f"load average {results['load_average_start']} at start, {results['load_average_end']} at the end "
+        "(other jobs share this machine). "
+        f"{plan['threads']} threads (ONNX Runtime sessions spin, their default), "
+        f"prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
+        "medians, ratios paired per round. "
+        f"Memory bandwidth: {bw['dram_gbs']:.1f} GB/s from DRAM ({bw['dram_buffer_mb']} MB buffer), "
+        + ", ".join(f"{g:.1f} GB/s over {mb} MB" for mb, g in bw["working_set_gbs"].items())
+        + f" (LLC {bw['llc_mb']:.0f} MB: the models fit in it, so engines can pass the DRAM roofline)."
     )
 
 
-def _best(tok_s: dict, keys: list[str]) -> str | None:
-    keys = [k for k in keys if k in tok_s and median(tok_s[k])]
-    return max(keys, key=lambda k: median(tok_s[k])) if keys else None
-
-
-def summarize(results: dict) -> dict:
-    bw = results["bandwidth"]
-    out = {"models": {}}
-    for shape, info in results["models"].items():
-        tok_s = info["decode"]["tok_s"]
-        rows = []
-        for key, values in tok_s.items():
-            label, case = key.split("|")
-            bits = _bits(label)
-            row = {
-                "engine": label,
-                "case": case,
-                "tok_s": median(values),
-                "runs": values,
-                "prefill_ms": median(info["decode"]["prefill_ms"][key]),
-            }
-            if bits and row["tok_s"]:
-                tb = token_bytes(info, results["plan"], bits, {"a": 1, "ab": 2}.get(case, 0))
-                ws = bw["working_set_gbs"].get(
-                    str(max(16, int(info["files"]["q4_0" if bits == 4 else "q8_0"]["token_weight_mb"])))
-                )
-                row.update(
-                    bits=bits,
-                    token_mb=tb.total / 1e6,
-                    roofline_tok_s=roofline.roofline_tok_s(bw["dram_gbs"], tb),
-                    pct_roofline=100 * row["tok_s"] / roofline.roofline_tok_s(bw["dram_gbs"], tb),
-                )
-                if ws:
-                    row["pct_cache_roofline"] = 100 * row["tok_s"] / roofline.roofline_tok_s(ws, tb)
-            rows.append(row)
-        out["models"][shape] = {"rows": rows, "targets": targets(results, shape, info)}
-    return out
-
-
-def targets(results: dict, shape: str, info: dict) -> list[dict]:
-    """Every target of the performance issue that this model's numbers can judge (4-bit)."""
-    tok_s, extras, plan = info["decode"]["tok_s"], info["extras"], results["plan"]
-    ours_a = _best(tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")])
-    ours_base = _best(
-        tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|base")]
-    )
-    peer_a = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|a")])
-    peer_base = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|base")])
-    out = []
-
-    def add(name, value, goal, met, detail=""):
-        out.append({"target": name, "value": value, "goal": goal, "met": met, "detail": detail})
-
-    if ours_a and peer_a:
-        r = paired_ratio(tok_s[ours_a], tok_s[peer_a])
-        add(
-            "decode with the adapter vs the best peer's unmerged LoRA",
-            r,
-            ">= 1.3",
-            r is not None and r >= 1.3,
-            f"{ours_a} vs {peer_a} (peers: llama.cpp with convert_lora_to_gguf.py's f32/f16/q8_0 files, "
-            "ORT GenAI)",
-        )
-    if ours_base and peer_base:
-        r = paired_ratio(tok_s[ours_base], tok_s[peer_base])
-        add(
-            "no adapter: fastest edge-lora / best peer",
-            r,
-            ">= 1.0",
-            r is not None and r >= 1.0,
-            f"{ours_base} vs {peer_base}",
-        )
-    if ours_a:
-        engine = ours_a.split("|")[0]
-        base = f"{engine}|base"
-        tb = token_bytes(info, plan, 4, 1)
-        share = tb.adapters / (tb.weights + tb.kv_cache)
-        r = paired_ratio(tok_s[base], tok_s[ours_a])  # time per token with / without
-        if r:
-            add(
-                "adapter cost: extra time per token / (1.5 x fp16 byte share)",
-                (r - 1) / (1.5 * share),
-                "<= 1.0",
-                (r - 1) <= 1.5 * share,
-                f"{engine}: +{100 * (r - 1):.0f}% time, fp16 adapter = {100 * share:.0f}% of bytes",
-            )
-        for peer in [k for k in tok_s if not k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")]:
-            pb = _peer_base(tok_s, peer)
-            if pb:
-                pr = paired_ratio(tok_s[pb], tok_s[peer])
-                out[-1]["detail"] += f"; {peer.split('|')[0]}: +{100 * (pr - 1):.0f}%" if pr and out else ""
-        out += _onnx_adapter_cost(tok_s, info, plan)
-    for merged in [k for k in tok_s if k.startswith(OURS) and k.endswith("|merged")]:
-        base = merged.replace(" merged|merged", "|base")
-        if base in tok_s:
-            r = paired_ratio(tok_s[merged], tok_s[base])
-            add(f"merged / base ({merged.split('|')[0]})", r, ">= 0.95 (noise)", r is not None and r >= 0.95)
-    if ours_a and shape.startswith("qwen"):
-        tb = token_bytes(info, plan, 4, 1)
-        roof = roofline.roofline_tok_s(results["bandwidth"]["dram_gbs"], tb)
-        r = median(tok_s[ours_a]) / roof
-        add(
-            "0.5B 4-bit with adapter: share of the DRAM roofline",
-            r,
-            ">= 0.70",
-            r >= 0.7,
-            f"{ours_a}, roofline {roof:.1f} tok/s",
-        )
-    for label, x in extras.items():
-        if not label.startswith(OURS) or "swap_p99_ms" not in x:
-            continue
-        add(f"swap p99 ms ({label})", x["swap_p99_ms"], "< 1", x["swap_p99_ms"] < 1.0)
-        add(
-            f"first step after swap / steady ({label})",
-            x["first_over_steady"],
-            "<= 1.0 (noise 1.1)",
-            x["first_over_steady"] <= 1.1,
-        )
-        if "add_to_ready_ms" in x:
-            mb = info["files"]["adapter"]["safetensors_mb"]
-            # the target includes the first add in a fresh process (hash checked), timed by the cold worker
-            first = info["cold"].get(label, {}).get("first_add_ms", float("nan"))
-            again = x.get("add_bundled_to_ready_ms", float("nan"))
-            worst = max(v for v in (x["add_to_ready_ms"], first, again) if not math.isnan(v))
-            add(
-                f"add a {mb:.0f} MB adapter, ms ({label})",
-                worst,
-                "< 20",
-                worst < 20,
-                f"first add in a fresh process (bundled, hash checked) {first:.1f}; a later file: load "
-                f"{x['add_adapter_ms']:.1f} + first request setup {x['first_request_setup_ms']:.1f}; "
-                f"one the bundle ships (hash checked): {x.get('add_bundled_to_ready_ms', float('nan')):.1f}",
-            )
-    for label, x in info["cold"].items():
-        if "error" in x:
-            add(f"cold start ({label})", None, "< 1 s", False, x["error"][:200])
-            continue
-        if shape.startswith("qwen"):
-            add(
-                f"cold start to first token, s ({label})",
-                x["load_to_first_token_s"],
-                "< 1",
-                x["load_to_first_token_s"] < 1.0,
-                f"process start to first token {x['process_to_first_token_s']:.2f} s (imports {x['import_s']:.2f} s)",
-            )
-        parts = _memory_budget_parts(info, label, plan, x)
-        budget = sum(parts.values())
-        base_rss = baseline_mb(results, _backend_of(label, x))
-        r = (x["peak_rss_mb"] - base_rss) / budget
-        add(
-            f"peak RSS / (file + adapter + KV), {_setting(label, x)} ({label})",
-            r,
-            "<= 1.3",
-            r <= 1.3,
-            _memory_why(label, x, base_rss, parts, r <= 1.3),
-        )
-    return out
-
-
-def _backend_of(label: str, x: dict) -> str:
-    return x.get("backend") or ("llamacpp" if "llama.cpp" in label else "onnx")
-
-
-def _two_sessions(label: str, x: dict) -> bool:
-    # runs before 2026-11-28 had no "plain_session" and two sessions by default ("one session" labels)
-    return bool(x["plain_session"]) if "plain_session" in x else "one session" not in label
-
-
-def _setting(label: str, x: dict) -> str:
-    if _backend_of(label, x) == "llamacpp":
-        return f"llama.cpp, n_ctx {x.get('n_ctx', '?')}"
-    return "ONNX, two sessions (plain_session=True)" if _two_sessions(label, x) else "ONNX, one session"
-
-
-# why a memory row is over its budget, when it is (measured in docs/backend-notes.md "Memory")
-MEMORY_CAUSES = {
-    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.2x the file: fp32 scales "
-    "and block sums added), and an adapter is held as its arrays and as its feeds",
-    "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
-    "prepacked-weights container is not in the Python binding)",
-    "llamacpp": "weights are the file's mapped pages; the KV cache is allocated and zeroed for all of n_ctx",
-}
-
-
-def _memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> str:
-    """The peak's steps (loaded engine, first token, adapter, its request) against the budget's parts."""
-    text = f"peak {x['peak_rss_mb']:.0f} MB - {base_rss:.0f} MB interpreter+libraries"
-    if "rss_after_load_mb" in x:
-        marks = [
-            base_rss,
-            x["rss_after_load_mb"],
-            x["rss_after_first_token_mb"],
-            x["rss_after_adapter_mb"],
-            x["peak_rss_mb"],
-        ]
-        names = ("loaded", "first token", "adapter added", "its request")
-        steps = [(n, after - before) for n, before, after in zip(names, marks, marks[1:])]
-        text += ": " + ", ".join(f"{k} {v:+.0f}" for k, v in steps)
-        if x.get("peak_after_load_mb", 0) > x["rss_after_load_mb"] + 1:
-            text += f" (load peak {x['peak_after_load_mb'] - base_rss:.0f})"
-    text += "; budget " + " + ".join(f"{k} {v:.0f}" for k, v in parts.items()) + " MB"
-    if not met:
-        backend = _backend_of(label, x)
-        key = "onnx two" if backend == "onnx" and _two_sessions(label, x) else backend
-        text += f"; why: {MEMORY_CAUSES.get(key, '')}"
-    return text
-
-
-def _is_peer(key: str) -> bool:
-    """A peer's row: not our engine, and not llama.cpp running our own adapter file
-    ("... lora_path edge-lora f16")."""
-    return not key.startswith(OURS) and OURS not in key.split("|")[0]
-
-
-def _onnx_adapter_cost(tok_s: dict, info: dict, plan: dict) -> list[dict]:
-    """Extra time per token of one unmerged r16 adapter on our fastest 4-bit ONNX engine, against 1.5x the
-    adapter's share of the bytes a token reads, the adapter as stored and read (the graph's float32
-    inputs)."""
-    keys = [
-        k
-        for k in tok_s
-        if k.startswith(f"{OURS} onnx") and _bits(k) == 4 and k.endswith("|a") and f"{k[:-2]}|base" in tok_s
+def _model_markdown(shape: str, info: dict) -> list[str]:
+    """One model's targets table and decode table (from its ``summarize`` entry)."""
+    lines = [
+        f"### {shape}: targets",
+        "",
+        "| target | measured | goal | met | how |",
+        "|---|---|---|---|---|",
     ]
-    best = _best(tok_s, keys)
-    if not best:
-        return []
-    r = paired_ratio(tok_s[f"{best[:-2]}|base"], tok_s[best])
-    if not r:
-        return []
-    stored, fp16 = token_bytes(info, plan, 4, 1, 4), token_bytes(info, plan, 4, 1, 2)
-    share, share16 = (tb.adapters / (tb.weights + tb.kv_cache) for tb in (stored, fp16))
-    return [
-        {
-            "target": "unmerged r16 adapter: extra time per token, ONNX (vs byte share)",
-            "value": (r - 1) / (1.5 * share),
-            "goal": "<= 1.0",
-            "met": (r - 1) <= 1.5 * share,
-            "detail": f"{best.split('|')[0]}: +{100 * (r - 1):.0f}% time; the adapter as stored (float32 inputs) = "
-            f"{100 * share:.0f}% of a token's bytes (fp16: {100 * share16:.0f}%); the cost is per-node work, "
-            "not bytes (docs/backend-notes.md)",
-        }
+    for t in info["targets"]:
+        met = "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {fmt(t['value'])} | {t['goal']} | {met} | {t['detail']} |")
+    lines += [
+        "",
+        f"### {shape}: decode",
+        "",
+        "| engine | case | tok/s (median) | % DRAM roofline | % cache roofline | prefill ms |",
+        "|---|---|---|---|---|---|",
     ]
-
-
-def _peer_base(tok_s: dict, peer_a: str) -> str | None:
-    label = peer_a.split("|")[0]
-    for candidate in (label.split(" lora_path")[0], label.replace(" +LoRA baked", "")):
-        if candidate != label and f"{candidate}|base" in tok_s:
-            return f"{candidate}|base"
-    return f"{label}|base" if f"{label}|base" in tok_s else None
-
-
-def _memory_budget_parts(info: dict, label: str, plan: dict, x: dict | None = None) -> dict:
-    """file + adapter + KV (MB) for a cold-start row; ``x`` (the row) names its quant and n_ctx (older runs:
-    the label)."""
-    x = x or {}
-    config = _config(info["config"])
-    quant = x.get("quant") or label.replace(" one session", "").replace(" two sessions", "").split()[-1]
-    files = info["files"]
-    if x.get("backend") == "llamacpp" or "llama.cpp" in label:  # the KV cache is allocated whole: n_ctx, f16
-        n_ctx = x.get("n_ctx") or min(config.max_position_embeddings, 4096)
-        kv = roofline.kv_bytes(config, n_ctx, 2)
-        adapter = files["adapter"]["gguf_mb"]
-    else:  # the ONNX engine's fp32 KV buffers grow in steps of 256 positions
-        kv = roofline.kv_bytes(config, -(-(plan["prompt"] + plan["new_tokens"]) // 256) * 256, 4)
-        adapter = files["adapter"]["safetensors_mb"]
-    return {"file": files[quant]["file_mb"], "adapter": adapter, "KV": kv / 1e6}
-
-
-# --- markdown -------------------------------------------------------------------------
-
-
-def _fmt(v, digits=2) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
+    for r in sorted(info["rows"], key=lambda r: (r.get("bits") or 99, r["case"], -(r["tok_s"] or 0))):
+        lines.append(
+            f"| {r['engine']} | {r['case']} | {fmt(r['tok_s'], 1)} | {fmt(r.get('pct_roofline'), 0)} | "
+            f"{fmt(r.get('pct_cache_roofline'), 0)} | {fmt(r['prefill_ms'], 0)} |"
+        )
+    return lines + [""]
 
 
 def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path | None = None) -> str:
-    s, bw, plan = results["summary"], results["bandwidth"], results["plan"]
-    m = results["machine"]
-    lines = [
-        f"Run {results['date']} ({'quick' if results['quick'] else 'full'}, {results['wall_s'] / 60:.0f} min) on {m['cpu']}, "
-        f"{m['cores']} cores{' (AMX: llama.cpp extra buffer types off)' if m.get('amx') else ''}; load average "
-        f"{results['load_average_start']} at start, {results['load_average_end']} at the end (other jobs share this machine). "
-        f"{plan['threads']} threads (ONNX Runtime sessions spin, their default), prompt {plan['prompt']} tokens, {plan['new_tokens']} decoded, {plan['rounds']} interleaved rounds: "
-        f"medians, ratios paired per round. Memory bandwidth: {bw['dram_gbs']:.1f} GB/s from DRAM ({bw['dram_buffer_mb']} MB buffer), "
-        + ", ".join(f"{g:.1f} GB/s over {mb} MB" for mb, g in bw["working_set_gbs"].items())
-        + f" (LLC {bw['llc_mb']:.0f} MB: the models fit in it, so engines can pass the DRAM roofline).",
-        "",
-    ]
-    for shape, info in s["models"].items():
-        lines += [
-            f"### {shape}: targets",
-            "",
-            "| target | measured | goal | met | how |",
-            "|---|---|---|---|---|",
-        ]
-        for t in info["targets"]:
-            lines.append(
-                f"| {t['target']} | {_fmt(t['value'])} | {t['goal']} | {'yes' if t['met'] else '**no**'} | {t['detail']} |"
-            )
-        lines += [
-            "",
-            f"### {shape}: decode",
-            "",
-            "| engine | case | tok/s (median) | % DRAM roofline | % cache roofline | prefill ms |",
-            "|---|---|---|---|---|---|",
-        ]
-        for r in sorted(info["rows"], key=lambda r: (r.get("bits") or 99, r["case"], -(r["tok_s"] or 0))):
-            lines.append(
-                f"| {r['engine']} | {r['case']} | {_fmt(r['tok_s'], 1)} | {_fmt(r.get('pct_roofline'), 0)} | "
-                f"{_fmt(r.get('pct_cache_roofline'), 0)} | {_fmt(r['prefill_ms'], 0)} |"
-            )
-        lines.append("")
+    lines = [_run_line(results), ""]
+    for shape, info in results["summary"]["models"].items():
+        lines += _model_markdown(shape, info)
     for shape, model in results["models"].items():
         lines += dtype_markdown(shape, model)
     for shape, model in results["models"].items():
         lines += memory_markdown(shape, model, results)
         lines += loaded_markdown(shape, model)
-    for shape, model in results["models"].items():
+    for model in results["models"].values():
         if model.get("gpu"):
             from benchmarks.gpu_bench import markdown
 
             lines += markdown(model["gpu"])
     if results.get("train"):
-        lines += [
-            "### training (SmolLM2-135M shape, rank 16 all-linear)",
-            "",
-            "| case | compute | tokens/s | peak RSS MB |",
-            "|---|---|---|---|",
-        ]
-        for name, c in results["train"]["cases"].items():
-            lines.append(
-                f"| {name} | {c.get('compute_dtype', 'float32')} | {c['tokens_per_s']:.0f} | {_fmt(c.get('peak_rss_mb'), 0)} |"
-            )
-        targets = results["train"].get("targets")
-        if isinstance(targets, list):  # earlier runs kept only the goals
-            lines += [
-                "",
-                "| target vs PEFT (same run) | speed | peak RSS | goal | met |",
-                "|---|---|---|---|---|",
-            ]
-            lines += [
-                f"| {t['case']} ({t['compute_dtype']}) | {t['speed_vs_peft']:.2f}x | {t['rss_vs_peft']:.2f}x | {t['goal']} | "
-                f"{'yes' if t['met'] else '**no**'} |"
-                for t in targets
-            ]
-        real = results["train"].get("real_size")
-        if real:
-            lines.append(
-                f"| edge-lora int4, Qwen2.5-0.5B shape | {real['tokens_per_s']:.0f} | {_fmt(real.get('peak_rss_mb'), 0)} |"
-            )
-            lines += [
-                "",
-                f"At the 0.5B shape, 1,000 examples of 256 tokens take {real['seconds_per_1000_examples'] / 60:.0f} minutes.",
-            ]
-        lines += ([f"Note: {results['train']['note']}."] if results["train"].get("note") else []) + [""]
+        lines += train_markdown(results["train"])
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p
         lines.append(f"![{p.stem}]({rel.as_posix()})")
@@ -420,7 +106,8 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
 
 
 def update_readme(path: Path, results: dict, pngs: list[Path]) -> None:
-    """Replace the Summary section between the markers (the other sections stay as their owners wrote them)."""
+    """Replace the Summary section between the markers (the other sections stay as their owners wrote
+    them)."""
     from edge_lora.atomic import atomic_write_text
 
     body = summary_markdown(results, pngs, path.parent)
@@ -434,83 +121,3 @@ def update_readme(path: Path, results: dict, pngs: list[Path]) -> None:
     else:  # the other sections came first: title, what the runner is, then the summary above them
         text = f"{INTRO}\n{block}\n\n{text.lstrip()}"
     atomic_write_text(path, text)
-
-
-def baseline_mb(results: dict, backend: str) -> float:
-    """The interpreter and one backend's libraries (before 2026-11-28: both backends' imports, one number)."""
-    by_backend = results.get("baseline_rss_by_backend", {}).get(backend) or results.get("baseline_rss", {})
-    return by_backend.get("rss_mb", 0.0)
-
-
-def memory_markdown(shape: str, model: dict, results: dict) -> list[str]:
-    """What an app needs: resident MB above the interpreter, per engine setting, per step of a cold start."""
-    cold = {k: x for k, x in model.get("cold", {}).items() if "rss_after_load_mb" in x}
-    if not cold:
-        return []
-    bases = ", ".join(f"{b} {baseline_mb(results, b):.0f} MB" for b in ("onnx", "llamacpp"))
-    lines = [
-        f"### {shape}: memory (MB resident above the interpreter and the backend's libraries: {bases})",
-        "",
-        "| engine | loaded | + first token | + adapter added | peak (its request) | load s | first token s |",
-        "|---|---|---|---|---|---|---|",
-    ]
-    for label, x in cold.items():
-        base_rss = baseline_mb(results, _backend_of(label, x))
-        steps = ("rss_after_load_mb", "rss_after_first_token_mb", "rss_after_adapter_mb", "peak_rss_mb")
-        mb = [x[k] - base_rss for k in steps]
-        lines.append(
-            f"| {label} | "
-            + " | ".join(f"{v:.0f}" for v in mb)
-            + f" | {x['load_s']:.2f} | {x['load_to_first_token_s']:.2f} |"
-        )
-    return lines + [""]
-
-
-def loaded_markdown(shape: str, model: dict) -> list[str]:
-    """The adapters-loaded sweep: resident memory and decode speed (one adapter active) by adapters loaded."""
-    sweeps = {label: sw for label, sw in (model.get("scaling") or {}).items() if sw.get("loaded")}
-    if not sweeps:
-        return []
-    size = model["files"]["adapter"]["safetensors_mb"]
-    lines = [
-        f"### {shape}: adapters loaded (rank 16, all-linear, {size:.0f} MB each as safetensors)",
-        "",
-        "| engine | loaded | RSS MB | MB per adapter (from the base) | tok/s, one active |",
-        "|---|---|---|---|---|",
-    ]
-    for label, sw in sweeps.items():
-        base = (sw.get("base_rss") or {}).get("rss_mb")
-        for row in sw["loaded"]:
-            per = (row["rss_mb"] - base) / row["loaded"] if base else None
-            lines.append(
-                f"| {label} | {row['loaded']} | {row['rss_mb']:.0f} | {_fmt(per, 1)} | "
-                f"{_fmt(row['tok_s'], 1)} |"
-            )
-    return lines + [""]
-
-
-def dtype_markdown(shape: str, model: dict) -> list[str]:
-    """Decode by adapter dtype on llama.cpp: adapter "a" as our --adapter-dtype and as llama.cpp's own
-    convert_lora_to_gguf.py write it, each against the same run's base (paired rounds), and the file's
-    size."""
-    tok_s, files = model["decode"]["tok_s"], model.get("lora_files") or {}
-    rows = []
-    for key in tok_s:
-        label, case = key.split("|")
-        if case != "a" or not label.startswith("llama.cpp") or " lora_path" not in label:
-            continue
-        quant, source = label.split()[1], label.split(" lora_path")[1].strip() or "edge-lora f32"
-        base = f"llama.cpp {quant}|base"
-        r = paired_ratio(tok_s[key], tok_s[base]) if base in tok_s else None
-        mb = files.get(source, {}).get("mb")
-        rows.append(f"| {quant} | {source} | {_fmt(mb, 1)} | {_fmt(median(tok_s[key]), 1)} | {_fmt(r, 2)} |")
-    if not rows:
-        return []
-    return [
-        f"### {shape}: adapter dtype (rank 16, all-linear) on llama.cpp",
-        "",
-        "| base | adapter file | MB | tok/s | vs base (paired) |",
-        "|---|---|---|---|---|",
-        *sorted(rows),
-        "",
-    ]

@@ -21,7 +21,8 @@ import numpy as np
 
 
 def bandwidth_gbs(buffer_mb: int, threads: int = 2, passes: int = 5) -> float:
-    """Best read bandwidth (GB/s) over ``passes`` reductions of a ``buffer_mb`` buffer by ``threads`` threads."""
+    """Best read bandwidth (GB/s) over ``passes`` reductions of a ``buffer_mb`` buffer by ``threads``
+    threads."""
     data = np.ones(buffer_mb * (1 << 20) // 4, dtype=np.float32)  # touched: really resident
     parts = np.array_split(data, threads)
     best = 0.0
@@ -108,7 +109,8 @@ def roofline_tok_s(bandwidth: float, token_bytes: TokenBytes) -> float:
 
 
 def measure(threads: int, quick: bool, working_set_mb: list[int]) -> dict:
-    """DRAM bandwidth (buffer ≥ 4x the LLC, at least 1 GiB) and cache-level bandwidth at each working-set size."""
+    """DRAM bandwidth (buffer ≥ 4x the LLC, at least 1 GiB) and cache-level bandwidth at each working-set
+    size."""
     llc = llc_mb()
     dram_mb = int(max(1024, 4 * llc)) if not quick else int(max(512, 2 * llc))
     passes = 3 if quick else 5

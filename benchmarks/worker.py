@@ -29,7 +29,8 @@ CASE_SETS = {"base": {}, "merged": {}, "a": {"a": 1.0}, "ab": {"a": 1.0, "b": 1.
 
 
 def rss() -> dict:
-    """Resident memory now and at its peak (VmHWM: unlike ru_maxrss it does not carry the parent's peak over exec)."""
+    """Resident memory now and at its peak (VmHWM: unlike ru_maxrss it does not carry the parent's peak
+    over exec)."""
     with open("/proc/self/status") as f:
         fields = dict(line.split(":", 1) for line in f if ":" in line)
     return {
@@ -73,7 +74,8 @@ class Ours:
         return self.request(CASE_SETS[case], prompt, new_tokens)
 
     def request(self, adapters: dict, prompt: list[int], new_tokens: int) -> dict:
-        """One greedy request through the engine's decode state (the ONNX / llama.cpp benchmarks' own loop)."""
+        """One greedy request through the engine's decode state (the ONNX / llama.cpp benchmarks' own
+        loop)."""
         if self.backend == "onnx":
             from benchmarks.onnx_bench import _one_request
         else:

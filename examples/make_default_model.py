@@ -169,7 +169,7 @@ def pretrain(config: ModelConfig, tokenizer_path: Path, lines: list[str], args):
     seqs = [ids + tok.encode("\n").ids for ids in (e.ids for e in tok.encode_batch(lines))]
     model = CausalLM(config)
     with torch.no_grad():  # GPT-2 style small init keeps the early steps stable
-        for name, p in model.named_parameters():
+        for p in model.parameters():
             if p.dim() == 2:
                 torch.nn.init.normal_(p, std=0.02)
     opt = torch.optim.AdamW(model.parameters(), lr=args.lr, weight_decay=0.01, betas=(0.9, 0.95))

@@ -14,8 +14,14 @@ from pathlib import Path
 
 GUARD = "#if defined(VK_EXT_layer_settings)  /* edge-lora: older Vulkan headers lack it */"
 BEGIN = "    VkBool32 enable_best_practice = layer_settings;\n"
-END = "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);\n"
-FALLBACK = "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions);\n"
+END = (
+    "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
+    "extensions, &layer_setting_info);\n"
+)
+FALLBACK = (
+    "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
+    "extensions);\n"
+)
 
 
 def patch(source: str) -> str:

@@ -1,0 +1,90 @@
+"""What a cold start's memory is judged against: the interpreter's baseline, the budget, the causes.
+
+A cold-start row's peak RSS, less the interpreter and its backend's libraries (``baseline_mb``), is
+held to file + adapter + KV cache (``memory_budget_parts``); ``memory_why`` spells out the peak's
+steps against the budget's parts and, when over, the cause measured in docs/backend-notes.md
+"Memory". ``setting`` names the engine setting a row ran in (llama.cpp's n_ctx, ONNX's sessions).
+"""
+
+from __future__ import annotations
+
+from benchmarks import roofline
+
+
+def model_config(raw: dict):
+    from edge_lora.config import ModelConfig
+
+    return ModelConfig.from_saved(raw)
+
+
+def backend_of(label: str, x: dict) -> str:
+    return x.get("backend") or ("llamacpp" if "llama.cpp" in label else "onnx")
+
+
+def _two_sessions(label: str, x: dict) -> bool:
+    # runs before 2026-11-28 had no "plain_session" and two sessions by default ("one session" labels)
+    return bool(x["plain_session"]) if "plain_session" in x else "one session" not in label
+
+
+def setting(label: str, x: dict) -> str:
+    if backend_of(label, x) == "llamacpp":
+        return f"llama.cpp, n_ctx {x.get('n_ctx', '?')}"
+    return "ONNX, two sessions (plain_session=True)" if _two_sessions(label, x) else "ONNX, one session"
+
+
+def baseline_mb(results: dict, backend: str) -> float:
+    """The interpreter and one backend's libraries (before 2026-11-28: both backends' imports, one
+    number)."""
+    by_backend = results.get("baseline_rss_by_backend", {}).get(backend) or results.get("baseline_rss", {})
+    return by_backend.get("rss_mb", 0.0)
+
+
+# why a memory row is over its budget, when it is (measured in docs/backend-notes.md "Memory")
+MEMORY_CAUSES = {
+    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.2x the file: fp32 scales "
+    "and block sums added), and an adapter is held as its arrays and as its feeds",
+    "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
+    "prepacked-weights container is not in the Python binding)",
+    "llamacpp": "weights are the file's mapped pages; the KV cache is allocated and zeroed for all of n_ctx",
+}
+
+
+def memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> str:
+    """The peak's steps (loaded engine, first token, adapter, its request) against the budget's parts."""
+    text = f"peak {x['peak_rss_mb']:.0f} MB - {base_rss:.0f} MB interpreter+libraries"
+    if "rss_after_load_mb" in x:
+        marks = [
+            base_rss,
+            x["rss_after_load_mb"],
+            x["rss_after_first_token_mb"],
+            x["rss_after_adapter_mb"],
+            x["peak_rss_mb"],
+        ]
+        names = ("loaded", "first token", "adapter added", "its request")
+        steps = [(n, after - before) for n, before, after in zip(names, marks, marks[1:])]
+        text += ": " + ", ".join(f"{k} {v:+.0f}" for k, v in steps)
+        if x.get("peak_after_load_mb", 0) > x["rss_after_load_mb"] + 1:
+            text += f" (load peak {x['peak_after_load_mb'] - base_rss:.0f})"
+    text += "; budget " + " + ".join(f"{k} {v:.0f}" for k, v in parts.items()) + " MB"
+    if not met:
+        backend = backend_of(label, x)
+        key = "onnx two" if backend == "onnx" and _two_sessions(label, x) else backend
+        text += f"; why: {MEMORY_CAUSES.get(key, '')}"
+    return text
+
+
+def memory_budget_parts(info: dict, label: str, plan: dict, x: dict | None = None) -> dict:
+    """file + adapter + KV (MB) for a cold-start row; ``x`` (the row) names its quant and n_ctx (older
+    runs: the label)."""
+    x = x or {}
+    config = model_config(info["config"])
+    quant = x.get("quant") or label.replace(" one session", "").replace(" two sessions", "").split()[-1]
+    files = info["files"]
+    if x.get("backend") == "llamacpp" or "llama.cpp" in label:  # the KV cache is allocated whole: n_ctx, f16
+        n_ctx = x.get("n_ctx") or min(config.max_position_embeddings, 4096)
+        kv = roofline.kv_bytes(config, n_ctx, 2)
+        adapter = files["adapter"]["gguf_mb"]
+    else:  # the ONNX engine's fp32 KV buffers grow in steps of 256 positions
+        kv = roofline.kv_bytes(config, -(-(plan["prompt"] + plan["new_tokens"]) // 256) * 256, 4)
+        adapter = files["adapter"]["safetensors_mb"]
+    return {"file": files[quant]["file_mb"], "adapter": adapter, "KV": kv / 1e6}

@@ -1,0 +1,310 @@
+"""From raw results to numbers a person reads: medians, paired ratios, rooflines, targets.
+
+Labels are "<engine> <quant>[ <variant>]" and cases "base" / "a" (one rank-16 adapter unmerged) /
+"ab" (two stacked) / "merged". Rooflines use one byte count per (model, bit width, adapter state)
+so every engine is held to the same floor: the GGUF's weights (q4_0 = 4.5 bits, q8_0 = 8.5 bits),
+the adapter in fp16 (the smallest form that keeps its accuracy), and an f16 KV cache at the
+request's average context.
+
+``summarize`` gives each model's decode rows (against the rooflines) and ``targets``, every target of
+the performance issue its numbers can judge; benchmarks.report writes them as markdown.
+"""
+
+from __future__ import annotations
+
+import math
+
+from benchmarks import roofline
+from benchmarks.memory_budget import (
+    backend_of,
+    baseline_mb,
+    memory_budget_parts,
+    memory_why,
+    model_config,
+    setting,
+)
+from benchmarks.plan import BITS
+from benchmarks.pool import median, paired_ratio
+
+OURS = "edge-lora"
+
+
+def _bits(label: str) -> int | None:
+    for token in label.split("|")[0].split():
+        if token in BITS:
+            return BITS[token]
+    return None
+
+
+def token_bytes(
+    info: dict, plan: dict, bits: int, adapters: int, adapter_bytes_per_value: int = 2
+) -> roofline.TokenBytes:
+    config = model_config(info["config"])
+    quant = {4: "q4_0", 8: "q8_0"}[bits]
+    context = plan["prompt"] + plan["new_tokens"] // 2
+    return roofline.TokenBytes(
+        int(info["files"][quant]["token_weight_mb"] * 1e6),
+        roofline.adapter_bytes(config, 16, adapter_bytes_per_value, adapters),
+        roofline.kv_bytes(config, context, 2),
+    )
+
+
+def _best(tok_s: dict, keys: list[str]) -> str | None:
+    keys = [k for k in keys if k in tok_s and median(tok_s[k])]
+    return max(keys, key=lambda k: median(tok_s[k])) if keys else None
+
+
+def summarize(results: dict) -> dict:
+    bw = results["bandwidth"]
+    out = {"models": {}}
+    for shape, info in results["models"].items():
+        tok_s = info["decode"]["tok_s"]
+        rows = []
+        for key, values in tok_s.items():
+            label, case = key.split("|")
+            bits = _bits(label)
+            row = {
+                "engine": label,
+                "case": case,
+                "tok_s": median(values),
+                "runs": values,
+                "prefill_ms": median(info["decode"]["prefill_ms"][key]),
+            }
+            if bits and row["tok_s"]:
+                tb = token_bytes(info, results["plan"], bits, {"a": 1, "ab": 2}.get(case, 0))
+                ws = bw["working_set_gbs"].get(
+                    str(max(16, int(info["files"]["q4_0" if bits == 4 else "q8_0"]["token_weight_mb"])))
+                )
+                row.update(
+                    bits=bits,
+                    token_mb=tb.total / 1e6,
+                    roofline_tok_s=roofline.roofline_tok_s(bw["dram_gbs"], tb),
+                    pct_roofline=100 * row["tok_s"] / roofline.roofline_tok_s(bw["dram_gbs"], tb),
+                )
+                if ws:
+                    row["pct_cache_roofline"] = 100 * row["tok_s"] / roofline.roofline_tok_s(ws, tb)
+            rows.append(row)
+        out["models"][shape] = {"rows": rows, "targets": targets(results, shape, info)}
+    return out
+
+
+def _target(name: str, value, goal: str, met: bool, detail: str = "") -> dict:
+    return {"target": name, "value": value, "goal": goal, "met": met, "detail": detail}
+
+
+def targets(results: dict, shape: str, info: dict) -> list[dict]:
+    """Every target of the performance issue that this model's numbers can judge (4-bit)."""
+    tok_s, plan = info["decode"]["tok_s"], results["plan"]
+    ours_a = _best(tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")])
+    ours_base = _best(
+        tok_s, [k for k in tok_s if k.startswith(OURS) and _bits(k) == 4 and k.endswith("|base")]
+    )
+    peer_a = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|a")])
+    peer_base = _best(tok_s, [k for k in tok_s if _is_peer(k) and _bits(k) == 4 and k.endswith("|base")])
+    out = _versus_peer_targets(tok_s, ours_a, ours_base, peer_a, peer_base)
+    if ours_a:
+        _adapter_cost_target(out, tok_s, info, plan, ours_a)
+        out += _onnx_adapter_cost(tok_s, info, plan)
+    out += _merged_targets(tok_s)
+    if ours_a and shape.startswith("qwen"):
+        tb = token_bytes(info, plan, 4, 1)
+        roof = roofline.roofline_tok_s(results["bandwidth"]["dram_gbs"], tb)
+        r = median(tok_s[ours_a]) / roof
+        out.append(
+            _target(
+                "0.5B 4-bit with adapter: share of the DRAM roofline",
+                r,
+                ">= 0.70",
+                r >= 0.7,
+                f"{ours_a}, roofline {roof:.1f} tok/s",
+            )
+        )
+    return out + _swap_and_add_targets(info) + _cold_start_targets(results, shape, info)
+
+
+def _versus_peer_targets(
+    tok_s: dict, ours_a: str | None, ours_base: str | None, peer_a: str | None, peer_base: str | None
+) -> list[dict]:
+    """Our fastest 4-bit engine against the best peer's, with the adapter and without."""
+    out = []
+    if ours_a and peer_a:
+        r = paired_ratio(tok_s[ours_a], tok_s[peer_a])
+        out.append(
+            _target(
+                "decode with the adapter vs the best peer's unmerged LoRA",
+                r,
+                ">= 1.3",
+                r is not None and r >= 1.3,
+                f"{ours_a} vs {peer_a} (peers: llama.cpp with convert_lora_to_gguf.py's f32/f16/q8_0 "
+                "files, ORT GenAI)",
+            )
+        )
+    if ours_base and peer_base:
+        r = paired_ratio(tok_s[ours_base], tok_s[peer_base])
+        out.append(
+            _target(
+                "no adapter: fastest edge-lora / best peer",
+                r,
+                ">= 1.0",
+                r is not None and r >= 1.0,
+                f"{ours_base} vs {peer_base}",
+            )
+        )
+    return out
+
+
+def _adapter_cost_target(out: list[dict], tok_s: dict, info: dict, plan: dict, ours_a: str) -> None:
+    """The adapter's extra time per token on our fastest 4-bit engine against 1.5x its fp16 byte share,
+    appended to ``out``; each peer's own adapter cost goes into the detail of ``out``'s last row."""
+    engine = ours_a.split("|")[0]
+    base = f"{engine}|base"
+    tb = token_bytes(info, plan, 4, 1)
+    share = tb.adapters / (tb.weights + tb.kv_cache)
+    r = paired_ratio(tok_s[base], tok_s[ours_a])  # time per token with / without
+    if r:
+        out.append(
+            _target(
+                "adapter cost: extra time per token / (1.5 x fp16 byte share)",
+                (r - 1) / (1.5 * share),
+                "<= 1.0",
+                (r - 1) <= 1.5 * share,
+                f"{engine}: +{100 * (r - 1):.0f}% time, fp16 adapter = {100 * share:.0f}% of bytes",
+            )
+        )
+    for peer in [k for k in tok_s if not k.startswith(OURS) and _bits(k) == 4 and k.endswith("|a")]:
+        pb = _peer_base(tok_s, peer)
+        if pb:
+            pr = paired_ratio(tok_s[pb], tok_s[peer])
+            out[-1]["detail"] += f"; {peer.split('|')[0]}: +{100 * (pr - 1):.0f}%" if pr and out else ""
+
+
+def _merged_targets(tok_s: dict) -> list[dict]:
+    """Each of our merged engines against the same engine's base: equal, within noise."""
+    out = []
+    for merged in [k for k in tok_s if k.startswith(OURS) and k.endswith("|merged")]:
+        base = merged.replace(" merged|merged", "|base")
+        if base in tok_s:
+            r = paired_ratio(tok_s[merged], tok_s[base])
+            out.append(
+                _target(
+                    f"merged / base ({merged.split('|')[0]})",
+                    r,
+                    ">= 0.95 (noise)",
+                    r is not None and r >= 0.95,
+                )
+            )
+    return out
+
+
+def _swap_and_add_targets(info: dict) -> list[dict]:
+    """Our engines' adapter swap (p99, first step after it) and adapter add, per engine."""
+    out = []
+    for label, x in info["extras"].items():
+        if not label.startswith(OURS) or "swap_p99_ms" not in x:
+            continue
+        out.append(_target(f"swap p99 ms ({label})", x["swap_p99_ms"], "< 1", x["swap_p99_ms"] < 1.0))
+        out.append(
+            _target(
+                f"first step after swap / steady ({label})",
+                x["first_over_steady"],
+                "<= 1.0 (noise 1.1)",
+                x["first_over_steady"] <= 1.1,
+            )
+        )
+        if "add_to_ready_ms" in x:
+            mb = info["files"]["adapter"]["safetensors_mb"]
+            # the target includes the first add in a fresh process (hash checked), timed by the cold worker
+            first = info["cold"].get(label, {}).get("first_add_ms", float("nan"))
+            again = x.get("add_bundled_to_ready_ms", float("nan"))
+            worst = max(v for v in (x["add_to_ready_ms"], first, again) if not math.isnan(v))
+            out.append(
+                _target(
+                    f"add a {mb:.0f} MB adapter, ms ({label})",
+                    worst,
+                    "< 20",
+                    worst < 20,
+                    f"first add in a fresh process (bundled, hash checked) {first:.1f}; a later file: load "
+                    f"{x['add_adapter_ms']:.1f} + first request setup {x['first_request_setup_ms']:.1f}; "
+                    f"one the bundle ships (hash checked): "
+                    f"{x.get('add_bundled_to_ready_ms', float('nan')):.1f}",
+                )
+            )
+    return out
+
+
+def _cold_start_targets(results: dict, shape: str, info: dict) -> list[dict]:
+    """Per cold-start row: time to the first token (0.5B shape) and peak RSS against the memory budget."""
+    out = []
+    for label, x in info["cold"].items():
+        if "error" in x:
+            out.append(_target(f"cold start ({label})", None, "< 1 s", False, x["error"][:200]))
+            continue
+        if shape.startswith("qwen"):
+            out.append(
+                _target(
+                    f"cold start to first token, s ({label})",
+                    x["load_to_first_token_s"],
+                    "< 1",
+                    x["load_to_first_token_s"] < 1.0,
+                    f"process start to first token {x['process_to_first_token_s']:.2f} s "
+                    f"(imports {x['import_s']:.2f} s)",
+                )
+            )
+        parts = memory_budget_parts(info, label, results["plan"], x)
+        budget = sum(parts.values())
+        base_rss = baseline_mb(results, backend_of(label, x))
+        r = (x["peak_rss_mb"] - base_rss) / budget
+        out.append(
+            _target(
+                f"peak RSS / (file + adapter + KV), {setting(label, x)} ({label})",
+                r,
+                "<= 1.3",
+                r <= 1.3,
+                memory_why(label, x, base_rss, parts, r <= 1.3),
+            )
+        )
+    return out
+
+
+def _is_peer(key: str) -> bool:
+    """A peer's row: not our engine, and not llama.cpp running our own adapter file
+    ("... lora_path edge-lora f16")."""
+    return not key.startswith(OURS) and OURS not in key.split("|")[0]
+
+
+def _onnx_adapter_cost(tok_s: dict, info: dict, plan: dict) -> list[dict]:
+    """Extra time per token of one unmerged r16 adapter on our fastest 4-bit ONNX engine, against 1.5x
+    the adapter's share of the bytes a token reads, the adapter as stored and read (the graph's float32
+    inputs)."""
+    keys = [
+        k
+        for k in tok_s
+        if k.startswith(f"{OURS} onnx") and _bits(k) == 4 and k.endswith("|a") and f"{k[:-2]}|base" in tok_s
+    ]
+    best = _best(tok_s, keys)
+    if not best:
+        return []
+    r = paired_ratio(tok_s[f"{best[:-2]}|base"], tok_s[best])
+    if not r:
+        return []
+    stored, fp16 = token_bytes(info, plan, 4, 1, 4), token_bytes(info, plan, 4, 1, 2)
+    share, share16 = (tb.adapters / (tb.weights + tb.kv_cache) for tb in (stored, fp16))
+    return [
+        {
+            "target": "unmerged r16 adapter: extra time per token, ONNX (vs byte share)",
+            "value": (r - 1) / (1.5 * share),
+            "goal": "<= 1.0",
+            "met": (r - 1) <= 1.5 * share,
+            "detail": f"{best.split('|')[0]}: +{100 * (r - 1):.0f}% time; the adapter as stored "
+            f"(float32 inputs) = {100 * share:.0f}% of a token's bytes (fp16: {100 * share16:.0f}%); "
+            "the cost is per-node work, not bytes (docs/backend-notes.md)",
+        }
+    ]
+
+
+def _peer_base(tok_s: dict, peer_a: str) -> str | None:
+    label = peer_a.split("|")[0]
+    for candidate in (label.split(" lora_path")[0], label.replace(" +LoRA baked", "")):
+        if candidate != label and f"{candidate}|base" in tok_s:
+            return f"{candidate}|base"
+    return f"{label}|base" if f"{label}|base" in tok_s else None
