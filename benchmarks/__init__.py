@@ -6,7 +6,7 @@ benchmarks.peers     llama.cpp, ONNX Runtime GenAI (its own model builder) and t
 benchmarks.roofline  memory bandwidth and bytes per token: the physical limit
 benchmarks.scaling   rank, adapters loaded / stacked, context length
 benchmarks.model_bench  one model shape's run: peers' files, engines in rounds, cold starts, GPU rows
-benchmarks.targets   medians, paired ratios, rooflines, targets (benchmarks.memory_budget: memory's)
+benchmarks.target_checks   medians, paired ratios, rooflines, targets (benchmarks.memory_budget: memory's)
 benchmarks.report    the Summary's markdown (its section tables: benchmarks.summary_tables)
 benchmarks.charts    the PNGs
 gguf_bench, onnx_bench, train_bench: each backend's own benchmark, also runnable alone

@@ -2,7 +2,7 @@
 per-section tables, the charts; written to results/summary.md and between the markers of
 benchmarks/README.md.
 
-The numbers come from benchmarks.targets (``summarize``: decode rows against the rooflines, the
+The numbers come from benchmarks.target_checks (``summarize``: decode rows against the rooflines, the
 targets), the section tables from benchmarks.summary_tables, the GPU rows from benchmarks.gpu_bench.
 """
 
@@ -19,11 +19,11 @@ from benchmarks.summary_tables import (
     memory_markdown,
     train_markdown,
 )
-from benchmarks.targets import _is_peer as _is_peer  # re-exported for the tests
-from benchmarks.targets import _peer_base as _peer_base  # re-exported for the tests
-from benchmarks.targets import summarize as summarize  # re-exported: the runner's entry point
-from benchmarks.targets import targets as targets  # re-exported for the tests
-from benchmarks.targets import token_bytes as token_bytes  # re-exported for the tests
+from benchmarks.target_checks import _is_peer as _is_peer  # re-exported for the tests
+from benchmarks.target_checks import _peer_base as _peer_base  # re-exported for the tests
+from benchmarks.target_checks import summarize as summarize  # re-exported: the runner's entry point
+from benchmarks.target_checks import targets as targets  # re-exported for the tests
+from benchmarks.target_checks import token_bytes as token_bytes  # re-exported for the tests
 
 BEGIN, END = "<!-- summary:begin -->", "<!-- summary:end -->"
 INTRO = """# Benchmarks
