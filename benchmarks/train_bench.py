@@ -9,7 +9,7 @@ the base in int8 and int4, and int8 with gradient checkpointing, each at the tra
 compute dtype (``auto``: bf16 where the CPU has AMX or AVX512-BF16, else fp32); full runs add the
 float base at fp32 compute, what a CPU without native bf16 gets.
 
-Our side runs the trainer's own step (``TrainModule`` + AdamW + clipping from edge_lora.train.trainer);
+Our side runs the trainer's own step (``TrainModule`` + AdamW + clipping from edge_lora.train);
 PEFT's side is the usual ``model(input_ids, labels=...)`` loop with ``get_peft_model``.
 
     python -m benchmarks.train_bench --quick     # 2 timed steps per case
@@ -107,13 +107,9 @@ def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool, compute
 
     from edge_lora.model_dir import ModelDir
     from edge_lora.train.config import TrainConfig
-    from edge_lora.train.trainer import (
-        TrainModule,
-        build_model,
-        optimizer_groups,
-        release_freed_memory_promptly,
-        resolve_compute_dtype,
-    )
+    from edge_lora.train.devices import release_freed_memory_promptly, resolve_compute_dtype
+    from edge_lora.train.optimizer import optimizer_groups
+    from edge_lora.train.trainable_model import TrainModule, build_model
 
     release_freed_memory_promptly()  # what `edge-lora train` does at start
     torch.set_num_threads(THREADS)
@@ -234,7 +230,8 @@ def run(quick: bool) -> dict:
     for name, worker, quant, ckpt, compute in CASES + ([] if quick else EXTRA_CASES):
         cases[name] = _spawn(model_dir, steps, worker, quant, ckpt, compute)
         print(
-            f"{name:28s} {cases[name]['tokens_per_s']:7.1f} tok/s  peak RSS {cases[name]['peak_rss_mb']:7.0f} MB",
+            f"{name:28s} {cases[name]['tokens_per_s']:7.1f} tok/s  "
+            f"peak RSS {cases[name]['peak_rss_mb']:7.0f} MB",
             file=sys.stderr,
         )
     peft = cases["peft"]
@@ -281,7 +278,8 @@ def real_size_run(steps: int = 2) -> dict:
     result["seconds_per_1000_examples"] = 1000 * SEQ / result["tokens_per_s"]
     result["shape"] = "qwen2.5-0.5b (random weights), int4 base, rank 16 all-linear, batch 4 x 256"
     print(
-        f"{'edge-lora int4, 0.5B shape':28s} {result['tokens_per_s']:7.1f} tok/s  peak RSS {result['peak_rss_mb']:7.0f} MB  "
+        f"{'edge-lora int4, 0.5B shape':28s} {result['tokens_per_s']:7.1f} tok/s  "
+        f"peak RSS {result['peak_rss_mb']:7.0f} MB  "
         f"{result['seconds_per_1000_examples'] / 60:.1f} min per 1,000 examples",
         file=sys.stderr,
     )

@@ -1,38 +1,36 @@
 """The bundle writer behind `edge-lora export`: a quantized base per backend plus separate adapters.
 
-A fresh bundle is written into a hidden sibling folder and renamed into place at the end, so an
-interrupted export leaves no half bundle under the target name. ``add_adapter`` writes the new
+A fresh bundle is written into a hidden sibling folder and renamed into place at the end
+(converters/bundle_staging.py), so an interrupted export leaves no half bundle under the target
+name; each adapter's files come from converters/bundle_adapter_files.py. ``add_adapter`` writes the new
 adapter files first and rewrites bundle.json (atomically) last, so the bundle is valid at every
 moment. bundle.json records every file with its SHA-256; see edge_lora/bundle.py for the format.
 """
 
 from __future__ import annotations
 
-import glob
 import os
 import re
 import shutil
 import sys
-import tempfile
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
+from types import TracebackType
+from typing import TextIO
 
+from converters.bundle_adapter_files import BACKENDS, load_adapter, write_adapter
+from converters.bundle_staging import check_target, hash_files, make_readable, move_into_place, scratch_dir
 from edge_lora import __version__
 from edge_lora.adapter import Adapter
-from edge_lora.adapter_dtype import GGUF_DTYPE, SOURCE_DTYPE, check_adapter_dtype, rounded
-from edge_lora.atomic import exchange_paths
-from edge_lora.bundle import MANIFEST, Bundle, sha256_file, write_manifest
+from edge_lora.adapter_dtype import check_adapter_dtype
+from edge_lora.bundle import Bundle, sha256_file, write_manifest
 from edge_lora.chat_template import TEMPLATE_FILE
-from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format import quant as gguf_quant
-from edge_lora.gguf_format.lora_adapter import merged_variant_reason
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names as onnx_names
-from edge_lora.onnx_format.layout import read_layout
 
-BACKENDS = ("onnx", "gguf")
 ONNX_QUANTS = onnx_names.QUANTS
 GGUF_QUANTS = gguf_quant.QUANTS
 _NAME = re.compile(r"^[A-Za-z0-9][A-Za-z0-9_.-]{0,63}$")
@@ -84,15 +82,16 @@ class ExportOptions:
 class Progress:
     """One line per long step on stderr: what runs now, then how long it took."""
 
-    def __init__(self, total: int, stream=None, enabled: bool = True):
+    def __init__(self, total: int, stream: TextIO | None = None, enabled: bool = True):
         self.total, self.done, self.enabled = total, 0, enabled
         self.stream = stream or sys.stderr
 
-    def step(self, what: str):
+    def step(self, what: str) -> _Step:
         return _Step(self, what)
 
     def notes(self, message: str) -> None:
-        """A writer's progress callback that keeps only its notes (what the user should know), not its chatter."""
+        """A writer's progress callback that keeps only its notes (what the user should know), not its
+        chatter."""
         if self.enabled and message.startswith("note:"):
             print(f"      {message}", file=self.stream, flush=True)
 
@@ -101,7 +100,7 @@ class _Step:
     def __init__(self, progress: Progress, what: str):
         self.progress, self.what = progress, what
 
-    def __enter__(self):
+    def __enter__(self) -> _Step:
         p = self.progress
         p.done += 1
         self.start = time.perf_counter()
@@ -109,7 +108,9 @@ class _Step:
             print(f"[{p.done}/{p.total}] {self.what} ...", file=p.stream, flush=True)
         return self
 
-    def __exit__(self, kind, err, tb):
+    def __exit__(
+        self, kind: type[BaseException] | None, err: BaseException | None, tb: TracebackType | None
+    ) -> None:
         if self.progress.enabled and kind is None:
             print(
                 f"      done in {time.perf_counter() - self.start:.1f}s",
@@ -127,25 +128,6 @@ def check_adapter_name(name: str) -> str:
     return name
 
 
-def load_adapter(
-    path: str | os.PathLike, config: ModelConfig, base_fingerprint: str, base_table=None, base_rows=None
-) -> Adapter:
-    """Our adapter file or a PEFT directory, checked against the base it will ship with
-    (``base_table``: see converters/tied_head.py, for PEFT's copy of a tied head)."""
-    path = Path(path)
-    if not path.exists():
-        raise EdgeLoraError(
-            "adapter not found", path=path, hint="pass an edge-lora adapter .safetensors or a PEFT directory"
-        )
-    if path.is_dir():
-        from converters.peft import import_peft
-
-        adapter = import_peft(path, base=config, base_table=base_table, base_rows=base_rows)
-        adapter.base_fingerprint = adapter.base_fingerprint or base_fingerprint  # PEFT records no fingerprint
-        return adapter
-    return Adapter.load(path, base=config, base_fingerprint=base_fingerprint)
-
-
 def export_bundle(
     model_dir: str | os.PathLike,
     out: str | os.PathLike,
@@ -158,14 +140,9 @@ def export_bundle(
     options = options or ExportOptions()
     options.validate()
     out = Path(out)
-    _check_target(out, options.force)
+    check_target(out, options.force)
     model = ModelDir(model_dir)
-    names = [a.name for a in adapters]
-    if len(set(names)) != len(names):
-        raise EdgeLoraError(
-            f"two adapters share a name: {sorted({n for n in names if names.count(n) > 1})}",
-            hint="give each one a name with PATH:NAME",
-        )
+    _check_unique_names(adapters)
     steps = (
         2
         + len(adapters)
@@ -174,42 +151,65 @@ def export_bundle(
     )
     progress = Progress(steps, enabled=show_progress)
     with progress.step("reading the base and checking adapters"):
-        fingerprint = model.fingerprint
-        from converters.peft_tokens import model_dir_rows
-        from converters.tied_head import model_dir_check
-
-        loaded = [
-            (
-                src.name,
-                load_adapter(
-                    src.path, model.config, fingerprint, model_dir_check(model), model_dir_rows(model)
-                ),
-            )
-            for src in adapters
-        ]
+        loaded = _load_adapters(model, adapters)
     out.parent.mkdir(parents=True, exist_ok=True)
-    staging = _scratch_dir(out, "partial")
+    staging = scratch_dir(out, "partial")
     try:
-        manifest = _write_base(model, staging, options, progress)
-        for name, adapter in loaded:
-            with progress.step(f"adapter {name}"):
-                manifest["adapters"][name] = _write_adapter(
-                    staging,
-                    name,
-                    adapter,
-                    model.config,
-                    list(manifest["backends"]),
-                    dtype=options.adapter_dtype,
-                )
-        with progress.step("hashing files and writing bundle.json"):
-            _make_readable(staging)
-            manifest["files"] = _hash_files(staging)
-            write_manifest(staging, manifest)
-        _move_into_place(staging, out)
+        _write_bundle(model, staging, loaded, options, progress)
+        move_into_place(staging, out)
     except BaseException:
         shutil.rmtree(staging, ignore_errors=True)
         raise
     return out
+
+
+def _check_unique_names(adapters: list[AdapterSource]) -> None:
+    names = [a.name for a in adapters]
+    if len(set(names)) != len(names):
+        raise EdgeLoraError(
+            f"two adapters share a name: {sorted({n for n in names if names.count(n) > 1})}",
+            hint="give each one a name with PATH:NAME",
+        )
+
+
+def _load_adapters(model: ModelDir, adapters: list[AdapterSource]) -> list[tuple[str, Adapter]]:
+    """Each adapter read and checked against the base (and, from PEFT, against its tables)."""
+    fingerprint = model.fingerprint
+    from converters.peft_tokens import model_dir_rows
+    from converters.tied_head import model_dir_check
+
+    return [
+        (
+            src.name,
+            load_adapter(src.path, model.config, fingerprint, model_dir_check(model), model_dir_rows(model)),
+        )
+        for src in adapters
+    ]
+
+
+def _write_bundle(
+    model: ModelDir,
+    staging: Path,
+    loaded: list[tuple[str, Adapter]],
+    options: ExportOptions,
+    progress: Progress,
+) -> None:
+    """Every file of the bundle into ``staging``, bundle.json last."""
+    manifest = _write_base(model, staging, options, progress)
+    for name, adapter in loaded:
+        with progress.step(f"adapter {name}"):
+            manifest["adapters"][name] = write_adapter(
+                staging,
+                name,
+                adapter,
+                model.config,
+                list(manifest["backends"]),
+                dtype=options.adapter_dtype,
+            )
+    with progress.step("hashing files and writing bundle.json"):
+        make_readable(staging)
+        manifest["files"] = hash_files(staging)
+        write_manifest(staging, manifest)
 
 
 def add_adapter(
@@ -237,10 +237,10 @@ def add_adapter(
         # a replacement goes to fresh file names: overwriting the files bundle.json vouches for would leave a
         # torn bundle if the process died before the new bundle.json is in place
         stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name
-        entry = _write_adapter(
+        entry = write_adapter(
             bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem, dtype=adapter_dtype
         )
-        _make_readable(bundle.root / "adapters")
+        make_readable(bundle.root / "adapters")
     with progress.step("updating bundle.json"):
         manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
         old = bundle.adapters.get(name, {})
@@ -261,20 +261,6 @@ def add_adapter(
 
 
 # --- the pieces -------------------------------------------------------------------------
-
-
-def _check_target(out: Path, force: bool) -> None:
-    if not out.exists():
-        return
-    if not out.is_dir():
-        raise EdgeLoraError("output exists and is not a folder", path=out, hint="choose another --out")
-    if any(out.iterdir()) and not force:
-        what = "a bundle" if (out / MANIFEST).is_file() else "a non-empty folder"
-        raise EdgeLoraError(
-            f"output is already {what}",
-            path=out,
-            hint="pass --force to replace it, or `edge-lora export --add-adapter` to add adapters",
-        )
 
 
 def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: Progress) -> dict:
@@ -322,164 +308,3 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
         "adapters": {},
         "files": {},
     }
-
-
-def _write_adapter(
-    root: Path,
-    name: str,
-    adapter: Adapter,
-    config: ModelConfig,
-    backends: list[str],
-    stem: str | None = None,
-    dtype: str = "fp32",
-) -> dict:
-    """The adapter's source file plus one file per backend (named ``stem``, default ``name``); returns its manifest entry."""
-    stem = stem or name
-    folder = root / "adapters"
-    folder.mkdir(parents=True, exist_ok=True)
-    source = folder / f"{stem}.safetensors"
-    adapter = rounded(adapter, dtype)  # every file below holds the same (rounded) values
-    adapter.save(source, dtype=SOURCE_DTYPE[dtype])
-    entry = {
-        "source": f"adapters/{stem}.safetensors",
-        "scale": 1.0,
-        "rank": max((w.rank for w in adapter.modules.values()), default=0),
-        "modules": len(adapter.modules),
-        "dora": adapter.dora,
-        "sha256": sha256_file(source),
-        "base_fingerprint": adapter.base_fingerprint,
-        "dtype": dtype,
-        **({"added_tokens": list(adapter.added_tokens)} if adapter.added_tokens else {}),
-    }
-    writers = {
-        "onnx": (".onnx_adapter", lambda _dtype: _onnx_adapter_writer(root)),
-        "gguf": (".gguf", _gguf_adapter_writer),
-    }
-    for note in adapter.extra.get("notes") or []:
-        print(f"note: adapter {name!r}: {note}", file=sys.stderr)
-    for backend in [b for b in BACKENDS if b in backends]:
-        suffix, writer = writers[backend]
-        if backend == "gguf" and merged_variant_reason(adapter, config):
-            # no GGUF LoRA can express it: the llama.cpp runtime merges it into a variant of the base when added
-            reason = merged_variant_reason(adapter, config)
-            entry["gguf_merged"] = f"merged into a variant of the base at add_adapter ({reason})"
-            continue
-        try:
-            _write_via_temp(folder / f"{stem}{suffix}", lambda p: writer(dtype)(adapter, config, p))
-            entry[backend] = f"adapters/{stem}{suffix}"
-        except (
-            EdgeLoraError
-        ) as err:  # e.g. DoRA, or LoRA on a tied lm_head: this backend cannot apply it unmerged
-            entry[f"{backend}_skipped"] = err.message
-            print(
-                f"note: adapter {name!r} has no {backend} file ({err.message}); the runtime can still merge it from the source",
-                file=sys.stderr,
-            )
-    return entry
-
-
-def _onnx_adapter_writer(root: Path):
-    """``export_onnx_adapter`` for the bundle at ``root``: refuses modules its graph has no slot for,
-    and gives a DoRA adapter the weights of the bundle's most precise ONNX export for its norms."""
-    from converters.onnx_export import export_onnx_adapter
-    from edge_lora.onnx_format.weight_store import WeightStore
-
-    order = {q: i for i, q in enumerate(("fp32", "fp16", "int8", "int4"))}
-    layouts = sorted(
-        root.glob(f"onnx/*/{onnx_names.LAYOUT_FILE}"), key=lambda p: order.get(p.parent.name.split("-")[0], 9)
-    )
-
-    def write(adapter: Adapter, config: ModelConfig, path: Path) -> Path:
-        weights = None
-        if layouts:
-            layout = read_layout(layouts[0].parent / onnx_names.MODEL_FILE)
-            missing = sorted(set(adapter.modules) - set(layout["lora_slots"]))
-            if missing:
-                raise EdgeLoraError(
-                    f"the bundle's ONNX graph has no LoRA slot for {missing[0]!r}",
-                    hint="re-export the bundle with this edge-lora",
-                )
-            if adapter.dora and not layout.get("dora"):
-                raise EdgeLoraError(
-                    "the bundle's ONNX graph predates the DoRA rescale input", hint="re-export the bundle"
-                )
-            weights = WeightStore(layout, layouts[0].parent / layout["data_file"]).module_weights(path)
-        return export_onnx_adapter(adapter, config, path, weights=weights)
-
-    return write
-
-
-def _gguf_adapter_writer(dtype: str = "fp32"):
-    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
-
-    return lambda adapter, config, path: export_gguf_adapter(adapter, config, path, dtype=GGUF_DTYPE[dtype])
-
-
-def _write_via_temp(target: Path, write) -> None:
-    """Let an exporter write a temporary name, then rename: a crash never leaves a torn file under ``target``."""
-    tmp = target.with_name(f".{target.stem}.tmp{target.suffix}")  # same suffix: writers may key on it
-    try:
-        write(tmp)
-        os.replace(tmp, target)
-    finally:
-        tmp.unlink(missing_ok=True)
-
-
-def _make_readable(root: Path) -> None:
-    """Temporary files and folders are created private; a bundle is meant to be shipped and read."""
-    umask = os.umask(0)
-    os.umask(umask)
-    for path in [root, *root.rglob("*")]:
-        os.chmod(path, (0o755 if path.is_dir() else 0o644) & ~umask)
-
-
-def _hash_files(root: Path) -> dict[str, dict]:
-    files = {}
-    for path in sorted(root.rglob("*")):
-        if path.is_file() and path.name != MANIFEST:
-            files[path.relative_to(root).as_posix()] = {
-                "sha256": sha256_file(path),
-                "bytes": path.stat().st_size,
-            }
-    return files
-
-
-def _scratch_dir(out: Path, kind: str) -> Path:
-    """A hidden sibling of ``out`` named after this process, so a later export can tell an abandoned one."""
-    _remove_abandoned_scratch(out)
-    return Path(tempfile.mkdtemp(prefix=f".{out.name}.{kind}-{os.getpid()}-", dir=out.parent))
-
-
-def _remove_abandoned_scratch(out: Path) -> None:
-    """Remove the scratch folders that killed exports to ``out`` left behind (their process is gone)."""
-    for kind in ("partial", "old"):
-        prefix = f".{out.name}.{kind}-"
-        for leftover in out.parent.glob(glob.escape(prefix) + "*"):
-            pid = leftover.name[len(prefix) :].split("-", 1)[0]
-            if leftover.is_dir() and pid.isdigit() and not _process_alive(int(pid)):
-                shutil.rmtree(leftover, ignore_errors=True)
-
-
-def _process_alive(pid: int) -> bool:
-    if os.name != "posix":  # no signal 0 elsewhere: never remove what might be in use
-        return True
-    try:
-        os.kill(pid, 0)
-    except ProcessLookupError:
-        return False
-    except PermissionError:  # alive, another user's
-        return True
-    return True
-
-
-def _move_into_place(staging: Path, out: Path) -> None:
-    if out.exists() and exchange_paths(staging, out):  # one atomic swap: old or new, never neither
-        shutil.rmtree(staging, ignore_errors=True)  # now holds the old bundle
-        return
-    if out.exists():
-        old = _scratch_dir(out, "old")
-        os.replace(out, old / out.name)
-        os.replace(staging, out)
-        shutil.rmtree(old, ignore_errors=True)
-    else:
-        os.replace(staging, out)

@@ -6,19 +6,27 @@ K-quants (q4_k_m, q5_k_m, q6_k) go through llama.cpp's own quantizer from an f16
 
 from __future__ import annotations
 
-import os
 import tempfile
 from collections.abc import Callable
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from converters.gguf_tokenizer import read_vocab
 from edge_lora.atomic import atomic_path
-from edge_lora.gguf_format.names import ROPE_FREQS, gguf_arch, gguf_tensor, llama3_rope_factors, to_gguf_rows
-from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, tensor_type, write_gguf
+from edge_lora.gguf_format.file_write import write_gguf
+from edge_lora.gguf_format.names import (
+    FINGERPRINT_KEY,
+    ROPE_FREQS,
+    gguf_arch,
+    gguf_tensor,
+    llama3_rope_factors,
+    to_gguf_rows,
+)
+from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, file_type, tensor_type
 from edge_lora.model_dir import ModelDir
 
-FINGERPRINT_KEY = "edge_lora.base_fingerprint"  # lets the runtime check adapters against the GGUF itself
-FILE_TYPES = {"f32": 0, "f16": 1, "q4_0": 2, "q4_1": 3, "q8_0": 7, "q5_0": 8, "q5_1": 9, "bf16": 32}
+if TYPE_CHECKING:
+    import gguf
 
 
 def export_gguf(
@@ -33,31 +41,30 @@ def export_gguf(
 
         with tempfile.TemporaryDirectory(dir=out_path.parent if out_path.parent.exists() else None) as tmp:
             intermediate = Path(tmp) / "model-f16.gguf"
-            _write(model_dir, intermediate, "f16", say)
+            write_gguf(_writer(model_dir, "f16", say), intermediate, "GGUF file", durable=False)
             say(f"quantizing to {quant} with llama.cpp")
             with atomic_path(out_path) as dst:
-                llama_quantize(intermediate, dst, K_QUANTS[quant])
+                llama_quantize(intermediate, dst, file_type(quant))
         return out_path
-    with atomic_path(out_path) as dst:
-        _write(model_dir, dst, quant, say)
-    return out_path
+    return write_gguf(_writer(model_dir, quant, say), out_path, "GGUF file")
 
 
-def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], None]) -> None:
+def _writer(model_dir: ModelDir, quant: str, say: Callable[[str], None]) -> gguf.GGUFWriter:
+    """A ``GGUFWriter`` (no path yet) holding the model's keys, tokenizer and tensors in ``quant``."""
     import gguf
 
     config = model_dir.config
     if config.sliding_window and config.sliding_window < config.max_position_embeddings:
         say(
-            f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding window "
-            f"of {config.sliding_window} only for contexts up to that length"
+            f"note: llama.cpp runs this {config.model_type} with full attention; it matches the sliding "
+            f"window of {config.sliding_window} only for contexts up to that length"
         )
     vocab = read_vocab(model_dir.tokenizer_path, model_dir.tokenizer_config, config)
     for note in vocab.notes:
         say(f"note: {note}")
-    writer = gguf.GGUFWriter(os.fspath(path), gguf_arch(config))
+    writer = gguf.GGUFWriter(None, gguf_arch(config))
     writer.add_name(model_dir.path.name)
-    writer.add_file_type(FILE_TYPES[quant])
+    writer.add_file_type(file_type(quant))
     writer.add_context_length(config.max_position_embeddings)
     writer.add_embedding_length(config.hidden_size)
     writer.add_block_count(config.num_hidden_layers)
@@ -74,9 +81,19 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
     if scaling.get("rope_type") == "linear":
         writer.add_rope_scaling_type(gguf.RopeScalingType.LINEAR)
         writer.add_rope_scaling_factor(float(scaling["factor"]))
-    writer.add_string(FINGERPRINT_KEY, model_dir.fingerprint)
+    writer.add_string(FINGERPRINT_KEY, model_dir.fingerprint)  # lets the runtime check adapters against it
     vocab.write(writer)
+    _add_tensors(writer, model_dir, quant, say)
+    return writer
 
+
+def _add_tensors(
+    writer: gguf.GGUFWriter, model_dir: ModelDir, quant: str, say: Callable[[str], None]
+) -> None:
+    """Every weight under its GGUF name, q/k rows in llama.cpp's order, each in its tensor type."""
+    import gguf
+
+    config = model_dir.config
     names = [
         n for n in model_dir.tensor_names() if not (config.tie_word_embeddings and n == "lm_head.weight")
     ]
@@ -95,4 +112,3 @@ def _write(model_dir: ModelDir, path: Path, quant: str, say: Callable[[str], Non
     factors = llama3_rope_factors(config)
     if factors is not None:
         writer.add_tensor(ROPE_FREQS, factors, raw_dtype=gguf.GGMLQuantizationType.F32)
-    write_gguf(writer, path, "GGUF file")

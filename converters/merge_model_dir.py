@@ -9,7 +9,7 @@ import json
 import os
 from pathlib import Path
 
-from converters.export import load_adapter
+from converters.bundle_adapter_files import load_adapter
 from edge_lora.atomic import atomic_write_bytes, atomic_write_text
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir

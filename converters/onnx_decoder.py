@@ -1,6 +1,7 @@
 """The Llama-family decoder as an ONNX graph with a KV cache and a LoRA slot on every linear layer.
 
-Two variants share the weights code (:mod:`converters.onnx_quantized_ops`) and differ in attention and norms:
+Two variants share the weights code (:mod:`converters.onnx_quantized_ops`) and differ in attention
+(:mod:`converters.onnx_attention`) and norms:
 
 fast      SimplifiedLayerNormalization / SkipSimplifiedLayerNormalization and GroupQueryAttention
           (rotary inside, sliding window as ``local_window_size``), MatMulNBits weights.
@@ -22,6 +23,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto
 
+from converters.onnx_attention import gqa, gqa_inputs, plain_attention, portable_mask
 from converters.onnx_graph import MS_DOMAIN, Graph
 from converters.onnx_quantized_ops import emit_matmul, nbits_gather, nbits_initializers, nbits_matmul
 from edge_lora.config import ModelConfig
@@ -146,7 +148,7 @@ class DecoderWriter:
             g.add_input(names.past_key(i), TensorProto.FLOAT, kv_shape)
             g.add_input(names.past_value(i), TensorProto.FLOAT, kv_shape)
         x = self.embed(ids)
-        attention_inputs = self.gqa_inputs(mask) if self.fast else self.portable_mask(ids, mask)
+        attention_inputs = gqa_inputs(g, c, mask) if self.fast else portable_mask(g, c, ids, mask)
         h, residual = (
             self.rms_norm(x, "model.layers.0.input_layernorm.weight", "model.layers.0.input_layernorm"),
             x,
@@ -311,165 +313,9 @@ class DecoderWriter:
         qkv = self.linear(h, f"{p}.qkv_proj")
         present = [names.present_key(layer), names.present_value(layer)]
         past = [names.past_key(layer), names.past_value(layer)]
-        out = (
-            self.gqa(p, qkv, past, present, inputs)
-            if self.fast
-            else self.plain_attention(p, qkv, past, present, inputs)
-        )
+        attend = gqa if self.fast else plain_attention
+        out = attend(self.g, self.c, p, qkv, past, present, inputs)
         return self.linear(out, f"{p}.o_proj")
-
-    # --- fast attention: GroupQueryAttention ---------------------------------------
-
-    def gqa_inputs(self, mask: str) -> dict:
-        g, c = self.g, self.c
-        total = g.op("ReduceSum", [mask, g.const("gqa/axes", [1])], "gqa/ReduceSum", keepdims=0)
-        seqlens = g.op(
-            "Cast",
-            [g.op("Sub", [total, g.const("gqa/one", 1)], "gqa/Sub")],
-            "gqa/SeqLens",
-            to=TensorProto.INT32,
-        )
-        length = g.op(
-            "Gather", [g.op("Shape", [mask], "gqa/Shape"), g.const("gqa/index", 1)], "gqa/TotalLength", axis=0
-        )
-        freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
-        return {
-            "seqlens_k": seqlens,
-            "total_length": g.op("Cast", [length], "gqa/TotalLengthInt", to=TensorProto.INT32),
-            "cos": g.initializer("rotary.cos_cache", np.cos(freqs).astype(np.float32)),
-            "sin": g.initializer("rotary.sin_cache", np.sin(freqs).astype(np.float32)),
-        }
-
-    def gqa(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
-        c = self.c
-        # local_window_size = W gives HF's i - j < W (checked against transformers on Mistral)
-        window = c.sliding_window if c.sliding_window else -1
-        outs = self.g.op(
-            "GroupQueryAttention",
-            [qkv, "", "", *past, t["seqlens_k"], t["total_length"], t["cos"], t["sin"]],
-            f"{p}/GroupQueryAttention",
-            outputs=[f"{p}/GroupQueryAttention/0", *present],
-            domain=MS_DOMAIN,
-            num_heads=c.num_attention_heads,
-            kv_num_heads=c.num_key_value_heads,
-            scale=float(c.head_dim**-0.5),
-            do_rotary=1,
-            rotary_interleaved=0,
-            local_window_size=window,
-        )
-        return outs[0]
-
-    # --- portable attention: standard ops ------------------------------------------
-
-    def portable_mask(self, ids: str, mask: str) -> dict:
-        g, c = self.g, self.c
-        new = g.op("Shape", [ids], "mask/NewLength", start=1, end=2)
-        total = g.op("Shape", [mask], "mask/TotalLength", start=1, end=2)
-        past = g.op("Sub", [total, new], "mask/PastLength")
-        scalar = lambda v, n: g.op("Squeeze", [v, g.const(f"mask/{n}_axes", [0])], f"mask/{n}_Scalar")  # noqa: E731
-        one, zero = g.const("mask/one", 1), g.const("mask/zero", 0)
-        q_pos = g.op("Range", [scalar(past, "past"), scalar(total, "total"), one], "mask/QueryPositions")
-        k_pos = g.op("Range", [zero, scalar(total, "total2"), one], "mask/KeyPositions")
-        q_col = g.op("Unsqueeze", [q_pos, g.const("mask/col_axes", [1])], "mask/QueryColumn")
-        k_row = g.op("Unsqueeze", [k_pos, g.const("mask/row_axes", [0])], "mask/KeyRow")
-        allowed = g.op("LessOrEqual", [k_row, q_col], "mask/Causal")
-        if c.sliding_window:
-            dist = g.op("Sub", [q_col, k_row], "mask/Distance")
-            inside = g.op("Less", [dist, g.const("mask/window", c.sliding_window)], "mask/Window")
-            allowed = g.op("And", [allowed, inside], "mask/CausalWindow")
-        padding = g.op(
-            "Cast",
-            [g.op("Unsqueeze", [mask, g.const("mask/pad_axes", [1, 2])], "mask/PadUnsqueeze")],
-            "mask/PadBool",
-            to=TensorProto.BOOL,
-        )
-        allowed = g.op("And", [allowed, padding], "mask/Allowed")
-        bias = g.op(
-            "Where",
-            [
-                allowed,
-                g.const("mask/zero_f", 0.0, np.float32),
-                g.const("mask/min_f", np.finfo(np.float32).min, np.float32),
-            ],
-            "mask/Bias",
-        )
-        freqs = np.outer(np.arange(c.max_position_embeddings, dtype=np.float64), c.rope_inv_freq())
-        emb = np.concatenate([freqs, freqs], axis=-1)
-        cos = g.op(
-            "Gather",
-            [g.initializer("rotary.cos_table", np.cos(emb).astype(np.float32)), q_pos],
-            "rotary/Cos",
-            axis=0,
-        )
-        sin = g.op(
-            "Gather",
-            [g.initializer("rotary.sin_table", np.sin(emb).astype(np.float32)), q_pos],
-            "rotary/Sin",
-            axis=0,
-        )
-        return {"bias": bias, "cos": cos, "sin": sin}
-
-    def rotary(self, name: str, x: str, t: dict) -> str:
-        g, half = self.g, self.c.head_dim // 2
-        x1, x2 = g.op(
-            "Split", [x, g.const(f"{name}/halves", [half, half])], f"{name}/Split", outputs=2, axis=-1
-        )
-        rotated = g.op("Concat", [g.op("Neg", [x2], f"{name}/Neg"), x1], f"{name}/RotateHalf", axis=-1)
-        return g.op(
-            "Add",
-            [
-                g.op("Mul", [x, t["cos"]], f"{name}/MulCos"),
-                g.op("Mul", [rotated, t["sin"]], f"{name}/MulSin"),
-            ],
-            f"{name}/Add",
-        )
-
-    def heads(self, name: str, x: str, count: int) -> str:
-        """``[B, S, count*d]`` -> ``[B, count, S, d]``."""
-        shaped = self.g.op(
-            "Reshape", [x, self.g.const(f"{name}/shape", [0, 0, count, self.c.head_dim])], f"{name}/Reshape"
-        )
-        return self.g.op("Transpose", [shaped], f"{name}/Transpose", perm=[0, 2, 1, 3])
-
-    def repeat_kv(self, name: str, x: str) -> str:
-        g, c = self.g, self.c
-        groups = c.num_attention_heads // c.num_key_value_heads
-        if groups == 1:
-            return x
-        wide = g.op("Unsqueeze", [x, g.const(f"{name}/axes", [2])], f"{name}/Unsqueeze")
-        wide = g.op("Expand", [wide, g.const(f"{name}/expand", [1, 1, groups, 1, 1])], f"{name}/Expand")
-        return g.op(
-            "Reshape",
-            [wide, g.const(f"{name}/shape", [0, c.num_attention_heads, -1, c.head_dim])],
-            f"{name}/Reshape",
-        )
-
-    def plain_attention(self, p: str, qkv: str, past: list[str], present: list[str], t: dict) -> str:
-        g, c = self.g, self.c
-        q, k, v = g.op(
-            "Split",
-            [qkv, g.const(f"{p}/split", [c.q_dim, c.kv_dim, c.kv_dim])],
-            f"{p}/Split",
-            outputs=3,
-            axis=-1,
-        )
-        q = self.rotary(f"{p}/q_rotary", self.heads(f"{p}/q_heads", q, c.num_attention_heads), t)
-        k = self.rotary(f"{p}/k_rotary", self.heads(f"{p}/k_heads", k, c.num_key_value_heads), t)
-        v = self.heads(f"{p}/v_heads", v, c.num_key_value_heads)
-        k_all = g.op("Concat", [past[0], k], f"{p}/KeyCache", outputs=[present[0]], axis=2)
-        v_all = g.op("Concat", [past[1], v], f"{p}/ValueCache", outputs=[present[1]], axis=2)
-        k_t = g.op(
-            "Transpose", [self.repeat_kv(f"{p}/k_repeat", k_all)], f"{p}/KeyTranspose", perm=[0, 1, 3, 2]
-        )
-        scores = g.op(
-            "Mul",
-            [g.op("MatMul", [q, k_t], f"{p}/QK"), g.const(f"{p}/scale", c.head_dim**-0.5, np.float32)],
-            f"{p}/Scale",
-        )
-        probs = g.op("Softmax", [g.op("Add", [scores, t["bias"]], f"{p}/Mask")], f"{p}/Softmax", axis=-1)
-        ctx = g.op("MatMul", [probs, self.repeat_kv(f"{p}/v_repeat", v_all)], f"{p}/PV")
-        ctx = g.op("Transpose", [ctx], f"{p}/OutTranspose", perm=[0, 2, 1, 3])
-        return g.op("Reshape", [ctx, g.const(f"{p}/out_shape", [0, 0, -1])], f"{p}/OutReshape")
 
 
 def config_summary(config: ModelConfig) -> str:

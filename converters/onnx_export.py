@@ -4,7 +4,7 @@ out_dir/
   model.onnx          the decoder with a LoRA slot on every linear layer (what onnxruntime-genai loads)
   model.plain.onnx    the same graph without the LoRA nodes, for requests with no adapter (same data file)
   model.onnx.data     every weight, each tensor aligned so ONNX Runtime can memory-map it
-  onnx_layout.json    LoRA slots and groups, and where each linear weight lives (the runtime merges through it)
+  onnx_layout.json    LoRA slots and groups, where each linear weight lives (the runtime merges through it)
   genai_config.json, tokenizer.json, tokenizer_config.json
 """
 
@@ -51,14 +51,7 @@ def export_onnx(
     block_size: int = 32,
 ) -> Path:
     """Write the decoder for ``model_dir`` into ``out_dir``; returns the path of model.onnx."""
-    if quant not in names.QUANTS:
-        raise EdgeLoraError(
-            f"unknown ONNX quantization {quant!r}", hint=f"choose one of {', '.join(names.QUANTS)}"
-        )
-    if variant not in names.VARIANTS:
-        raise EdgeLoraError(
-            f"unknown ONNX variant {variant!r}", hint=f"choose one of {', '.join(names.VARIANTS)}"
-        )
+    _check_choices(quant, variant)
     md = model_dir if isinstance(model_dir, ModelDir) else ModelDir(model_dir)
     say = progress or (lambda _msg: None)
     out_dir = Path(out_dir)
@@ -73,7 +66,30 @@ def export_onnx(
     model_path = out_dir / names.MODEL_FILE
     atomic_write_bytes(model_path, model.SerializeToString())
     atomic_write_bytes(out_dir / PLAIN_MODEL_FILE, strip_lora(model).SerializeToString())
-    layout = {
+    layout = _layout(md, writer, tensors, quant=quant, variant=variant, lora_dtype=lora_dtype)
+    atomic_write_text(out_dir / names.LAYOUT_FILE, json.dumps(layout, indent=1) + "\n")
+    _write_genai_files(md, out_dir, variant)
+    megabytes = (out_dir / names.DATA_FILE).stat().st_size / 1e6
+    say(f"onnx {quant}-{variant}: done ({megabytes:.1f} MB of weights)")
+    return model_path
+
+
+def _check_choices(quant: str, variant: str) -> None:
+    if quant not in names.QUANTS:
+        raise EdgeLoraError(
+            f"unknown ONNX quantization {quant!r}", hint=f"choose one of {', '.join(names.QUANTS)}"
+        )
+    if variant not in names.VARIANTS:
+        raise EdgeLoraError(
+            f"unknown ONNX variant {variant!r}", hint=f"choose one of {', '.join(names.VARIANTS)}"
+        )
+
+
+def _layout(
+    md: ModelDir, writer: DecoderWriter, tensors: dict, *, quant: str, variant: str, lora_dtype: str
+) -> dict:
+    """onnx_layout.json: LoRA slots and groups, and where each linear weight and tensor lives."""
+    return {
         "format": names.LAYOUT_FORMAT,
         "version": names.LAYOUT_VERSION,
         "quant": quant,
@@ -93,16 +109,15 @@ def export_onnx(
         "weights": writer.layout["weights"],
         "tensors": tensors,
     }
-    atomic_write_text(out_dir / names.LAYOUT_FILE, json.dumps(layout, indent=1) + "\n")
+
+
+def _write_genai_files(md: ModelDir, out_dir: Path, variant: str) -> None:
+    """genai_config.json and the tokenizer files onnxruntime-genai reads beside the model."""
     atomic_write_text(out_dir / "genai_config.json", json.dumps(genai_config(md, variant), indent=2) + "\n")
     _copy(md.tokenizer_path, out_dir / "tokenizer.json")
     atomic_write_text(
         out_dir / "tokenizer_config.json", json.dumps(md.tokenizer_config or {}, indent=2) + "\n"
     )
-    say(
-        f"onnx {quant}-{variant}: done ({(out_dir / names.DATA_FILE).stat().st_size / 1e6:.1f} MB of weights)"
-    )
-    return model_path
 
 
 def _write_external_data(model: onnx.ModelProto, data_path: Path) -> dict:
@@ -151,9 +166,8 @@ def strip_lora(model: onnx.ModelProto) -> onnx.ModelProto:
     keep = [n for n in graph.node if "/lora/" not in n.name]  # logits_to_keep stays: it is no LoRA input
     for node in keep:
         for i, name in enumerate(node.input):
-            while (
-                name in bypass
-            ):  # a DoRA Mul feeds a bias Add or the LoRA Add: follow the chain to the matmul
+            # a DoRA Mul feeds a bias Add or the LoRA Add: follow the chain to the matmul
+            while name in bypass:
                 name = bypass[name]
             node.input[i] = name
     del graph.node[:]

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import numpy as np
 import onnx
+from numpy.typing import ArrayLike, DTypeLike
 from onnx import TensorProto, helper, numpy_helper
 
 OPSET = 21  # blocked DequantizeLinear (int4) needs 21
@@ -40,8 +41,8 @@ class Graph:
         name: str,
         outputs: int | list[str] = 1,
         domain: str = "",
-        **attrs,
-    ):
+        **attrs: object,
+    ) -> str | list[str]:
         """Add a node named ``name``; its outputs are ``name/0``, ``name/1``... unless given by name.
 
         Returns the output name (one output) or the list of names (several).
@@ -64,7 +65,7 @@ class Graph:
         self.initializers.append(tensor)
         return name
 
-    def const(self, name: str, values, dtype=np.int64) -> str:
+    def const(self, name: str, values: ArrayLike, dtype: DTypeLike = np.int64) -> str:
         """A small constant kept inside the graph (a Constant node, never external data)."""
         tensor = numpy_helper.from_array(np.asarray(values, dtype=dtype), name + "/value")
         return self.op("Constant", [], name, value=tensor)

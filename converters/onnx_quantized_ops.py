@@ -95,7 +95,8 @@ def nbits_initializers(
     }
     if not symmetric:
         tensors["zero_points"] = g.initializer(f"{name}.weight_zp", nb.zero_points)
-    # no "zero_points" tensor = symmetric: what the merge requantizes to (edge_lora/onnx_format/weight_store.py)
+    # no "zero_points" tensor = symmetric: what the merge requantizes to
+    # (edge_lora/onnx_format/weight_store.py)
     return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
 
 
@@ -119,9 +120,10 @@ def nbits_gather(g: Graph, ids: str, name: str, entry: dict) -> str:
     """Rows of a MatMulNBits weight, dequantized (GatherBlockQuantized reads the very same bytes):
     a tied embedding table and its head share one quantized copy."""
     t, n = entry["tensors"], entry["n"]
-    rows = lambda tensor, label: g.op(
-        "Reshape", [tensor, g.const(f"{name}/{label}_shape", [n, -1])], f"{name}/{label}_rows"
-    )  # noqa: E731
+
+    def rows(tensor: str, label: str) -> str:
+        return g.op("Reshape", [tensor, g.const(f"{name}/{label}_shape", [n, -1])], f"{name}/{label}_rows")
+
     return g.op(
         "GatherBlockQuantized",
         [rows(t["packed"], "packed"), ids, rows(t["scales"], "scales"), rows(t["zero_points"], "zp")],

@@ -2,8 +2,9 @@
 
 PEFT saves ``adapter_config.json`` and ``adapter_model.safetensors`` with keys like
 ``base_model.model.model.layers.0.self_attn.q_proj.lora_A.weight``. Ranks come from the tensor
-shapes (so ``rank_pattern`` is honoured whatever its keys), alphas from ``alpha_pattern`` or
-``lora_alpha``, the scaling rule from ``use_rslora``. A directory holding only a pickled
+shapes and must be the ones the config states (``rank_pattern``, else ``r``): a config that lies
+about them would rescale the adapter. Alphas come from ``alpha_pattern`` or ``lora_alpha``, the
+scaling rule from ``use_rslora``. A directory holding only a pickled
 ``adapter_model.bin`` is refused: pickles run code when loaded.
 """
 
@@ -47,7 +48,7 @@ def is_peft_dir(path: str | os.PathLike) -> bool:
     return Path(path).is_dir() and (Path(path) / CONFIG_FILE).is_file()
 
 
-def _pattern_value(patterns: dict, module: str, default, cfg_path: Path):
+def _pattern_value(patterns: dict | None, module: str, default: object, cfg_path: Path) -> object:
     """PEFT's rule: a pattern key matches a module name ending in ``.key`` (or equal to it)."""
     if not isinstance(patterns, (dict, type(None))):
         raise EdgeLoraError(
@@ -67,7 +68,7 @@ def _pattern_value(patterns: dict, module: str, default, cfg_path: Path):
     return default
 
 
-def _alpha(value, module: str, cfg_path: Path) -> float:
+def _alpha(value: object, module: str, cfg_path: Path) -> float:
     if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
         raise EdgeLoraError(
             f"adapter_config.json: alpha {value!r} for {module!r} is not a finite number",
@@ -133,33 +134,59 @@ def import_peft(
     if not path.is_dir():
         raise EdgeLoraError("not a directory", path=path, hint="pass the folder PEFT's save_pretrained wrote")
     cfg = read_peft_config(path)
-    weights = path / WEIGHTS_FILE
-    if not weights.is_file():
-        pickled = [p.name for p in path.glob("*.bin")]
-        hint = (
-            (
-                "convert it on a trusted machine: load with PEFT and save_pretrained(dir, safe_serialization=True); "
-                "pickled files are never loaded"
-            )
-            if pickled
-            else "save the adapter with PEFT's save_pretrained"
-        )
-        raise EdgeLoraError(
-            f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""),
-            path=path,
-            hint=hint,
-        )
-    st = SafetensorsFile(weights)
-    parts: dict[str, dict[str, np.ndarray]] = {}
-    notes: list[str] = []
+    st = SafetensorsFile(_weights_file(path))
     if base_rows is None and base_table is not None:  # the embedding rows can be checked with the table check
 
         def base_rows(name: str, rows: np.ndarray) -> bool | None:
             return base_table(rows) if name == "model.embed_tokens.weight" else None
 
     tokens = take_tokens(st, PREFIX, cfg, path, base, base_rows)
+    parts, notes = _lora_parts(st, path / WEIGHTS_FILE, tokens.keys if tokens else set(), base, base_table)
+    modules = _lora_modules(parts, cfg, path)
+    if not modules and not (tokens and (tokens.tokens or tokens.replaced)):
+        raise EdgeLoraError("adapter holds no LoRA tensors", path=path / WEIGHTS_FILE)
+    adapter = _adapter(modules, cfg, base, base_fingerprint, notes)
+    if tokens:  # new tokens and replaced base rows (converters/peft_tokens.py)
+        adapter.added_tokens, adapter.embed_rows = tokens.tokens, tokens.embed_rows
+        adapter.head_rows = tokens.head_rows
+        adapter.replaced_tokens, adapter.replaced_embed_rows = tokens.replaced, tokens.replaced_embed
+        adapter.replaced_head_rows = tokens.replaced_head
+    if base is not None:
+        adapter.check_fits(base, path=path)
+    return adapter
+
+
+def _weights_file(path: Path) -> Path:
+    """``adapter_model.safetensors``, or a refusal that says why (a pickled ``.bin`` is never loaded)."""
+    weights = path / WEIGHTS_FILE
+    if weights.is_file():
+        return weights
+    pickled = [p.name for p in path.glob("*.bin")]
+    hint = (
+        "convert it on a trusted machine: load with PEFT and "
+        "save_pretrained(dir, safe_serialization=True); pickled files are never loaded"
+        if pickled
+        else "save the adapter with PEFT's save_pretrained"
+    )
+    raise EdgeLoraError(
+        f"no {WEIGHTS_FILE}" + (f" (only pickled {', '.join(pickled)})" if pickled else ""),
+        path=path,
+        hint=hint,
+    )
+
+
+def _lora_parts(
+    st: SafetensorsFile,
+    weights: Path,
+    token_keys: set[str],
+    base: ModelConfig | None,
+    base_table: Callable[[np.ndarray], bool] | None,
+) -> tuple[dict[str, dict[str, np.ndarray]], list[str]]:
+    """module -> {"a", "b", "m"} arrays from every LoRA key (token tables skipped), and the notes to keep."""
+    parts: dict[str, dict[str, np.ndarray]] = {}
+    notes: list[str] = []
     for key in st.keys():
-        if tokens and key in tokens.keys:
+        if key in token_keys:
             continue
         name = key[len(PREFIX) :] if key.startswith(PREFIX) else key
         if name == TIED_HEAD_BASE:
@@ -178,28 +205,61 @@ def import_peft(
         if not np.isfinite(arr).all():
             raise EdgeLoraError(f"tensor {key!r} holds NaN or Inf", path=weights)
         parts.setdefault(match["module"], {})[_PART[match["part"]]] = arr
-    modules = {}
-    cfg_path = path / CONFIG_FILE
+    return parts, notes
+
+
+def _lora_modules(parts: dict[str, dict[str, np.ndarray]], cfg: dict, path: Path) -> dict[str, LoraWeights]:
+    """Each module's LoRA weights, its rank checked against the config's and its alpha read from it."""
+    weights, cfg_path = path / WEIGHTS_FILE, path / CONFIG_FILE
     default_alpha = cfg.get("lora_alpha", cfg.get("r", 8))
+    modules = {}
     for module, p in sorted(parts.items()):
         if "a" not in p or "b" not in p:
             raise EdgeLoraError(f"module {module!r} lacks lora_A or lora_B", path=weights)
         if p["a"].ndim != 2 or p["b"].ndim != 2 or p["a"].shape[0] != p["b"].shape[1]:
             raise EdgeLoraError(
-                f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} disagree on the rank",
+                f"module {module!r}: lora_A {list(p['a'].shape)} and lora_B {list(p['b'].shape)} "
+                "disagree on the rank",
                 path=weights,
             )
+        _check_rank(cfg, module, p["a"].shape[0], cfg_path)
         alpha = _alpha(
             _pattern_value(cfg.get("alpha_pattern"), module, default_alpha, cfg_path), module, cfg_path
         )
         modules[module] = LoraWeights(a=p["a"], b=p["b"], alpha=alpha, magnitude=p.get("m"))
-    if not modules and not (tokens and (tokens.tokens or tokens.replaced)):
-        raise EdgeLoraError("adapter holds no LoRA tensors", path=weights)
+    return modules
+
+
+def _check_rank(cfg: dict, module: str, rank: int, cfg_path: Path) -> None:
+    """The rank the config gives ``module`` (``rank_pattern``, else ``r``) must be its tensors' rank.
+
+    PEFT builds each module at that rank and scales it by alpha / rank: a config that lies about it
+    (r=1e9 beside rank-8 tensors) would scale the adapter to nothing here and fail to load in PEFT."""
+    unset = object()
+    said = _pattern_value(cfg.get("rank_pattern"), module, unset, cfg_path)
+    source = " (rank_pattern)" if said is not unset else ""
+    if said is unset:
+        if "r" not in cfg:  # nothing stated, so nothing to contradict
+            return
+        said = cfg["r"]
+    if isinstance(said, bool) or not isinstance(said, (int, float)) or said != rank:
+        raise EdgeLoraError(
+            f"adapter_config.json says r={said!r}{source} but lora_A of {module} has rank {rank}",
+            path=cfg_path,
+            hint=_RESAVE,
+        )
+
+
+def _adapter(
+    modules: dict[str, LoraWeights],
+    cfg: dict,
+    base: ModelConfig | None,
+    base_fingerprint: str | None,
+    notes: list[str],
+) -> Adapter:
     mapping = cfg.get("auto_mapping")
-    arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or (
-        base.architecture if base else "unknown"
-    )
-    adapter = Adapter(
+    arch = (mapping.get("base_model_class") if isinstance(mapping, dict) else None) or "unknown"
+    return Adapter(
         modules=modules,
         base_architecture=base.architecture if base else arch,
         base_fingerprint=base_fingerprint,
@@ -211,14 +271,6 @@ def import_peft(
             **({"notes": notes} if notes else {}),
         },
     )
-    if tokens:  # new tokens and replaced base rows (converters/peft_tokens.py)
-        adapter.added_tokens, adapter.embed_rows = tokens.tokens, tokens.embed_rows
-        adapter.head_rows = tokens.head_rows
-        adapter.replaced_tokens, adapter.replaced_embed_rows = tokens.replaced, tokens.replaced_embed
-        adapter.replaced_head_rows = tokens.replaced_head
-    if base is not None:
-        adapter.check_fits(base, path=path)
-    return adapter
 
 
 def _tied_head_base(

@@ -25,12 +25,16 @@ import json
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import SafetensorsFile
+
+if TYPE_CHECKING:
+    from edge_lora.model_dir import ModelDir
 
 EMBED, HEAD = "model.embed_tokens", "lm_head"
 MODULES = ("embed_tokens", "lm_head")  # what modules_to_save may name: the tables new tokens grow
@@ -43,6 +47,8 @@ _TABLE_SUFFIXES = (
 _DELTA = "token_adapter.trainable_tokens_delta"
 # base_rows(table name, rows [V, hidden]) -> whether they equal the base's table (None: cannot tell)
 BaseRows = Callable[[str, np.ndarray], "bool | None"]
+# a tensor by its name without the PEFT prefix, as float32 (None: not in the file)
+Reader = Callable[[str], "np.ndarray | None"]
 
 
 @dataclass
@@ -113,6 +119,20 @@ def take_tokens(
             hint="wrong base model?",
         )
     _check_base_rows(EMBED, saved[:vocab], base_rows, weights)  # the table before trainable_tokens_delta
+    head = _head_table(get, embed, indices, base, base_rows, weights)
+    return _found_tokens(keys, path, saved, embed, head, indices, base)
+
+
+def _head_table(
+    get: Reader,
+    embed: np.ndarray,
+    indices: list[int],
+    base: ModelConfig,
+    base_rows: BaseRows | None,
+    weights: Path,
+) -> np.ndarray | None:
+    """The trained output head's table: the embedding's for a tied base, else its own (checked) table."""
+    vocab = base.vocab_size
     _, head = _table(get, HEAD, indices if base.tie_word_embeddings else [], weights)
     if base.tie_word_embeddings:
         if head is not None and not np.array_equal(head, embed):
@@ -122,28 +142,42 @@ def take_tokens(
                 path=weights,
                 hint="train with the head tied (PEFT's ensure_weight_tying=True) or on embed_tokens only",
             )
-        head = embed
-    elif head is None:
+        return embed
+    if head is None:
         if embed.shape[0] > vocab:
             raise EdgeLoraError(
                 "the embedding was resized but no resized lm_head is saved",
                 path=weights,
                 hint="save with PEFT's save_embedding_layers=True (its default for a resized model)",
             )
-    else:
-        if head.shape != embed.shape:
-            raise EdgeLoraError(
-                f"lm_head table {list(head.shape)} and embedding table {list(embed.shape)} differ in size",
-                path=weights,
-                hint="save the adapter again with PEFT",
-            )
-        _check_base_rows(HEAD, head[:vocab], base_rows, weights)
+        return None
+    if head.shape != embed.shape:
+        raise EdgeLoraError(
+            f"lm_head table {list(head.shape)} and embedding table {list(embed.shape)} differ in size",
+            path=weights,
+            hint="save the adapter again with PEFT",
+        )
+    _check_base_rows(HEAD, head[:vocab], base_rows, weights)
+    return head
+
+
+def _found_tokens(
+    keys: set[str],
+    path: Path,
+    saved: np.ndarray,
+    embed: np.ndarray,
+    head: np.ndarray | None,
+    indices: list[int],
+    base: ModelConfig,
+) -> PeftTokens:
+    """Rows past the base vocabulary are new tokens; trained rows of existing ids replace the base's."""
+    vocab, tied = base.vocab_size, base.tie_word_embeddings
     # trainable_token_indices on existing ids: their rows replace the base's while the adapter is active
     replaced = sorted({i for i in indices if i < vocab and not np.array_equal(embed[i], saved[i])})
     if replaced and head is None:
         raise EdgeLoraError(
             "base token rows were retrained but no lm_head is saved beside them",
-            path=weights,
+            path=path / "adapter_model.safetensors",
             hint="save with PEFT's save_embedding_layers=True",
         )
     n = embed.shape[0] - vocab
@@ -151,15 +185,15 @@ def take_tokens(
         keys,
         _token_strings(path, vocab, n) if n else [],
         embed[vocab:].copy() if n else None,
-        head[vocab:].copy() if n and not base.tie_word_embeddings else None,
+        head[vocab:].copy() if n and not tied else None,
     )
     if replaced:
         found.replaced, found.replaced_embed = replaced, embed[replaced].copy()
-        found.replaced_head = None if base.tie_word_embeddings else head[replaced].copy()
+        found.replaced_head = None if tied else head[replaced].copy()
     return found
 
 
-def _reader(st: SafetensorsFile, prefix: str, weights: Path):
+def _reader(st: SafetensorsFile, prefix: str, weights: Path) -> Reader:
     def get(name: str) -> np.ndarray | None:
         key = prefix + name if prefix + name in st.keys() else name
         if key not in st.keys():
@@ -173,7 +207,7 @@ def _reader(st: SafetensorsFile, prefix: str, weights: Path):
 
 
 def _table(
-    get, module: str, indices: list[int], weights: Path
+    get: Reader, module: str, indices: list[int], weights: Path
 ) -> tuple[np.ndarray | None, np.ndarray | None]:
     """A module's saved full table, as saved and with ``trainable_tokens_delta`` written into its rows."""
     table = next((t for t in (get(f"{module}.{s}") for s in _TABLE_SUFFIXES) if t is not None), None)
@@ -250,7 +284,7 @@ def _token_strings(path: Path, vocab: int, n: int) -> list[str]:
     return [by_id[i] for i in range(vocab, vocab + n)]
 
 
-def model_dir_rows(md) -> BaseRows:
+def model_dir_rows(md: ModelDir) -> BaseRows:
     """Compare saved rows with a model directory's own tables (at full or half precision)."""
     from converters.tied_head import same_table
 

@@ -15,28 +15,31 @@ from __future__ import annotations
 import json
 import math
 import os
-import re
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
+from numpy.typing import DTypeLike
 
+from edge_lora.adapter_format import (
+    EMBED_ROWS,
+    FORMAT_VERSION,
+    HEAD_ROWS,
+    LORA_TENSOR,
+    METADATA_KEY,
+    REMAKE,
+    REPLACED_EMBED_ROWS,
+    REPLACED_HEAD_ROWS,
+    ROW_TENSORS,
+    alpha_value,
+    check_declared_shapes,
+    check_names_and_dtypes,
+    read_metadata,
+)
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import SafetensorsFile, save_tensors
 from edge_lora.targets import linear_modules
-
-FORMAT_VERSION = 1
-METADATA_KEY = "edge_lora"
-EMBED_ROWS = "model.embed_tokens.added_rows"
-HEAD_ROWS = "lm_head.added_rows"
-# rows that replace base tokens' own rows (PEFT's trainable_token_indices on existing ids), with their ids in
-# the metadata's "replaced_tokens"; like the new tokens' rows they apply only while the adapter is active
-REPLACED_EMBED_ROWS = "model.embed_tokens.replaced_rows"
-REPLACED_HEAD_ROWS = "lm_head.replaced_rows"
-_ROWS = (EMBED_ROWS, HEAD_ROWS, REPLACED_EMBED_ROWS, REPLACED_HEAD_ROWS)
-_REMAKE = "the file is corrupt or not written by edge-lora: train or export the adapter again"
-_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
 
 
 @dataclass
@@ -120,7 +123,7 @@ class Adapter:
             "extra": self.extra,
         }
 
-    def save(self, path: str | os.PathLike, dtype=np.float32) -> None:
+    def save(self, path: str | os.PathLike, dtype: DTypeLike = np.float32) -> None:
         tensors = {}
         for m, w in self.modules.items():
             tensors[f"{m}.lora_A"] = w.a.astype(dtype)
@@ -157,69 +160,18 @@ class Adapter:
             raise EdgeLoraError(
                 "expected an adapter .safetensors file, found a directory",
                 path=path,
-                hint="for a PEFT directory use `edge-lora export --adapter DIR` or converters.peft.import_peft",
+                hint="for a PEFT directory use `edge-lora export --adapter DIR` "
+                "or converters.peft.import_peft",
             )
-        st = SafetensorsFile(path, data=data)
-        meta = _read_metadata(st, path)
-        _check_names_and_dtypes(st, path)
-        if base is not None:
-            _check_declared_shapes(st, base, path)
-        tensors = st.read_all()  # only once the header passed every check
-        bad = st.first_nonfinite()
-        if bad is not None:
-            raise EdgeLoraError(
-                f"tensor {bad!r} holds NaN or Inf",
-                path=path,
-                hint="the training diverged or the file is corrupt",
-            )
-        modules_meta = meta["modules"]
-        groups: dict[str, dict[str, np.ndarray]] = {}
-        rows: dict[str, np.ndarray] = {}
-        for name, arr in tensors.items():
-            if name in _ROWS:
-                rows[name] = arr.astype(np.float32, copy=False)
-                continue
-            match = _TENSOR.match(name)
-            groups.setdefault(match["module"], {})[match["part"]] = (
-                arr  # F16 stays F16: consumers widen where they need to
-            )
-        modules = {}
-        for module, parts in groups.items():
-            if "lora_A" not in parts or "lora_B" not in parts:
-                raise EdgeLoraError(
-                    f"module {module!r} needs both lora_A and lora_B", path=path, hint=_REMAKE
-                )
-            a, b = parts["lora_A"], parts["lora_B"]
-            if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
-                raise EdgeLoraError(
-                    f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank",
-                    path=path,
-                    hint=_REMAKE,
-                )
-            info = modules_meta.get(module)
-            if not isinstance(info, dict) or "alpha" not in info:
-                raise EdgeLoraError(
-                    f"module {module!r} has tensors but no rank/alpha in the metadata",
-                    path=path,
-                    hint=_REMAKE,
-                )
-            if info.get("rank", a.shape[0]) != a.shape[0]:
-                raise EdgeLoraError(
-                    f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}",
-                    path=path,
-                    hint=_REMAKE,
-                )
-            mag = parts.get("lora_magnitude")
-            if mag is not None and mag.shape != (b.shape[0],):
-                raise EdgeLoraError(
-                    f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]",
-                    path=path,
-                    hint=_REMAKE,
-                )
-            modules[module] = LoraWeights(a=a, b=b, alpha=_alpha(info["alpha"], module, path), magnitude=mag)
+        meta, tensors = _read_checked(SafetensorsFile(path, data=data), base, path)
+        groups, rows = _split_tensors(tensors)
+        modules = {
+            module: _lora_weights(module, parts, meta["modules"].get(module), path)
+            for module, parts in groups.items()
+        }
         embed_rows, head_rows = rows.get(EMBED_ROWS), rows.get(HEAD_ROWS)
         if not modules and embed_rows is None and REPLACED_EMBED_ROWS not in rows:
-            raise EdgeLoraError("adapter holds no LoRA tensors", path=path, hint=_REMAKE)
+            raise EdgeLoraError("adapter holds no LoRA tensors", path=path, hint=REMAKE)
         adapter = cls(
             modules=modules,
             base_architecture=str(meta["base"].get("architecture")),
@@ -238,11 +190,18 @@ class Adapter:
             adapter.check_fits(base, base_fingerprint, path=path)
         return adapter
 
-    def check_fits(self, base: ModelConfig | None, base_fingerprint: str | None = None, *, path=None) -> None:
+    def check_fits(
+        self,
+        base: ModelConfig | None,
+        base_fingerprint: str | None = None,
+        *,
+        path: str | os.PathLike | None = None,
+    ) -> None:
         """Refuse an adapter made for another base, naming the base it was made for."""
         if base_fingerprint and self.base_fingerprint and base_fingerprint != self.base_fingerprint:
             raise EdgeLoraError(
-                f"adapter was made for base {self.base_architecture} {self.base_fingerprint[:19]}…, not this base ({base_fingerprint[:19]}…)",
+                f"adapter was made for base {self.base_architecture} {self.base_fingerprint[:19]}…, "
+                f"not this base ({base_fingerprint[:19]}…)",
                 path=path,
                 hint="wrong base model? export the adapter's own base, or retrain the adapter on this one",
             )
@@ -265,7 +224,8 @@ class Adapter:
             out_f, in_f = shapes[module]
             if w.a.shape[1] != in_f or w.b.shape[0] != out_f:
                 raise EdgeLoraError(
-                    f"module {module!r}: adapter shapes A{list(w.a.shape)} B{list(w.b.shape)} do not fit the base's [{out_f}, {in_f}]",
+                    f"module {module!r}: adapter shapes A{list(w.a.shape)} B{list(w.b.shape)} "
+                    f"do not fit the base's [{out_f}, {in_f}]",
                     path=path,
                     hint="wrong base model?",
                 )
@@ -288,109 +248,73 @@ class Adapter:
             raise EdgeLoraError(
                 f"replaced token ids {bad[:4] or self.replaced_tokens[:4]} are not base ids with rows",
                 path=path,
-                hint=_REMAKE,
+                hint=REMAKE,
             )
 
 
-def _read_metadata(st: SafetensorsFile, path) -> dict:
-    raw = st.metadata.get(METADATA_KEY)
-    if raw is None:
-        hint = (
-            "this looks like a PEFT file: import its directory with `edge-lora export --adapter DIR`"
-            if any(k.startswith("base_model.") for k in st.keys())
-            else "make it with `edge-lora train` or import a PEFT directory"
-        )
-        raise EdgeLoraError("not an edge-lora adapter (no edge_lora metadata)", path=path, hint=hint)
-    try:
-        meta = json.loads(raw)
-    except (json.JSONDecodeError, RecursionError):  # RecursionError: hostile nesting depth
-        raise EdgeLoraError("adapter metadata is not valid JSON", path=path, hint=_REMAKE) from None
-    if (
-        not isinstance(meta, dict)
-        or not isinstance(meta.get("modules"), dict)
-        or not isinstance(meta.get("base"), dict)
-    ):
-        raise EdgeLoraError("adapter metadata lacks 'modules' or 'base'", path=path, hint=_REMAKE)
-    for key, kinds in (
-        ("target_modules", (list, type(None))),
-        ("added_tokens", (list, type(None))),
-        ("extra", (dict, type(None))),
-        ("scaling", (str, type(None))),
-    ):
-        if not isinstance(meta.get(key), kinds):
-            raise EdgeLoraError(f"adapter metadata {key!r} has the wrong type", path=path, hint=_REMAKE)
-    if not all(
-        isinstance(t, str) for t in (meta.get("target_modules") or []) + (meta.get("added_tokens") or [])
-    ):
+def _read_checked(
+    st: SafetensorsFile, base: ModelConfig | None, path: Path
+) -> tuple[dict, dict[str, np.ndarray]]:
+    """``(metadata, tensors)``, the data read only once the header passed every check."""
+    meta = read_metadata(st, path)
+    check_names_and_dtypes(st, path)
+    if base is not None:
+        check_declared_shapes(st, base, path)
+    tensors = st.read_all()  # only once the header passed every check
+    bad = st.first_nonfinite()
+    if bad is not None:
         raise EdgeLoraError(
-            "adapter metadata lists non-string module or token names", path=path, hint=_REMAKE
-        )
-    replaced = meta.get("replaced_tokens")
-    if replaced is not None and not (
-        isinstance(replaced, list)
-        and all(type(i) is int for i in replaced)
-        and len(set(replaced)) == len(replaced)
-    ):
-        raise EdgeLoraError(
-            "adapter metadata 'replaced_tokens' is not a list of distinct token ids", path=path, hint=_REMAKE
-        )
-    if not isinstance(meta["base"].get("fingerprint"), (str, type(None))):
-        raise EdgeLoraError("adapter metadata base fingerprint is not a string", path=path, hint=_REMAKE)
-    version = meta.get("format_version")
-    if not isinstance(version, int) or version > FORMAT_VERSION:
-        raise EdgeLoraError(
-            f"adapter format version {version!r} is not supported (this edge-lora reads <= {FORMAT_VERSION})",
+            f"tensor {bad!r} holds NaN or Inf",
             path=path,
-            hint="upgrade edge-lora",
+            hint="the training diverged or the file is corrupt",
         )
-    return meta
+    return meta, tensors
 
 
-def _check_declared_shapes(st: SafetensorsFile, base: ModelConfig, path) -> None:
-    """Refuse tensors the base cannot use from their header alone, before reading any data.
-
-    The header is checked against the file size, but a large (even sparse) file can still declare
-    gigabytes; the base bounds every dimension of a usable adapter.
-    """
-    shapes = linear_modules(base, include_lm_head=True)
-    for name, info in st.tensors.items():
-        match = _TENSOR.match(name)
-        if not match or match["module"] not in shapes:
-            continue  # named in the checks that follow
-        out_f, in_f = shapes[match["module"]]
-        expected = {"lora_A": (None, in_f), "lora_B": (out_f, None), "lora_magnitude": (out_f,)}[
-            match["part"]
-        ]
-        dims = info.shape
-        if len(dims) != len(expected) or any(
-            d != e if e is not None else d > max(in_f, out_f) for d, e in zip(dims, expected)
-        ):
-            raise EdgeLoraError(
-                f"module {match['module']!r}: adapter shapes {match['part']}{list(dims)} do not fit the base's "
-                f"[{out_f}, {in_f}]",
-                path=path,
-                hint="wrong base model?",
-            )
+def _split_tensors(
+    tensors: dict[str, np.ndarray],
+) -> tuple[dict[str, dict[str, np.ndarray]], dict[str, np.ndarray]]:
+    """``({module: {lora_A|lora_B|lora_magnitude: array}}, {token-row tensor: fp32 array})``."""
+    groups: dict[str, dict[str, np.ndarray]] = {}
+    rows: dict[str, np.ndarray] = {}
+    for name, arr in tensors.items():
+        if name in ROW_TENSORS:
+            rows[name] = arr.astype(np.float32, copy=False)
+            continue
+        match = LORA_TENSOR.match(name)
+        # F16 stays F16: consumers widen where they need to
+        groups.setdefault(match["module"], {})[match["part"]] = arr
+    return groups, rows
 
 
-def _alpha(value, module: str, path) -> float:
-    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value):
+def _lora_weights(module: str, parts: dict[str, np.ndarray], info: object, path: Path) -> LoraWeights:
+    """One module's weights, its tensors checked against each other and against its metadata ``info``."""
+    if "lora_A" not in parts or "lora_B" not in parts:
+        raise EdgeLoraError(f"module {module!r} needs both lora_A and lora_B", path=path, hint=REMAKE)
+    a, b = parts["lora_A"], parts["lora_B"]
+    if a.ndim != 2 or b.ndim != 2 or a.shape[0] != b.shape[1] or a.shape[0] == 0:
         raise EdgeLoraError(
-            f"module {module!r}: alpha {value!r} is not a finite number", path=path, hint=_REMAKE
+            f"module {module!r}: lora_A {list(a.shape)} and lora_B {list(b.shape)} disagree on the rank",
+            path=path,
+            hint=REMAKE,
         )
-    return float(value)
-
-
-def _check_names_and_dtypes(st: SafetensorsFile, path) -> None:
-    """Refuse foreign tensor names and dtypes from the header, before any data is read."""
-    for name, info in st.tensors.items():
-        if info.dtype not in ("F32", "F16", "BF16"):
-            raise EdgeLoraError(
-                f"tensor {name!r} has dtype {info.dtype}; adapters hold float tensors",
-                path=path,
-                hint="store LoRA weights as F32, F16 or BF16",
-            )
-        if name not in _ROWS and not _TENSOR.match(name):
-            raise EdgeLoraError(
-                f"unexpected tensor {name!r}", path=path, hint="adapter tensors are <module>.lora_A / .lora_B"
-            )
+    if not isinstance(info, dict) or "alpha" not in info:
+        raise EdgeLoraError(
+            f"module {module!r} has tensors but no rank/alpha in the metadata",
+            path=path,
+            hint=REMAKE,
+        )
+    if info.get("rank", a.shape[0]) != a.shape[0]:
+        raise EdgeLoraError(
+            f"module {module!r}: metadata rank {info.get('rank')} but tensors have rank {a.shape[0]}",
+            path=path,
+            hint=REMAKE,
+        )
+    mag = parts.get("lora_magnitude")
+    if mag is not None and mag.shape != (b.shape[0],):
+        raise EdgeLoraError(
+            f"module {module!r}: lora_magnitude shape {list(mag.shape)} != [{b.shape[0]}]",
+            path=path,
+            hint=REMAKE,
+        )
+    return LoraWeights(a=a, b=b, alpha=alpha_value(info["alpha"], module, path), magnitude=mag)

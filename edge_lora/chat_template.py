@@ -11,16 +11,25 @@ bring it; the device runtime does not need it).
 from __future__ import annotations
 
 import json
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING, NoReturn
 
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    import jinja2
+    import jinja2.nodes
+    import jinja2.parser
 
 TEMPLATE_FILE = "chat_template.jinja"
 # ChatML, for models that ship no template
 DEFAULT_CHAT_TEMPLATE = (
-    "{% for message in messages %}<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n{% endfor %}"
+    "{% for message in messages %}"
+    "<|im_start|>{{ message['role'] }}\n{{ message['content'] }}<|im_end|>\n"
+    "{% endfor %}"
     "{% if add_generation_prompt %}<|im_start|>assistant\n{% endif %}"
 )
 _SENTINEL = "\u2063EDGE_LORA_REPLY\u2063"  # an assistant reply that no template writes by itself
@@ -83,7 +92,7 @@ class ChatTemplate:
         return after.split()[0] if after else None
 
 
-def token_text(value) -> str | None:
+def token_text(value: object) -> str | None:
     """A tokenizer_config.json token: a string, or an AddedToken dict with its text under "content"."""
     if isinstance(value, str):
         return value
@@ -92,16 +101,16 @@ def token_text(value) -> str | None:
     return None
 
 
-_CACHE: dict[str, object] = {}
+_CACHE: dict[str, jinja2.Template] = {}
 
 
-def _compiled(source: str, where):
+def _compiled(source: str, where: Path | None) -> jinja2.Template:
     if source not in _CACHE:
         _CACHE[source] = _compile(source, where)
     return _CACHE[source]
 
 
-def _compile(source: str, where):
+def _compile(source: str, where: Path | None) -> jinja2.Template:
     try:
         import jinja2
         from jinja2.ext import Extension
@@ -117,18 +126,24 @@ def _compile(source: str, where):
 
         tags = {"generation"}
 
-        def parse(self, parser):
+        def parse(self, parser: jinja2.parser.Parser) -> jinja2.nodes.Node:
             lineno = next(parser.stream).lineno
             body = parser.parse_statements(["name:endgeneration"], drop_needle=True)
             return jinja2.nodes.CallBlock(self.call_method("_body"), [], [], body).set_lineno(lineno)
 
-        def _body(self, caller):
+        def _body(self, caller: Callable[[], str]) -> str:
             return caller()
 
-    def raise_exception(message):
+    def raise_exception(message: str) -> NoReturn:
         raise jinja2.exceptions.TemplateError(message)
 
-    def tojson(x, ensure_ascii=False, indent=None, separators=None, sort_keys=False):
+    def tojson(
+        x: object,
+        ensure_ascii: bool = False,
+        indent: int | str | None = None,
+        separators: tuple[str, str] | None = None,
+        sort_keys: bool = False,
+    ) -> str:
         return json.dumps(
             x, ensure_ascii=ensure_ascii, indent=indent, separators=separators, sort_keys=sort_keys
         )

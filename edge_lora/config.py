@@ -13,8 +13,12 @@ import math
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    import numpy as np
 
 _BAD_CONFIG = "the model config is corrupt; use the config.json the model was trained with"
 
@@ -113,7 +117,7 @@ class ModelConfig:
         config.validate(path)
         return config
 
-    def validate(self, path=None) -> None:
+    def validate(self, path: str | os.PathLike | None = None) -> None:
         positive = [
             "vocab_size",
             "hidden_size",
@@ -213,7 +217,7 @@ class ModelConfig:
             "mlp.down_proj": (h, i),
         }
 
-    def rope_inv_freq(self):
+    def rope_inv_freq(self) -> np.ndarray:
         """Rotary inverse frequencies, with llama3 / linear scaling applied (numpy, float64)."""
         import numpy as np
 
@@ -236,7 +240,7 @@ class ModelConfig:
         return inv
 
 
-def _arch_from_model_type(model_type):
+def _arch_from_model_type(model_type: str | None) -> str | None:
     for arch, kind in SUPPORTED_ARCHITECTURES.items():
         if kind == model_type:
             return arch

@@ -22,10 +22,14 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    from edge_lora.adapter import Adapter, LoraWeights
 
 
 @dataclass
@@ -38,7 +42,7 @@ class DoraNorm:
     aa: np.ndarray
 
 
-def prepare_norms(adapter, weight_of: Callable[[str], np.ndarray]) -> dict[str, DoraNorm]:
+def prepare_norms(adapter: Adapter, weight_of: Callable[[str], np.ndarray]) -> dict[str, DoraNorm]:
     """``{module: DoraNorm}`` for the adapter's DoRA modules;
     ``weight_of(module)`` is the base ``W [out, in]``."""
     norms = {}
@@ -56,7 +60,7 @@ def prepare_norms(adapter, weight_of: Callable[[str], np.ndarray]) -> dict[str, 
     return norms
 
 
-def factor(w, norm: DoraNorm, c: float) -> np.ndarray:
+def factor(w: LoraWeights, norm: DoraNorm, c: float) -> np.ndarray:
     """``m / ||W + c B A||_row`` ``[out]`` float64, for the delta's full scaling ``c``."""
     b = w.b.astype(np.float64)
     sq = norm.w2 + 2.0 * c * np.einsum("or,or->o", b, norm.wa) + c * c * np.einsum("or,or->o", b @ norm.aa, b)
@@ -64,7 +68,7 @@ def factor(w, norm: DoraNorm, c: float) -> np.ndarray:
 
 
 def chain(
-    pieces: list[tuple[object, float, np.ndarray | None]], out_f: int
+    pieces: list[tuple[LoraWeights, float, np.ndarray | None]], out_f: int
 ) -> tuple[list[np.ndarray | None], np.ndarray | None]:
     """One module's adapters in PEFT's order, each ``(weights, c, d or None)``: the per-channel factor to
     fold into each adapter's B (None: none) and the factor ``D`` on the base output (None: no DoRA)."""

@@ -85,22 +85,12 @@ class ModelDir:
         return tuple(self._files[name].tensors[name].shape)
 
     def read_float32(self, name: str) -> np.ndarray:
-        """A tensor as a fresh float32 array read with plain file reads: float32 goes straight from the
-        file into the array, and no memory map of the shard lingers in the process's resident set."""
-        if name not in self._files:
-            raise EdgeLoraError(f"tensor {name!r} not found in the weights", path=self.path)
-        st = self._files[name]
-        info = st.tensors[name]
-        if info.dtype != "F32":
-            return np.ascontiguousarray(self.get(name), dtype=np.float32)
-        arr = np.empty(info.shape, dtype=np.float32)
-        with open(st.path, "rb") as f:
-            f.seek(info.start)
-            f.readinto(memoryview(arr).cast("B"))
-        return arr
+        """A tensor as a fresh float32 array: the library reads it with plain reads (``pread``), so no
+        memory map of the shard lingers in the process's resident set (float32 needs no conversion)."""
+        return np.ascontiguousarray(self.get(name), dtype=np.float32)
 
     def release(self) -> None:
-        """Drop the shards' memory maps (they are reopened on the next read)."""
+        """Close the shards (they are reopened, and their headers checked again, on the next read)."""
         self.__dict__.pop("_files", None)
 
     def weight_dtype(self) -> str:
@@ -112,14 +102,16 @@ class ModelDir:
         """sha256 over every tensor's name, dtype, shape and bytes, in name order.
 
         Computed once at export or training time and stored in the bundle and in each adapter;
-        the device compares strings and never needs the float weights to check a match.
+        the device compares strings and never needs the float weights to check a match. The bytes are
+        those stored (bf16 too), streamed through one small buffer.
         """
         digest = hashlib.sha256()
         for name in self.tensor_names():
             st = self._files[name]
             info = st.tensors[name]
             digest.update(f"{name}|{info.dtype}|{list(info.shape)}\n".encode())
-            digest.update(st.raw_bytes(name))
+            for piece in st.raw_chunks(name):
+                digest.update(piece)
         return FINGERPRINT_PREFIX + digest.hexdigest()
 
     @property

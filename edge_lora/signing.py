@@ -22,10 +22,16 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from edge_lora.atomic import atomic_write_bytes, atomic_write_text
 from edge_lora.bundle import Bundle, FileHashes, sha256_file
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    from typing import TypeAlias
+
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
 
 SIG_SUFFIX = ".sig"
 SIG_FORMAT = "edge-lora-signature"
@@ -61,6 +67,19 @@ class PublicKey:
         except invalid:
             return False
         return True
+
+
+if TYPE_CHECKING:
+    # what :func:`load_public_key` takes: a key file, raw bytes or a key object
+    KeySource: TypeAlias = PublicKey | Ed25519PublicKey | bytes | bytearray | str | os.PathLike
+    # what :func:`load_trusted_keys` takes: one of them, or a collection of them
+    KeySources: TypeAlias = (
+        KeySource | list[KeySource] | tuple[KeySource, ...] | set[KeySource] | frozenset[KeySource]
+    )
+    # what the verifiers take: those, or what :func:`load_trusted_keys` returns
+    TrustedKeys: TypeAlias = dict[str, PublicKey] | KeySources
+    # a private key file or the key itself
+    PrivateKeySource: TypeAlias = Ed25519PrivateKey | str | os.PathLike
 
 
 def signature_path(path: str | os.PathLike) -> Path:
@@ -105,7 +124,7 @@ def _read_key_file(path: Path) -> bytes:
     return path.read_bytes()
 
 
-def load_private_key(path: str | os.PathLike):
+def load_private_key(path: str | os.PathLike) -> Ed25519PrivateKey:
     """An Ed25519 private key from a PEM (PKCS8) file, as ``edge-lora keygen`` writes it."""
     ed25519, serialization, _ = _crypto()
     path = Path(path)
@@ -123,7 +142,7 @@ def load_private_key(path: str | os.PathLike):
     return key
 
 
-def load_public_key(key) -> PublicKey:
+def load_public_key(key: KeySource) -> PublicKey:
     """A public key from a PEM file, a raw 32-byte or 64-hex-character file, raw bytes, or a key object."""
     if isinstance(key, PublicKey):
         return key
@@ -157,7 +176,7 @@ def load_public_key(key) -> PublicKey:
     return PublicKey(loaded.public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw))
 
 
-def load_trusted_keys(keys) -> dict[str, PublicKey]:
+def load_trusted_keys(keys: KeySources) -> dict[str, PublicKey]:
     """key id -> key, from a list of anything :func:`load_public_key` takes."""
     if not isinstance(keys, (list, tuple, set, frozenset)):  # one key given on its own
         keys = [keys]
@@ -168,7 +187,7 @@ def load_trusted_keys(keys) -> dict[str, PublicKey]:
 # --- files ------------------------------------------------------------------------------
 
 
-def sign_file(path: str | os.PathLike, private_key) -> Path:
+def sign_file(path: str | os.PathLike, private_key: PrivateKeySource) -> Path:
     """Write ``<path>.sig``; ``private_key`` is a key file path or an Ed25519 private key object."""
     path = Path(path)
     if not path.is_file():
@@ -230,7 +249,7 @@ def read_signature(sig_path: Path) -> dict:
     return record
 
 
-def verify_file(path: str | os.PathLike, trusted_keys, hashes: FileHashes | None = None) -> str:
+def verify_file(path: str | os.PathLike, trusted_keys: TrustedKeys, hashes: FileHashes | None = None) -> str:
     """Check ``<path>.sig`` against the file and the trusted keys; return the signer's key id.
 
     ``trusted_keys`` is what :func:`load_trusted_keys` returns (or a list it accepts); ``hashes``
@@ -244,7 +263,9 @@ def verify_file(path: str | os.PathLike, trusted_keys, hashes: FileHashes | None
     return verify_digest(path, digest, trusted_keys, record)
 
 
-def verify_digest(path: str | os.PathLike, digest: str, trusted_keys, record: dict | None = None) -> str:
+def verify_digest(
+    path: str | os.PathLike, digest: str, trusted_keys: TrustedKeys, record: dict | None = None
+) -> str:
     """Check ``<path>.sig`` against ``digest``, the SHA-256 of the bytes the caller read and will use
     (not of the file as it is now); return the signer's key id."""
     path = Path(path)
@@ -275,7 +296,7 @@ def verify_digest(path: str | os.PathLike, digest: str, trusted_keys, record: di
 # --- bundles ----------------------------------------------------------------------------
 
 
-def sign_bundle(root: str | os.PathLike, private_key) -> list[Path]:
+def sign_bundle(root: str | os.PathLike, private_key: PrivateKeySource) -> list[Path]:
     """Sign bundle.json (which hashes every file) and each adapter file, so adapters can travel alone."""
     bundle = Bundle.open(root)
     key = private_key if hasattr(private_key, "sign") else load_private_key(private_key)
@@ -287,7 +308,7 @@ def sign_bundle(root: str | os.PathLike, private_key) -> list[Path]:
     return written
 
 
-def verify_bundle(root: str | os.PathLike, trusted_keys=None) -> dict:
+def verify_bundle(root: str | os.PathLike, trusted_keys: TrustedKeys | None = None) -> dict:
     """Check every file against bundle.json's hashes and, with keys, bundle.json's signature.
 
     Returns ``{"files": n_checked, "signer": key_id or None}``.
@@ -315,14 +336,15 @@ def _adapter_files(bundle: Bundle) -> set[str]:
 
 
 class AdapterTrust:
-    """The runtime's rule when ``trusted_keys`` are given: no adapter is used unless a trusted key vouches for it.
+    """The runtime's rule when ``trusted_keys`` are given: no adapter is used unless a trusted key
+    vouches for it.
 
     A bundle adapter's file is vouched for by a valid ``bundle.json.sig`` plus its SHA-256 there, or by
     its own ``.sig``; an adapter file from elsewhere needs its own ``.sig``. Only the files an engine
     reads are checked (the .safetensors; llama.cpp also the .gguf), on the bytes it read: :meth:`vouch`.
     """
 
-    def __init__(self, bundle: Bundle, trusted_keys):
+    def __init__(self, bundle: Bundle, trusted_keys: KeySources):
         self.bundle = bundle
         self.keys = load_trusted_keys(trusted_keys)
         self.bundle_signed = signature_path(bundle.manifest_path).exists()

@@ -60,6 +60,7 @@ def select_targets(config: ModelConfig, spec: str | list[str] | tuple[str, ...])
     if not chosen:
         raise EdgeLoraError(
             f"target spec {spec!r} matches no linear module",
-            hint="use all-linear, attention, mlp, names like q_proj,v_proj, or a regex over model.layers.N.self_attn.q_proj",
+            hint="use all-linear, attention, mlp, names like q_proj,v_proj, "
+            "or a regex over model.layers.N.self_attn.q_proj",
         )
     return chosen

@@ -11,7 +11,7 @@ from __future__ import annotations
 import os
 import threading
 from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -19,6 +19,7 @@ import numpy as np
 
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle, FileBytes
+from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import MAX_HEADER_BYTES
 from edge_lora.signing import AdapterTrust
@@ -28,7 +29,7 @@ from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import StreamDecoder, Tokenizer
 
 
-def max_adapter_bytes(config) -> int:
+def max_adapter_bytes(config: ModelConfig) -> int:
     """The most bytes an adapter file for this base can need (float32, every rank at its largest, one
     new-token row per vocabulary entry in both tables): a bigger file is refused before it is read."""
     shapes = linear_modules(config, include_lm_head=True).values()
@@ -51,18 +52,21 @@ class DecodeState(ABC):
     def feed(self, token_ids: list[int]) -> np.ndarray:
         """Append tokens; return the logits ``[vocab]`` after the last one."""
 
-    def close(self) -> None:
+    def close(self) -> None:  # noqa: B027 (optional: a state with nothing to free needs none)
         pass
 
 
 class Engine(ABC):
     backend_name = "base"
 
-    def __init__(self, bundle: Bundle | str | os.PathLike, *, verify_hashes: bool = True, trusted_keys=None):
+    def __init__(
+        self, bundle: Bundle | str | os.PathLike, *, verify_hashes: bool = True, trusted_keys: object = None
+    ) -> None:
         self.bundle = bundle if isinstance(bundle, Bundle) else Bundle.open(bundle)
         self.config = self.bundle.config
         self.verify_hashes = verify_hashes
-        # trusted_keys=None: no signature checks; a list (even empty) refuses every adapter no trusted key vouches for
+        # trusted_keys=None: no signature checks; a list (even empty) refuses every adapter no trusted key
+        # vouches for
         self.trust = None if trusted_keys is None else AdapterTrust(self.bundle, trusted_keys)
         self.tokenizer = Tokenizer(self.bundle.require(self.bundle.tokenizer["tokenizer"]))
         self._adapters: dict[str, LoadedAdapter] = {}
@@ -190,7 +194,9 @@ class Engine(ABC):
                 raise EdgeLoraError("adapters must be a {name: scale} mapping")
             return {self._known(n): float(s) for n, s in adapters.items() if float(s) != 0.0}
 
-    def _request_set(self, adapters) -> tuple[dict[str, float], dict[str, LoadedAdapter]]:
+    def _request_set(
+        self, adapters: dict[str, float] | None
+    ) -> tuple[dict[str, float], dict[str, LoadedAdapter]]:
         """The adapter set of one request and a snapshot of the adapters it uses."""
         with self._lock:
             chosen = dict(self._default_set) if adapters is None else self._resolve(adapters)
@@ -220,7 +226,7 @@ class Engine(ABC):
 
     # --- inference ------------------------------------------------------------------
 
-    def logits(self, token_ids, adapters: dict[str, float] | None = None) -> np.ndarray:
+    def logits(self, token_ids: Iterable[int], adapters: dict[str, float] | None = None) -> np.ndarray:
         """Full-sequence logits ``[T, vocab]`` (float32) for evaluation."""
         ids = [int(t) for t in token_ids]
         if not ids:
@@ -243,14 +249,18 @@ class Engine(ABC):
         chunks = self._generate(prompt, params, adapters)
         return chunks if stream else "".join(chunks)
 
-    def generate_ids(self, prompt_ids: list[int], params: SamplingParams, adapters=None) -> list[int]:
+    def generate_ids(
+        self, prompt_ids: list[int], params: SamplingParams, adapters: dict[str, float] | None = None
+    ) -> list[int]:
         """Token ids out, no text: what tests and benchmarks compare across backends."""
         out: list[int] = []
         for token in self._token_loop(list(prompt_ids), params, adapters):
             out.append(token)
         return out
 
-    def _generate(self, prompt, params: SamplingParams, adapters) -> Iterator[str]:
+    def _generate(
+        self, prompt: str | list[int], params: SamplingParams, adapters: dict[str, float] | None
+    ) -> Iterator[str]:
         tokenizer = self.tokenizer_for(adapters)
         ids = tokenizer.encode(prompt) if isinstance(prompt, str) else [int(t) for t in prompt]
         decoder = StreamDecoder(tokenizer)
@@ -269,7 +279,9 @@ class Engine(ABC):
         if held:
             yield held
 
-    def _token_loop(self, ids: list[int], params: SamplingParams, adapters) -> Iterator[int]:
+    def _token_loop(
+        self, ids: list[int], params: SamplingParams, adapters: dict[str, float] | None
+    ) -> Iterator[int]:
         if not ids:
             raise EdgeLoraError("empty prompt")
         chosen, loaded = self._request_set(adapters)
@@ -333,7 +345,7 @@ class Engine(ABC):
     @abstractmethod
     def _attach(self, name: str, adapter: Adapter, source: Path) -> object: ...
 
-    def _detach(self, name: str, handle: object) -> None:
+    def _detach(self, name: str, handle: object) -> None:  # noqa: B027 (optional: nothing to free)
         pass
 
     @abstractmethod

@@ -8,69 +8,39 @@ request under a lock; its KV cache is reused only for the prefix that was comput
 adapter set, so a swap never reads stale keys and values. ``merge`` writes a merged GGUF
 (dequantize, add, requantize) and reloads the model from it. Adapters no GGUF LoRA can express
 (DoRA, LoRA on a tied head: ``gguf_adapter.merged_variant_reason``) are merged into a variant of the
-base when added, loaded beside it with a context of its own (:class:`MergedVariant`); requests
+base when added, loaded beside it with a context of its own
+(:class:`~runtime.llamacpp_adapters.MergedVariant`); requests
 with such an adapter run there, alone and at scale 1.
+
+This module holds the engine itself: its construction, the model and context it runs, and the
+per-request decode with prefix reuse. Adapters, merged variants and ``merge`` live in
+:mod:`runtime.llamacpp_adapters`; the C API's wrappers in :mod:`runtime.llamacpp_lib`,
+:mod:`runtime.llamacpp_model` and :mod:`runtime.llamacpp_context`.
 """
 
 from __future__ import annotations
 
-import contextlib
 import os
 import tempfile
 import threading
-import time
-from dataclasses import dataclass
 from pathlib import Path
 
 import numpy as np
 
-from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_format.lora_adapter import (
-    check_llamacpp_can_apply,
-    export_gguf_adapter,
-    merged_variant_reason,
-)
+from edge_lora.gguf_format.names import FINGERPRINT_KEY
 from runtime import llamacpp_lib as lib
 from runtime.devices import CPU, check_device
 from runtime.engine import DecodeState, Engine, LoadedAdapter
-from runtime.private_file import private_file
+from runtime.llamacpp_adapters import LlamaCppAdapters
+from runtime.llamacpp_context import Context
+from runtime.llamacpp_model import Model
 
-FINGERPRINT_KEY = "edge_lora.base_fingerprint"
 DEFAULT_MAX_CTX = 4096
 
 
-@dataclass
-class MergedVariant:
-    """A copy of the base with one adapter merged in, for adapters stock llama.cpp LoRA cannot apply
-    (DoRA, LoRA on a tied head): its own model and context, made when the adapter is added."""
-
-    reason: str
-    path: Path
-    model: object
-    ctx: object
-    add_seconds: float
-
-    def free(self) -> None:
-        if self.ctx is not None:
-            self.ctx.free()
-            self.model.free()
-        self.ctx = self.model = None
-        self.path.unlink(missing_ok=True)
-
-
-@dataclass
-class LoraHandle:
-    path: (
-        Path | None
-    )  # the bundle's GGUF LoRA; None: converted from the adapter (again whenever the model reloads)
-    ptr: object = None  # llama_adapter_lora *, replaced when merge reloads the model
-    empty: bool = False  # only new tokens, no LoRA tensors: nothing to load into llama.cpp
-    variant: MergedVariant | None = None  # instead of ptr: the adapter runs as a merged copy of the base
-
-
-class LlamaCppEngine(Engine):
+class LlamaCppEngine(LlamaCppAdapters, Engine):
     backend_name = "llamacpp"
 
     def __init__(
@@ -83,15 +53,15 @@ class LlamaCppEngine(Engine):
         use_extra_bufts: bool | None = None,
         verbose: bool = False,
         verify_hashes: bool = True,
-        trusted_keys=None,
+        trusted_keys: object = None,
         precise: bool = False,
         device: str = "cpu",
         n_batch: int = 512,
         n_ubatch: int | None = None,
         mmap: bool | None = None,
-    ):
-        """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of PyTorch).
-        Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
+    ) -> None:
+        """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of
+        PyTorch). Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
         when llama.cpp repacks the weights); the KV cache holds ``n_ctx`` positions, allocated and
         zeroed at load (f16: 90 MB for SmolLM2-135M at 4096, so pass the context the app needs);
         ``n_batch`` tokens go into one ``llama_decode``, ``n_ubatch`` (default ``n_batch``) into one
@@ -130,8 +100,8 @@ class LlamaCppEngine(Engine):
 
     # --- model and context --------------------------------------------------------------
 
-    def _new_model(self, path: Path):
-        return lib.Model(
+    def _new_model(self, path: Path) -> Model:
+        return Model(
             path,
             devices=self._gpus,
             n_gpu_layers=self._n_gpu_layers,
@@ -139,8 +109,8 @@ class LlamaCppEngine(Engine):
             use_mmap=self._mmap,
         )
 
-    def _new_context(self, model):
-        return lib.Context(
+    def _new_context(self, model: Model) -> Context:
+        return Context(
             model,
             n_ctx=self._n_ctx,
             threads=self._threads,
@@ -191,7 +161,7 @@ class LlamaCppEngine(Engine):
             self._unload()
         self._tmp.cleanup()
 
-    def __del__(self):
+    def __del__(self) -> None:
         try:
             self.close()
         except Exception:  # interpreter shutdown: llama_cpp may already be gone
@@ -201,131 +171,14 @@ class LlamaCppEngine(Engine):
     def max_context(self) -> int:
         return self._n_ctx
 
-    # --- adapters -------------------------------------------------------------------------
-
-    def _attach(self, name: str, adapter: Adapter, source: Path) -> LoraHandle:
-        reason = merged_variant_reason(adapter, self.config)
-        if reason:
-            with self._scratch_lock:  # merged outside the context lock: requests keep decoding meanwhile
-                return LoraHandle(None, variant=self._make_variant(name, adapter, reason))
-        check_llamacpp_can_apply(adapter, self.config, path=source)
-        if not adapter.modules:  # new tokens alone: their rows are fed per request (_decode)
-            return LoraHandle(None, empty=True)
-        rel = self._bundle_gguf(name, source)
-        if rel is not None:
-            return LoraHandle(self.bundle.resolve(rel), self._load_checked_lora(name, rel))
-        with self._scratch_lock:  # converted outside the context lock: requests keep decoding meanwhile
-            export_gguf_adapter(
-                adapter, self.config, self._scratch, durable=False
-            )  # no fsync: no crash needs it back
-            with self._ctx_lock:
-                return LoraHandle(None, self._model.load_lora(self._scratch))
-
-    def _make_variant(self, name: str, adapter: Adapter, reason: str) -> MergedVariant:
-        """The current base with ``adapter`` merged in at scale 1, loaded as a model of its own."""
-        from runtime.llamacpp_merge import write_merged_gguf
-
-        start = time.perf_counter()
-        path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
-        write_merged_gguf(self._model.path, path, self.config, adapter, 1.0)
-        model = self._new_model(path)
-        try:
-            ctx = self._new_context(model)
-        except BaseException:
-            model.free()
-            path.unlink(missing_ok=True)
-            raise
-        return MergedVariant(reason, path, model, ctx, time.perf_counter() - start)
-
-    def _reload_lora(self, loaded: LoadedAdapter):
-        """Load an adapter again on a new model (after a merge); the caller holds the context lock,
-        so a converted one goes through a file of its own, not the scratch file."""
-        if loaded.handle.empty:
-            return None
-        if loaded.handle.path is not None:
-            rel = self._bundle_gguf(loaded.name, loaded.path)
-            return self._load_checked_lora(loaded.name, rel, locked=True)
-        fd, tmp = tempfile.mkstemp(suffix=".gguf", dir=self._tmp.name)
-        os.close(fd)
-        try:
-            return self._model.load_lora(
-                export_gguf_adapter(loaded.adapter, self.config, Path(tmp), durable=False)
-            )
-        finally:
-            Path(tmp).unlink(missing_ok=True)
-
-    def _bundle_gguf(self, name: str, source: Path) -> str | None:
-        """The bundle's name for its own GGUF of this adapter, when ``source`` is the bundle's adapter."""
-        entry = self.bundle.adapters.get(name) or {}
-        if not entry.get("gguf") or not entry.get("source"):
-            return None
-        if self.bundle.resolve(entry["source"]).resolve() != Path(source).resolve():
-            return None
-        return entry["gguf"]
-
-    def _load_checked_lora(self, name: str, rel: str, locked: bool = False):
-        """The bundle's GGUF LoRA copied once into a private in-memory file and hashed on a thread
-        while llama.cpp loads that same copy: what llama.cpp parses is what bundle.json's hash (or a
-        trusted key) vouches for, whatever happens to the file on disk; freed again if it is not.
-        ``locked``: the caller holds the context lock (a reload after a merge). With no check asked for
-        (``verify_hashes=False``, no trusted keys) there is nothing to pin: llama.cpp reads the file."""
-        if not (self.verify_hashes or self.trust is not None):
-            with contextlib.nullcontext() if locked else self._ctx_lock:
-                return self._model.load_lora(self.bundle.require(rel))
-        with private_file(self._tmp.name, "lora") as (fd, path):
-            entry = self.bundle.adapters.get(name)
-            _, check = self._read_checked(self.bundle.resolve(rel), rel, entry, into_fd=fd)
-            with contextlib.nullcontext() if locked else self._ctx_lock:
-                try:
-                    ptr = self._model.load_lora(path)
-                except EdgeLoraError as err:
-                    check()  # a hash mismatch wins over the load error it may explain
-                    raise EdgeLoraError(err.message, path=self.bundle.resolve(rel), hint=err.hint) from None
-                try:
-                    check()
-                except BaseException:
-                    self._model.free_lora(ptr)
-                    raise
-        return ptr
-
-    def _detach(self, name: str, handle: LoraHandle) -> None:
-        with self._ctx_lock:
-            if self._cache_key and any(n == name for n, _ in self._cache_key):
-                self._forget_cache()
-                self._ctx, self._cache_key = self._base_ctx, None  # off a merged variant about to be freed
-                self._ctx.set_adapters([], [])
-                self._forget_cache()
-            if handle.variant is not None:
-                handle.variant.free()
-            if handle.ptr is not None:
-                self._model.free_lora(handle.ptr)
-            handle.ptr = None
-
-    def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
-        from runtime.llamacpp_merge import write_merged_gguf
-
-        with self._ctx_lock:
-            merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"
-            write_merged_gguf(self._model.path, merged, self.config, loaded.adapter, scale)
-            previous = self._model.path
-            self._unload()
-            self._load(merged)
-            for other in self._adapters.values():  # adapters live on a model: load them again on the new one
-                if other.handle.variant is not None:  # a merged variant is remade from the new base
-                    other.handle.variant.free()
-                    reason = other.handle.variant.reason
-                    other.handle.variant = self._make_variant(other.name, other.adapter, reason)
-                    continue
-                other.handle.ptr = self._reload_lora(other)
-            if previous != self._model_path:
-                previous.unlink(missing_ok=True)
-
     # --- inference ------------------------------------------------------------------------
 
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
         return _State(self, adapter_set, loaded)
 
-    def _full_logits(self, ids: list[int], adapter_set, loaded) -> np.ndarray:
+    def _full_logits(
+        self, ids: list[int], adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
+    ) -> np.ndarray:
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
             self._forget_cache()
@@ -375,7 +228,9 @@ class LlamaCppEngine(Engine):
         self._ctx.clear()
         self._cache_tokens = []
 
-    def _advance(self, adapter_set, loaded, history: list[int]) -> np.ndarray:
+    def _advance(
+        self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter], history: list[int]
+    ) -> np.ndarray:
         """Logits after ``history``, reusing the cached prefix computed under the same adapter set."""
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
@@ -440,7 +295,9 @@ class LlamaCppEngine(Engine):
 class _State(DecodeState):
     """A request's tokens; the shared context is brought to them on each feed (prefix reuse)."""
 
-    def __init__(self, engine: LlamaCppEngine, adapter_set, loaded):
+    def __init__(
+        self, engine: LlamaCppEngine, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
+    ) -> None:
         self.engine, self.adapter_set, self.loaded = engine, dict(adapter_set), loaded
         self.history: list[int] = []
 

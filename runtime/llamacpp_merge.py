@@ -11,15 +11,19 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.adapter import Adapter
-from edge_lora.atomic import atomic_path
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_format.file_write import write_gguf
 from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
-from edge_lora.gguf_format.quant import decode, encode, write_gguf
+from edge_lora.gguf_format.quant import decode, encode
+
+if TYPE_CHECKING:
+    import gguf
 
 _SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
 HEAD, EMBD = "output.weight", "token_embd.weight"
@@ -42,32 +46,39 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
         raise EdgeLoraError(
             f"the GGUF base has no tensor {missing[0]!r} to merge into", path=src, hint="wrong base model?"
         )
-    with atomic_path(dst) as tmp:
-        writer = gguf.GGUFWriter(os.fspath(tmp), gguf_arch(config))
-        for field in reader.fields.values():
-            if field.name.startswith(_SKIP_KEYS):
-                continue
-            sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
-            writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
-        for tensor in reader.tensors:
-            qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
-            targets = [tensor.name] if tensor.name in deltas else []
-            if untie and tensor.name == EMBD:
-                targets = [HEAD]
-            if tensor.name not in deltas:
-                writer.add_tensor(tensor.name, tensor.data, raw_dtype=qtype)
-            for name in targets:
-                _add_merged(writer, gguf, name, tensor, qtype, config, adapter, deltas[name], scale)
-        write_gguf(writer, dst, "merged GGUF")
-    return dst
+    writer = gguf.GGUFWriter(None, gguf_arch(config))
+    for field in reader.fields.values():
+        if field.name.startswith(_SKIP_KEYS):
+            continue
+        sub_type = field.types[-1] if field.types[0] == gguf.GGUFValueType.ARRAY else None
+        writer.add_key_value(field.name, field.contents(), field.types[0], sub_type=sub_type)
+    for tensor in reader.tensors:
+        qtype = gguf.GGMLQuantizationType(tensor.tensor_type)
+        targets = [tensor.name] if tensor.name in deltas else []
+        if untie and tensor.name == EMBD:
+            targets = [HEAD]
+        if tensor.name not in deltas:
+            writer.add_tensor(tensor.name, tensor.data, raw_dtype=qtype)
+        for name in targets:
+            _add_merged(writer, name, tensor, qtype, config, adapter, deltas[name], scale)
+    return write_gguf(writer, dst, "merged GGUF")
 
 
 def _add_merged(
-    writer, gguf, name: str, tensor, qtype, config: ModelConfig, adapter: Adapter, module: str, scale: float
+    writer: gguf.GGUFWriter,
+    name: str,
+    tensor: gguf.ReaderTensor,
+    qtype: gguf.GGMLQuantizationType,
+    config: ModelConfig,
+    adapter: Adapter,
+    module: str,
+    scale: float,
 ) -> None:
     """``name`` = ``tensor`` with ``module`` merged in (DoRA's row rescale included, as in
     :meth:`Adapter.merged_weight`), requantized. Rows are in llama.cpp's order; DoRA's norms are per
     row, so permuting the magnitudes like the rows is all it needs."""
+    from gguf import GGMLQuantizationType as T
+
     shape = tuple(int(d) for d in reversed(tensor.shape))  # ggml ne order -> numpy [rows, cols]
     weight = decode(tensor.data, qtype, shape)
     weight = weight + scale * to_gguf_rows(config, module, adapter.delta(module))
@@ -76,13 +87,7 @@ def _add_merged(
         mag = to_gguf_rows(config, module, magnitude.astype(np.float64)[:, None])[:, 0]
         norm = np.linalg.norm(weight.astype(np.float64), axis=1)
         weight = (weight * (mag / np.maximum(norm, 1e-12))[:, None]).astype(np.float32)
-    keeps_delta = qtype in (
-        gguf.GGMLQuantizationType.F32,
-        gguf.GGMLQuantizationType.F16,
-        gguf.GGMLQuantizationType.BF16,
-        gguf.GGMLQuantizationType.Q8_0,
-    )
-    out_type = qtype if keeps_delta else gguf.GGMLQuantizationType.Q8_0
-    if out_type == gguf.GGMLQuantizationType.Q8_0 and shape[-1] % 32:
-        out_type = gguf.GGMLQuantizationType.F16
+    out_type = qtype if qtype in (T.F32, T.F16, T.BF16, T.Q8_0) else T.Q8_0  # the types that keep the delta
+    if out_type == T.Q8_0 and shape[-1] % 32:
+        out_type = T.F16
     writer.add_tensor(name, encode(weight, out_type), raw_dtype=out_type)

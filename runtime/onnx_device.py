@@ -11,11 +11,17 @@ what it uploads, for the tests and the benchmark).
 from __future__ import annotations
 
 import threading
+from collections.abc import Sequence
+from types import ModuleType
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError, first_line
 from runtime.devices import CPU, Device
+
+if TYPE_CHECKING:
+    from onnxruntime import InferenceSession, OrtEpDevice, OrtValue
 
 WEBGPU = "WebGpuExecutionProvider"
 # One WebGPU device per process, and it is not safe to use from two threads at once (a run on one
@@ -31,7 +37,7 @@ NO_ADAPTER = (
 )
 
 
-def _register(ort) -> str | None:
+def _register(ort: ModuleType) -> str | None:
     """Register the WebGPU plugin with ONNX Runtime once per process; the reason it cannot be, or None."""
     with _registry["lock"]:
         if not _registry["tried"]:
@@ -56,7 +62,7 @@ def _register(ort) -> str | None:
         return _registry["error"]
 
 
-def find_webgpu(ort, want: str) -> tuple[Device, object | None]:
+def find_webgpu(ort: ModuleType, want: str) -> tuple[Device, OrtEpDevice | None]:
     """The device for ``want`` ("gpu" or "auto"): ``(Device, OrtEpDevice)``, or ``(CPU, None)`` when
     ``auto`` finds no hardware GPU. ``gpu`` without a usable device raises, saying what is missing."""
     reason = _register(ort)
@@ -80,20 +86,21 @@ def find_webgpu(ort, want: str) -> tuple[Device, object | None]:
 class DeviceTensors:
     """Allocations, uploads and downloads of one device's memory, counted."""
 
-    def __init__(self, ort, ep_device):
+    def __init__(self, ort: ModuleType, ep_device: OrtEpDevice) -> None:
         self._ort = ort
         self.memory = ep_device.memory_info(ort.OrtDeviceMemoryType.DEFAULT)
         self._lock = threading.Lock()
         self.uploads: dict[str, list[int]] = {}  # what ("lora", "kv") -> [count, bytes]
 
-    def empty(self, shape, dtype) -> object:
+    def empty(self, shape: Sequence[int], dtype: type) -> OrtValue:
         with DEVICE_LOCK:
             return self._ort.OrtValue.ortvalue_from_shape_and_type(
                 list(shape), dtype, memory_info=self.memory
             )
 
-    def upload(self, source, what: str, into=None) -> object:
-        """A device copy of a numpy array or a host OrtValue (into ``into`` when given), counted under ``what``."""
+    def upload(self, source: np.ndarray | OrtValue, what: str, into: OrtValue | None = None) -> OrtValue:
+        """A device copy of a numpy array or a host OrtValue (into ``into`` when given), counted under
+        ``what``."""
         host = (
             source
             if isinstance(source, self._ort.OrtValue)
@@ -108,7 +115,7 @@ class DeviceTensors:
             count[1] += host.tensor_size_in_bytes()
         return value
 
-    def download(self, value) -> np.ndarray:
+    def download(self, value: OrtValue) -> np.ndarray:
         host = np.empty(value.shape(), _numpy_dtype(value))
         with DEVICE_LOCK:
             self._ort.copy_tensors([value], [self._ort.OrtValue.ortvalue_from_numpy(host)], None)
@@ -129,11 +136,11 @@ _ELEMENT_DTYPES = {
 }
 
 
-def _numpy_dtype(value) -> type:
+def _numpy_dtype(value: OrtValue) -> type:
     return _ELEMENT_DTYPES[value.data_type()]
 
 
-def node_placement(session) -> dict[str, list[tuple[str, str]]]:
+def node_placement(session: InferenceSession) -> dict[str, list[tuple[str, str]]]:
     """``{provider: [(op_type, node name), ...]}`` of a session opened with
     ``session.record_ep_graph_assignment_info`` on."""
     placement: dict[str, list[tuple[str, str]]] = {}

@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import os
 import threading
+from collections.abc import Iterable
 
 from edge_lora.errors import EdgeLoraError
 
@@ -39,7 +40,7 @@ class Tokenizer:
         ids = self._tok.encode(text, add_special_tokens=add_special_tokens).ids
         return [self._to_ours.get(i, i) for i in ids] if self._to_ours else ids
 
-    def decode(self, ids, skip_special_tokens: bool = True) -> str:
+    def decode(self, ids: Iterable[int], skip_special_tokens: bool = True) -> str:
         ids = [self._to_theirs.get(int(i), int(i)) for i in ids] if self._to_theirs else list(ids)
         return self._tok.decode(ids, skip_special_tokens=skip_special_tokens)
 

@@ -111,7 +111,7 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
     adapter_bytes("truncated_in_header", data[: 8 + len(split(data)[0]) // 2], "does not fit the file")
     adapter_bytes("truncated_in_data", data[: len(data) - len(body) // 2], "beyond the file|truncated")
     adapter_bytes("truncated_last_byte", data[:-1], "beyond the file|truncated")
-    adapter_bytes("header_length_2_pow_63", struct.pack("<Q", 1 << 63) + data[8:], "does not fit the file")
+    adapter_bytes("header_length_2_pow_63", struct.pack("<Q", 1 << 63) + data[8:], "header length exceeds")
     adapter_bytes(
         "header_length_one_past_file", struct.pack("<Q", len(data) - 7) + data[8:], "does not fit the file"
     )
@@ -119,41 +119,45 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
     flipped[8] ^= 0x80  # the opening brace becomes a non-ASCII byte
     adapter_bytes("bitflip_header_brace", bytes(flipped), "not valid JSON")
     adapter_bytes("header_not_utf8", join(b"\xff\xfe{}  ", body), "not valid JSON")
-    adapter_bytes("header_is_a_list", join(b"[1, 2, 3]", body), "not a JSON object")
-    adapter_bytes("header_nested_100k_deep", join(nested(100_000), body), "not valid JSON|nested")
+    adapter_bytes("header_is_a_list", join(b"[1, 2, 3]", body), "header: invalid type: sequence")
+    adapter_bytes("header_nested_100k_deep", join(nested(100_000), body), "header: invalid type: sequence")
     adapter_bytes(
         "metadata_not_strings",
         with_header(data, lambda h: h.__setitem__("__metadata__", {"edge_lora": 5})),
-        "__metadata__",
+        "integer `5`, expected a string",
     )
     adapter_bytes(
-        "entry_not_object", with_header(data, lambda h: h.__setitem__(first, [1, 2])), "not an object"
+        "entry_not_object",
+        with_header(data, lambda h: h.__setitem__(first, [1, 2])),
+        "expected string or map",
     )
     adapter_bytes(
         "unknown_dtype",
         with_header(data, lambda h: h[first].__setitem__("dtype", "F8_Q")),
-        "unsupported dtype",
+        "unknown variant `F8_Q`",
     )
     adapter_bytes(
-        "negative_dim", with_header(data, lambda h: h[first].__setitem__("shape", [-4, 16])), "non-negative"
+        "negative_dim", with_header(data, lambda h: h[first].__setitem__("shape", [-4, 16])), "integer `-4`"
     )
     adapter_bytes(
-        "shape_is_string", with_header(data, lambda h: h[first].__setitem__("shape", "4x16")), "non-negative"
+        "shape_is_string",
+        with_header(data, lambda h: h[first].__setitem__("shape", "4x16")),
+        "expected a sequence",
     )
     adapter_bytes(
         "bool_offsets",
         with_header(data, lambda h: h[first].__setitem__("data_offsets", [False, True])),
-        "two integers",
+        "boolean `false`",
     )
     adapter_bytes(
         "offsets_disagree_with_shape",
         with_header(data, lambda h: h[first].__setitem__("data_offsets", [0, 12])),
-        "do not match shape",
+        "do not match its shape",
     )
     adapter_bytes(
         "offsets_reversed",
         with_header(data, lambda h: h[first].__setitem__("data_offsets", h[first]["data_offsets"][::-1])),
-        "do not match shape",
+        "overlaps another, leaves a gap",
     )
 
     def past_end(h):
@@ -173,6 +177,20 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
 
     adapter_bytes("overlapping_tensors", with_header(data, overlap), "overlap")
 
+    def gap(h):  # 4 unused bytes after the first tensor: the old reader took this; safetensors refuses it
+        for k in h:
+            if k != "__metadata__" and h[k]["data_offsets"][0] > h[first]["data_offsets"][0]:
+                h[k]["data_offsets"] = [o + 4 for o in h[k]["data_offsets"]]
+
+    start = header[first]["data_offsets"][1]
+    gapped = with_header(data, gap)
+    adapter_bytes(
+        "gap_between_tensors",
+        gapped[: len(gapped) - len(body) + start] + bytes(4) + body[start:],
+        "leaves a gap",
+    )
+    adapter_bytes("bytes_after_last_tensor", data + bytes(8), "bytes after it")
+
     def bomb(h):
         h[first].update(dtype="F32", shape=[1 << 20, 1 << 20], data_offsets=[0, 4 << 40])
 
@@ -184,13 +202,22 @@ def build_corpus(root: Path, model_dir: Path, other_model_dir: Path) -> list[Cas
     adapter_bytes("memory_bomb_bf16_2_gib", with_header(data, bomb_bf16), "beyond the file")
 
     def sparse_giant(name: str, tensor: str, shape: list[int]) -> None:
-        """A sparse file really as large as its header says: passes the size checks, costs no disk."""
-        h = {k: v for k, v in header.items()}
+        """A sparse file really as large as its header says: passes the size checks, costs no disk. The
+        other tensors are packed back to back first: safetensors refuses the gap ``tensor`` would leave."""
+        kept = sorted(
+            (k for k in header if k not in ("__metadata__", tensor)), key=lambda k: header[k]["data_offsets"]
+        )
+        h, blobs, offset = {"__metadata__": header["__metadata__"]}, [], 0
+        for k in kept:
+            start, end = header[k]["data_offsets"]
+            h[k] = {**header[k], "data_offsets": [offset, offset + end - start]}
+            blobs.append(body[start:end])
+            offset += end - start
         nbytes = 4 * int(np.prod(shape))
-        h[tensor] = {"dtype": "F32", "shape": shape, "data_offsets": [len(body), len(body) + nbytes]}
+        h[tensor] = {"dtype": "F32", "shape": shape, "data_offsets": [offset, offset + nbytes]}
         path = root / name / "adapter.safetensors"
         path.parent.mkdir()
-        path.write_bytes(join(h, body))
+        path.write_bytes(join(h, b"".join(blobs)))
         with open(path, "r+b") as f:
             f.truncate(path.stat().st_size + nbytes)
         cases.append(Case(name, "adapter", path, "do not fit the base"))

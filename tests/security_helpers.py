@@ -1,21 +1,16 @@
-"""Builders shared by the security tests: valid adapters and hand-made bundles to corrupt.
-
-The bundles here hold what every loader reads (bundle.json, tokenizer, adapter files, hashes) and
-no backend model, so they are fast to make and test the core checks without any backend.
+"""Shared by the security tests: an engine with no model behind it, and the names the corpus and fuzz
+tests call (``make_adapter``, ``make_core_bundle``), which build through tests/factories.py.
 """
 
 from __future__ import annotations
 
-import shutil
+import os
 from pathlib import Path
 
-import numpy as np
+from factories import build_bundle, random_adapter
 
-from edge_lora.adapter import Adapter, LoraWeights
-from edge_lora.bundle import sha256_file, write_manifest
+from edge_lora.adapter import Adapter
 from edge_lora.config import ModelConfig
-from edge_lora.model_dir import ModelDir
-from edge_lora.targets import linear_modules
 from runtime.engine import Engine
 
 
@@ -28,48 +23,14 @@ def make_adapter(
     modules: tuple[str, ...] = ("q_proj", "v_proj"),
 ) -> Adapter:
     """A random adapter on ``modules`` of every layer (nonzero B, so it changes the output)."""
-    rng = np.random.default_rng(seed)
-    shapes = linear_modules(config)
-    chosen = {}
-    for name, (out_f, in_f) in shapes.items():
-        if name.rsplit(".", 1)[-1] in modules:
-            chosen[name] = LoraWeights(
-                a=(0.1 * rng.standard_normal((rank, in_f))).astype(np.float32),
-                b=(0.1 * rng.standard_normal((out_f, rank))).astype(np.float32),
-                alpha=2.0 * rank,
-            )
-    return Adapter(modules=chosen, base_architecture=config.architecture, base_fingerprint=fingerprint)
-
-
-def make_core_bundle(root: Path, model_dir: Path, adapters: dict[str, Adapter]) -> Path:
-    """A bundle with tokenizer and adapter files only (no backend model), bundle.json written last."""
-    root = Path(root)
-    md = ModelDir(model_dir)
-    (root / "adapters").mkdir(parents=True, exist_ok=True)
-    shutil.copy(md.tokenizer_path, root / "tokenizer.json")
-    files = ["tokenizer.json"]
-    entries = {}
-    for name, adapter in adapters.items():
-        rel = f"adapters/{name}.safetensors"
-        adapter.save(root / rel)
-        files.append(rel)
-        entries[name] = {"source": rel, "scale": 1.0}
-    write_manifest(
-        root,
-        {
-            "created_by": "tests",
-            "model": md.config.to_dict(),
-            "base_fingerprint": md.fingerprint,
-            "tokenizer": {"tokenizer": "tokenizer.json"},
-            "backends": {},
-            "adapters": entries,
-            "files": {
-                rel: {"sha256": sha256_file(root / rel), "bytes": (root / rel).stat().st_size}
-                for rel in files
-            },
-        },
+    return random_adapter(
+        config, seed, rank=rank, alpha=2.0 * rank, modules=modules, std=0.1, fingerprint=fingerprint
     )
-    return root
+
+
+def make_core_bundle(root: str | os.PathLike, model_dir: Path, adapters: dict[str, Adapter]) -> Path:
+    """The smallest bundle the exporter writes (a GGUF f32 base of the tiny model) with ``adapters``."""
+    return build_bundle(model_dir, root, adapters, backends=("gguf",))
 
 
 class RegistryEngine(Engine):

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import numpy as np
 import pytest
+from factories import adapter_file
 
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
 from edge_lora.adapter_dtype import q8_0_roundtrip, rounded
@@ -13,7 +14,6 @@ from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format import lora_feeds
 from edge_lora.safetensors_file import SafetensorsFile
-from tests.test_export_bundle import make_adapter
 
 DTYPES = ("fp32", "fp16", "int8")
 # max |logit diff| against the same bundle's fp32 adapter (measured: 0.001 fp16, 0.015 int8 on both backends).
@@ -30,7 +30,7 @@ PROMPT = list(range(3, 19))
 @pytest.fixture(scope="module")
 def bundles(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("adapter_dtype")
-    a = make_adapter(model_dirs["llama"], root / "a.safetensors", seed=5, scale=0.2)
+    a = adapter_file(model_dirs["llama"], root / "a.safetensors", seed=5, alpha=4.0, std=0.2)
     out = {}
     for dtype in DTYPES:
         options = ExportOptions(
@@ -107,7 +107,9 @@ def test_q8_0_rounding_is_gguf_py_s():
 def test_rounded_adapter_keeps_fp32_as_it_is(model_dirs, tmp_path):
     from edge_lora.adapter import Adapter
 
-    adapter = Adapter.load(make_adapter(model_dirs["llama"], tmp_path / "a.safetensors", seed=1))
+    adapter = Adapter.load(
+        adapter_file(model_dirs["llama"], tmp_path / "a.safetensors", seed=1, alpha=4.0, std=0.3)
+    )
     assert rounded(adapter, "fp32") is adapter
     half = rounded(adapter, "fp16")
     w, h = next(iter(adapter.modules.values())), next(iter(half.modules.values()))
@@ -123,7 +125,7 @@ def test_add_adapter_and_cli_take_the_dtype(bundles, model_dirs, tmp_path):
 
     path = tmp_path / "bundle"
     shutil.copytree(bundles["fp32"], path)
-    b = make_adapter(model_dirs["llama"], tmp_path / "b.safetensors", seed=6)
+    b = adapter_file(model_dirs["llama"], tmp_path / "b.safetensors", seed=6, alpha=4.0, std=0.3)
     entry = add_adapter(path, AdapterSource(b, "b"), show_progress=False, adapter_dtype="int8")
     assert entry["dtype"] == "int8"
     assert main(["export", "--add-adapter", str(path), f"{b}:c", "--adapter-dtype", "fp16", "--quiet"]) == 0

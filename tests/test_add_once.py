@@ -10,7 +10,8 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
+from factories import build_bundle, random_adapter
+from security_helpers import RegistryEngine
 
 import runtime.engine as engine_module
 from edge_lora.adapter import Adapter
@@ -24,10 +25,10 @@ IDS = [5, 6, 7, 8, 9]
 def core(tmp_path, model_dirs):
     md = ModelDir(model_dirs["llama"])
     good, other = (
-        make_adapter(md.config, md.fingerprint, seed=1),
-        make_adapter(md.config, md.fingerprint, seed=9),
+        random_adapter(md, seed=1),
+        random_adapter(md, seed=9),
     )
-    root = make_core_bundle(tmp_path / "bundle", model_dirs["llama"], {"sql": good})
+    root = build_bundle(model_dirs["llama"], tmp_path / "bundle", {"sql": good}, backends=("gguf",))
     other.save(tmp_path / "other.safetensors")
     return root, good, tmp_path / "other.safetensors"
 
@@ -86,7 +87,7 @@ def test_signature_judges_the_bytes_in_hand(core, monkeypatch, tmp_path, model_d
     root, _, other = core
     key, pub = signing.generate_keypair(tmp_path / "k")
     md = ModelDir(model_dirs["llama"])
-    signed_adapter = make_adapter(md.config, md.fingerprint, seed=5)
+    signed_adapter = random_adapter(md, seed=5)
     loose = tmp_path / "downloaded.safetensors"
     signed_adapter.save(loose)
     signing.sign_file(loose, key)
@@ -106,7 +107,7 @@ def test_a_fresh_add_opens_the_adapter_file_once_and_hashes_it_once(core, monkey
             opened.append(file)
         return real_open(file, *args, **kwargs)
 
-    import edge_lora.bundle as bundle_module
+    import edge_lora.file_hashes as bundle_module
 
     real_buffer = bundle_module._sha256_buffer
     monkeypatch.setattr(builtins, "open", counting_open)
@@ -123,19 +124,10 @@ def test_a_fresh_add_opens_the_adapter_file_once_and_hashes_it_once(core, monkey
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, model_dirs):
-    from converters.export import AdapterSource, ExportOptions, export_bundle
-
     md = ModelDir(model_dirs["llama"])
+    adapters = {"sql": random_adapter(md, seed=1), "tone": random_adapter(md, seed=2)}
     root = tmp_path_factory.mktemp("add_once")
-    make_adapter(md.config, md.fingerprint, seed=1).save(root / "sql.safetensors")
-    make_adapter(md.config, md.fingerprint, seed=2).save(root / "tone.safetensors")
-    return export_bundle(
-        md.path,
-        root / "bundle",
-        [AdapterSource(root / "sql.safetensors", "sql"), AdapterSource(root / "tone.safetensors", "tone")],
-        ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"]),
-        show_progress=False,
-    )
+    return build_bundle(md.path, root / "bundle", adapters, backends=("onnx", "gguf"))
 
 
 @pytest.fixture(scope="module")
@@ -164,11 +156,11 @@ def test_backend_add_opens_each_file_once(exported, reference, backend, monkeypa
     """Python opens the .safetensors once; ONNX never opens the .onnx_adapter; llama.cpp loads the GGUF
     from the private copy the engine hashed, never from the bundle."""
     import runtime
-    from runtime import llamacpp_lib
+    from runtime import llamacpp_model
 
     engine = runtime.load(exported, backend=backend, **({"precise": True} if backend == "llamacpp" else {}))
     opened, lora_paths = [], []
-    real_open, real_load = builtins.open, llamacpp_lib.Model.load_lora
+    real_open, real_load = builtins.open, llamacpp_model.Model.load_lora
 
     def counting_open(file, *args, **kwargs):
         if isinstance(file, (str, os.PathLike)) and Path(file).parent.name == "adapters":
@@ -177,7 +169,7 @@ def test_backend_add_opens_each_file_once(exported, reference, backend, monkeypa
 
     monkeypatch.setattr(builtins, "open", counting_open)
     monkeypatch.setattr(
-        llamacpp_lib.Model,
+        llamacpp_model.Model,
         "load_lora",
         lambda self, path: lora_paths.append(str(path)) or real_load(self, path),
     )
@@ -206,22 +198,22 @@ def test_llamacpp_gguf_replaced_on_disk_while_loading_is_not_what_it_loads(
     """The bundle's GGUF is overwritten with another adapter's after the engine copied it: llama.cpp
     loads the checked copy, so the logits are sql's."""
     import runtime
-    from runtime import llamacpp_lib
+    from runtime import llamacpp_model
 
     bundle = _copy(exported, tmp_path)
     gguf, other = bundle / "adapters" / "sql.gguf", (bundle / "adapters" / "tone.gguf").read_bytes()
-    real_load = llamacpp_lib.Model.load_lora
+    real_load = llamacpp_model.Model.load_lora
 
     def swap_then_load(self, path):
         gguf.write_bytes(other)
         return real_load(self, path)
 
     engine = runtime.load(bundle, backend="llamacpp", precise=True)
-    monkeypatch.setattr(llamacpp_lib.Model, "load_lora", swap_then_load)
+    monkeypatch.setattr(llamacpp_model.Model, "load_lora", swap_then_load)
     engine.add_adapter("sql")
     np.testing.assert_array_equal(engine.logits(IDS, adapters={"sql": 1.0}), reference["llamacpp"])
     engine.remove_adapter("sql")
-    monkeypatch.setattr(llamacpp_lib.Model, "load_lora", real_load)
+    monkeypatch.setattr(llamacpp_model.Model, "load_lora", real_load)
     with pytest.raises(EdgeLoraError, match="sql.gguf.*does not match its SHA-256"):
         engine.add_adapter("sql")  # the disk now holds tone's GGUF: refused
 
@@ -231,7 +223,7 @@ def test_a_remembered_digest_stands_only_for_a_file_that_held_still_while_read(c
     meanwhile is hashed from the bytes in hand (here still the good ones, so the add succeeds)."""
     import time
 
-    import edge_lora.bundle as bundle_module
+    import edge_lora.file_hashes as bundle_module
     from edge_lora.bundle import FileHashes
 
     root, good, other = core

@@ -1,4 +1,5 @@
-"""Every case of the bad-input corpus against every loader: one-line error naming the file, bounded time and memory.
+"""Every case of the bad-input corpus against every loader: one-line error naming the file, bounded time
+and memory.
 
 A case passes when its loader raises EdgeLoraError (never another exception), the message is one line,
 names a file of the case, matches what went wrong, and the call took under a few seconds without the
@@ -218,7 +219,8 @@ def cli_commands(case, good_bundle: Path, scratch: Path) -> list[list[str]]:
             ["merge", str(base_dir), p, "--out", str(scratch / "merged" / case.name)],
         ]
     if case.kind in ("bundle", "bundle_engine", "bundle_adapter"):
-        return [["verify", p], ["run", p, "--prompt", "hi", "--max-new-tokens", "2"]]
+        adapter = ["--adapter", "sql"] if case.kind == "bundle_adapter" else []  # the bundle runs without it
+        return [["verify", p], ["run", p, *adapter, "--prompt", "hi", "--max-new-tokens", "2"]]
     if case.kind == "model_dir":
         return [
             [
@@ -292,7 +294,8 @@ def test_cli_refuses_every_case_in_one_line(corpus, backend_corpus, tmp_path, mo
 
 
 def test_cli_inspect_describes_or_refuses_every_case(corpus, backend_corpus, capsys):
-    """`inspect` needs no base, so some cases are fine to describe; none may crash it (exit 1) or print a traceback.
+    """`inspect` needs no base, so some cases are fine to describe; none may crash it (exit 1) or print a
+    traceback.
 
     Without a base nothing bounds an adapter's size but its file: describing one may read it whole (the sparse
     giants really are 256 MiB), so the memory bound here allows three times the input's size."""
@@ -333,13 +336,16 @@ def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dir
     )
     argv = cli_commands(case, good_bundle, tmp_path)[0]
     env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
-    run = lambda extra: subprocess.run(
-        [sys.executable, "-m", "edge_lora", *extra, *argv],
-        capture_output=True,  # noqa: E731
-        text=True,
-        timeout=60,
-        env=env,
-    )
+
+    def run(extra: list[str]) -> subprocess.CompletedProcess:
+        return subprocess.run(
+            [sys.executable, "-m", "edge_lora", *extra, *argv],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env=env,
+        )
+
     quiet, verbose = run([]), run(["--verbose"])
     assert quiet.returncode == 2 and verbose.returncode == 2
     assert (

@@ -185,7 +185,7 @@ def test_gguf_carries_the_template_and_llamacpp_formats_plain_templates_alike(ch
     import llama_cpp
 
     from converters.export import ExportOptions, export_bundle
-    from runtime import llamacpp_lib
+    from runtime import llamacpp_lib, llamacpp_model
 
     llamacpp_lib.silence_log(False)
     for name, messages in LLAMA_AGREES.items():
@@ -196,7 +196,7 @@ def test_gguf_carries_the_template_and_llamacpp_formats_plain_templates_alike(ch
             ExportOptions(backends=["gguf"], gguf_quants=["f32"]),
             show_progress=False,
         )
-        model = llamacpp_lib.Model(next((bundle / "gguf").glob("*.gguf")))
+        model = llamacpp_model.Model(next((bundle / "gguf").glob("*.gguf")))
         try:
             carried = llama_cpp.llama_model_chat_template(model.ptr, None).decode("utf-8")
         finally:
@@ -223,7 +223,7 @@ def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(chat_model, 
 
     import runtime
     from converters.export import ExportOptions, export_bundle
-    from edge_lora.conversation import Conversation
+    from edge_lora.app.conversation import Conversation
 
     model_dir = chat_model("Qwen-Qwen2.5-7B-Instruct")
     bundle = export_bundle(
@@ -252,7 +252,7 @@ def test_chat_uses_the_models_template_and_stops_at_its_end_of_turn(chat_model, 
 def test_chat_without_a_template_stays_plain_text(model_dirs, tmp_path):
     import runtime
     from converters.export import ExportOptions, export_bundle
-    from edge_lora.conversation import Conversation
+    from edge_lora.app.conversation import Conversation
 
     bundle = export_bundle(
         model_dirs["llama"],

@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from test_export_bundle import make_adapter, make_bundle
+from factories import adapter_file, build_bundle
 
 import runtime
 from runtime.sampling import SamplingParams
@@ -23,10 +23,10 @@ PROMPT = "The quick brown"
 def bundle(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("examples")
     adapters = {
-        n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s)
+        n: adapter_file(model_dirs["llama"], root / f"{n}.safetensors", seed=s, alpha=4.0, std=0.3)
         for n, s in (("sql", 31), ("tone", 32))
     }
-    return make_bundle(model_dirs["llama"], root / "bundle", adapters)
+    return build_bundle(model_dirs["llama"], root / "bundle", adapters, backends=("onnx", "gguf"))
 
 
 @pytest.mark.parametrize("backend", ["onnx", "llamacpp"])

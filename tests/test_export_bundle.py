@@ -7,55 +7,21 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from factories import adapter_file, build_bundle
 
 from converters.export import AdapterSource, ExportOptions, add_adapter, export_bundle
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.bundle import Bundle, sha256_file
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from edge_lora.targets import linear_modules
-
-
-def make_adapter(
-    model_dir: Path, path: Path, seed: int, rank: int = 4, scale: float = 0.3, dora: bool = False
-) -> Path:
-    """A random all-linear adapter for ``model_dir`` whose effect on the logits is clearly visible."""
-    md = ModelDir(model_dir)
-    rng = np.random.default_rng(seed)
-    modules = {}
-    for name, (out_f, in_f) in linear_modules(md.config).items():
-        modules[name] = LoraWeights(
-            a=(rng.standard_normal((rank, in_f)) * scale).astype(np.float32),
-            b=(rng.standard_normal((out_f, rank)) * scale).astype(np.float32),
-            alpha=float(rank),
-            magnitude=np.ones(out_f, np.float32) if dora else None,
-        )
-    Adapter(modules=modules, base_architecture=md.config.architecture, base_fingerprint=md.fingerprint).save(
-        path
-    )
-    return path
-
-
-def make_bundle(
-    model_dir: Path,
-    out: Path,
-    adapters: dict[str, Path],
-    backends=("onnx", "gguf"),
-    onnx_quant="fp32",
-    gguf_quant="f32",
-) -> Path:
-    options = ExportOptions(backends=list(backends), onnx_quants=[onnx_quant], gguf_quants=[gguf_quant])
-    return export_bundle(
-        model_dir, out, [AdapterSource(p, n) for n, p in adapters.items()], options, show_progress=False
-    )
 
 
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("bundle")
-    a = make_adapter(model_dirs["llama"], root / "a.safetensors", seed=1)
-    b = make_adapter(model_dirs["llama"], root / "b.safetensors", seed=2)
-    return make_bundle(model_dirs["llama"], root / "bundle", {"a": a, "b": b})
+    a = adapter_file(model_dirs["llama"], root / "a.safetensors", seed=1, alpha=4.0, std=0.3)
+    b = adapter_file(model_dirs["llama"], root / "b.safetensors", seed=2, alpha=4.0, std=0.3)
+    return build_bundle(model_dirs["llama"], root / "bundle", {"a": a, "b": b}, backends=("onnx", "gguf"))
 
 
 def test_bundle_is_complete_and_self_describing(bundle, model_dirs):
@@ -95,9 +61,9 @@ def test_bundle_runs_without_its_sources(bundle, tmp_path):
 
 def test_existing_target_is_refused_then_replaced_with_force(bundle, model_dirs, tmp_path):
     out = tmp_path / "b"
-    make_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
+    build_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
     with pytest.raises(EdgeLoraError, match="already a bundle"):
-        make_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
+        build_bundle(model_dirs["llama"], out, {}, backends=("gguf",))
     options = ExportOptions(backends=["onnx"], onnx_quants=["fp32"], force=True)
     export_bundle(model_dirs["llama"], out, [], options, show_progress=False)
     assert list(Bundle.open(out).backends) == ["onnx"]
@@ -113,7 +79,7 @@ def test_failed_export_leaves_no_half_bundle(model_dirs, tmp_path, monkeypatch):
     monkeypatch.setattr(gguf_export, "export_gguf", broken)
     out = tmp_path / "half"
     with pytest.raises(EdgeLoraError, match="simulated"):
-        make_bundle(model_dirs["llama"], out, {})
+        build_bundle(model_dirs["llama"], out, {}, backends=("onnx", "gguf"))
     assert not out.exists()
     assert list(tmp_path.iterdir()) == []
 
@@ -128,15 +94,15 @@ def test_next_export_removes_what_a_killed_export_left(model_dirs, tmp_path):
     (abandoned / "onnx").mkdir(parents=True)
     live = tmp_path / f".b.partial-{os.getpid()}-z3w4"  # an export still running in this process
     live.mkdir()
-    make_bundle(model_dirs["llama"], tmp_path / "b", {})
+    build_bundle(model_dirs["llama"], tmp_path / "b", {}, backends=("onnx", "gguf"))
     assert not abandoned.exists() and live.exists()
     assert Bundle.open(tmp_path / "b").adapters == {}
 
 
 def test_adapter_for_another_base_is_refused_before_any_work(model_dirs, tmp_path):
-    other = make_adapter(model_dirs["mistral"], tmp_path / "other.safetensors", seed=3)
+    other = adapter_file(model_dirs["mistral"], tmp_path / "other.safetensors", seed=3, alpha=4.0, std=0.3)
     with pytest.raises(EdgeLoraError, match="wrong base|not a linear|was made for"):
-        make_bundle(model_dirs["llama"], tmp_path / "x", {"other": other})
+        build_bundle(model_dirs["llama"], tmp_path / "x", {"other": other}, backends=("onnx", "gguf"))
     assert not (tmp_path / "x").exists()
 
 
@@ -148,7 +114,7 @@ def test_add_adapter_touches_only_the_adapter(bundle, model_dirs, tmp_path):
     before = Bundle.open(copy)
     base_files = {k: v for k, v in before.files.items() if not k.startswith("adapters/")}
     mtimes = {k: os.stat(copy / k).st_mtime_ns for k in base_files}
-    c = make_adapter(model_dirs["llama"], tmp_path / "c.safetensors", seed=5, rank=2)
+    c = adapter_file(model_dirs["llama"], tmp_path / "c.safetensors", seed=5, rank=2, alpha=2.0, std=0.3)
     entry = add_adapter(copy, AdapterSource(c, "c"), show_progress=False)
     after = Bundle.open(copy)
     assert set(after.adapters) == {"a", "b", "c"} and entry["rank"] == 2
@@ -166,7 +132,9 @@ def test_peft_directory_is_imported(bundle, model_dirs, tmp_path):
 
     from converters.peft import export_peft
 
-    adapter = Adapter.load(make_adapter(model_dirs["llama"], tmp_path / "p.safetensors", seed=7))
+    adapter = Adapter.load(
+        adapter_file(model_dirs["llama"], tmp_path / "p.safetensors", seed=7, alpha=4.0, std=0.3)
+    )
     peft_dir = export_peft(adapter, tmp_path / "peft")
     copy = tmp_path / "copy"
     shutil.copytree(bundle, copy)
@@ -179,16 +147,19 @@ def test_peft_directory_is_imported(bundle, model_dirs, tmp_path):
 
 
 def test_dora_and_tied_head_get_onnx_files_and_a_merged_gguf_variant(model_dirs, tmp_path, capsys):
-    """No GGUF LoRA can express DoRA or a tied head's LoRA: bundle.json says the runtime merges them when added."""
-    dora = make_adapter(model_dirs["llama"], tmp_path / "dora.safetensors", seed=4, dora=True)
-    out = make_bundle(model_dirs["llama"], tmp_path / "b", {"dora": dora})
+    """No GGUF LoRA can express DoRA or a tied head's LoRA: bundle.json says the runtime merges them
+    when added."""
+    dora = adapter_file(
+        model_dirs["llama"], tmp_path / "dora.safetensors", seed=4, dora=True, alpha=4.0, std=0.3
+    )
+    out = build_bundle(model_dirs["llama"], tmp_path / "b", {"dora": dora}, backends=("onnx", "gguf"))
     entry = Bundle.open(out).adapters["dora"]
     assert (
         entry["onnx"] and "gguf" not in entry and "gguf_skipped" not in entry and "onnx_skipped" not in entry
     )
     assert "merged into a variant" in entry["gguf_merged"] and "DoRA" in entry["gguf_merged"]
     assert "has no gguf file" not in capsys.readouterr().err
-    tied = make_adapter(model_dirs["smollm"], tmp_path / "tied.safetensors", seed=4)
+    tied = adapter_file(model_dirs["smollm"], tmp_path / "tied.safetensors", seed=4, alpha=4.0, std=0.3)
     md = ModelDir(model_dirs["smollm"])
     adapter = Adapter.load(tied)
     adapter.modules["lm_head"] = LoraWeights(
@@ -197,7 +168,9 @@ def test_dora_and_tied_head_get_onnx_files_and_a_merged_gguf_variant(model_dirs,
         alpha=2.0,
     )
     adapter.save(tied)
-    entry = Bundle.open(make_bundle(model_dirs["smollm"], tmp_path / "t", {"tied": tied})).adapters["tied"]
+    entry = Bundle.open(
+        build_bundle(model_dirs["smollm"], tmp_path / "t", {"tied": tied}, backends=("onnx", "gguf"))
+    ).adapters["tied"]
     assert entry["onnx"] and "gguf" not in entry and "tied output head" in entry["gguf_merged"]
 
 

@@ -11,9 +11,10 @@ import time
 
 import numpy as np
 import pytest
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
+from factories import build_bundle, random_adapter
+from security_helpers import RegistryEngine
 
-from edge_lora import bundle as bundle_module
+from edge_lora import file_hashes as bundle_module
 from edge_lora.adapter import Adapter
 from edge_lora.bundle import Bundle, FileHashes
 from edge_lora.errors import EdgeLoraError
@@ -26,9 +27,7 @@ TICK = 0.05  # longer than a coarse file-time tick (1-10 ms): a later change get
 @pytest.fixture()
 def core_bundle(tmp_path, model_dirs):
     md = ModelDir(model_dirs["llama"])
-    return make_core_bundle(
-        tmp_path / "bundle", model_dirs["llama"], {"sql": make_adapter(md.config, md.fingerprint, seed=1)}
-    )
+    return build_bundle(md.path, tmp_path / "bundle", {"sql": random_adapter(md, seed=1)}, backends=("gguf",))
 
 
 @pytest.fixture()
@@ -113,7 +112,8 @@ def test_adapter_replaced_by_a_rename_is_noticed(core_bundle, settled):
 
 
 def test_recently_changed_file_is_hashed_every_time(core_bundle, hash_reads):
-    """A file changed within SETTLE_NS could change again inside the same time tick unseen: never remembered."""
+    """A file changed within SETTLE_NS could change again inside the same time tick unseen: never
+    remembered."""
     bundle = Bundle.open(core_bundle)
     path = core_bundle / "adapters" / "sql.safetensors"
     _flip_last_byte(path)
@@ -151,7 +151,7 @@ def test_signed_foreign_adapter_is_rechecked_after_a_change(
     key, pub = signing.generate_keypair(tmp_path / "k")
     md = ModelDir(model_dirs["llama"])
     outside = tmp_path / "downloaded.safetensors"
-    make_adapter(md.config, md.fingerprint, seed=5).save(outside)
+    random_adapter(md, seed=5).save(outside)
     signing.sign_file(outside, key)
     engine = RegistryEngine(core_bundle, trusted_keys=[pub])
     signed = hash_reads["n"]
@@ -238,7 +238,7 @@ def _safetensors_bytes(tensors: dict[str, np.ndarray], dtype: str) -> bytes:
 
 def test_f16_adapter_stays_f16_and_refuses_inf(model_dirs, tmp_path):
     md = ModelDir(model_dirs["llama"])
-    adapter = make_adapter(md.config, md.fingerprint, seed=3)
+    adapter = random_adapter(md, seed=3)
     adapter.save(tmp_path / "h.safetensors", dtype=np.float16)
     back = Adapter.load(tmp_path / "h.safetensors", base=md.config, base_fingerprint=md.fingerprint)
     module = next(iter(adapter.modules))
@@ -256,35 +256,36 @@ def test_f16_adapter_stays_f16_and_refuses_inf(model_dirs, tmp_path):
 # --- the GGUF adapter writer -----------------------------------------------------------
 
 
-def test_gguf_constants_agree_with_gguf_py():
+def test_gguf_adapter_carries_llama_cpps_adapter_keys(model_dirs, tmp_path):
+    """The keys llama.cpp's convert_lora_to_gguf.py writes, alpha as float32 (float64 aborts llama.cpp)."""
     import gguf
 
-    from edge_lora.gguf_format import lora_adapter as ga
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
+    from edge_lora.gguf_format.names import FINGERPRINT_KEY, gguf_arch
 
-    assert ga.GGUF_MAGIC == gguf.GGUF_MAGIC and ga.GGUF_VERSION == gguf.GGUF_VERSION
-    assert ga.GGUF_ALIGNMENT == gguf.GGUF_DEFAULT_ALIGNMENT
-    assert (ga.VALUE_FLOAT32, ga.VALUE_STRING) == (gguf.GGUFValueType.FLOAT32, gguf.GGUFValueType.STRING)
-    assert ga.GGML_TYPES == {
-        "f32": gguf.GGMLQuantizationType.F32,
-        "f16": gguf.GGMLQuantizationType.F16,
-        "q8_0": gguf.GGMLQuantizationType.Q8_0,
-    }
-    assert (ga.KEY_ARCHITECTURE, ga.KEY_TYPE) == (gguf.Keys.General.ARCHITECTURE, gguf.Keys.General.TYPE)
-    assert (ga.KEY_ADAPTER_TYPE, ga.KEY_LORA_ALPHA) == (gguf.Keys.Adapter.TYPE, gguf.Keys.Adapter.LORA_ALPHA)
+    md = ModelDir(model_dirs["llama"])
+    adapter = random_adapter(md, seed=4, std=0.3)
+    fields = gguf.GGUFReader(export_gguf_adapter(adapter, md.config, tmp_path / "a.gguf")).fields
+    assert fields[gguf.Keys.General.ARCHITECTURE].contents() == gguf_arch(md.config)
+    assert fields[gguf.Keys.General.TYPE].contents() == gguf.GGUFType.ADAPTER
+    assert fields[gguf.Keys.Adapter.TYPE].contents() == "lora"
+    alpha = fields[gguf.Keys.Adapter.LORA_ALPHA]
+    assert alpha.types == [gguf.GGUFValueType.FLOAT32] and alpha.contents() == pytest.approx(8.0)
+    assert fields[FINGERPRINT_KEY].contents() == md.fingerprint
 
 
 @pytest.mark.parametrize("dtype", ["f32", "f16", "q8_0"])
 def test_gguf_adapter_matches_gguf_writer(model_dirs, tmp_path, dtype):
-    """Our direct writer against gguf-py's GGUFWriter on the same tensors: the same file, byte for byte."""
+    """Our adapter writer against gguf-py's GGUFWriter used as llama.cpp's converter uses it: the same file,
+    byte for byte."""
     import gguf
-    from gguf_helpers import random_adapter
 
-    from edge_lora.gguf_format.lora_adapter import FINGERPRINT_KEY, export_gguf_adapter, gguf_lora_tensors
-    from edge_lora.gguf_format.names import gguf_arch
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter, gguf_lora_tensors
+    from edge_lora.gguf_format.names import FINGERPRINT_KEY, gguf_arch
     from edge_lora.gguf_format.quant import encode
 
     md = ModelDir(model_dirs["llama"])
-    adapter = random_adapter(md, seed=4, rank=4, mixed_ranks=True)
+    adapter = random_adapter(md, seed=4, std=0.3, mixed_ranks=2)
     ours = export_gguf_adapter(adapter, md.config, tmp_path / "ours.gguf", dtype)
     alpha, tensors = gguf_lora_tensors(adapter, md.config)
     writer = gguf.GGUFWriter(os.fspath(tmp_path / "ref.gguf"), gguf_arch(md.config))
@@ -307,14 +308,12 @@ def test_gguf_adapter_matches_gguf_writer(model_dirs, tmp_path, dtype):
 
 
 def test_rewriting_a_longer_gguf_in_place_leaves_no_tail(model_dirs, tmp_path):
-    from gguf_helpers import random_adapter
-
     from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
 
     md = ModelDir(model_dirs["llama"])
     scratch = tmp_path / "scratch.gguf"
-    export_gguf_adapter(random_adapter(md, seed=1, rank=8), md.config, scratch, durable=False)
-    small = random_adapter(md, seed=2, rank=2)
+    export_gguf_adapter(random_adapter(md, seed=1, rank=8, std=0.3), md.config, scratch, durable=False)
+    small = random_adapter(md, seed=2, rank=2, std=0.3)
     export_gguf_adapter(small, md.config, scratch, durable=False)
     export_gguf_adapter(small, md.config, tmp_path / "fresh.gguf")
     assert scratch.read_bytes() == (tmp_path / "fresh.gguf").read_bytes()
@@ -325,13 +324,14 @@ def test_rewriting_a_longer_gguf_in_place_leaves_no_tail(model_dirs, tmp_path):
 
 def test_llamacpp_foreign_adapters_share_one_scratch_file_and_survive_a_merge(model_dirs, tmp_path):
     pytest.importorskip("llama_cpp")
-    from gguf_helpers import build_bundle, random_adapter
-
     import runtime
 
     md = ModelDir(model_dirs["llama"])
-    a, b = random_adapter(md, seed=1, rank=8), random_adapter(md, seed=2, rank=2, mixed_ranks=True)
-    bundle = build_bundle(md.path, tmp_path / "b", adapters={"a": a, "b": b})
+    a, b = (
+        random_adapter(md, seed=1, rank=8, std=0.3),
+        random_adapter(md, seed=2, rank=2, std=0.3, mixed_ranks=2),
+    )
+    bundle = build_bundle(md.path, tmp_path / "b", {"a": a, "b": b}, backends=("gguf",))
     a.save(tmp_path / "a.safetensors")
     b.save(tmp_path / "b.safetensors")
     ids = list(range(3, 15))
@@ -357,16 +357,14 @@ def test_llamacpp_foreign_adapters_share_one_scratch_file_and_survive_a_merge(mo
 
 @pytest.mark.parametrize("precise", [True, False])  # plain softmax / flash attention
 def test_llamacpp_swaps_equal_fresh_contexts_without_zeroing_the_cache(model_dirs, tmp_path, precise):
-    """Swaps forget the cache without zeroing it; alternating sets must still give a fresh context's logits."""
+    """Swaps forget the cache without zeroing it; alternating sets must still give a fresh context's
+    logits."""
     pytest.importorskip("llama_cpp")
-    from gguf_helpers import build_bundle, random_adapter
-
     import runtime
 
     md = ModelDir(model_dirs["llama"])
-    bundle = build_bundle(
-        md.path, tmp_path / "b", adapters={"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2)}
-    )
+    adapters = {"a": random_adapter(md, seed=1, std=0.3), "b": random_adapter(md, seed=2, std=0.3)}
+    bundle = build_bundle(md.path, tmp_path / "b", adapters, backends=("gguf",))
     long, short = list(range(3, 40)), [5, 6, 7]
     engine = runtime.load(bundle, backend="llamacpp", precise=precise)
     engine.add_adapter("a")

@@ -3,7 +3,7 @@
 import numpy as np
 import pytest
 import torch
-from gguf_helpers import build_bundle
+from factories import build_bundle
 from tiny_models import make_model_dir
 
 from converters.gguf_export import export_gguf
@@ -40,7 +40,7 @@ def _reference_logits(model_dir, ids):
 @pytest.fixture(scope="module")
 def f32_bundles(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("gguf-base")
-    return {f: build_bundle(d, root / f, quants=("f32",)) for f, d in model_dirs.items()}
+    return {f: build_bundle(d, root / f, backends=("gguf",)) for f, d in model_dirs.items()}
 
 
 def test_tokenizer_ids_equal_ours(f32_bundles, model_dirs):
@@ -70,31 +70,33 @@ def test_base_logits_match_pytorch(f32_bundles, model_dirs, family):
     assert diff < 1e-2
 
 
+# min_top1: just under the worst top-1 agreement measured over 10 prompts (seeds 0-9, 48 tokens, where
+# one flipped token is 0.979): every prompt agreed fully down to q5_0; q4_0 / q4_1 flipped one token
+# in one prompt of the ten.
 @pytest.mark.parametrize(
     "quant,max_diff,min_top1",
     [
-        ("f16", 0.05, 0.95),
-        ("bf16", 0.2, 0.85),
-        ("q8_0", 0.1, 0.9),
-        ("q5_1", 0.5, 0.6),
-        ("q5_0", 0.5, 0.6),
-        ("q4_1", 1.0, 0.5),
-        ("q4_0", 1.0, 0.5),
+        ("f16", 0.05, 0.99),
+        ("bf16", 0.2, 0.99),
+        ("q8_0", 0.1, 0.99),
+        ("q5_1", 0.5, 0.99),
+        ("q5_0", 0.5, 0.99),
+        ("q4_1", 1.0, 0.97),
+        ("q4_0", 1.0, 0.97),
     ],
 )
 def test_quantized_agreement(model_dirs, tmp_path, quant, max_diff, min_top1):
     import runtime
 
-    bundle = build_bundle(model_dirs["smollm"], tmp_path / "b", quants=(quant,))
+    bundle = build_bundle(model_dirs["smollm"], tmp_path / "b", backends=("gguf",), gguf_quants=(quant,))
     engine = runtime.load(bundle, backend="llamacpp")
     ids = [int(i) for i in np.random.default_rng(4).integers(0, engine.config.vocab_size, 48)]
     ours, ref = engine.logits(ids), _reference_logits(model_dirs["smollm"], ids)
     diff = np.abs(ours - ref).max()
     top1 = float((ours.argmax(-1) == ref.argmax(-1)).mean())
-    print(
-        f"{quant}: max |logit diff| = {diff:.3f}, top-1 agreement = {top1:.3f} (logit range {np.ptp(ref):.2f})"
-    )
-    assert diff < max_diff and top1 >= min_top1
+    print(f"{quant}: max |logit diff| = {diff:.3f}, top-1 agreement = {top1:.3f} (range {np.ptp(ref):.2f})")
+    assert top1 >= min_top1, f"{quant}: top-1 agreement {top1:.3f} < {min_top1}"
+    assert diff < max_diff, f"{quant}: max |logit diff| {diff:.3f} >= {max_diff}"
 
 
 def test_k_quants_through_llama_cpp(tmp_path):
@@ -106,17 +108,19 @@ def test_k_quants_through_llama_cpp(tmp_path):
     md_path = make_model_dir(
         tmp_path / "wide", "smollm", hidden_size=256, intermediate_size=96, num_attention_heads=4
     )
-    bundle = build_bundle(md_path, tmp_path / "b", quants=("q4_k_m", "q6_k"))
+    bundle = build_bundle(md_path, tmp_path / "b", backends=("gguf",), gguf_quants=("q4_k_m", "q6_k"))
     types = {t.name: t.tensor_type.name for t in gguf.GGUFReader(bundle / "gguf/model-q4_k_m.gguf").tensors}
     assert types["blk.0.attn_q.weight"] in ("Q4_K", "Q5_K", "Q6_K")
     assert not types["blk.0.ffn_down.weight"].endswith("_K")  # 96 is no multiple of 256: fallback
     ids = [int(i) for i in np.random.default_rng(5).integers(0, 300, 32)]
     ref = _reference_logits(md_path, ids)
-    for quant in ("q4_k_m", "q6_k"):
+    # just under the worst top-1 agreement measured over 10 prompts (seeds 0-9, 32 tokens): q4_k_m 0.875,
+    # q6_k 0.938
+    for quant, min_top1 in (("q4_k_m", 0.87), ("q6_k", 0.93)):
         ours = runtime.load(bundle, backend="llamacpp", quant=quant).logits(ids)
         diff, top1 = np.abs(ours - ref).max(), float((ours.argmax(-1) == ref.argmax(-1)).mean())
         print(f"{quant}: max |logit diff| = {diff:.3f}, top-1 agreement = {top1:.3f}")
-        assert top1 >= 0.5
+        assert top1 >= min_top1, f"{quant}: top-1 agreement {top1:.3f} < {min_top1}"
 
 
 def test_metadata_keys(f32_bundles):

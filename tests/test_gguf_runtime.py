@@ -5,7 +5,7 @@ import threading
 
 import numpy as np
 import pytest
-from gguf_helpers import build_bundle, random_adapter
+from factories import build_bundle, random_adapter
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
@@ -18,10 +18,12 @@ GREEDY = SamplingParams(max_new_tokens=12)
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
-    adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=8, rslora=True)}
-    return build_bundle(
-        md.path, tmp_path_factory.mktemp("rt") / "b", quants=("f32", "q8_0"), adapters=adapters
-    )
+    adapters = {
+        "a": random_adapter(md, seed=1, std=0.3),
+        "b": random_adapter(md, seed=2, rank=8, rslora=True, std=0.3),
+    }
+    root = tmp_path_factory.mktemp("rt") / "b"
+    return build_bundle(md.path, root, adapters, backends=("gguf",), gguf_quants=("f32", "q8_0"))
 
 
 def _engine(bundle, *names, **options):
@@ -85,7 +87,8 @@ def test_merge_on_quantized_base_requantizes(bundle):
     merged = engine.logits(PROMPT, adapters={})
     top1 = float((stacked.argmax(-1) == merged.argmax(-1)).mean())
     print(
-        f"q8_0 merged vs unmerged: max |logit diff| = {np.abs(stacked - merged).max():.3f}, top-1 agreement {top1:.2f}"
+        f"q8_0 merged vs unmerged: max |logit diff| = {np.abs(stacked - merged).max():.3f}, "
+        f"top-1 agreement {top1:.2f}"
     )
     assert np.abs(stacked - merged).max() < 0.1
 
@@ -124,7 +127,7 @@ def test_threads_get_serial_results(bundle):
 
 def test_adapter_file_outside_bundle_converted_on_the_fly(bundle, model_dirs, tmp_path):
     md = ModelDir(model_dirs["llama"])
-    extra = random_adapter(md, seed=11, rank=2, mixed_ranks=True)
+    extra = random_adapter(md, seed=11, rank=2, std=0.3, mixed_ranks=2)
     extra.save(tmp_path / "extra.safetensors")
     engine = _engine(bundle)
     engine.add_adapter("extra", tmp_path / "extra.safetensors")
@@ -170,7 +173,7 @@ def test_c_failures_become_clear_errors(bundle, model_dirs, tmp_path):
         engine._model.load_lora(bundle / "gguf/model-q8_0.gguf")  # a model, not an adapter: NULL pointer
     with pytest.raises(EdgeLoraError, match="exceed the context"):
         engine.logits(list(range(5, 100)) * 3)
-    other = random_adapter(ModelDir(model_dirs["qwen2"]), seed=1)
+    other = random_adapter(ModelDir(model_dirs["qwen2"]), seed=1, std=0.3)
     other.save(tmp_path / "qwen.safetensors")
     with pytest.raises(EdgeLoraError, match="wrong base"):
         engine.add_adapter("q", tmp_path / "qwen.safetensors")

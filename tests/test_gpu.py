@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from onnx_helpers import random_adapter
+from factories import random_adapter
 from tiny_models import FAMILIES
 
 import runtime
@@ -44,7 +44,7 @@ def bundles(model_dirs, tmp_path_factory):
             md = ModelDir(model_dirs[family])
             sources = []
             for name, adapter in (
-                ("a", random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1)),
+                ("a", random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1, mixed_ranks=1)),
                 (
                     "b",
                     random_adapter(
@@ -54,6 +54,7 @@ def bundles(model_dirs, tmp_path_factory):
                         alpha=8.0,
                         b_std=0.1,
                         modules=[m for m in linear_modules(md.config) if m.endswith(("q_proj", "v_proj"))],
+                        mixed_ranks=1,
                     ),
                 ),
             ):
@@ -310,7 +311,8 @@ import json, sys
 import onnxruntime_ep_webgpu
 import onnxruntime_genai as og
 
-folder, adapter, provider, prompt, n = sys.argv[1], sys.argv[2], sys.argv[3], json.loads(sys.argv[4]), int(sys.argv[5])
+folder, adapter, provider = sys.argv[1], sys.argv[2], sys.argv[3]
+prompt, n = json.loads(sys.argv[4]), int(sys.argv[5])
 config = og.Config(folder)
 if provider != "cpu":
     og.register_execution_provider_library("WebGPU", onnxruntime_ep_webgpu.get_library_path())
@@ -412,7 +414,7 @@ def test_webgpu_kv_cache_grows_on_the_device(tmp_path, webgpu_device):
     model_dir = make_model_dir(tmp_path / "model", "qwen2", max_position_embeddings=1024)
     md = ModelDir(model_dir)
     path = tmp_path / "a.safetensors"
-    random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1).save(path)
+    random_adapter(md, 1, rank=4, alpha=4.0, b_std=0.1, mixed_ranks=1).save(path)
     bundle = export_bundle(
         model_dir,
         tmp_path / "bundle",

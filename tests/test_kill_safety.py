@@ -18,7 +18,7 @@ import time
 from pathlib import Path
 
 import pytest
-from security_helpers import make_adapter
+from factories import adapter_file
 
 from edge_lora.bundle import Bundle
 from edge_lora.model_dir import ModelDir
@@ -107,8 +107,7 @@ def adapters(tmp_path_factory, model_dirs):
     root = tmp_path_factory.mktemp("kill_adapters")
     paths = {}
     for name, seed in (("sql", 1), ("tone", 2), ("tone_v2", 3)):
-        paths[name] = root / f"{name}.safetensors"
-        make_adapter(md.config, md.fingerprint, seed=seed).save(paths[name])
+        paths[name] = adapter_file(md, root / f"{name}.safetensors", seed=seed)
     return paths
 
 
@@ -235,13 +234,15 @@ def test_training_survives_sigkill(tmp_path, model_dirs):
             assert out.read_bytes() == new_bytes
             resumed += 1
     print(
-        f"\ntraining kills that landed mid-run: {landed}/{KILLS_PER_SCENARIO}, resumed to the same adapter: {resumed}"
+        f"\ntraining kills that landed mid-run: {landed}/{KILLS_PER_SCENARIO}, "
+        f"resumed to the same adapter: {resumed}"
     )
     assert landed >= KILLS_PER_SCENARIO // 2
 
 
 def test_export_force_swaps_bundles_in_one_step(export_jobs):
-    """The moment between moving the old bundle away and the new one in: with an atomic exchange it does not exist."""
+    """The moment between moving the old bundle away and the new one in: with an atomic exchange it does
+    not exist."""
     out, jobs, _ = export_jobs
     shutil.rmtree(out, ignore_errors=True)
     run_to_end(EXPORT_WORKER, jobs["old"])

@@ -9,7 +9,7 @@ import copy
 
 import numpy as np
 import pytest
-from onnx_helpers import random_adapter
+from factories import random_adapter
 from tiny_models import load_hf, quick_train_config
 
 from converters.export import AdapterSource, ExportOptions, export_bundle
@@ -30,7 +30,7 @@ BACKENDS = {"onnx": ("fp32", "int4"), "llamacpp": ("f32", "q4_0")}
 
 def _ours(md: ModelDir, seed: int = 1, tokens=NEW) -> Adapter:
     rng = np.random.default_rng(seed)
-    adapter = random_adapter(md, seed=seed, rank=2, b_std=0.05)
+    adapter = random_adapter(md, seed=seed, rank=2, b_std=0.05, mixed_ranks=1)
     hidden = md.config.hidden_size
     adapter.added_tokens = list(tokens)
     adapter.embed_rows = rng.normal(0, 1.0, (len(tokens), hidden)).astype(np.float32)
@@ -194,7 +194,8 @@ def test_4bit_greedy_agrees_with_peft(setup, backend):
         decisive = top2[:, 1] - top2[:, 0] > 2 * err.max(-1)
         agree = want.argmax(-1) == got.argmax(-1)
         print(
-            f"{backend} 4-bit {kind}: top-1 agreement {agree.mean():.2f}, decisive {decisive.sum()}/{len(ids)}, "
+            f"{backend} 4-bit {kind}: top-1 agreement {agree.mean():.2f}, "
+            f"decisive {decisive.sum()}/{len(ids)}, "
             f"max |diff| / max |logit|: base {base_rel:.3f}, new tokens {new_rel:.3f}"
         )
         assert new_rel <= 2 * base_rel + 0.03  # a lost or misplaced row moves its logits by ~100%
@@ -251,7 +252,7 @@ def test_combine_rules(model_dirs):
     shifted = _ours(md, seed=1, tokens=["<y>", "<sql>"])
     with pytest.raises(EdgeLoraError, match="both define token id"):
         combine([("a", a), ("s", shifted)], md.config)
-    assert combine([("plain", random_adapter(md, seed=2))], md.config).n == 0
+    assert combine([("plain", random_adapter(md, seed=2, mixed_ranks=1))], md.config).n == 0
 
 
 def test_peft_trained_base_table_and_missing_tokenizer_are_refused(model_dirs, tmp_path):
@@ -388,13 +389,13 @@ def test_plain_graph_has_none_of_it_and_the_lora_graph_takes_the_rows(model_dirs
 def test_webgpu_runs_new_tokens_like_the_cpu(model_dirs, tmp_path, webgpu_device):
     """The GPU path feeds one zero row when a set has no new tokens (WebGPU never gets a zero-size
     input): one more logit, never returned or sampled; with new tokens, the CPU's logits and tokens."""
-    from onnx_helpers import build_bundle
+    from factories import build_bundle
 
     from runtime.onnx_backend import OnnxEngine
 
     md = ModelDir(model_dirs["llama"])
     root = build_bundle(
-        md.path, tmp_path / "b", [("fp32", "fast")], {"t": _ours(md), "p": random_adapter(md, seed=3)}
+        md.path, tmp_path / "b", {"t": _ours(md), "p": random_adapter(md, seed=3, mixed_ranks=1)}
     )
     engines = [OnnxEngine(root, quant="fp32", device=d, plain_session=False) for d in ("gpu", "cpu")]
     for engine in engines:

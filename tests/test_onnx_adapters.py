@@ -6,7 +6,8 @@ import threading
 
 import numpy as np
 import pytest
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from factories import build_bundle, random_adapter
+from onnx_helpers import torch_logits
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
@@ -18,12 +19,12 @@ from runtime.sampling import SamplingParams
 def setup(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
     adapters = {
-        "a": random_adapter(md, seed=1),
-        "b": random_adapter(md, seed=2, rank=2),
-        "d": random_adapter(md, seed=3, dora=True, b_std=0.05),
+        "a": random_adapter(md, seed=1, mixed_ranks=1),
+        "b": random_adapter(md, seed=2, rank=2, mixed_ranks=1),
+        "d": random_adapter(md, seed=3, dora=True, b_std=0.05, mixed_ranks=1),
     }
     root = build_bundle(
-        md.path, tmp_path_factory.mktemp("adapters") / "b", [("fp32", "fast"), ("int4", "fast")], adapters
+        md.path, tmp_path_factory.mktemp("adapters") / "b", adapters, onnx_quants=("fp32", "int4")
     )
     return md, adapters, root
 
@@ -99,7 +100,8 @@ def test_stacked_equals_merged_sum(setup):
     engine.merge("b", 0.5)
     merged = engine.logits(ids, adapters={})
     print(
-        f"stacked vs PyTorch merged sum {np.abs(stacked - want).max():.2e}, stacked vs merged {np.abs(stacked - merged).max():.2e}"
+        f"stacked vs PyTorch merged sum {np.abs(stacked - want).max():.2e}, "
+        f"stacked vs merged {np.abs(stacked - merged).max():.2e}"
     )
     assert np.abs(stacked - want).max() < 1e-3 and np.abs(stacked - merged).max() < 1e-4
 
@@ -196,7 +198,9 @@ def test_onnxruntime_genai_loads_folder_and_matches_greedy(setup, quant):
 def test_onnxruntime_genai_on_tied_quantized_table(model_dirs, tmp_path):
     """Qwen2 (tied, q/k/v bias) int4: the embedding gathers from the head's int4 weight."""
     md = ModelDir(model_dirs["qwen2"])
-    root = build_bundle(md.path, tmp_path / "b", [("int4", "fast")], {"a": random_adapter(md, seed=5)})
+    root = build_bundle(
+        md.path, tmp_path / "b", {"a": random_adapter(md, seed=5, mixed_ranks=1)}, onnx_quants=("int4",)
+    )
     _genai_matches_ours(md, root, "int4")
 
 
@@ -263,22 +267,25 @@ def test_generation_controls_on_onnx(setup):
 
 
 def test_layout_2_bundle_still_loads_and_refuses_tied_head_and_dora(model_dirs, tmp_path):
-    """A bundle from before layout version 3 (no tied lm_head slot, no DoRA input) keeps running plain LoRA."""
+    """A bundle from before layout version 3 (no tied lm_head slot, no DoRA input) keeps running plain
+    LoRA."""
     import json
 
     md = ModelDir(model_dirs["smollm"])
-    root = build_bundle(md.path, tmp_path / "b", [("fp32", "fast")])
+    root = build_bundle(md.path, tmp_path / "b")
     layout_path = root / "onnx" / "fp32-fast" / "onnx_layout.json"
     layout = json.loads(layout_path.read_text())
     layout["version"] = 2
     del layout["dora"], layout["lora_slots"]["lm_head"]
     layout_path.write_text(json.dumps(layout))
-    head = random_adapter(md, seed=1, modules=["lm_head"])
+    head = random_adapter(md, seed=1, modules=["lm_head"], mixed_ranks=1)
     head.save(tmp_path / "head.safetensors")
-    random_adapter(md, seed=2, dora=True, modules=["model.layers.0.mlp.up_proj"]).save(
+    random_adapter(md, seed=2, dora=True, modules=["model.layers.0.mlp.up_proj"], mixed_ranks=1).save(
         tmp_path / "dora.safetensors"
     )
-    random_adapter(md, seed=3, modules=["model.layers.0.mlp.up_proj"]).save(tmp_path / "plain.safetensors")
+    random_adapter(md, seed=3, modules=["model.layers.0.mlp.up_proj"], mixed_ranks=1).save(
+        tmp_path / "plain.safetensors"
+    )
     engine = OnnxEngine(root, verify_hashes=False)
     with pytest.raises(EdgeLoraError, match="lm_head.*re-export"):
         engine.add_adapter("head", tmp_path / "head.safetensors")

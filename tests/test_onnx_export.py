@@ -2,11 +2,13 @@
 with and without an adapter, through the full-sequence path and the KV-cache decode path."""
 
 import json
+from collections import Counter
 
 import numpy as np
 import onnx
 import pytest
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from factories import build_bundle, random_adapter
+from onnx_helpers import torch_logits
 
 from converters.onnx_export import PLAIN_MODEL_FILE, export_onnx
 from edge_lora.errors import EdgeLoraError
@@ -20,8 +22,8 @@ TOL = 1e-3
 @pytest.mark.parametrize("variant", ["fast", "portable"])
 def test_fp32_matches_pytorch(model_dirs, family, variant, tmp_path):
     md = ModelDir(model_dirs[family])
-    adapter = random_adapter(md, seed=1)
-    engine = OnnxEngine(build_bundle(md.path, tmp_path / "b", [("fp32", variant)], {"a": adapter}))
+    adapter = random_adapter(md, seed=1, mixed_ranks=1)
+    engine = OnnxEngine(build_bundle(md.path, tmp_path / "b", {"a": adapter}, onnx_variant=variant))
     engine.add_adapter("a")
     ids = [
         int(t) for t in np.random.default_rng(0).integers(0, md.config.vocab_size, 40)
@@ -69,11 +71,21 @@ def test_export_writes_genai_folder(model_dirs, tmp_path):
 
 
 def test_portable_uses_standard_ops_only(model_dirs, tmp_path):
+    """Standard ops only, and the base weights really stored at the quant asked for: int8 matrices
+    that DequantizeLinear reads, or fp16 matrices (no fp32 copy, nothing dequantized)."""
     for quant in ("int8", "fp16"):
         path = export_onnx(ModelDir(model_dirs["llama"]), tmp_path / quant, quant, "portable")
-        model = onnx.load(str(path), load_external_data=False)
-        assert {n.domain for n in model.graph.node} <= {"", "ai.onnx"}, quant
-        assert "DequantizeLinear" in {n.op_type for n in model.graph.node} or quant == "fp16"
+        graph = onnx.load(str(path), load_external_data=False).graph
+        assert {n.domain for n in graph.node} <= {"", "ai.onnx"}, quant
+        dequantized = {n.input[0] for n in graph.node if n.op_type == "DequantizeLinear"}
+        if quant == "int8":
+            int8 = {t.name for t in graph.initializer if t.data_type == onnx.TensorProto.INT8}
+            assert int8 and int8 == dequantized, quant
+        else:
+            matrices = [t for t in graph.initializer if len(t.dims) == 2]
+            weights = [t for t in matrices if t.name.endswith((".weight", ".weight_t"))]  # not LoRA, not rope
+            stored = Counter(onnx.TensorProto.DataType.Name(t.data_type) for t in weights)
+            assert len(weights) >= 10 and stored == {"FLOAT16": len(weights)} and not dequantized, stored
 
 
 def test_bad_quant_and_variant_are_user_errors(model_dirs, tmp_path):

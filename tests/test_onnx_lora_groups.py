@@ -8,7 +8,8 @@ import shutil
 import numpy as np
 import onnx
 import pytest
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from factories import build_bundle, random_adapter
+from onnx_helpers import torch_logits
 
 from converters.onnx_export import PLAIN_MODEL_FILE, export_onnx
 from edge_lora.errors import EdgeLoraError
@@ -35,8 +36,8 @@ def test_stack_lora_fills_block_diagonal_b_and_leaves_untouched_groups_out(model
     md = ModelDir(model_dirs["llama"])
     slots = names.lora_slots(md.config)
     q, v = "model.layers.0.self_attn.q_proj", "model.layers.0.self_attn.v_proj"
-    one = random_adapter(md, seed=1, rank=2, modules=[q, v])  # ranks 2 and 3
-    two = random_adapter(md, seed=2, rank=5, modules=[v, "lm_head"])
+    one = random_adapter(md, seed=1, rank=2, modules=[q, v], mixed_ranks=1)  # ranks 2 and 3
+    two = random_adapter(md, seed=2, rank=5, modules=[v, "lm_head"], mixed_ranks=1)
     feeds = lora_feeds.stack_lora([(one, 1.0), (two, 0.5)], slots)
     group = "model.layers.0.self_attn.qkv_proj"
     assert set(feeds) == {
@@ -98,7 +99,7 @@ def test_peft_q_v_adapter_matches_peft(model_dirs, tmp_path, variant):
     ids = ids_for(md)
     with torch.no_grad():
         want = peft_model.eval()(torch.tensor([ids])).logits[0].numpy()
-    root = build_bundle(md.path, tmp_path / "b", [("fp32", variant)], {"qv": adapter})
+    root = build_bundle(md.path, tmp_path / "b", {"qv": adapter}, onnx_variant=variant)
     engine = OnnxEngine(root)
     engine.add_adapter("qv")  # from the bundle
     engine.add_adapter("qv_file", root / "adapters" / "qv.safetensors")  # a loose file
@@ -116,11 +117,13 @@ def test_stacked_adapters_of_different_ranks_and_modules_match_reference(model_d
     mlp_and_head = [m for m in slots if ".mlp." in m or m == "lm_head"]
     q_and_v = [m for m in slots if m.endswith(("q_proj", "v_proj"))]
     adapters = {
-        "wide": random_adapter(md, seed=1, rank=2),  # all-linear, ranks 2..4
-        "narrow": random_adapter(md, seed=2, rank=8, modules=mlp_and_head),  # ranks 8..10, lm_head too
-        "qv": random_adapter(md, seed=3, rank=3, modules=q_and_v),
+        "wide": random_adapter(md, seed=1, rank=2, mixed_ranks=1),  # all-linear, ranks 2..4
+        "narrow": random_adapter(
+            md, seed=2, rank=8, modules=mlp_and_head, mixed_ranks=1
+        ),  # ranks 8..10, lm_head too
+        "qv": random_adapter(md, seed=3, rank=3, modules=q_and_v, mixed_ranks=1),
     }
-    root = build_bundle(md.path, tmp_path / "b", [("fp32", "fast")], adapters)
+    root = build_bundle(md.path, tmp_path / "b", adapters)
     engine = OnnxEngine(root)
     for name in adapters:
         engine.add_adapter(name)
@@ -161,7 +164,10 @@ def test_lora_graph_has_three_nodes_per_group(model_dirs, tmp_path, lora_dtype, 
         g: [list(m) for m in members] for g, members in groups.items()
     }
     adapter = random_adapter(
-        md, seed=4, modules=[m for m in names.lora_slots(md.config) if not m.endswith("k_proj")]
+        md,
+        seed=4,
+        modules=[m for m in names.lora_slots(md.config) if not m.endswith("k_proj")],
+        mixed_ranks=1,
     )
     ids = ids_for(md)
     c = md.config
@@ -189,7 +195,7 @@ def test_lora_graph_has_three_nodes_per_group(model_dirs, tmp_path, lora_dtype, 
 
 def test_layout_from_per_module_days_is_refused(model_dirs, tmp_path):
     md = ModelDir(model_dirs["smollm"])
-    root = build_bundle(md.path, tmp_path / "b", [("fp32", "fast")])
+    root = build_bundle(md.path, tmp_path / "b")
     copy = shutil.copytree(root, tmp_path / "old")
     layout_path = copy / "onnx" / "fp32-fast" / names.LAYOUT_FILE
     layout = json.loads(layout_path.read_text())

@@ -1,8 +1,10 @@
-"""Quantized exports: the numpy block quantizers, measured agreement with PyTorch, merge into quantized weights."""
+"""Quantized exports: the numpy block quantizers, measured agreement with PyTorch, merge into quantized
+weights."""
 
 import numpy as np
 import pytest
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from factories import build_bundle, random_adapter
+from onnx_helpers import torch_logits
 
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import weight_quant as q
@@ -38,8 +40,8 @@ def test_symmetric_nbits_needs_no_zero_points(bits):
 def test_linear_layers_run_without_zero_points(quant_bundle):
     import onnx
 
-    _, _, root = quant_bundle
-    graph = onnx.load(root / "onnx/int4-fast/model.plain.onnx", load_external_data=False).graph
+    _, _, roots = quant_bundle
+    graph = onnx.load(roots["fast"] / "onnx/int4-fast/model.plain.onnx", load_external_data=False).graph
     linear = [n for n in graph.node if n.op_type == "MatMulNBits" and not n.name.startswith("lm_head")]
     assert linear and all(len(n.input) == 3 for n in linear)
 
@@ -60,15 +62,27 @@ EXPORTS = [("int8", "fast"), ("int4", "fast"), ("int8", "portable"), ("int4", "p
 @pytest.fixture(scope="module")
 def quant_bundle(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["qwen2"])
-    adapter = random_adapter(md, seed=4, b_std=0.02)  # an adapter of realistic size next to the weights
-    root = build_bundle(md.path, tmp_path_factory.mktemp("quant") / "b", EXPORTS, {"a": adapter})
-    return md, adapter, root
+    adapter = random_adapter(
+        md, seed=4, b_std=0.02, mixed_ranks=1
+    )  # an adapter of realistic size next to the weights
+    root = tmp_path_factory.mktemp("quant")
+    roots = {  # the exporter writes one ONNX variant per bundle
+        variant: build_bundle(
+            md.path,
+            root / variant,
+            {"a": adapter},
+            onnx_quants=[q for q, v in EXPORTS if v == variant],
+            onnx_variant=variant,
+        )
+        for variant in dict.fromkeys(v for _, v in EXPORTS)
+    }
+    return md, adapter, roots
 
 
 @pytest.mark.parametrize("quant,variant", EXPORTS)
 def test_quantized_agreement_with_pytorch(quant_bundle, quant, variant):
-    md, adapter, root = quant_bundle
-    engine = OnnxEngine(root, quant=quant, variant=variant)
+    md, adapter, roots = quant_bundle
+    engine = OnnxEngine(roots[variant], quant=quant, variant=variant)
     engine.add_adapter("a")
     ids = [int(t) for t in np.random.default_rng(5).integers(0, md.config.vocab_size, 48)]
     for chosen, parts in (({}, []), ({"a": 1.0}, [(adapter, 1.0)])):
@@ -76,7 +90,8 @@ def test_quantized_agreement_with_pytorch(quant_bundle, quant, variant):
         diff = np.abs(got - want).max()
         top1 = float((got.argmax(-1) == want.argmax(-1)).mean())
         print(
-            f"{quant}-{variant} adapters={chosen}: max |diff| {diff:.4f} (logit range {np.ptp(want):.2f}), top-1 agreement {top1:.3f}"
+            f"{quant}-{variant} adapters={chosen}: max |diff| {diff:.4f} (logit range {np.ptp(want):.2f}), "
+            f"top-1 agreement {top1:.3f}"
         )
         bound = {"fp16": 1e-3, "int8": 0.02, "int4": 0.25}[quant]
         assert diff < bound and top1 >= {"fp16": 1.0, "int8": 0.9, "int4": 0.6}[quant]
@@ -86,8 +101,8 @@ def test_quantized_agreement_with_pytorch(quant_bundle, quant, variant):
     "quant,variant", [("int4", "fast"), ("int8", "fast"), ("int8", "portable"), ("int4", "portable")]
 )
 def test_merged_equals_unmerged_within_quantization_error(quant_bundle, quant, variant):
-    md, adapter, root = quant_bundle
-    engine = OnnxEngine(root, quant=quant, variant=variant)
+    md, adapter, roots = quant_bundle
+    engine = OnnxEngine(roots[variant], quant=quant, variant=variant)
     engine.add_adapter("a")
     ids = [int(t) for t in np.random.default_rng(6).integers(0, md.config.vocab_size, 32)]
     torch_base = torch_logits(md.path, ids)

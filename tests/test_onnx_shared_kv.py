@@ -8,9 +8,10 @@ import gc
 
 import numpy as np
 import pytest
-from onnx_helpers import build_bundle, random_adapter, torch_logits
+from factories import build_bundle, random_adapter
+from onnx_helpers import torch_logits
 
-import runtime.onnx_backend as onnx_backend
+import runtime.onnx_decode_states as onnx_decode_states
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from runtime.onnx_backend import OnnxEngine, OnnxState, SharedKVState
@@ -20,15 +21,18 @@ TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(onnx_backend, "KV_BLOCK", 16)
+    monkeypatch.setattr(onnx_decode_states, "KV_BLOCK", 16)
 
 
 @pytest.fixture(scope="module")
 def setup(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
-    adapters = {"a": random_adapter(md, seed=1), "b": random_adapter(md, seed=2, rank=2)}
+    adapters = {
+        "a": random_adapter(md, seed=1, mixed_ranks=1),
+        "b": random_adapter(md, seed=2, rank=2, mixed_ranks=1),
+    }
     root = build_bundle(
-        md.path, tmp_path_factory.mktemp("shared_kv") / "b", [("fp32", "fast"), ("int4", "fast")], adapters
+        md.path, tmp_path_factory.mktemp("shared_kv") / "b", adapters, onnx_quants=("fp32", "int4")
     )
     return md, adapters, root
 
@@ -69,7 +73,7 @@ def test_fast_variant_on_cpu_shares_the_cache(setup, model_dirs, tmp_path):
     engine = OnnxEngine(root, quant="int4")
     assert engine.spin is True  # ONNX Runtime's default, as the benchmark peers run
     assert isinstance(new_state(engine, {}), SharedKVState)
-    portable = build_bundle(model_dirs["llama"], tmp_path / "p", [("fp32", "portable")])
+    portable = build_bundle(model_dirs["llama"], tmp_path / "p", onnx_variant="portable")
     assert isinstance(new_state(OnnxEngine(portable), {}), OnnxState)
 
 
@@ -84,7 +88,8 @@ def test_decode_across_growth_equals_full_logits_and_pytorch(setup, chosen):
     full = engine.logits(ids, adapters=chosen)
     want = torch_logits(md.path, ids, [(adapters[n], s) for n, s in chosen.items()])
     print(
-        f"{chosen}: steps vs full {np.abs(steps - full[start - 1 :]).max():.2e}, vs PyTorch {np.abs(steps - want[start - 1 :]).max():.2e}"
+        f"{chosen}: steps vs full {np.abs(steps - full[start - 1 :]).max():.2e}, "
+        f"vs PyTorch {np.abs(steps - want[start - 1 :]).max():.2e}"
     )
     assert np.abs(steps - full[start - 1 :]).max() < 1e-4
     assert np.abs(steps - want[start - 1 :]).max() < TOL and np.abs(full - want).max() < TOL
@@ -131,7 +136,7 @@ def test_sliding_window_matches_transformers(model_dirs, tmp_path):
 
     md = ModelDir(model_dirs["mistral"])
     assert md.config.sliding_window == 16
-    engine = OnnxEngine(build_bundle(md.path, tmp_path / "b", [("fp32", "fast")]))
+    engine = OnnxEngine(build_bundle(md.path, tmp_path / "b"))
     ids = ids_for(md, 70, seed=2)
     steps, start = decode(new_state(engine, {}), ids, chunks=(20, 3), poison=True)
     model = AutoModelForCausalLM.from_pretrained(

@@ -21,8 +21,9 @@ def test_tasks_define_answers_that_a_copy_never_matches():
         items = task.examples(200, "eval")
         assert len({p for p, _ in items}) == 200
         copy = {p: " " + p.split(": ", 1)[1].removesuffix(" =") for p, _ in items}
-        assert score(lambda prompt: copy[prompt] + "\n", items) == 0.0
-        assert score(lambda prompt: dict(items)[prompt] + "\nmore", items) == 100.0
+        answers = dict(items)
+        assert score(lambda prompt, copy=copy: copy[prompt] + "\n", items) == 0.0
+        assert score(lambda prompt, answers=answers: answers[prompt] + "\nmore", items) == 100.0
 
 
 def test_style_adapter_learns_the_base_tasks_with_a_suffix_and_trains_one_layer():

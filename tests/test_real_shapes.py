@@ -11,8 +11,8 @@ K-quant super-blocks (Qwen2.5-0.5B's 896) through int4 and the K-quants; fp32 / 
 shapes (plus the portable graph, int8 and q8_0 on the one shape with a decoupled head size). The
 whole module takes about 5 minutes on 2 cores and peaks near 7 GB of memory (the Mistral-7B layer).
 ``EDGE_LORA_REAL_SHAPES_FULL=1`` runs every quantization in both variants on every shape (far longer:
-each export of the Mistral-7B layer takes 10-35 s here, and there are 19 per shape); without it the cases outside the plan are not
-generated at all, so nothing is skipped silently.
+each export of the Mistral-7B layer takes 10-35 s here, and there are 19 per shape); without it the
+cases outside the plan are not generated at all, so nothing is skipped silently.
 """
 
 from __future__ import annotations
@@ -373,7 +373,8 @@ def check_logits(run: ShapeRun, case: Case) -> None:
     adapted_rel, adapted_corr = compare(adapted, run.ref_adapted)
     effect = float(np.abs(run.ref_adapted - run.ref_base).max() / run.ref_base.std())
     print(
-        f"{case}: base max|diff|/std {base_rel:.4f} corr {base_corr:.6f}; adapted {adapted_rel:.4f} corr {adapted_corr:.6f} "
+        f"{case}: base max|diff|/std {base_rel:.4f} corr {base_corr:.6f}; "
+        f"adapted {adapted_rel:.4f} corr {adapted_corr:.6f} "
         f"(the adapter moves logits by {effect:.3f} std)"
     )
     assert base.shape == run.ref_base.shape == (len(run.ids), run.shape.published["vocab_size"])

@@ -7,7 +7,8 @@ import os
 import stat
 
 import pytest
-from security_helpers import RegistryEngine, make_adapter, make_core_bundle
+from factories import build_bundle, random_adapter
+from security_helpers import RegistryEngine
 
 from edge_lora import signing
 from edge_lora.app.cli import main as cli
@@ -29,12 +30,10 @@ def keys(tmp_path_factory):
 
 @pytest.fixture()
 def bundle(tmp_path, model_dirs):
+    """The smallest real bundle: a GGUF f32 base and two adapters."""
     md = ModelDir(model_dirs["llama"])
-    adapters = {
-        "sql": make_adapter(md.config, md.fingerprint, seed=1),
-        "tone": make_adapter(md.config, md.fingerprint, seed=2),
-    }
-    return make_core_bundle(tmp_path / "bundle", model_dirs["llama"], adapters)
+    adapters = {"sql": random_adapter(md, seed=1), "tone": random_adapter(md, seed=2)}
+    return build_bundle(md.path, tmp_path / "bundle", adapters, backends=("gguf",))
 
 
 def flip_byte(path, offset=-1):
@@ -99,7 +98,9 @@ def test_file_signature_round_trip_and_every_tampering(keys, bundle):
 
 def test_bundle_signature_covers_every_file(keys, bundle):
     signing.sign_bundle(bundle, keys["good"][0])
-    assert signing.verify_bundle(bundle, [keys["good"][1]])["files"] == 3
+    files = Bundle.open(bundle).files
+    assert "tokenizer.json" in files and "adapters/sql.safetensors" in files
+    assert signing.verify_bundle(bundle, [keys["good"][1]])["files"] == len(files)
     flip_byte(bundle / "tokenizer.json", 10)
     with pytest.raises(EdgeLoraError, match="does not match its SHA-256"):
         signing.verify_bundle(bundle, [keys["good"][1]])
@@ -145,7 +146,7 @@ def test_runtime_accepts_signed_bundle_and_refuses_tampered_adapter(keys, bundle
 def test_runtime_adapter_file_from_elsewhere_needs_its_own_signature(keys, bundle, tmp_path, model_dirs):
     md = ModelDir(model_dirs["llama"])
     outside = tmp_path / "downloaded.safetensors"
-    make_adapter(md.config, md.fingerprint, seed=5).save(outside)
+    random_adapter(md, seed=5).save(outside)
     signing.sign_bundle(bundle, keys["good"][0])
     engine = RegistryEngine(bundle, trusted_keys=[keys["good"][1]])
     with pytest.raises(EdgeLoraError, match="no signature"):
@@ -159,10 +160,19 @@ def test_runtime_adapter_file_from_elsewhere_needs_its_own_signature(keys, bundl
 
 
 def test_runtime_load_forwards_trusted_keys(keys, bundle):
+    """runtime.load hands trusted_keys to the engine: unsigned adapters and other keys are refused."""
     import runtime
 
-    with pytest.raises(EdgeLoraError, match="no backend|has no"):
-        runtime.load(bundle, trusted_keys=[keys["good"][1]])  # a core bundle has no model: refused cleanly
+    engine = runtime.load(bundle, trusted_keys=[keys["good"][1]])  # unsigned bundle
+    with pytest.raises(EdgeLoraError, match="no signature"):
+        engine.add_adapter("sql")
+    assert engine.adapters == []
+    signing.sign_bundle(bundle, keys["good"][0])
+    with pytest.raises(EdgeLoraError, match="not a trusted key"):
+        runtime.load(bundle, trusted_keys=[keys["other"][1]])
+    engine = runtime.load(bundle, trusted_keys=[keys["good"][1]])
+    engine.add_adapter("sql")
+    assert engine.adapters == ["sql"]
 
 
 def test_cli_keygen_sign_verify(tmp_path, bundle, capsys):
@@ -184,21 +194,10 @@ def test_cli_keygen_sign_verify(tmp_path, bundle, capsys):
 
 @pytest.fixture(scope="module")
 def exported(tmp_path_factory, model_dirs, keys):
-    from converters.export import AdapterSource, ExportOptions, export_bundle
-
     md = ModelDir(model_dirs["llama"])
+    adapters = {"sql": random_adapter(md, seed=1), "tone": random_adapter(md, seed=2)}
     root = tmp_path_factory.mktemp("signed_export")
-    sources = []
-    for name, seed in (("sql", 1), ("tone", 2)):
-        make_adapter(md.config, md.fingerprint, seed=seed).save(root / f"{name}.safetensors")
-        sources.append(AdapterSource(root / f"{name}.safetensors", name))
-    bundle = export_bundle(
-        md.path,
-        root / "bundle",
-        sources,
-        ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"]),
-        show_progress=False,
-    )
+    bundle = build_bundle(md.path, root / "bundle", adapters, backends=("onnx", "gguf"))
     signing.sign_bundle(bundle, keys["good"][0])
     return bundle
 

@@ -14,7 +14,7 @@ import time
 
 import psutil
 import pytest
-from security_helpers import make_adapter
+from factories import build_bundle, random_adapter
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
@@ -47,20 +47,15 @@ def reference_key(adapter_set: dict) -> tuple:
 
 @pytest.fixture(scope="module")
 def bundle(tmp_path_factory, model_dirs):
-    from converters.export import AdapterSource, ExportOptions, export_bundle
-
     md = ModelDir(model_dirs["llama"])
     root = tmp_path_factory.mktemp("soak")
-    sources = []
+    modules = ("q_proj", "v_proj", "o_proj", "down_proj")
+    adapters = {}
     for name, seed in (("sql", 11), ("tone", 12)):
-        path = root / f"{name}.safetensors"
-        make_adapter(
-            md.config, md.fingerprint, rank=8, seed=seed, modules=("q_proj", "v_proj", "o_proj", "down_proj")
-        ).save(path)
-        sources.append(AdapterSource(path, name))
-    options = ExportOptions(onnx_quants=["fp32"], gguf_quants=["f32"])
-    return export_bundle(
-        md.path, root / "bundle", sources, options, show_progress=False
+        adapters[name] = random_adapter(md, seed, rank=8, alpha=16.0, std=0.1, modules=modules)
+        adapters[name].save(root / f"{name}.safetensors")
+    return build_bundle(
+        md.path, root / "bundle", adapters, backends=("onnx", "gguf")
     ), root / "tone.safetensors"
 
 

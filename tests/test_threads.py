@@ -5,7 +5,7 @@ from __future__ import annotations
 from concurrent.futures import ThreadPoolExecutor
 
 import pytest
-from test_export_bundle import make_adapter, make_bundle
+from factories import adapter_file, build_bundle
 
 import runtime
 
@@ -35,10 +35,10 @@ PROMPTS = [
 def bundle(model_dirs, tmp_path_factory):
     root = tmp_path_factory.mktemp("threads")
     adapters = {
-        n: make_adapter(model_dirs["llama"], root / f"{n}.safetensors", seed=s)
+        n: adapter_file(model_dirs["llama"], root / f"{n}.safetensors", seed=s, alpha=4.0, std=0.3)
         for n, s in (("a", 11), ("b", 12))
     }
-    return make_bundle(model_dirs["llama"], root / "bundle", adapters)
+    return build_bundle(model_dirs["llama"], root / "bundle", adapters, backends=("onnx", "gguf"))
 
 
 @pytest.mark.parametrize("backend", ["onnx", "llamacpp"])

@@ -40,7 +40,8 @@ VOCABS = {
     "llama-bpe": "llama3",  # Llama 3: byte-level BPE, its own split regex, ignore_merges
     "qwen2": "qwen2",  # Qwen2: byte-level BPE, single-digit split regex, NFC
     "gpt-2": "smollm",  # plain GPT-2 byte-level BPE
-    "starcoder": "smollm",  # SmolLM's style: Digits + ByteLevel; llama.cpp's "smollm" pre-tokenizer = StarCoder's regex
+    # SmolLM's style: Digits + ByteLevel; llama.cpp's "smollm" pre-tokenizer = StarCoder's regex
+    "starcoder": "smollm",
 }
 
 
@@ -180,7 +181,8 @@ def test_runtime_tokenizer_gives_the_hf_ids(build, name, record_property):
     tokenizer = Tokenizer(built.bundle / Bundle.open(built.bundle).tokenizer["tokenizer"])
     ours = [tokenizer.encode(text, add_special_tokens=False) for text in built.texts]
     print(
-        f"{name}: runtime tokenizer {sum(a == b for a, b in zip(ours, built.hf_ids))}/{len(ours)} strings equal to HF"
+        f"{name}: runtime tokenizer {sum(a == b for a, b in zip(ours, built.hf_ids))}/{len(ours)} strings "
+        "equal to HF"
     )
     record_property("runtime_compared", len(ours))
     for text, got, want in zip(built.texts, ours, built.hf_ids):

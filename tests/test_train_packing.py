@@ -8,7 +8,7 @@ import torch
 from edge_lora.model_dir import ModelDir
 from edge_lora.train.data import Formatter, build_examples, collate
 from edge_lora.train.lora import LoraConfig, apply_lora
-from edge_lora.train.trainer import TrainModule, load_model
+from edge_lora.train.trainable_model import TrainModule, load_model
 
 RECORDS = [
     {"text": "the quick brown fox jumps over the lazy dog " * 3},

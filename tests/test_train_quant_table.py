@@ -10,7 +10,7 @@ from edge_lora.model_dir import ModelDir
 from edge_lora.train.loss import linear_cross_entropy
 from edge_lora.train.quant import QuantEmbedding, TiedQuantHead
 from edge_lora.train.tokens import add_new_tokens, head_weights
-from edge_lora.train.trainer import load_model
+from edge_lora.train.trainable_model import load_model
 
 
 @pytest.mark.parametrize("bits", [8, 4])

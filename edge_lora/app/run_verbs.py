@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from edge_lora.errors import EdgeLoraError
 
 if TYPE_CHECKING:
-    from edge_lora.conversation import Conversation
+    from edge_lora.app.conversation import Conversation
     from runtime.engine import Engine
 
 
@@ -167,7 +167,7 @@ CHAT_HELP = (
 
 
 def run_chat(args: argparse.Namespace) -> int:
-    from edge_lora.conversation import Conversation
+    from edge_lora.app.conversation import Conversation
 
     engine = open_engine(args)
     chat = Conversation(engine, keep_history=not args.no_history)

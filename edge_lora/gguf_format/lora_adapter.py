@@ -1,9 +1,9 @@
 """Our adapter file as a GGUF LoRA that llama.cpp applies at run time (``llama_adapter_lora_init``).
 
-In the core package because the runtime converts an adapter file on the fly when it is not part of
-a bundle. That conversion sits on ``add_adapter``'s path, so the file is written here directly (a
-GGUF LoRA is a short header and the tensors' bytes) without importing ``gguf`` (~40 ms) or copying
-the tensors; only q8_0 needs ``gguf``'s quantizer.
+Shared by the exporter and the runtime, which converts an adapter file on the fly when it is not
+part of a bundle. Written with gguf-py's ``GGUFWriter`` and the metadata llama.cpp's own
+``convert_lora_to_gguf.py`` writes; the writer writes the arrays it is handed, so an f32 adapter's
+tensors are not copied. ``gguf`` is imported only when a file is written.
 
 llama.cpp computes ``y = W x + s * (alpha / r) * B (A x)`` with ONE ``adapter.lora.alpha`` per file and
 each tensor's own rank ``r``. Our adapters carry alpha per module and may use rsLoRA
@@ -13,30 +13,22 @@ value and each ``lora_b`` is multiplied by ``scale_m * r_m / alpha`` (1 when all
 
 from __future__ import annotations
 
-import os
-import struct
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.adapter import Adapter
-from edge_lora.atomic import atomic_path
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
-from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
+from edge_lora.gguf_format.file_write import write_gguf
+from edge_lora.gguf_format.names import FINGERPRINT_KEY, gguf_arch, gguf_module, to_gguf_rows
+from edge_lora.gguf_format.quant import encode
+
+if TYPE_CHECKING:
+    import gguf
 
 ADAPTER_DTYPES = ("f32", "f16", "q8_0")
-FINGERPRINT_KEY = "edge_lora.base_fingerprint"
-
-# GGUF v3 as llama.cpp reads it: gguf-py's values (gguf.GGUF_MAGIC, GGUFValueType, GGMLQuantizationType,
-# Keys), spelled out so the runtime needs no gguf import; tests/test_fast_add.py checks they agree
-GGUF_MAGIC = 0x46554747
-GGUF_VERSION = 3
-GGUF_ALIGNMENT = 32
-VALUE_FLOAT32, VALUE_STRING = 6, 8
-GGML_TYPES = {"f32": 0, "f16": 1, "q8_0": 8}
-KEY_ARCHITECTURE, KEY_TYPE = "general.architecture", "general.type"
-KEY_ADAPTER_TYPE, KEY_LORA_ALPHA = "adapter.type", "adapter.lora.alpha"
 UNSUPPORTED_HINT = (
     "merge it into the base on the host (edge-lora export --merge), or run it with the ONNX backend"
 )
@@ -61,7 +53,7 @@ def merged_variant_reason(adapter: Adapter, config: ModelConfig) -> str | None:
     return None
 
 
-def check_llamacpp_can_apply(adapter: Adapter, config: ModelConfig, path=None) -> None:
+def check_llamacpp_can_apply(adapter: Adapter, config: ModelConfig, path: Path | None = None) -> None:
     """Refuse, with the reason, adapters llama.cpp's run-time LoRA cannot express."""
     if adapter.dora:
         raise EdgeLoraError(
@@ -85,7 +77,8 @@ def gguf_lora_tensors(
     """The file's alpha and ``{gguf base tensor: (lora_a [r,in], lora_b [out,r])}`` in float32.
 
     Arrays that need no change (float32, contiguous, no rescale or permutation) are the adapter's own."""
-    # alpha such that llama.cpp's alpha / r_m equals our scale_m: alpha_m for LoRA, alpha_m * sqrt(r_m) for rsLoRA
+    # alpha such that llama.cpp's alpha / r_m equals our scale_m:
+    # alpha_m for LoRA, alpha_m * sqrt(r_m) for rsLoRA
     effective = {m: adapter.scale(m) * w.rank for m, w in adapter.modules.items()}
     alpha = next(iter(effective.values()), 1.0)
     tensors = {}
@@ -106,8 +99,8 @@ def export_gguf_adapter(
 ) -> Path:
     """Write ``adapter`` as a GGUF LoRA for the base described by ``config``; returns ``out_path``.
 
-    ``durable=False`` writes straight to ``out_path`` with no fsync: for a private scratch file that
-    no crash needs to survive (the runtime's conversion on ``add_adapter``)."""
+    ``durable=False`` writes straight to ``out_path``, in place, with no fsync: for a private scratch
+    file that no crash needs to survive (the runtime's conversion on ``add_adapter``)."""
     if dtype not in ADAPTER_DTYPES:
         raise EdgeLoraError(
             f"unknown GGUF adapter dtype {dtype!r}", hint=f"choose one of {', '.join(ADAPTER_DTYPES)}"
@@ -117,87 +110,33 @@ def export_gguf_adapter(
     if not adapter.modules and not adapter.added_tokens:
         raise EdgeLoraError("adapter holds no LoRA modules to write")
     # new tokens alone: a LoRA with no tensors (the runtime feeds their rows from the adapter file)
+    return write_gguf(adapter_writer(adapter, config, dtype), out_path, "GGUF adapter", durable=durable)
+
+
+def adapter_writer(adapter: Adapter, config: ModelConfig, dtype: str = "f32") -> gguf.GGUFWriter:
+    """A ``GGUFWriter`` (no path yet) holding the adapter with the keys llama.cpp's
+    ``convert_lora_to_gguf.py`` writes: ``general.type = adapter``, ``adapter.type = lora`` and
+    ``adapter.lora.alpha`` as float32 (a float64 alpha aborts llama.cpp), then each target's
+    ``lora_a`` / ``lora_b``, added as they are."""
+    import gguf
+
     alpha, tensors = gguf_lora_tensors(adapter, config)
-    metadata = [
-        (KEY_ARCHITECTURE, VALUE_STRING, gguf_arch(config)),
-        (KEY_TYPE, VALUE_STRING, "adapter"),
-        (KEY_ADAPTER_TYPE, VALUE_STRING, "lora"),
-        (KEY_LORA_ALPHA, VALUE_FLOAT32, alpha),
-    ]  # FLOAT64 alpha aborts llama.cpp
-    if adapter.base_fingerprint:
-        metadata.append((FINGERPRINT_KEY, VALUE_STRING, adapter.base_fingerprint))
-    named = [
-        (f"{base_name}.{suffix}", _encoded(arr, dtype))
-        for base_name, pair in tensors.items()
-        for suffix, arr in zip(("lora_a", "lora_b"), pair)
-    ]
-    out_path = Path(out_path)
-    if not durable:
-        _write_gguf_file(out_path, metadata, named)
-        return out_path
-    with atomic_path(out_path) as tmp:
-        _write_gguf_file(tmp, metadata, named)
-    return out_path
+    writer = gguf.GGUFWriter(None, gguf_arch(config))
+    writer.add_type(gguf.GGUFType.ADAPTER)
+    writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
+    writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
+    writer.add_string(FINGERPRINT_KEY, adapter.base_fingerprint or "")  # an empty string is not written
+    for base_name, pair in tensors.items():
+        for suffix, arr in zip(("lora_a", "lora_b"), pair):
+            qtype = _tensor_type(arr, dtype)
+            writer.add_tensor(f"{base_name}.{suffix}", encode(arr, qtype), raw_dtype=qtype)
+    return writer
 
 
-def _encoded(arr: np.ndarray, dtype: str) -> tuple[str, np.ndarray]:
-    """(ggml type name, data): q8_0 only where rows fill whole 32-value blocks (a rank-16 lora_b does not), else f16."""
+def _tensor_type(arr: np.ndarray, dtype: str) -> gguf.GGMLQuantizationType:
+    """q8_0 only where rows fill whole 32-value blocks (a rank-16 lora_b does not), else f16."""
+    from gguf import GGMLQuantizationType as T
+
     if dtype == "f32":
-        return "f32", arr
-    if dtype == "q8_0" and arr.shape[-1] % 32 == 0:
-        from gguf import GGMLQuantizationType, quants
-
-        return "q8_0", quants.quantize(arr, GGMLQuantizationType.Q8_0)
-    return "f16", arr.astype(np.float16)
-
-
-def _write_gguf_file(
-    path: Path, metadata: list[tuple[str, int, object]], tensors: list[tuple[str, tuple[str, np.ndarray]]]
-) -> None:
-    """Header, metadata, tensor table, then each tensor's bytes at a 32-byte aligned offset.
-
-    An existing file is overwritten in place and cut to length, not truncated first: rewriting
-    cached pages costs a third of allocating new ones (the runtime reuses one scratch file)."""
-    head = [struct.pack("<IIQQ", GGUF_MAGIC, GGUF_VERSION, len(tensors), len(metadata))]
-    for key, kind, value in metadata:
-        head.append(_string(key) + struct.pack("<I", kind))
-        head.append(_string(value) if kind == VALUE_STRING else struct.pack("<f", value))
-    offset = 0
-    for name, (qtype, data) in tensors:
-        # ggml lists dimensions innermost first; a quantized row's element count is its block count times 32
-        dims = _logical_shape(qtype, data)[::-1]
-        head.append(
-            _string(name) + struct.pack(f"<I{len(dims)}QIQ", len(dims), *dims, GGML_TYPES[qtype], offset)
-        )
-        offset += _padded(data.nbytes)
-    header = b"".join(head)
-    header += bytes(_padded(len(header)) - len(header))
-    try:
-        with open(os.open(path, os.O_WRONLY | os.O_CREAT | getattr(os, "O_BINARY", 0), 0o666), "wb") as f:
-            f.write(header)
-            for _, (_, data) in tensors:
-                f.write(np.ascontiguousarray(data).reshape(-1).view(np.uint8))
-                f.write(bytes(_padded(data.nbytes) - data.nbytes))
-            f.truncate()
-    except OSError as err:
-        raise EdgeLoraError(
-            f"cannot write the GGUF adapter ({err.strerror})", path=path, hint="check free disk space"
-        ) from None
-
-
-def _logical_shape(qtype: str, data: np.ndarray) -> tuple[int, ...]:
-    if qtype != "q8_0":
-        return data.shape
-    return (
-        *data.shape[:-1],
-        data.shape[-1] // 34 * 32,
-    )  # q8_0: 34 bytes (an f16 scale, 32 int8) per 32 values
-
-
-def _string(text: str) -> bytes:
-    raw = text.encode("utf-8")
-    return struct.pack("<Q", len(raw)) + raw
-
-
-def _padded(n: int) -> int:
-    return n + (-n % GGUF_ALIGNMENT)
+        return T.F32
+    return T.Q8_0 if dtype == "q8_0" and arr.shape[-1] % 32 == 0 else T.F16

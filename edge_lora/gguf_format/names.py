@@ -30,6 +30,8 @@ LAYER_MODULES = {
 }
 GLOBAL_MODULES = {"model.embed_tokens": "token_embd", "model.norm": "output_norm", "lm_head": "output"}
 ROPE_FREQS = "rope_freqs.weight"  # llama3 rope scaling, as per-frequency divisors
+# our own metadata key, in a base GGUF and in GGUF adapters: lets the runtime check they belong together
+FINGERPRINT_KEY = "edge_lora.base_fingerprint"
 
 _LAYER = re.compile(r"^model\.layers\.(\d+)\.(.+)$")
 

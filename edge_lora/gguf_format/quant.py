@@ -1,21 +1,26 @@
-"""GGUF tensor types: which type each tensor gets for a quant name, numpy encoding into it, and
-writing a finished file.
+"""GGUF quant types: the quant names we accept, the file type and tensor types each one means (gguf-py's
+own enums), and numpy encoding into and out of them.
 
-Shared by the base exporter and the runtime's merge (dequantize, add, requantize). Lazily
-imports the ``gguf`` package.
+Shared by the base exporter and the runtime's merge (dequantize, add, requantize). The names are
+plain strings (the exporter checks them with no backend installed); ``gguf`` is imported lazily.
 """
 
 from __future__ import annotations
+
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError
 
+if TYPE_CHECKING:
+    import gguf
+
 # quant names done in numpy by gguf-py
 NUMPY_QUANTS = ("f32", "f16", "bf16", "q8_0", "q4_0", "q4_1", "q5_0", "q5_1")
-# K-quants done by llama.cpp's own quantizer (name -> llama_ftype)
-K_QUANTS = {"q4_k_m": 15, "q5_k_m": 17, "q6_k": 18}
-QUANTS = NUMPY_QUANTS + tuple(K_QUANTS)
+# K-quants done by llama.cpp's own quantizer, which takes the file type (llama_ftype) to make
+K_QUANTS = ("q4_k_m", "q5_k_m", "q6_k")
+QUANTS = NUMPY_QUANTS + K_QUANTS
 
 
 def check_quant(quant: str) -> str:
@@ -25,7 +30,26 @@ def check_quant(quant: str) -> str:
     return q
 
 
-def ggml_type(quant: str):
+def file_type(quant: str) -> gguf.LlamaFileType:
+    """``general.file_type`` for a quant name, which is also what llama.cpp's quantizer is asked to make."""
+    from gguf import LlamaFileType as F
+
+    return {
+        "f32": F.ALL_F32,
+        "f16": F.MOSTLY_F16,
+        "bf16": F.MOSTLY_BF16,
+        "q8_0": F.MOSTLY_Q8_0,
+        "q4_0": F.MOSTLY_Q4_0,
+        "q4_1": F.MOSTLY_Q4_1,
+        "q5_0": F.MOSTLY_Q5_0,
+        "q5_1": F.MOSTLY_Q5_1,
+        "q4_k_m": F.MOSTLY_Q4_K_M,
+        "q5_k_m": F.MOSTLY_Q5_K_M,
+        "q6_k": F.MOSTLY_Q6_K,
+    }[quant]
+
+
+def ggml_type(quant: str) -> gguf.GGMLQuantizationType:
     from gguf import GGMLQuantizationType as T
 
     return {
@@ -44,7 +68,9 @@ def ggml_type(quant: str):
 LOW_BIT_QUANTS = ("q4_0", "q4_1", "q5_0", "q5_1")
 
 
-def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, is_output: bool = False):
+def tensor_type(
+    gguf_name: str, shape: tuple[int, ...], quant: str, is_output: bool = False
+) -> gguf.GGMLQuantizationType:
     """The type one tensor is stored in: norms, biases and rope factors stay F32 (llama.cpp wants
     them so); a matrix whose rows do not fill whole quant blocks falls back to F16. The output
     matrix (``output``, or ``token_embd`` on a tied base) of a 4/5-bit export stays at Q8_0, as
@@ -66,7 +92,7 @@ def tensor_type(gguf_name: str, shape: tuple[int, ...], quant: str, is_output: b
     return wanted
 
 
-def encode(arr: np.ndarray, qtype) -> np.ndarray:
+def encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
     """A float array in the given GGML type, ready for ``GGUFWriter.add_tensor(raw_dtype=qtype)``."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -79,7 +105,7 @@ def encode(arr: np.ndarray, qtype) -> np.ndarray:
     return quants.quantize(arr, qtype)
 
 
-def decode(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
+def decode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:
     """A GGUF tensor's data back to float32 numpy in numpy order (``[rows, cols]``)."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
@@ -89,17 +115,3 @@ def decode(data: np.ndarray, qtype, shape: tuple[int, ...]) -> np.ndarray:
     if qtype == T.F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
     return quants.dequantize(np.asarray(data), qtype).astype(np.float32).reshape(shape)
-
-
-def write_gguf(writer, path, what: str) -> None:
-    """Write a ``GGUFWriter``'s header, metadata and tensors; a full disk becomes a clear error."""
-    try:
-        writer.write_header_to_file()
-        writer.write_kv_data_to_file()
-        writer.write_tensors_to_file()
-    except OSError as err:
-        raise EdgeLoraError(
-            f"cannot write the {what} ({err.strerror})", path=path, hint="check free disk space"
-        ) from None
-    finally:
-        writer.close()

@@ -6,7 +6,11 @@ build them here so the two agree byte for byte (see :mod:`.names` for the group 
 
 from __future__ import annotations
 
+from collections.abc import Collection
+from typing import TYPE_CHECKING
+
 import numpy as np
+from numpy.typing import DTypeLike
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format.names import (
@@ -19,8 +23,17 @@ from edge_lora.onnx_format.names import (
 )
 from edge_lora.targets import LM_HEAD
 
+if TYPE_CHECKING:
+    from edge_lora.adapter import Adapter, LoraWeights
+    from edge_lora.dora import DoraNorm
 
-def zero_pads(slots: dict[str, tuple[int, int]], dtype=np.float32, skip=()) -> dict[str, np.ndarray]:
+    # one module's adapters: (weights, folded scale, DoRA factor or None)
+    Pieces = dict[str, list[tuple[LoraWeights, float, np.ndarray | None]]]
+
+
+def zero_pads(
+    slots: dict[str, tuple[int, int]], dtype: DTypeLike = np.float32, skip: Collection[str] = ()
+) -> dict[str, np.ndarray]:
     """Rank-1 zero A^T / B^T for every group whose inputs are not in ``skip``: the same result as the
     graph's rank-0 defaults, for WebGPU, which crashes on a zero-size tensor (our GPU path and
     onnxruntime-genai's both feed these instead of relying on the defaults)."""
@@ -33,10 +46,10 @@ def zero_pads(slots: dict[str, tuple[int, int]], dtype=np.float32, skip=()) -> d
 
 
 def stack_lora(
-    parts: list[tuple[object, float]],
+    parts: list[tuple[Adapter, float]],
     slots: dict[str, tuple[int, int]],
-    dtype=np.float32,
-    norms: list[dict | None] | None = None,
+    dtype: DTypeLike = np.float32,
+    norms: list[dict[str, DoraNorm] | None] | None = None,
 ) -> dict[str, np.ndarray]:
     """Feeds for several adapters at once: one A^T / B^T pair per group, every rank block side by side.
 
@@ -61,13 +74,15 @@ def stack_lora(
 
 
 def _pieces(
-    parts: list[tuple[object, float]], slots: dict, norms: list[dict | None] | None = None
-) -> dict[str, list[tuple]]:
+    parts: list[tuple[Adapter, float]],
+    slots: dict[str, tuple[int, int]],
+    norms: list[dict[str, DoraNorm] | None] | None = None,
+) -> Pieces:
     """``{module: [(LoraWeights, folded scale, DoRA factor or None), ...]}`` in the order of ``parts``,
     after the checks."""
     from edge_lora.dora import factor, require_norms
 
-    pieces: dict[str, list[tuple]] = {}
+    pieces: Pieces = {}
     for i, (adapter, scale) in enumerate(parts):
         for module, w in adapter.modules.items():
             if module not in slots:
@@ -108,7 +123,7 @@ def split_added_ids(ids: np.ndarray, vocab: int) -> tuple[np.ndarray, np.ndarray
 
 
 def _group_pair(
-    members: list[tuple[str, int, int]], pieces: dict, dtype
+    members: list[tuple[str, int, int]], pieces: Pieces, dtype: DTypeLike
 ) -> tuple[np.ndarray, np.ndarray, np.ndarray | None]:
     """A^T ``[in, R]``, block-diagonal B^T ``[R, out]`` and the DoRA factor ``[out]`` (None: no DoRA)
     of one group, allocated once and filled in place: each byte is written once (the first request

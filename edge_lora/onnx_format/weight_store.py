@@ -7,6 +7,8 @@ Runtime as initializer overrides (``SessionOptions.add_initializer``).
 
 from __future__ import annotations
 
+import os
+from collections.abc import Callable
 from pathlib import Path
 
 import numpy as np
@@ -82,7 +84,7 @@ class WeightStore:
             return q.dequantize_int4_block_t(t["weight_t"], t["scales"], entry["block_size"])
         raise EdgeLoraError(f"unknown weight kind {kind!r} in onnx_layout.json", path=self.data_path.parent)
 
-    def module_weights(self, path=None):
+    def module_weights(self, path: str | os.PathLike | None = None) -> Callable[[str], np.ndarray]:
         """``weight_of(module) -> W [out, in]`` float32 for DoRA's norms: each fused group dequantized once
         (q/k/v share one), a tied head's weight the embedding table (:meth:`tied_head_weight`)."""
         groups: dict[str, np.ndarray] = {}
@@ -98,7 +100,7 @@ class WeightStore:
 
         return weight_of
 
-    def tied_head_weight(self, path=None) -> np.ndarray:
+    def tied_head_weight(self, path: str | os.PathLike | None = None) -> np.ndarray:
         """``[vocab, hidden]`` float32: the embedding table a tied head's matmul reads (for DoRA's norm on
         it; never listed under ``linears``, so a merge cannot write into the shared table)."""
         if not self.layout.get("tied_head_dora"):

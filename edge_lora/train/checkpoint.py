@@ -99,7 +99,17 @@ def find_checkpoint(resume: str, directory: Path) -> Path:
     return found[-1]
 
 
-def load_checkpoint(path: Path):
+# ``(meta, params, optim, best, rngs)``, what :func:`load_checkpoint` returns
+LoadedCheckpoint = tuple[
+    dict,
+    dict[str, torch.Tensor],
+    dict[str, dict[str, torch.Tensor]],
+    dict[str, torch.Tensor],
+    dict[int, torch.Tensor],
+]
+
+
+def load_checkpoint(path: Path) -> LoadedCheckpoint:
     """``(meta, params, optim, best, rngs)``: dicts of torch tensors keyed by parameter name."""
     st = SafetensorsFile(path)
     raw = st.metadata.get(META_KEY)
@@ -108,7 +118,10 @@ def load_checkpoint(path: Path):
     meta = json.loads(raw)
     if meta.get("format") != FORMAT:
         raise EdgeLoraError(f"checkpoint format {meta.get('format')!r} is not supported", path=path)
-    params, optim, best, rngs = {}, {}, {}, {}
+    params: dict[str, torch.Tensor] = {}
+    optim: dict[str, dict[str, torch.Tensor]] = {}
+    best: dict[str, torch.Tensor] = {}
+    rngs: dict[int, torch.Tensor] = {}
     for key in st.keys():
         t = torch.from_numpy(st.get(key))
         kind, _, rest = key.partition(".")

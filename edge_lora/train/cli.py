@@ -9,8 +9,10 @@ import sys
 from edge_lora.errors import EdgeLoraError
 from edge_lora.train.config import COMPUTE_CHOICES, DEVICE_CHOICES, QUANT_CHOICES, TrainConfig
 
+S = argparse.SUPPRESS  # every flag's default: only the flags given override the config file
 
-def _bool_flag(group, name: str, help: str):
+
+def _bool_flag(group: argparse._ArgumentGroup, name: str, help: str) -> None:
     group.add_argument(
         f"--{name}",
         dest=name.replace("-", "_"),
@@ -23,8 +25,19 @@ def _bool_flag(group, name: str, help: str):
 def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentParser:
     """Add the trainer's flags. Every default is SUPPRESS, so only flags actually given override the
     config file and the dataclass defaults (see :class:`TrainConfig` for the defaults)."""
-    S = argparse.SUPPRESS
-    io = parser.add_argument_group("inputs and outputs")
+    _add_input_output_flags(parser.add_argument_group("inputs and outputs"))
+    _add_data_flags(parser.add_argument_group("data"))
+    _add_lora_flags(parser.add_argument_group("LoRA"))
+    _add_optimisation_flags(parser.add_argument_group("optimisation"))
+    _add_evaluation_flags(parser.add_argument_group("evaluation and checkpoints"))
+    _add_memory_flags(parser.add_argument_group("memory and devices"))
+    out = parser.add_argument_group("output")
+    out.add_argument("--log-every", type=int, default=S, help="progress/log line every N steps (1)")
+    _bool_flag(out, "progress", "show the progress line")
+    return parser
+
+
+def _add_input_output_flags(io: argparse._ArgumentGroup) -> None:
     io.add_argument("--config", default=None, help="YAML or JSON file with any of these settings (flags win)")
     io.add_argument(
         "--model", default=S, help="Hugging Face model directory (config.json, *.safetensors, tokenizer.json)"
@@ -40,7 +53,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     io.add_argument("--out", default=S, help="adapter file to write (adapter.safetensors)")
     io.add_argument("--log-file", default=S, help="metrics JSONL, appended (default: OUT.log.jsonl)")
 
-    data = parser.add_argument_group("data")
+
+def _add_data_flags(data: argparse._ArgumentGroup) -> None:
     data.add_argument("--seq-len", type=int, default=S, help="truncate (or pack) to this many tokens (512)")
     _bool_flag(
         data, "packing", "pack whole examples into --seq-len rows; attention and positions stay per example"
@@ -53,7 +67,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     )
     data.add_argument("--max-eval-samples", type=int, default=S, help="cap on evaluation examples (0 = all)")
 
-    lora = parser.add_argument_group("LoRA")
+
+def _add_lora_flags(lora: argparse._ArgumentGroup) -> None:
     lora.add_argument("--rank", "-r", type=int, default=S, help="LoRA rank (8)")
     lora.add_argument("--alpha", type=float, default=S, help="LoRA alpha (16)")
     lora.add_argument("--dropout", type=float, default=S, help="LoRA dropout (0)")
@@ -76,7 +91,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="comma-separated new tokens; only their embedding (and output) rows are trained",
     )
 
-    opt = parser.add_argument_group("optimisation")
+
+def _add_optimisation_flags(opt: argparse._ArgumentGroup) -> None:
     opt.add_argument("--lr", type=float, default=S, help="peak learning rate (2e-4)")
     opt.add_argument(
         "--min-lr-ratio", type=float, default=S, help="cosine schedule floor as a fraction of lr (0)"
@@ -93,7 +109,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
     opt.add_argument("--epochs", type=float, default=S, help="passes over the data when --steps is 0 (1)")
     opt.add_argument("--seed", type=int, default=S, help="seed for LoRA init, data order and dropout (0)")
 
-    ev = parser.add_argument_group("evaluation and checkpoints")
+
+def _add_evaluation_flags(ev: argparse._ArgumentGroup) -> None:
     ev.add_argument("--eval-every", type=int, default=S, help="evaluate every N steps (0 = at the end only)")
     ev.add_argument(
         "--patience", type=int, default=S, help="stop after N evaluations without improvement (0 = never)"
@@ -117,7 +134,8 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         help="continue from the latest checkpoint (or the given file)",
     )
 
-    mem = parser.add_argument_group("memory and devices")
+
+def _add_memory_flags(mem: argparse._ArgumentGroup) -> None:
     mem.add_argument(
         "--base-quant",
         choices=QUANT_CHOICES,
@@ -140,15 +158,10 @@ def add_train_arguments(parser: argparse.ArgumentParser) -> argparse.ArgumentPar
         "--compute-dtype",
         choices=COMPUTE_CHOICES,
         default=S,
-        help="bf16: base weights and matmuls in bf16, LoRA weights and optimizer fp32; auto (default) = bf16 where "
-        "the device has it natively (AMX or AVX512-BF16 CPUs, CUDA), else fp32",
+        help="bf16: base weights and matmuls in bf16, LoRA weights and optimizer fp32; auto (default) = "
+        "bf16 where the device has it natively (AMX or AVX512-BF16 CPUs, CUDA), else fp32",
     )
     mem.add_argument("--threads", type=int, default=S, help="CPU threads for torch (0 = torch's default)")
-
-    out = parser.add_argument_group("output")
-    out.add_argument("--log-every", type=int, default=S, help="progress/log line every N steps (1)")
-    _bool_flag(out, "progress", "show the progress line")
-    return parser
 
 
 def config_from_args(args: argparse.Namespace) -> TrainConfig:

@@ -82,12 +82,12 @@ class TrainConfig:
     # --- construction -------------------------------------------------------------------
 
     @classmethod
-    def from_dict(cls, raw: dict, *, path=None, warn=True) -> TrainConfig:
+    def from_dict(cls, raw: dict, *, path: str | os.PathLike | None = None, warn: bool = True) -> TrainConfig:
         config = cls()
         config.update(raw, path=path, warn=warn)
         return config
 
-    def update(self, raw: dict, *, path=None, warn=True) -> TrainConfig:
+    def update(self, raw: dict, *, path: str | os.PathLike | None = None, warn: bool = True) -> TrainConfig:
         fields = {f.name: f for f in dataclasses.fields(self)}
         for key, value in raw.items():
             name = str(key).replace("-", "_")
@@ -205,7 +205,9 @@ RESUME_FREE = {
 }
 
 
-def _coerce(name: str, value, default, path):
+def _coerce(
+    name: str, value: object, default: object, path: str | os.PathLike | None
+) -> str | list[str] | bool | int | float | None:
     bad = EdgeLoraError(f"setting {name!r}: cannot use {value!r}", path=path)
     if value is None:
         return None

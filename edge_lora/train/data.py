@@ -18,11 +18,17 @@ import json
 import os
 from dataclasses import dataclass
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.chat_template import ChatTemplate
 from edge_lora.errors import EdgeLoraError
+
+if TYPE_CHECKING:
+    import torch
+
+    from edge_lora.model_dir import ModelDir
 
 ROLES = ("system", "user", "assistant", "tool")
 MAX_REPORTED = 8
@@ -32,9 +38,8 @@ MAX_REPORTED = 8
 class Example:
     ids: np.ndarray  # int64 [T]
     mask: np.ndarray  # bool [T]: token i is a training target (predicted from position i-1)
-    segments: np.ndarray | None = (
-        None  # int32 [T]: which packed example each token belongs to (None: one example)
-    )
+    # int32 [T]: which packed example each token belongs to (None: one example)
+    segments: np.ndarray | None = None
 
     @property
     def targets(self) -> int:
@@ -76,14 +81,15 @@ def read_jsonl(path: str | os.PathLike) -> list[dict]:
         raise EdgeLoraError(
             f"{len(errors)} bad line(s): {shown}",
             path=path,
-            hint='each line needs {"text": ...}, {"prompt": ..., "completion": ...} or {"messages": [{"role", "content"}...]}',
+            hint='each line needs {"text": ...}, {"prompt": ..., "completion": ...} '
+            'or {"messages": [{"role", "content"}...]}',
         )
     if not records:
         raise EdgeLoraError("no examples in the file", path=path)
     return records
 
 
-def _check_record(record) -> str | None:
+def _check_record(record: object) -> str | None:
     if not isinstance(record, dict):
         return "a line must be a JSON object"
     if "messages" in record:
@@ -119,7 +125,7 @@ def _check_record(record) -> str | None:
 class Formatter:
     """Turns records into :class:`Example` with the model's tokenizer and chat template."""
 
-    def __init__(self, model_dir, added_tokens: list[str] | None = None):
+    def __init__(self, model_dir: str | os.PathLike | ModelDir, added_tokens: list[str] | None = None):
         from tokenizers import Tokenizer
 
         from edge_lora.model_dir import ModelDir
@@ -151,7 +157,7 @@ class Formatter:
         if self.eos_id is None and md.config.eos_token_id:
             self.eos_id = md.config.eos_token_id[0]
 
-    def _id(self, text):
+    def _id(self, text: str | None) -> int | None:
         return None if text is None else self.tokenizer.token_to_id(text)
 
     @property
@@ -174,7 +180,8 @@ class Formatter:
         return Example(self._model_ids(prompt + completion), mask)
 
     def encode_text(self, text: str) -> list[int]:
-        """``text`` as the model's ids (new tokens after its rows), special tokens added as the tokenizer does."""
+        """``text`` as the model's ids (new tokens after its rows), special tokens added as the
+        tokenizer does."""
         return self._model_ids(self.tokenizer.encode(text).ids).tolist()
 
     def decode(self, ids: list[int]) -> str:
@@ -207,7 +214,7 @@ class Formatter:
         enc = self.tokenizer.encode(full, add_special_tokens=False)
         ids = self._model_ids(enc.ids)
         mask = np.zeros(len(ids), bool)
-        for k, (s, e) in enumerate(enc.offsets):
+        for k, (s, _) in enumerate(enc.offsets):
             mask[k] = any(a <= s < b for a, b in spans)
         return Example(ids, mask)
 
@@ -266,7 +273,9 @@ def split_eval(examples: list[Example], fraction: float, seed: int) -> tuple[lis
     return [e for i, e in enumerate(examples) if i not in eval_idx], [examples[i] for i in sorted(eval_idx)]
 
 
-def collate(examples: list[Example], pad_id: int = 0):
+def collate(
+    examples: list[Example], pad_id: int = 0
+) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]:
     """Right-padded ``(ids [B, T], targets [B, T], segments [B, T] or None)`` torch tensors;
     ``targets[b, t]`` marks token t. Segments exist for packed rows; padding is segment -1."""
     import torch

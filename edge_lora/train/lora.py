@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import math
 from dataclasses import dataclass, field
+from typing import TypeVar
 
 import numpy as np
 import torch
@@ -19,6 +20,8 @@ from torch import nn
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.errors import EdgeLoraError
 from edge_lora.targets import select_targets
+
+T = TypeVar("T")
 
 
 @dataclass
@@ -39,7 +42,7 @@ class LoraConfig:
         return float(_pattern_value(self.alpha_pattern, module, self.alpha))
 
 
-def _pattern_value(patterns: dict, module: str, default):
+def _pattern_value(patterns: dict[str, T], module: str, default: T) -> T:
     import re
 
     for key, value in patterns.items():  # PEFT semantics: suffix or regex match on the module name
@@ -73,11 +76,11 @@ class LoRALinear(nn.Module):
         self.merged = False
 
     @property
-    def in_features(self):
+    def in_features(self) -> int:
         return self.base.in_features
 
     @property
-    def out_features(self):
+    def out_features(self) -> int:
         return self.base.out_features
 
     def _base_weight(self) -> torch.Tensor:
@@ -88,7 +91,7 @@ class LoRALinear(nn.Module):
     def delta_weight(self) -> torch.Tensor:
         return self.scaling * (self.lora_B @ self.lora_A)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
         if self.lora_magnitude is None:
@@ -115,7 +118,7 @@ class LoRALinear(nn.Module):
         return self.base(x) + out
 
     @torch.no_grad()
-    def merge(self):
+    def merge(self) -> None:
         if self.merged:
             return
         if not self.base.weight.is_floating_point():
@@ -128,14 +131,14 @@ class LoRALinear(nn.Module):
         self.merged = True
 
     @torch.no_grad()
-    def unmerge(self):
+    def unmerge(self) -> None:
         if self.merged:
             self.base.weight.copy_(self._orig)
             del self._orig
             self.merged = False
 
 
-def _parent(model: nn.Module, name: str):
+def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
     parent_name, _, child = name.rpartition(".")
     return model.get_submodule(parent_name), child
 
@@ -175,12 +178,12 @@ def trainable_parameters(model: nn.Module) -> int:
     return sum(p.numel() for p in model.parameters() if p.requires_grad)
 
 
-def merge_all(model: nn.Module):
+def merge_all(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         layer.merge()
 
 
-def unmerge_all(model: nn.Module):
+def unmerge_all(model: nn.Module) -> None:
     for layer in lora_layers(model).values():
         layer.unmerge()
 

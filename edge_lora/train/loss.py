@@ -12,14 +12,27 @@ accumulated in the same pass.
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
+from torch.autograd.function import FunctionCtx
+
+if TYPE_CHECKING:
+    from edge_lora.train.quant import QuantEmbedding
 
 CHUNK_BYTES = 64 * 1024 * 1024
 
 
 class _FusedLinearCE(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, hidden, targets, weight, extra, chunk):
+    def forward(
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        weight: torch.Tensor,
+        extra: torch.Tensor | None,
+        chunk: int,
+    ) -> torch.Tensor:
         need_h, need_e = ctx.needs_input_grad[0], extra is not None and ctx.needs_input_grad[3]
         vocab = weight.shape[0]
         total = torch.zeros((), dtype=torch.float32, device=hidden.device)
@@ -49,7 +62,9 @@ class _FusedLinearCE(torch.autograd.Function):
         return total
 
     @staticmethod
-    def backward(ctx, grad_out):
+    def backward(
+        ctx: FunctionCtx, grad_out: torch.Tensor
+    ) -> tuple[torch.Tensor | None, None, None, torch.Tensor | None, None]:
         grad_h, grad_e = ctx.saved_tensors
         gh = None if grad_h is None else grad_h * grad_out.to(grad_h.dtype)
         ge = None if grad_e is None else (grad_e * grad_out).to(ctx.extra_dtype)
@@ -63,12 +78,19 @@ class _TableLinearCE(torch.autograd.Function):
     at a time, ``[N, rows]``."""
 
     @staticmethod
-    def forward(ctx, hidden, targets, table, extra, rows):
+    def forward(
+        ctx: FunctionCtx,
+        hidden: torch.Tensor,
+        targets: torch.Tensor,
+        table: QuantEmbedding,
+        extra: torch.Tensor | None,
+        rows: int,
+    ) -> torch.Tensor:
         n = hidden.shape[0]
         vocab = table.shape[0]
         chunks = [(s, min(s + rows, vocab)) for s in range(0, vocab, rows)]
 
-        def logits_of(start, end):
+        def logits_of(start: int, end: int) -> tuple[torch.Tensor, torch.Tensor]:
             w = table.rows(start, end, hidden.dtype) if end <= vocab else extra
             return (hidden @ w.t()).float(), w
 
@@ -108,12 +130,13 @@ class _TableLinearCE(torch.autograd.Function):
 def linear_cross_entropy(
     hidden: torch.Tensor,
     targets: torch.Tensor,
-    weight,
+    weight: torch.Tensor | QuantEmbedding,
     extra: torch.Tensor | None = None,
     chunk: int | None = None,
 ) -> torch.Tensor:
-    """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is ``[N, h]``).
-    ``weight`` is a tensor, or a quantized table with ``rows(start, end, dtype)`` (a tied base under --base-quant)."""
+    """Summed cross-entropy of ``hidden @ [weight; extra]^T`` against ``targets`` (``hidden`` is
+    ``[N, h]``). ``weight`` is a tensor, or a quantized table with ``rows(start, end, dtype)`` (a tied
+    base under --base-quant)."""
     vocab = weight.shape[0] + (0 if extra is None else extra.shape[0])
     if hasattr(weight, "rows"):
         rows = chunk or max(1, CHUNK_BYTES // (4 * max(1, hidden.shape[0])))

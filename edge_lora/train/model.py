@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
@@ -41,7 +42,7 @@ class RMSNorm(nn.Module):
         self.weight = nn.Parameter(torch.ones(dim))
         self.eps = eps
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _RMSNormFn.apply(x, self.weight, self.eps)
 
 
@@ -49,14 +50,16 @@ class _RMSNormFn(torch.autograd.Function):
     """RMSNorm whose backward keeps only the input and ``1/rms`` (not every intermediate)."""
 
     @staticmethod
-    def forward(ctx, x, weight, eps):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, weight: torch.Tensor, eps: float) -> torch.Tensor:
         xf = x.to(torch.promote_types(x.dtype, torch.float32))
         rstd = torch.rsqrt(xf.pow(2).mean(-1, keepdim=True) + eps)
         ctx.save_for_backward(x, weight, rstd)
         return weight * (xf * rstd).to(x.dtype)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(
+        ctx: FunctionCtx, grad: torch.Tensor
+    ) -> tuple[torch.Tensor | None, torch.Tensor | None, None]:
         x, weight, rstd = ctx.saved_tensors
         xhat = x.to(rstd.dtype) * rstd
         grad_w = (
@@ -73,12 +76,12 @@ class _SwiGLU(torch.autograd.Function):
     """``silu(gate) * up`` keeping only ``gate`` and ``up`` for the backward pass."""
 
     @staticmethod
-    def forward(ctx, gate, up):
+    def forward(ctx: FunctionCtx, gate: torch.Tensor, up: torch.Tensor) -> torch.Tensor:
         ctx.save_for_backward(gate, up)
         return F.silu(gate) * up
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
         gate, up = ctx.saved_tensors
         sig = torch.sigmoid(gate)
         silu = gate * sig
@@ -86,7 +89,7 @@ class _SwiGLU(torch.autograd.Function):
         return grad_gate, grad * silu
 
 
-def rotate_half(x):
+def rotate_half(x: torch.Tensor) -> torch.Tensor:
     x1, x2 = x.chunk(2, dim=-1)
     return torch.cat((-x2, x1), dim=-1)
 
@@ -97,8 +100,9 @@ class Rotary(nn.Module):
         inv_freq = torch.tensor(config.rope_inv_freq(), dtype=torch.float32)
         self.register_buffer("inv_freq", inv_freq, persistent=False)
 
-    def forward(self, positions: torch.Tensor):
-        """``cos, sin`` for positions ``[t]`` (shape ``[t, d]``) or per row ``[b, t]`` (``[b, 1, t, d]``)."""
+    def forward(self, positions: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+        """``cos, sin`` for positions ``[t]`` (shape ``[t, d]``) or per row ``[b, t]``
+        (``[b, 1, t, d]``)."""
         freqs = positions[..., None].float() * self.inv_freq
         emb = torch.cat((freqs, freqs), dim=-1)
         cos, sin = emb.cos(), emb.sin()
@@ -115,7 +119,9 @@ class Attention(nn.Module):
         self.v_proj = nn.Linear(h, config.num_key_value_heads * d, bias=config.attention_bias)
         self.o_proj = nn.Linear(config.num_attention_heads * d, h, bias=config.o_proj_bias)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         c = self.config
         b, t, _ = x.shape
         q = self.q_proj(x).view(b, t, c.num_attention_heads, c.head_dim).transpose(1, 2)
@@ -141,7 +147,7 @@ class MLP(nn.Module):
         self.up_proj = nn.Linear(h, i, bias=bias)
         self.down_proj = nn.Linear(i, h, bias=bias)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.down_proj(_SwiGLU.apply(self.gate_proj(x), self.up_proj(x)))
 
 
@@ -153,7 +159,9 @@ class DecoderLayer(nn.Module):
         self.post_attention_layernorm = RMSNorm(config.hidden_size, config.rms_norm_eps)
         self.mlp = MLP(config)
 
-    def forward(self, x, cos, sin, mask):
+    def forward(
+        self, x: torch.Tensor, cos: torch.Tensor, sin: torch.Tensor, mask: torch.Tensor | None
+    ) -> torch.Tensor:
         x = x + self.self_attn(self.input_layernorm(x), cos, sin, mask)
         return x + self.mlp(self.post_attention_layernorm(x))
 
@@ -177,7 +185,9 @@ class CausalLM(nn.Module):
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
 
-    def causal_mask(self, t: int, attention_mask: torch.Tensor | None, device) -> torch.Tensor:
+    def causal_mask(
+        self, t: int, attention_mask: torch.Tensor | None, device: torch.device | str | None
+    ) -> torch.Tensor:
         """Boolean ``[b|1, 1, t, t]`` mask: causal, sliding window (Mistral), and padding."""
         i = torch.arange(t, device=device)
         allowed = i[None, :] <= i[:, None]
@@ -208,7 +218,8 @@ class CausalLM(nn.Module):
         attention_mask: torch.Tensor | None = None,
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
-        """``segments`` (packed rows, see ``data.pack``) keeps each example's attention and positions to itself."""
+        """``segments`` (packed rows, see ``data.pack``) keeps each example's attention and positions
+        to itself."""
         b, t = input_ids.shape
         x = self.model.embed_tokens(input_ids)
         if segments is not None:
@@ -230,7 +241,9 @@ class CausalLM(nn.Module):
         return self.lm_head(self.hidden_states(input_ids, attention_mask))
 
     @classmethod
-    def from_model_dir(cls, path: str | os.PathLike, dtype=torch.float32) -> CausalLM:
+    def from_model_dir(
+        cls, path: str | os.PathLike | ModelDir, dtype: torch.dtype = torch.float32
+    ) -> CausalLM:
         md = path if isinstance(path, ModelDir) else ModelDir(path)
         with torch.device("meta"):
             model = cls(md.config)
@@ -262,7 +275,8 @@ class CausalLM(nn.Module):
                 arr = md.get(name)
                 if tuple(arr.shape) != tuple(params[name].shape):
                     raise EdgeLoraError(
-                        f"tensor {name!r} has shape {list(arr.shape)}, config.json implies {list(params[name].shape)}",
+                        f"tensor {name!r} has shape {list(arr.shape)}, "
+                        f"config.json implies {list(params[name].shape)}",
                         path=md.path,
                     )
                 params[name].copy_(torch.from_numpy(np.ascontiguousarray(arr)))

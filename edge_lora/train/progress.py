@@ -6,6 +6,7 @@ import json
 import sys
 import time
 from pathlib import Path
+from typing import TextIO
 
 
 def _clock(seconds: float) -> str:
@@ -16,7 +17,7 @@ def _clock(seconds: float) -> str:
 
 
 class Progress:
-    def __init__(self, total: int, start: int, enabled: bool = True, stream=None):
+    def __init__(self, total: int, start: int, enabled: bool = True, stream: TextIO | None = None):
         self.total, self.start, self.enabled = total, start, enabled
         self.stream = stream or sys.stderr
         self.t0 = time.perf_counter()

@@ -12,6 +12,7 @@ import numpy as np
 import torch
 import torch.nn.functional as F
 from torch import nn
+from torch.autograd.function import FunctionCtx
 
 DEFAULT_GROUP = {"int8": 128, "int4": 32}
 
@@ -19,7 +20,8 @@ DEFAULT_GROUP = {"int8": 128, "int4": 32}
 def quantize(
     weight: np.ndarray | torch.Tensor, bits: int, group_size: int
 ) -> tuple[torch.Tensor, torch.Tensor, int]:
-    """``(qweight, scales [out, in/g] fp16, group)``; int8 ``[out, in]`` or packed int4 ``[out, in/2]`` uint8."""
+    """``(qweight, scales [out, in/g] fp16, group)``; int8 ``[out, in]`` or packed int4
+    ``[out, in/2]`` uint8."""
     w = (
         torch.as_tensor(np.asarray(weight, dtype=np.float32))
         if isinstance(weight, np.ndarray)
@@ -45,7 +47,7 @@ def quantize(
 
 
 def dequantize(
-    q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype=torch.float32
+    q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.float32
 ) -> torch.Tensor:
     out_f = q.shape[0]
     if bits == 4:
@@ -60,12 +62,12 @@ def dequantize(
 
 class _QuantMatmul(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, layer):
+    def forward(ctx: FunctionCtx, x: torch.Tensor, layer: QuantLinear) -> torch.Tensor:
         ctx.layer = layer
         return F.linear(x, layer.dequantized_weight(x.dtype), layer.bias)
 
     @staticmethod
-    def backward(ctx, grad):
+    def backward(ctx: FunctionCtx, grad: torch.Tensor) -> tuple[torch.Tensor | None, None]:
         if not ctx.needs_input_grad[0]:
             return None, None
         return grad @ ctx.layer.dequantized_weight(grad.dtype), None
@@ -76,8 +78,8 @@ class QuantLinear(nn.Module):
 
     def __init__(
         self,
-        qweight,
-        scales,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
         bits: int,
         in_features: int,
         out_features: int,
@@ -90,7 +92,13 @@ class QuantLinear(nn.Module):
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
-    def from_weight(cls, weight, bias, bits: int, group_size: int = 0) -> QuantLinear:
+    def from_weight(
+        cls,
+        weight: np.ndarray | torch.Tensor,
+        bias: np.ndarray | torch.Tensor | None,
+        bits: int,
+        group_size: int = 0,
+    ) -> QuantLinear:
         group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
         q, s, _ = quantize(weight, bits, group_size)
         w_shape = weight.shape
@@ -103,14 +111,17 @@ class QuantLinear(nn.Module):
         )
         return cls(q, s, bits, w_shape[1], w_shape[0], b)
 
-    def dequantized_weight(self, dtype=torch.float32) -> torch.Tensor:
+    def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.weight, self.scales, self.bits, self.in_features, dtype)
 
-    def forward(self, x):
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantMatmul.apply(x, self)
 
-    def extra_repr(self):
-        return f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, group={self.in_features // self.scales.shape[1]}"
+    def extra_repr(self) -> str:
+        return (
+            f"in_features={self.in_features}, out_features={self.out_features}, bits={self.bits}, "
+            f"group={self.in_features // self.scales.shape[1]}"
+        )
 
 
 def quant_bits(name: str) -> int:
@@ -131,17 +142,16 @@ class QuantEmbedding(nn.Module):
     dequantized, which the output head and the loss use chunk by chunk on a tied base, so the
     full-precision table never exists."""
 
-    def __init__(self, qweight, scales, bits: int, vocab: int, hidden: int):
+    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, vocab: int, hidden: int):
         super().__init__()
         self.bits, self.vocab, self.hidden = bits, vocab, hidden
-        self.dtype = (
-            torch.float32
-        )  # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
+        # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
+        self.dtype = torch.float32
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
 
     @classmethod
-    def from_weight(cls, weight, bits: int, group_size: int = 0) -> QuantEmbedding:
+    def from_weight(cls, weight: np.ndarray | torch.Tensor, bits: int, group_size: int = 0) -> QuantEmbedding:
         group_size = group_size or DEFAULT_GROUP["int8" if bits == 8 else "int4"]
         q, s, _ = quantize(weight, bits, group_size)
         return cls(q, s, bits, weight.shape[0], weight.shape[1])
@@ -155,7 +165,7 @@ class QuantEmbedding(nn.Module):
         """The whole table dequantized (a temporary: for initialising new rows, not for the hot path)."""
         return self.rows(0, self.vocab)
 
-    def rows(self, start: int, end: int, dtype=torch.float32) -> torch.Tensor:
+    def rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
         return dequantize(self.qweight[start:end], self.scales[start:end], self.bits, self.hidden, dtype)
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
@@ -163,7 +173,7 @@ class QuantEmbedding(nn.Module):
         out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden, self.dtype)
         return out.view(*ids.shape, self.hidden)
 
-    def extra_repr(self):
+    def extra_repr(self) -> str:
         return f"vocab={self.vocab}, hidden={self.hidden}, bits={self.bits}"
 
 

@@ -8,9 +8,14 @@ New rows start at the mean of the existing rows (a common, stable initialisation
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
+
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+if TYPE_CHECKING:
+    from edge_lora.adapter import Adapter
 
 
 class ExtendedEmbedding(nn.Module):
@@ -23,10 +28,10 @@ class ExtendedEmbedding(nn.Module):
         )
 
     @property
-    def weight(self):
+    def weight(self) -> torch.Tensor:
         return self.base.weight
 
-    def forward(self, ids):
+    def forward(self, ids: torch.Tensor) -> torch.Tensor:
         v = self.base_vocab
         x = self.base(ids.clamp(max=v - 1))
         is_new = ids >= v
@@ -70,7 +75,7 @@ def new_rows(model: nn.Module) -> tuple[torch.Tensor | None, torch.Tensor | None
     return embed.new_rows, head
 
 
-def attach_new_tokens(adapter, model: nn.Module, tokens: list[str]) -> None:
+def attach_new_tokens(adapter: Adapter, model: nn.Module, tokens: list[str]) -> None:
     """Put the model's new-token rows (if any) and their strings into ``adapter`` before it is saved."""
     embed, head = new_rows(model)
     if embed is None:
@@ -80,7 +85,7 @@ def attach_new_tokens(adapter, model: nn.Module, tokens: list[str]) -> None:
     adapter.head_rows = None if head is None else head.detach().float().cpu().numpy()
 
 
-def load_new_tokens(model: nn.Module, adapter) -> None:
+def load_new_tokens(model: nn.Module, adapter: Adapter) -> None:
     """Give ``model`` the adapter's new-token rows (for evaluation), frozen like the rest."""
     if adapter.embed_rows is None:
         return

@@ -10,13 +10,17 @@ plain text, one line each, and a reply stops at the end of its line.
 from __future__ import annotations
 
 import json
+from typing import TYPE_CHECKING
 
 from edge_lora.chat_template import ChatTemplate
 from edge_lora.errors import EdgeLoraError
 
+if TYPE_CHECKING:
+    from runtime.engine import Engine
+
 
 class Conversation:
-    def __init__(self, engine, keep_history: bool = True):
+    def __init__(self, engine: Engine, keep_history: bool = True) -> None:
         self.engine = engine
         self.keep_history = keep_history
         bundle = engine.bundle
