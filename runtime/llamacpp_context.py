@@ -109,13 +109,7 @@ class Context:
                 b.n_seq_id[i] = 1
                 b.seq_id[i][0] = 0
                 b.logits[i] = all_logits or (last_chunk and i == len(chunk) - 1)
-            status = lib.llama_decode(self.ptr, b)
-            if status != 0:
-                raise EdgeLoraError(
-                    f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
-                    path=self.model.path,
-                    hint="the context may be full (raise n_ctx) or out of memory",
-                )
+            self._decode_batch(b)
             if all_logits:
                 ptr = _checked_logits(lib.llama_get_logits(self.ptr), self.model.path)
                 rows.append(self._noted(np.ctypeslib.as_array(ptr, shape=(len(chunk), self.n_vocab)).copy()))
@@ -168,13 +162,7 @@ class Context:
             b.n_seq_id[i] = 1
             b.seq_id[i][0] = 0
             b.logits[i] = wanted
-        status = lib.llama_decode(self.ptr, b)
-        if status != 0:
-            raise EdgeLoraError(
-                f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
-                path=self.model.path,
-                hint="the context may be full (raise n_ctx) or out of memory",
-            )
+        self._decode_batch(b)
         if not wanted:
             return []
         n = len(chunk)
@@ -189,6 +177,15 @@ class Context:
             )
         hidden = np.ctypeslib.as_array(hidden_ptr, shape=(n, self.n_embd))
         return list(np.concatenate([logits, hidden @ head.T], axis=1))
+
+    def _decode_batch(self, batch: object) -> None:
+        status = llama_cpp().llama_decode(self.ptr, batch)
+        if status != 0:
+            raise EdgeLoraError(
+                f"llama.cpp failed to evaluate the batch (llama_decode status {status})",
+                path=self.model.path,
+                hint="the context may be full (raise n_ctx) or out of memory",
+            )
 
     def _hidden_states(self, on: bool) -> None:
         if on != self._embeddings:

@@ -14,14 +14,8 @@ from pathlib import Path
 
 GUARD = "#if defined(VK_EXT_layer_settings)  /* edge-lora: older Vulkan headers lack it */"
 BEGIN = "    VkBool32 enable_best_practice = layer_settings;\n"
-END = (
-    "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
-    "extensions, &layer_setting_info);\n"
-)
-FALLBACK = (
-    "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, "
-    "extensions);\n"
-)
+END = "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions, &layer_setting_info);\n"
+FALLBACK = "    vk::InstanceCreateInfo instance_create_info(vk::InstanceCreateFlags{}, &app_info, layers, extensions);\n"
 
 
 def patch(source: str) -> str:
@@ -29,14 +23,10 @@ def patch(source: str) -> str:
         return source
     start, end = source.find(BEGIN), source.find(END)
     if start < 0 or end < start:
-        raise SystemExit(
-            "patch_ggml_vulkan: the layer-settings block was not found; this llama.cpp may not need the "
-            "patch (try building without it) or the patch needs updating"
-        )
+        raise SystemExit("patch_ggml_vulkan: the layer-settings block was not found; this llama.cpp may not need the "
+                         "patch (try building without it) or the patch needs updating")
     end += len(END)
-    return (
-        source[:start] + GUARD + "\n" + source[start:end] + "#else\n" + FALLBACK + "#endif\n" + source[end:]
-    )
+    return source[:start] + GUARD + "\n" + source[start:end] + "#else\n" + FALLBACK + "#endif\n" + source[end:]
 
 
 if __name__ == "__main__":
