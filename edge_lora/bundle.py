@@ -130,13 +130,7 @@ class Bundle:
     def verify_file(self, rel: str) -> Path:
         """Check a file against the SHA-256 bundle.json records for it."""
         full = self.require(rel)
-        expected = self.files.get(rel, {}).get("sha256")
-        if expected is None:
-            raise EdgeLoraError(
-                f"bundle.json records no hash for {rel!r}",
-                path=self.manifest_path,
-                hint="re-export the bundle",
-            )
+        self._recorded_sha256(rel)  # refused before the file is hashed
         self.check_digest(rel, self.hashes.sha256(full))
         return full
 
@@ -156,6 +150,14 @@ class Bundle:
 
     def check_digest(self, rel: str, digest: str) -> None:
         """Refuse ``digest`` unless it is the SHA-256 bundle.json records for ``rel``."""
+        if digest != self._recorded_sha256(rel):
+            raise EdgeLoraError(
+                f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)",
+                path=self.root,
+                hint="copy the bundle again from a trusted source",
+            )
+
+    def _recorded_sha256(self, rel: str) -> str:
         expected = self.files.get(rel, {}).get("sha256")
         if expected is None:
             raise EdgeLoraError(
@@ -163,12 +165,7 @@ class Bundle:
                 path=self.manifest_path,
                 hint="re-export the bundle",
             )
-        if digest != expected:
-            raise EdgeLoraError(
-                f"{rel!r} does not match its SHA-256 in bundle.json (modified or corrupt)",
-                path=self.root,
-                hint="copy the bundle again from a trusted source",
-            )
+        return expected
 
     def backend_entry(self, backend: str, quant: str | None = None, variant: str | None = None) -> dict:
         entries = self.backends.get(backend) or []

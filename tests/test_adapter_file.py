@@ -6,26 +6,27 @@ import struct
 
 import numpy as np
 import pytest
+from factories import random_adapter
 from tiny_models import make_model_dir
 
-from edge_lora.adapter import Adapter, LoraWeights
+from edge_lora.adapter import Adapter
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.safetensors_file import SafetensorsFile, save_tensors, serialize
-from edge_lora.targets import linear_modules, select_targets
+from edge_lora.targets import select_targets
 
 
 def make_adapter(config, fingerprint=None, ranks=None):
-    rng = np.random.default_rng(0)
-    modules = {}
-    for m, (out_f, in_f) in linear_modules(config).items():
-        r = (ranks or {}).get(m.rsplit(".", 1)[-1], 4)
-        modules[m] = LoraWeights(
-            rng.normal(size=(r, in_f)).astype(np.float32),
-            rng.normal(size=(out_f, r)).astype(np.float32),
-            alpha=8.0,
-        )
-    return Adapter(modules, config.architecture, fingerprint, rslora=True)
+    """Unit-spread LoRA on every decoder linear, rsLoRA; ``ranks`` by short module name (default 4)."""
+    ranks = ranks or {}
+    return random_adapter(
+        config,
+        0,
+        rank=lambda m: ranks.get(m.rsplit(".", 1)[-1], 4),
+        std=1.0,
+        rslora=True,
+        fingerprint=fingerprint,
+    )
 
 
 def test_round_trip_keeps_everything(model_dirs, tmp_path):

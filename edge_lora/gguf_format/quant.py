@@ -31,37 +31,20 @@ def check_quant(quant: str) -> str:
 
 
 def file_type(quant: str) -> gguf.LlamaFileType:
-    """``general.file_type`` for a quant name, which is also what llama.cpp's quantizer is asked to make."""
-    from gguf import LlamaFileType as F
+    """``general.file_type`` for a quant name, which is also what llama.cpp's quantizer is asked to make
+    (gguf-py names them ``ALL_F32`` and ``MOSTLY_<QUANT>``)."""
+    from gguf import LlamaFileType
 
-    return {
-        "f32": F.ALL_F32,
-        "f16": F.MOSTLY_F16,
-        "bf16": F.MOSTLY_BF16,
-        "q8_0": F.MOSTLY_Q8_0,
-        "q4_0": F.MOSTLY_Q4_0,
-        "q4_1": F.MOSTLY_Q4_1,
-        "q5_0": F.MOSTLY_Q5_0,
-        "q5_1": F.MOSTLY_Q5_1,
-        "q4_k_m": F.MOSTLY_Q4_K_M,
-        "q5_k_m": F.MOSTLY_Q5_K_M,
-        "q6_k": F.MOSTLY_Q6_K,
-    }[quant]
+    return LlamaFileType["ALL_F32" if quant == "f32" else f"MOSTLY_{quant.upper()}"]
 
 
 def ggml_type(quant: str) -> gguf.GGMLQuantizationType:
-    from gguf import GGMLQuantizationType as T
+    """The tensor type of a quant done in numpy (one of :data:`NUMPY_QUANTS`)."""
+    from gguf import GGMLQuantizationType
 
-    return {
-        "f32": T.F32,
-        "f16": T.F16,
-        "bf16": T.BF16,
-        "q8_0": T.Q8_0,
-        "q4_0": T.Q4_0,
-        "q4_1": T.Q4_1,
-        "q5_0": T.Q5_0,
-        "q5_1": T.Q5_1,
-    }[quant]
+    if quant not in NUMPY_QUANTS:
+        raise KeyError(quant)
+    return GGMLQuantizationType[quant.upper()]
 
 
 # below 8 bits the output matrix is where quantization error hurts most (every logit reads it)
