@@ -71,10 +71,11 @@ def _base_of(base: str | os.PathLike) -> tuple[ModelConfig, str | None]:
     return md.config, md.fingerprint
 
 
-def _fits(adapter: Adapter, base: BasePath) -> dict:
+def _fits(adapter: Adapter, base: tuple[ModelConfig, str | None] | None) -> dict:
+    """``base``: what :func:`_base_of` returned (None: no base given, no verdict)."""
     if base is None:
         return {}
-    config, fingerprint = _base_of(base)
+    config, fingerprint = base
     try:
         adapter.check_fits(config, fingerprint)
         return {"fits": True}
@@ -153,25 +154,25 @@ def _adapter(path: Path, base: BasePath) -> dict:
         "path": str(path),
         **_adapter_summary(adapter),
         "bytes": _size(path),
-        **_fits(adapter, base),
+        **_fits(adapter, _base_of(base) if base is not None else None),
     }
 
 
 def _peft(path: Path, base: BasePath) -> dict:
-    from converters.peft import import_peft, read_peft_config
+    from converters.peft import import_peft
 
-    config = _base_of(base)[0] if base is not None else None  # new tokens are counted from a base vocabulary
+    # the base is read (and a model dir's fingerprint hashed) once, for the new tokens and the verdict
+    base_info = _base_of(base) if base is not None else None
+    config = base_info[0] if base_info else None  # new tokens are counted from a base vocabulary
     # describes; export checks the new tokens' base rows and a tied head's saved table against the base
     adapter = import_peft(path, base=config, base_rows=lambda name, rows: True, base_table=lambda saved: True)
-    # validated: a malformed adapter_config.json is a one-line error, not a crash
-    raw = read_peft_config(path)
     return {
         "kind": "peft",
         "path": str(path),
-        "base_model_name_or_path": raw.get("base_model_name_or_path"),
+        "base_model_name_or_path": adapter.extra.get("base_model_name_or_path"),
         **_adapter_summary(adapter),
         "bytes": _size(path),
-        **_fits(adapter, base),
+        **_fits(adapter, base_info),
     }
 
 
