@@ -1,7 +1,9 @@
 """llama.cpp backend benchmark: decode tok/s, prefill, adapter swap latency, cold load to first token.
 
 Random-weight models with real shapes (nothing is downloaded): SmolLM2-135M and Qwen2.5-0.5B.
-Cases per quant (q4_0, q8_0): base, one rank-16 all-linear adapter unmerged, two stacked, one merged.
+Cases per quant (q4_0, q8_0): base, one rank-16 all-linear adapter unmerged, two stacked, one merged
+at each merge precision (the base's own type, q8_0), with its logits against the unmerged adapter's
+and its decode paired with the base's round by round.
 Numbers go through LlamaCppEngine (numpy sampling included, as in the ONNX benchmark), plus llama.cpp
 alone (raw llama_decode) for the base as the anchor. ``use_extra_bufts`` is the engine's automatic,
 fastest safe choice for this CPU (off on Intel AMX, where repacked Q4_0/Q8_0 decoding crashed).
@@ -260,11 +262,9 @@ def bench_bundle(
     p50, p99 = _swap_latency(engine, swaps)
     rows[1].update(swap_p50_ms=p50, swap_p99_ms=p99, cold_load_first_token_s=cold)
     rows[0]["raw_llama_decode_tok_s"] = raw
-    t1 = time.perf_counter()
-    engine.merge("a")
-    merge_s = time.perf_counter() - t1
-    prefill, rate = _decode_rate(engine, prompt, new_tokens, {})
-    rows.append({"case": "merged r16", "decode_tok_s": rate, "prefill_ms": prefill * 1e3, "merge_s": merge_s})
+    from benchmarks.gguf_merge import merged_rows
+
+    rows += merged_rows(engine, bundle, quant, threads, prompt, new_tokens)
     engine.close()
     return rows
 
@@ -326,10 +326,16 @@ def table(results: dict) -> str:
                     if "raw_llama_decode_tok_s" in r
                     else ""
                 )
-                case += f" (merge {r['merge_s']:.1f} s)" if "merge_s" in r else ""
+                if "merge_s" in r:
+                    case += (
+                        f" (merge {r['merge_s']:.1f} s; vs unmerged: {r['rel_to_adapter_effect']:.2f} of "
+                        f"the adapter's effect, max {r['max_abs_logit_diff']:.3f}, "
+                        f"argmax {r['argmax_agree']:.2f})"
+                    )
                 lines.append(
                     f"| {model} | {q} ({qi['file_mb']:.0f} MB) | {case} | {r['decode_tok_s']:.1f} | "
-                    f"{r['decode_tok_s'] / base:.2f} | {r['prefill_ms']:.0f} | {swap} | {cold} |"
+                    f"{r.get('vs_base_paired', r['decode_tok_s'] / base):.2f} | {r['prefill_ms']:.0f} | "
+                    f"{swap} | {cold} |"
                 )
     return "\n".join(lines)
 
@@ -338,7 +344,20 @@ def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--quick", action="store_true", help="one model, one quant, short runs")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
+    parser.add_argument(
+        "--memory", type=int, metavar="ROUNDS", help="only the memory levers (SmolLM2 shape, q4_0), in rounds"
+    )
     args = parser.parse_args()
+    if args.memory:
+        from benchmarks.gguf_memory import memory_levers, table
+
+        with tempfile.TemporaryDirectory(prefix="gguf-bench-") as tmp:
+            model_dir = make_random_model(SHAPES["smollm2-135m"], Path(tmp) / "m")
+            out = memory_levers(make_bundle(model_dir, Path(tmp) / "b", ["q4_0"]), "q4_0", args.memory)
+        print(table(out))
+        if args.json:
+            args.json.write_text(json.dumps(out, indent=2))
+        return
     results = run(args.quick)
     print(
         f"threads={results['threads']} prompt={results['prompt_tokens']} new={results['new_tokens']} "

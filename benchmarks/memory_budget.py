@@ -28,7 +28,8 @@ def _two_sessions(label: str, x: dict) -> bool:
 
 def setting(label: str, x: dict) -> str:
     if backend_of(label, x) == "llamacpp":
-        return f"llama.cpp, n_ctx {x.get('n_ctx', '?')}"
+        grown = f", KV grown to {x['kv_positions']}" if x.get("kv_positions") else ""
+        return f"llama.cpp, n_ctx {x.get('n_ctx', '?')}{grown}"
     return "ONNX, two sessions (plain_session=True)" if _two_sessions(label, x) else "ONNX, one session"
 
 
@@ -45,7 +46,8 @@ MEMORY_CAUSES = {
     "and block sums added), and an adapter is held as its arrays and as its feeds",
     "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
     "prepacked-weights container is not in the Python binding)",
-    "llamacpp": "weights are the file's mapped pages; the KV cache is allocated and zeroed for all of n_ctx",
+    "llamacpp": "the adapter is held twice (its parsed arrays for merges, llama.cpp's own tensors); "
+    "llama.cpp zeroes the KV cache it allocates (all of n_ctx unless it grows with use)",
 }
 
 
@@ -80,9 +82,14 @@ def memory_budget_parts(info: dict, label: str, plan: dict, x: dict | None = Non
     config = model_config(info["config"])
     quant = x.get("quant") or label.replace(" one session", "").replace(" two sessions", "").split()[-1]
     files = info["files"]
-    if x.get("backend") == "llamacpp" or "llama.cpp" in label:  # the KV cache is allocated whole: n_ctx, f16
-        n_ctx = x.get("n_ctx") or min(config.max_position_embeddings, 4096)
-        kv = roofline.kv_bytes(config, n_ctx, 2)
+    if x.get("backend") == "llamacpp" or "llama.cpp" in label:
+        # f16 KV for the positions used (issue 24); runs before the cache grew with use (no
+        # "kv_positions") were judged against all of n_ctx, as it was allocated whole
+        used = plan["prompt"] + plan["new_tokens"]
+        positions = (
+            used if x.get("kv_positions") else x.get("n_ctx") or min(config.max_position_embeddings, 4096)
+        )
+        kv = roofline.kv_bytes(config, positions, 2)
         adapter = files["adapter"]["gguf_mb"]
     else:  # the ONNX engine's fp32 KV buffers grow in steps of 256 positions
         kv = roofline.kv_bytes(config, -(-(plan["prompt"] + plan["new_tokens"]) // 256) * 256, 4)

@@ -98,6 +98,7 @@ def _run_engines(plan: Plan, model, shape: str, planned: list) -> tuple[dict, di
                 **w.ask("rss"),
                 "after_load_rss_mb": w.info.get("rss_mb"),
                 "load_s": w.info.get("load_s"),
+                **({"merge_quality": w.info["merge_quality"]} if "merge_quality" in w.info else {}),
             }
             for w in workers
         }

@@ -117,6 +117,20 @@ def train_markdown(train: dict) -> list[str]:
             f"{t['goal']} | {'yes' if t['met'] else '**no**'} |"
             for t in targets
         ]
+    choices = train.get("dtype_choice") or []
+    if choices:
+        lines += [
+            "",
+            "| --compute-dtype auto vs the faster of fp32/bf16 | picked | auto | fp32 | bf16 tok/s "
+            "| ratio | goal | met |",
+            "|---|---|---|---|---|---|---|---|",
+        ]
+        lines += [
+            f"| {c['shape']} | {c['auto_dtype']} | {c['auto_tok_s']:.0f} | {c['fp32_tok_s']:.0f} | "
+            f"{c['bf16_tok_s']:.0f} | {c['auto_vs_faster']:.2f} | >= 0.95 | "
+            f"{'yes' if c['met'] else '**no**'} |"
+            for c in choices
+        ]
     real = train.get("real_size")
     if real:
         lines.append(

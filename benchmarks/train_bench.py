@@ -6,8 +6,9 @@ all linear layers, batch 4 x 256 tokens, 2 threads, AdamW. Each case runs in its
 reports training tokens/s (timed steps after one warm-up step) and the process's peak RSS (VmHWM:
 loading included). Cases: PEFT (fp32, as users run it on a CPU), edge-lora with the float base, with
 the base in int8 and int4, and int8 with gradient checkpointing, each at the trainer's default
-compute dtype (``auto``: bf16 where the CPU has AMX or AVX512-BF16, else fp32); full runs add the
-float base at fp32 compute, what a CPU without native bf16 gets.
+compute dtype (``auto``: where the CPU has AMX or AVX512-BF16 it times a few passes in fp32 and in bf16
+and takes the faster, else fp32); full runs add the float base at fp32 and at bf16 compute on both
+shapes (the 0.5B one at int4), so ``dtype_choice`` shows auto against the faster of the two.
 
 Our side runs the trainer's own step (``TrainModule`` + AdamW + clipping from edge_lora.train);
 PEFT's side is the usual ``model(input_ids, labels=...)`` loop with ``get_peft_model``.
@@ -50,7 +51,10 @@ CASES = [  # (name, worker, base_quant, gradient_checkpointing, compute dtype)
     ("edge-lora int4", "ours", "int4", False, "auto"),
     ("edge-lora int8 + grad ckpt", "ours", "int8", True, "auto"),
 ]
-EXTRA_CASES = [("edge-lora fp32, fp32 compute", "ours", "none", False, "fp32")]  # full runs only
+EXTRA_CASES = [  # full runs only: auto against both dtypes
+    ("edge-lora fp32, fp32 compute", "ours", "none", False, "fp32"),
+    ("edge-lora fp32, bf16 compute", "ours", "none", False, "bf16"),
+]
 # issue 19's targets against PEFT in the same run: (case, min speed ratio, max peak-RSS ratio)
 TARGETS = [("edge-lora fp32", 1.3, 0.8), ("edge-lora int8", 1.3, 0.5), ("edge-lora int4", 1.3, 0.4)]
 # full runs only: what a user of the biggest model we target sees (Qwen2.5-0.5B's published shape, int4 base)
@@ -107,7 +111,8 @@ def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool, compute
 
     from edge_lora.model_dir import ModelDir
     from edge_lora.train.config import TrainConfig
-    from edge_lora.train.devices import release_freed_memory_promptly, resolve_compute_dtype
+    from edge_lora.train.devices import Dist, release_freed_memory_promptly
+    from edge_lora.train.dtype_probe import DtypeChoice, measure_dtypes
     from edge_lora.train.optimizer import optimizer_groups
     from edge_lora.train.trainable_model import TrainModule, build_model
 
@@ -127,14 +132,27 @@ def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool, compute
     model = build_model(ModelDir(model_dir), cfg)
     load_s = time.perf_counter() - t0
     module = TrainModule(model).train()
+    targets = torch.ones(BATCH, SEQ, dtype=torch.bool)
+    targets[:, 0] = False
+    batches = _batches(steps + 1, model.config.vocab_size)
+    t0 = time.perf_counter()
+    choice = DtypeChoice(model.compute_dtype, how="rule" if compute == "auto" else "as asked")
+    # auto on native bf16: the trainer's own measurement (as its settle_compute_dtype does)
+    if model.compute_dtype is None:
+
+        def run_pass(bf16: bool) -> None:
+            module.bf16 = bf16
+            module(batches[0], targets).backward()
+
+        choice = measure_dtypes(model, run_pass, Dist(), torch.device("cpu"))
+        module.bf16 = choice.dtype == torch.bfloat16
+    probe_s = time.perf_counter() - t0
     params = [p for p in module.parameters() if p.requires_grad]
     opt = torch.optim.AdamW(
         optimizer_groups({n: p for n, p in module.named_parameters() if p.requires_grad}, cfg), lr=1e-4
     )
-    targets = torch.ones(BATCH, SEQ, dtype=torch.bool)
-    targets[:, 0] = False
     times, losses = [], []
-    for ids in _batches(steps + 1, model.config.vocab_size):
+    for ids in batches:
         t = time.perf_counter()
         n = int(targets[:, 1:].sum())
         loss = module(ids, targets)
@@ -144,10 +162,10 @@ def worker_ours(model_dir: str, steps: int, quant: str, grad_ckpt: bool, compute
         opt.zero_grad(set_to_none=True)
         times.append(time.perf_counter() - t)
         losses.append(loss.item() / n)
-    dtype = resolve_compute_dtype(compute, torch.device("cpu"))
     return {
         **_result(times, losses, load_s, sum(p.numel() for p in params)),
-        "compute_dtype": str(dtype).removeprefix("torch."),
+        "compute_dtype": str(choice.dtype).removeprefix("torch."),
+        "dtype_probe": {**choice.record(), "seconds": probe_s},
     }
 
 
@@ -254,6 +272,7 @@ def run(quick: bool) -> dict:
         }
         for name, speed, rss in TARGETS
     ]
+    real = {} if quick else real_size_run()
     return {
         "benchmark": "train",
         "shape": "smollm2-135m (random weights)",
@@ -264,26 +283,82 @@ def run(quick: bool) -> dict:
         "timed_steps": steps,
         "cases": cases,
         "ratios": ratios,
-        "real_size": {} if quick else real_size_run(),
+        "real_size": real.get("auto", {}),
+        "dtype_choice": dtype_choice(cases, real),
         "targets": targets,
     }
 
 
+def dtype_choice(cases: dict, real: dict) -> list[dict]:
+    """Per shape, ``--compute-dtype auto`` against the faster of fp32 and bf16 compute (goal: >= 0.95)."""
+    rows = []
+    shapes = [
+        ("smollm2-135m, fp32 base", cases.get("edge-lora fp32"), cases, "edge-lora fp32, {} compute"),
+        ("qwen2.5-0.5b, int4 base", real.get("auto"), real, "{}"),
+    ]
+    for shape, auto, pool, key in shapes:
+        fp32, bf16 = pool.get(key.format("fp32")), pool.get(key.format("bf16"))
+        if not (auto and fp32 and bf16):
+            continue
+        best = max(fp32["tokens_per_s"], bf16["tokens_per_s"])
+        ratio = auto["tokens_per_s"] / best
+        rows.append(
+            {
+                "shape": shape,
+                "auto_dtype": auto["compute_dtype"],
+                "auto_tok_s": auto["tokens_per_s"],
+                "fp32_tok_s": fp32["tokens_per_s"],
+                "bf16_tok_s": bf16["tokens_per_s"],
+                "auto_vs_faster": ratio,
+                "probe_s": auto.get("dtype_probe", {}).get("seconds"),
+                "met": ratio >= 0.95,
+            }
+        )
+    return rows
+
+
+def dtype_rounds(rounds: int, steps: int) -> dict:
+    """auto, fp32 and bf16 compute interleaved in ``rounds`` rounds on both shapes (SmolLM2-135M with
+    its fp32 base, Qwen2.5-0.5B at int4): paired evidence for the dtype choice on a busy machine."""
+    base = Path(os.environ.get("EDGE_LORA_BENCH_DIR", Path(tempfile.gettempdir()) / "edge_lora_bench"))
+    shapes = {
+        "smollm2-135m, fp32 base": (make_model(base / "smollm2-135m-fp32"), "none"),
+        "qwen2.5-0.5b, int4 base": (make_model(base / "qwen2.5-0.5b-fp32", REAL_SIZE, "qwen2"), "int4"),
+    }
+    out = {}
+    for shape, (model_dir, quant) in shapes.items():
+        runs = []
+        for _ in range(rounds):
+            runs.append(
+                {c: _spawn(model_dir, steps, "ours", quant, False, c) for c in ("auto", "fp32", "bf16")}
+            )
+            print(
+                shape,
+                {c: (r["compute_dtype"], round(r["tokens_per_s"], 1)) for c, r in runs[-1].items()},
+                file=sys.stderr,
+            )
+        out[shape] = runs
+    return out
+
+
 def real_size_run(steps: int = 2) -> dict:
     """The Qwen2.5-0.5B shape (random weights; a 2 GB fp32 file, made once) at int4 for a few
-    steps: tokens/s, peak RSS and the time 1,000 examples of 256 tokens would take."""
+    steps, at auto, fp32 and bf16 compute: tokens/s, peak RSS and the time 1,000 examples of 256
+    tokens would take (at auto)."""
     base = Path(os.environ.get("EDGE_LORA_BENCH_DIR", Path(tempfile.gettempdir()) / "edge_lora_bench"))
     model_dir = make_model(base / "qwen2.5-0.5b-fp32", REAL_SIZE, "qwen2")
-    result = _spawn(model_dir, steps, "ours", "int4", False)
-    result["seconds_per_1000_examples"] = 1000 * SEQ / result["tokens_per_s"]
-    result["shape"] = "qwen2.5-0.5b (random weights), int4 base, rank 16 all-linear, batch 4 x 256"
-    print(
-        f"{'edge-lora int4, 0.5B shape':28s} {result['tokens_per_s']:7.1f} tok/s  "
-        f"peak RSS {result['peak_rss_mb']:7.0f} MB  "
-        f"{result['seconds_per_1000_examples'] / 60:.1f} min per 1,000 examples",
-        file=sys.stderr,
-    )
-    return result
+    out = {}
+    for compute in ("auto", "fp32", "bf16"):
+        result = _spawn(model_dir, steps, "ours", "int4", False, compute)
+        result["seconds_per_1000_examples"] = 1000 * SEQ / result["tokens_per_s"]
+        result["shape"] = "qwen2.5-0.5b (random weights), int4 base, rank 16 all-linear, batch 4 x 256"
+        print(
+            f"{'edge-lora int4, 0.5B, ' + compute:28s} {result['tokens_per_s']:7.1f} tok/s  "
+            f"peak RSS {result['peak_rss_mb']:7.0f} MB  ({result['compute_dtype']})",
+            file=sys.stderr,
+        )
+        out[compute] = result
+    return out
 
 
 def main(argv=None) -> int:
@@ -295,6 +370,12 @@ def main(argv=None) -> int:
     parser.add_argument("--quant", default="none", help=argparse.SUPPRESS)
     parser.add_argument("--grad-ckpt", action="store_true", help=argparse.SUPPRESS)
     parser.add_argument("--compute", default="auto", help=argparse.SUPPRESS)
+    parser.add_argument(
+        "--dtype-rounds",
+        type=int,
+        default=0,
+        help="only --compute-dtype auto / fp32 / bf16, interleaved, this many rounds per shape",
+    )
     parser.add_argument("--json", help="also write the results to this file")
     args = parser.parse_args(argv)
     if args.worker:
@@ -305,7 +386,7 @@ def main(argv=None) -> int:
         )
         print(json.dumps(result))
         return 0
-    results = run(args.quick)
+    results = dtype_rounds(args.dtype_rounds, args.steps) if args.dtype_rounds else run(args.quick)
     text = json.dumps(results, indent=2)
     print(text)
     if args.json:

@@ -66,8 +66,17 @@ class Ours:
         self.load_s = time.perf_counter() - t0
         for name in spec.get("adapters", ["a", "b"]):
             self.engine.add_adapter(name)
+        self.merge_quality = None
         if spec.get("merged"):
+            prompt = prompt_ids(spec.get("prompt", 64))
+            before = (
+                self.engine.logits(prompt, adapters={}),
+                self.engine.logits(prompt, adapters={"a": 1.0}),
+            )
             self.engine.merge("a")
+            from benchmarks.gguf_merge import merge_quality  # merged vs unmerged logits, same engine
+
+            self.merge_quality = merge_quality(self.engine.logits(prompt, adapters={}), before[1], before[0])
         self.spec = spec
 
     def decode(self, case: str, prompt: list[int], new_tokens: int) -> dict:
@@ -131,6 +140,7 @@ def cold_start(spec: dict) -> dict:
     options = {"quant": spec["quant"], "threads": spec["threads"]}
     if "plain_session" in spec:
         options["plain_session"] = spec["plain_session"]
+    options.update(spec.get("engine_options", {}))  # a lever under test (benchmarks.gguf_bench --memory)
     engine = runtime.load(spec["bundle"], backend=spec["backend"], **options)
     t1 = time.perf_counter()
     loaded = rss()  # the weights as the backend holds them (the report's "why" for the peak)
@@ -163,6 +173,7 @@ def cold_start(spec: dict) -> dict:
         "quant": spec["quant"],
         "plain_session": info.get("plain_session"),
         "n_ctx": info.get("n_ctx"),
+        "kv_positions": info.get("kv_positions"),
         "mmap": info.get("mmap"),
         **rss(),
     }
@@ -229,7 +240,9 @@ def main() -> int:
         return 0
     worker = _worker(spec)
     prompt = prompt_ids(spec["prompt"])
-    print(json.dumps({"ready": True, "load_s": getattr(worker, "load_s", None), **rss()}), flush=True)
+    quality = getattr(worker, "merge_quality", None)
+    ready = {"ready": True, "load_s": getattr(worker, "load_s", None), **rss()}
+    print(json.dumps({**ready, **({"merge_quality": quality} if quality else {})}), flush=True)
     for line in sys.stdin:
         cmd = json.loads(line)
         op = cmd["op"]

@@ -22,6 +22,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.lora_adapter import merged_variant_reason
 from edge_lora.onnx_format import names as onnx_names
 from edge_lora.onnx_format.layout import read_layout
+from edge_lora.token_rows import TokenId
 
 if TYPE_CHECKING:
     from converters.peft_tokens import BaseRows
@@ -36,9 +37,11 @@ def load_adapter(
     base_fingerprint: str,
     base_table: Callable[[np.ndarray], bool] | None = None,
     base_rows: BaseRows | None = None,
+    base_token_id: TokenId | None = None,
 ) -> Adapter:
     """Our adapter file or a PEFT directory, checked against the base it will ship with
-    (``base_table``: see converters/tied_head.py, for PEFT's copy of a tied head)."""
+    (``base_table``: see converters/tied_head.py, for PEFT's copy of a tied head; ``base_token_id``: the
+    base vocabulary's lookup, which refuses a new token the base already has)."""
     path = Path(path)
     if not path.exists():
         raise EdgeLoraError(
@@ -47,10 +50,12 @@ def load_adapter(
     if path.is_dir():
         from converters.peft import import_peft
 
-        adapter = import_peft(path, base=config, base_table=base_table, base_rows=base_rows)
+        adapter = import_peft(
+            path, base=config, base_table=base_table, base_rows=base_rows, base_token_id=base_token_id
+        )
         adapter.base_fingerprint = adapter.base_fingerprint or base_fingerprint  # PEFT records no fingerprint
         return adapter
-    return Adapter.load(path, base=config, base_fingerprint=base_fingerprint)
+    return Adapter.load(path, base=config, base_fingerprint=base_fingerprint, base_token_id=base_token_id)
 
 
 def write_adapter(

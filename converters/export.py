@@ -30,6 +30,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format import quant as gguf_quant
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names as onnx_names
+from edge_lora.token_rows import base_token_ids
 
 ONNX_QUANTS = onnx_names.QUANTS
 GGUF_QUANTS = gguf_quant.QUANTS
@@ -178,10 +179,18 @@ def _load_adapters(model: ModelDir, adapters: list[AdapterSource]) -> list[tuple
     from converters.peft_tokens import model_dir_rows
     from converters.tied_head import model_dir_check
 
+    token_id = base_token_ids(model.tokenizer_path) if adapters else None
     return [
         (
             src.name,
-            load_adapter(src.path, model.config, fingerprint, model_dir_check(model), model_dir_rows(model)),
+            load_adapter(
+                src.path,
+                model.config,
+                fingerprint,
+                model_dir_check(model),
+                model_dir_rows(model),
+                base_token_id=token_id,
+            ),
         )
         for src in adapters
     ]
@@ -233,7 +242,10 @@ def add_adapter(
     with progress.step(f"adapter {name}"):
         from converters.tied_head import bundle_check
 
-        adapter = load_adapter(source.path, bundle.config, bundle.base_fingerprint, bundle_check(bundle))
+        token_id = base_token_ids(bundle.require(bundle.tokenizer["tokenizer"]))
+        adapter = load_adapter(
+            source.path, bundle.config, bundle.base_fingerprint, bundle_check(bundle), base_token_id=token_id
+        )
         # a replacement goes to fresh file names: overwriting the files bundle.json vouches for would leave a
         # torn bundle if the process died before the new bundle.json is in place
         stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name

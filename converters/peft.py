@@ -26,6 +26,7 @@ from edge_lora.atomic import atomic_write_text
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import SafetensorsFile, save_tensors
+from edge_lora.token_rows import TokenId
 
 _RESAVE = "save the adapter again with PEFT's save_pretrained"
 PREFIX = "base_model.model."
@@ -123,8 +124,10 @@ def import_peft(
     base_fingerprint: str | None = None,
     base_table: Callable[[np.ndarray], bool] | None = None,
     base_rows: BaseRows | None = None,
+    base_token_id: TokenId | None = None,
 ) -> Adapter:
-    """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given).
+    """Read a PEFT LoRA directory into an :class:`Adapter` (validated against ``base`` when given, and
+    its new tokens against the base vocabulary's lookup ``base_token_id`` when given).
 
     ``base_table(saved)`` says whether a saved ``lm_head.base_layer.weight`` equals the base's tied
     table: equal, it is dropped with a note in ``extra["notes"]``; different (a fully trained head)
@@ -151,8 +154,8 @@ def import_peft(
         adapter.head_rows = tokens.head_rows
         adapter.replaced_tokens, adapter.replaced_embed_rows = tokens.replaced, tokens.replaced_embed
         adapter.replaced_head_rows = tokens.replaced_head
-    if base is not None:
-        adapter.check_fits(base, path=path)
+    if base is not None or base_token_id is not None:
+        adapter.check_fits(base, path=path, base_token_id=base_token_id)
     return adapter
 
 

@@ -40,6 +40,7 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import SafetensorsFile, save_tensors
 from edge_lora.targets import linear_modules
+from edge_lora.token_rows import TokenId, check_new_token_strings, check_token_rows, check_token_rows_fit
 
 
 @dataclass
@@ -150,8 +151,10 @@ class Adapter:
         base: ModelConfig | None = None,
         base_fingerprint: str | None = None,
         data: bytes | bytearray | memoryview | None = None,
+        base_token_id: TokenId | None = None,
     ) -> Adapter:
-        """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` also check it fits.
+        """Read and validate an adapter file; with ``base`` / ``base_fingerprint`` / ``base_token_id``
+        also check it fits (see :meth:`check_fits`).
 
         ``data``: the file's bytes, already read (and hash-checked) by the caller; the tensors are
         views of them and ``path`` only names the file in errors."""
@@ -186,8 +189,9 @@ class Adapter:
             replaced_head_rows=rows.get(REPLACED_HEAD_ROWS),
             extra=meta.get("extra") or {},
         )
-        if base is not None or base_fingerprint is not None:
-            adapter.check_fits(base, base_fingerprint, path=path)
+        check_token_rows(adapter, path)
+        if base is not None or base_fingerprint is not None or base_token_id is not None:
+            adapter.check_fits(base, base_fingerprint, path=path, base_token_id=base_token_id)
         return adapter
 
     def check_fits(
@@ -196,8 +200,10 @@ class Adapter:
         base_fingerprint: str | None = None,
         *,
         path: str | os.PathLike | None = None,
+        base_token_id: TokenId | None = None,
     ) -> None:
-        """Refuse an adapter made for another base, naming the base it was made for."""
+        """Refuse an adapter made for another base, naming the base it was made for; with
+        ``base_token_id`` (the base vocabulary's lookup) also a new token the base already has."""
         if base_fingerprint and self.base_fingerprint and base_fingerprint != self.base_fingerprint:
             raise EdgeLoraError(
                 f"adapter was made for base {self.base_architecture} {self.base_fingerprint[:19]}…, "
@@ -205,6 +211,8 @@ class Adapter:
                 path=path,
                 hint="wrong base model? export the adapter's own base, or retrain the adapter on this one",
             )
+        if base_token_id is not None:
+            check_new_token_strings(self.added_tokens, base_token_id, path)
         if base is None:
             return
         if self.base_architecture != base.architecture:
@@ -229,27 +237,7 @@ class Adapter:
                     path=path,
                     hint="wrong base model?",
                 )
-        n_new, n_replaced = len(self.added_tokens), len(self.replaced_tokens)
-        for rows, count in (
-            (self.embed_rows, n_new),
-            (self.head_rows, n_new),
-            (self.replaced_embed_rows, n_replaced),
-            (self.replaced_head_rows, n_replaced),
-        ):
-            if rows is not None and (rows.ndim != 2 or rows.shape != (count, base.hidden_size)):
-                raise EdgeLoraError(
-                    f"token rows {list(rows.shape)} do not fit hidden size "
-                    f"{base.hidden_size} and {count} tokens",
-                    path=path,
-                    hint="wrong base model?",
-                )
-        bad = [i for i in self.replaced_tokens if not 0 <= i < base.vocab_size]
-        if bad or (self.replaced_tokens and self.replaced_embed_rows is None):
-            raise EdgeLoraError(
-                f"replaced token ids {bad[:4] or self.replaced_tokens[:4]} are not base ids with rows",
-                path=path,
-                hint=REMAKE,
-            )
+        check_token_rows_fit(self, base, path)
 
 
 def _read_checked(

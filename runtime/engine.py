@@ -101,7 +101,11 @@ class Engine(ABC):
         checked, check = self._read_checked(source, rel, entry)
         try:
             adapter = Adapter.load(
-                source, base=self.config, base_fingerprint=self.bundle.base_fingerprint, data=checked.data
+                source,
+                base=self.config,
+                base_fingerprint=self.bundle.base_fingerprint,
+                data=checked.data,
+                base_token_id=self.tokenizer.token_to_id,  # a new token the base has: refused (token_rows.py)
             )
             handle = self._attach(name, adapter, source)
         except EdgeLoraError:

@@ -83,7 +83,7 @@ class LlamaCppAdapters:
 
         start = time.perf_counter()
         path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
-        write_merged_gguf(self._model.path, path, self.config, adapter, 1.0)
+        write_merged_gguf(self._model.path, path, self.config, adapter, 1.0, self._merge_precision)
         model = self._new_model(path)
         try:
             ctx = self._new_context(model)
@@ -162,7 +162,9 @@ class LlamaCppAdapters:
 
         with self._ctx_lock:
             merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"
-            write_merged_gguf(self._model.path, merged, self.config, loaded.adapter, scale)
+            write_merged_gguf(
+                self._model.path, merged, self.config, loaded.adapter, scale, self._merge_precision
+            )
             previous = self._model.path
             self._unload()
             self._load(merged)

@@ -35,9 +35,14 @@ from runtime.devices import CPU, check_device
 from runtime.engine import DecodeState, Engine, LoadedAdapter
 from runtime.llamacpp_adapters import LlamaCppAdapters
 from runtime.llamacpp_context import Context
+from runtime.llamacpp_merge import check_precision
 from runtime.llamacpp_model import Model
 
 DEFAULT_MAX_CTX = 4096
+# positions a context starts with; it doubles (up to n_ctx) when a request needs more: llama.cpp zeroes
+# its whole KV cache at creation, so a 2048-position f16 cache cost 47 MB of RSS (SmolLM2-135M) whether
+# a request used 96 positions or all of them
+DEFAULT_START_CTX = 256
 
 
 class LlamaCppEngine(LlamaCppAdapters, Engine):
@@ -59,18 +64,25 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         n_batch: int = 512,
         n_ubatch: int | None = None,
         mmap: bool | None = None,
+        merge_precision: str = "base",
+        n_ctx_start: int | None = DEFAULT_START_CTX,
     ) -> None:
         """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of
         PyTorch). Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
-        when llama.cpp repacks the weights); the KV cache holds ``n_ctx`` positions, allocated and
-        zeroed at load (f16: 90 MB for SmolLM2-135M at 4096, so pass the context the app needs);
+        when llama.cpp repacks the weights); ``n_ctx`` is the longest context a request may reach; the KV
+        cache starts at ``n_ctx_start`` positions and doubles, up to ``n_ctx``, when a request needs
+        more (the context is made again and the request's tokens evaluated again: one prefill per
+        doubling). ``n_ctx_start=None`` allocates all ``n_ctx`` at load (f16: 90 MB for SmolLM2-135M
+        at 4096), as llama.cpp zeroes the whole cache when it makes it;
         ``n_batch`` tokens go into one ``llama_decode``, ``n_ubatch`` (default ``n_batch``) into one
         compute graph, whose buffer llama.cpp reserves for the worst case but touches only as used:
         ``n_ubatch`` 128 instead of 512 saved 3 MB after a 256-token prompt and doubled its prefill time.
         ``use_extra_bufts=None`` decides from the CPU (off on Intel AMX, where it crashed).
         ``device="gpu"`` offloads ``n_gpu_layers`` layers (all by default) to llama.cpp's GPU backend
         (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
-        every tensor and op on the CPU even in a GPU build."""
+        every tensor and op on the CPU even in a GPU build. ``merge_precision``: what ``merge`` (and a
+        merged variant) writes a 4/5-bit base's merged tensors as: ``"base"`` its own type, at its speed,
+        rounded to keep the adapter (:mod:`runtime.llamacpp_merge`); ``"q8_0"`` closer to unmerged, slower."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         lib.silence_log(verbose)
         self.device, self._gpus = (CPU, []) if check_device(device) == "cpu" else lib.find_gpu(device)
@@ -84,11 +96,13 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self.quant = entry.get("quant")
         self._model_path = self.bundle.verify_file(rel) if verify_hashes else self.bundle.require(rel)
         self._precise = bool(precise)
+        self._merge_precision = check_precision(merge_precision)
         all_layers = self.config.num_hidden_layers + 1  # the output layer counts as one more
         self._n_gpu_layers = (all_layers if n_gpu_layers is None else int(n_gpu_layers)) if self._gpus else 0
         self._use_extra_bufts = use_extra_bufts
         self._threads = int(threads or os.cpu_count() or 1)
         self._n_ctx = int(n_ctx or min(self.config.max_position_embeddings, DEFAULT_MAX_CTX))
+        self._n_ctx_start = min(self._n_ctx, int(n_ctx_start or self._n_ctx))
         self._n_batch, self._n_ubatch, self._mmap = int(n_batch), n_ubatch, mmap
         self._tmp = tempfile.TemporaryDirectory(prefix="edge-lora-llamacpp-")
         # rewriting one file reuses its cached pages: a fresh 20 MB file cost ~3x as much to write
@@ -109,10 +123,10 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
             use_mmap=self._mmap,
         )
 
-    def _new_context(self, model: Model) -> Context:
+    def _new_context(self, model: Model, n_ctx: int | None = None) -> Context:
         return Context(
             model,
-            n_ctx=self._n_ctx,
+            n_ctx=n_ctx or self._n_ctx_start,
             threads=self._threads,
             n_batch=self._n_batch,
             n_ubatch=self._n_ubatch,
@@ -181,6 +195,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
     ) -> np.ndarray:
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
+            self._make_room(len(ids), adapter_set, loaded)
             self._forget_cache()
             logits = self._decode(ids, 0, loaded, all_logits=True)
             self._cache_tokens = list(ids)
@@ -224,6 +239,28 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self._ctx.set_adapters([p for p, _ in used], [s for _, s in used])
         self._cache_key = key
 
+    def _make_room(
+        self, needed: int, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
+    ) -> None:
+        """Give the active context at least ``needed`` positions (doubling, at most n_ctx): made again,
+        its cache empty, the adapter set applied to it. Beyond n_ctx the decode refuses, saying so."""
+        old = self._ctx
+        if needed <= old.n_ctx or old.n_ctx >= self._n_ctx:
+            return
+        size = min(self._n_ctx, max(needed, 2 * old.n_ctx))
+        old.free()  # first: the two caches are never held at once
+        try:
+            new = self._new_context(old.model, size)
+        except EdgeLoraError:
+            new = self._new_context(old.model, old.n_ctx)  # keep serving at the old size
+        if old is self._base_ctx:
+            self._base_ctx = new
+        for la in self._adapters.values():
+            if la.handle.variant is not None and la.handle.variant.ctx is old:
+                la.handle.variant.ctx = new
+        self._ctx, self._cache_key, self._cache_tokens = new, None, []
+        self._use_set(adapter_set, loaded)
+
     def _forget_cache(self) -> None:
         self._ctx.clear()
         self._cache_tokens = []
@@ -234,6 +271,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         """Logits after ``history``, reusing the cached prefix computed under the same adapter set."""
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
+            self._make_room(len(history), adapter_set, loaded)
             cached = self._cache_tokens
             common = 0
             limit = min(len(cached), len(history) - 1)  # always evaluate at least one token for its logits
@@ -280,11 +318,13 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
             "quant": self.quant,
             "model_file": str(self._model.path),
             "n_ctx": self._n_ctx,
+            "kv_positions": self._ctx.n_ctx,
             "threads": self._threads,
             "merged_variants": variants,
             "n_gpu_layers": self._n_gpu_layers,
             "use_extra_bufts": self._model.use_extra_bufts,
             "precise": self._precise,
+            "merge_precision": self._merge_precision,
             "mmap": self._model.use_mmap,
             "n_batch": self._base_ctx.n_batch,
             "n_ubatch": self._base_ctx.n_ubatch,

@@ -40,6 +40,7 @@ class Context:
         params.n_batch = self.n_batch
         params.n_ubatch = self.n_ubatch
         params.n_seq_max = 1
+        params.no_perf = True  # no timing counters per decode: nothing here reads them
         params.n_threads = params.n_threads_batch = int(threads)
         if (
             precise

@@ -1,10 +1,18 @@
 """Merge an adapter into a GGUF base: dequantize each target weight, add the LoRA delta, requantize.
 
-The result is a new GGUF with the same metadata and tensor types, but for the merged tensors of a
-base below 8 bits, which are written as q8_0 (f16 where a row does not split into 32-value blocks):
-a 4- or 5-bit grid cannot hold an adapter's delta, which is mostly smaller than half its step, so a
-merge requantized onto it gave nearly the base back (measured on the Qwen2.5-0.5B shape, q4_k_m:
-merged vs unmerged 3.5 logit std). llama.cpp then runs it with no per-token adapter cost.
+The result is a new GGUF with the same metadata and tensor types. ``precision`` says what a merged
+tensor of a base below 8 bits becomes:
+
+- ``"base"`` (default): the base's own type (q4_0, q4_1, q5_0, q5_1), so the merged model decodes at
+  the base's speed. Rounded to the nearest grid point the adapter's delta, mostly under half a
+  step, would vanish (merged about as far from unmerged as the base is); so the values are chosen
+  on the base's own block grid with the adapter-aware rounding of :mod:`runtime.llamacpp_requant`.
+  K-quants have no such encoder here and go to q8_0.
+- ``"q8_0"``: q8_0 (f16 where a row does not split into 32-value blocks): the delta survives nearly
+  whole (merged vs unmerged logit std 0.13 on the Qwen2.5-0.5B shape, q4_k_m), but q8_0 decodes at
+  0.72x a q4_0 base (SmolLM2-135M shape).
+
+Either way llama.cpp then runs the merged model with no per-token adapter cost.
 """
 
 from __future__ import annotations
@@ -20,17 +28,31 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.file_write import write_gguf
 from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
-from edge_lora.gguf_format.quant import decode, encode
+from edge_lora.gguf_format.quant import GRID_TYPES, block_grid, decode, encode, fit_grid, pack_codes
+from runtime.llamacpp_requant import BlockGrid, round_to_grid
 
 if TYPE_CHECKING:
     import gguf
 
 _SKIP_KEYS = ("GGUF.", "general.architecture")  # the writer writes these itself
 HEAD, EMBD = "output.weight", "token_embd.weight"
+PRECISIONS = ("base", "q8_0")
 
 
-def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapter, scale: float) -> Path:
+def check_precision(precision: str) -> str:
+    if precision not in PRECISIONS:
+        raise EdgeLoraError(
+            f"unknown merge precision {precision!r}", hint=f"choose one of {', '.join(PRECISIONS)}"
+        )
+    return precision
+
+
+def write_merged_gguf(
+    src: Path, dst: Path, config: ModelConfig, adapter: Adapter, scale: float, precision: str = "base"
+) -> Path:
     import gguf
+
+    check_precision(precision)
 
     try:
         reader = gguf.GGUFReader(os.fspath(src))
@@ -60,7 +82,7 @@ def write_merged_gguf(src: Path, dst: Path, config: ModelConfig, adapter: Adapte
         if tensor.name not in deltas:
             writer.add_tensor(tensor.name, tensor.data, raw_dtype=qtype)
         for name in targets:
-            _add_merged(writer, name, tensor, qtype, config, adapter, deltas[name], scale)
+            _add_merged(writer, name, tensor, qtype, config, adapter, deltas[name], scale, precision)
     return write_gguf(writer, dst, "merged GGUF")
 
 
@@ -73,6 +95,7 @@ def _add_merged(
     adapter: Adapter,
     module: str,
     scale: float,
+    precision: str,
 ) -> None:
     """``name`` = ``tensor`` with ``module`` merged in (DoRA's row rescale included, as in
     :meth:`Adapter.merged_weight`), requantized. Rows are in llama.cpp's order; DoRA's norms are per
@@ -87,6 +110,12 @@ def _add_merged(
         mag = to_gguf_rows(config, module, magnitude.astype(np.float64)[:, None])[:, 0]
         norm = np.linalg.norm(weight.astype(np.float64), axis=1)
         weight = (weight * (mag / np.maximum(norm, 1e-12))[:, None]).astype(np.float32)
+    if precision == "base" and qtype.name in GRID_TYPES and name == tensor.name:
+        step, offset, levels = block_grid(tensor.data, qtype, shape)
+        step, offset, _ = fit_grid(weight, step, offset, qtype)
+        codes = round_to_grid(weight, BlockGrid(step, offset, levels), adapter.modules[module].a)
+        writer.add_tensor(name, pack_codes(codes, step, offset, qtype), raw_dtype=qtype)
+        return
     out_type = qtype if qtype in (T.F32, T.F16, T.BF16, T.Q8_0) else T.Q8_0  # the types that keep the delta
     if out_type == T.Q8_0 and shape[-1] % 32:
         out_type = T.F16

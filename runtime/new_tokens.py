@@ -22,6 +22,7 @@ import numpy as np
 from edge_lora.adapter import Adapter
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
+from edge_lora.token_rows import check_token_rows_fit
 
 
 @dataclass(frozen=True)
@@ -116,21 +117,11 @@ def combine(adapters: list[tuple[str, Adapter]], config: ModelConfig) -> AddedVo
 
 
 def _new_rows(name: str, adapter: Adapter, config: ModelConfig):
+    check_token_rows_fit(adapter, config)  # the checks adding ran (edge_lora/token_rows.py), once more here
     if not adapter.added_tokens:
         return []
     rows = adapter.embed_rows
-    if rows is None:
-        raise EdgeLoraError(
-            f"adapter {name!r} lists new tokens but holds no embedding rows for them",
-            hint="train or import the adapter again",
-        )
     out = rows if config.tie_word_embeddings else adapter.head_rows
-    if out is None:
-        raise EdgeLoraError(
-            f"adapter {name!r} adds tokens to a base with an untied output layer but holds no "
-            "output rows for them",
-            hint="train the adapter again (the trainer saves lm_head rows)",
-        )
     return [
         (i, text, np.asarray(rows[i], np.float32), np.asarray(out[i], np.float32))
         for i, text in enumerate(adapter.added_tokens)
@@ -142,11 +133,6 @@ def _replaced_rows(adapter: Adapter, config: ModelConfig):
         return []
     rows = adapter.replaced_embed_rows
     out = rows if config.tie_word_embeddings else adapter.replaced_head_rows
-    if rows is None or out is None:
-        raise EdgeLoraError(
-            "an adapter replaces base token rows but lacks the embedding or output rows",
-            hint="import the adapter again",
-        )
     return [
         (int(k), np.asarray(rows[j], np.float32), np.asarray(out[j], np.float32))
         for j, k in enumerate(adapter.replaced_tokens)

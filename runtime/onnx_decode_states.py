@@ -1,79 +1,74 @@
-"""One sequence's decoding on the ONNX engine: its KV cache and the run of each feed.
+"""One sequence's decoding through ONNX Runtime's Python binding: its KV cache and the run of each feed.
 
-Decoding on the fast variant (GroupQueryAttention) on CPU runs through an IOBinding with the KV
-cache in preallocated buffers that GroupQueryAttention updates in place (:class:`SharedKVState`);
-the portable variant (Concat KV cache) and device providers hand new KV OrtValues from one run to
-the next (:class:`OnnxState`).
+The fast variant on the GPU (and on a CPU engine asked for the Python binding) runs through an
+IOBinding with the KV cache in preallocated buffers that GroupQueryAttention updates in place
+(:class:`SharedKVState`); the portable variant (Concat KV cache) and other providers hand new KV
+OrtValues from one run to the next (:class:`OnnxState`). The CPU's own path is
+:class:`runtime.onnx_cpu_state.CpuKVState` (the C API).
 """
 
 from __future__ import annotations
 
 import contextlib
-from typing import TYPE_CHECKING
 
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import lora_feeds, names
 from runtime.engine import DecodeState
-from runtime.onnx_adapter_sets import RequestChoice, logit_columns
+from runtime.onnx_cpu_state import KV_BLOCK
 from runtime.onnx_device import DEVICE_LOCK
-
-if TYPE_CHECKING:
-    from runtime.onnx_backend import OnnxEngine
-
-KV_BLOCK = 256  # a shared KV cache starts at the first feed rounded up to this, then doubles
+from runtime.onnx_request import DecodeSetup, RequestChoice
 
 
-def decode_error(engine: OnnxEngine, err: Exception) -> EdgeLoraError:
-    return EdgeLoraError(f"ONNX Runtime failed during decoding ({first_line(err)})", path=engine.model_path)
+def decode_error(setup: DecodeSetup, err: Exception) -> EdgeLoraError:
+    return EdgeLoraError(f"ONNX Runtime failed during decoding ({first_line(err)})", path=setup.model_path)
 
 
 class OnnxState(DecodeState):
     """One sequence's KV cache (OrtValues handed from one run to the next) under one adapter set:
     the portable variant's Concat cache, and any variant on a device provider."""
 
-    def __init__(self, engine: OnnxEngine, choice: RequestChoice) -> None:
-        self.engine, self.session, self.lora, self.run_options = (
-            engine,
+    def __init__(self, setup: DecodeSetup, choice: RequestChoice) -> None:
+        self.setup, self.session, self.lora, self.run_options = (
+            setup,
             choice.session,
             choice.lora,
             choice.run_options,
         )
         self._owner = choice.owner
-        c = engine.config
-        ort = engine._ort
+        c = setup.config
         empty = np.zeros((1, c.num_key_value_heads, 0, c.head_dim), np.float32)
         self._empty = empty
-        self.past = [ort.OrtValue.ortvalue_from_numpy(empty)] * (2 * c.num_hidden_layers)
+        self.past = [setup.sessions.value(empty)] * (2 * c.num_hidden_layers)
         self.length = 0
-        self.output_names = engine.output_names
-        self.added, _ = logit_columns(engine, choice)  # new-token rows fed
+        self.output_names = setup.sessions.output_names
+        self.added = choice.added_rows  # new-token rows fed
 
     def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
         (``[1, 1, vocab]`` with ``last_only``: the head then skips the other positions)."""
-        ort, c = self.engine._ort, self.engine.config
+        value, c = self.setup.sessions.value, self.setup.config
         ids = np.asarray([token_ids], dtype=np.int64)
         mask = np.ones((1, self.length + ids.shape[1]), dtype=np.int64)
         feeds = {
-            names.INPUT_IDS: ort.OrtValue.ortvalue_from_numpy(ids),
-            names.ATTENTION_MASK: ort.OrtValue.ortvalue_from_numpy(mask),
+            names.INPUT_IDS: value(ids),
+            names.ATTENTION_MASK: value(mask),
         }
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
             ids, index = lora_feeds.split_added_ids(ids, c.vocab_size)
-            feeds[names.INPUT_IDS] = ort.OrtValue.ortvalue_from_numpy(ids)
-            feeds[names.ADDED_INDEX] = ort.OrtValue.ortvalue_from_numpy(index)
+            feeds[names.INPUT_IDS] = value(ids)
+            feeds[names.ADDED_INDEX] = value(index)
         for i in range(c.num_hidden_layers):
             feeds[names.past_key(i)] = self.past[2 * i]
             feeds[names.past_value(i)] = self.past[2 * i + 1]
         feeds.update(self.lora)
-        if last_only and self.engine.keeps_last:
-            feeds[names.LOGITS_TO_KEEP] = self.engine.keep_one
+        if last_only and self.setup.sessions.keeps_last:
+            feeds[names.LOGITS_TO_KEEP] = self.setup.sessions.keep_one
         try:
             outs = self.session.run_with_ort_values(self.output_names, feeds, self.run_options)
         except Exception as err:
-            raise decode_error(self.engine, err) from None
+            raise decode_error(self.setup, err) from None
         self.past = list(outs[1:])
         self.length = mask.shape[1]
         return outs[0].numpy()
@@ -100,9 +95,8 @@ class SharedKVState(DecodeState):
     doubling), and the LoRA values are the engine's device copies.
     """
 
-    def __init__(self, engine: OnnxEngine, choice: RequestChoice) -> None:
-        ort = engine._ort
-        self.engine, self.session, self.gpu = engine, choice.session, engine.gpu
+    def __init__(self, setup: DecodeSetup, choice: RequestChoice) -> None:
+        self.setup, self.session, self.gpu = setup, choice.session, setup.gpu
         self._owner = choice.owner  # the adapter reader whose memory the bound LoRA values point into
         self.binding = choice.session.io_binding()
         with DEVICE_LOCK if self.gpu else contextlib.nullcontext():
@@ -112,11 +106,11 @@ class SharedKVState(DecodeState):
         self.cache: list = []  # K0, V0, K1, V1, ...: numpy arrays, or device OrtValues on the GPU
         self.logits: np.ndarray | None = None  # the bound output buffer
         self._token = np.zeros((1, 1), np.int64)  # a one-token feed is written here, bound once
-        self._token_value = ort.OrtValue.ortvalue_from_numpy(self._token)
+        self._token_value = setup.sessions.value(self._token)
         self._ids_bound = 0  # how many ids the bound input_ids holds
         self._keep = None  # the bound logits_to_keep value
-        self._mask = engine.mask_ones.ctypes.data  # masks are [1, total] views of it, bound by pointer
-        self.added, self.width = logit_columns(engine, choice)  # new-token rows fed, and the logits' width
+        self._mask = setup.mask_ones.ctypes.data  # masks are [1, total] views of it, bound by pointer
+        self.added, self.width = choice.added_rows, setup.logits_width(choice)
 
     def run(self, token_ids: list[int], last_only: bool = False) -> np.ndarray:
         """Run ``token_ids`` after the cached ones; returns logits ``[1, len(token_ids), vocab]``
@@ -128,17 +122,17 @@ class SharedKVState(DecodeState):
             return self._run(token_ids, last_only)
 
     def _run(self, token_ids: list[int], last_only: bool) -> np.ndarray:
-        engine, n = self.engine, len(token_ids)
+        setup, n = self.setup, len(token_ids)
         total = self.length + n
         if total > self.capacity:
             self._reserve(total)
         self._bind_ids(token_ids)
         self.binding.bind_input(names.ATTENTION_MASK, "cpu", 0, np.int64, [1, total], self._mask)
-        self._bind_logits(1 if last_only and engine.keeps_last else n, last_only)
+        self._bind_logits(1 if last_only and setup.sessions.keeps_last else n, last_only)
         try:
             self.session.run_with_iobinding(self.binding)
         except Exception as err:
-            raise decode_error(engine, err) from None
+            raise decode_error(setup, err) from None
         self.length = total  # positions past it that a failed run wrote are overwritten next time
         return self.logits
 
@@ -154,8 +148,8 @@ class SharedKVState(DecodeState):
     def _bind_ids(self, token_ids: list[int]) -> None:
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
             ids = np.asarray([token_ids], dtype=np.int64)
-            ids, index = lora_feeds.split_added_ids(ids, self.engine.config.vocab_size)
-            value = self.engine._ort.OrtValue.ortvalue_from_numpy
+            ids, index = lora_feeds.split_added_ids(ids, self.setup.config.vocab_size)
+            value = self.setup.sessions.value
             self.binding.bind_ortvalue_input(names.INPUT_IDS, value(ids))
             self.binding.bind_ortvalue_input(names.ADDED_INDEX, value(index))
             self._ids_bound = 0
@@ -166,35 +160,33 @@ class SharedKVState(DecodeState):
                 self.binding.bind_ortvalue_input(names.INPUT_IDS, self._token_value)
         else:
             ids = np.asarray([token_ids], dtype=np.int64)
-            self.binding.bind_ortvalue_input(
-                names.INPUT_IDS, self.engine._ort.OrtValue.ortvalue_from_numpy(ids)
-            )
+            self.binding.bind_ortvalue_input(names.INPUT_IDS, self.setup.sessions.value(ids))
         self._ids_bound = len(token_ids)
 
     def _bind_logits(self, rows: int, last_only: bool) -> None:
-        engine = self.engine
-        if engine.keeps_last:
-            keep = engine.keep_one if last_only else engine.keep_all  # the binding keeps the last value bound
+        sessions = self.setup.sessions
+        if sessions.keeps_last:
+            keep = (
+                sessions.keep_one if last_only else sessions.keep_all
+            )  # the binding keeps the last value bound
             if keep is not self._keep:
                 self.binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, keep)
                 self._keep = keep
         if self.logits is None or self.logits.shape[1] != rows:
             self.logits = np.empty((1, rows, self.width), np.float32)
-            self.binding.bind_ortvalue_output(
-                names.LOGITS, engine._ort.OrtValue.ortvalue_from_numpy(self.logits)
-            )
+            self.binding.bind_ortvalue_output(names.LOGITS, sessions.value(self.logits))
 
     def _reserve(self, total: int) -> None:
         """Grow the KV buffers to hold ``total`` positions: double, at least the next block."""
-        engine, c = self.engine, self.engine.config
-        if total > engine.max_context:
+        setup, c = self.setup, self.setup.config
+        if total > setup.max_context:
             raise EdgeLoraError(
-                f"{total} tokens exceed the context of {engine.max_context}", hint="shorten the prompt"
+                f"{total} tokens exceed the context of {setup.max_context}", hint="shorten the prompt"
             )
-        capacity = min(engine.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
+        capacity = min(setup.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
         shape = (1, c.num_key_value_heads, capacity, c.head_dim)
         old, self.cache = self.cache, []
-        for i, (past, present) in enumerate(engine.cache_names):
+        for i, (past, present) in enumerate(setup.cache_names):
             # uninitialized: GroupQueryAttention reads only the positions the mask covers (a test
             # fills the rest with NaN), and zeroing 2048 positions would cost ~2 ms per growth
             if self.gpu:
@@ -207,9 +199,7 @@ class SharedKVState(DecodeState):
                 buffer = np.empty(shape, np.float32)
                 if self.length:
                     buffer[:, :, : self.length] = old[i][:, :, : self.length]
-                value = engine._ort.OrtValue.ortvalue_from_numpy(
-                    buffer
-                )  # the binding keeps it (and the array) alive
+                value = setup.sessions.value(buffer)  # the binding keeps it (and the array) alive
             self.binding.bind_ortvalue_input(past, value)
             self.binding.bind_ortvalue_output(present, value)
             self.cache.append(buffer)

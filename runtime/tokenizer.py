@@ -13,6 +13,7 @@ import threading
 from collections.abc import Iterable
 
 from edge_lora.errors import EdgeLoraError
+from edge_lora.token_rows import check_new_token_strings
 
 
 class Tokenizer:
@@ -61,12 +62,7 @@ class Tokenizer:
         from tokenizers import AddedToken
         from tokenizers import Tokenizer as _Tokenizer
 
-        clashes = [t for t in tokens if self._tok.token_to_id(t) is not None]
-        if clashes:
-            raise EdgeLoraError(
-                f"new token {clashes[0]!r} is already in the base vocabulary",
-                hint="train the adapter with token strings the base does not have",
-            )
+        check_new_token_strings(tokens, self._tok.token_to_id)  # adding refused these already
         view = Tokenizer.__new__(Tokenizer)
         view._tok = _Tokenizer.from_str(self._tok.to_str())
         view._tok.add_tokens([AddedToken(t, special=False, normalized=False) for t in tokens])

@@ -38,13 +38,11 @@ if [ ${#need[@]} -gt 0 ] || [ "$(mesa_major || echo 0)" -lt $MESA_MIN ] 2>/dev/n
   apt-get update -qq
   target=()
   if [ "$(apt-cache policy mesa-vulkan-drivers | sed -n 's/ *Candidate: *\([0-9]*\).*/\1/p')" -lt $MESA_MIN ]; then
-    . /etc/os-release
-    [ "${ID:-}" = debian ] || { say "this release's Mesa is older than $MESA_MIN: install a newer mesa-vulkan-drivers (lavapipe) by hand"; exit 2; }
-    say "Mesa from ${VERSION_CODENAME}-backports (the release's own is older than $MESA_MIN)"
-    printf 'Types: deb\nURIs: http://deb.debian.org/debian\nSuites: %s-backports\nComponents: main\nSigned-By: /usr/share/keyrings/debian-archive-keyring.gpg\n' \
-      "$VERSION_CODENAME" > /etc/apt/sources.list.d/edge-lora-backports.sources
-    apt-get update -qq
-    target=(-t "${VERSION_CODENAME}-backports")
+    # backports from the mirror the machine's own apt sources name (never a host written here)
+    suite=$(bash "$here/enable-backports.sh") \
+      || { say "this release's Mesa is older than $MESA_MIN: install a newer mesa-vulkan-drivers (lavapipe) by hand"; exit 2; }
+    say "Mesa from $suite (the release's own is older than $MESA_MIN)"
+    target=(-t "$suite")
   fi
   say "apt-get install ${need[*]} mesa-vulkan-drivers"
   DEBIAN_FRONTEND=noninteractive apt-get install -y -qq "${need[@]}" >/dev/null

@@ -5,11 +5,17 @@ import pytest
 
 sys.path.insert(0, str(Path(__file__).parent))
 
-from gpu_env import SETUP_HINT, enable_software_gpu, gpu_required  # noqa: E402
-
-enable_software_gpu()  # before any test imports onnxruntime or llama_cpp
-
+from gpu_env import SETUP_HINT, gpu_required, software_gpu  # noqa: E402
 from tiny_models import FAMILIES, make_model_dir  # noqa: E402
+
+
+@pytest.fixture(scope="session", autouse=True)
+def software_gpu_switches():
+    """The software-GPU switches for this process's libraries, from the first test on (they read them
+    once, at first use, in whichever test that is); restored after the session. Children get them only
+    through ``gpu_env.child_env(gpu=True)``."""
+    with software_gpu() as added:
+        yield added
 
 
 @pytest.fixture(scope="session")

@@ -17,6 +17,7 @@ import time
 from pathlib import Path
 
 import pytest
+from gpu_env import child_env
 from make_bad_corpus import build_backend_corpus, build_corpus
 from security_helpers import RegistryEngine, make_adapter, make_core_bundle
 from tiny_models import make_model_dir
@@ -326,7 +327,6 @@ def test_cli_inspect_describes_or_refuses_every_case(corpus, backend_corpus, cap
 @pytest.mark.parametrize("name", ["memory_bomb_4_tib_tensor", "bundle_entry_dotdot", "peft_only_pickled_bin"])
 def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dirs, base, name):
     """The real process: non-zero exit, one line on stderr; --verbose adds the traceback."""
-    import os
     import subprocess
     import sys
 
@@ -335,7 +335,7 @@ def test_cli_process_exit_code_and_verbose_traceback(corpus, tmp_path, model_dir
         tmp_path / "good", model_dirs["llama"], {"sql": make_adapter(base.config, base.fingerprint)}
     )
     argv = cli_commands(case, good_bundle, tmp_path)[0]
-    env = dict(os.environ, PYTHONPATH=str(Path(__file__).resolve().parents[1]))
+    env = child_env(PYTHONPATH=str(Path(__file__).resolve().parents[1]))
 
     def run(extra: list[str]) -> subprocess.CompletedProcess:
         return subprocess.run(

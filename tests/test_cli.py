@@ -11,6 +11,7 @@ import sys
 import numpy as np
 import pytest
 from factories import adapter_file
+from gpu_env import child_env
 
 from edge_lora.app.cli import main
 
@@ -232,7 +233,11 @@ def test_console_entry_point_runs_as_a_module():
     """``python -m edge_lora --help`` lists exactly the verbs (the first word of each listed line, not a
     word found anywhere in the help: "run" is also in "run the benchmarks")."""
     proc = subprocess.run(
-        [sys.executable, "-m", "edge_lora", "--help"], capture_output=True, text=True, timeout=60
+        [sys.executable, "-m", "edge_lora", "--help"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=child_env(),
     )
     assert proc.returncode == 0
     listed = re.findall(r"^ {4}([a-z]+)(?: {2,}|$)", proc.stdout, flags=re.MULTILINE)
@@ -247,7 +252,9 @@ def test_runtime_verbs_do_not_import_torch(files):
         "assert rc == 0 and 'torch' not in sys.modules and 'converters' not in sys.modules, "
         "sorted(sys.modules)"
     )
-    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True, timeout=120)
+    proc = subprocess.run(
+        [sys.executable, "-c", code], capture_output=True, text=True, timeout=120, env=child_env()
+    )
     assert proc.returncode == 0, proc.stderr
 
 

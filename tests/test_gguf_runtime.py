@@ -195,7 +195,7 @@ def test_memory_knobs_keep_the_logits(bundle):
     prompt = PROMPT * 6
     default = _engine(bundle, "a", quant="q8_0")
     info = default.info()
-    assert info["n_batch"] == info["n_ubatch"] == min(512, info["n_ctx"])
+    assert info["n_batch"] == info["n_ubatch"] == min(512, info["kv_positions"])  # the KV cache's size now
     assert info["mmap"] == (not info["use_extra_bufts"])  # a repacked copy must not leave the mapped one
     small = _engine(bundle, "a", quant="q8_0", mmap=False, n_ubatch=16, n_ctx=128)
     assert (small.info()["mmap"], small.info()["n_ubatch"], small.max_context) == (False, 16, 128)
@@ -204,3 +204,22 @@ def test_memory_knobs_keep_the_logits(bundle):
         np.testing.assert_allclose(small.logits(prompt, adapters=chosen), want, atol=1e-4)
         want = default.generate_ids(PROMPT, GREEDY, adapters=chosen)
         assert small.generate_ids(PROMPT, GREEDY, adapters=chosen) == want
+
+
+def test_kv_cache_grows_with_use_and_keeps_the_logits(bundle):
+    """A context that starts small and doubles when a request needs more gives the logits and text of
+    one allocated whole; past n_ctx the request is refused, saying so."""
+    prompt = (PROMPT * 6)[:40]
+    whole = _engine(bundle, "a", quant="q8_0", n_ctx=128, n_ctx_start=None)
+    grown = _engine(bundle, "a", quant="q8_0", n_ctx=128, n_ctx_start=16)
+    assert (whole.info()["kv_positions"], grown.info()["kv_positions"]) == (128, 16)
+    for chosen in ({"a": 1.0}, {}):
+        np.testing.assert_allclose(
+            grown.logits(prompt, adapters=chosen), whole.logits(prompt, adapters=chosen), atol=1e-4
+        )
+        assert grown.generate_ids(prompt, GREEDY, adapters=chosen) == whole.generate_ids(
+            prompt, GREEDY, adapters=chosen
+        )
+    assert grown.info()["kv_positions"] == 80  # 16 -> 40 (the prompt) -> 80 (doubled for its 12 tokens)
+    with pytest.raises(EdgeLoraError, match="exceed the context of 128"):
+        grown.logits(PROMPT * 20, adapters={})

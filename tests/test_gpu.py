@@ -16,6 +16,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 from factories import random_adapter
+from gpu_env import child_env
 from tiny_models import FAMILIES
 
 import runtime
@@ -345,6 +346,7 @@ def genai_greedy(folder: Path, adapter: Path, provider: str, prompt: list[int], 
         capture_output=True,
         text=True,
         timeout=300,
+        env=child_env(gpu=True),  # the software WebGPU device, on purpose
     )
     assert done.returncode == 0, done.stderr[-2000:]
     return json.loads(done.stdout.strip().splitlines()[-1])
@@ -391,7 +393,7 @@ def test_cli_device_gpu(bundles, backend_name, webgpu_device, vulkan_device):
         "a",
         "--json",
     ]
-    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300)
+    done = subprocess.run(cmd, capture_output=True, text=True, timeout=300, env=child_env(gpu=True))
     assert done.returncode == 0, done.stderr[-1000:]
     out = json.loads(done.stdout.strip().splitlines()[-1])
     assert out["device"]["kind"] == "gpu" and out["device"]["name"] and out["adapters"] == {"a": 1.0}

@@ -19,6 +19,7 @@ from pathlib import Path
 
 import pytest
 from factories import adapter_file
+from gpu_env import child_env
 
 from edge_lora.bundle import Bundle
 from edge_lora.model_dir import ModelDir
@@ -62,7 +63,7 @@ print("DONE", flush=True)
 
 
 def start(worker: str, job: dict) -> subprocess.Popen:
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     proc = subprocess.Popen(
         [sys.executable, "-c", worker, json.dumps(job)],
         cwd=ROOT,

@@ -103,7 +103,7 @@ def test_peft_q_v_adapter_matches_peft(model_dirs, tmp_path, variant):
     engine = OnnxEngine(root)
     engine.add_adapter("qv")  # from the bundle
     engine.add_adapter("qv_file", root / "adapters" / "qv.safetensors")  # a loose file
-    assert all(((n, 1.0),) in engine._set_cache for n in ("qv", "qv_file"))  # each stacked when added
+    assert all(((n, 1.0),) in engine.adapter_sets.cache for n in ("qv", "qv_file"))  # each stacked when added
     for name in ("qv", "qv_file"):
         diff = np.abs(engine.logits(ids, adapters={name: 1.0}) - want).max()
         print(f"{variant} q+v {name}: max |diff| vs peft {diff:.2e}")

@@ -11,10 +11,13 @@ import pytest
 from factories import build_bundle, random_adapter
 from onnx_helpers import torch_logits
 
+import runtime.onnx_cpu_state as onnx_cpu_state
 import runtime.onnx_decode_states as onnx_decode_states
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from runtime.onnx_backend import OnnxEngine, OnnxState, SharedKVState
+from runtime.onnx_backend import OnnxEngine
+from runtime.onnx_cpu_state import CpuKVState
+from runtime.onnx_decode_states import OnnxState, SharedKVState
 
 TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
 
@@ -22,6 +25,7 @@ TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
     monkeypatch.setattr(onnx_decode_states, "KV_BLOCK", 16)
+    monkeypatch.setattr(onnx_cpu_state, "KV_BLOCK", 16)
 
 
 @pytest.fixture(scope="module")
@@ -57,8 +61,8 @@ def decode(state, ids, chunks=(5, 25), poison=False):
     return np.stack(steps), start
 
 
-def engine_with_adapters(root, quant, adapters):
-    engine = OnnxEngine(root, quant=quant)
+def engine_with_adapters(root, quant, adapters, **options):
+    engine = OnnxEngine(root, quant=quant, **options)
     for name in adapters:
         engine.add_adapter(name)
     return engine
@@ -71,8 +75,9 @@ def new_state(engine, adapters):
 def test_fast_variant_on_cpu_shares_the_cache(setup, model_dirs, tmp_path):
     _, _, root = setup
     engine = OnnxEngine(root, quant="int4")
-    assert engine.spin is True  # ONNX Runtime's default, as the benchmark peers run
-    assert isinstance(new_state(engine, {}), SharedKVState)
+    assert engine.sessions.spec.spin is True  # ONNX Runtime's default, as the benchmark peers run
+    assert isinstance(new_state(engine, {}), CpuKVState)  # the C API
+    assert isinstance(new_state(OnnxEngine(root, quant="int4", session_api="python"), {}), SharedKVState)
     portable = build_bundle(model_dirs["llama"], tmp_path / "p", onnx_variant="portable")
     assert isinstance(new_state(OnnxEngine(portable), {}), OnnxState)
 
@@ -97,13 +102,17 @@ def test_decode_across_growth_equals_full_logits_and_pytorch(setup, chosen):
 
 @pytest.mark.parametrize("chosen", [{}, {"a": 1.0}, {"a": 0.5, "b": 1.0}])
 def test_int4_shared_cache_equals_concat_cache(setup, chosen):
-    """The same engine's Concat-style state (new KV OrtValues every step) gives the same logits."""
+    """The C API's shared cache, the Python binding's shared cache and its Concat-style state (new KV
+    OrtValues every step) give the same logits."""
     md, adapters, root = setup
     engine = engine_with_adapters(root, "int4", adapters)
+    python = engine_with_adapters(root, "int4", adapters, session_api="python")
     ids = ids_for(md, 70, seed=1)
     shared, _ = decode(new_state(engine, chosen), ids)
-    concat, _ = decode(OnnxState(engine, engine._pick(*engine._request_set(chosen))), ids)
-    assert np.abs(shared - concat).max() < 1e-5
+    bound, _ = decode(new_state(python, chosen), ids)
+    choice = python.adapter_sets.choice(*python._request_set(chosen))
+    concat, _ = decode(OnnxState(python.decode_setup, choice), ids)
+    assert np.abs(shared - concat).max() < 1e-5 and np.abs(bound - concat).max() < 1e-5
 
 
 def test_capacity_doubles_and_stops_at_the_context(setup):
@@ -179,7 +188,7 @@ def test_adapter_removed_mid_request_stays_alive_for_it(setup):
     state = new_state(engine, {"a": 1.0})
     out = [state.feed(ids[:10])]
     engine.remove_adapter("a")
-    engine._set_cache.clear()
+    engine.adapter_sets.cache.clear()
     gc.collect()
     out += [state.feed([t]) for t in ids[10:]]
     assert np.abs(np.stack(out) - want[9:]).max() < 1e-4

@@ -1,7 +1,6 @@
 """Data-parallel training: 2 CPU processes under torchrun (gloo) give the adapter of 1 process
 with the same global batch."""
 
-import os
 import shutil
 import subprocess
 import sys
@@ -9,6 +8,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
+from gpu_env import child_env
 from test_train_loop import make_data, tensors
 
 ROOT = Path(__file__).resolve().parents[1]
@@ -48,7 +48,7 @@ def test_two_processes_equal_one_with_the_same_global_batch(tmp_path, model_dirs
         "--compute-dtype",
         "fp32",
     ]  # bf16 rounds differently for other batch splits: the equality is an fp32 statement
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     one, two = tmp_path / "one.safetensors", tmp_path / "two.safetensors"
     single = subprocess.run(
         [sys.executable, "-m", "edge_lora.train", *common, "--batch-size", "4", "--out", str(one)],
@@ -93,7 +93,7 @@ def test_master_port_zero_fails_at_once_with_a_hint(tmp_path, model_dirs):
     if torchrun is None:
         pytest.skip("torchrun not installed")
     data = make_data(tmp_path / "d.jsonl", "prompt", n=4)
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
+    env = child_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1")
     run = subprocess.run(
         [
             *torchrun,

@@ -2,7 +2,6 @@
 early stopping, new tokens, DoRA, LoRA+, and the quantized base."""
 
 import json
-import os
 import random
 import signal
 import subprocess
@@ -12,6 +11,7 @@ from pathlib import Path
 import numpy as np
 import pytest
 import torch
+from gpu_env import child_env
 from tiny_models import quick_train_config as quick_cfg
 
 from edge_lora.adapter import Adapter
@@ -138,7 +138,7 @@ def test_loss_goes_down_and_reproducible(tmp_path, model_dirs):
 
 
 def _run(args, env_extra=None, check=True):
-    env = dict(os.environ, PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
+    env = child_env(PYTHONPATH=str(ROOT), OMP_NUM_THREADS="1", **(env_extra or {}))
     proc = subprocess.run(
         [sys.executable, "-m", "edge_lora.train", *args],
         env=env,
@@ -288,7 +288,7 @@ def test_new_tokens(tmp_path, model_dirs, family):
         assert adapter.head_rows.shape == (2, 64)
     rows = adapter.embed_rows
     assert not np.allclose(rows[0], rows[1])  # trained away from the shared mean initialisation
-    with pytest.raises(EdgeLoraError, match="already in the vocabulary"):
+    with pytest.raises(EdgeLoraError, match="already in the base vocabulary as id 2"):
         train(quick_cfg(tmp_path, model_dirs[family], data, add_tokens=["<|im_end|>"]))
 
 

@@ -6,6 +6,7 @@
     edge-lora chat BUNDLE                 interactive, /adapter switches adapters mid-conversation
     edge-lora inspect PATH                what a bundle, adapter, PEFT dir, model dir or GGUF is
     edge-lora merge MODEL ADAPTER --out   fold adapters into a Hugging Face model directory
+    edge-lora combine --adapter A:W ...   several adapters into one (PEFT's add_weighted_adapter methods)
     edge-lora bench ...                   the benchmark runner
     edge-lora quickstart                  the whole mission on the shipped model, in one command
 
@@ -38,6 +39,7 @@ def build_parser() -> argparse.ArgumentParser:
     sub = parser.add_subparsers(dest="verb", metavar="VERB")
     sub.required = True
 
+    from edge_lora.app.combine_verb import add_combine_arguments
     from edge_lora.app.export_verbs import add_export_arguments
     from edge_lora.app.handoff_verbs import add_bench_arguments, add_quickstart_arguments, add_train_arguments
     from edge_lora.app.inspect_verb import add_inspect_arguments
@@ -51,6 +53,7 @@ def build_parser() -> argparse.ArgumentParser:
         add_chat_arguments,
         add_inspect_arguments,
         add_merge_arguments,
+        add_combine_arguments,
         add_bench_arguments,
         add_quickstart_arguments,
     ):

@@ -17,6 +17,7 @@ from edge_lora.errors import EdgeLoraError
 if TYPE_CHECKING:
     from edge_lora.adapter import Adapter
     from edge_lora.config import ModelConfig
+    from edge_lora.token_rows import TokenId
 
 BasePath = str | os.PathLike | None  # a bundle or model directory to judge the fit against
 
@@ -58,29 +59,31 @@ def _size(path: Path) -> int:
     )
 
 
-def _base_of(base: str | os.PathLike) -> tuple[ModelConfig, str | None]:
-    """(ModelConfig, fingerprint) of a bundle or a model directory."""
+def _base_of(base: str | os.PathLike) -> tuple[ModelConfig, str | None, TokenId]:
+    """(ModelConfig, fingerprint, vocabulary lookup) of a bundle or a model directory."""
     from edge_lora.bundle import Bundle
     from edge_lora.model_dir import ModelDir
+    from edge_lora.token_rows import base_token_ids
 
     base = Path(base)
     if (base / "bundle.json").is_file():
         b = Bundle.open(base)
-        return b.config, b.base_fingerprint
+        return b.config, b.base_fingerprint, base_token_ids(b.require(b.tokenizer["tokenizer"]))
     md = ModelDir(base)
-    return md.config, md.fingerprint
+    return md.config, md.fingerprint, base_token_ids(md.tokenizer_path)
 
 
-def _fits(adapter: Adapter, base: tuple[ModelConfig, str | None] | None) -> dict:
-    """``base``: what :func:`_base_of` returned (None: no base given, no verdict)."""
+def _fits(adapter: Adapter, base: tuple[ModelConfig, str | None, TokenId] | None, path: Path) -> dict:
+    """``base``: what :func:`_base_of` returned (None: no base given, no verdict). The checks are
+    adding's own (Adapter.check_fits); ``why`` is the one line adding would print."""
     if base is None:
         return {}
-    config, fingerprint = base
+    config, fingerprint, token_id = base
     try:
-        adapter.check_fits(config, fingerprint)
+        adapter.check_fits(config, fingerprint, path=path, base_token_id=token_id)
         return {"fits": True}
     except EdgeLoraError as err:
-        return {"fits": False, "why": err.message}
+        return {"fits": False, "why": str(err)}
 
 
 def _bundle(path: Path) -> dict:
@@ -134,6 +137,7 @@ def _adapter_summary(adapter: Adapter) -> dict:
         "parameters": adapter.num_parameters(),
         "added_tokens": _tokens(adapter.added_tokens),
         "replaced_token_rows": adapter.replaced_tokens[:16] or None,
+        "combined": adapter.extra.get("combined"),  # provenance of `edge-lora combine`
     }
 
 
@@ -146,15 +150,30 @@ def _tokens(tokens: list[str]) -> str | None:
 
 
 def _adapter(path: Path, base: BasePath) -> dict:
+    """With a base, the file is read exactly as adding it reads it, so a refusal is adding's own line:
+    raised when the file is broken in itself, the verdict (fits False) when it only does not fit."""
     from edge_lora.adapter import Adapter
 
-    adapter = Adapter.load(path)
+    verdict = {}
+    if base is None:
+        adapter = Adapter.load(path)
+    else:
+        config, fingerprint, token_id = _base_of(base)
+        try:
+            adapter = Adapter.load(path, base=config, base_fingerprint=fingerprint, base_token_id=token_id)
+            verdict = {"fits": True}
+        except EdgeLoraError as err:
+            try:
+                adapter = Adapter.load(path)  # readable without the base: it only does not fit this one
+            except EdgeLoraError:
+                raise err from None
+            verdict = {"fits": False, "why": str(err)}
     return {
         "kind": "adapter",
         "path": str(path),
         **_adapter_summary(adapter),
         "bytes": _size(path),
-        **_fits(adapter, _base_of(base) if base is not None else None),
+        **verdict,
     }
 
 
@@ -172,7 +191,7 @@ def _peft(path: Path, base: BasePath) -> dict:
         "base_model_name_or_path": adapter.extra.get("base_model_name_or_path"),
         **_adapter_summary(adapter),
         "bytes": _size(path),
-        **_fits(adapter, base_info),
+        **_fits(adapter, base_info, path),
     }
 
 

@@ -59,7 +59,8 @@ def add_quickstart_arguments(sub: argparse._SubParsersAction, common: argparse.A
     p = sub.add_parser(
         "quickstart",
         parents=[common],
-        help="the whole mission on the shipped model: train 2 adapters, export, swap/stack/merge, table",
+        help="the whole mission on the shipped model: train 4 adapters (3 tasks, one with new tokens, and a "
+        "style), export, swap/stack/merge, table",
     )
     p.add_argument("--model", help="use this Hugging Face model directory instead of the shipped one")
     p.add_argument("--work-dir", help="keep the adapters and the bundle here (default: a temporary folder)")

@@ -2,13 +2,16 @@
 
     edge-lora inspect PATH [--base BUNDLE|MODEL_DIR] [--json]
 
-Exit 3 when ``--base`` is given and the adapter does not fit it.
+An adapter is read with adding's own checks (edge_lora/token_rows.py among them): a broken one exits 2
+with the one-line error adding gives. With ``--base`` it is also judged as adding to that base judges
+it; where it does not fit, the same one line goes to stderr and the exit code is 3.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import sys
 
 EXIT_DOES_NOT_FIT = 3
 
@@ -30,4 +33,7 @@ def run_inspect(args: argparse.Namespace) -> int:
 
     info = describe(args.path, args.base)
     print(json.dumps(info, indent=2) if args.json else format_text(info))
-    return 0 if info.get("fits", True) else EXIT_DOES_NOT_FIT
+    if info.get("fits", True):
+        return 0
+    print(f"error: {info['why']}", file=sys.stderr)  # what adding it would print
+    return EXIT_DOES_NOT_FIT

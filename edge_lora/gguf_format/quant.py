@@ -98,3 +98,70 @@ def decode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int,
     if qtype == T.F16:
         return np.asarray(data).view(np.float16).astype(np.float32).reshape(shape)
     return quants.dequantize(np.asarray(data), qtype).astype(np.float32).reshape(shape)
+
+
+# block types whose values sit on a per-block grid ``d * k + offset``: name -> (bits, stores a min ``m``)
+GRID_TYPES = {"Q4_0": (4, False), "Q4_1": (4, True), "Q5_0": (5, False), "Q5_1": (5, True)}
+_BLOCK = 32
+
+
+def block_grid(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, int]) -> tuple:
+    """``(step, offset, levels)`` of a GRID_TYPES tensor's blocks (``step``/``offset`` ``[rows, blocks]``
+    float64): value = step * k + offset, k in 0..levels-1 (q4_0: offset = -8 step; q4_1: the block's min)."""
+    bits, has_min = GRID_TYPES[qtype.name]
+    blocks = _blocks(data, shape)
+    step = blocks[..., :2].copy().view(np.float16)[..., 0].astype(np.float64)
+    levels = 1 << bits
+    if has_min:
+        offset = blocks[..., 2:4].copy().view(np.float16)[..., 0].astype(np.float64)
+    else:
+        offset = -(levels // 2) * step
+    return step, offset, levels
+
+
+def fit_grid(
+    weight: np.ndarray, step: np.ndarray, offset: np.ndarray, qtype: gguf.GGMLQuantizationType
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(step, offset, refit)``: the grid, with the blocks whose values ``weight`` takes outside it (by
+    more than half a step) given the block parameters gguf-py's quantizer would pick for them (float16,
+    as stored); ``refit`` ``[rows, blocks]`` marks those. A strong adapter's delta would otherwise be cut."""
+    bits, has_min = GRID_TYPES[qtype.name]
+    levels = 1 << bits
+    rows, cols = weight.shape
+    blocks = weight.reshape(rows, cols // _BLOCK, _BLOCK)
+    lo, hi = blocks.min(axis=-1), blocks.max(axis=-1)
+    ends = (offset, offset + step * (levels - 1))  # q4_0/q5_0 steps are negative when the extreme is positive
+    half = np.abs(step) / 2
+    refit = (lo < np.minimum(*ends) - half) | (hi > np.maximum(*ends) + half)
+    if has_min:
+        new_step = ((hi - lo) / (levels - 1)).astype(np.float16).astype(np.float64)
+        new_offset = lo.astype(np.float16).astype(np.float64)
+    else:
+        extreme = np.take_along_axis(blocks, np.abs(blocks).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+        new_step = (extreme / -(levels // 2)).astype(np.float16).astype(np.float64)
+        new_offset = -(levels // 2) * new_step
+    return np.where(refit, new_step, step), np.where(refit, new_offset, offset), refit
+
+
+def pack_codes(
+    codes: np.ndarray, step: np.ndarray, offset: np.ndarray, qtype: gguf.GGMLQuantizationType
+) -> np.ndarray:
+    """Codes ``k`` (``[rows, cols]`` uint8) with their blocks' ``step`` (``d``) and, for the types that
+    store one, ``offset`` (``m``), both exact float16 values: the raw bytes of the tensor."""
+    bits, has_min = GRID_TYPES[qtype.name]
+    rows, cols = codes.shape
+    k = codes.reshape(rows, cols // _BLOCK, 2, _BLOCK // 2)
+    parts = [step.astype(np.float16)[..., None].view(np.uint8)]
+    if has_min:
+        parts.append(offset.astype(np.float16)[..., None].view(np.uint8))
+    if bits == 5:  # the fifth bits of the 32 values, little-endian, before the nibbles
+        high = (codes.reshape(rows, cols // _BLOCK, _BLOCK) >> 4) & 1
+        parts.append(np.packbits(high, axis=-1, bitorder="little"))
+    parts.append((k[..., 0, :] & 0x0F) | ((k[..., 1, :] & 0x0F) << 4))
+    return np.concatenate(parts, axis=-1).reshape(rows, -1)
+
+
+def _blocks(data: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    rows, cols = shape
+    raw = np.asarray(data).view(np.uint8).reshape(rows, -1)
+    return raw.reshape(rows, cols // _BLOCK, raw.shape[1] // (cols // _BLOCK))

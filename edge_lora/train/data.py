@@ -137,14 +137,10 @@ class Formatter:
         if self.added_tokens:
             from tokenizers import AddedToken
 
-            vocab = self.tokenizer.get_vocab(with_added_tokens=True)
-            for tok in self.added_tokens:
-                if tok in vocab:
-                    raise EdgeLoraError(
-                        f"token {tok!r} is already in the vocabulary",
-                        path=md.tokenizer_path,
-                        hint="add only new tokens",
-                    )
+            from edge_lora.token_rows import check_new_token_strings
+
+            # the same refusal as adding such an adapter: one string would have two ids
+            check_new_token_strings(self.added_tokens, self.tokenizer.token_to_id, md.tokenizer_path)
             self.tokenizer.add_tokens(
                 [AddedToken(t, special=False, normalized=False) for t in self.added_tokens]
             )

@@ -60,17 +60,21 @@ def cpu_has_native_bf16(cpuinfo: str = "/proc/cpuinfo") -> bool:
     return "amx_bf16" in flags or "avx512_bf16" in flags
 
 
-def resolve_compute_dtype(name: str, device: torch.device) -> torch.dtype:
-    if name == "bf16" or (
-        name == "auto"
-        and (
-            device.type == "cpu"
-            and cpu_has_native_bf16()
-            or device.type == "cuda"
-            and torch.cuda.is_bf16_supported()
-        )
-    ):
+# below this many frozen parameters a model is overhead-bound: bf16's casts cost more than its matmuls
+# save (measured: docs/training.md), so auto takes fp32 without measuring
+PROBE_MIN_PARAMS = 20_000_000
+
+
+def resolve_compute_dtype(name: str, device: torch.device, n_params: int | None = None) -> torch.dtype | None:
+    """fp32 or bf16 as asked. ``auto``: fp32 where bf16 is not native (or the model, ``n_params``
+    frozen parameters, is tiny); None where it is native: measure both (:mod:`.dtype_probe`)."""
+    if name == "bf16":
         return torch.bfloat16
+    native = (device.type == "cpu" and cpu_has_native_bf16()) or (
+        device.type == "cuda" and torch.cuda.is_bf16_supported()
+    )
+    if name == "auto" and native and (n_params is None or n_params >= PROBE_MIN_PARAMS):
+        return None
     return torch.float32
 
 

@@ -13,6 +13,7 @@ from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 from edge_lora.train.config import TrainConfig
 from edge_lora.train.devices import resolve_compute_dtype, resolve_device
+from edge_lora.train.dtype_probe import to_dtype
 from edge_lora.train.lora import LoraConfig, _parent, apply_lora
 from edge_lora.train.loss import linear_cross_entropy
 from edge_lora.train.model import CausalLM
@@ -99,7 +100,7 @@ class TrainModule(nn.Module):
     def __init__(self, model: CausalLM):
         super().__init__()
         self.model = model
-        self.bf16 = model.model.norm.weight.dtype == torch.bfloat16
+        self.bf16 = model.model.norm.weight.dtype == torch.bfloat16  # set again when auto has measured
 
     def forward(
         self, ids: torch.Tensor, targets: torch.Tensor, segments: torch.Tensor | None = None
@@ -124,16 +125,17 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
 
 
 def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = None) -> CausalLM:
+    """The run's model: its frozen base in bf16 when that is the compute dtype; kept in fp32 when
+    ``auto`` has to measure first (``model.compute_dtype`` None: :mod:`.dtype_probe`)."""
     model = load_model(md, cfg.base_quant, cfg.quant_group_size)
     apply_lora(model, lora_config(cfg))  # freezes everything, then adds trainable A/B (and magnitudes)
     add_new_tokens(model, len(cfg.add_tokens))
-    if resolve_compute_dtype(cfg.compute_dtype, device or resolve_device(cfg.device)) == torch.bfloat16:
-        with torch.no_grad():  # the frozen base once in bf16: no per-step casts, half the memory
-            for p in model.parameters():
-                if not p.requires_grad and p.is_floating_point():
-                    p.data = p.data.to(torch.bfloat16)
-            for m in model.modules():
-                if isinstance(m, QuantEmbedding):
-                    m.dtype = torch.bfloat16
+    # the frozen base's size: a quantized base keeps its codes in buffers, not parameters
+    frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)
+    frozen += sum(b.numel() for b in model.buffers())
+    dtype = resolve_compute_dtype(cfg.compute_dtype, device or resolve_device(cfg.device), frozen)
+    if dtype == torch.bfloat16:
+        to_dtype(model, torch.bfloat16)  # the frozen base once in bf16: no per-step casts, half the memory
+    model.compute_dtype = dtype
     model.gradient_checkpointing = cfg.gradient_checkpointing
     return model

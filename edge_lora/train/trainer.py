@@ -34,6 +34,7 @@ from edge_lora.train.data import (
     split_eval,
 )
 from edge_lora.train.devices import Dist, data_parallel, release_freed_memory_promptly, setup_distributed
+from edge_lora.train.dtype_probe import DtypeChoice, measure_dtypes, to_dtype
 from edge_lora.train.evaluation import Evaluator
 from edge_lora.train.lora import to_adapter
 from edge_lora.train.model import CausalLM
@@ -70,7 +71,6 @@ def _train(cfg: TrainConfig) -> dict:
     module = TrainModule(model)
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(params, cfg)
-    runner = data_parallel(module, dist)
 
     state = {"best_eval": None, "bad_evals": 0, "tokens_seen": 0, "stopped_early": False, "last_eval": None}
     best: dict[str, torch.Tensor] | None = None
@@ -78,11 +78,15 @@ def _train(cfg: TrainConfig) -> dict:
     torch.manual_seed(cfg.seed * 1_000_003 + dist.rank)  # dropout masks differ per rank
     if cfg.resume:
         start, best = resume_run(cfg, params, optimizer, state, dist)
+    choice = settle_compute_dtype(model, module, dist, [train_ex[i] for i in sampler.step(start)], cfg, state)
+    runner = data_parallel(module, dist)  # after the dtype probe: its passes bypass DDP's gradient hooks
 
     log = MetricsLog(cfg.log_path if dist.main else None)
     bar = Progress(total, start, enabled=cfg.progress and dist.main)
     if dist.main:
         _announce_start(cfg, dist, bar, log, start, total, global_batch, train_ex, eval_ex, stats, params)
+        bar.message(choice.describe())
+        log.write({"event": "compute_dtype", **choice.record()})
     pad_id = formatter.eos_id or 0
     evaluator = Evaluator(module, eval_ex, cfg, dist, pad_id, log, bar)
 
@@ -157,6 +161,34 @@ def load_examples(cfg: TrainConfig, formatter: Formatter) -> tuple[list[Example]
             hint="raise --seq-len or shorten the prompts",
         )
     return train_ex, eval_ex, stats
+
+
+def settle_compute_dtype(
+    model: CausalLM, module: TrainModule, dist: Dist, batch: list[Example], cfg: TrainConfig, state: dict
+) -> DtypeChoice:
+    """The run's compute dtype: as built, or (``auto`` on native bf16) the one a resumed run measured,
+    or measured now on one micro-batch of the first step (:mod:`.dtype_probe`); kept in ``state`` so
+    a resume continues in it."""
+    if model.compute_dtype is not None:
+        choice = DtypeChoice(model.compute_dtype, how="as asked" if cfg.compute_dtype != "auto" else "rule")
+    elif state.get("compute_dtype") in ("float32", "bfloat16"):
+        choice = DtypeChoice(getattr(torch, state["compute_dtype"]), how="as the resumed run measured")
+        if choice.dtype == torch.bfloat16:
+            to_dtype(model, torch.bfloat16)
+    else:
+        ids, targets, segments = collate(batch[: cfg.batch_size], pad_id=0)
+        ids, targets = ids.to(dist.device), targets.to(dist.device)
+        segments = None if segments is None else segments.to(dist.device)
+
+        def run_pass(bf16: bool) -> None:
+            module.bf16 = bf16
+            module(ids, targets, segments).backward()
+
+        choice = measure_dtypes(model, run_pass, dist, dist.device)
+    model.compute_dtype = choice.dtype
+    module.bf16 = choice.dtype == torch.bfloat16
+    state["compute_dtype"] = str(choice.dtype).removeprefix("torch.")
+    return choice
 
 
 def train_step(

@@ -4,7 +4,12 @@
  *   lora_swap BASE.gguf "PROMPT" [ADAPTER.gguf ...]
  *
  * For the base alone, each adapter alone, and (with two or more) all adapters stacked, it
- * prints one line: the set, the greedy token ids, then the text. Environment:
+ * prints one line: the set, the greedy token ids, then the text; the first line says which device
+ * it took ("device: cpu (CPU)" or "device: gpu (Vulkan0: ...)"). Environment:
+ *   DEVICE=cpu|gpu   where the model runs, chosen explicitly (default cpu): cpu keeps every tensor and
+ *                    op on the CPU even in a GPU build (llama.cpp's defaults would offload to every GPU
+ *                    device it lists, a software one included); gpu offloads every layer to the first
+ *                    GPU device and fails when there is none
  *   N_PREDICT        tokens per request (default 16); generation also stops at a newline
  *   EXTRA_BUFTS=1    allow llama.cpp's repacked weight buffers (faster Q4_0 on AVX2; they crashed
  *                    on Intel AMX CPUs, so they stay off unless asked for)
@@ -66,6 +71,27 @@ static int generate(struct llama_context *ctx, const struct llama_vocab *vocab, 
     return 0;
 }
 
+/* The GPU device for DEVICE=gpu (NULL for cpu); 0 on success, 1 after printing why not. */
+static int pick_device(const char *want, ggml_backend_dev_t *gpu) {
+    *gpu = NULL;
+    if (strcmp(want, "cpu") == 0) return 0;
+    if (strcmp(want, "gpu") != 0) {
+        fprintf(stderr, "error: DEVICE=%s: unknown device (hint: cpu or gpu)\n", want);
+        return 1;
+    }
+    for (size_t i = 0; i < ggml_backend_dev_count(); i++) {
+        ggml_backend_dev_t dev = ggml_backend_dev_get(i);
+        enum ggml_backend_dev_type type = ggml_backend_dev_type(dev);
+        if (type == GGML_BACKEND_DEVICE_TYPE_GPU || type == GGML_BACKEND_DEVICE_TYPE_IGPU) {
+            *gpu = dev;
+            return 0;
+        }
+    }
+    fprintf(stderr, "error: DEVICE=gpu: llama.cpp lists no GPU device (hint: a GPU build of llama.cpp and "
+                    "the GPU's driver, or DEVICE=cpu)\n");
+    return 1;
+}
+
 int main(int argc, char **argv) {
     if (argc < 3) {
         fprintf(stderr, "usage: %s BASE.gguf PROMPT [ADAPTER.gguf ...]\n", argv[0]);
@@ -77,7 +103,13 @@ int main(int argc, char **argv) {
 
     llama_log_set(quiet_log, NULL);
     llama_backend_init();
+    const char *want = getenv("DEVICE") && *getenv("DEVICE") ? getenv("DEVICE") : "cpu";
+    ggml_backend_dev_t gpu;
+    if (pick_device(want, &gpu) != 0) return 2;
     struct llama_model_params mparams = llama_model_default_params();
+    ggml_backend_dev_t devices[2] = {gpu, NULL}; /* NULL-terminated; empty = no GPU at all */
+    mparams.devices = devices;
+    mparams.n_gpu_layers = gpu ? 999 : 0;
     mparams.use_extra_bufts = getenv("EXTRA_BUFTS") && atoi(getenv("EXTRA_BUFTS"));
     struct llama_model *model = llama_model_load_from_file(base_path, mparams);
     if (!model) {
@@ -107,6 +139,11 @@ int main(int argc, char **argv) {
         }
         scales[i] = 1.0f;
     }
+
+    if (gpu)
+        printf("device: gpu (%s: %s)\n", ggml_backend_dev_name(gpu), ggml_backend_dev_description(gpu));
+    else
+        printf("device: cpu (CPU)\n");
 
     const struct llama_vocab *vocab = llama_model_get_vocab(model);
     llama_token prompt[512];

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import json
 
+from edge_lora.app.quickstart.combined import combined_lines
+
 
 def _pct(value: float | None) -> str:
     return "   -" if value is None else f"{value:5.1f}"
@@ -19,6 +21,7 @@ def format_table(summary: dict) -> str:
             else "conflicts: both rewrite every letter; each task scored as it is"
         )
         out.append(f"  stack {name} ({' + '.join(stack['adapters'])}) {what}")
+    out += combined_lines(summary)
     tok = summary.get("tokenizer")
     if tok:
         out.append("")

@@ -17,6 +17,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from edge_lora.app.quickstart.combined import combine_pair, combined_accuracy, combined_checks
 from edge_lora.app.quickstart.finetune import FinetuneConfig, host_score, train_adapter
 from edge_lora.app.quickstart.report import format_json, format_table
 from edge_lora.app.quickstart.tasks import END, STYLES, TASKS, score
@@ -98,6 +99,8 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
     items = {t: TASKS[t].examples(config.eval_items, "eval") for t in tasks}
     items.update({s: STYLES[s].examples(config.eval_items, "eval") for s in styles})
     adapters, train_s = _train_adapters(config, work)
+    combined, combined_path = combine_pair(work, adapters, tasks[0], styles[0])
+    adapters[combined] = combined_path  # exported with the others
     _say(config, "scoring the fp32 host model ...")
     host = {
         "base": {t: host_score(config.model, items[t]) for t in [*tasks, *styles]},
@@ -116,7 +119,11 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
             _say(config, f"runtime: {backend} {quant} ...")
             engine = "onnx" if backend == "onnx" else "llamacpp"
             measured = stacks if i == 0 else None
-            runs.append(_exercise(bundle, engine, quant, [*tasks, *styles], items, config, measured))
+            scored = stacks[f"{tasks[0]}+{styles[0]}"]["items"][tasks[0]]  # the composing pair's items
+            run = _exercise(
+                bundle, engine, quant, [*tasks, *styles], items, config, measured, (combined, scored)
+            )
+            runs.append(run)
     summary = {
         "model": str(config.model),
         "bundle": str(bundle) if config.work_dir else "(temporary, removed)",
@@ -130,6 +137,7 @@ def _run(config: QuickstartConfig, work: Path, start: float) -> dict:
         "stacks": {
             name: {"adapters": list(s["adapters"]), "composes": s["composes"]} for name, s in stacks.items()
         },
+        "combined": {"name": combined, "stack": f"{tasks[0]}+{styles[0]}"},
     }
     summary["checks"] = _checks(summary)
     summary["total_s"] = round(time.perf_counter() - start, 1)
@@ -220,6 +228,7 @@ def _exercise(
     items: dict,
     config: QuickstartConfig,
     stacks: dict | None,
+    combined: tuple[str, list] | None = None,
 ) -> dict:
     """Accuracy of the base and of each adapter on one exported base; with ``stacks`` also the
     stacked sets and a merge (run once per backend)."""
@@ -251,6 +260,8 @@ def _exercise(
         "base": {t: accuracy(t, {}) for t in tasks},
         "adapter": {t: accuracy(t, {t: 1.0}) for t in tasks},
     }
+    if combined:  # the composing pair as one adapter, scored like its stack
+        run["combined"] = combined_accuracy(engine, *combined)
     run["swap_ms"] = _swap_ms(engine, tasks, items)
     run["tokens_per_s"] = _tokens_per_s(engine, tasks[0], items, config.decode_tokens)
     if stacks:
@@ -344,4 +355,4 @@ def _checks(summary: dict) -> list[dict]:
                         "ok": value >= 90.0,
                     }
                 )
-    return checks
+    return checks + combined_checks(summary)

@@ -1,0 +1,137 @@
+"""The ONNX engine's sessions on the CPU (fast variant) through ONNX Runtime's C API: ``model.plain.onnx``
+for base-only requests and ``model.onnx`` for requests with adapters, both held at once over ONE copy
+of the weights.
+
+Every weight of the layout is handed to both sessions as a shared initializer over a read-only
+memory map of ``model.onnx.data`` (no copy), and both sessions are created with one prepacked-weights
+container, so ONNX Runtime prepacks each weight once and the second graph adds only its own nodes
+(SmolLM2-135M int4: +7 MB, against +133 MB for a second session through the Python binding, which
+has neither). After the load the mapped pages are given back (:mod:`runtime.mapped_pages`): what a
+kernel still reads from the file (the tied embedding's rows) comes back on demand.
+"""
+
+from __future__ import annotations
+
+import threading
+from pathlib import Path
+
+import numpy as np
+
+from edge_lora.onnx_format import names
+from edge_lora.onnx_format.weight_store import NUMPY_DTYPES
+from runtime.mapped_pages import release_pages, trim_heap
+from runtime.onnx_sessions import Background, SessionSpec
+from runtime.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
+from runtime.ort_session import PrepackedWeights, Session, SessionConfig
+
+
+def shared_weights(api: OrtApi, layout: dict, data_path: Path) -> dict[str, Tensor]:
+    """Every tensor the layout places for a linear weight (packed blocks, scales, zero points), as
+    tensors over one read-only map of the data file."""
+    data = np.memmap(data_path, dtype=np.uint8, mode="r")
+    shared = {}
+    for entry in layout["weights"].values():
+        for name in entry["tensors"].values():
+            info = layout["tensors"][name]
+            dtype = np.dtype(NUMPY_DTYPES[info["dtype"]])
+            if info["dtype"] == "int4" or dtype not in ELEMENT_TYPES or info["offset"] % dtype.itemsize:
+                continue  # left to the session's own loading
+            end = info["offset"] + info["length"]
+            shared[name] = Tensor(api, data[info["offset"] : end].view(dtype).reshape(info["shape"]))
+    return shared
+
+
+class CpuSessions:
+    """Both graphs through the C API over shared weights; merged weights replace shared tensors."""
+
+    def __init__(self, spec: SessionSpec, plain_session: bool | None) -> None:
+        self.api = OrtApi.get()
+        self.spec = spec
+        self.keep_plain = plain_session is not False and spec.plain_path is not None
+        self.config = SessionConfig(
+            threads=spec.threads,
+            spin=spec.spin,
+            disabled_optimizers=spec.disabled_optimizers(merged=False),
+            profile_prefix=str(spec.profile_dir / "session") if spec.profile_dir else None,
+        )
+        self.weights = shared_weights(self.api, spec.layout, spec.data_path)
+        self.keep_one = self.value(np.array(1, dtype=np.int64))
+        self.keep_all = self.value(np.array(0, dtype=np.int64))
+        self._masks: dict[int, Tensor] = {}
+        self._mask_lock = threading.Lock()
+        self.plain: Session | None = None
+        self._lora: Background | None = None
+        self._profiled: list[Session] = []
+
+    def value(self, array: np.ndarray) -> Tensor:
+        return Tensor(self.api, np.ascontiguousarray(array))
+
+    def mask(self, ones: np.ndarray, total: int) -> Tensor:
+        """The attention mask of ``total`` positions, a view of ``ones``, made once per length."""
+        with self._mask_lock:
+            found = self._masks.get(total)
+            if found is None:
+                found = self._masks[total] = Tensor(self.api, ones[:, :total])
+            return found
+
+    def _session(self, path: Path, container: PrepackedWeights) -> Session:
+        session = Session(path, self.config, container, self.weights)
+        release_pages(self.spec.data_path)  # the pages ORT read to prepack: out of this process
+        trim_heap()
+        if self.config.profile_prefix:
+            self._profiled.append(session)
+        return session
+
+    def open(self, adapters_loaded: bool) -> None:
+        """The plain session now; the LoRA one in the background once adapters are loaded (at once
+        when adapters already are, as after a merge, or when there is no plain session)."""
+        container = PrepackedWeights(
+            self.api
+        )  # a fresh one: a merge's old weights leave with the old sessions
+        lora = Background(lambda: self._session(self.spec.model_path, container))
+        if not self.keep_plain:
+            session = lora.result()
+            self.plain, self._lora = None, lora
+            self._note_outputs(session)
+            return
+        plain = self._session(self.spec.plain_path, container)
+        self.plain, self._lora = plain, lora
+        self._note_outputs(plain)
+        if adapters_loaded:
+            lora.start()
+
+    def _note_outputs(self, session: Session) -> None:
+        self.output_names = session.output_names
+        # bundles from before ``logits_to_keep`` lack the input; then every position gets logits
+        self.keeps_last = names.LOGITS_TO_KEEP in session.overridable
+
+    def reopen(self, replaced: dict[str, np.ndarray], adapters_loaded: bool) -> None:
+        """Merged weights (initializer name -> array) replace the shared ones: new sessions over them."""
+        self.wait()
+        weights = dict(self.weights)  # a running request keeps the old sessions and their tensors
+        for name, array in replaced.items():
+            weights[name] = self.value(array)
+        self.weights = weights
+        self.open(adapters_loaded)
+
+    @property
+    def lora(self) -> Session:
+        return self._lora.result()
+
+    @property
+    def lora_started(self) -> bool:
+        return self._lora.started
+
+    def start_lora(self) -> None:
+        self._lora.start()
+
+    def wait(self) -> None:
+        if self._lora is not None:
+            self._lora.wait()
+
+    def placement(self) -> dict:
+        return {}  # one provider runs every node
+
+    def end_profiling(self) -> list[Path]:
+        done, self._profiled = self._profiled, []
+        return [s.end_profiling() for s in done]
