@@ -48,7 +48,8 @@ class AdapterSets:
         self.cache: OrderedDict[tuple, dict] = OrderedDict()
         self._lock = threading.Lock()
         self._gpu_pads: dict[str, object] = {}  # LoRA input -> rank-1 zeros on the device
-        self._no_adapters: dict = {}  # the empty set's device feeds (pads only), when there is no plain session
+        # the empty set's device feeds (pads only), when there is no plain session
+        self._no_adapters: dict = {}
         self._upload_lock = threading.Lock()
 
     # --- adding and removing ------------------------------------------------------------
@@ -74,7 +75,8 @@ class AdapterSets:
                     f"module {module!r} has no LoRA slot in this ONNX model", path=source, hint=hint
                 )
         norms = self.dora_norms(adapter, source) if adapter.dora else None
-        self.sessions.start_lora()  # requests with adapters need the LoRA session: it loads while the caller goes on
+        # requests with adapters need the LoRA session: it loads while the caller goes on
+        self.sessions.start_lora()
         # DoRA's feeds are built here from the weights this bundle holds (its norms depend on them)
         if not adapter.dora and not adapter.token_rows:
             self._prime_single_set(name, adapter)

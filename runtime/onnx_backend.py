@@ -206,7 +206,8 @@ class OnnxEngine(Engine):
         return self.sessions.lora
 
     def placement(self) -> dict[str, dict[str, list[tuple[str, str]]]]:
-        """Which provider runs each node, per session (GPU path only): ``{session: {provider: [(op, node)]}}``."""
+        """Which provider runs each node, per session (GPU path only):
+        ``{session: {provider: [(op, node)]}}``."""
         return self.sessions.placement()
 
     def end_profiling(self) -> list[Path]:
