@@ -112,20 +112,20 @@ class OnnxEngine(Engine):
                 "session_api='c' runs the fast variant on the CPU provider only",
                 hint="use session_api='auto'",
             )
-        if self.session_api == "c":
-            self.sessions = CpuSessions(spec, plain_session)
-        else:
-            self.sessions = PythonSessions(spec, plain_until_adapter=plain_session is None and not gpu)
         self.shared_kv = fast and (gpu is not None or not DEVICE_PROVIDERS & set(spec.providers))
         self.weights = WeightStore(self.layout, self.data_path)
+        try:
+            if self.session_api == "c":
+                self.sessions = CpuSessions(spec, plain_session)
+            else:
+                self.sessions = PythonSessions(spec, plain_until_adapter=plain_session is None and not gpu)
+            self.sessions.open(adapters_loaded=False)
+        finally:
+            data_check.result()  # a mismatch raises here, and wins over a load error it may explain
         self.adapter_sets = AdapterSets(
             self.config, self.layout, self.sessions, self.weights, self.added_vocab, gpu
         )
         self.decode_setup = DecodeSetup(self.config, self.model_path, self.max_context, self.sessions, gpu)
-        try:
-            self.sessions.open(adapters_loaded=False)
-        finally:
-            data_check.result()  # a mismatch raises here, and wins over a load error it may explain
         if not gpu:  # nothing else runs yet: DONTNEED is safe too where the kernel lacks PAGEOUT
             release_pages(self.data_path, quiet=True)
 

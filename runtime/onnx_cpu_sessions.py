@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 
+from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format import names
 from edge_lora.onnx_format.weight_store import NUMPY_DTYPES
 from runtime.mapped_pages import release_pages, trim_heap
@@ -37,6 +38,12 @@ def shared_weights(api: OrtApi, layout: dict, data_path: Path) -> dict[str, Tens
             if info["dtype"] == "int4" or dtype not in ELEMENT_TYPES or info["offset"] % dtype.itemsize:
                 continue  # left to the session's own loading
             end = info["offset"] + info["length"]
+            if end > data.size:
+                raise EdgeLoraError(
+                    f"{data_path.name} ends before tensor {name!r} that onnx_layout.json places in it",
+                    path=data_path,
+                    hint="the file is truncated: re-export the bundle",
+                )
             shared[name] = Tensor(api, data[info["offset"] : end].view(dtype).reshape(info["shape"]))
     return shared
 
