@@ -217,6 +217,7 @@ def test_unknown_adapter_and_verbose_traceback(files, capsys):
 VERBS = (
     "train",
     "export",
+    "combine",
     "run",
     "chat",
     "inspect",
