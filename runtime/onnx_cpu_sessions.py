@@ -21,7 +21,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format import names
 from edge_lora.onnx_format.weight_store import NUMPY_DTYPES
 from runtime.mapped_pages import release_pages, trim_heap
-from runtime.onnx_sessions import Background, SessionSpec
+from runtime.onnx_sessions import Background, SessionSet, SessionSpec
 from runtime.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
 from runtime.ort_session import PrepackedWeights, Session, SessionConfig
 
@@ -48,7 +48,7 @@ def shared_weights(api: OrtApi, layout: dict, data_path: Path) -> dict[str, Tens
     return shared
 
 
-class CpuSessions:
+class CpuSessions(SessionSet):
     """Both graphs through the C API over shared weights; merged weights replace shared tensors."""
 
     def __init__(self, spec: SessionSpec, plain_session: bool | None) -> None:
@@ -66,8 +66,6 @@ class CpuSessions:
         self.keep_all = self.value(np.array(0, dtype=np.int64))
         self._masks: dict[int, Tensor] = {}
         self._mask_lock = threading.Lock()
-        self.plain: Session | None = None
-        self._lora: Background | None = None
         self._profiled: list[Session] = []
 
     def value(self, array: np.ndarray) -> Tensor:
@@ -121,20 +119,8 @@ class CpuSessions:
         self.weights = weights
         self.open(adapters_loaded)
 
-    @property
-    def lora(self) -> Session:
-        return self._lora.result()
-
-    @property
-    def lora_started(self) -> bool:
-        return self._lora.started
-
     def start_lora(self) -> None:
         self._lora.start()
-
-    def wait(self) -> None:
-        if self._lora is not None:
-            self._lora.wait()
 
     def placement(self) -> dict:
         return {}  # one provider runs every node

@@ -1,5 +1,7 @@
 """One sequence on the CPU's fast variant through the C API (:class:`CpuKVState`): the KV cache in
-buffers that GroupQueryAttention updates in place, every input bound once, a step a few direct calls."""
+buffers that GroupQueryAttention updates in place, every input bound once, a step a few direct calls.
+:class:`BoundState` holds what it shares with the Python binding's bound state (the logits buffer,
+``logits_to_keep``, how the cache grows)."""
 
 from __future__ import annotations
 
@@ -14,7 +16,32 @@ from runtime.ort_capi import OrtError
 KV_BLOCK = 256  # the cache starts at the first feed rounded up to this, then doubles
 
 
-class CpuKVState(DecodeState):
+class BoundState(DecodeState):
+    """A decode state run through an IOBinding (the C API's or the Python binding's; both take
+    ``bind_ortvalue_input`` / ``bind_ortvalue_output``): its ``binding``, ``setup``, ``width``,
+    ``capacity``, the bound ``logits`` buffer and the bound ``logits_to_keep`` value ``_keep``."""
+
+    def _bind_logits(self, rows: int, last_only: bool) -> None:
+        sessions = self.setup.sessions
+        if sessions.keeps_last:
+            keep = sessions.keep_one if last_only else sessions.keep_all  # the binding keeps the last bound
+            if keep is not self._keep:
+                self.binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, keep)
+                self._keep = keep
+        if self.logits is None or self.logits.shape[1] != rows:
+            self.logits = np.empty((1, rows, self.width), np.float32)
+            self.binding.bind_ortvalue_output(names.LOGITS, sessions.value(self.logits))
+
+    def _grown_capacity(self, total: int) -> int:
+        """The capacity that holds ``total`` positions: double, at least the next block, never past the
+        context (refused there)."""
+        limit = self.setup.max_context
+        if total > limit:
+            raise EdgeLoraError(f"{total} tokens exceed the context of {limit}", hint="shorten the prompt")
+        return min(limit, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
+
+
+class CpuKVState(BoundState):
     """Each layer's K and V live in one buffer ``[1, kv_heads, capacity, head_dim]`` bound as both
     the past input and the present output: GroupQueryAttention writes the new positions in place, so
     a step copies no cache and allocates nothing. The capacity starts at the first feed rounded up to
@@ -28,7 +55,7 @@ class CpuKVState(DecodeState):
         self._owner = choice.owner
         self.binding = choice.session.binding()
         for name, value in choice.lora.items():
-            self.binding.bind_input(name, value)
+            self.binding.bind_ortvalue_input(name, value)
         self.length = self.capacity = 0
         self.cache: list[np.ndarray] = []
         self.logits: np.ndarray | None = None
@@ -48,7 +75,7 @@ class CpuKVState(DecodeState):
         if total > self.capacity:
             self._reserve(total)
         self._bind_ids(token_ids)
-        self.binding.bind_input(names.ATTENTION_MASK, setup.sessions.mask(setup.mask_ones, total))
+        self.binding.bind_ortvalue_input(names.ATTENTION_MASK, setup.sessions.mask(setup.mask_ones, total))
         self._bind_logits(1 if last_only and setup.sessions.keeps_last else n, last_only)
         try:
             self.binding.run()
@@ -74,37 +101,22 @@ class CpuKVState(DecodeState):
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
             ids = np.asarray([token_ids], dtype=np.int64)
             ids, index = lora_feeds.split_added_ids(ids, self.setup.config.vocab_size)
-            self.binding.bind_input(names.INPUT_IDS, value(ids))
-            self.binding.bind_input(names.ADDED_INDEX, value(index))
+            self.binding.bind_ortvalue_input(names.INPUT_IDS, value(ids))
+            self.binding.bind_ortvalue_input(names.ADDED_INDEX, value(index))
             self._ids_bound = 0
         elif len(token_ids) == 1:
             self._token[0, 0] = token_ids[0]  # ORT reads the bound buffer at run time
             if self._ids_bound != 1:
-                self.binding.bind_input(names.INPUT_IDS, self._token_value)
+                self.binding.bind_ortvalue_input(names.INPUT_IDS, self._token_value)
             self._ids_bound = 1
         else:
-            self.binding.bind_input(names.INPUT_IDS, value(np.asarray([token_ids], dtype=np.int64)))
+            self.binding.bind_ortvalue_input(names.INPUT_IDS, value(np.asarray([token_ids], dtype=np.int64)))
             self._ids_bound = len(token_ids)
-
-    def _bind_logits(self, rows: int, last_only: bool) -> None:
-        sessions = self.setup.sessions
-        if sessions.keeps_last:
-            keep = sessions.keep_one if last_only else sessions.keep_all
-            if keep is not self._keep:
-                self.binding.bind_input(names.LOGITS_TO_KEEP, keep)
-                self._keep = keep
-        if self.logits is None or self.logits.shape[1] != rows:
-            self.logits = np.empty((1, rows, self.width), np.float32)
-            self.binding.bind_output(names.LOGITS, sessions.value(self.logits))
 
     def _reserve(self, total: int) -> None:
         """Grow the KV buffers to hold ``total`` positions: double, at least the next block."""
         setup, c = self.setup, self.setup.config
-        if total > setup.max_context:
-            raise EdgeLoraError(
-                f"{total} tokens exceed the context of {setup.max_context}", hint="shorten the prompt"
-            )
-        capacity = min(setup.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
+        capacity = self._grown_capacity(total)
         shape = (1, c.num_key_value_heads, capacity, c.head_dim)
         old, self.cache = self.cache, []
         for i, (past, present) in enumerate(setup.cache_names):
@@ -113,7 +125,7 @@ class CpuKVState(DecodeState):
             if self.length:
                 buffer[:, :, : self.length] = old[i][:, :, : self.length]
             value = setup.sessions.value(buffer)  # the binding holds it (and the array) until rebound
-            self.binding.bind_input(past, value)
-            self.binding.bind_output(present, value)
+            self.binding.bind_ortvalue_input(past, value)
+            self.binding.bind_ortvalue_output(present, value)
             self.cache.append(buffer)
         self.capacity = capacity

@@ -16,7 +16,7 @@ import numpy as np
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import lora_feeds, names
 from runtime.engine import DecodeState
-from runtime.onnx_cpu_state import KV_BLOCK
+from runtime.onnx_cpu_state import BoundState
 from runtime.onnx_device import DEVICE_LOCK
 from runtime.onnx_request import DecodeSetup, RequestChoice
 
@@ -81,18 +81,18 @@ class OnnxState(DecodeState):
         self._owner = None
 
 
-class SharedKVState(DecodeState):
+class SharedKVState(BoundState):
     """One sequence on the fast variant, run through an IOBinding that is set up once (on the CPU,
     or on the GPU with every buffer but the token, the mask and the logits on the device).
 
     Each layer's K and V live in one buffer ``[1, kv_heads, capacity, head_dim]`` bound as both
     the past input and the present output: GroupQueryAttention sees one pointer and writes the new
     positions in place, so a step copies no cache and allocates nothing. The capacity starts at the
-    first feed rounded up to :data:`KV_BLOCK` and doubles (new buffers, ``length`` positions
-    copied) when a feed would pass it, never beyond the model's context. LoRA inputs are fixed for
-    a state and bound once; the logits land in a preallocated buffer, reused while its shape holds.
-    On the GPU the KV buffers are device memory (growth copies them through the host, once per
-    doubling), and the LoRA values are the engine's device copies.
+    first feed rounded up to :data:`~runtime.onnx_cpu_state.KV_BLOCK` and doubles (new buffers,
+    ``length`` positions copied) when a feed would pass it, never beyond the model's context. LoRA
+    inputs are fixed for a state and bound once; the logits land in a preallocated buffer, reused
+    while its shape holds. On the GPU the KV buffers are device memory (growth copies them through
+    the host, once per doubling), and the LoRA values are the engine's device copies.
     """
 
     def __init__(self, setup: DecodeSetup, choice: RequestChoice) -> None:
@@ -163,27 +163,10 @@ class SharedKVState(DecodeState):
             self.binding.bind_ortvalue_input(names.INPUT_IDS, self.setup.sessions.value(ids))
         self._ids_bound = len(token_ids)
 
-    def _bind_logits(self, rows: int, last_only: bool) -> None:
-        sessions = self.setup.sessions
-        if sessions.keeps_last:
-            keep = (
-                sessions.keep_one if last_only else sessions.keep_all
-            )  # the binding keeps the last value bound
-            if keep is not self._keep:
-                self.binding.bind_ortvalue_input(names.LOGITS_TO_KEEP, keep)
-                self._keep = keep
-        if self.logits is None or self.logits.shape[1] != rows:
-            self.logits = np.empty((1, rows, self.width), np.float32)
-            self.binding.bind_ortvalue_output(names.LOGITS, sessions.value(self.logits))
-
     def _reserve(self, total: int) -> None:
         """Grow the KV buffers to hold ``total`` positions: double, at least the next block."""
         setup, c = self.setup, self.setup.config
-        if total > setup.max_context:
-            raise EdgeLoraError(
-                f"{total} tokens exceed the context of {setup.max_context}", hint="shorten the prompt"
-            )
-        capacity = min(setup.max_context, max(2 * self.capacity, -(-total // KV_BLOCK) * KV_BLOCK))
+        capacity = self._grown_capacity(total)
         shape = (1, c.num_key_value_heads, capacity, c.head_dim)
         old, self.cache = self.cache, []
         for i, (past, present) in enumerate(setup.cache_names):

@@ -140,7 +140,28 @@ class Background:
         return self._value
 
 
-class PythonSessions:
+class SessionSet:
+    """What both session sets share: ``plain`` (or None) and the LoRA session behind a
+    :class:`Background` load (``_lora``, set by ``open``)."""
+
+    plain: object = None
+    _lora: Background | None = None
+
+    @property
+    def lora(self) -> object:
+        return self._lora.result()
+
+    @property
+    def lora_started(self) -> bool:
+        return self._lora.started
+
+    def wait(self) -> None:
+        """Wait for a LoRA session still loading in the background; start none."""
+        if self._lora is not None:
+            self._lora.wait()
+
+
+class PythonSessions(SessionSet):
     """``model.plain.onnx`` and ``model.onnx`` through ONNX Runtime's Python binding, with the merged
     weights as initializer overrides (``overrides``: name -> (array, OrtValue borrowing it); a session
     keeps the snapshot it was opened with alive, since ORT reads the buffers for its lifetime).
@@ -157,8 +178,6 @@ class PythonSessions:
         self._profiled: list = []  # sessions opened with profiling on
         self.keep_one = ort.OrtValue.ortvalue_from_numpy(np.array(1, dtype=np.int64))
         self.keep_all = ort.OrtValue.ortvalue_from_numpy(np.array(0, dtype=np.int64))
-        self.plain: InferenceSession | None = None
-        self._lora: Background | None = None
 
     def value(self, array: np.ndarray) -> object:
         return self._ort.OrtValue.ortvalue_from_numpy(array)
@@ -254,14 +273,6 @@ class PythonSessions:
 
     # --- the LoRA session ---------------------------------------------------------------
 
-    @property
-    def lora(self) -> InferenceSession:
-        return self._lora.result()
-
-    @property
-    def lora_started(self) -> bool:
-        return self._lora.started
-
     def start_lora(self) -> None:
         if self.plain_until_adapter and self.plain is not None:
             # one copy of the weights: base-only requests move to the LoRA graph at rank 0 (those running
@@ -271,10 +282,6 @@ class PythonSessions:
             self.plain = None
             trim_heap()
         self._lora.start()
-
-    def wait(self) -> None:
-        if self._lora is not None:
-            self._lora.wait()
 
     def placement(self) -> dict[str, dict[str, list[tuple[str, str]]]]:
         """Which provider runs each node, per session (``plain``, ``lora``): ``{session: {provider:

@@ -188,24 +188,7 @@ class Tensor:
     def shape(self) -> tuple[int, ...]:
         return self.array.shape
 
-    def numpy(self) -> np.ndarray:
-        return self.array
-
     def __del__(self) -> None:
         if getattr(self, "value", None):
             self.api.ReleaseValue(self.value)
             self.value = None
-
-
-def tensor_of(api: OrtApi, pointer: int, nbytes: int, shape: tuple[int, ...], dtype: np.dtype) -> c_void_p:
-    """A bare OrtValue over raw memory, for a binding that takes its own reference: release it after."""
-    dims = (c_int64 * max(len(shape), 1))(*shape)
-    return api._out(
-        api.CreateTensorWithDataAsOrtValue,
-        api.cpu_memory,
-        c_void_p(pointer),
-        nbytes,
-        dims,
-        len(shape),
-        ELEMENT_TYPES[np.dtype(dtype)],
-    )

@@ -10,8 +10,6 @@ import os
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import numpy as np
-
 from edge_lora.errors import EdgeLoraError, first_line
 from runtime.ort_capi import LOG_ERROR, ORT_ENABLE_ALL, OrtApi, OrtError, Tensor
 
@@ -119,24 +117,22 @@ class Session:
 
 
 class Binding:
-    """An IoBinding of one session: inputs and outputs bound once, rebound when they change; ``run``
-    reads them in place. It holds every tensor it bound until that name is bound again."""
+    """An IoBinding of one session, with the method names of ``onnxruntime.IOBinding``: inputs and
+    outputs bound once, rebound when they change; ``run`` reads them in place. It holds every tensor
+    it bound until that name is bound again."""
 
     def __init__(self, session: Session) -> None:
         self.session, self.api = session, session.api
         self.handle = self.api._out(self.api.CreateIoBinding, session.handle)
         self._held: dict[str, Tensor] = {}
 
-    def bind_input(self, name: str, tensor: Tensor) -> None:
+    def bind_ortvalue_input(self, name: str, tensor: Tensor) -> None:
         self.api.BindInput(self.handle, name.encode(), tensor.value)
         self._held["in:" + name] = tensor
 
-    def bind_output(self, name: str, tensor: Tensor) -> None:
+    def bind_ortvalue_output(self, name: str, tensor: Tensor) -> None:
         self.api.BindOutput(self.handle, name.encode(), tensor.value)
         self._held["out:" + name] = tensor
-
-    def bind_array(self, name: str, array: np.ndarray) -> None:
-        self.bind_input(name, Tensor(self.api, array))
 
     def run(self) -> None:
         self.api.RunWithBinding(self.session.handle, None, self.handle)

@@ -12,7 +12,6 @@ from factories import build_bundle, random_adapter
 from onnx_helpers import torch_logits
 
 import runtime.onnx_cpu_state as onnx_cpu_state
-import runtime.onnx_decode_states as onnx_decode_states
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from runtime.onnx_backend import OnnxEngine
@@ -24,7 +23,6 @@ TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
 
 @pytest.fixture(autouse=True)
 def small_blocks(monkeypatch):
-    monkeypatch.setattr(onnx_decode_states, "KV_BLOCK", 16)
     monkeypatch.setattr(onnx_cpu_state, "KV_BLOCK", 16)
 
 
