@@ -15,7 +15,7 @@ from pathlib import Path
 
 import numpy as np
 import pytest
-from factories import random_adapter
+from factories import build_bundle, random_adapter
 from gpu_env import child_env
 from tiny_models import FAMILIES
 
@@ -135,6 +135,122 @@ def test_4bit_greedy_tokens_on_the_gpu_agree_with_the_cpu(bundles, family, backe
             total += len(ids)
     assert same / total >= 0.97, f"{same}/{total}"
     assert same / (total - ties) >= 0.99
+
+
+# --- strong adapters against transformers + PEFT (the figures docs/mobile.md gives) -------------------
+
+STRONG_FAMILIES = ("llama3", "mistral", "qwen2")
+STRONG_SEEDS = (1, 2, 3)
+# what each setting may differ from transformers + PEFT by; measured on lavapipe (Mesa 22.3, llama.cpp's
+# Vulkan build of tests/gpu_env.py's setup): 1.3e-5, 1.9e-2, 2.8e-2, 3.9e-4, 1.8e-2, 1.4e-5
+STRONG_BOUNDS = {
+    "webgpu": 1e-4,  # ONNX Runtime's WebGPU provider, fp32
+    "vulkan_f32": 5e-2,  # llama.cpp Vulkan, f32 shaders (GGML_VK_DISABLE_F16) and f32 KV cache (precise)
+    "vulkan_default": 6e-2,  # llama.cpp Vulkan as an app gets it: f16 shaders, f16 KV cache
+    "vulkan_default_base": 2e-3,  # the same, base model alone
+    "cpu_default": 5e-2,  # llama.cpp CPU at its f16-KV default
+    "cpu_f32": 1e-4,  # llama.cpp CPU, f32 KV cache (precise)
+}
+
+VULKAN_DEFAULT_SCRIPT = """
+import json, sys
+import numpy as np
+import runtime
+
+bundle, ids, names, out = sys.argv[1], json.loads(sys.argv[2]), json.loads(sys.argv[3]), sys.argv[4]
+rows = []
+for precise in (False, True):
+    engine = runtime.load(bundle, backend="llamacpp", quant="f32", device="gpu", precise=precise)
+    assert engine.info()["device"]["kind"] == "gpu", engine.info()["device"]
+    for name in names:
+        engine.add_adapter(name)
+    rows += [engine.logits(ids, adapters=s) for s in [{}] + [{name: 1.0} for name in names]]
+np.save(out, np.stack(rows))
+"""
+
+
+def vulkan_default_logits(bundle: Path, ids: list[int], names: list[str], out: Path) -> np.ndarray:
+    """llama.cpp's Vulkan backend at its defaults (f16 shaders, f16 KV cache), as an app gets it: a
+    process of its own, since the backend reads GGML_VK_DISABLE_F16 once per process and this one
+    runs with it set. Rows: the base, then each adapter alone; then the same with an f32 KV cache
+    (``precise``, f16 shaders still)."""
+    import subprocess
+    import sys
+
+    env = child_env(gpu=True)  # the software Vulkan device, on purpose ...
+    env.pop("GGML_VK_DISABLE_F16", None)  # ... at its f16 default
+    done = subprocess.run(
+        [sys.executable, "-c", VULKAN_DEFAULT_SCRIPT, str(bundle), json.dumps(ids), json.dumps(names)]
+        + [str(out)],
+        capture_output=True,
+        text=True,
+        timeout=600,  # the first run on a machine compiles the f16 shaders (minutes on a loaded one)
+        env=env,
+    )
+    assert done.returncode == 0, done.stderr[-2000:]
+    return np.load(out)
+
+
+def test_strong_adapters_on_the_gpu_against_transformers_peft(
+    model_dirs, tmp_path, webgpu_device, vulkan_device
+):
+    """Deliberately strong rsLoRA adapters (rank 8, alpha 16, A and B ~ N(0, 0.3) on every decoder
+    linear: scaling 5.7, deltas ~70x the base weights) on tiny Llama-3, Mistral and Qwen2 models, three
+    draws each: the max |logit diff| from transformers + PEFT of each device and setting stays under
+    STRONG_BOUNDS. Strong adapters grow the attention scores, where f16 rounding shows; so the f16
+    defaults are measured too, not only the f32 settings the other tests use."""
+    import torch
+    from peft import PeftModel
+    from tiny_models import load_hf
+
+    from converters.peft import export_peft
+
+    worst = dict.fromkeys(STRONG_BOUNDS, 0.0)
+    for family in STRONG_FAMILIES:
+        md = ModelDir(model_dirs[family])
+        # 16 positions: within Mistral's sliding window (16 here; past it, llama.cpp's base logits
+        # already leave transformers')
+        ids = [int(i) for i in np.random.default_rng(3).integers(0, md.config.vocab_size, 16)]
+        adapters = {
+            f"s{seed}": random_adapter(md, seed, rank=8, alpha=16.0, std=0.3, rslora=True)
+            for seed in STRONG_SEEDS
+        }
+        with torch.no_grad():
+            base = load_hf(md.path)(torch.tensor([ids])).logits[0].numpy()
+            refs = {}
+            for name, adapter in adapters.items():
+                folder = export_peft(adapter, tmp_path / family / name)
+                peft = PeftModel.from_pretrained(load_hf(md.path), folder)
+                refs[name] = peft.eval()(torch.tensor([ids])).logits[0].numpy()
+        assert min(np.abs(ref - base).max() for ref in refs.values()) > 0.5  # they really move the logits
+        bundle = build_bundle(md.path, tmp_path / family / "bundle", adapters, backends=("onnx", "gguf"))
+        names = list(adapters)
+
+        default = vulkan_default_logits(bundle, ids, names, tmp_path / family / "vulkan.npy")
+        diffs = {"vulkan_default_base": np.abs(default[0] - base).max()}
+        diffs["vulkan_default"] = max(np.abs(default[1 + i] - refs[n]).max() for i, n in enumerate(names))
+        for key, backend, quant, device in (
+            ("webgpu", "onnx", "fp32", "gpu"),
+            ("vulkan_f32", "llamacpp", "f32", "gpu"),
+            ("cpu_f32", "llamacpp", "f32", "cpu"),
+            ("cpu_default", "llamacpp", "f32", "cpu"),
+        ):
+            extra = {"precise": key != "cpu_default"} if backend == "llamacpp" else {}
+            engine = runtime.load(bundle, backend=backend, quant=quant, device=device, **extra)
+            assert engine.info()["device"]["kind"] == device
+            for name in names:
+                engine.add_adapter(name)
+            diffs[key] = max(np.abs(engine.logits(ids, adapters={n: 1.0}) - refs[n]).max() for n in names)
+        # the child really ran its f16 shaders: with the same f32 KV cache, its base logits are
+        # further from transformers than this process's f32 shaders' by far more than f32 rounding
+        f32_shaders = runtime.load(bundle, backend="llamacpp", quant="f32", device="gpu", precise=True)
+        f32_base = np.abs(f32_shaders.logits(ids) - base).max()
+        f16_base = np.abs(default[1 + len(names)] - base).max()
+        assert f16_base > 10 * f32_base, (f16_base, f32_base)
+        print(f"{family}: " + ", ".join(f"{k} {v:.1e}" for k, v in diffs.items()))
+        worst = {k: max(v, diffs[k]) for k, v in worst.items()}
+    print("strong adapters, max |logit diff| from PEFT:", {k: f"{v:.1e}" for k, v in worst.items()})
+    assert all(worst[k] < bound for k, bound in STRONG_BOUNDS.items()), worst
 
 
 def greedy(engine, ids, adapters, n=6):
