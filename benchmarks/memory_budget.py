@@ -30,6 +30,10 @@ def setting(label: str, x: dict) -> str:
     if backend_of(label, x) == "llamacpp":
         grown = f", KV grown to {x['kv_positions']}" if x.get("kv_positions") else ""
         return f"llama.cpp, n_ctx {x.get('n_ctx', '?')}{grown}"
+    if x.get("session_api") == "c":
+        return "ONNX, C API (plain + LoRA graphs, one copy of the weights)"
+    if x.get("session_api") == "python":
+        return "ONNX, Python binding (plain graph until the first adapter)"
     return "ONNX, two sessions (plain_session=True)" if _two_sessions(label, x) else "ONNX, one session"
 
 
@@ -42,8 +46,9 @@ def baseline_mb(results: dict, backend: str) -> float:
 
 # why a memory row is over its budget, when it is (measured in docs/backend-notes.md "Memory")
 MEMORY_CAUSES = {
-    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.2x the file: fp32 scales "
-    "and block sums added), and an adapter is held as its arrays and as its feeds",
+    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.3x the file: fp32 scales "
+    "and block sums added; the load peaks with the file's mapped pages on top, given back after), and an "
+    "adapter is held as its arrays and as its feeds (block-diagonal B with zeros)",
     "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
     "prepacked-weights container is not in the Python binding)",
     "llamacpp": "the adapter is held twice (its parsed arrays for merges, llama.cpp's own tensors); "
@@ -70,7 +75,8 @@ def memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> 
     text += "; budget " + " + ".join(f"{k} {v:.0f}" for k, v in parts.items()) + " MB"
     if not met:
         backend = backend_of(label, x)
-        key = "onnx two" if backend == "onnx" and _two_sessions(label, x) else backend
+        two = backend == "onnx" and x.get("session_api") != "c" and _two_sessions(label, x)
+        key = "onnx two" if two else backend
         text += f"; why: {MEMORY_CAUSES.get(key, '')}"
     return text
 

@@ -112,12 +112,12 @@ def _run_engines(plan: Plan, model, shape: str, planned: list) -> tuple[dict, di
 def _cold_starts(plan: Plan, model) -> dict:
     """Each of our backends from a fresh process: load, first token, adapter add, memory at each step."""
     cold = {}
-    # ONNX twice: the default (on the CPU one LoRA session for every request) and plain_session=True (a
-    # second session, model.plain.onnx, for requests without adapters: a second copy of the weights)
-    runs = [("onnx", q, plain) for q in plan.onnx_quants[:1] for plain in (None, True)]
-    for backend, quant, plain in runs + [("llamacpp", q, None) for q in plan.gguf_quants[:1]]:
+    # ONNX twice: the default (on the CPU the C API: plain and LoRA graphs over one copy of the weights)
+    # and the Python binding's sessions (session_api="python"), to compare
+    runs = [("onnx", q, api) for q in plan.onnx_quants[:1] for api in (None, "python")]
+    for backend, quant, api in runs + [("llamacpp", q, None) for q in plan.gguf_quants[:1]]:
         engine = "llama.cpp" if backend == "llamacpp" else backend
-        label = f"edge-lora {engine} {quant}{' two sessions' if plain else ''}"
+        label = f"edge-lora {engine} {quant}{' python binding' if api else ''}"
         say(f"  cold start: {label}")
         spec = {
             "kind": "cold",
@@ -127,8 +127,9 @@ def _cold_starts(plan: Plan, model) -> dict:
             "threads": plan.threads,
             "prompt": plan.prompt,
             "new_tokens": plan.new_tokens,
+            **({"engine_options": {"session_api": api}} if api else {}),
         }
-        cold[label] = pool.run_once({**spec, **({} if plain is None else {"plain_session": plain})})
+        cold[label] = pool.run_once(spec)
     return cold
 
 

@@ -172,6 +172,7 @@ def cold_start(spec: dict) -> dict:
         "backend": spec["backend"],
         "quant": spec["quant"],
         "plain_session": info.get("plain_session"),
+        "session_api": info.get("session_api"),
         "n_ctx": info.get("n_ctx"),
         "kv_positions": info.get("kv_positions"),
         "mmap": info.get("mmap"),

@@ -1,5 +1,5 @@
 """The benchmark report's adapter rows (issue 16) on the last full run's raw results, plus the peers'
-llama.cpp adapters by dtype: which rows count as peers, the ONNX cost row's arithmetic, the dtype table."""
+llama.cpp adapters by dtype: which rows count as peers, the issue-24 rows' arithmetic, the dtype table."""
 
 from __future__ import annotations
 
@@ -30,19 +30,30 @@ def test_llama_cpp_running_our_files_is_no_peer():
     assert report._peer_base(tok_s, "llama.cpp q4_0 lora_path convert q8_0|a") == "llama.cpp q4_0|base"
 
 
-def test_onnx_adapter_cost_row(results):
+def test_issue_24_rows_from_a_stored_run(results):
+    """The adapter-cost, same-graph and stacking rows recomputed by hand from the stored run's rounds."""
     info = results["models"]["smollm2-135m"]
-    targets = report.targets(results, "smollm2-135m", info)
-    rows = [t for t in targets if t["target"].startswith("unmerged r16 adapter")]
-    assert len(rows) == 1
+    rows = {t["target"]: t for t in report.targets(results, "smollm2-135m", info)}
     tok_s = info["decode"]["tok_s"]
-    r = paired_ratio(tok_s["edge-lora onnx int4|base"], tok_s["edge-lora onnx int4|a"])
-    stored = report.token_bytes(info, results["plan"], 4, 1, 4)
-    share = stored.adapters / (stored.weights + stored.kv_cache)
-    assert rows[0]["value"] == pytest.approx((r - 1) / (1.5 * share))
-    assert rows[0]["met"] == ((r - 1) <= 1.5 * share)
-    names = {t["target"] for t in report.targets(results, "smollm2-135m", info)}
-    assert "decode with the adapter vs the best peer's unmerged LoRA" in names
+    ours = paired_ratio(tok_s["edge-lora onnx int4|base"], tok_s["edge-lora onnx int4|a"]) - 1
+    llama = min(
+        paired_ratio(tok_s["llama.cpp q4_0|base"], tok_s[k]) - 1
+        for k in tok_s
+        if k.startswith("llama.cpp q4_0 lora_path") and report._is_peer(k)
+    )
+    cost = rows["adapter's extra time per token / llama.cpp's (its cheapest file)"]
+    assert cost["value"] == pytest.approx(ours / llama)
+    assert cost["met"] == (ours <= llama)
+    same = rows["ours / ORT GenAI on the same graph (a)"]
+    assert same["value"] == pytest.approx(
+        paired_ratio(tok_s["edge-lora onnx int4|a"], tok_s["ORT GenAI on our int4 +og.Adapters|a"])
+    )
+    two = paired_ratio(tok_s["edge-lora onnx int4|base"], tok_s["edge-lora onnx int4|ab"]) - 1
+    stack = rows["two stacked / one adapter, extra time per token (edge-lora onnx int4)"]
+    assert stack["value"] == pytest.approx(two / ours)
+    assert stack["met"] == (two / ours <= 1.6)
+    assert "decode with the adapter vs the best peer's unmerged LoRA" in rows
+    assert "base requests (adapters added) vs ORT GenAI builder's base decode" in rows
 
 
 def test_dtype_table_pairs_each_file_with_its_base(results):
