@@ -22,6 +22,9 @@ def backend_of(label: str, x: dict) -> str:
 
 
 def _two_sessions(label: str, x: dict) -> bool:
+    """Two copies of the weights: the Python binding's plain + LoRA sessions (the C API's share one)."""
+    if x.get("session_api") == "c":
+        return False
     # runs before 2026-11-28 had no "plain_session" and two sessions by default ("one session" labels)
     return bool(x["plain_session"]) if "plain_session" in x else "one session" not in label
 
@@ -75,8 +78,7 @@ def memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> 
     text += "; budget " + " + ".join(f"{k} {v:.0f}" for k, v in parts.items()) + " MB"
     if not met:
         backend = backend_of(label, x)
-        two = backend == "onnx" and x.get("session_api") != "c" and _two_sessions(label, x)
-        key = "onnx two" if two else backend
+        key = "onnx two" if backend == "onnx" and _two_sessions(label, x) else backend
         text += f"; why: {MEMORY_CAUSES.get(key, '')}"
     return text
 

@@ -170,10 +170,11 @@ def _adapter_cost_target(out: list[dict], tok_s: dict, info: dict, plan: dict, o
     llama = [v for k, v in costs.items() if k.startswith("llama.cpp")]
     if not r or not llama:
         return
+    cheapest = min(llama)
     tb = token_bytes(info, plan, 4, 1)
     share = tb.adapters / (tb.weights + tb.kv_cache)
     peers = "; ".join(f"{k}: +{100 * v:.0f}%" for k, v in sorted(costs.items(), key=lambda kv: kv[1]))
-    value = (r - 1) / min(llama) if min(llama) > 0 else float("inf")
+    value = (r - 1) / cheapest if cheapest > 0 else float("inf")
     out.append(
         _target(
             "adapter's extra time per token / llama.cpp's (its cheapest file)",
@@ -191,7 +192,8 @@ def _same_graph_targets(tok_s: dict) -> list[dict]:
     out = []
     for key in [k for k in tok_s if k.startswith("ORT GenAI on our ")]:
         label, case = key.split("|")
-        ours = f"{OURS} onnx {label.split()[4]}|{case}"
+        quant = label.removeprefix("ORT GenAI on our ").split()[0]
+        ours = f"{OURS} onnx {quant}|{case}"
         if ours in tok_s:
             r = paired_ratio(tok_s[ours], tok_s[key])
             out.append(
