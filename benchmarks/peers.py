@@ -102,10 +102,11 @@ def merged_gguf(model, quant: str) -> Path:
 LORA_DTYPES = ("f32", "f16", "q8_0")
 
 
-def convert_lora_script() -> Path | None:
+def convert_lora_script(say=print) -> Path | None:
     """llama.cpp's own ``convert_lora_to_gguf.py``: ``$EDGE_LORA_CONVERT_LORA``, else the llama-cpp-python
     source tree (``vendor/llama.cpp``, it needs its sibling modules) unpacked under the temp dir or pip's
-    cache."""
+    cache, else the installed llama-cpp-python's source package fetched through pip's own configuration
+    and its conversion scripts unpacked into the benchmark cache (once)."""
     import glob
     import tempfile
 
@@ -117,13 +118,57 @@ def convert_lora_script() -> Path | None:
             found = sorted(glob.glob(f"{root}/{depth}/vendor/llama.cpp/convert_lora_to_gguf.py"))
             if found:
                 return Path(found[-1])
-    return None
+    return _unpacked_convert_scripts(say)
+
+
+def _unpacked_convert_scripts(say=print) -> Path | None:
+    """``pip download`` of the installed llama-cpp-python's sdist; its ``vendor/llama.cpp`` Python files
+    (the convert scripts, ``conversion/``, ``gguf-py/``) unpacked under the benchmark cache."""
+    import shutil
+    import tarfile
+    import tempfile
+    from importlib.metadata import PackageNotFoundError, version
+
+    from benchmarks.models import cache_root
+
+    try:
+        release = version("llama-cpp-python")
+    except PackageNotFoundError:
+        return None
+    dest = cache_root() / "llama.cpp-scripts" / release
+    script = dest / "convert_lora_to_gguf.py"
+    if script.is_file():
+        return script
+    say(f"[peers] fetching llama-cpp-python {release}'s source package for convert_lora_to_gguf.py")
+    with tempfile.TemporaryDirectory() as tmp:
+        cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={release}"]
+        cmd += ["--no-binary", ":all:", "--no-deps", "--quiet", "-d", tmp]
+        if subprocess.run(cmd, capture_output=True, text=True, check=False).returncode != 0:
+            return None
+        archives = sorted(Path(tmp).glob("*.tar.gz"))
+        if not archives:
+            return None
+        staging = Path(tmp) / "unpacked"
+        with tarfile.open(archives[0]) as tar:
+            prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
+            wanted = [
+                m
+                for m in tar.getmembers()
+                if m.name.startswith(prefix)
+                and (m.name.endswith(".py") or "/gguf-py/" in m.name)
+                and m.name.count("/") <= prefix.count("/") + 3
+            ]
+            tar.extractall(staging, members=wanted, filter="data")
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(staging / prefix), dest)  # whole or not at all: the script is the last check
+    return script if script.is_file() else None
 
 
 def peer_lora_ggufs(model, say=print) -> dict[str, Path]:
     """Adapter "a" (its PEFT directory) through llama.cpp's convert_lora_to_gguf.py at f32, f16 and q8_0,
     cached: the peer's own adapter files. {} when the script is not on this machine."""
-    script = convert_lora_script()
+    script = convert_lora_script(say)
     if script is None:
         say(
             "[peers] llama.cpp's convert_lora_to_gguf.py not found (set EDGE_LORA_CONVERT_LORA): "

@@ -238,8 +238,10 @@ def _spawn(
     return json.loads(proc.stdout.strip().splitlines()[-1])
 
 
-def run(quick: bool) -> dict:
-    steps = 2 if quick else 5
+def run(quick: bool, steps: int | None = None) -> dict:
+    """Every case (full runs: the dtype cases and the 0.5B shape too), ``steps`` timed steps each
+    (default 2 quick, 5 full)."""
+    steps = steps or (2 if quick else 5)
     model_dir = make_model(
         Path(os.environ.get("EDGE_LORA_BENCH_DIR", Path(tempfile.gettempdir()) / "edge_lora_bench"))
         / "smollm2-135m-fp32"
