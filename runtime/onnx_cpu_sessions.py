@@ -20,16 +20,15 @@ import numpy as np
 from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format import names
 from edge_lora.onnx_format.weight_store import NUMPY_DTYPES
-from runtime.mapped_pages import release_pages, trim_heap
+from runtime.mapped_pages import dropping_pages, release_pages, trim_heap
 from runtime.onnx_sessions import Background, SessionSet, SessionSpec
 from runtime.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
 from runtime.ort_session import PrepackedWeights, Session, SessionConfig
 
 
-def shared_weights(api: OrtApi, layout: dict, data_path: Path) -> dict[str, Tensor]:
+def shared_weights(api: OrtApi, layout: dict, data: np.memmap, data_path: Path) -> dict[str, Tensor]:
     """Every tensor the layout places for a linear weight (packed blocks, scales, zero points), as
-    tensors over one read-only map of the data file."""
-    data = np.memmap(data_path, dtype=np.uint8, mode="r")
+    tensors over ``data``, the read-only map of the data file."""
     shared = {}
     for entry in layout["weights"].values():
         for name in entry["tensors"].values():
@@ -61,7 +60,8 @@ class CpuSessions(SessionSet):
             disabled_optimizers=spec.disabled_optimizers(merged=False),
             profile_prefix=str(spec.profile_dir / "session") if spec.profile_dir else None,
         )
-        self.weights = shared_weights(self.api, spec.layout, spec.data_path)
+        self.data_map = np.memmap(spec.data_path, dtype=np.uint8, mode="r")  # held: pages dropped safely
+        self.weights = shared_weights(self.api, spec.layout, self.data_map, spec.data_path)
         self.keep_one = self.value(np.array(1, dtype=np.int64))
         self.keep_all = self.value(np.array(0, dtype=np.int64))
         self._masks: dict[int, Tensor] = {}
@@ -80,8 +80,9 @@ class CpuSessions(SessionSet):
             return found
 
     def _session(self, path: Path, container: PrepackedWeights) -> Session:
-        session = Session(path, self.config, container, self.weights)
-        release_pages(self.spec.data_path)  # the pages ORT read to prepack: out of this process
+        with dropping_pages(self.data_map):  # the pages ORT reads to prepack: out as it goes
+            session = Session(path, self.config, container, self.weights)
+        release_pages(self.spec.data_path)  # any it mapped itself (initializers not shared)
         trim_heap()
         if self.config.profile_prefix:
             self._profiled.append(session)
