@@ -49,9 +49,10 @@ def baseline_mb(results: dict, backend: str) -> float:
 
 # why a memory row is over its budget, when it is (measured in docs/backend-notes.md "Memory")
 MEMORY_CAUSES = {
-    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.3x the file: fp32 scales "
-    "and block sums added; the load peaks with the file's mapped pages on top, given back after), and an "
-    "adapter is held as its arrays and as its feeds (block-diagonal B with zeros)",
+    "onnx": "ONNX Runtime prepacks the int4 weights into its own layout (~1.2x the file: fp32 scales "
+    "and block sums added); opening the LoRA graph prepacks each weight again to find it in the shared "
+    "container (the tied head's ~100 MB for a moment); an adapter is held as its arrays and as its "
+    "feeds (block-diagonal B with zeros)",
     "onnx two": "each session prepacks its own copy of the weights (the C API's shared "
     "prepacked-weights container is not in the Python binding)",
     "llamacpp": "the adapter is held twice (its parsed arrays for merges, llama.cpp's own tensors); "
@@ -75,6 +76,11 @@ def memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> 
         text += ": " + ", ".join(f"{k} {v:+.0f}" for k, v in steps)
         if x.get("peak_after_load_mb", 0) > x["rss_after_load_mb"] + 1:
             text += f" (load peak {x['peak_after_load_mb'] - base_rss:.0f})"
+        if (
+            x.get("peak_after_adapter_mb", 0)
+            > max(x["rss_after_adapter_mb"], x.get("peak_after_load_mb", 0)) + 1
+        ):
+            text += f" (peak while adding {x['peak_after_adapter_mb'] - base_rss:.0f})"
     text += "; budget " + " + ".join(f"{k} {v:.0f}" for k, v in parts.items()) + " MB"
     if not met:
         backend = backend_of(label, x)

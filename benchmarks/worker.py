@@ -169,6 +169,7 @@ def cold_start(spec: dict) -> dict:
         "rss_after_load_mb": loaded["rss_mb"],
         "peak_after_load_mb": loaded["peak_rss_mb"],
         "rss_after_adapter_mb": added["rss_mb"],
+        "peak_after_adapter_mb": added["peak_rss_mb"],  # ONNX: the LoRA graph's open included
         "backend": spec["backend"],
         "quant": spec["quant"],
         "plain_session": info.get("plain_session"),
