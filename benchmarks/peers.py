@@ -122,17 +122,18 @@ def convert_lora_script(say=print) -> Path | None:
 
 
 def _unpacked_convert_scripts(say=print) -> Path | None:
-    """``pip download`` of the installed llama-cpp-python's sdist; its ``vendor/llama.cpp`` Python files
-    (the convert scripts, ``conversion/``, ``gguf-py/``) unpacked under the benchmark cache."""
+    """The installed llama-cpp-python's source package; its ``vendor/llama.cpp`` Python files (the
+    convert scripts, ``conversion/``, ``gguf-py/``) unpacked under the benchmark cache, once."""
     import shutil
     import tarfile
     import tempfile
-    from importlib.metadata import PackageNotFoundError, version
+    from importlib.metadata import PackageNotFoundError
 
+    from benchmarks.llama_cpp_source import download_sdist, installed_version
     from benchmarks.models import cache_root
 
     try:
-        release = version("llama-cpp-python")
+        release = installed_version()
     except PackageNotFoundError:
         return None
     dest = cache_root() / "llama.cpp-scripts" / release
@@ -141,15 +142,13 @@ def _unpacked_convert_scripts(say=print) -> Path | None:
         return script
     say(f"[peers] fetching llama-cpp-python {release}'s source package for convert_lora_to_gguf.py")
     with tempfile.TemporaryDirectory() as tmp:
-        cmd = [sys.executable, "-m", "pip", "download", f"llama-cpp-python=={release}"]
-        cmd += ["--no-binary", ":all:", "--no-deps", "--quiet", "-d", tmp]
-        if subprocess.run(cmd, capture_output=True, text=True, check=False).returncode != 0:
-            return None
-        archives = sorted(Path(tmp).glob("*.tar.gz"))
-        if not archives:
+        try:
+            archive = download_sdist(Path(tmp), timeout=300)
+        except (RuntimeError, subprocess.TimeoutExpired) as err:
+            say(f"[peers] {str(err).splitlines()[0]}")
             return None
         staging = Path(tmp) / "unpacked"
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
             wanted = [
                 m

@@ -9,20 +9,19 @@ never in the repository. A failed download is an error, never a skip.
 
 from __future__ import annotations
 
-import importlib.metadata
 import shutil
-import subprocess
-import sys
 import tarfile
 import tempfile
 from pathlib import Path
+
+from benchmarks.llama_cpp_source import download_sdist, installed_version
 
 DATA = Path(__file__).parent / "data"
 SEPARATOR = "__ggml_vocab_test__"
 
 
 def llama_cpp_version() -> str:
-    return importlib.metadata.version("llama_cpp_python")
+    return installed_version()
 
 
 def models_dir() -> Path:
@@ -32,31 +31,9 @@ def models_dir() -> Path:
     if (dest / ".complete").is_file():
         return dest
     with tempfile.TemporaryDirectory(prefix="llama-refs-") as tmp:
-        got = subprocess.run(
-            [
-                sys.executable,
-                "-m",
-                "pip",
-                "download",
-                "--quiet",
-                "--no-binary",
-                ":all:",
-                "--no-deps",
-                f"llama-cpp-python=={version}",
-                "-d",
-                tmp,
-            ],
-            capture_output=True,
-            text=True,
-            timeout=900,
-        )
-        archives = list(Path(tmp).glob("llama_cpp_python-*.tar.gz"))
-        if got.returncode != 0 or not archives:
-            raise RuntimeError(
-                f"could not download the llama-cpp-python {version} source package: {got.stderr[-500:]}"
-            )
+        archive = download_sdist(Path(tmp))
         staging = Path(tmp) / "models"
-        with tarfile.open(archives[0]) as tar:
+        with tarfile.open(archive) as tar:
             for member in tar.getmembers():
                 parts = member.name.split("/")
                 if (
