@@ -6,8 +6,9 @@ Every weight of the layout is handed to both sessions as a shared initializer ov
 memory map of ``model.onnx.data`` (no copy), and both sessions are created with one prepacked-weights
 container, so ONNX Runtime prepacks each weight once and the second graph adds only its own nodes
 (SmolLM2-135M int4: +7 MB, against +133 MB for a second session through the Python binding, which
-has neither). After the load the mapped pages are given back (:mod:`runtime.mapped_pages`): what a
-kernel still reads from the file (the tied embedding's rows) comes back on demand.
+has neither). The mapped pages ORT reads to prepack are given back while it reads them, and what a
+kernel still reads from the file later (the tied embedding's rows) comes back on demand
+(:mod:`runtime.mapped_pages`).
 """
 
 from __future__ import annotations
