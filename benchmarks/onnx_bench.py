@@ -95,6 +95,8 @@ def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
         import onnxruntime_genai as og
     except ImportError:
         return None
+    from benchmarks.peers import genai_timed
+
     config = og.Config(str(folder))
     config.clear_providers()
     model = og.Model(config)
@@ -104,12 +106,7 @@ def _genai_rate(folder: Path, prompt, new_tokens: int) -> float | None:
         params.set_search_options(
             max_length=len(prompt) + new_tokens + 1, min_length=len(prompt) + new_tokens + 1, do_sample=False
         )
-        gen = og.Generator(model, params)
-        gen.append_tokens(prompt)
-        t0 = time.perf_counter()
-        for _ in range(new_tokens):
-            gen.generate_next_token()
-        best = max(best, new_tokens / (time.perf_counter() - t0))
+        best = max(best, genai_timed(og.Generator(model, params), prompt, new_tokens)[1])
     return best
 
 
