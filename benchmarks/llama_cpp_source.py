@@ -5,8 +5,12 @@ benchmark's peer adapter files) and its reference vocabularies and chat template
 from __future__ import annotations
 
 import importlib.metadata
+import shutil
 import subprocess
 import sys
+import tarfile
+import tempfile
+from collections.abc import Callable
 from pathlib import Path
 
 
@@ -31,3 +35,31 @@ def download_sdist(into: Path, timeout: float = 900) -> Path:
             f"could not download the llama-cpp-python {version} source package: {got.stderr[-500:]}"
         )
     return archives[0]
+
+
+def unpack_vendor(
+    dest: Path, subdir: str, keep: Callable[[tuple[str, ...]], bool], timeout: float = 900
+) -> Path:
+    """``dest`` holding the source package's regular files under ``vendor/llama.cpp/<subdir>`` whose path
+    below it (a tuple of parts) ``keep`` accepts: fetched and unpacked once per version, whole or not at
+    all (a ``.complete`` stamp marks a finished one). Raises as :func:`download_sdist`."""
+    if (dest / ".complete").is_file():
+        return dest
+    base = ("vendor", "llama.cpp", *Path(subdir).parts)
+    with tempfile.TemporaryDirectory(prefix="llama-cpp-src-") as tmp:
+        archive = download_sdist(Path(tmp), timeout)
+        staging = Path(tmp) / "unpacked"
+        with tarfile.open(archive) as tar:
+            for member in tar.getmembers():
+                parts = tuple(member.name.split("/"))
+                rel = parts[1 + len(base) :]
+                if member.isfile() and parts[1 : 1 + len(base)] == base and rel and keep(rel):
+                    target = staging.joinpath(*rel)
+                    target.parent.mkdir(parents=True, exist_ok=True)
+                    with tar.extractfile(member) as src, open(target, "wb") as out:
+                        shutil.copyfileobj(src, out)
+        (staging / ".complete").write_text(installed_version())
+        dest.parent.mkdir(parents=True, exist_ok=True)
+        shutil.rmtree(dest, ignore_errors=True)
+        shutil.move(str(staging), dest)
+    return dest

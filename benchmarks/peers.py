@@ -122,45 +122,27 @@ def convert_lora_script(say=print) -> Path | None:
 
 
 def _unpacked_convert_scripts(say=print) -> Path | None:
-    """The installed llama-cpp-python's source package; its ``vendor/llama.cpp`` Python files (the
-    convert scripts, ``conversion/``, ``gguf-py/``) unpacked under the benchmark cache, once."""
-    import shutil
-    import tarfile
-    import tempfile
+    """The installed llama-cpp-python's ``vendor/llama.cpp`` Python files (the convert scripts,
+    ``conversion/``, ``gguf-py/``), unpacked under the benchmark cache once."""
     from importlib.metadata import PackageNotFoundError
 
-    from benchmarks.llama_cpp_source import download_sdist, installed_version
+    from benchmarks.llama_cpp_source import installed_version, unpack_vendor
     from benchmarks.models import cache_root
 
     try:
-        release = installed_version()
+        dest = cache_root() / "llama.cpp-scripts" / installed_version()
     except PackageNotFoundError:
         return None
-    dest = cache_root() / "llama.cpp-scripts" / release
+    if not (dest / ".complete").is_file():
+        say("[peers] fetching llama-cpp-python's source package for convert_lora_to_gguf.py")
+    try:
+        unpack_vendor(
+            dest, "", lambda rel: len(rel) <= 4 and (rel[-1].endswith(".py") or rel[0] == "gguf-py"), 300
+        )
+    except (RuntimeError, subprocess.TimeoutExpired) as err:
+        say(f"[peers] {str(err).splitlines()[0]}")
+        return None
     script = dest / "convert_lora_to_gguf.py"
-    if script.is_file():
-        return script
-    say(f"[peers] fetching llama-cpp-python {release}'s source package for convert_lora_to_gguf.py")
-    with tempfile.TemporaryDirectory() as tmp:
-        try:
-            archive = download_sdist(Path(tmp), timeout=300)
-        except (RuntimeError, subprocess.TimeoutExpired) as err:
-            say(f"[peers] {str(err).splitlines()[0]}")
-            return None
-        staging = Path(tmp) / "unpacked"
-        with tarfile.open(archive) as tar:
-            prefix = f"{tar.getnames()[0].split('/')[0]}/vendor/llama.cpp/"
-            wanted = [
-                m
-                for m in tar.getmembers()
-                if m.name.startswith(prefix)
-                and (m.name.endswith(".py") or "/gguf-py/" in m.name)
-                and m.name.count("/") <= prefix.count("/") + 3
-            ]
-            tar.extractall(staging, members=wanted, filter="data")
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.move(str(staging / prefix), dest)  # whole or not at all: the script is the last check
     return script if script.is_file() else None
 
 

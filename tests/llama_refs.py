@@ -9,47 +9,21 @@ never in the repository. A failed download is an error, never a skip.
 
 from __future__ import annotations
 
-import shutil
-import tarfile
-import tempfile
 from pathlib import Path
 
-from benchmarks.llama_cpp_source import download_sdist, installed_version
+from benchmarks.llama_cpp_source import installed_version, unpack_vendor
 
 DATA = Path(__file__).parent / "data"
 SEPARATOR = "__ggml_vocab_test__"
 
 
-def llama_cpp_version() -> str:
-    return installed_version()
-
-
 def models_dir() -> Path:
     """``tests/data/llama.cpp-<version>/models`` with the vocabularies and ``templates/``."""
-    version = llama_cpp_version()
-    dest = DATA / f"llama.cpp-{version}" / "models"
-    if (dest / ".complete").is_file():
-        return dest
-    with tempfile.TemporaryDirectory(prefix="llama-refs-") as tmp:
-        archive = download_sdist(Path(tmp))
-        staging = Path(tmp) / "models"
-        with tarfile.open(archive) as tar:
-            for member in tar.getmembers():
-                parts = member.name.split("/")
-                if (
-                    member.isfile()
-                    and parts[1:4] == ["vendor", "llama.cpp", "models"]
-                    and (parts[4].startswith("ggml-vocab-") or (parts[4] == "templates" and len(parts) == 6))
-                ):
-                    target = staging.joinpath(*parts[4:])
-                    target.parent.mkdir(parents=True, exist_ok=True)
-                    with tar.extractfile(member) as src, open(target, "wb") as out:
-                        shutil.copyfileobj(src, out)
-        (staging / ".complete").write_text(version)
-        dest.parent.mkdir(parents=True, exist_ok=True)
-        shutil.rmtree(dest, ignore_errors=True)
-        shutil.move(str(staging), dest)
-    return dest
+    return unpack_vendor(
+        DATA / f"llama.cpp-{installed_version()}" / "models",
+        "models",
+        lambda rel: rel[0].startswith("ggml-vocab-") or (rel[0] == "templates" and len(rel) == 2),
+    )
 
 
 def vocab_cases(name: str) -> list[tuple[str, list[int]]]:
