@@ -13,16 +13,10 @@ from typing import TYPE_CHECKING
 
 from converters.gguf_tokenizer import read_vocab
 from edge_lora.atomic import atomic_path
+from edge_lora.gguf_format.base_tensors import base_tensor
 from edge_lora.gguf_format.file_write import write_gguf
-from edge_lora.gguf_format.names import (
-    FINGERPRINT_KEY,
-    ROPE_FREQS,
-    gguf_arch,
-    gguf_tensor,
-    llama3_rope_factors,
-    to_gguf_rows,
-)
-from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, file_type, tensor_type
+from edge_lora.gguf_format.names import FINGERPRINT_KEY, ROPE_FREQS, gguf_arch, llama3_rope_factors
+from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, file_type
 from edge_lora.model_dir import ModelDir
 
 if TYPE_CHECKING:
@@ -98,14 +92,7 @@ def _add_tensors(
         n for n in model_dir.tensor_names() if not (config.tie_word_embeddings and n == "lm_head.weight")
     ]
     for i, name in enumerate(names):
-        array = model_dir.get(name)
-        module = name.rsplit(".", 1)[0]
-        array = to_gguf_rows(config, module, array)
-        target = gguf_tensor(name)
-        is_output = target == "output.weight" or (
-            config.tie_word_embeddings and target == "token_embd.weight"
-        )
-        qtype = tensor_type(target, array.shape, quant, is_output=is_output)
+        target, array, qtype = base_tensor(config, name, model_dir.get(name), quant)
         writer.add_tensor(target, encode(array, qtype), raw_dtype=qtype)
         if i % 20 == 0:
             say(f"gguf {quant}: tensor {i + 1}/{len(names)} {target}")

@@ -29,6 +29,7 @@ from converters.onnx_quantized_ops import emit_matmul, nbits_gather, nbits_initi
 from edge_lora.config import ModelConfig
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names
+from edge_lora.onnx_format.base_weights import shares_quantized_table
 
 LORA_DTYPES = {"float32": (np.float32, TensorProto.FLOAT), "float16": (np.float16, TensorProto.FLOAT16)}
 
@@ -175,12 +176,7 @@ class DecoderWriter:
 
     def shares_quantized_table(self) -> bool:
         """Tied + MatMulNBits: the embedding gathers from the head's quantized weight (one copy)."""
-        return (
-            self.c.tie_word_embeddings
-            and self.fast
-            and self.o.quant in ("int4", "int8")
-            and self.c.hidden_size % self.o.block_size == 0
-        )
+        return self.fast and shares_quantized_table(self.c, self.o.quant, self.o.block_size)
 
     def keep_last(self, hidden: str) -> str:
         """Positions the head runs on: the last ``logits_to_keep`` (an overridable scalar, default 0 =

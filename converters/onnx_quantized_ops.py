@@ -16,6 +16,7 @@ from onnx import TensorProto
 
 from converters.onnx_graph import MS_DOMAIN, Graph
 from edge_lora.onnx_format import weight_quant as q
+from edge_lora.onnx_format.base_weights import quantize_base_weight
 
 
 def emit_matmul(
@@ -87,8 +88,8 @@ def nbits_initializers(
     ``symmetric`` weights carry no zero points (MatMulNBits' defaults: the faster kernel); the
     tied embedding table passes False, GatherBlockQuantized reading it takes explicit ones."""
     n, k = weight.shape
-    bits = 4 if quant == "int4" else 8
-    nb = q.quantize_nbits(weight, bits, block_size, symmetric=symmetric)
+    nb = quantize_base_weight(name, weight, quant, block_size, gathered=not symmetric)
+    bits = nb.bits
     tensors = {
         "packed": g.initializer(f"{name}.weight_q", nb.packed),
         "scales": g.initializer(f"{name}.weight_scales", nb.scales),
