@@ -217,6 +217,7 @@ def test_unknown_adapter_and_verbose_traceback(files, capsys):
 VERBS = (
     "train",
     "export",
+    "import-gguf",
     "combine",
     "run",
     "chat",
@@ -241,7 +242,7 @@ def test_console_entry_point_runs_as_a_module():
         env=child_env(),
     )
     assert proc.returncode == 0
-    listed = re.findall(r"^ {4}([a-z]+)(?: {2,}|$)", proc.stdout, flags=re.MULTILINE)
+    listed = re.findall(r"^ {4}([a-z][a-z-]*)(?: {2,}|$)", proc.stdout, flags=re.MULTILINE)
     assert sorted(listed) == sorted(VERBS)
 
 

@@ -2,6 +2,7 @@
 
     edge-lora train ...                   LoRA training on the host (PyTorch)
     edge-lora export MODEL --out BUNDLE   quantized base + adapters for ONNX Runtime and llama.cpp
+    edge-lora import-gguf FILE --out DIR  a GGUF base (llama, qwen2) as a Hugging Face model directory
     edge-lora run BUNDLE --prompt ...     offline inference with the runtime (no torch)
     edge-lora chat BUNDLE                 interactive, /adapter switches adapters mid-conversation
     edge-lora inspect PATH                what a bundle, adapter, PEFT dir, model dir or GGUF is
@@ -42,6 +43,7 @@ def build_parser() -> argparse.ArgumentParser:
     from edge_lora.app.combine_verb import add_combine_arguments
     from edge_lora.app.export_verbs import add_export_arguments
     from edge_lora.app.handoff_verbs import add_bench_arguments, add_quickstart_arguments, add_train_arguments
+    from edge_lora.app.import_verb import add_import_arguments
     from edge_lora.app.inspect_verb import add_inspect_arguments
     from edge_lora.app.merge_verb import add_merge_arguments
     from edge_lora.app.run_verbs import add_chat_arguments, add_run_arguments
@@ -49,6 +51,7 @@ def build_parser() -> argparse.ArgumentParser:
     for add in (
         add_train_arguments,
         add_export_arguments,
+        add_import_arguments,
         add_run_arguments,
         add_chat_arguments,
         add_inspect_arguments,

@@ -97,3 +97,33 @@ def llama3_rope_factors(config: ModelConfig) -> np.ndarray | None:
         return None
     base = 1.0 / (config.rope_theta ** (np.arange(0, config.head_dim, 2, dtype=np.float64) / config.head_dim))
     return (base / config.rope_inv_freq()).astype(np.float32)
+
+
+def unpermute_rows(rows: np.ndarray, n_head: int) -> np.ndarray:
+    """The inverse of :func:`permute_rows`: llama.cpp's q/k row order back to Hugging Face's."""
+    out = rows.shape[0]
+    if out % (2 * n_head):
+        raise EdgeLoraError(f"cannot undo the rotary permutation: {out} rows for {n_head} heads")
+    return rows.reshape(n_head, out // n_head // 2, 2, *rows.shape[1:]).swapaxes(1, 2).reshape(rows.shape)
+
+
+def from_gguf_rows(config: ModelConfig, module: str, rows: np.ndarray) -> np.ndarray:
+    """Rows of ``module``'s output (weight or bias) read from a GGUF, in Hugging Face's order."""
+    heads = rotary_heads(config, module)
+    return rows if heads is None else unpermute_rows(rows, heads)
+
+
+_GLOBAL_TENSORS = {f"{stem}.weight": f"{module}.weight" for module, stem in GLOBAL_MODULES.items()}
+_LAYER_STEMS = {stem: module for module, stem in LAYER_MODULES.items()}
+_BLOCK = re.compile(r"^blk\.(\d+)\.([a-z_]+)\.(weight|bias)$")
+
+
+def hf_tensor(gguf_name: str) -> str | None:
+    """A GGUF tensor's Hugging Face name (``blk.0.attn_q.bias`` -> ``model.layers.0.self_attn.q_proj.bias``),
+    or None for a tensor with no place in a Llama-family checkpoint (``rope_freqs``, fused or MoE tensors)."""
+    if gguf_name in _GLOBAL_TENSORS:
+        return _GLOBAL_TENSORS[gguf_name]
+    match = _BLOCK.match(gguf_name)
+    if match and match[2] in _LAYER_STEMS:
+        return f"model.layers.{match[1]}.{_LAYER_STEMS[match[2]]}.{match[3]}"
+    return None
