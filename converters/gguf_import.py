@@ -68,6 +68,13 @@ def import_gguf(
     config, hf_config = model_config(reader, path)
     plan = _plan(reader, config, path)
     files = tokenizer_files(reader, path, config.max_position_embeddings)
+    tokens = len(field_value(reader, "tokenizer.ggml.tokens"))
+    if tokens > config.vocab_size:
+        raise EdgeLoraError(
+            f"the vocabulary has {tokens} tokens but token_embd.weight only {config.vocab_size} rows",
+            path=path,
+            hint="the file is corrupt",
+        )
     files["config.json"] = json.dumps(hf_config, indent=2) + "\n"
     files["generation_config.json"] = json.dumps(_generation_config(reader, hf_config), indent=2) + "\n"
     say(f"import {path.name}: {config.architecture}, {config.num_hidden_layers} layers, {len(plan)} tensors")

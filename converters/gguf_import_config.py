@@ -49,6 +49,13 @@ def model_config(reader: gguf.GGUFReader, path: Path) -> tuple[ModelConfig, dict
         except (TypeError, ValueError):
             raise EdgeLoraError(f"GGUF key {arch}.{name} is not a number", path=path) from None
 
+    layers = key("block_count")
+    if not 0 < layers <= len(names) // 9:  # a layer is at least nine tensors: no count beyond the file's
+        raise EdgeLoraError(
+            f"{arch}.block_count {layers} does not match the file's {len(names)} tensors",
+            path=path,
+            hint="the file is corrupt or incomplete",
+        )
     heads = key("attention.head_count")
     head_dim = key("attention.key_length", hidden_size // max(heads, 1))
     if key("rope.dimension_count", head_dim) != head_dim:
@@ -58,7 +65,7 @@ def model_config(reader: gguf.GGUFReader, path: Path) -> tuple[ModelConfig, dict
         "vocab_size": vocab_size,
         "hidden_size": key("embedding_length"),
         "intermediate_size": key("feed_forward_length"),
-        "num_hidden_layers": key("block_count"),
+        "num_hidden_layers": layers,
         "num_attention_heads": heads,
         "num_key_value_heads": key("attention.head_count_kv", heads),
         "head_dim": head_dim,

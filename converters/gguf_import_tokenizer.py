@@ -49,7 +49,7 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, context_length: int) ->
     if not isinstance(tokens, list) or not tokens:
         raise EdgeLoraError("GGUF has no tokenizer.ggml.tokens", path=path, hint="the file has no vocabulary")
     types = field_value(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    if len(types) != len(tokens):
+    if not isinstance(types, list) or len(types) != len(tokens):
         raise EdgeLoraError("tokenizer.ggml.token_type does not match the tokens", path=path)
     special = _special(reader, tokens, kind, path)
     if kind == "gpt2":
@@ -77,7 +77,7 @@ def _special(reader: gguf.GGUFReader, tokens: list[str], kind: str, path: Path) 
     out: dict = {}
     for name, key in (("bos", "bos"), ("eos", "eos"), ("unk", "unknown"), ("pad", "padding")):
         i = field_value(reader, f"tokenizer.ggml.{key}_token_id")
-        if i is not None and not 0 <= int(i) < len(tokens):
+        if i is not None and (isinstance(i, bool) or not isinstance(i, int) or not 0 <= i < len(tokens)):
             raise EdgeLoraError(f"tokenizer.ggml.{key}_token_id {i} is not a token id", path=path)
         out[name] = None if i is None else tokens[int(i)]
         out[f"{name}_id"] = None if i is None else int(i)

@@ -9,6 +9,7 @@ on the strings llama.cpp tests itself with.
 from __future__ import annotations
 
 import json
+import shutil
 import struct
 
 import numpy as np
@@ -242,6 +243,7 @@ def _offsets(path):
         "data": reader.data_offset,
         "arch": _value_at(reader, "general.architecture"),
         "tokenizer": _value_at(reader, "tokenizer.ggml.model"),
+        "blocks": _value_at(reader, "llama.block_count") - 8,  # a uint32: no length before it
     }
 
 
@@ -291,6 +293,7 @@ def _hostile_cases(raw: bytes, where: dict):
     yield "NaN weights", bytes(_patch(bytearray(raw), where["data"], struct.pack("<f", float("nan")) * 4))
     yield "unknown architecture", bytes(_patch(bytearray(raw), where["arch"], b"mamba"))
     yield "unknown tokenizer", bytes(_patch(bytearray(raw), where["tokenizer"], b"bert"))
+    yield "absurd block count", bytes(_patch(bytearray(raw), where["blocks"], struct.pack("<I", 2**31)))
 
 
 def test_hostile_files_give_one_line_and_no_folder(ggufs, tmp_path, capsys):
@@ -327,3 +330,26 @@ def test_cli_import_and_force(ggufs, tmp_path, capsys):
     assert "wrote model folder" in captured.out and "tensor 1/" in captured.err
     assert not (out / "keep.txt").exists() and ModelDir(out).config.model_type == "qwen2"
     assert main(["inspect", str(out)]) == 0
+
+
+def test_a_file_cut_anywhere_is_refused_whole(ggufs, tmp_path):
+    """Cut at every 53rd byte of the header and every 40 KB of the data: one line and no folder, unless the
+    cut removed only padding after the last tensor's data."""
+    import gguf
+
+    source = ggufs("llama", "q4_0")
+    raw = source.read_bytes()
+    data_start = _offsets(source)["data"]
+    data_end = max(t.data_offset + t.n_bytes for t in gguf.GGUFReader(source).tensors)
+    cuts = [*range(1, data_start + 64, 53), *range(data_start, len(raw), 40_000), len(raw) - 1]
+    bad, out = tmp_path / "cut.gguf", tmp_path / "out"
+    for cut in cuts:
+        bad.write_bytes(raw[:cut])
+        try:
+            import_gguf(bad, out)
+        except EdgeLoraError as err:
+            assert "\n" not in str(err) and str(bad) in str(err), cut
+            assert not out.exists() and not any(p.name.startswith(".out") for p in tmp_path.iterdir()), cut
+        else:
+            assert cut >= data_end, f"a file cut at byte {cut} of {len(raw)} was imported"
+            shutil.rmtree(out)

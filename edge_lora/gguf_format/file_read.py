@@ -119,7 +119,7 @@ def _walk(cur: _Cursor) -> list[TensorSpan]:
             f"{what} is not supported", path=cur.path, hint="llama.cpp writes v3, little-endian"
         )
     n_tensors, n_keys = cur.unpack("Q", "tensor count"), cur.unpack("Q", "key count")
-    cur.need(n_keys * 12 + n_tensors * 24, f"{n_keys} keys and {n_tensors} tensors")  # their least sizes
+    cur.need(n_keys * 12 + n_tensors * 24, f"the header ({n_keys} keys, {n_tensors} tensors)")  # least sizes
     alignment, keys = DEFAULT_ALIGNMENT, set()
     for _ in range(n_keys):
         key = cur.string("key name")
@@ -164,12 +164,18 @@ def _span(
     count = 1
     for dim in shape:
         count *= dim
-    if count == 0 or count > cur.size * block or shape[0] % block:  # more values than bytes can hold
+    if count == 0 or shape[0] % block:
         raise cur.fail(f"tensor {name} has an impossible shape {list(shape)}")
+    if count > cur.size * block:  # more values than the whole file could hold: no need to multiply further
+        raise cur.fail(f"tensor {name} ({count} values) runs past the end of the file")
     nbytes = count // block * type_size
     start = data_start + offset
-    if offset % align or start + nbytes > cur.size:
-        raise cur.fail(f"tensor {name}'s data ({nbytes} bytes at offset {offset}) lies outside the file")
+    if offset % align:
+        raise cur.fail(f"tensor {name}'s data offset {offset} is not aligned to {align} bytes")
+    if start + nbytes > cur.size:
+        raise cur.fail(
+            f"tensor {name}'s data ({nbytes} bytes at offset {offset}) runs past the end of the file"
+        )
     return TensorSpan(name, shape, type_id, start, nbytes)
 
 
