@@ -353,3 +353,34 @@ def test_a_file_cut_anywhere_is_refused_whole(ggufs, tmp_path):
         else:
             assert cut >= data_end, f"a file cut at byte {cut} of {len(raw)} was imported"
             shutil.rmtree(out)
+
+
+@pytest.mark.slow
+def test_sentencepiece_model_round_trip(tmp_path):
+    """A Llama 2 style model (SentencePiece BPE with byte fallback, BOS added): its tokenizer from llama.cpp's
+    ggml-vocab-llama-spm, exported by us, imported back. Logits equal transformers' GGUF loading; ids
+    (BOS included) equal llama.cpp's, and transformers' GGUF tokenizer's but where the text starts with a
+    space (its Metaspace "first" adds no "▁" there, llama.cpp and SentencePiece do)."""
+    import llama_cpp
+    from tiny_models import make_model_dir_with_tokenizer
+    from tokenizers import Tokenizer
+    from transformers import AutoTokenizer
+
+    AutoTokenizer.from_pretrained(str(models_dir()), gguf_file="ggml-vocab-llama-spm.gguf").save_pretrained(
+        tmp_path / "tok"
+    )
+    model = make_model_dir_with_tokenizer(tmp_path / "spm", "llama", tmp_path / "tok")
+    path = export_gguf(ModelDir(model), tmp_path / "spm.gguf", "q8_0")
+    imported = _imported(path, tmp_path)
+    assert _compare_with_transformers(path, imported, "llama") <= 1e-5
+    ours = Tokenizer.from_file(str(imported / "tokenizer.json"))
+    theirs = AutoTokenizer.from_pretrained(tmp_path, gguf_file="spm.gguf")
+    vocab = llama_cpp.Llama(str(path), vocab_only=True, verbose=False)
+    texts = [t for t in TEXTS if t] + [text for text, _ in vocab_cases("llama-spm") if text]
+    for text in texts:
+        ids = ours.encode(text).ids
+        assert ids[0] == vocab.token_bos()
+        assert ids == vocab.tokenize(text.encode(), add_bos=True, special=True), text
+        if not text.startswith(" "):
+            assert ids == theirs.encode(text), text
+        assert ours.decode(ids, skip_special_tokens=True) == text
