@@ -5,6 +5,7 @@ benchmarks.worker    one engine per process, driven by the runner; benchmarks.po
 benchmarks.peers     llama.cpp, ONNX Runtime GenAI (its own model builder) and transformers + PEFT
 benchmarks.roofline  memory bandwidth and bytes per token: the physical limit
 benchmarks.scaling   rank, adapters loaded / stacked, context length
+benchmarks.probes    what they measure one engine with: memory, the prompt, a swap, an add
 benchmarks.model_bench  one model shape's run: peers' files, engines in rounds, cold starts, GPU rows
 benchmarks.target_checks   medians, paired ratios, rooflines, targets (benchmarks.memory_budget: memory's)
 benchmarks.report    the Summary's markdown (its section tables: benchmarks.summary_tables)

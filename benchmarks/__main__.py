@@ -187,7 +187,7 @@ def machine() -> dict:
         )
     except (OSError, StopIteration):
         pass
-    from runtime.llamacpp_lib import cpu_has_amx
+    from runtime.llamacpp.lib import cpu_has_amx
 
     return {
         "cpu": cpu,

@@ -264,7 +264,7 @@ def bench_bundle(
     rows[0]["raw_llama_decode_tok_s"] = raw
     from benchmarks.gguf_merge import merged_rows
 
-    rows += merged_rows(engine, bundle, quant, threads, prompt, new_tokens)
+    rows += merged_rows(engine, bundle, quant, threads, prompt, new_tokens, _one_request)
     engine.close()
     return rows
 
@@ -276,7 +276,7 @@ def _params(n):
 
 
 def run(quick: bool) -> dict:
-    import runtime.llamacpp_lib as lib
+    import runtime.llamacpp.lib as lib
 
     shapes = ["smollm2-135m"] if quick else list(SHAPES)
     quants = ["q4_0"] if quick else ["q4_0", "q8_0"]

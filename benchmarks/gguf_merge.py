@@ -22,11 +22,14 @@ def merge_quality(merged: np.ndarray, unmerged: np.ndarray, base: np.ndarray) ->
     }
 
 
-def merged_rows(engine, bundle: Path, quant: str, threads: int, prompt, new_tokens: int, rounds: int = 5):
+def merged_rows(
+    engine, bundle: Path, quant: str, threads: int, prompt, new_tokens: int, one_request, rounds: int = 5
+):
     """Adapter "a" merged at each precision ("base": the base's own type; "q8_0"), each its own engine:
-    merge time, logits against the unmerged engine's, decode paired with the base round by round."""
+    merge time, logits against the unmerged engine's, decode paired with the base round by round.
+    ``one_request(engine, prompt, new_tokens, adapters)`` -> (prefill s, tokens/s): the llama.cpp
+    benchmark's timed request (benchmarks.gguf_bench, which calls this), so both time alike."""
     import runtime
-    from benchmarks.gguf_bench import _one_request
 
     base_logits = engine.logits(prompt, adapters={})
     unmerged = engine.logits(prompt, adapters={"a": 1.0})
@@ -45,9 +48,9 @@ def merged_rows(engine, bundle: Path, quant: str, threads: int, prompt, new_toke
         )
     rates = {k: [] for k in ["base model", *merged]}
     for _ in range(rounds):  # interleaved: the ratios are paired per round
-        rates["base model"].append(_one_request(engine, prompt, new_tokens, {})[1])
+        rates["base model"].append(one_request(engine, prompt, new_tokens, {})[1])
         for precision, (m, _, _) in merged.items():
-            rates[precision].append(_one_request(m, prompt, new_tokens, {})[1])
+            rates[precision].append(one_request(m, prompt, new_tokens, {})[1])
     rows = []
     for precision, (m, merge_s, quality) in merged.items():
         ratio = float(np.median(np.array(rates[precision]) / np.array(rates["base model"])))

@@ -22,7 +22,7 @@ from pathlib import Path
 import numpy as np
 
 from benchmarks.gguf_bench import SHAPES, make_random_model, random_adapter
-from benchmarks.worker import swap_steps
+from benchmarks.probes import swap_steps
 from edge_lora.bundle import sha256_file, write_manifest
 from edge_lora.model_dir import ModelDir
 

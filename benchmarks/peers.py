@@ -39,7 +39,7 @@ class LlamaCppPeer:
         import llama_cpp
         import llama_cpp.llama_cpp as capi  # the module Llama() reads its defaults from
 
-        from runtime.llamacpp_lib import default_extra_bufts
+        from runtime.llamacpp.lib import default_extra_bufts
 
         extra = default_extra_bufts()
         defaults = capi.llama_model_default_params
@@ -85,7 +85,7 @@ def merged_gguf(model, quant: str) -> Path:
     file."""
     from edge_lora.adapter import Adapter
     from edge_lora.bundle import Bundle
-    from runtime.llamacpp_merge import write_merged_gguf
+    from runtime.llamacpp.merge import write_merged_gguf
 
     out = model.root / "peers" / f"merged-a-{quant}.gguf"
     if not out.is_file():

@@ -8,41 +8,7 @@ cannot pair it; best-of is the least noisy single number on a shared CPU).
 
 from __future__ import annotations
 
-import time
-
-from benchmarks.worker import prompt_ids, rss
-
-
-def ready_for(engine, name: str) -> None:
-    """The first request's setup with adapter ``name``, without decoding."""
-    state = engine._new_state(*engine._request_set({name: 1.0}))
-    if hasattr(state, "adapter_set"):  # llama.cpp applies the set on the first feed: do it here
-        with engine._ctx_lock:
-            engine._use_set(state.adapter_set, state.loaded)
-    state.close()
-
-
-def add_adapter_ms(engine, path: str) -> dict:
-    """Adding an adapter file to a loaded engine, then the first request's setup with it (ms)."""
-    t0 = time.perf_counter()
-    engine.add_adapter("extra", path)
-    added = (time.perf_counter() - t0) * 1e3
-    t1 = time.perf_counter()
-    ready_for(engine, "extra")
-    ready = (time.perf_counter() - t1) * 1e3
-    engine.remove_adapter("extra")
-    # an adapter the bundle ships (hash checked; llama.cpp gets its GGUF twin instead of converting)
-    engine.remove_adapter("b")
-    t2 = time.perf_counter()
-    engine.add_adapter("b")
-    ready_for(engine, "b")
-    bundled = (time.perf_counter() - t2) * 1e3
-    return {
-        "add_adapter_ms": added,
-        "first_request_setup_ms": ready,
-        "add_to_ready_ms": added + ready,
-        "add_bundled_to_ready_ms": bundled,
-    }
+from benchmarks.probes import prompt_ids, rss
 
 
 def _rate(worker, adapters: dict, prompt_len: int, new_tokens: int, repeats: int) -> float:

@@ -22,25 +22,10 @@ import os
 import sys
 import time
 
-import numpy as np
+from benchmarks.probes import add_adapter_ms, prompt_ids, ready_for, rss, swap_steps
 
 STARTED = time.time()
 CASE_SETS = {"base": {}, "merged": {}, "a": {"a": 1.0}, "ab": {"a": 1.0, "b": 1.0}}
-
-
-def rss() -> dict:
-    """Resident memory now and at its peak (VmHWM: unlike ru_maxrss it does not carry the parent's peak
-    over exec)."""
-    with open("/proc/self/status") as f:
-        fields = dict(line.split(":", 1) for line in f if ":" in line)
-    return {
-        "rss_mb": int(fields["VmRSS"].split()[0]) / 1024,
-        "peak_rss_mb": int(fields["VmHWM"].split()[0]) / 1024,
-    }
-
-
-def prompt_ids(length: int) -> list[int]:
-    return [int(t) for t in np.random.default_rng(0).integers(3, 250, length)]
 
 
 # --- our engines ----------------------------------------------------------------------
@@ -93,42 +78,9 @@ class Ours:
         return {"tok_s": rate, "prefill_ms": prefill * 1e3}
 
     def extras(self, swaps: int) -> dict:
-        from benchmarks.scaling import add_adapter_ms
-
         out = swap_steps(self.engine, self.backend, swaps)
         out.update(add_adapter_ms(self.engine, self.spec["extra_adapter"]))
         return out
-
-
-def swap_steps(engine, backend: str, n: int) -> dict:
-    """Requests alternating adapters a / b: the swap itself, then the first decode step after it
-    against the next (steady) step, each after an 8-token prompt."""
-    swaps, first, steady = [], [], []
-    for i in range(n):
-        chosen = {"a": 1.0} if i % 2 else {"b": 1.0}
-        t0 = time.perf_counter()
-        state = engine._new_state(*engine._request_set(chosen))
-        if (
-            backend == "llamacpp"
-        ):  # the set is applied on a request's first feed: apply it here, under the timer
-            with engine._ctx_lock:
-                engine._use_set(state.adapter_set, state.loaded)
-        swaps.append((time.perf_counter() - t0) * 1e3)
-        state.feed([5, 6, 7, 8, 9, 10, 11, 12])
-        t1 = time.perf_counter()
-        state.feed([13])
-        first.append((time.perf_counter() - t1) * 1e3)
-        t2 = time.perf_counter()
-        state.feed([14])
-        steady.append((time.perf_counter() - t2) * 1e3)
-        state.close()
-    return {
-        "swap_p50_ms": float(np.percentile(swaps, 50)),
-        "swap_p99_ms": float(np.percentile(swaps, 99)),
-        "first_step_after_swap_ms": float(np.median(first)),
-        "steady_step_ms": float(np.median(steady)),
-        "first_over_steady": float(np.median(np.array(first) / np.array(steady))),
-    }
 
 
 def cold_start(spec: dict) -> dict:
@@ -147,8 +99,6 @@ def cold_start(spec: dict) -> dict:
     first = engine.generate_ids(prompt_ids(8), _params(1), adapters={})
     t2 = time.perf_counter()
     after_load = rss()
-    from benchmarks.scaling import ready_for
-
     # ONNX opens its LoRA graph (in place of the plain one, on the CPU) on a thread: not the adapter's cost
     getattr(engine, "prepare_for_adapters", lambda: None)()
     t3 = time.perf_counter()
@@ -198,7 +148,7 @@ def baseline_rss(backend: str | None = None) -> dict:
     if backend in (None, "llamacpp"):
         import llama_cpp  # noqa: F401
     if backend == "llamacpp":
-        from runtime import llamacpp_lib
+        from runtime.llamacpp import lib as llamacpp_lib
 
         llamacpp_lib.silence_log(False)  # what every engine does first: llama_backend_init, the log callback
     return rss()

@@ -1,7 +1,9 @@
 """The on-device runtime: load a bundle, attach / swap / stack / merge adapters, generate.
 
 Never imports torch or the converters: numpy, safetensors, tokenizers and one backend
-(onnxruntime or llama-cpp-python), imported lazily inside the backend that needs it.
+(onnxruntime or llama-cpp-python), imported lazily inside the backend that needs it. Each backend
+is a package of its own (``runtime.onnx``, ``runtime.llamacpp``); the engine, tokenizer, sampling
+and devices they share live here.
 
     import runtime
     engine = runtime.load("bundle/", backend="auto")
@@ -50,11 +52,11 @@ def load(bundle: str | os.PathLike | Bundle, backend: str = "auto", device: str 
             )
         backend = have[0]
     if backend == "onnx":
-        from runtime.onnx_backend import OnnxEngine
+        from runtime.onnx.backend import OnnxEngine
 
         return OnnxEngine(bundle, **options)
     if backend in ("llamacpp", "gguf", "llama"):
-        from runtime.llamacpp_backend import LlamaCppEngine
+        from runtime.llamacpp.backend import LlamaCppEngine
 
         return LlamaCppEngine(bundle, **options)
     raise EdgeLoraError(f"unknown backend {backend!r}", hint=f"choose auto, {', '.join(BACKENDS)}")

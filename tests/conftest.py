@@ -45,7 +45,7 @@ def webgpu_device():
     import onnxruntime as ort
 
     from edge_lora.errors import EdgeLoraError
-    from runtime.onnx_device import find_webgpu
+    from runtime.onnx.device import find_webgpu
 
     try:
         return find_webgpu(ort, "gpu")[0]
@@ -57,7 +57,7 @@ def webgpu_device():
 def vulkan_device():
     """llama.cpp's GPU device (Mesa's lavapipe on a machine without a GPU)."""
     from edge_lora.errors import EdgeLoraError
-    from runtime import llamacpp_lib
+    from runtime.llamacpp import lib as llamacpp_lib
 
     try:
         return llamacpp_lib.find_gpu("gpu")[0]

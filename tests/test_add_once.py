@@ -156,7 +156,7 @@ def test_backend_add_opens_each_file_once(exported, reference, backend, monkeypa
     """Python opens the .safetensors once; ONNX never opens the .onnx_adapter; llama.cpp loads the GGUF
     from the private copy the engine hashed, never from the bundle."""
     import runtime
-    from runtime import llamacpp_model
+    from runtime.llamacpp import model as llamacpp_model
 
     engine = runtime.load(exported, backend=backend, **({"precise": True} if backend == "llamacpp" else {}))
     opened, lora_paths = [], []
@@ -198,7 +198,7 @@ def test_llamacpp_gguf_replaced_on_disk_while_loading_is_not_what_it_loads(
     """The bundle's GGUF is overwritten with another adapter's after the engine copied it: llama.cpp
     loads the checked copy, so the logits are sql's."""
     import runtime
-    from runtime import llamacpp_model
+    from runtime.llamacpp import model as llamacpp_model
 
     bundle = _copy(exported, tmp_path)
     gguf, other = bundle / "adapters" / "sql.gguf", (bundle / "adapters" / "tone.gguf").read_bytes()

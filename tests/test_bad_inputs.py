@@ -187,7 +187,7 @@ def test_every_backend_refuses_broken_backend_files(backend_corpus, base, good_e
     # of shaders at import) is not what a bad file costs
     import onnxruntime  # noqa: F401
 
-    from runtime import llamacpp_lib
+    from runtime.llamacpp import lib as llamacpp_lib
 
     llamacpp_lib.llama_cpp()
     refuse_all(backend_corpus, base, good_engine)

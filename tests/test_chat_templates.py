@@ -185,7 +185,8 @@ def test_gguf_carries_the_template_and_llamacpp_formats_plain_templates_alike(ch
     import llama_cpp
 
     from converters.export import ExportOptions, export_bundle
-    from runtime import llamacpp_lib, llamacpp_model
+    from runtime.llamacpp import lib as llamacpp_lib
+    from runtime.llamacpp import model as llamacpp_model
 
     llamacpp_lib.silence_log(False)
     for name, messages in LLAMA_AGREES.items():

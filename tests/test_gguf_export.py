@@ -25,7 +25,7 @@ TEXTS = [
 
 
 def _llama():
-    import runtime.llamacpp_lib as lib
+    import runtime.llamacpp.lib as lib
 
     lib.silence_log(False)
     return lib.llama_cpp()

@@ -180,7 +180,7 @@ def test_c_failures_become_clear_errors(bundle, model_dirs, tmp_path):
 
 
 def test_extra_bufts_decided_from_cpu(tmp_path):
-    import runtime.llamacpp_lib as lib
+    import runtime.llamacpp.lib as lib
 
     amx, plain = tmp_path / "amx", tmp_path / "plain"
     amx.write_text("processor : 0\nflags\t\t: fpu sse avx2 amx_bf16 amx_tile amx_int8\n")

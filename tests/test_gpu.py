@@ -299,7 +299,8 @@ def test_eight_threads_on_the_gpu_equal_serial_runs(bundles, backend):
 def test_gpu_without_a_device_is_one_clear_error(bundles, monkeypatch):
     """device='gpu' never falls back to the CPU: it says what is missing."""
     bundle = bundles("qwen2")
-    from runtime import llamacpp_lib, onnx_device
+    from runtime.llamacpp import lib as llamacpp_lib
+    from runtime.onnx import device as onnx_device
 
     monkeypatch.setattr(llamacpp_lib, "gpu_devices", lambda: [])
     with pytest.raises(EdgeLoraError, match="device='gpu'.*(no GPU device|without a GPU backend)"):

@@ -33,7 +33,8 @@ MAY_IMPORT = {
     "core": {"core"},
     "onnx_format": {"core", "onnx_format"},
     "gguf_format": {"core", "gguf_format"},
-    "train": {"core", "train"},
+    # the trainer's --base-quant q4_0 / onnx-int4 quantize through the exporters' own numpy format code
+    "train": {"core", "onnx_format", "gguf_format", "train"},
     "converters": {"core", "onnx_format", "gguf_format", "converters"},
     "runtime": {"core", "onnx_format", "gguf_format", "runtime"},
     "app": ALL_LAYERS,
@@ -151,3 +152,107 @@ def test_the_check_catches_an_upward_import(tmp_path, monkeypatch, source, layer
     target.write_text(source)
     monkeypatch.setattr(f"{__name__}.ROOT", fake_root)
     assert any(expected in line for line in violations([target])), violations([target])
+
+
+def type_only_lines(path: Path) -> set[int]:
+    """Lines inside ``if TYPE_CHECKING:`` blocks: imports for annotations, never run."""
+    lines = set()
+    for node in ast.walk(ast.parse(path.read_text(encoding="utf-8"), str(path))):
+        test = getattr(node, "test", None)
+        if isinstance(node, ast.If) and ast.unparse(test) in ("TYPE_CHECKING", "typing.TYPE_CHECKING"):
+            lines |= {n.lineno for stmt in node.body for n in ast.walk(stmt) if hasattr(n, "lineno")}
+    return lines
+
+
+def import_graph(files: list[Path]) -> dict[str, set[str]]:
+    """Module -> the modules of ours it imports when it runs (lazy imports too, not the type-only ones).
+    ``from pkg import mod`` is an edge to ``pkg.mod`` alone: a package whose ``__init__`` loads a module
+    importing a sibling that way is no circle."""
+    names = {module_name(p) for p in files}
+    graph = {}
+    for path in files:
+        type_only = type_only_lines(path)
+        targets = [(line, t) for line, t in imports_of(path) if line not in type_only]
+        graph[module_name(path)] = {
+            target
+            for line, target in targets
+            if target in names and not any(at == line and t.startswith(target + ".") for at, t in targets)
+        } - {module_name(path)}
+    return graph
+
+
+def import_cycles(graph: dict[str, set[str]]) -> list[list[str]]:
+    """The groups of modules that import each other round a circle (Tarjan's strongly connected
+    components of more than one module), each sorted."""
+    index, low, stack, on_stack, groups = {}, {}, [], set(), []
+
+    def visit(node: str) -> None:
+        index[node] = low[node] = len(index)
+        stack.append(node)
+        on_stack.add(node)
+        for nxt in sorted(graph.get(node, ())):
+            if nxt not in index:
+                visit(nxt)
+                low[node] = min(low[node], low[nxt])
+            elif nxt in on_stack:
+                low[node] = min(low[node], index[nxt])
+        if low[node] == index[node]:
+            group = []
+            while not group or group[-1] != node:
+                group.append(stack.pop())
+                on_stack.discard(group[-1])
+            if len(group) > 1:
+                groups.append(sorted(group))
+
+    for node in sorted(graph):
+        if node not in index:
+            visit(node)
+    return sorted(groups)
+
+
+def circle_in(graph: dict[str, set[str]], group: list[str]) -> str:
+    """A shortest circle from the group's first module back to it (breadth first), to name in a failure."""
+    start, inside = group[0], set(group)
+    came_from, frontier = {start: None}, [start]
+    while frontier:
+        node = frontier.pop(0)
+        for nxt in sorted(graph[node] & inside):
+            if nxt == start:
+                path = [node]
+                while came_from[path[-1]] is not None:
+                    path.append(came_from[path[-1]])
+                return " -> ".join([*reversed(path), start])
+            if nxt not in came_from:
+                came_from[nxt] = node
+                frontier.append(nxt)
+    raise AssertionError(f"no circle in {group}")
+
+
+def test_no_import_cycles():
+    """No modules of ours import each other round a circle, at module level or lazily: a circle means
+    none of them can be read, tested or moved without the others."""
+    graph = import_graph(package_files())
+    assert [f"{circle_in(graph, g)} (group: {', '.join(g)})" for g in import_cycles(graph)] == []
+
+
+def test_the_check_catches_a_lazy_import_cycle(tmp_path, monkeypatch):
+    fake_root = tmp_path / "repo"
+    files = {
+        "benchmarks/__init__.py": "",
+        "benchmarks/a.py": "from benchmarks.b import f\n",
+        "benchmarks/b.py": "def f():\n    from benchmarks import c\n",
+        "benchmarks/c.py": "def g():\n    import benchmarks.a\n",
+        # type-only imports and a package loading a module that imports a sibling through it: no circle
+        "runtime/__init__.py": "def load():\n    from runtime.x import y\n",
+        "runtime/x.py": "from runtime import sampling\nif TYPE_CHECKING:\n    from runtime import load\n",
+        "runtime/sampling.py": "",
+    }
+    for name, source in files.items():
+        (fake_root / name).parent.mkdir(parents=True, exist_ok=True)
+        (fake_root / name).write_text(source)
+    monkeypatch.setattr(f"{__name__}.ROOT", fake_root)
+    graph = import_graph(sorted(fake_root.rglob("*.py")))
+    assert import_cycles(graph) == [["benchmarks.a", "benchmarks.b", "benchmarks.c"]]
+    assert circle_in(graph, ["benchmarks.a", "benchmarks.b", "benchmarks.c"]) == (
+        "benchmarks.a -> benchmarks.b -> benchmarks.c -> benchmarks.a"
+    )

@@ -391,7 +391,7 @@ def test_webgpu_runs_new_tokens_like_the_cpu(model_dirs, tmp_path, webgpu_device
     input): one more logit, never returned or sampled; with new tokens, the CPU's logits and tokens."""
     from factories import build_bundle
 
-    from runtime.onnx_backend import OnnxEngine
+    from runtime.onnx.backend import OnnxEngine
 
     md = ModelDir(model_dirs["llama"])
     root = build_bundle(

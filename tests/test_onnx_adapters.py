@@ -12,7 +12,7 @@ from onnx_helpers import torch_logits
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from runtime.onnx_backend import OnnxEngine
+from runtime.onnx.backend import OnnxEngine
 from runtime.sampling import SamplingParams
 
 

@@ -14,7 +14,7 @@ from converters.onnx_export import PLAIN_MODEL_FILE, export_onnx
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names
-from runtime.onnx_backend import OnnxEngine
+from runtime.onnx.backend import OnnxEngine
 
 TOL = 1e-3
 

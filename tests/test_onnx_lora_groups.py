@@ -16,7 +16,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import lora_feeds, names
 from edge_lora.onnx_format.layout import read_layout
-from runtime.onnx_backend import OnnxEngine
+from runtime.onnx.backend import OnnxEngine
 
 TOL = 1e-3
 

@@ -8,7 +8,7 @@ from onnx_helpers import torch_logits
 
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import weight_quant as q
-from runtime.onnx_backend import OnnxEngine
+from runtime.onnx.backend import OnnxEngine
 
 
 @pytest.mark.parametrize("bits", [4, 8])

@@ -11,12 +11,12 @@ import pytest
 from factories import build_bundle, random_adapter
 from onnx_helpers import torch_logits
 
-import runtime.onnx_cpu_state as onnx_cpu_state
+import runtime.onnx.cpu_state as onnx_cpu_state
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from runtime.onnx_backend import OnnxEngine
-from runtime.onnx_cpu_state import CpuKVState
-from runtime.onnx_decode_states import OnnxState, SharedKVState
+from runtime.onnx.backend import OnnxEngine
+from runtime.onnx.cpu_state import CpuKVState
+from runtime.onnx.decode_states import OnnxState, SharedKVState
 
 TOL = 1e-3  # fp32 ONNX against PyTorch, as in test_onnx_export
 

@@ -28,7 +28,7 @@ from converters.gguf_export import export_gguf
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
-from runtime.llamacpp_lib import tokenize_with_gguf
+from runtime.llamacpp.lib import tokenize_with_gguf
 from runtime.tokenizer import Tokenizer
 
 pytestmark = pytest.mark.slow

@@ -61,7 +61,7 @@ def check_llamacpp_can_apply(adapter: Adapter, config: ModelConfig, path: Path |
             path=path,
             hint=UNSUPPORTED_HINT,
         )
-    # new tokens need no GGUF tensors: the runtime feeds their rows itself (runtime/llamacpp_lib.decode_added)
+    # new tokens need no GGUF tensors: the runtime feeds their rows itself (runtime/llamacpp/lib.decode_added)
     if config.tie_word_embeddings and any(m in ("lm_head", "model.embed_tokens") for m in adapter.modules):
         raise EdgeLoraError(
             "LoRA on the output layer of a tied-embedding base: llama.cpp rejects it (the output "

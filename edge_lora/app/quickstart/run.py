@@ -202,7 +202,7 @@ def _tokenizer_agreement(bundle: Path, prompts: list[str]) -> dict | None:
     ids of the runtime's tokenizer (which both runtime backends use), special tokens added as in a request."""
     from converters.gguf_tokenizer import gguf_tokenizer_style
     from edge_lora.bundle import Bundle
-    from runtime.llamacpp_lib import tokenize_with_gguf
+    from runtime.llamacpp.lib import tokenize_with_gguf
     from runtime.tokenizer import Tokenizer
 
     opened = Bundle.open(bundle)

@@ -1,6 +1,6 @@
 """The ONNX engine's sessions through ONNX Runtime's Python binding (:class:`PythonSessions`): the GPU
 (WebGPU), other execution providers (xnnpack, coreml, ...) and the portable variant. The CPU's fast
-variant runs through the C API instead (:mod:`runtime.onnx_cpu_sessions`), where two graphs can share
+variant runs through the C API instead (:mod:`runtime.onnx.cpu_sessions`), where two graphs can share
 one copy of the weights; here each session prepacks its own, so on the CPU the plain session is kept
 only until the first adapter is added (``plain_session=None``).
 
@@ -24,7 +24,7 @@ import numpy as np
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import names
 from runtime.mapped_pages import release_pages, trim_heap
-from runtime.onnx_device import DEVICE_LOCK, node_placement
+from runtime.onnx.device import DEVICE_LOCK, node_placement
 
 if TYPE_CHECKING:
     from onnxruntime import InferenceSession, SessionOptions

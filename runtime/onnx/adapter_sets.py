@@ -1,7 +1,7 @@
 """Adapters on the ONNX engine (:class:`AdapterSets`, a part the engine owns): each adapter set a request
 asks for becomes one dict of LoRA feeds (ranks concatenated, scales folded into B), built once and
 cached so that a swap is a lookup; on the GPU those feeds are uploaded once and stay resident. It
-also chooses what one request runs (:class:`~runtime.onnx_request.RequestChoice`): base-only
+also chooses what one request runs (:class:`~runtime.onnx.request.RequestChoice`): base-only
 requests take the plain session where there is one, the others the LoRA session with their feeds.
 """
 
@@ -21,7 +21,7 @@ from edge_lora.onnx_format import lora_feeds, names
 from edge_lora.onnx_format.weight_store import WeightStore
 from runtime.engine import LoadedAdapter
 from runtime.new_tokens import AddedVocab
-from runtime.onnx_request import RequestChoice
+from runtime.onnx.request import RequestChoice
 
 LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
 SET_CACHE_SIZE = 8

@@ -22,9 +22,9 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.onnx_format import names
 from edge_lora.onnx_format.weight_store import NUMPY_DTYPES
 from runtime.mapped_pages import dropping_pages, release_pages, trim_heap
-from runtime.onnx_sessions import Background, SessionSet, SessionSpec
-from runtime.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
-from runtime.ort_session import PrepackedWeights, Session, SessionConfig
+from runtime.onnx.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
+from runtime.onnx.ort_session import PrepackedWeights, Session, SessionConfig
+from runtime.onnx.sessions import Background, SessionSet, SessionSpec
 
 
 def shared_weights(api: OrtApi, layout: dict, data: np.memmap, data_path: Path) -> dict[str, Tensor]:

@@ -1,8 +1,8 @@
 """llama-cpp-python's library and the plain C calls around it: loading it (once per process), its
 log, the hardware it sees (Intel AMX, ggml's GPU devices) and its tokenizer on a GGUF's vocabulary.
 
-Every C call that can fail is checked here and in :mod:`runtime.llamacpp_model` (a loaded model
-and its adapters) and :mod:`runtime.llamacpp_context` (a context: KV cache, batches, logits):
+Every C call that can fail is checked here and in :mod:`runtime.llamacpp.model` (a loaded model
+and its adapters) and :mod:`runtime.llamacpp.context` (a context: KV cache, batches, logits):
 NULL pointers and non-zero status become an ``EdgeLoraError`` naming the file and what to do;
 nothing above these modules touches ctypes. Not thread-safe: the engine serialises all calls on
 one context with a lock.

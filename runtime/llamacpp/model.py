@@ -8,7 +8,7 @@ from collections.abc import Sequence
 from pathlib import Path
 
 from edge_lora.errors import EdgeLoraError
-from runtime.llamacpp_lib import GpuDevice, default_extra_bufts, llama_cpp
+from runtime.llamacpp.lib import GpuDevice, default_extra_bufts, llama_cpp
 
 
 class Model:

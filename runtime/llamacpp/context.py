@@ -11,8 +11,8 @@ from pathlib import Path
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError
-from runtime.llamacpp_lib import llama_cpp
-from runtime.llamacpp_model import Model
+from runtime.llamacpp.lib import llama_cpp
+from runtime.llamacpp.model import Model
 
 
 class Context:

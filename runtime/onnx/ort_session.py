@@ -1,4 +1,4 @@
-"""ONNX Runtime sessions on the CPU through the C API (:mod:`runtime.ort_capi`): several graphs over
+"""ONNX Runtime sessions on the CPU through the C API (:mod:`runtime.onnx.ort_capi`): several graphs over
 one weights file share one :class:`PrepackedWeights` container, so ONNX Runtime keeps one copy of
 the prepacked weights however many graph variants are open, and a decode step is a few direct calls.
 """
@@ -11,7 +11,7 @@ from dataclasses import dataclass, field
 from pathlib import Path
 
 from edge_lora.errors import EdgeLoraError, first_line
-from runtime.ort_capi import LOG_ERROR, ORT_ENABLE_ALL, OrtApi, OrtError, Tensor
+from runtime.onnx.ort_capi import LOG_ERROR, ORT_ENABLE_ALL, OrtApi, OrtError, Tensor
 
 
 @dataclass

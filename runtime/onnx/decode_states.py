@@ -4,7 +4,7 @@ The fast variant on the GPU (and on a CPU engine asked for the Python binding) r
 IOBinding with the KV cache in preallocated buffers that GroupQueryAttention updates in place
 (:class:`SharedKVState`); the portable variant (Concat KV cache) and other providers hand new KV
 OrtValues from one run to the next (:class:`OnnxState`). The CPU's own path is
-:class:`runtime.onnx_cpu_state.CpuKVState` (the C API).
+:class:`runtime.onnx.cpu_state.CpuKVState` (the C API).
 """
 
 from __future__ import annotations
@@ -16,9 +16,9 @@ import numpy as np
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import lora_feeds, names
 from runtime.engine import DecodeState
-from runtime.onnx_cpu_state import BoundState
-from runtime.onnx_device import DEVICE_LOCK
-from runtime.onnx_request import DecodeSetup, RequestChoice
+from runtime.onnx.cpu_state import BoundState
+from runtime.onnx.device import DEVICE_LOCK
+from runtime.onnx.request import DecodeSetup, RequestChoice
 
 
 def decode_error(setup: DecodeSetup, err: Exception) -> EdgeLoraError:
@@ -88,7 +88,7 @@ class SharedKVState(BoundState):
     Each layer's K and V live in one buffer ``[1, kv_heads, capacity, head_dim]`` bound as both
     the past input and the present output: GroupQueryAttention sees one pointer and writes the new
     positions in place, so a step copies no cache and allocates nothing. The capacity starts at the
-    first feed rounded up to :data:`~runtime.onnx_cpu_state.KV_BLOCK` and doubles (new buffers,
+    first feed rounded up to :data:`~runtime.onnx.cpu_state.KV_BLOCK` and doubles (new buffers,
     ``length`` positions copied) when a feed would pass it, never beyond the model's context. LoRA
     inputs are fixed for a state and bound once; the logits land in a preallocated buffer, reused
     while its shape holds. On the GPU the KV buffers are device memory (growth copies them through

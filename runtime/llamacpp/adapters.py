@@ -54,7 +54,7 @@ class LoraHandle:
 
 
 class LlamaCppAdapters:
-    """The adapter half of :class:`~runtime.llamacpp_backend.LlamaCppEngine` (mixed into it). Uses
+    """The adapter half of :class:`~runtime.llamacpp.backend.LlamaCppEngine` (mixed into it). Uses
     the engine's ``_model``, ``_tmp`` (scratch and variant files), ``_scratch`` under
     ``_scratch_lock``, ``_ctx_lock``, and its model and context hooks (``_new_model``,
     ``_new_context``, ``_load``, ``_unload``, ``_forget_cache``)."""
@@ -79,7 +79,7 @@ class LlamaCppAdapters:
 
     def _make_variant(self, name: str, adapter: Adapter, reason: str) -> MergedVariant:
         """The current base with ``adapter`` merged in at scale 1, loaded as a model of its own."""
-        from runtime.llamacpp_merge import write_merged_gguf
+        from runtime.llamacpp.merge import write_merged_gguf
 
         start = time.perf_counter()
         path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
@@ -158,7 +158,7 @@ class LlamaCppAdapters:
             handle.ptr = None
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
-        from runtime.llamacpp_merge import write_merged_gguf
+        from runtime.llamacpp.merge import write_merged_gguf
 
         with self._ctx_lock:
             merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"

@@ -10,8 +10,8 @@ import numpy as np
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import lora_feeds, names
 from runtime.engine import DecodeState
-from runtime.onnx_request import DecodeSetup, RequestChoice
-from runtime.ort_capi import OrtError
+from runtime.onnx.ort_capi import OrtError
+from runtime.onnx.request import DecodeSetup, RequestChoice
 
 KV_BLOCK = 256  # the cache starts at the first feed rounded up to this, then doubles
 

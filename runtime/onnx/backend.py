@@ -2,19 +2,19 @@
 
 The engine owns three parts, each holding its own state:
 
-- the sessions: on the CPU's fast variant :class:`~runtime.onnx_cpu_sessions.CpuSessions` (ONNX
+- the sessions: on the CPU's fast variant :class:`~runtime.onnx.cpu_sessions.CpuSessions` (ONNX
   Runtime's C API): ``model.plain.onnx`` for base-only requests and ``model.onnx`` (a LoRA side path
   on every linear layer) for the others, both over ONE copy of the weights (shared initializers, one
   prepacked-weights container), so base requests run at the plain graph's speed after adapters were
   added. Elsewhere (the GPU, other providers, the portable variant)
-  :class:`~runtime.onnx_sessions.PythonSessions` (the Python binding), where each session is a
+  :class:`~runtime.onnx.sessions.PythonSessions` (the Python binding), where each session is a
   copy of the weights: on the CPU the plain session is then kept only until the first adapter.
-- the adapter sets (:class:`~runtime.onnx_adapter_sets.AdapterSets`): a set becomes one dict of
+- the adapter sets (:class:`~runtime.onnx.adapter_sets.AdapterSets`): a set becomes one dict of
   LoRA feeds (ranks concatenated, scales folded into B), built once and cached, so a swap between
   requests is a lookup; each request carries its own, so concurrent requests do not disturb each other.
-- the decode states, one per request (:class:`~runtime.onnx_cpu_state.CpuKVState` on the CPU,
-  :mod:`runtime.onnx_decode_states` on the Python binding), reading the engine's fixed facts from
-  one :class:`~runtime.onnx_request.DecodeSetup`.
+- the decode states, one per request (:class:`~runtime.onnx.cpu_state.CpuKVState` on the CPU,
+  :mod:`runtime.onnx.decode_states` on the Python binding), reading the engine's fixed facts from
+  one :class:`~runtime.onnx.request.DecodeSetup`.
 
 ``merge`` dequantizes, adds and requantizes the touched weights
 (:class:`~edge_lora.onnx_format.weight_store.WeightStore`) and reopens the sessions over them: zero
@@ -36,13 +36,13 @@ from edge_lora.onnx_format.weight_store import WeightStore
 from runtime.devices import CPU, check_device
 from runtime.engine import DecodeState, Engine, LoadedAdapter
 from runtime.mapped_pages import release_pages
-from runtime.onnx_adapter_sets import AdapterSets
-from runtime.onnx_cpu_sessions import CpuSessions
-from runtime.onnx_cpu_state import CpuKVState
-from runtime.onnx_decode_states import OnnxState, SharedKVState
-from runtime.onnx_device import WEBGPU, DeviceTensors, find_webgpu
-from runtime.onnx_request import DecodeSetup
-from runtime.onnx_sessions import DEVICE_PROVIDERS, Background, PythonSessions, SessionSpec, resolve_providers
+from runtime.onnx.adapter_sets import AdapterSets
+from runtime.onnx.cpu_sessions import CpuSessions
+from runtime.onnx.cpu_state import CpuKVState
+from runtime.onnx.decode_states import OnnxState, SharedKVState
+from runtime.onnx.device import WEBGPU, DeviceTensors, find_webgpu
+from runtime.onnx.request import DecodeSetup
+from runtime.onnx.sessions import DEVICE_PROVIDERS, Background, PythonSessions, SessionSpec, resolve_providers
 
 __all__ = ["OnnxEngine", "resolve_providers"]
 SESSION_APIS = ("auto", "c", "python")

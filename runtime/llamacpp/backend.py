@@ -9,13 +9,13 @@ adapter set, so a swap never reads stale keys and values. ``merge`` writes a mer
 (dequantize, add, requantize) and reloads the model from it. Adapters no GGUF LoRA can express
 (DoRA, LoRA on a tied head: ``gguf_adapter.merged_variant_reason``) are merged into a variant of the
 base when added, loaded beside it with a context of its own
-(:class:`~runtime.llamacpp_adapters.MergedVariant`); requests
+(:class:`~runtime.llamacpp.adapters.MergedVariant`); requests
 with such an adapter run there, alone and at scale 1.
 
 This module holds the engine itself: its construction, the model and context it runs, and the
 per-request decode with prefix reuse. Adapters, merged variants and ``merge`` live in
-:mod:`runtime.llamacpp_adapters`; the C API's wrappers in :mod:`runtime.llamacpp_lib`,
-:mod:`runtime.llamacpp_model` and :mod:`runtime.llamacpp_context`.
+:mod:`runtime.llamacpp.adapters`; the C API's wrappers in :mod:`runtime.llamacpp.lib`,
+:mod:`runtime.llamacpp.model` and :mod:`runtime.llamacpp.context`.
 """
 
 from __future__ import annotations
@@ -30,13 +30,13 @@ import numpy as np
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.names import FINGERPRINT_KEY
-from runtime import llamacpp_lib as lib
 from runtime.devices import CPU, check_device
 from runtime.engine import DecodeState, Engine, LoadedAdapter
-from runtime.llamacpp_adapters import LlamaCppAdapters
-from runtime.llamacpp_context import Context
-from runtime.llamacpp_merge import check_precision
-from runtime.llamacpp_model import Model
+from runtime.llamacpp import lib
+from runtime.llamacpp.adapters import LlamaCppAdapters
+from runtime.llamacpp.context import Context
+from runtime.llamacpp.merge import check_precision
+from runtime.llamacpp.model import Model
 
 DEFAULT_MAX_CTX = 4096
 # positions a context starts with; it doubles (up to n_ctx) when a request needs more: llama.cpp zeroes
@@ -82,7 +82,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
         every tensor and op on the CPU even in a GPU build. ``merge_precision``: what ``merge`` (and a
         merged variant) writes a 4/5-bit base's merged tensors as: ``"base"`` its own type, at its speed,
-        rounded to keep the adapter (:mod:`runtime.llamacpp_merge`); ``"q8_0"`` closer to unmerged, slower."""
+        rounded to keep the adapter (:mod:`runtime.llamacpp.merge`); ``"q8_0"`` closer to unmerged, slower."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         lib.silence_log(verbose)
         self.device, self._gpus = (CPU, []) if check_device(device) == "cpu" else lib.find_gpu(device)
