@@ -140,7 +140,8 @@ def _add_memory_flags(mem: argparse._ArgumentGroup) -> None:
         "--base-quant",
         choices=QUANT_CHOICES,
         default=S,
-        help="keep the frozen base int8/int4 in memory (none)",
+        help="keep the frozen base quantized in memory (none): int8/int4 (groups of --quant-group-size), "
+        "or the export's own format, bit for bit what the device runs: q4_0, q8_0 (GGUF), onnx-int4",
     )
     mem.add_argument(
         "--quant-group-size",

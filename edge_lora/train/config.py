@@ -16,7 +16,8 @@ from pathlib import Path
 
 from edge_lora.errors import EdgeLoraError
 
-QUANT_CHOICES = ("none", "int8", "int4")
+# int8/int4: our own QLoRA-style grouping; q4_0/q8_0/onnx-int4: the export's formats, bit for bit
+QUANT_CHOICES = ("none", "int8", "int4", "q4_0", "q8_0", "onnx-int4")
 DEVICE_CHOICES = ("auto", "cpu", "cuda", "mps")
 COMPUTE_CHOICES = ("auto", "fp32", "bf16")
 

@@ -1,7 +1,9 @@
 """A quantized frozen base for training (QLoRA-style, on any device including a CPU).
 
 Each decoder linear layer keeps its weight as int8 (or int4, two per byte) with one fp16 scale per
-group of ``group_size`` input columns (symmetric absmax). Forward and backward dequantize the
+group of ``group_size`` input columns (symmetric absmax). The device formats (:mod:`.device_quant`)
+hand in their own codes, scales (fp16 for GGUF blocks, fp32 for MatMulNBits) and, for asymmetric
+blocks, a zero point per group: ``w = (q - zero) * scale``. Forward and backward dequantize the
 layer's weight on the fly and drop it right after the matmul; autograd saves only the quantized
 tensors, so a dequantized weight never outlives its layer.
 """
@@ -41,14 +43,26 @@ def quantize(
         .reshape(out_f, in_f)
     )
     if bits == 4:
-        u = (q + 8).to(torch.uint8)
-        q = u[:, 0::2] | (u[:, 1::2] << 4)
+        q = pack_int4(q)
     return q.contiguous(), scale.squeeze(-1).to(torch.float16).contiguous(), group
 
 
+def pack_int4(q: torch.Tensor) -> torch.Tensor:
+    """Signed codes -8..7 ``[out, in]`` -> ``[out, in/2]`` uint8 (``q + 8``, even column low nibble)."""
+    u = (q.to(torch.int16) + 8).to(torch.uint8)
+    return (u[:, 0::2] | (u[:, 1::2] << 4)).contiguous()
+
+
 def dequantize(
-    q: torch.Tensor, scales: torch.Tensor, bits: int, in_features: int, dtype: torch.dtype = torch.float32
+    q: torch.Tensor,
+    scales: torch.Tensor,
+    bits: int,
+    in_features: int,
+    dtype: torch.dtype = torch.float32,
+    zeros: torch.Tensor | None = None,
 ) -> torch.Tensor:
+    """``(q - zeros) * scales`` per group, each step exact or rounded once in ``dtype`` (as the
+    device formats compute it, so fp32 gives their very values)."""
     out_f = q.shape[0]
     if bits == 4:
         lo = (q & 0x0F).to(torch.int8) - 8
@@ -56,6 +70,8 @@ def dequantize(
         q = torch.stack((lo, hi), dim=-1).reshape(out_f, in_features)
     groups = scales.shape[1]
     w = q.to(dtype).view(out_f, groups, in_features // groups)
+    if zeros is not None:
+        w.sub_(zeros.to(dtype)[:, :, None])
     w.mul_(scales.to(dtype)[:, :, None])  # in place: one full-size temporary per call, not two
     return w.view(out_f, in_features)
 
@@ -84,11 +100,13 @@ class QuantLinear(nn.Module):
         in_features: int,
         out_features: int,
         bias: torch.Tensor | None = None,
+        zeros: torch.Tensor | None = None,
     ):
         super().__init__()
         self.bits, self.in_features, self.out_features = bits, in_features, out_features
         self.register_buffer("weight", qweight)
         self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)  # None: symmetric
         self.bias = None if bias is None else nn.Parameter(bias.detach().float(), requires_grad=False)
 
     @classmethod
@@ -112,7 +130,7 @@ class QuantLinear(nn.Module):
         return cls(q, s, bits, w_shape[1], w_shape[0], b)
 
     def dequantized_weight(self, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.weight, self.scales, self.bits, self.in_features, dtype)
+        return dequantize(self.weight, self.scales, self.bits, self.in_features, dtype, self.zeros)
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return _QuantMatmul.apply(x, self)
@@ -130,9 +148,11 @@ def quant_bits(name: str) -> int:
 
 def quantized_bytes(model: nn.Module) -> int:
     return sum(
-        m.weight.numel() * m.weight.element_size() + m.scales.numel() * 2
+        t.numel() * t.element_size()
         for m in model.modules()
         if isinstance(m, QuantLinear)
+        for t in (m.weight, m.scales, m.zeros)
+        if t is not None
     )
 
 
@@ -142,13 +162,22 @@ class QuantEmbedding(nn.Module):
     dequantized, which the output head and the loss use chunk by chunk on a tied base, so the
     full-precision table never exists."""
 
-    def __init__(self, qweight: torch.Tensor, scales: torch.Tensor, bits: int, vocab: int, hidden: int):
+    def __init__(
+        self,
+        qweight: torch.Tensor,
+        scales: torch.Tensor,
+        bits: int,
+        vocab: int,
+        hidden: int,
+        zeros: torch.Tensor | None = None,
+    ):
         super().__init__()
         self.bits, self.vocab, self.hidden = bits, vocab, hidden
         # what lookups return: the model's compute dtype (bf16 keeps the residual stream bf16)
         self.dtype = torch.float32
         self.register_buffer("qweight", qweight)
         self.register_buffer("scales", scales)
+        self.register_buffer("zeros", zeros)  # None: symmetric
 
     @classmethod
     def from_weight(cls, weight: np.ndarray | torch.Tensor, bits: int, group_size: int = 0) -> QuantEmbedding:
@@ -166,11 +195,15 @@ class QuantEmbedding(nn.Module):
         return self.rows(0, self.vocab)
 
     def rows(self, start: int, end: int, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-        return dequantize(self.qweight[start:end], self.scales[start:end], self.bits, self.hidden, dtype)
+        zeros = None if self.zeros is None else self.zeros[start:end]
+        return dequantize(
+            self.qweight[start:end], self.scales[start:end], self.bits, self.hidden, dtype, zeros
+        )
 
     def forward(self, ids: torch.Tensor) -> torch.Tensor:
         flat = ids.reshape(-1)
-        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden, self.dtype)
+        zeros = None if self.zeros is None else self.zeros[flat]
+        out = dequantize(self.qweight[flat], self.scales[flat], self.bits, self.hidden, self.dtype, zeros)
         return out.view(*ids.shape, self.hidden)
 
     def extra_repr(self) -> str:

@@ -12,6 +12,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 from edge_lora.train.config import TrainConfig
+from edge_lora.train.device_quant import DEVICE_QUANTS, load_device_base
 from edge_lora.train.devices import resolve_compute_dtype, resolve_device
 from edge_lora.train.dtype_probe import to_dtype
 from edge_lora.train.lora import LoraConfig, _parent, apply_lora
@@ -28,15 +29,18 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
     with torch.device("meta"):
         model = CausalLM(config)
     names = set(md.tensor_names())
-    if base_quant != "none":
+    if base_quant in DEVICE_QUANTS:  # the export's own formats, bit for bit
+        load_device_base(model, md, base_quant)
+    elif base_quant != "none":
         _quantize_linears(model, md, names, base_quant, group_size)
-    quant_table = base_quant != "none" and config.tie_word_embeddings
-    if quant_table:
+    quant_table = isinstance(model.model.embed_tokens, QuantEmbedding)
+    if base_quant in ("int8", "int4") and config.tie_word_embeddings:
         # the tied table is the largest tensor of a small model: lookup and head both read it quantized
         table = QuantEmbedding.from_weight(
             md.read_float32("model.embed_tokens.weight"), quant_bits(base_quant), group_size
         )
         model.model.embed_tokens, model.lm_head = table, TiedQuantHead(table)
+        quant_table = True
     _load_float_weights(model, md, names)
     if config.tie_word_embeddings and not quant_table:
         model.lm_head.weight = model.model.embed_tokens.weight
