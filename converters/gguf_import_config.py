@@ -125,10 +125,12 @@ def _rope_scaling(reader: gguf.GGUFReader, arch: str, raw: dict, path: Path) -> 
         return llama3_scaling(divisors, raw["rope_theta"], raw["head_dim"], path)
     if kind in (None, "none") or (kind == "linear" and factor in (None, 1.0)):
         return None
-    if kind == "linear":
+    if kind == "linear" and isinstance(factor, (int, float)) and factor > 0:
         return {"rope_type": "linear", "factor": float(factor)}
     raise EdgeLoraError(
-        f"rope scaling {kind!r} cannot be imported", path=path, hint="supported: linear, llama3"
+        f"rope scaling {kind!r} (factor {factor!r}) cannot be imported",
+        path=path,
+        hint="supported: linear, llama3",
     )
 
 

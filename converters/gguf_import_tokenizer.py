@@ -46,10 +46,10 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, context_length: int) ->
             path=path,
             hint='supported: "gpt2" (byte-level BPE) and "llama" (SentencePiece BPE)',
         )
-    if not isinstance(tokens, list) or not tokens:
+    if not isinstance(tokens, list) or not tokens or not all(isinstance(t, str) for t in tokens):
         raise EdgeLoraError("GGUF has no tokenizer.ggml.tokens", path=path, hint="the file has no vocabulary")
     types = field_value(reader, "tokenizer.ggml.token_type") or [NORMAL] * len(tokens)
-    if not isinstance(types, list) or len(types) != len(tokens):
+    if not _list_of(types, int, len(tokens)):
         raise EdgeLoraError("tokenizer.ggml.token_type does not match the tokens", path=path)
     special = _special(reader, tokens, kind, path)
     if kind == "gpt2":
@@ -92,6 +92,10 @@ def _special(reader: gguf.GGUFReader, tokens: list[str], kind: str, path: Path) 
     return out
 
 
+def _list_of(value: object, kind: type | tuple[type, ...], length: int) -> bool:
+    return isinstance(value, list) and len(value) == length and all(isinstance(v, kind) for v in value)
+
+
 def _vocab(tokens: list[str]) -> dict[str, int]:
     vocab: dict[str, int] = {}
     for i, text in enumerate(tokens):
@@ -109,13 +113,16 @@ def _byte_level(reader: gguf.GGUFReader, tokens: list[str], path: Path) -> Token
             path=path,
             hint=f"supported tokenizer.ggml.pre: {', '.join(BYTE_LEVEL_PRE)}",
         )
+    vocab = _vocab(tokens)
     merges = []
-    for merge in field_value(reader, "tokenizer.ggml.merges") or []:
-        left, sep, right = merge.partition(" ")
-        if not sep:
-            raise EdgeLoraError(f"merge {merge!r} is not two tokens", path=path)
+    listed = field_value(reader, "tokenizer.ggml.merges") or []
+    for merge in listed if isinstance(listed, list) else [listed]:
+        left, sep, right = merge.partition(" ") if isinstance(merge, str) else ("", "", "")
+        # the tokenizers library panics on a merge whose parts or result are not tokens
+        if not sep or left not in vocab or right not in vocab or left + right not in vocab:
+            raise EdgeLoraError(f"merge {merge!r} is not two tokens making a third", path=path)
         merges.append((left, right))
-    tok = Tokenizer(models.BPE(vocab=_vocab(tokens), merges=merges, ignore_merges=pre in LLAMA3_PRE))
+    tok = Tokenizer(models.BPE(vocab=vocab, merges=merges, ignore_merges=pre in LLAMA3_PRE))
     byte_level = pre_tokenizers.ByteLevel(
         add_prefix_space=False, use_regex=pre not in (*LLAMA3_PRE, *QWEN2_PRE)
     )
@@ -140,7 +147,7 @@ def _sentencepiece(
     from tokenizers import Tokenizer, decoders, models, normalizers
 
     scores = field_value(reader, "tokenizer.ggml.scores")
-    if not isinstance(scores, list) or len(scores) != len(tokens):
+    if not _list_of(scores, (int, float), len(tokens)):
         raise EdgeLoraError(
             "a SentencePiece vocabulary needs tokenizer.ggml.scores, one per token", path=path
         )

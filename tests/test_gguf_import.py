@@ -14,6 +14,8 @@ import struct
 
 import numpy as np
 import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
 from llama_refs import models_dir, vocab_cases
 from tiny_models import FAMILIES, make_model_dir
 
@@ -251,7 +253,14 @@ def _offsets(path):
         "arch": _value_at(reader, "general.architecture"),
         "tokenizer": _value_at(reader, "tokenizer.ggml.model"),
         "blocks": _value_at(reader, "llama.block_count") - 8,  # a uint32: no length before it
+        "merge": _item_at(reader, "tokenizer.ggml.merges"),
     }
+
+
+def _item_at(reader, key):
+    """Where the first item of an array of strings lies in the file (its text, after its length)."""
+    field = reader.fields[key]
+    return field.parts[field.data[0]].ctypes.data - reader.data.ctypes.data
 
 
 def _value_at(reader, key):
@@ -300,6 +309,7 @@ def _hostile_cases(raw: bytes, where: dict):
     yield "NaN weights", bytes(_patch(bytearray(raw), where["data"], struct.pack("<f", float("nan")) * 4))
     yield "unknown architecture", bytes(_patch(bytearray(raw), where["arch"], b"mamba"))
     yield "unknown tokenizer", bytes(_patch(bytearray(raw), where["tokenizer"], b"bert"))
+    yield "merge of no tokens", bytes(_patch(bytearray(raw), where["merge"], b"\x01"))
     yield "absurd block count", bytes(_patch(bytearray(raw), where["blocks"], struct.pack("<I", 2**31)))
 
 
@@ -391,3 +401,35 @@ def test_sentencepiece_model_round_trip(tmp_path):
         if not text.startswith(" "):
             assert ids == theirs.encode(text), text
         assert ours.decode(ids, skip_special_tokens=True) == text
+
+
+@pytest.fixture(scope="module")
+def small_gguf(ggufs):
+    """The smallest of the tiny GGUFs (q4_0 smollm) and where its tensor data starts."""
+    path = ggufs("smollm", "q4_0")
+    return path.read_bytes(), _offsets(path)["data"]
+
+
+@pytest.mark.slow
+@settings(max_examples=300, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(data=st.data())
+def test_mutated_headers_import_or_give_one_line(small_gguf, tmp_path_factory, data):
+    """Random bytes and 32/64-bit words written over the header (counts, lengths, types, offsets, texts):
+    the import either succeeds or raises EdgeLoraError, and a refusal leaves no folder."""
+    raw, data_start = small_gguf
+    mutated = bytearray(raw)
+    for _ in range(data.draw(st.integers(1, 4))):
+        at = data.draw(st.integers(0, data_start - 1))
+        width = data.draw(st.sampled_from([1, 4, 8]))
+        mutated[at : at + width] = data.draw(st.binary(min_size=width, max_size=width))
+    root = tmp_path_factory.mktemp("mutated")
+    bad, out = root / "m.gguf", root / "out"
+    bad.write_bytes(bytes(mutated))
+    try:
+        import_gguf(bad, out)
+    except EdgeLoraError as err:
+        assert "\n" not in str(err)
+        assert not out.exists()
+    else:
+        ModelDir(out).config  # noqa: B018 - an imported folder reads back
+    shutil.rmtree(root)
