@@ -153,6 +153,19 @@ def test_onnx_int4_refuses_a_tied_table_it_cannot_share(tmp_path):
         load_model(md, "onnx-int4")
 
 
+def test_cli_refuses_a_group_size_for_the_export_formats(model_dirs, tmp_path, capsys):
+    from edge_lora.train.cli import main
+
+    data = tmp_path / "d.jsonl"
+    data.write_text(json.dumps({"text": "the fox"}) + "\n")
+    out = tmp_path / "a.safetensors"
+    argv = ["--model", str(model_dirs["smollm"]), "--data", str(data), "--out", str(out)]
+    assert main([*argv, "--base-quant", "q4_0", "--quant-group-size", "64"]) == 2
+    err = capsys.readouterr().err
+    assert err.startswith("error: --quant-group-size applies to int8/int4") and err.count("\n") == 1
+    assert not out.exists()
+
+
 @pytest.mark.slow
 def test_adapter_trained_on_q4_0_runs_on_llamacpp_as_the_trainer_computes(model_dirs, tmp_path):
     """Train against the q4_0 base, export q4_0 with the adapter: llama.cpp's logits (f32 KV) equal the

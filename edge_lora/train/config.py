@@ -146,6 +146,11 @@ class TrainConfig:
             raise EdgeLoraError(
                 f"base-quant must be one of {', '.join(QUANT_CHOICES)}, got {self.base_quant!r}"
             )
+        if self.quant_group_size and self.base_quant in ("q4_0", "q8_0", "onnx-int4"):
+            raise EdgeLoraError(
+                f"--quant-group-size applies to int8/int4, not to {self.base_quant}",
+                hint="the export's own formats keep their own blocks (32 values): drop --quant-group-size",
+            )
         if self.compute_dtype not in COMPUTE_CHOICES:
             raise EdgeLoraError(
                 f"compute-dtype must be one of {', '.join(COMPUTE_CHOICES)}, got {self.compute_dtype!r}"
