@@ -38,6 +38,8 @@ BYTE_LEVEL_PRE = ("gpt-2", *DIGITS_PRE, *LLAMA3_PRE, *QWEN2_PRE)
 
 def tokenizer_files(reader: gguf.GGUFReader, path: Path, context_length: int) -> dict[str, str]:
     """``{file name: text}`` for tokenizer.json and tokenizer_config.json."""
+    from tokenizers import Tokenizer
+
     kind = field_value(reader, "tokenizer.ggml.model")
     tokens = field_value(reader, "tokenizer.ggml.tokens")
     if kind not in ("gpt2", "llama"):
@@ -57,7 +59,13 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, context_length: int) ->
     else:
         tok = _sentencepiece(reader, tokens, types, special, path)
     _add_tokens(tok, tokens, types)
-    _post_processor(tok, special, byte_level=kind == "gpt2")
+    raw = json.loads(tok.to_str())
+    raw["post_processor"] = _post_processor(special, byte_level=kind == "gpt2")
+    text = json.dumps(raw, ensure_ascii=False)
+    try:
+        Tokenizer.from_str(text)  # the library must read back what it will be handed
+    except Exception as err:  # noqa: BLE001 - its errors are plain Exception
+        raise EdgeLoraError(f"the vocabulary makes no valid tokenizer.json ({err})", path=path) from None
     config = {
         "tokenizer_class": "PreTrainedTokenizerFast",  # runs tokenizer.json as written
         "clean_up_tokenization_spaces": False,
@@ -69,7 +77,7 @@ def tokenizer_files(reader: gguf.GGUFReader, path: Path, context_length: int) ->
     template = field_value(reader, "tokenizer.chat_template")
     if isinstance(template, str) and template.strip():
         config["chat_template"] = template
-    return {"tokenizer.json": tok.to_str(), "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
+    return {"tokenizer.json": text, "tokenizer_config.json": json.dumps(config, indent=2) + "\n"}
 
 
 def _special(reader: gguf.GGUFReader, tokens: list[str], kind: str, path: Path) -> dict:
@@ -198,21 +206,33 @@ def _add_tokens(tok: Tokenizer, tokens: list[str], types: list[int]) -> None:
         tok.add_tokens(user)
 
 
-def _post_processor(tok: Tokenizer, special: dict, byte_level: bool) -> None:
-    from tokenizers import processors
-
-    steps = [processors.ByteLevel(trim_offsets=False)] if byte_level else []
-    bos = [special["bos"]] if special["add_bos"] else []
-    eos = [special["eos"]] if special["add_eos"] else []
-    if bos or eos:
-        ids = {special[k]: special[f"{k}_id"] for k in ("bos", "eos") if special[k] in bos + eos}
-
-        def seq(mark: str, type_id: int) -> list[str]:
-            return [f"{t}:{type_id}" for t in bos] + [f"{mark}:{type_id}"] + [f"{t}:{type_id}" for t in eos]
-
-        single, pair = seq("$A", 0), seq("$A", 0) + seq("$B", 1)
+def _post_processor(special: dict, byte_level: bool) -> dict | None:
+    """tokenizer.json's post-processor, written as JSON: the library's string templates cannot name a
+    token whose text holds a colon or a space."""
+    steps = []
+    if byte_level:
         steps.append(
-            processors.TemplateProcessing(single=single, pair=pair, special_tokens=list(ids.items()))
+            {"type": "ByteLevel", "add_prefix_space": False, "trim_offsets": False, "use_regex": True}
         )
-    if steps:
-        tok.post_processor = steps[0] if len(steps) == 1 else processors.Sequence(steps)
+    added = [k for k in ("bos", "eos") if special[f"add_{k}"]]
+    if added:
+
+        def piece(kind: str, type_id: int) -> list[dict]:
+            bos = [{"SpecialToken": {"id": special["bos"], "type_id": type_id}}] if "bos" in added else []
+            eos = [{"SpecialToken": {"id": special["eos"], "type_id": type_id}}] if "eos" in added else []
+            return [*bos, {"Sequence": {"id": kind, "type_id": type_id}}, *eos]
+
+        tokens = {
+            special[k]: {"id": special[k], "ids": [special[f"{k}_id"]], "tokens": [special[k]]} for k in added
+        }
+        steps.append(
+            {
+                "type": "TemplateProcessing",
+                "single": piece("A", 0),
+                "pair": piece("A", 0) + piece("B", 1),
+                "special_tokens": tokens,
+            }
+        )
+    if not steps:
+        return None
+    return steps[0] if len(steps) == 1 else {"type": "Sequence", "processors": steps}
