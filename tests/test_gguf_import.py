@@ -433,3 +433,19 @@ def test_mutated_headers_import_or_give_one_line(small_gguf, tmp_path_factory, d
     else:
         ModelDir(out).config  # noqa: B018 - an imported folder reads back
     shutil.rmtree(root)
+
+
+def test_inspect_refuses_what_the_import_refuses(ggufs, tmp_path, capsys):
+    """`edge-lora inspect` reads a GGUF through the same checked opening: an array count past the end of
+    the file (on which gguf-py's reader alone loops for ever) gives the one line and exit 2."""
+    import gguf
+
+    source = ggufs("smollm", "f32")
+    field = gguf.GGUFReader(source).fields["tokenizer.ggml.token_type"]
+    at = field.offset + 8 + len("tokenizer.ggml.token_type") + 4 + 4
+    bad = tmp_path / "bad.gguf"
+    bad.write_bytes(bytes(_patch(bytearray(source.read_bytes()), at, struct.pack("<Q", 2**40))))
+    capsys.readouterr()
+    assert main(["inspect", str(bad)]) == 2
+    assert "token_type" in capsys.readouterr().err
+    assert main(["inspect", str(source)]) == 0

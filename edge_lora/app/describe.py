@@ -219,18 +219,9 @@ def _model_dir(path: Path) -> dict:
 
 
 def _gguf(path: Path) -> dict:
-    try:
-        from gguf import GGUFReader
-    except ImportError:
-        raise EdgeLoraError(
-            "reading GGUF needs the gguf package", path=path, hint="pip install 'edge-lora[gguf]'"
-        ) from None
-    try:
-        reader = GGUFReader(path)
-    except Exception as err:  # the reader raises ValueError / struct errors on a corrupt file
-        raise EdgeLoraError(
-            f"cannot read GGUF ({err})", path=path, hint="the file is truncated or corrupt"
-        ) from None
+    from edge_lora.gguf_format.file_read import open_gguf
+
+    reader = open_gguf(path)  # its layout checked first: gguf-py alone loops for ever on absurd counts
 
     def field(key: str) -> Any:
         f = reader.fields.get(key)
