@@ -40,7 +40,9 @@ IMPORTER_VERSION = 1  # bump when the folder an import writes changes meaning
 DTYPES = {"f32": "F32", "f16": "F16", "bf16": "BF16"}
 # tensor types imported (gguf.GGMLQuantizationType names): floats, legacy block quants, k-quants
 TENSOR_TYPES = "F32 F16 BF16 Q4_0 Q4_1 Q5_0 Q5_1 Q8_0 Q2_K Q3_K Q4_K Q5_K Q6_K".split()
-_SOURCES = ("gguf_import.py", "gguf_import_config.py", "gguf_import_tokenizer.py")
+# what an import's output depends on: this code, what it imports of ours, and the two libraries it runs
+_SOURCES = ("gguf_import.py", "gguf_import_config.py", "gguf_import_tokenizer.py", "gguf_tokenizer.py")
+_CORE_SOURCES = ("config.py", "gguf_format/file_read.py", "gguf_format/names.py")
 
 
 @dataclass
@@ -95,16 +97,16 @@ def import_gguf(
 
 
 def importer_version() -> str:
-    """The importer's version and a hash of its code and of gguf-py's version: a cache of imported
-    folders keyed by it imports again when either changes."""
+    """The importer's version and a hash of its code and of gguf-py's and tokenizers' versions: a cache of
+    imported folders keyed by it imports again when any of them changes."""
     from importlib.metadata import version
 
-    digest = hashlib.sha256(f"gguf {version('gguf')}\n".encode())
+    digest = hashlib.sha256(f"gguf {version('gguf')} tokenizers {version('tokenizers')}\n".encode())
     here = Path(__file__).parent
     for name in _SOURCES:
         digest.update((here / name).read_bytes())
-    for name in ("file_read.py", "names.py"):
-        digest.update((here.parent / "edge_lora" / "gguf_format" / name).read_bytes())
+    for name in _CORE_SOURCES:
+        digest.update((here.parent / "edge_lora" / name).read_bytes())
     return f"{IMPORTER_VERSION}-{digest.hexdigest()[:16]}"
 
 
