@@ -255,3 +255,43 @@ def test_cli_import_and_force(ggufs, tmp_path, capsys):
     assert "wrote model folder" in captured.out and "tensor 1/" in captured.err
     assert not (out / "keep.txt").exists() and ModelDir(out).config.model_type == "qwen2"
     assert main(["inspect", str(out)]) == 0
+
+
+@pytest.mark.parametrize(
+    "scaling",
+    [
+        {
+            "factor": 8.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+        {
+            "factor": 32.0,
+            "low_freq_factor": 1.0,
+            "high_freq_factor": 4.0,
+            "original_max_position_embeddings": 8192,
+        },
+    ],
+    ids=["llama-3.1", "llama-3.2"],
+)
+def test_llama3_rope_parameters_recovered_from_rope_freqs(scaling):
+    """Llama 3.1/3.2's own parameters come back exactly from the float32 rope_freqs llama.cpp keeps."""
+    from converters.gguf_import_config import llama3_scaling
+    from edge_lora.config import ModelConfig
+    from edge_lora.gguf_format.names import llama3_rope_factors
+
+    config = ModelConfig(
+        "LlamaForCausalLM",
+        128256,
+        4096,
+        14336,
+        32,
+        32,
+        8,
+        128,
+        rope_theta=500000.0,
+        rope_scaling={"rope_type": "llama3", **scaling},
+    )
+    divisors = llama3_rope_factors(config).astype(np.float64)
+    assert llama3_scaling(divisors, 500000.0, 128, "rope_freqs") == {"rope_type": "llama3", **scaling}
