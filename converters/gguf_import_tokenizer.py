@@ -105,10 +105,8 @@ def _list_of(value: object, kind: type | tuple[type, ...], length: int) -> bool:
 
 
 def _vocab(tokens: list[str]) -> dict[str, int]:
-    vocab: dict[str, int] = {}
-    for i, text in enumerate(tokens):
-        vocab.setdefault(text, i)  # a repeated text keeps its first id, as llama.cpp's lookup does
-    return vocab
+    """text -> id; a text listed twice gets its last id, as llama.cpp's and transformers' lookups do."""
+    return {text: i for i, text in enumerate(tokens)}
 
 
 def _byte_level(reader: gguf.GGUFReader, tokens: list[str], path: Path) -> Tokenizer:
