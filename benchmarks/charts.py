@@ -1,4 +1,4 @@
-"""PNG charts of a run (matplotlib, Agg): decode speed, swap latency, training, scaling."""
+"""PNG charts of a run (matplotlib, Agg): decode speed, swap latency, training, scaling, quality."""
 
 from __future__ import annotations
 
@@ -19,11 +19,15 @@ def _plt():
 
 
 def draw_all(results: dict, out: Path) -> list[Path]:
-    pngs = [decode_chart(results, out / "decode.png"), swap_chart(results, out / "swap.png")]
+    pngs = []
+    if results.get("models"):
+        pngs += [decode_chart(results, out / "decode.png"), swap_chart(results, out / "swap.png")]
     if results.get("train"):
         pngs.append(train_chart(results["train"], out / "train.png"))
-    if any(m.get("scaling") for m in results["models"].values()):
+    if any(m.get("scaling") for m in results.get("models", {}).values()):
         pngs.append(scaling_chart(results, out / "scaling.png"))
+    if "rows" in results.get("quality", {}):
+        pngs.append(quality_chart(results["quality"], out / "quality.png"))
     return [p for p in pngs if p]
 
 
@@ -230,6 +234,71 @@ def _plot_sweeps(axes, name: str, sw: dict) -> None:
     )
     for ax in (rank_ax, stacked_ax):
         ax.axhline(sw["base_tok_s"], color="gray", ls=":", lw=0.8)
+
+
+QUALITY_STYLE = {  # source -> (marker, color); ours filled, the peers hollow
+    "edge-lora": ("o", "#dd8452"),
+    "edge-lora today": ("o", "#937860"),
+    "llama.cpp quantize": ("s", "#4c72b0"),
+    "ORT GenAI builder": ("D", "#8172b3"),
+}
+
+
+def quality_chart(quality: dict, path: Path) -> Path | None:
+    """Perplexity / full precision against bits per weight, every export labelled (ours filled, the
+    peers hollow; ONNX and GGUF in one plot, named in the labels)."""
+    from benchmarks.quality_targets import table
+
+    rows = [r for r in table(quality) if r["ppl_ratio"] and r["bits_per_weight"] and r["format"] != "hf"]
+    if not rows:
+        return None
+    plt = _plt()
+    fig, ax = plt.subplots(figsize=(9, 5.5))
+    for r in rows:
+        marker, color = QUALITY_STYLE.get(r["source"], ("x", "gray"))
+        ours = r["source"] == "edge-lora"
+        ax.scatter(
+            r["bits_per_weight"],
+            r["ppl_ratio"],
+            marker=marker,
+            s=36,
+            facecolors=color if ours else "none",
+            edgecolors=color,
+        )
+        name = r["label"].replace("edge-lora ", "ours ").replace("llama.cpp quantize", "llama.cpp")
+        ax.annotate(
+            name,
+            (r["bits_per_weight"], r["ppl_ratio"]),
+            fontsize=6,
+            xytext=(4, 2),
+            textcoords="offset points",
+        )
+    ax.axhline(1.10, color="#c44e52", ls=":", lw=1)
+    ax.text(ax.get_xlim()[1], 1.10, "target 1.10 ", color="#c44e52", fontsize=7, ha="right", va="bottom")
+    ax.axhline(1.0, color="gray", ls=":", lw=0.8)
+    ax.set_xscale("log", base=2)
+    from matplotlib.ticker import ScalarFormatter
+
+    ax.xaxis.set_major_formatter(ScalarFormatter())
+    ax.set_xlabel("bits per weight (file bytes x 8 / parameters)")
+    ax.set_ylabel("perplexity / full precision (lower is better)")
+    ax.set_title(
+        f"{quality['model']}: quality against size ({quality['tokens']:,} tokens of real text)", loc="left"
+    )
+    handles = [
+        plt.Line2D(
+            [],
+            [],
+            marker=m,
+            ls="",
+            markerfacecolor=c if s == "edge-lora" else "none",
+            markeredgecolor=c,
+            label="ours" if s == "edge-lora" else s,
+        )
+        for s, (m, c) in QUALITY_STYLE.items()
+    ]
+    ax.legend(handles=handles, frameon=False, fontsize=7)
+    return _save(plt, fig, path)
 
 
 def _save(plt, fig, path: Path, rect=None) -> Path:

@@ -25,6 +25,7 @@ class Plan:
     train: bool = True
     scaling: bool = True
     gpu: bool = True  # GPU rows on the first shape, when a GPU device is present (benchmarks.gpu_bench)
+    quality: bool = True  # the real-model quality rows (benchmarks.quality_bench)
 
     @classmethod
     def make(cls, quick: bool, shapes: list[str] | None = None) -> Plan:

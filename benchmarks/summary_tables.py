@@ -143,3 +143,44 @@ def train_markdown(train: dict) -> list[str]:
             f"{real['seconds_per_1000_examples'] / 60:.0f} minutes.",
         ]
     return lines + ([f"Note: {train['note']}."] if train.get("note") else []) + [""]
+
+
+def quality_markdown(quality: dict) -> list[str]:
+    """The real-model quality rows (benchmarks.quality_bench): perplexity against full precision, bits per
+    weight, size, decode speed against our default of the same format; then the quality targets."""
+    from benchmarks.quality_exports import BASELINE_REV
+    from benchmarks.quality_targets import table, targets
+
+    if "rows" not in quality:
+        return ["### quality (real weights)", "", f"Not measured: {quality.get('error', '')[-300:]}", ""]
+    rows = table(quality)
+    kind = "quick" if quality.get("quick") else "full"
+    lines = [
+        f"### {quality['model']}: quality (real weights, {kind})",
+        "",
+        f"Perplexity on {quality['tokens']:,} tokens of `{quality['text']}` ({quality['windows']} windows of "
+        f"{quality['window']}, the same ids for every engine); bits per weight = file bytes x 8 / "
+        f"{quality['params']:,} parameters; decode: greedy, {quality['plan']['prompt']}-token prompt, "
+        f"{quality['plan']['new_tokens']} tokens, median of {quality['plan']['rounds']} interleaved rounds "
+        "(ours through our runtime, the peers' through their own), speed against our default of the same "
+        f"format (ONNX int4, GGUF q4_0). Section time {quality['wall_s'] / 60:.1f} min (exports "
+        f"{quality['build_s']:.0f} s, perplexity {quality['ppl_s']:.0f} s, "
+        f"decode {quality['decode_s']:.0f} s).",
+        "",
+        "| export | by | perplexity | / full precision | bits per weight | MB | tok/s | speed / default |",
+        "|---|---|---|---|---|---|---|---|",
+    ]
+    for r in sorted(rows, key=lambda r: (r["format"] != "hf", r["format"], -(r["bits_per_weight"] or 0))):
+        by = {"edge-lora": "ours", "edge-lora today": f"ours at {BASELINE_REV}"}.get(r["source"], r["source"])
+        ppl = fmt(r["ppl"]) if r["ppl"] else f"error: {(r['error'] or '')[:80]}"
+        lines.append(
+            f"| {r['label']} | {by} | {ppl} | {fmt(r['ppl_ratio'], 3)} | {fmt(r['bits_per_weight'])} | "
+            f"{r['file_mb']:.1f} | {fmt(r['tok_s'], 1)} | {fmt(r['speed_ratio'])} |"
+        )
+    for name, err in (quality.get("build_errors") or {}).items():
+        lines.append(f"| {name} | (not built) | {err.splitlines()[-1][:120] if err else ''} | | | | | |")
+    lines += ["", "| quality target | measured | goal | met | how |", "|---|---|---|---|---|"]
+    for t in targets(quality):
+        met = "yes" if t["met"] else "**no**"
+        lines.append(f"| {t['target']} | {fmt(t['value'], 3)} | {t['goal']} | {met} | {t['detail']} |")
+    return lines + [""]

@@ -55,9 +55,16 @@ def _best(tok_s: dict, keys: list[str]) -> str | None:
 
 
 def summarize(results: dict) -> dict:
-    bw = results["bandwidth"]
+    bw = results.get("bandwidth")  # absent on a run of the quality rows alone
     out = {"models": {}}
-    for shape, info in results["models"].items():
+    if "rows" in results.get("quality", {}):
+        from benchmarks import quality_targets
+
+        out["quality"] = {
+            "rows": quality_targets.table(results["quality"]),
+            "targets": quality_targets.targets(results["quality"]),
+        }
+    for shape, info in results.get("models", {}).items():
         tok_s = info["decode"]["tok_s"]
         rows = []
         for key, values in tok_s.items():
