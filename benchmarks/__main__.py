@@ -119,6 +119,10 @@ def run_all(plan: Plan, out: Path) -> dict:
     if plan.train:
         say("== training")
         results["train"] = run_train(plan.quick)
+        from benchmarks import qat_bench  # the real model on a real task; a skip line under --quick
+
+        say("== adapters trained against the device's base (real model, real task)")
+        results["qat"] = qat_bench.run(plan.quick)
     results["load_average_end"] = _loadavg()
     results["wall_s"] = time.time() - started
     return results

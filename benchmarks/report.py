@@ -99,6 +99,10 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
             lines += markdown(model["gpu"])
     if results.get("train"):
         lines += train_markdown(results["train"])
+    if results.get("qat"):
+        from benchmarks.qat_bench import markdown as qat_markdown
+
+        lines += qat_markdown(results["qat"])
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p
         lines.append(f"![{p.stem}]({rel.as_posix()})")

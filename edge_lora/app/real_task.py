@@ -37,7 +37,7 @@ WORDS = 10
 HELD_OUT_EVERY = 4
 # words that give a licence's name away (compared lower-case, as whole words or word starts)
 NAMES = ("apache", "mozilla", "mpl", "gnu", "gpl", "lgpl", "agpl", "artistic", "perl", "free software")
-PROMPT = '"{passage}"\nThe licence this is from (Apache, MPL, GPL or Artistic):'
+PROMPT = '"{passage}"\nLicence:'  # short: the training cost is per token
 
 
 @dataclass
