@@ -61,10 +61,12 @@ def run(
     """Build the exports (cached), score each one, time each one (``plan.rounds`` 0: no timing); raw
     numbers (benchmarks.quality_targets turns them into ratios and targets). ``lists``: what to export
     (benchmarks.quality_exports.lists_for by default)."""
+    import datetime as dt
+
     from benchmarks.models import cache_root
     from edge_lora.app.real_text import EVALUATION_FILE, evaluation_windows
 
-    t0 = time.perf_counter()
+    t0, date, load = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds"), _loadavg()
     name = Path(hf_dir).name if hf_dir else "SmolLM2-135M-Instruct"
     hf_dir = Path(hf_dir) if hf_dir else real_model_dir()
     lists = lists or lists_for(plan.quick)
@@ -77,6 +79,8 @@ def run(
     windows_file.write_text(json.dumps(windows))
     out = {
         "model": name,
+        "date": date,
+        "load_average_start": load,
         "hf_dir": str(hf_dir),
         "quick": plan.quick,
         "params": parameter_count(hf_dir),
@@ -100,8 +104,16 @@ def run(
         info["tok_s"] = decode["tok_s"].get(f"{label}|base", [])
         info["prefill_ms"] = decode["prefill_ms"].get(f"{label}|base", [])
     out["decode_s"] = time.perf_counter() - t2
+    out["load_average_end"] = _loadavg()
     out["wall_s"] = time.perf_counter() - t0
     return out
+
+
+def _loadavg() -> list[float]:
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []
 
 
 def model_files(paths: list[Path]) -> list[Path]:

@@ -158,8 +158,15 @@ def quality_markdown(quality: dict) -> list[str]:
     lines = [
         f"### {quality['model']}: quality (real weights, {kind})",
         "",
-        f"Perplexity on {quality['tokens']:,} tokens of `{quality['text']}` ({quality['windows']} windows of "
-        f"{quality['window']}, the same ids for every engine); bits per weight = file bytes x 8 / "
+        f"Measured {quality.get('date', 'with the run')}"
+        + (
+            f", load average {quality['load_average_start']} at its start, {quality['load_average_end']} "
+            "at its end (other jobs share this machine). "
+            if "load_average_end" in quality
+            else ". "
+        )
+        + f"Perplexity on {quality['tokens']:,} tokens of `{quality['text']}` ({quality['windows']} "
+        f"windows of {quality['window']}, the same ids for every engine); bits per weight = file bytes x 8 / "
         f"{quality['params']:,} parameters; decode: greedy, {quality['plan']['prompt']}-token prompt, "
         f"{quality['plan']['new_tokens']} tokens, median of {quality['plan']['rounds']} interleaved rounds "
         "(ours through our runtime, the peers' through their own), speed against our default of the same "
