@@ -28,6 +28,8 @@ from edge_lora.bundle import Bundle, sha256_file, write_manifest
 from edge_lora.chat_template import TEMPLATE_FILE
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format import quant as gguf_quant
+from edge_lora.importance import FILE_NAME as IMPORTANCE_FILE
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names as onnx_names
 from edge_lora.token_rows import base_token_ids
@@ -62,6 +64,9 @@ class ExportOptions:
     gguf_quants: list[str] = field(default_factory=lambda: ["q4_0"])
     force: bool = False  # replace an existing bundle at the target
     adapter_dtype: str = "fp32"  # adapter files' values: fp32, fp16, int8 (edge_lora/adapter_dtype.py)
+    # per-column input importance from calibration text (edge_lora/importance.py): weighs the 4-bit
+    # quantizers' scale search; written into the bundle so the trainer can rebuild the same base
+    importance: Importance | None = None
 
     def validate(self) -> None:
         check_adapter_dtype(self.adapter_dtype)
@@ -291,7 +296,13 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
         for quant in options.onnx_quants:
             rel = f"onnx/{quant}-{options.onnx_variant}"
             with progress.step(f"ONNX base {quant} ({options.onnx_variant})"):
-                path = export_onnx(model, root / rel, quant=quant, variant=options.onnx_variant)
+                path = export_onnx(
+                    model,
+                    root / rel,
+                    quant=quant,
+                    variant=options.onnx_variant,
+                    importance=options.importance,
+                )
             backends.setdefault("onnx", []).append(
                 {
                     "quant": quant,
@@ -305,7 +316,11 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
         for quant in options.gguf_quants:
             with progress.step(f"GGUF base {quant}"):
                 path = export_gguf(
-                    model, root / f"gguf/model-{quant}.gguf", quant=quant, progress=progress.notes
+                    model,
+                    root / f"gguf/model-{quant}.gguf",
+                    quant=quant,
+                    progress=progress.notes,
+                    importance=options.importance,
                 )
             backends.setdefault("gguf", []).append(
                 {"quant": quant, "model": Path(path).relative_to(root).as_posix()}
@@ -319,4 +334,21 @@ def _write_base(model: ModelDir, root: Path, options: ExportOptions, progress: P
         "backends": backends,
         "adapters": {},
         "files": {},
+        **_calibration_entry(root, options.importance),
+    }
+
+
+def _calibration_entry(root: Path, importance: Importance | None) -> dict:
+    """The importance the 4-bit bases were quantized with, kept in the bundle (the trainer's
+    ``--base-importance BUNDLE`` rebuilds the very same weights from it)."""
+    if importance is None:
+        return {}
+    importance.save(root / IMPORTANCE_FILE)
+    return {
+        "calibration": {
+            "file": IMPORTANCE_FILE,
+            "source": importance.source,
+            "tokens": importance.tokens,
+            "sha256": importance.digest,
+        }
     }

@@ -17,6 +17,7 @@ from edge_lora.gguf_format.base_tensors import base_tensor
 from edge_lora.gguf_format.file_write import write_gguf
 from edge_lora.gguf_format.names import FINGERPRINT_KEY, ROPE_FREQS, gguf_arch, llama3_rope_factors
 from edge_lora.gguf_format.quant import K_QUANTS, check_quant, encode, file_type
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 
 if TYPE_CHECKING:
@@ -24,9 +25,14 @@ if TYPE_CHECKING:
 
 
 def export_gguf(
-    model_dir: ModelDir, out_path: Path, quant: str = "q4_0", progress: Callable[[str], None] | None = None
+    model_dir: ModelDir,
+    out_path: Path,
+    quant: str = "q4_0",
+    progress: Callable[[str], None] | None = None,
+    importance: Importance | None = None,
 ) -> Path:
-    """Write ``model_dir`` as one GGUF file of the given quantization; returns ``out_path``."""
+    """Write ``model_dir`` as one GGUF file of the given quantization; returns ``out_path``.
+    ``importance`` (calibration, edge_lora/importance.py) weighs the q4_0/q5_0 scale search."""
     quant = check_quant(quant)
     out_path = Path(out_path)
     say = progress or (lambda _msg: None)
@@ -40,10 +46,12 @@ def export_gguf(
             with atomic_path(out_path) as dst:
                 llama_quantize(intermediate, dst, file_type(quant))
         return out_path
-    return write_gguf(_writer(model_dir, quant, say), out_path, "GGUF file")
+    return write_gguf(_writer(model_dir, quant, say, importance), out_path, "GGUF file")
 
 
-def _writer(model_dir: ModelDir, quant: str, say: Callable[[str], None]) -> gguf.GGUFWriter:
+def _writer(
+    model_dir: ModelDir, quant: str, say: Callable[[str], None], importance: Importance | None = None
+) -> gguf.GGUFWriter:
     """A ``GGUFWriter`` (no path yet) holding the model's keys, tokenizer and tensors in ``quant``."""
     import gguf
 
@@ -77,12 +85,16 @@ def _writer(model_dir: ModelDir, quant: str, say: Callable[[str], None]) -> gguf
         writer.add_rope_scaling_factor(float(scaling["factor"]))
     writer.add_string(FINGERPRINT_KEY, model_dir.fingerprint)  # lets the runtime check adapters against it
     vocab.write(writer)
-    _add_tensors(writer, model_dir, quant, say)
+    _add_tensors(writer, model_dir, quant, say, importance)
     return writer
 
 
 def _add_tensors(
-    writer: gguf.GGUFWriter, model_dir: ModelDir, quant: str, say: Callable[[str], None]
+    writer: gguf.GGUFWriter,
+    model_dir: ModelDir,
+    quant: str,
+    say: Callable[[str], None],
+    importance: Importance | None = None,
 ) -> None:
     """Every weight under its GGUF name, q/k rows in llama.cpp's order, each in its tensor type."""
     import gguf
@@ -93,7 +105,8 @@ def _add_tensors(
     ]
     for i, name in enumerate(names):
         target, array, qtype = base_tensor(config, name, model_dir.get(name), quant)
-        writer.add_tensor(target, encode(array, qtype), raw_dtype=qtype)
+        columns = None if importance is None else importance.for_tensor(name)
+        writer.add_tensor(target, encode(array, qtype, columns), raw_dtype=qtype)
         if i % 20 == 0:
             say(f"gguf {quant}: tensor {i + 1}/{len(names)} {target}")
     factors = llama3_rope_factors(config)

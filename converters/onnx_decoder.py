@@ -27,6 +27,7 @@ from converters.onnx_attention import gqa, gqa_inputs, plain_attention, portable
 from converters.onnx_graph import MS_DOMAIN, Graph
 from converters.onnx_quantized_ops import emit_matmul, nbits_gather, nbits_initializers, nbits_matmul
 from edge_lora.config import ModelConfig
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names
 from edge_lora.onnx_format.base_weights import shares_quantized_table
@@ -41,6 +42,7 @@ class DecoderOptions:
     block_size: int = 32
     accuracy_level: int = 4
     lora_dtype: str = "float32"
+    importance: Importance | None = None  # weighs the 4-bit scale search (edge_lora/importance.py)
 
 
 class DecoderWriter:
@@ -56,6 +58,10 @@ class DecoderWriter:
     def weight(self, name: str) -> np.ndarray:
         return self.md.get(name).astype(np.float32)
 
+    def importance(self, group: str) -> np.ndarray | None:
+        """The group's input importance from calibration, if the export was given one."""
+        return None if self.o.importance is None else self.o.importance.for_module(group)
+
     def linear(self, x: str, group: str) -> str:
         """One matmul over the group's stacked weights, its biases, then the group's LoRA side path."""
         members = self.groups[group]
@@ -66,7 +72,15 @@ class DecoderWriter:
             else self.weight(f"{modules[0]}.weight")
         )
         out, entry = emit_matmul(
-            self.g, x, group, weight, self.o.quant, self.o.variant, self.o.block_size, self.o.accuracy_level
+            self.g,
+            x,
+            group,
+            weight,
+            self.o.quant,
+            self.o.variant,
+            self.o.block_size,
+            self.o.accuracy_level,
+            importance=self.importance(group),
         )
         out = self.dora_rescale(out, group)  # before the bias: PEFT's DoRA rescales W x only
         self.layout["weights"][group] = entry
@@ -282,6 +296,7 @@ class DecoderWriter:
                 self.o.variant,
                 self.o.block_size,
                 self.o.accuracy_level,
+                importance=self.importance("lm_head"),
             )
             self.layout["weights"]["lm_head"] = entry
             return out

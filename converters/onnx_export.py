@@ -22,6 +22,7 @@ from converters.onnx_adapter import export_onnx_adapter  # noqa: F401  (part of 
 from converters.onnx_decoder import DecoderOptions, DecoderWriter, config_summary
 from edge_lora.atomic import atomic_path, atomic_write_bytes, atomic_write_text
 from edge_lora.errors import EdgeLoraError
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.onnx_format import names
 
@@ -49,6 +50,7 @@ def export_onnx(
     *,
     lora_dtype: str = "float32",
     block_size: int = 32,
+    importance: Importance | None = None,
 ) -> Path:
     """Write the decoder for ``model_dir`` into ``out_dir``; returns the path of model.onnx."""
     _check_choices(quant, variant)
@@ -58,7 +60,10 @@ def export_onnx(
     out_dir.mkdir(parents=True, exist_ok=True)
     say(f"onnx {quant}-{variant}: building the graph ({config_summary(md.config)})")
     writer = DecoderWriter(
-        md, DecoderOptions(quant=quant, variant=variant, lora_dtype=lora_dtype, block_size=block_size)
+        md,
+        DecoderOptions(
+            quant=quant, variant=variant, lora_dtype=lora_dtype, block_size=block_size, importance=importance
+        ),
     )
     model = writer.build()
     say(f"onnx {quant}-{variant}: writing {len(model.graph.initializer)} tensors")

@@ -28,12 +28,14 @@ def emit_matmul(
     variant: str,
     block_size: int = q.DEFAULT_BLOCK_SIZE,
     accuracy_level: int = 4,
+    importance: np.ndarray | None = None,
 ) -> tuple[str, dict]:
-    """``x @ weight.T`` for ``weight [N, K]``; returns ``(output, layout entry)``."""
+    """``x @ weight.T`` for ``weight [N, K]``; returns ``(output, layout entry)``. ``importance``
+    (``[K]``, edge_lora/importance.py) weighs the 4-bit scale search."""
     n, k = weight.shape
     entry = {"n": n, "k": k}
     if quant in ("int4", "int8") and variant == "fast":
-        entry = nbits_initializers(g, name, weight, quant, block_size)
+        entry = nbits_initializers(g, name, weight, quant, block_size, importance=importance)
         return nbits_matmul(g, x, name, entry, accuracy_level), entry
     if quant == "int8":
         w_q, scales = q.quantize_int8_channel(weight)
@@ -46,7 +48,7 @@ def emit_matmul(
         )
         return g.op("MatMul", [x, w], f"{name}/MatMul"), {**entry, "kind": "qdq8_t", "tensors": tensors}
     if quant == "int4":
-        w_q, scales = q.quantize_int4_block_t(weight, block_size)
+        w_q, scales = q.quantize_int4_block_t(weight, block_size, importance)
         tensors = {
             "weight_t": g.raw_initializer(
                 f"{name}.weight_q", TensorProto.INT4, list(w_q.shape), q.pack_int4(w_q)
@@ -81,14 +83,20 @@ def emit_matmul(
 
 
 def nbits_initializers(
-    g: Graph, name: str, weight: np.ndarray, quant: str, block_size: int, symmetric: bool = True
+    g: Graph,
+    name: str,
+    weight: np.ndarray,
+    quant: str,
+    block_size: int,
+    symmetric: bool = True,
+    importance: np.ndarray | None = None,
 ) -> dict:
     """MatMulNBits tensors of ``weight [N, K]`` as initializers; returns their layout entry.
 
     ``symmetric`` weights carry no zero points (MatMulNBits' defaults: the faster kernel); the
     tied embedding table passes False, GatherBlockQuantized reading it takes explicit ones."""
     n, k = weight.shape
-    nb = quantize_base_weight(name, weight, quant, block_size, gathered=not symmetric)
+    nb = quantize_base_weight(name, weight, quant, block_size, gathered=not symmetric, importance=importance)
     bits = nb.bits
     tensors = {
         "packed": g.initializer(f"{name}.weight_q", nb.packed),

@@ -33,8 +33,8 @@ def test_symmetric_nbits_needs_no_zero_points(bits):
     implied = q.dequantize_nbits(nb)
     np.testing.assert_array_equal(explicit, implied)
     step = np.abs(np.repeat(nb.scales.reshape(24, -1), 32, axis=1)[:, :70])
-    # 4 bits: a value of the peak's size and the other sign clips at +7 steps (q4_0 does the same)
-    assert (np.abs(implied - w) <= step * (1.0 if bits == 4 else 0.5) + 1e-6).all()
+    # 4 bits: searched scales (edge_lora/block_search.py) may clip the peak's neighbours by up to ~2 steps
+    assert (np.abs(implied - w) <= step * (2.0 if bits == 4 else 0.5) + 1e-6).all()
 
 
 def test_linear_layers_run_without_zero_points(quant_bundle):
@@ -53,7 +53,14 @@ def test_int8_channel_and_int4_block_roundtrip():
     q4, s4 = q.quantize_int4_block_t(w, 32)
     assert q4.min() >= -8 and q4.max() <= 7
     assert np.array_equal(q.unpack_int4(np.frombuffer(q.pack_int4(q4), np.uint8), q4.shape), q4)
-    assert np.abs(q.dequantize_int4_block_t(q4, s4, 32) - w).max() <= s4.max() / 2 + 1e-6
+    # searched scales (edge_lora/block_search.py): a clipped peak may sit up to ~2 steps off, the
+    # total error is below round-to-nearest's at the peak's scale
+    err = q.dequantize_int4_block_t(q4, s4, 32) - w
+    assert np.abs(err).max() <= 2 * s4.max() + 1e-6
+    blocks = w.reshape(40, 3, 32)
+    rtn_scale = np.abs(blocks).max(axis=2, keepdims=True) / 7.0
+    rtn = (np.clip(np.round(blocks / rtn_scale), -8, 7) * rtn_scale).reshape(40, 96)
+    assert np.square(err).mean() < np.square(rtn - w).mean()
 
 
 EXPORTS = [("int8", "fast"), ("int4", "fast"), ("int8", "portable"), ("int4", "portable"), ("fp16", "fast")]

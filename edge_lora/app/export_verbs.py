@@ -9,6 +9,7 @@ edge-lora export --add-adapter BUNDLE PATH[:NAME] [--replace]
 from __future__ import annotations
 
 import argparse
+import sys
 
 from edge_lora.errors import EdgeLoraError
 
@@ -61,6 +62,14 @@ def add_export_arguments(sub: argparse._SubParsersAction, common: argparse.Argum
         help="how adapter files store their values (GGUF f32/f16/q8_0; the .onnx_adapter keeps the graph's "
         "input dtype); default fp32",
     )
+    p.add_argument(
+        "--calibration",
+        default="auto",
+        metavar="auto|none|FILE",
+        help="text the 4-bit scales are fitted to (edge_lora/app/calibration.py): auto = Python's help "
+        "texts when PyTorch is installed; a .jsonl (your training data) or text file; an "
+        "importance.safetensors or bundle to reuse; none",
+    )
     p.add_argument("--quiet", action="store_true", help="no progress lines")
     p.set_defaults(func=run_export)
 
@@ -89,6 +98,8 @@ def run_export(args: argparse.Namespace) -> int:
         raise EdgeLoraError(
             "export needs MODEL_DIR and --out BUNDLE", hint="edge-lora export MODEL_DIR --out BUNDLE"
         )
+    from edge_lora.app.calibration import export_importance
+
     options = ExportOptions(
         backends=_csv(args.backends),
         onnx_quants=_csv(args.onnx_quant),
@@ -97,6 +108,12 @@ def run_export(args: argparse.Namespace) -> int:
         force=args.force,
         adapter_dtype=args.adapter_dtype,
     )
+    options.validate()
+    quants = options.onnx_quants * ("onnx" in options.backends) + options.gguf_quants * (
+        "gguf" in options.backends
+    )
+    say = (lambda _msg: None) if args.quiet else (lambda msg: print(msg, file=sys.stderr))
+    options.importance = export_importance(args.calibration, args.model, quants, say=say)
     sources = [AdapterSource.parse(spec) for spec in args.adapter]
     out = export_bundle(args.model, args.out, sources, options, show_progress=not args.quiet)
     print(f"wrote bundle {out}")

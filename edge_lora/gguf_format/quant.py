@@ -75,8 +75,15 @@ def tensor_type(
     return wanted
 
 
-def encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
-    """A float array in the given GGML type, ready for ``GGUFWriter.add_tensor(raw_dtype=qtype)``."""
+def encode(
+    arr: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarray | None = None
+) -> np.ndarray:
+    """A float array in the given GGML type, ready for ``GGUFWriter.add_tensor(raw_dtype=qtype)``.
+
+    The symmetric 4/5-bit blocks (q4_0, q5_0) search each block's scale for the least weighted error
+    (:mod:`edge_lora.block_search`, as llama.cpp's quantizer does with an imatrix), weighted by
+    ``importance`` (``[cols]``, the mean squared input per column) when given; the other types are
+    gguf-py's round-to-nearest."""
     from gguf import GGMLQuantizationType as T
     from gguf import quants
 
@@ -85,7 +92,27 @@ def encode(arr: np.ndarray, qtype: gguf.GGMLQuantizationType) -> np.ndarray:
         return arr
     if qtype == T.F16:
         return arr.astype(np.float16)
+    if qtype.name in SEARCHED_TYPES and arr.ndim == 2:
+        return _searched(arr, qtype, importance)
     return quants.quantize(arr, qtype)
+
+
+# symmetric block types whose scales are searched: name -> nmax (codes -nmax..nmax-1, stored + nmax)
+SEARCHED_TYPES = {"Q4_0": 8, "Q5_0": 16}
+
+
+def _searched(arr: np.ndarray, qtype: gguf.GGMLQuantizationType, importance: np.ndarray | None) -> np.ndarray:
+    from edge_lora.block_search import search_scales
+    from edge_lora.importance import block_importance
+
+    rows, cols = arr.shape
+    nmax = SEARCHED_TYPES[qtype.name]
+    scale, codes = search_scales(
+        arr.reshape(rows, cols // _BLOCK, _BLOCK), nmax, block_importance(importance, cols, _BLOCK)
+    )
+    step = scale.astype(np.float16).astype(np.float64)  # stored as fp16, as ggml's block header
+    stored = (codes.astype(np.int16) + nmax).astype(np.uint8).reshape(rows, cols)
+    return pack_codes(stored, step, -nmax * step, qtype)
 
 
 def decode(data: np.ndarray, qtype: gguf.GGMLQuantizationType, shape: tuple[int, ...]) -> np.ndarray:

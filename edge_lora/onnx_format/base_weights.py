@@ -31,8 +31,12 @@ def quantize_base_weight(
     block_size: int = DEFAULT_BLOCK_SIZE,
     *,
     gathered: bool = False,
+    importance: np.ndarray | None = None,
 ) -> NBitsWeight:
     """``W [N, K]`` of one fused group (``name``: ``model.layers.0.self_attn.qkv_proj``, ``lm_head``)
     or the tied table, as the fast graph stores it. ``gathered``: the tied table GatherBlockQuantized
-    reads, which takes explicit zero points (asymmetric blocks)."""
-    return quantize_nbits(weight, NBITS_QUANTS[quant], block_size, symmetric=not gathered)
+    reads, which takes explicit zero points (asymmetric blocks). ``importance`` (``[K]``) weighs the
+    symmetric 4-bit blocks' scale search (:mod:`edge_lora.importance`)."""
+    return quantize_nbits(
+        weight, NBITS_QUANTS[quant], block_size, symmetric=not gathered, importance=importance
+    )

@@ -40,9 +40,17 @@ class NBitsWeight:
 
 
 def quantize_nbits(
-    weight: np.ndarray, bits: int, block_size: int = DEFAULT_BLOCK_SIZE, symmetric: bool = False
+    weight: np.ndarray,
+    bits: int,
+    block_size: int = DEFAULT_BLOCK_SIZE,
+    symmetric: bool = False,
+    importance: np.ndarray | None = None,
 ) -> NBitsWeight:
-    """``W [N, K]`` float -> MatMulNBits tensors (8 bits are always symmetric)."""
+    """``W [N, K]`` float -> MatMulNBits tensors (8 bits are always symmetric).
+
+    Symmetric 4-bit blocks search each block's scale for the least weighted error
+    (:mod:`edge_lora.block_search`, llama.cpp's q4_0 search), weighted by ``importance`` (``[K]``, the
+    mean squared input per column) when given."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     n, k = weight.shape
@@ -51,13 +59,17 @@ def quantize_nbits(
     w[:, :k] = weight
     w = w.reshape(n, k_blocks, block_size)
     levels = (1 << bits) - 1
-    if (
-        bits == 4 and symmetric
-    ):  # q4_0: the largest-magnitude value maps to -8, the full [-8, 7] range is used
-        idx = np.abs(w).argmax(axis=2)
-        peak = np.take_along_axis(w, idx[:, :, None], axis=2)[:, :, 0]
-        scale = np.where(peak == 0, 1.0, peak / -8.0).astype(np.float32)
+    if bits == 4 and symmetric:  # q4_0's grid: codes -8..7 around 8, the scale searched
+        scale, codes = _searched_blocks(w, weight, importance)
         zp = np.full((n, k_blocks), 8, dtype=np.uint8)
+        return NBitsWeight(
+            packed=_pack((codes + 8).astype(np.uint8), bits),
+            scales=scale.reshape(-1),
+            zero_points=_pack(zp, bits).reshape(-1),
+            bits=bits,
+            block_size=block_size,
+            k=k,
+        )
     elif bits == 4:
         lo = np.minimum(w.min(axis=2), 0.0)
         hi = np.maximum(w.max(axis=2), 0.0)
@@ -127,11 +139,12 @@ def dequantize_int8_channel(q_t: np.ndarray, scales: np.ndarray) -> np.ndarray:
 
 
 def quantize_int4_block_t(
-    weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE
+    weight: np.ndarray, block_size: int = DEFAULT_BLOCK_SIZE, importance: np.ndarray | None = None
 ) -> tuple[np.ndarray, np.ndarray]:
     """``W [N, K]`` -> ``(W^T as int4 values in int8 [K, N], scales [ceil(K / block), N])``.
 
-    Symmetric blocks along K, for DequantizeLinear(axis=0, block_size) on an INT4 initializer.
+    Symmetric blocks along K, for DequantizeLinear(axis=0, block_size) on an INT4 initializer, each
+    block's scale searched as :func:`quantize_nbits` does (``importance`` ``[K]`` weighs it).
     Computed in ``W``'s own row order and transposed once as int8 at the end: on a real vocabulary
     (Qwen2.5's 151936 x 896 head) working on the float transpose was 3-4x slower.
     """
@@ -140,10 +153,22 @@ def quantize_int4_block_t(
     padded = np.zeros((n, k_blocks * block_size), dtype=np.float32)
     padded[:, :k] = weight
     blocks = padded.reshape(n, k_blocks, block_size)
-    amax = np.abs(blocks).max(axis=2)
-    scale = np.where(amax == 0, 1.0, amax / 7.0).astype(np.float32)
-    q = np.clip(np.round(blocks / scale[:, :, None]), -8, 7).astype(np.int8).reshape(n, -1)[:, :k]
+    scale, codes = _searched_blocks(blocks, weight, importance)
+    q = codes.reshape(n, -1)[:, :k]
     return np.ascontiguousarray(q.T), np.ascontiguousarray(scale.T)
+
+
+def _searched_blocks(
+    blocks: np.ndarray, weight: np.ndarray, importance: np.ndarray | None
+) -> tuple[np.ndarray, np.ndarray]:
+    """Symmetric 4-bit blocks (codes -8..7) with searched scales; an all-zero block gets scale 1."""
+    from edge_lora.block_search import search_scales
+    from edge_lora.importance import block_importance
+
+    _, k_blocks, block_size = blocks.shape
+    sigma2 = np.mean(np.square(weight.astype(np.float32)), axis=1)  # over the true columns
+    scale, codes = search_scales(blocks, 8, block_importance(importance, weight.shape[1], block_size), sigma2)
+    return np.where(scale == 0, 1.0, scale).astype(np.float32), codes
 
 
 def dequantize_int4_block_t(q_t: np.ndarray, scales: np.ndarray, block_size: int) -> np.ndarray:

@@ -1,0 +1,64 @@
+"""Symmetric block quantization that searches each block's scale for the least weighted error.
+
+Round-to-nearest with the scale set by the block's largest value (``d = max / -8``) wastes levels on
+one outlier and rounds every other value coarsely. llama.cpp's quantizer (``make_qx_quants`` in
+ggml-quants.c, used for q4_0 whenever importance weights are given) tries 19 scales around that one,
+fits the least-squares scale for each rounding and keeps the one with the smallest weighted squared
+error. This is the same search, vectorised over all blocks of a tensor in numpy.
+
+Weights per value: ``importance[col] * sqrt(sigma2 + w^2)`` as llama.cpp forms them, where
+``importance`` is the mean squared activation of the input column (from calibration text: the
+"imatrix") or all ones without calibration, and ``sigma2`` the row's mean square. Both formats that
+hold symmetric 4-bit blocks (GGUF q4_0: fp16 scale; ONNX MatMulNBits int4: fp32 scale) call it.
+"""
+
+from __future__ import annotations
+
+import numpy as np
+
+SEARCH_STEPS = tuple(0.1 * s for s in range(-9, 10) if s)  # llama.cpp's offsets of nmax, -0.9..+0.9
+
+
+def search_scales(
+    blocks: np.ndarray, nmax: int, importance: np.ndarray | None = None, sigma2: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray]:
+    """``(scale [rows, nb], codes [rows, nb, bs] int8 in -nmax..nmax-1)`` for ``blocks [rows, nb, bs]``.
+
+    ``importance [nb, bs]`` weighs the input columns (None = equal); ``sigma2 [rows]`` is the row's
+    mean square (None = computed from ``blocks``). Value = scale * code; an all-zero block gets 0."""
+    x = blocks.astype(np.float32, copy=False)
+    if sigma2 is None:
+        sigma2 = np.mean(np.square(x), axis=(1, 2))
+    weight = np.sqrt(sigma2[:, None, None] + np.square(x))
+    if importance is not None:
+        weight = weight * importance[None].astype(np.float32)
+    peak = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
+    safe_peak = np.where(peak == 0, 1.0, peak)
+    best_scale, best_codes = _fit(x, weight, -nmax / safe_peak, nmax)
+    best = _gain(x, weight, best_codes, best_scale)
+    for step in SEARCH_STEPS:
+        scale, codes = _fit(x, weight, -(nmax + step) / safe_peak, nmax)
+        gain = _gain(x, weight, codes, scale)
+        better = gain > best
+        best = np.where(better, gain, best)
+        best_scale = np.where(better, scale, best_scale)
+        best_codes = np.where(better[..., None], codes, best_codes)
+    zero = peak == 0
+    best_scale = np.where(zero, 0.0, best_scale)
+    best_codes = np.where(zero[..., None], 0, best_codes)
+    return best_scale.astype(np.float32), best_codes.astype(np.int8)
+
+
+def _fit(x: np.ndarray, weight: np.ndarray, iscale: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
+    """Codes from rounding at ``iscale``, and the weighted least-squares scale for those codes."""
+    codes = np.clip(np.rint(x * iscale[..., None]), -nmax, nmax - 1)
+    wl = weight * codes
+    suml2 = np.sum(wl * codes, axis=-1)
+    sumlx = np.sum(wl * x, axis=-1)
+    scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
+    return scale, codes
+
+
+def _gain(x: np.ndarray, weight: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
+    """``scale * sumlx``: how much the fit removes from the weighted squared error (larger is better)."""
+    return scale * np.sum(weight * codes * x, axis=-1)
