@@ -100,3 +100,33 @@ def block_importance(vector: np.ndarray | None, in_features: int, block_size: in
     padded = np.zeros(blocks * block_size, dtype=np.float32)
     padded[:in_features] = vector
     return padded.reshape(blocks, block_size)
+
+
+def load_base_importance(path: str | Path) -> Importance:
+    """The importance a bundle's 4-bit bases were quantized with: ``path`` is the bundle folder (its
+    bundle.json names the file) or an importance file."""
+    import json
+
+    path = Path(path)
+    if not path.is_dir():
+        return load_importance(path)
+    try:
+        entry = json.loads((path / "bundle.json").read_text(encoding="utf-8")).get("calibration")
+    except (OSError, ValueError) as err:
+        raise EdgeLoraError(
+            f"cannot read bundle.json ({type(err).__name__})", path=path, hint="pass a bundle folder"
+        ) from None
+    if not isinstance(entry, dict) or not isinstance(entry.get("file"), str):
+        raise EdgeLoraError(
+            "this bundle's base was quantized without calibration",
+            path=path,
+            hint="drop --base-importance (the trainer then builds the same uncalibrated base)",
+        )
+    importance = load_importance(path / Path(entry["file"]).name)
+    if importance.digest != entry.get("sha256"):
+        raise EdgeLoraError(
+            "the importance file does not match bundle.json's hash",
+            path=path / entry["file"],
+            hint="export the bundle again",
+        )
+    return importance

@@ -17,6 +17,7 @@ import numpy as np
 from converters.export import AdapterSource, ExportOptions, export_bundle
 from edge_lora.adapter import Adapter, LoraWeights
 from edge_lora.config import ModelConfig
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 
@@ -102,6 +103,7 @@ def build_bundle(
     gguf_quants: Iterable[str] = ("f32",),
     adapter_dtype: str = "fp32",
     force: bool = False,
+    importance: Importance | None = None,
 ) -> Path:
     """A bundle written by the exporter; ``adapters`` maps bundle names to adapters or their files."""
     options = ExportOptions(
@@ -111,6 +113,7 @@ def build_bundle(
         gguf_quants=list(gguf_quants),
         adapter_dtype=adapter_dtype,
         force=force,
+        importance=importance,
     )
     with tempfile.TemporaryDirectory(prefix="adapters-") as scratch:
         sources = []

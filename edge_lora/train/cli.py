@@ -144,6 +144,14 @@ def _add_memory_flags(mem: argparse._ArgumentGroup) -> None:
         "or the export's own format, bit for bit what the device runs: q4_0, q8_0 (GGUF), onnx-int4",
     )
     mem.add_argument(
+        "--base-importance",
+        default=S,
+        metavar="BUNDLE|FILE",
+        help="with --base-quant q4_0/onnx-int4: the calibration the export used (the bundle, or its "
+        "importance.safetensors), so the base is the device's bit for bit; without it, the base is "
+        "what `export --calibration none` writes",
+    )
+    mem.add_argument(
         "--quant-group-size",
         type=int,
         default=S,

@@ -70,6 +70,8 @@ class TrainConfig:
     # memory and devices
     base_quant: str = "none"
     quant_group_size: int = 0  # 0 = default (128 for int8, 32 for int4)
+    # the calibration the export's 4-bit base was quantized with: a bundle folder or importance.safetensors
+    base_importance: str | None = None
     gradient_checkpointing: bool = False
     device: str = "auto"
     # bf16: the frozen base stored in bf16 and the forward under bf16 autocast (LoRA weights, optimizer

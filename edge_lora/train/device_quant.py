@@ -24,6 +24,7 @@ from torch import nn
 
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
+from edge_lora.importance import Importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 
@@ -83,9 +84,11 @@ def _pack(codes: torch.Tensor, bits: int) -> torch.Tensor:
 # --- GGUF ---------------------------------------------------------------------------------------
 
 
-def gguf_weight(config: ModelConfig, name: str, array: np.ndarray, quant: str) -> DeviceWeight:
-    """One checkpoint tensor through the GGUF exporter's decision and gguf-py's codec, back in HF row
-    order."""
+def gguf_weight(
+    config: ModelConfig, name: str, array: np.ndarray, quant: str, importance: Importance | None = None
+) -> DeviceWeight:
+    """One checkpoint tensor through the GGUF exporter's decision and gguf-py's codec (weighted by the
+    export's calibration, as the exporter does), back in HF row order."""
     from gguf import GGML_QUANT_SIZES, GGMLQuantizationType
 
     from edge_lora.gguf_format.base_tensors import base_tensor
@@ -93,7 +96,7 @@ def gguf_weight(config: ModelConfig, name: str, array: np.ndarray, quant: str) -
     from edge_lora.gguf_format.quant import decode, encode
 
     _, rows, qtype = base_tensor(config, name, array, quant)
-    data = encode(rows, qtype)
+    data = encode(rows, qtype, None if importance is None else importance.for_tensor(name))
     dense = decode(data, qtype, rows.shape)
     # the exporter's row order, undone: gguf row i holds checkpoint row order[i]
     order = to_gguf_rows(config, name.rsplit(".", 1)[0], np.arange(rows.shape[0]))
@@ -113,13 +116,16 @@ def gguf_weight(config: ModelConfig, name: str, array: np.ndarray, quant: str) -
 # --- ONNX MatMulNBits -----------------------------------------------------------------------------
 
 
-def nbits_weight(name: str, weight: np.ndarray, *, gathered: bool = False) -> DeviceWeight:
+def nbits_weight(
+    name: str, weight: np.ndarray, *, gathered: bool = False, importance: Importance | None = None
+) -> DeviceWeight:
     """One fused group (or the tied table) through the ONNX exporter's quantizer; symmetric weights
     are dequantized with no zero points, as the graph (which leaves them out) reads them."""
     from edge_lora.onnx_format.base_weights import quantize_base_weight
     from edge_lora.onnx_format.weight_quant import dequantize_nbits
 
-    nb = quantize_base_weight(name, weight, "int4", gathered=gathered)
+    columns = None if importance is None or gathered else importance.for_module(name)
+    nb = quantize_base_weight(name, weight, "int4", gathered=gathered, importance=columns)
     if not gathered:
         nb = dataclasses.replace(nb, zero_points=None)
     dense = np.ascontiguousarray(dequantize_nbits(nb), dtype=np.float32)
@@ -163,29 +169,35 @@ def check_supported(md: ModelDir, quant: str) -> None:
 # --- the model --------------------------------------------------------------------------------------
 
 
-def load_device_base(model: nn.Module, md: ModelDir, quant: str) -> None:
+def load_device_base(
+    model: nn.Module, md: ModelDir, quant: str, importance: Importance | None = None
+) -> None:
     """Put the device's weights into ``model`` (built on the meta device): decoder linears, the
     embedding and the head. Norms and biases are stored as float32 by both exports: they load as usual."""
     check_supported(md, quant)
     config = md.config
     if DEVICE_QUANTS[quant] == "gguf":
         linears = (
-            (m, gguf_weight(config, f"{m}.weight", md.read_float32(f"{m}.weight"), quant))
+            (m, gguf_weight(config, f"{m}.weight", md.read_float32(f"{m}.weight"), quant, importance))
             for m in linear_modules(config)
         )
     else:
-        linears = _onnx_linears(md)
+        linears = _onnx_linears(md, importance)
     for module, weight in linears:
         _set_linear(model, md, module, weight)
     table = md.read_float32("model.embed_tokens.weight")
     if DEVICE_QUANTS[quant] == "gguf":
-        embed = gguf_weight(config, "model.embed_tokens.weight", table, quant)
-        head = None if config.tie_word_embeddings else gguf_weight(config, "lm_head.weight", _head(md), quant)
+        embed = gguf_weight(config, "model.embed_tokens.weight", table, quant, importance)
+        head = (
+            None
+            if config.tie_word_embeddings
+            else gguf_weight(config, "lm_head.weight", _head(md), quant, importance)
+        )
     elif config.tie_word_embeddings:
         embed, head = nbits_weight("lm_head", table, gathered=True), None
     else:  # the untied graph gathers from a float16 table
         embed = DeviceWeight(table.astype(np.float16).astype(np.float32))
-        head = nbits_weight("lm_head", _head(md))
+        head = nbits_weight("lm_head", _head(md), importance=importance)
     _set_embeddings(model, embed, head)
 
 
@@ -193,11 +205,11 @@ def _head(md: ModelDir) -> np.ndarray:
     return md.read_float32("lm_head.weight")
 
 
-def _onnx_linears(md: ModelDir) -> Iterator[tuple[str, DeviceWeight]]:
+def _onnx_linears(md: ModelDir, importance: Importance | None) -> Iterator[tuple[str, DeviceWeight]]:
     """Each fused group quantized as one matrix, handed out per member module (its rows)."""
     for group, members in onnx_groups(md.config).items():
         fused = np.concatenate([md.read_float32(f"{m}.weight") for m, _ in members], axis=0)
-        weight = nbits_weight(group, fused)
+        weight = nbits_weight(group, fused, importance=importance)
         start = 0
         for module, rows in members:
             yield module, _rows(weight, start, start + rows)

@@ -9,6 +9,7 @@ import torch.utils.checkpoint  # noqa: F401  (model.gradient_checkpointing uses 
 from torch import nn
 
 from edge_lora.errors import EdgeLoraError
+from edge_lora.importance import Importance, load_base_importance
 from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 from edge_lora.train.config import TrainConfig
@@ -22,7 +23,9 @@ from edge_lora.train.quant import QuantEmbedding, QuantLinear, TiedQuantHead, qu
 from edge_lora.train.tokens import add_new_tokens, head_weights
 
 
-def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> CausalLM:
+def load_model(
+    md: ModelDir, base_quant: str = "none", group_size: int = 0, importance: Importance | None = None
+) -> CausalLM:
     """The base model in fp32, its decoder linear layers quantized while loading when asked
     (so the full-precision weights are never all in memory at once)."""
     config = md.config
@@ -30,7 +33,7 @@ def load_model(md: ModelDir, base_quant: str = "none", group_size: int = 0) -> C
         model = CausalLM(config)
     names = set(md.tensor_names())
     if base_quant in DEVICE_QUANTS:  # the export's own formats, bit for bit
-        load_device_base(model, md, base_quant)
+        load_device_base(model, md, base_quant, importance)
     elif base_quant != "none":
         _quantize_linears(model, md, names, base_quant, group_size)
     quant_table = isinstance(model.model.embed_tokens, QuantEmbedding)
@@ -131,7 +134,8 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
 def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = None) -> CausalLM:
     """The run's model: its frozen base in bf16 when that is the compute dtype; kept in fp32 when
     ``auto`` has to measure first (``model.compute_dtype`` None: :mod:`.dtype_probe`)."""
-    model = load_model(md, cfg.base_quant, cfg.quant_group_size)
+    importance = load_base_importance(cfg.base_importance) if cfg.base_importance else None
+    model = load_model(md, cfg.base_quant, cfg.quant_group_size, importance)
     apply_lora(model, lora_config(cfg))  # freezes everything, then adds trainable A/B (and magnitudes)
     add_new_tokens(model, len(cfg.add_tokens))
     # the frozen base's size: a quantized base keeps its codes in buffers, not parameters
