@@ -15,6 +15,7 @@ from __future__ import annotations
 import argparse
 import datetime as dt
 import json
+import os
 import platform
 import sys
 import time
@@ -42,6 +43,12 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--shapes", help="comma list of smollm2-135m, qwen2.5-0.5b")
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
+    parser.add_argument("--no-quality", action="store_true", help="skip the real-model quality rows")
+    parser.add_argument(
+        "--only",
+        choices=["quality"],
+        help="run only these rows (quality: the real-model quality rows; no README update)",
+    )
     parser.add_argument(
         "--device",
         choices=["auto", "cpu", "gpu"],
@@ -62,21 +69,27 @@ def main(argv: list[str] | None = None) -> int:
     if args.render:
         results = json.loads(args.render.read_text())
         results["summary"] = report.summarize(results)
-        write(results, args.out, update_readme=args.out.resolve() == DEFAULT_OUT.resolve())
+        readme = args.out.resolve() == DEFAULT_OUT.resolve() and not results.get("only")
+        write(results, args.out, update_readme=readme)
         return 0
 
     plan = Plan.make(args.quick, args.shapes.split(",") if args.shapes else None)
     plan.train &= not args.no_train
     plan.scaling &= not args.no_scaling
     plan.gpu &= args.device != "cpu"
-    results = run_all(plan, Path(args.out))
+    plan.quality &= not args.no_quality
+    results = run_quality_only(plan) if args.only == "quality" else run_all(plan, Path(args.out))
     results["summary"] = report.summarize(results)
     (Path(args.out) / "partial.json").unlink(missing_ok=True)
-    write(results, args.out, update_readme=args.out.resolve() == DEFAULT_OUT.resolve())
+    readme = args.out.resolve() == DEFAULT_OUT.resolve() and not args.only
+    write(results, args.out, update_readme=readme)
     say(report.summary_markdown(results))
     say(f"done in {results['wall_s'] / 60:.1f} min -> {args.out}")
     if args.device == "gpu" and (missing := _gpu_rows_missing(results)):
         say("error: --device gpu, but the GPU rows did not run: " + ("; ".join(missing) or "no GPU result"))
+        return 2
+    if "error" in results.get("quality", {}) and os.environ.get("EDGE_LORA_REQUIRE_REAL_MODEL") == "1":
+        say(f"error: the quality rows did not run: {results['quality']['error']}")  # CI: no real model
         return 2
     return 0
 
@@ -123,6 +136,40 @@ def run_all(plan: Plan, out: Path) -> dict:
 
         say("== adapters trained against the device's base (real model, real task)")
         results["qat"] = qat_bench.run(plan.quick)
+    if plan.quality:
+        results["quality"] = run_quality(plan)
+    results["load_average_end"] = _loadavg()
+    results["wall_s"] = time.time() - started
+    return results
+
+
+def run_quality(plan: Plan) -> dict:
+    """The real-model quality rows (benchmarks.quality_bench); a failure is kept as {"error": ...} so
+    the rest of the run is written (the runner then exits 2 where EDGE_LORA_REQUIRE_REAL_MODEL=1, as in
+    CI)."""
+    from benchmarks import quality_bench
+
+    say("== quality (real model)")
+    try:
+        return quality_bench.run(quality_bench.QualityPlan.make(plan.quick, plan.threads), say=say)
+    except Exception as err:  # noqa: BLE001  reported with the run, and in the exit status
+        say(f"[quality] {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {str(err)[-600:]}"}
+
+
+def run_quality_only(plan: Plan) -> dict:
+    """``--only quality``: the quality rows alone, with the run's date, machine and load."""
+    started, load = time.time(), _loadavg()
+    results = {
+        "date": dt.datetime.now().isoformat(timespec="seconds"),
+        "quick": plan.quick,
+        "only": "quality",
+        "machine": machine(),
+        "plan": {k: v for k, v in plan.__dict__.items()},
+        "load_average_start": load,
+        "models": {},
+        "quality": run_quality(plan),
+    }
     results["load_average_end"] = _loadavg()
     results["wall_s"] = time.time() - started
     return results
@@ -172,9 +219,8 @@ def write(results: dict, out: Path, update_readme: bool) -> None:
 
     out.mkdir(parents=True, exist_ok=True)
     stamp = results["date"][:10]
-    atomic_write_text(
-        out / f"{stamp}{'-quick' if results['quick'] else ''}.json", json.dumps(results, indent=1) + "\n"
-    )
+    suffix = ("-quick" if results["quick"] else "") + (f"-{results['only']}" if results.get("only") else "")
+    atomic_write_text(out / f"{stamp}{suffix}.json", json.dumps(results, indent=1) + "\n")
     pngs = charts.draw_all(results, out)
     atomic_write_text(out / "summary.md", report.summary_markdown(results, pngs, out) + "\n")
     if update_readme:

@@ -17,6 +17,7 @@ from benchmarks.summary_tables import (
     fmt,
     loaded_markdown,
     memory_markdown,
+    quality_markdown,
     train_markdown,
 )
 from benchmarks.target_checks import _is_peer as _is_peer  # re-exported for the tests
@@ -57,6 +58,16 @@ def _run_line(results: dict) -> str:
     )
 
 
+def _quality_run_line(results: dict) -> str:
+    """A run of the quality rows alone (``--only quality``): when, on what, under which load."""
+    m = results["machine"]
+    return (
+        f"Run {results['date']} (quality rows only, {results['wall_s'] / 60:.0f} min) on {m['cpu']}, "
+        f"{m['cores']} cores; load average {results['load_average_start']} at start, "
+        f"{results['load_average_end']} at the end (other jobs share this machine)."
+    )
+
+
 def _model_markdown(shape: str, info: dict) -> list[str]:
     """One model's targets table and decode table (from its ``summarize`` entry)."""
     lines = [
@@ -84,7 +95,7 @@ def _model_markdown(shape: str, info: dict) -> list[str]:
 
 
 def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path | None = None) -> str:
-    lines = [_run_line(results), ""]
+    lines = [_run_line(results) if "bandwidth" in results else _quality_run_line(results), ""]
     for shape, info in results["summary"]["models"].items():
         lines += _model_markdown(shape, info)
     for shape, model in results["models"].items():
@@ -103,6 +114,8 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
         from benchmarks.qat_bench import markdown as qat_markdown
 
         lines += qat_markdown(results["qat"])
+    if results.get("quality"):
+        lines += quality_markdown(results["quality"])
     for p in pngs or []:
         rel = p.relative_to(rel_to) if rel_to and p.is_relative_to(rel_to) else p
         lines.append(f"![{p.stem}]({rel.as_posix()})")
