@@ -2,8 +2,10 @@
 same run, cached under ``<bench cache>/quality/<key>`` (rebuilt when the exporters' sources, the
 model or the list changes; a build that stops half way is redone, never half used):
 
-ours      ``edge-lora export`` (converters.export): ONNX fast (int4, int8, fp16, fp32) and portable
-          (int4, int8) in two bundles, GGUF in every quant edge_lora.gguf_format.quant.QUANTS lists
+ours      ``edge-lora export`` as its CLI does by default (converters.export, 4-bit scales fitted with
+          ``--calibration auto``'s importance): ONNX fast (int4, int8, fp16, fp32) and portable (int4,
+          int8) in two bundles, GGUF in every quant edge_lora.gguf_format.quant.QUANTS lists; and the
+          two default files with ``--calibration none`` (the scale search alone)
 today     the two default files (ONNX int4, GGUF q4_0) from the exporter of :data:`BASELINE_REV`, before
           issue 32's quantizer work (its sources from ``git archive``), for the before/after rows
 peers     llama.cpp's own quantizer (``llama_model_quantize``, q4_0 and q4_k_m) from our f32 GGUF of
@@ -36,6 +38,7 @@ DEFAULT_ONNX, DEFAULT_GGUF = "edge-lora onnx int4", "edge-lora gguf q4_0"
 # side by side
 BASELINE_REV = "1e6ba8c"
 TODAY = " today"  # label suffix of those rows
+NO_CALIBRATION = " no calibration"  # label suffix of the default files exported with --calibration none
 
 
 @dataclass
@@ -72,6 +75,7 @@ def lists_for(quick: bool) -> dict:
         "gguf": list(QUANTS),
         "peers": True,
         "today": True,
+        "no_calibration": True,
     }
 
 
@@ -112,6 +116,28 @@ def plan_exports(hf_dir: Path, root: Path, lists: dict) -> list[Export]:
     for q in lists["gguf"]:
         path = main / "gguf" / f"model-{q}.gguf"
         rows.append(_gguf_row(f"edge-lora gguf {q}", "edge-lora", q, path, main))
+    nocal = root / "bundle-nocal"
+    if lists.get("no_calibration"):
+        folder = nocal / "onnx" / "int4-fast"
+        rows.append(
+            Export(
+                DEFAULT_ONNX + NO_CALIBRATION,
+                "onnx",
+                "edge-lora",
+                "int4",
+                [folder],
+                {"engine": "ours-onnx", "path": str(nocal), "quant": "int4", "variant": "fast"},
+                {
+                    "kind": "ours-onnx",
+                    "backend": "onnx",
+                    "bundle": str(nocal),
+                    "quant": "int4",
+                    "adapters": [],
+                },
+            )
+        )
+        path = nocal / "gguf" / "model-q4_0.gguf"
+        rows.append(_gguf_row(DEFAULT_GGUF + NO_CALIBRATION, "edge-lora", "q4_0", path, nocal))
     if lists.get("today"):
         rows += _today_rows(root / "bundle-today")
     if lists["peers"]:
@@ -176,6 +202,10 @@ def build(hf_dir: Path, root: Path, lists: dict, say=print) -> dict[str, str]:
     if lists["portable"] and not _fresh(portable, recipe):
         say(f"[quality] edge-lora export: onnx {lists['portable']} (portable)")
         _build_into(portable, recipe, lambda tmp: _export(hf_dir, tmp, "portable", lists["portable"], []))
+    if lists.get("no_calibration") and not _fresh(root / "bundle-nocal", recipe):
+        say("[quality] edge-lora export --calibration none: onnx int4, gguf q4_0")
+        build_nocal = lambda tmp: _export(hf_dir, tmp, "fast", ["int4"], ["q4_0"], "none")  # noqa: E731
+        _build_into(root / "bundle-nocal", recipe, build_nocal)
     steps = {}
     if lists.get("today") and not _fresh(root / "bundle-today", recipe):
         labels = (DEFAULT_ONNX + TODAY, DEFAULT_GGUF + TODAY)
@@ -199,15 +229,19 @@ def build(hf_dir: Path, root: Path, lists: dict, say=print) -> dict[str, str]:
     return errors
 
 
-def _export(hf_dir: Path, tmp: Path, variant: str, onnx: list[str], gguf: list[str]) -> None:
-    """``edge-lora export`` into ``tmp/`` (the bundle is the folder itself, so it is written over the
-    empty staging folder)."""
+def _export(
+    hf_dir: Path, tmp: Path, variant: str, onnx: list[str], gguf: list[str], calibration: str = "auto"
+) -> None:
+    """``edge-lora export --calibration CALIBRATION`` into ``tmp/`` (the bundle is the folder itself, so
+    it is written over the empty staging folder)."""
     from converters.export import ExportOptions, export_bundle
+    from edge_lora.app.calibration import export_importance
 
     backends = (["onnx"] if onnx else []) + (["gguf"] if gguf else [])
     options = ExportOptions(
         backends=backends, onnx_quants=onnx, onnx_variant=variant, gguf_quants=gguf, force=True
     )
+    options.importance = export_importance(calibration, hf_dir, onnx + gguf, say=lambda _: None)
     export_bundle(hf_dir, tmp, [], options, show_progress=False)
 
 
