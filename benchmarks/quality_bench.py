@@ -97,6 +97,7 @@ def run(
     for r in rows:
         say(f"  perplexity: {r.label}")
         out["rows"][r.label].update(_perplexity(r, windows_file, plan.threads))
+        (root / "partial.json").write_text(json.dumps(out, indent=1))  # a killed run keeps its scores
     out["ppl_s"] = time.perf_counter() - t1
     t2 = time.perf_counter()
     decode = _decode(rows, plan, say) if plan.rounds else {"tok_s": {}, "prefill_ms": {}}
