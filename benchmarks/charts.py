@@ -277,14 +277,18 @@ def quality_chart(quality: dict, path: Path) -> Path | None:
     ax.text(ax.get_xlim()[1], 1.10, "target 1.10 ", color="#c44e52", fontsize=7, ha="right", va="bottom")
     ax.axhline(1.0, color="gray", ls=":", lw=0.8)
     ax.set_xscale("log", base=2)
-    from matplotlib.ticker import ScalarFormatter
-
-    ax.xaxis.set_major_formatter(ScalarFormatter())
+    bits = [r["bits_per_weight"] for r in rows]
+    ax.set_xticks([t for t in (4, 5, 6, 7, 8, 10, 12, 16, 24, 32) if min(bits) * 0.9 <= t <= max(bits) * 1.1])
+    ax.set_xticks([], minor=True)
+    ax.get_xaxis().set_major_formatter("{x:g}")
     ax.set_xlabel("bits per weight (file bytes x 8 / parameters)")
     ax.set_ylabel("perplexity / full precision (lower is better)")
     ax.set_title(
         f"{quality['model']}: quality against size ({quality['tokens']:,} tokens of real text)", loc="left"
     )
+    from benchmarks.quality_exports import BASELINE_REV
+
+    names = {"edge-lora": "ours", "edge-lora today": f"ours, today's exporter ({BASELINE_REV})"}
     handles = [
         plt.Line2D(
             [],
@@ -293,11 +297,11 @@ def quality_chart(quality: dict, path: Path) -> Path | None:
             ls="",
             markerfacecolor=c if s == "edge-lora" else "none",
             markeredgecolor=c,
-            label="ours" if s == "edge-lora" else s,
+            label=names.get(s, s),
         )
         for s, (m, c) in QUALITY_STYLE.items()
     ]
-    ax.legend(handles=handles, frameon=False, fontsize=7)
+    ax.legend(handles=handles, frameon=False, fontsize=7, loc="best")
     return _save(plt, fig, path)
 
 
