@@ -256,7 +256,13 @@ class DecoderWriter:
         table = self.weight("model.embed_tokens.weight")
         if self.shares_quantized_table():
             self.tied_entry = nbits_initializers(
-                self.g, "lm_head", table, self.o.quant, self.o.block_size, symmetric=False
+                self.g,
+                "lm_head",
+                table,
+                self.o.quant,
+                self.o.block_size,
+                symmetric=False,
+                importance=self.importance("lm_head"),
             )
             self.layout["weights"]["lm_head"] = self.tied_entry
             return nbits_gather(self.g, ids, "model.embed_tokens", self.tied_entry)

@@ -62,3 +62,46 @@ def _fit(x: np.ndarray, weight: np.ndarray, iscale: np.ndarray, nmax: int) -> tu
 def _gain(x: np.ndarray, weight: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
     """``scale * sumlx``: how much the fit removes from the weighted squared error (larger is better)."""
     return scale * np.sum(weight * codes * x, axis=-1)
+
+
+ASYM_STEPS = tuple(0.1 * s for s in range(-10, 11))  # offsets of the level count, as make_qkx2_quants
+
+
+def search_zero_points(
+    blocks: np.ndarray, levels: int, importance: np.ndarray | None = None, sigma2: np.ndarray | None = None
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """``(scale [rows, nb], zero_point [rows, nb] int, codes [rows, nb, bs] uint8 in 0..levels-1)``:
+    value = scale * (code - zero_point), the zero point an integer (MatMulNBits' layout).
+
+    Each block tries 21 ranges around ``(max - min) / (levels - 1)`` (llama.cpp's make_qkx2_quants
+    sweep); for each, the integer zero point that puts the block's min on the grid, the codes by
+    rounding, then the weighted least-squares scale for those codes. The smallest weighted error wins."""
+    x = blocks.astype(np.float32, copy=False)
+    if sigma2 is None:
+        sigma2 = np.mean(np.square(x), axis=(1, 2))
+    weight = np.sqrt(sigma2[:, None, None] + np.square(x))
+    if importance is not None:
+        weight = weight * importance[None].astype(np.float32)
+    lo = np.minimum(x.min(axis=-1), 0.0)
+    hi = np.maximum(x.max(axis=-1), 0.0)
+    span = np.where(hi > lo, hi - lo, 1.0)
+    best_err = np.full(lo.shape, np.inf, dtype=np.float32)
+    best = (np.ones_like(lo), np.zeros(lo.shape, np.int32), np.zeros(x.shape, np.uint8))
+    for step in ASYM_STEPS:
+        scale = span / (levels - 1 + step)
+        zero = np.clip(np.rint(-lo / scale), 0, levels - 1)
+        codes = np.clip(np.rint(x / scale[..., None]) + zero[..., None], 0, levels - 1)
+        centred = codes - zero[..., None]
+        wl = weight * centred
+        suml2 = np.sum(wl * centred, axis=-1)
+        fit = np.where(suml2 > 0, np.sum(wl * x, axis=-1) / np.where(suml2 > 0, suml2, 1.0), scale)
+        fit = np.where(fit > 0, fit, scale)
+        err = np.sum(weight * np.square(fit[..., None] * centred - x), axis=-1)
+        better = err < best_err
+        best_err = np.where(better, err, best_err)
+        best = (
+            np.where(better, fit, best[0]),
+            np.where(better, zero, best[1]).astype(np.int32),
+            np.where(better[..., None], codes, best[2]).astype(np.uint8),
+        )
+    return best[0].astype(np.float32), best[1], best[2]

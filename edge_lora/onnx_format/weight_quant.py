@@ -48,9 +48,9 @@ def quantize_nbits(
 ) -> NBitsWeight:
     """``W [N, K]`` float -> MatMulNBits tensors (8 bits are always symmetric).
 
-    Symmetric 4-bit blocks search each block's scale for the least weighted error
-    (:mod:`edge_lora.block_search`, llama.cpp's q4_0 search), weighted by ``importance`` (``[K]``, the
-    mean squared input per column) when given."""
+    4-bit blocks search each block's scale (symmetric: llama.cpp's q4_0 search) or scale and zero point
+    (asymmetric) for the least weighted error (:mod:`edge_lora.block_search`), weighted by
+    ``importance`` (``[K]``, the mean squared input per column) when given."""
     if bits not in (4, 8):
         raise ValueError(f"bits must be 4 or 8, got {bits}")
     n, k = weight.shape
@@ -70,12 +70,22 @@ def quantize_nbits(
             block_size=block_size,
             k=k,
         )
-    elif bits == 4:
-        lo = np.minimum(w.min(axis=2), 0.0)
-        hi = np.maximum(w.max(axis=2), 0.0)
-        scale = (hi - lo) / levels
-        scale = np.where(scale == 0, 1.0, scale).astype(np.float32)
-        zp = np.clip(np.round(-lo / scale), 0, levels).astype(np.uint8)
+    elif bits == 4:  # a zero point per block; scale and zero point searched
+        from edge_lora.block_search import search_zero_points
+        from edge_lora.importance import block_importance
+
+        sigma2 = np.mean(np.square(weight.astype(np.float32)), axis=1)
+        scale, zero, codes = search_zero_points(
+            w, levels + 1, block_importance(importance, k, block_size), sigma2
+        )
+        return NBitsWeight(
+            packed=_pack(codes, bits),
+            scales=scale.reshape(-1),
+            zero_points=_pack(zero.astype(np.uint8), bits).reshape(-1),
+            bits=bits,
+            block_size=block_size,
+            k=k,
+        )
     else:
         amax = np.abs(w).max(axis=2)
         scale = np.where(amax == 0, 1.0, amax / 127.0).astype(np.float32)

@@ -124,7 +124,7 @@ def nbits_weight(
     from edge_lora.onnx_format.base_weights import quantize_base_weight
     from edge_lora.onnx_format.weight_quant import dequantize_nbits
 
-    columns = None if importance is None or gathered else importance.for_module(name)
+    columns = None if importance is None else importance.for_module(name)
     nb = quantize_base_weight(name, weight, "int4", gathered=gathered, importance=columns)
     if not gathered:
         nb = dataclasses.replace(nb, zero_points=None)
@@ -194,7 +194,7 @@ def load_device_base(
             else gguf_weight(config, "lm_head.weight", _head(md), quant, importance)
         )
     elif config.tie_word_embeddings:
-        embed, head = nbits_weight("lm_head", table, gathered=True), None
+        embed, head = nbits_weight("lm_head", table, gathered=True, importance=importance), None
     else:  # the untied graph gathers from a float16 table
         embed = DeviceWeight(table.astype(np.float16).astype(np.float32))
         head = nbits_weight("lm_head", _head(md), importance=importance)
