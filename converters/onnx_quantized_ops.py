@@ -106,7 +106,7 @@ def nbits_initializers(
         tensors["zero_points"] = g.initializer(f"{name}.weight_zp", nb.zero_points)
     # no "zero_points" tensor = symmetric: what the merge requantizes to
     # (edge_lora/onnx_format/weight_store.py)
-    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": block_size, "tensors": tensors}
+    return {"n": n, "k": k, "kind": "nbits", "bits": bits, "block_size": nb.block_size, "tensors": tensors}
 
 
 def nbits_matmul(g: Graph, x: str, name: str, entry: dict, accuracy_level: int = 4) -> str:
