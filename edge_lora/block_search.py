@@ -29,16 +29,31 @@ def search_scales(
     x = blocks.astype(np.float32, copy=False)
     if sigma2 is None:
         sigma2 = np.mean(np.square(x), axis=(1, 2))
+    parts = [_search_rows(x[r], nmax, importance, sigma2[r]) for r in _row_chunks(x)]
+    return np.concatenate([p[0] for p in parts]), np.concatenate([p[1] for p in parts])
+
+
+def _row_chunks(x: np.ndarray) -> list[slice]:
+    """Row ranges of ~64k values: the 19 passes over a chunk stay in the CPU's cache (4-5x faster than
+    whole tensors)."""
+    rows = max(1, CHUNK_VALUES // max(1, x.shape[1] * x.shape[2]))
+    return [slice(start, start + rows) for start in range(0, x.shape[0], rows)]
+
+
+CHUNK_VALUES = 1 << 16
+
+
+def _search_rows(
+    x: np.ndarray, nmax: int, importance: np.ndarray | None, sigma2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray]:
     weight = np.sqrt(sigma2[:, None, None] + np.square(x))
     if importance is not None:
-        weight = weight * importance[None].astype(np.float32)
+        weight *= importance[None].astype(np.float32)
     peak = np.take_along_axis(x, np.abs(x).argmax(axis=-1)[..., None], axis=-1)[..., 0]
     safe_peak = np.where(peak == 0, 1.0, peak)
-    best_scale, best_codes = _fit(x, weight, -nmax / safe_peak, nmax)
-    best = _gain(x, weight, best_codes, best_scale)
+    best_scale, best_codes, best = _fit(x, weight, -nmax / safe_peak, nmax)
     for step in SEARCH_STEPS:
-        scale, codes = _fit(x, weight, -(nmax + step) / safe_peak, nmax)
-        gain = _gain(x, weight, codes, scale)
+        scale, codes, gain = _fit(x, weight, -(nmax + step) / safe_peak, nmax)
         better = gain > best
         best = np.where(better, gain, best)
         best_scale = np.where(better, scale, best_scale)
@@ -49,19 +64,17 @@ def search_scales(
     return best_scale.astype(np.float32), best_codes.astype(np.int8)
 
 
-def _fit(x: np.ndarray, weight: np.ndarray, iscale: np.ndarray, nmax: int) -> tuple[np.ndarray, np.ndarray]:
-    """Codes from rounding at ``iscale``, and the weighted least-squares scale for those codes."""
+def _fit(
+    x: np.ndarray, weight: np.ndarray, iscale: np.ndarray, nmax: int
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
+    """Codes from rounding at ``iscale``, the weighted least-squares scale for those codes, and
+    ``scale * sumlx``: how much that fit removes from the weighted squared error (larger is better)."""
     codes = np.clip(np.rint(x * iscale[..., None]), -nmax, nmax - 1)
     wl = weight * codes
     suml2 = np.sum(wl * codes, axis=-1)
     sumlx = np.sum(wl * x, axis=-1)
     scale = np.where(suml2 > 0, sumlx / np.where(suml2 > 0, suml2, 1.0), 0.0)
-    return scale, codes
-
-
-def _gain(x: np.ndarray, weight: np.ndarray, codes: np.ndarray, scale: np.ndarray) -> np.ndarray:
-    """``scale * sumlx``: how much the fit removes from the weighted squared error (larger is better)."""
-    return scale * np.sum(weight * codes * x, axis=-1)
+    return scale, codes, scale * sumlx
 
 
 ASYM_STEPS = tuple(0.1 * s for s in range(-10, 11))  # offsets of the level count, as make_qkx2_quants
@@ -79,9 +92,16 @@ def search_zero_points(
     x = blocks.astype(np.float32, copy=False)
     if sigma2 is None:
         sigma2 = np.mean(np.square(x), axis=(1, 2))
+    parts = [_zero_point_rows(x[r], levels, importance, sigma2[r]) for r in _row_chunks(x)]
+    return tuple(np.concatenate([p[i] for p in parts]) for i in range(3))
+
+
+def _zero_point_rows(
+    x: np.ndarray, levels: int, importance: np.ndarray | None, sigma2: np.ndarray
+) -> tuple[np.ndarray, np.ndarray, np.ndarray]:
     weight = np.sqrt(sigma2[:, None, None] + np.square(x))
     if importance is not None:
-        weight = weight * importance[None].astype(np.float32)
+        weight *= importance[None].astype(np.float32)
     lo = np.minimum(x.min(axis=-1), 0.0)
     hi = np.maximum(x.max(axis=-1), 0.0)
     span = np.where(hi > lo, hi - lo, 1.0)
