@@ -98,9 +98,11 @@ def _timing_line(summary: dict) -> str:
     stages = summary["timings"]
     parts = [f"{name} {t['wall_s']:.1f}" for name, t in stages.items()]
     cpu = sum(t["cpu_s"] for t in stages.values())
+    threads = summary.get("threads") or {}
     return (
         f"timings (wall s): {', '.join(parts)}; total {summary['total_s']:.1f} s "
-        f"(this process used {cpu:.0f} CPU s)"
+        f"(this process used {cpu:.0f} CPU s; {threads.get('threads', '?')} thread(s): "
+        f"{threads.get('why', '')})"
     )
 
 
