@@ -29,6 +29,7 @@ from typing import TYPE_CHECKING
 
 from edge_lora.app.quickstart.models import NamedModel
 from edge_lora.app.quickstart.real_report import format_real_json, format_real_table, real_checks
+from edge_lora.atomic import atomic_write_text
 
 if TYPE_CHECKING:
     from collections.abc import Iterator
@@ -123,6 +124,8 @@ def real_quickstart(config: RealConfig) -> int:
         if config.work_dir is None:
             shutil.rmtree(work, ignore_errors=True)
     summary["total_s"] = round(time.perf_counter() - start, 1)
+    if config.work_dir is not None:  # kept with the bundle and the adapter
+        atomic_write_text(work / "summary.json", format_real_json(summary) + "\n")
     print(format_real_json(summary) if config.json else format_real_table(summary))
     return 0 if all(c["ok"] for c in summary["checks"]) else 1
 

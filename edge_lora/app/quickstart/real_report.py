@@ -96,12 +96,12 @@ def _chat_rows(runs: list[dict], name: str) -> list[str]:
 
 def _timing_line(summary: dict) -> str:
     stages = summary["timings"]
-    parts = [f"{name} {t['wall_s']:.1f}" for name, t in stages.items()]
+    parts = [f"{name} {t['wall_s']:.1f} (CPU {t['cpu_s']:.0f})" for name, t in stages.items()]
     cpu = sum(t["cpu_s"] for t in stages.values())
     threads = summary.get("threads") or {}
     return (
-        f"timings (wall s): {', '.join(parts)}; total {summary['total_s']:.1f} s "
-        f"(this process used {cpu:.0f} CPU s; {threads.get('threads', '?')} thread(s): "
+        f"timings, wall s (CPU s of this process): {', '.join(parts)}; total {summary['total_s']:.1f} s "
+        f"(CPU {cpu:.0f}; {threads.get('threads', '?')} thread(s): "
         f"{threads.get('why', '')})"
     )
 
