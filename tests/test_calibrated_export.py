@@ -114,7 +114,7 @@ def test_tampered_importance_is_refused(model_dirs, tmp_path):
         load_base_importance(bundle)
 
 
-def test_cli_calibration_from_jsonl_and_none(model_dirs, tmp_path):
+def test_cli_calibration_from_jsonl_and_none(model_dirs, tmp_path, capsys):
     from edge_lora.app.cli import main
 
     data = tmp_path / "train.jsonl"
@@ -124,6 +124,9 @@ def test_cli_calibration_from_jsonl_and_none(model_dirs, tmp_path):
     args = [str(model_dirs["llama"]), "--out", str(out), "--backends", "gguf", "--quiet"]
     assert main(["export", *args, "--calibration", str(data)]) == 0
     assert json.loads((out / "bundle.json").read_text())["calibration"]["source"] == "train.jsonl"
+    capsys.readouterr()
+    assert main(["inspect", str(out)]) == 0
+    assert "source: train.jsonl" in capsys.readouterr().out
     plain = tmp_path / "plain"
     assert main(["export", *args[:2], str(plain), *args[3:], "--calibration", "none"]) == 0
     assert "calibration" not in json.loads((plain / "bundle.json").read_text())

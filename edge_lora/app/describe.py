@@ -111,6 +111,8 @@ def _bundle(path: Path) -> dict:
             "vocab": b.config.vocab_size,
         },
         "backends": backends,
+        # the text the 4-bit scales were fitted to (docs/quantization.md); absent: no calibration
+        **({"calibration": b.raw["calibration"]} if isinstance(b.raw.get("calibration"), dict) else {}),
         "adapters": {
             n: {
                 "rank": e.get("rank"),
