@@ -9,7 +9,7 @@ import json
 import numpy as np
 import pytest
 from factories import build_bundle
-from test_train_device_quant import gguf_file_weights, onnx_file_weights
+from test_train_device_quant import gguf_file_weights, onnx_file_weights, trainer_weights
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.importance import FILE_NAME, load_base_importance
@@ -23,27 +23,6 @@ def _importance(model_dir):
     rng = np.random.default_rng(0)
     windows = rng.integers(0, md.config.vocab_size, size=(4, 32)).tolist()
     return collect_importance(md, windows, source="random ids")
-
-
-def _trainer_weights(model_dir, quant, importance):
-    import torch
-
-    from edge_lora.train.quant import QuantEmbedding, QuantLinear
-    from edge_lora.train.trainable_model import load_model
-
-    model = load_model(ModelDir(model_dir), quant, importance=importance)
-    out = {}
-    with torch.no_grad():
-        for name, module in model.named_modules():
-            if isinstance(module, QuantLinear):
-                out[f"{name}.weight"] = module.dequantized_weight().numpy()
-            elif isinstance(module, QuantEmbedding):
-                out["model.embed_tokens.weight"] = module.weight.numpy()
-            elif isinstance(module, (torch.nn.Linear, torch.nn.Embedding)):
-                out[f"{name}.weight"] = module.weight.numpy()
-    if model.config.tie_word_embeddings:
-        out.pop("lm_head.weight", None)
-    return out
 
 
 def test_importance_covers_every_linear(model_dirs):
@@ -78,8 +57,8 @@ def test_trainer_rebuilds_the_calibrated_base_bit_for_bit(model_dirs, tmp_path, 
         "onnx-int4": onnx_file_weights(bundle / "onnx/int4-fast/model.onnx", config),
     }
     for quant, device in files.items():
-        ours = _trainer_weights(model_dir, quant, again)
-        plain = _trainer_weights(model_dir, quant, None)
+        ours = trainer_weights(model_dir, quant, again)
+        plain = trainer_weights(model_dir, quant, None)
         for name, weight in device.items():
             assert np.array_equal(ours[name], weight), f"{quant} {name}"
         # the calibration changed the weights: without it the trainer would train on another base

@@ -15,14 +15,14 @@ from edge_lora.model_dir import ModelDir
 from edge_lora.targets import linear_modules
 
 
-def trainer_weights(model_dir, quant: str) -> dict[str, np.ndarray]:
+def trainer_weights(model_dir, quant: str, importance=None) -> dict[str, np.ndarray]:
     """``{tensor name: dequantized frozen weight}`` of the trainer's base (linears, table, head)."""
     import torch
 
     from edge_lora.train.quant import QuantEmbedding, QuantLinear
     from edge_lora.train.trainable_model import load_model
 
-    model = load_model(ModelDir(model_dir), quant)
+    model = load_model(ModelDir(model_dir), quant, importance=importance)
     out = {}
     with torch.no_grad():
         for name, module in model.named_modules():
