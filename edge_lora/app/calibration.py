@@ -19,7 +19,7 @@ from collections.abc import Callable
 from pathlib import Path
 
 from edge_lora.errors import EdgeLoraError
-from edge_lora.importance import FILE_NAME, Importance, load_importance
+from edge_lora.importance import Importance, load_base_importance
 from edge_lora.model_dir import ModelDir
 
 CALIBRATION_TOKENS = 4096  # 16 windows of 256: llama.cpp's imatrix settles within a few thousand tokens
@@ -38,7 +38,7 @@ def export_importance(
         return None
     path = Path(spec)
     if spec != "auto" and (path.is_dir() or path.suffix == ".safetensors"):
-        return load_importance(path / FILE_NAME if path.is_dir() else path)
+        return load_base_importance(path)  # a bundle's is checked against its bundle.json hash
     try:
         from edge_lora.train.importance import collect_importance
     except ImportError:
