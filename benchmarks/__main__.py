@@ -24,6 +24,7 @@ from pathlib import Path
 from benchmarks import pool
 from benchmarks.model_bench import bench_model, say
 from benchmarks.plan import Plan
+from benchmarks.probes import load_average
 
 HERE = Path(__file__).resolve().parent
 DEFAULT_OUT = HERE / "results"
@@ -98,7 +99,7 @@ def run_all(plan: Plan, out: Path) -> dict:
     """Every benchmark of the plan: each shape's engines (out/partial.json kept after each, so a killed
     run keeps what it measured), the memory bandwidth, the interpreter's baseline memory, training."""
     started = time.time()
-    load = _loadavg()
+    load = load_average()
     results = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "quick": plan.quick,
@@ -138,7 +139,7 @@ def run_all(plan: Plan, out: Path) -> dict:
         results["qat"] = qat_bench.run(plan.quick)
     if plan.quality:
         results["quality"] = run_quality(plan)
-    results["load_average_end"] = _loadavg()
+    results["load_average_end"] = load_average()
     results["wall_s"] = time.time() - started
     return results
 
@@ -159,7 +160,7 @@ def run_quality(plan: Plan) -> dict:
 
 def run_quality_only(plan: Plan) -> dict:
     """``--only quality``: the quality rows alone, with the run's date, machine and load."""
-    started, load = time.time(), _loadavg()
+    started, load = time.time(), load_average()
     results = {
         "date": dt.datetime.now().isoformat(timespec="seconds"),
         "quick": plan.quick,
@@ -170,7 +171,7 @@ def run_quality_only(plan: Plan) -> dict:
         "models": {},
         "quality": run_quality(plan),
     }
-    results["load_average_end"] = _loadavg()
+    results["load_average_end"] = load_average()
     results["wall_s"] = time.time() - started
     return results
 
@@ -266,13 +267,6 @@ def _versions() -> dict:
         except PackageNotFoundError:
             pass
     return out
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
 
 
 if __name__ == "__main__":

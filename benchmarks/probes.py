@@ -87,3 +87,12 @@ def swap_steps(engine, backend: str, n: int) -> dict:
         "steady_step_ms": float(np.median(steady)),
         "first_over_steady": float(np.median(np.array(first) / np.array(steady))),
     }
+
+
+def load_average() -> list[float]:
+    """The machine's 1, 5 and 15-minute load averages (empty where /proc has none): every report says
+    how busy the machine was, since speed rows mean little on a loaded one."""
+    try:
+        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
+    except OSError:
+        return []

@@ -22,6 +22,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from benchmarks import pool
+from benchmarks.probes import load_average
 from benchmarks.quality_exports import Export, build, digest, lists_for, plan_exports
 
 
@@ -66,7 +67,7 @@ def run(
     from benchmarks.models import cache_root
     from edge_lora.app.real_text import EVALUATION_FILE, evaluation_windows
 
-    t0, date, load = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds"), _loadavg()
+    t0, date, load = time.perf_counter(), dt.datetime.now().isoformat(timespec="seconds"), load_average()
     name = Path(hf_dir).name if hf_dir else "SmolLM2-135M-Instruct"
     hf_dir = Path(hf_dir) if hf_dir else real_model_dir()
     lists = lists or lists_for(plan.quick)
@@ -105,16 +106,9 @@ def run(
         info["tok_s"] = decode["tok_s"].get(f"{label}|base", [])
         info["prefill_ms"] = decode["prefill_ms"].get(f"{label}|base", [])
     out["decode_s"] = time.perf_counter() - t2
-    out["load_average_end"] = _loadavg()
+    out["load_average_end"] = load_average()
     out["wall_s"] = time.perf_counter() - t0
     return out
-
-
-def _loadavg() -> list[float]:
-    try:
-        return [float(x) for x in open("/proc/loadavg").read().split()[:3]]
-    except OSError:
-        return []
 
 
 def model_files(paths: list[Path]) -> list[Path]:
