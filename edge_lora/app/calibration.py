@@ -63,15 +63,10 @@ def _text(spec: str) -> tuple[str, str]:
         from edge_lora.app.real_text import calibration_text
 
         return calibration_text(), "pydoc_data.topics"
+    from edge_lora.app.real_text import read_text
+
     path = Path(spec)
-    try:
-        raw = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise EdgeLoraError(
-            f"cannot read the calibration text ({type(err).__name__})",
-            path=path,
-            hint="pass a UTF-8 text or JSONL file, 'auto' or 'none'",
-        ) from None
+    raw = read_text(path, "the calibration text", "pass a UTF-8 text or JSONL file, 'auto' or 'none'")
     return (_jsonl_text(raw, path) if path.suffix == ".jsonl" else raw), path.name
 
 

@@ -26,20 +26,25 @@ WINDOW = 256
 def evaluation_text(path: str | os.PathLike = EVALUATION_FILE) -> str:
     """The evaluation prose (the GPL-3 text by default)."""
     path = Path(path)
-    try:
-        text = path.read_text(encoding="utf-8")
-    except (OSError, UnicodeDecodeError) as err:
-        raise EdgeLoraError(
-            f"cannot read the evaluation text ({type(err).__name__})",
-            path=path,
-            hint="install Debian's base-files package (it ships /usr/share/common-licenses), "
-            "or pass another plain-text file",
-        ) from None
+    text = read_text(
+        path,
+        "the evaluation text",
+        "install Debian's base-files package (it ships /usr/share/common-licenses), "
+        "or pass another plain-text file",
+    )
     if len(text.split()) < 1000:
         raise EdgeLoraError(
             "the evaluation text is too short (under 1,000 words)", path=path, hint="pass a longer text"
         )
     return text
+
+
+def read_text(path: str | os.PathLike, what: str, hint: str) -> str:
+    """A UTF-8 file's text, or one line naming the file and what to do."""
+    try:
+        return Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as err:
+        raise EdgeLoraError(f"cannot read {what} ({type(err).__name__})", path=path, hint=hint) from None
 
 
 def calibration_text(max_chars: int = 400_000) -> str:
