@@ -1,0 +1,81 @@
+/* The engine's state, shared by engine.c (open, generate), adapters.c and vocab.c. */
+#ifndef EL_ENGINE_INTERNAL_H
+#define EL_ENGINE_INTERNAL_H
+
+#include <pthread.h>
+
+#include "el_internal.h"
+#include "llama.h"
+
+typedef struct el_loaded {
+    char *name;
+    struct llama_adapter_lora *lora; /* NULL: new tokens only, nothing for llama.cpp */
+    el_adapter_meta meta;            /* its fingerprint and token rows */
+    int users;                       /* requests holding it (under the registry lock) */
+    bool removed;                    /* removed while requests held it: freed by the last one */
+} el_loaded;
+
+typedef struct el_set_item {
+    el_loaded *adapter;
+    float scale;
+} el_set_item;
+
+typedef struct el_set { /* a request's adapters, sorted by name, no zero scales */
+    el_set_item *items;
+    int n;
+} el_set;
+
+typedef struct el_vocab { /* runtime/new_tokens.py's AddedVocab for one set */
+    int32_t base, size;   /* size: base + new tokens */
+    int n_new, n_replaced;
+    char **tokens;        /* borrowed from the adapters */
+    int32_t *replaced;    /* sorted base ids, slot size + j each */
+    float *embed, *head;  /* [(n_new + n_replaced) x hidden] */
+} el_vocab;
+
+struct el_engine {
+    el_bundle bundle;
+    el_trust trust;
+    bool checked_trust; /* trusted keys given: every adapter must be vouched for */
+    bool verify_hashes;
+    int32_t n_threads, n_ctx_max, n_batch;
+    bool precise;
+    struct llama_model *model;
+    const struct llama_vocab *vocab;
+    int32_t n_vocab, n_embd;
+    pthread_mutex_t registry; /* the adapters and the default set */
+    el_loaded **adapters;
+    int n_adapters;
+    el_set default_set;
+    pthread_mutex_t ctx_lock; /* everything below: a llama_context is not thread-safe */
+    struct llama_context *ctx;
+    int32_t n_ctx;     /* positions of the current context (doubles up to n_ctx_max) */
+    int32_t ctx_batch; /* tokens per llama_decode on it: min(n_batch, n_ctx) */
+    struct llama_batch batch, embd_batch;
+    bool have_embd_batch, hidden_on, tainted;
+    el_set cache_set; /* the set the cached tokens were computed under; cache_valid says whether any */
+    bool cache_valid;
+    int32_t *cache_tokens;
+    size_t n_cache, cap_cache;
+    char *model_path;
+};
+
+/* adapters.c */
+el_status el_set_resolve(el_engine *e, const el_adapter_scale *set, size_t n_set, el_set *out); /* holds users */
+void el_set_release(el_engine *e, el_set *set);
+void el_loaded_free(el_loaded *a);
+/* vocab.c */
+el_status el_vocab_combine(const el_engine *e, const el_set *set, el_vocab *out);
+void el_vocab_free(el_vocab *v);
+int32_t el_vocab_to_model(const el_vocab *v, int32_t id);
+/* logits of the model's vocabulary plus the added rows -> the request's view [size] */
+void el_vocab_from_model(const el_vocab *v, const float *model_logits, float *out);
+el_status el_check_new_token_strings(el_engine *e, const char *path, const el_token_rows *rows);
+/* engine.c */
+el_status el_advance(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *history, size_t n,
+                     float *logits_out /* [n_vocab + rows] */);
+el_status el_full_logits(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *ids, size_t n,
+                         float *out /* [n x (n_vocab + rows)] */);
+void el_forget_cache(el_engine *e);
+
+#endif
