@@ -1,10 +1,8 @@
-"""The embedding examples run: the IoT service without torch, the C program through llama.cpp's C API."""
+"""The embedding examples run: the IoT service without torch, the C app on the C library (native/)."""
 
 from __future__ import annotations
 
 import json
-import os
-import shutil
 import subprocess
 import sys
 from pathlib import Path
@@ -12,6 +10,7 @@ from pathlib import Path
 import pytest
 from factories import adapter_file, build_bundle
 from gpu_env import child_env
+from native_build import build as native_build
 
 import runtime
 from runtime.sampling import SamplingParams
@@ -62,45 +61,50 @@ def test_iot_service_switches_adapters_per_request_without_torch(bundle, backend
 
 
 @pytest.fixture(scope="module")
-def native_binary(tmp_path_factory):
-    if not shutil.which(os.environ.get("CC", "cc")):
-        pytest.skip("no C compiler")
-    out = tmp_path_factory.mktemp("native") / "lora_swap"
+def native_app(tmp_path_factory):
+    """examples/native/chat_adapters built by its build.sh on the C library (skipped, like
+    tests/test_native.py, where the library cannot be built)."""
+    native_build()  # skips (or fails in CI) with the build's own message
+    out = tmp_path_factory.mktemp("native") / "chat_adapters"
     proc = subprocess.run(
         ["sh", str(ROOT / "examples" / "native" / "build.sh"), str(out)],
         capture_output=True,
         text=True,
         env=child_env(PYTHON=sys.executable),
-        timeout=120,
+        timeout=600,
     )
     assert proc.returncode == 0, proc.stderr
     assert "warning" not in proc.stderr
     return out
 
 
-def _run_native(binary: Path, args: list[str], env: dict[str, str], timeout: int = 120):
+def _run_app(app: Path, args: list[str], **env: str):
     return subprocess.run(
-        [str(binary), *args], capture_output=True, text=True, errors="replace", env=env, timeout=timeout
+        [str(app), *map(str, args)],
+        capture_output=True,
+        text=True,
+        errors="replace",
+        env=child_env(**env),
+        timeout=120,
     )
 
 
-def _native_lines(stdout: str) -> dict[str, str]:
-    return dict(
-        line.split(":", 1) for line in stdout.split("\n") if line
-    )  # not splitlines: \x0b is text here
+def _app_lines(stdout: str) -> dict[str, tuple[str, list[int]]]:
+    """LABEL: TEXT [ids: ...] per line, as {label: (text, ids)}."""
+    lines = {}
+    for line in stdout.split("\n")[:-1]:  # not splitlines: \x0b and the like are text here
+        label, rest = line.split(": ", 1)
+        text, ids = rest.rsplit(" [ids:", 1)
+        assert ids.endswith("]"), line
+        lines[label] = (text, [int(t) for t in ids[:-1].split()])
+    return lines
 
 
-def _python_runtime_tokens(engine, n: int) -> dict[str, list[int]]:
-    """The runtime's greedy ids for the native program's four sets (stopping, like it, at a newline)."""
+def _python_runtime_tokens(engine, sets: dict[str, dict[str, float]], n: int) -> dict[str, list[int]]:
+    """The runtime's greedy ids for each set (stopping, like the app, after a token with a newline)."""
     for name in ("sql", "tone"):
         engine.add_adapter(name)
     ids = engine.tokenizer.encode(PROMPT)
-    sets = {
-        "base": {},
-        "adapter1": {"sql": 1.0},
-        "adapter2": {"tone": 1.0},
-        "stacked": {"sql": 1.0, "tone": 1.0},
-    }
     out = {}
     for label, adapters in sets.items():
         out[label] = []
@@ -111,47 +115,37 @@ def _python_runtime_tokens(engine, n: int) -> dict[str, list[int]]:
     return out
 
 
-def _native_args(engine) -> list[str]:
-    gguf = engine.bundle.resolve(engine.bundle.backend_entry("gguf")["model"])
-    paths = [engine.bundle.resolve(engine.bundle.adapters[a]["gguf"]) for a in ("sql", "tone")]
-    return [str(gguf), PROMPT, *map(str, paths)]
-
-
-def test_native_program_swaps_and_stacks_like_the_python_runtime(bundle, native_binary):
-    """On the CPU, stated: even with the software-GPU switches in its environment (as a test run after
-    the GPU tests once passed them on), the program takes the CPU unless DEVICE asks, and says so."""
+def test_native_app_swaps_and_stacks_like_the_python_runtime(bundle, native_app):
+    """One line per set (base, each adapter, both stacked; tone at the scale its argument names),
+    the same greedy ids as the Python runtime's precise mode, and the adapters change the output."""
     n = 10
-    b = runtime.load(bundle, backend="llamacpp", precise=True, device="cpu")
-    env = child_env(gpu=True, N_PREDICT=str(n), GGML_VK_VISIBLE_DEVICES="0")  # lavapipe listed: not taken
-    env.pop("DEVICE", None)
-    proc = _run_native(native_binary, _native_args(b), env)
-    assert proc.returncode == 0, proc.stderr
-    lines = _native_lines(proc.stdout)
-    assert list(lines) == ["device", "base", "adapter1", "adapter2", "stacked"]
-    assert lines["device"].strip() == "cpu (CPU)"
-    expected = _python_runtime_tokens(b, n)
-    for label, tokens in expected.items():
-        assert [int(t) for t in lines[label].split("|")[0].split()] == tokens, label
-    assert len({lines[k].split("|")[0] for k in expected}) >= 3
-
-
-def test_native_program_refuses_an_unknown_device(bundle, native_binary):
-    b = runtime.load(bundle, backend="llamacpp", device="cpu")
-    proc = _run_native(native_binary, _native_args(b), child_env(DEVICE="npu"), timeout=60)
-    assert proc.returncode == 2 and proc.stdout == ""
-    assert proc.stderr.strip() == "error: DEVICE=npu: unknown device (hint: cpu or gpu)"
-
-
-def test_native_program_reports_a_bad_adapter(bundle, native_binary, tmp_path):
-    bad = tmp_path / "bad.gguf"
-    bad.write_bytes(b"GGUF" + b"\0" * 64)
-    gguf = Path(bundle) / "gguf" / "model-f32.gguf"
-    proc = subprocess.run(
-        [str(native_binary), str(gguf), PROMPT, str(bad)],
-        capture_output=True,
-        text=True,
-        timeout=60,
-        env=child_env(),
+    proc = _run_app(
+        native_app, [bundle, PROMPT, "sql", "tone=0.5"], N_PREDICT=str(n), PRECISE="1", THREADS="2"
     )
-    assert proc.returncode == 1
-    assert "cannot load the LoRA adapter" in proc.stderr
+    assert proc.returncode == 0, proc.stderr
+    lines = _app_lines(proc.stdout)
+    sets = {
+        "base": {},
+        "sql": {"sql": 1.0},
+        "tone=0.5": {"tone": 0.5},
+        "sql+tone=0.5": {"sql": 1.0, "tone": 0.5},
+    }
+    assert list(lines) == list(sets)
+    engine = runtime.load(bundle, backend="llamacpp", precise=True, device="cpu", threads=2)
+    expected = _python_runtime_tokens(engine, sets, n)
+    for label, ids in expected.items():
+        assert lines[label][1] == ids, label
+        assert "\n" not in lines[label][0]
+    assert len({tuple(ids) for _, ids in lines.values()}) == 4  # base, sql, tone and the stack all differ
+    assert len({text for text, _ in lines.values()}) >= 3
+
+
+def test_native_app_reports_a_bad_adapter(bundle, native_app):
+    """An adapter the bundle lacks: exit 1 with the library's one-line message (the Python runtime's),
+    nothing generated; a malformed NAME=SCALE: exit 2."""
+    proc = _run_app(native_app, [bundle, PROMPT, "sql", "missing"])
+    assert proc.returncode == 1 and proc.stdout == ""
+    assert proc.stderr == f"{bundle}: bundle has no adapter 'missing' (has: sql, tone)\n"
+    proc = _run_app(native_app, [bundle, PROMPT, "sql=strong"])
+    assert proc.returncode == 2 and proc.stdout == ""
+    assert proc.stderr == "sql=strong: not NAME or NAME=SCALE (hint: e.g. sql or sql=0.5)\n"

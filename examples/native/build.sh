@@ -1,18 +1,19 @@
 #!/usr/bin/env sh
-# Build lora_swap against the llama.cpp that llama-cpp-python installed (header + libllama.so).
-#   PYTHON=.venv/bin/python examples/native/build.sh [OUT]
-# On Android / iOS the same C calls link against the llama.cpp your app builds (see docs/mobile.md).
+# Build chat_adapters against libedge_lora (native/), itself built by scripts/native-build.sh against
+# the llama.cpp that llama-cpp-python installed.
+#   . .venv/bin/activate && sh examples/native/build.sh [OUT]      (prints OUT)
+# The program finds libedge_lora.so in the build folder through its rpath (and llama.cpp through the
+# library's). On Android / iOS an app links the same library built for the phone (docs/mobile.md).
 set -eu
 here=$(cd "$(dirname "$0")" && pwd)
-python=${PYTHON:-python3}
-out=${1:-$here/lora_swap}
-pkg=$("$python" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')
-include=$(dirname "$pkg")/include
-lib=$pkg/lib
-if [ ! -f "$include/llama.h" ]; then
-    echo "error: llama.h not found under $include (hint: reinstall llama-cpp-python from source)" >&2
+root=$(cd "$here/../.." && pwd)
+out=${1:-$here/chat_adapters}
+build=$(bash "$root/scripts/native-build.sh")  # fails here (with its message) when the library does not build
+build=$(printf '%s\n' "$build" | tail -n 1)
+if [ ! -f "$build/libedge_lora.so" ]; then
+    echo "$build: no libedge_lora.so after scripts/native-build.sh (hint: delete the folder and build again)" >&2
     exit 1
 fi
-${CC:-cc} -O2 -std=c11 -Wall -Wextra -o "$out" "$here/lora_swap.c" -I"$include" -L"$lib" -lllama -lggml -lggml-base \
-    -Wl,-rpath,"$lib"
+${CC:-cc} -O2 -std=c11 -Wall -Wextra -o "$out" "$here/chat_adapters.c" -I"$root/native/include" \
+    -L"$build" -ledge_lora -Wl,-rpath,"$build"
 echo "$out"
