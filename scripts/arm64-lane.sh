@@ -5,6 +5,8 @@
 # against the same runtime on this x86-64 host. Fails when an ARM result leaves its tolerance
 # (scripts/arm64_compare.py). Also proves the llama.cpp build choice: the armv8-a build on the A72
 # and on the A76, the dotprod build on the A76 and max, and the dotprod build dying with SIGILL on an A72.
+# And the C library (native/), cross-compiled, with its fuzz driver and C test program emulated on the
+# A76 and the A72 (scripts/arm64-native.sh).
 #
 # Usage: . .venv/bin/activate && bash scripts/arm64-lane.sh
 #   EDGE_LORA_ARM64_WORK=DIR   keep bundles and results there, bundles reused when present (default: a
@@ -49,9 +51,14 @@ lap "arm64 rootfs and wheels ready"
 llama=$(bash scripts/arm64-llama.sh)
 lap "cross-built llama.cpp ready: $llama"
 
-# --- x86 reference, then the emulated cores ----------------------------------------------------------
 work=${EDGE_LORA_ARM64_WORK:-$(mktemp -d -t edge-lora-arm64.XXXXXX)}
 mkdir -p "$work"
+
+# --- the C library: cross-built against the rootfs and llama.cpp above, its own tests emulated ------
+EDGE_LORA_ARM64_ROOTFS=$rootfs EDGE_LORA_ARM64_LLAMA=$llama bash scripts/arm64-native.sh "$work/native"
+lap "C library tested on the emulated Cortex-A76 and Cortex-A72"
+
+# --- x86 reference, then the emulated cores ----------------------------------------------------------
 rm -f "$work"/arm64-*.npz "$work"/arm64-*.json
 env -u EDGE_LORA_ARM64_PERTURB HF_HUB_DISABLE_PROGRESS_BARS=1 python scripts/arm64_check.py reference --work "$work"
 lap "x86 reference done"

@@ -4,11 +4,12 @@
 #   armv8-a            runs on every ARM64 core (Cortex-A53/A72: Raspberry Pi 3/4)
 #   armv8.2-a+dotprod  Cortex-A76 and newer (Pi 5, phones); dies with SIGILL on a Cortex-A72
 # Only libggml-cpu differs between the two (GGML_CPU_ARM_ARCH), so the second build compiles that
-# one library and takes libllama/libggml/libggml-base from the first.
+# one library and takes libllama/libggml/libggml-base from the first. The C API's headers (llama.h,
+# ggml*.h, gguf.h) are kept in include/, for building the C library against them (scripts/arm64-native.sh).
 # No aarch64 wheel of llama-cpp-python exists; this is also what a board user can drop in
 # (docs/mobile.md, "Linux boards").
 #
-# Usage: bash scripts/arm64-llama.sh   (prints the cache folder holding armv8-a/ and armv8.2-a+dotprod/)
+# Usage: bash scripts/arm64-llama.sh   (prints the cache folder holding armv8-a/, armv8.2-a+dotprod/, include/)
 # Needs: gcc-aarch64-linux-gnu g++-aarch64-linux-gnu cmake ninja-build, and pip (to fetch the sdist).
 # Cache: $EDGE_LORA_CACHE (default ~/.cache/edge-lora)/arm64/llama-cpp-python-VERSION-SCRIPTHASH.
 set -euo pipefail
@@ -46,7 +47,7 @@ configure() {  # $1 build dir, $2 GGML_CPU_ARM_ARCH
 }
 
 start=$(date +%s)
-mkdir -p "$slot.tmp"
+rm -rf "$slot.tmp" && mkdir -p "$slot.tmp"  # not a stale half-built one
 first=""
 for arch in "${ARCHES[@]}"; do
   build=$work/build-$arch
@@ -67,6 +68,10 @@ for arch in "${ARCHES[@]}"; do
   fi
   printf '%s\n' "$arch" >"$pkg/lib/ARM_ARCH"
 done
+mkdir -p "$slot.tmp/include"  # the headers of the C API the libraries were built from
+cp "$src"/vendor/llama.cpp/include/*.h "$src"/vendor/llama.cpp/ggml/include/*.h "$slot.tmp/include/"
+[ -f "$slot.tmp/include/llama.h" ] && [ -f "$slot.tmp/include/ggml.h" ] \
+  || { say "llama.h or ggml.h missing from the sdist's vendor/llama.cpp"; exit 1; }
 say "built in $(($(date +%s) - start)) s"
 touch "$slot.tmp/done"
 rm -rf "$slot" && mv "$slot.tmp" "$slot"

@@ -3,13 +3,14 @@
 # QEMU user-mode emulation; nothing here runs emulated. The rootfs comes from mmdebstrap's "extract"
 # variant (no package scripts run, so no emulation), from this machine's own apt sources; the wheels
 # are the aarch64 builds of the versions in the active (x86) environment, so both sides of the
-# comparison run the same releases.
+# comparison run the same releases. The rootfs is also the sysroot the C library (native/) is
+# cross-compiled against: glibc's headers, libsodium and cJSON (scripts/arm64-native.sh).
 #
 # Usage: . .venv/bin/activate && bash scripts/arm64-userland.sh   (prints ROOTFS and SITE, one a line)
 # Cache: $EDGE_LORA_CACHE (default ~/.cache/edge-lora)/arm64/{rootfs-*,site-*}.
 set -euo pipefail
 
-PACKAGES=python3,libpython3.11,libstdc++6,libgomp1
+PACKAGES=python3,libpython3.11,libstdc++6,libgomp1,libc6-dev,libsodium-dev,libsodium23,libcjson-dev,libcjson1
 WHEELS=(numpy safetensors tokenizers onnxruntime gguf jinja2 diskcache typing-extensions)
 CACHE=${EDGE_LORA_CACHE:-$HOME/.cache/edge-lora}/arm64
 
