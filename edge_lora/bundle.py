@@ -242,7 +242,45 @@ def _check_manifest(raw: object, manifest: Path) -> None:
             )
 
 
+# bundle.json's model keys a config cannot do without, in ModelConfig's order (the C library checks the same)
+REQUIRED_MODEL_KEYS = (
+    "architecture",
+    "vocab_size",
+    "hidden_size",
+    "intermediate_size",
+    "num_hidden_layers",
+    "num_attention_heads",
+    "num_key_value_heads",
+    "head_dim",
+)
+
+
+def _check_model_keys(model: dict, manifest: Path) -> None:
+    """Missing or mistyped keys named plainly, before the config is built (not Python's TypeError text)."""
+    missing = [k for k in REQUIRED_MODEL_KEYS if k not in model]
+    if missing:
+        raise EdgeLoraError(
+            f"bundle.json: bad model config (missing {', '.join(missing)})",
+            path=manifest,
+            hint="re-export the bundle",
+        )
+    if not isinstance(model["architecture"], str):
+        raise EdgeLoraError(
+            "bundle.json: bad model config (architecture is not a string)",
+            path=manifest,
+            hint="re-export the bundle",
+        )
+    for key in REQUIRED_MODEL_KEYS[1:]:
+        if type(model[key]) is not int:
+            raise EdgeLoraError(
+                f"bundle.json: bad model config ({key} is not an integer)",
+                path=manifest,
+                hint="re-export the bundle",
+            )
+
+
 def _model_config(raw: dict, manifest: Path) -> ModelConfig:
+    _check_model_keys(raw["model"], manifest)
     try:
         config = ModelConfig.from_saved(raw["model"])
         config.validate(manifest)

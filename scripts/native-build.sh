@@ -9,7 +9,8 @@ set -euo pipefail
 cd "$(dirname "$0")/.."
 PY=${PYTHON:-python}
 bash scripts/native-deps.sh
-pkg=$("$PY" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))')
+pkg=$("$PY" -c 'import llama_cpp, os; print(os.path.dirname(llama_cpp.__file__))' 2>/dev/null) \
+  || { echo "native-build: $PY cannot import llama_cpp (hint: activate the project's venv, or set PYTHON)" >&2; exit 2; }
 include=$(dirname "$pkg")/include
 lib=$pkg/lib
 [ -f "$include/llama.h" ] || { echo "native-build: llama.h not found under $include (hint: install llama-cpp-python from source, scripts/software-gpu.sh)" >&2; exit 2; }

@@ -96,3 +96,89 @@ def test_same_greedy_tokens_and_logits_as_python(lib, bundle, quant):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=str(adapters))
     python.close()
+
+
+# --- the same refusals ------------------------------------------------------------------------
+
+
+def _python_error(call, *args) -> str:
+    from edge_lora.errors import EdgeLoraError
+
+    try:
+        call(*args)
+    except EdgeLoraError as err:
+        return str(err)
+    return "accepted"
+
+
+def _native_error(call, *args) -> str:
+    from runtime.native import NativeError
+
+    try:
+        call(*args)
+    except NativeError as err:
+        assert "\n" not in str(err)
+        return str(err)
+    return "accepted"
+
+
+def _native_run(lib, path, adapter=None, **options):
+    with lib.open(path, **options) as engine:
+        if adapter:
+            engine.add_adapter(adapter)
+            engine.generate([5, 6, 7], {adapter: 1.0}, max_new_tokens=2)
+
+
+def _python_run(path, adapter=None, **options):
+    import runtime
+
+    engine = runtime.load(path, backend="llamacpp", **options)
+    if adapter:
+        engine.add_adapter(adapter)
+        engine.generate_ids([5, 6, 7], SamplingParams(max_new_tokens=2), adapters={adapter: 1.0})
+    engine.close()
+
+
+def test_bad_bundle_manifests_refused_with_the_same_message(lib, tmp_path, model_dirs):
+    from make_bad_corpus import build_corpus
+    from tiny_models import make_model_dir
+
+    from edge_lora.bundle import Bundle
+
+    other = make_model_dir(tmp_path / "_other_base", "llama", seed=1)
+    cases = [c for c in build_corpus(tmp_path / "cases", model_dirs["llama"], other) if c.kind == "bundle"]
+    assert len(cases) >= 10
+    differ = []
+    for case in cases:
+        want = _python_error(Bundle.open, case.path)
+        got = _native_error(_native_run, lib, case.path)
+        if got != want:
+            differ.append(f"{case.name}: python {want!r} / native {got!r}")
+    assert not differ, "\n".join(differ)
+
+
+def test_broken_backend_files_refused_with_the_same_message(lib, tmp_path, model_dirs):
+    from make_bad_corpus import build_backend_corpus
+    from security_helpers import make_adapter
+
+    from converters.export import AdapterSource, ExportOptions, export_bundle
+
+    md = ModelDir(model_dirs["llama"])
+    make_adapter(md.config, md.fingerprint).save(tmp_path / "sql.safetensors")
+    good = export_bundle(
+        md.path,
+        tmp_path / "good",
+        [AdapterSource(tmp_path / "sql.safetensors", "sql")],
+        ExportOptions(backends=["onnx", "gguf"], onnx_quants=["int8"], gguf_quants=["q8_0"]),
+        show_progress=False,
+    )
+    cases = [c for c in build_backend_corpus(tmp_path / "cases", good) if c.kind.endswith("llamacpp")]
+    assert len(cases) >= 5
+    differ = []
+    for case in cases:
+        adapter = "sql" if case.kind.startswith("backend_adapter_") else None
+        want = _python_error(_python_run, case.path, adapter)
+        got = _native_error(_native_run, lib, case.path, adapter)
+        if got != want:
+            differ.append(f"{case.name}: python {want!r} / native {got!r}")
+    assert not differ, "\n".join(differ)

@@ -81,10 +81,10 @@ static el_status load_lora(el_engine *e, const char *path, const el_bytes *bytes
 
 static el_status add_from_bundle(el_engine *e, const el_adapter_entry *entry, el_loaded *a) {
     char q[300];
-    if (!entry->gguf && entry->gguf_merged)
+    if (!entry->gguf && entry->gguf_merged) /* bundle.json says why: DoRA, or a LoRA on a tied head */
         return el_fail(EL_ERR_INCOMPATIBLE, e->bundle.root, "run it on the Python runtime, or merge it into the base at export",
-                       "adapter %s runs on llama.cpp only as a merged variant of the base (%s), which this library "
-                       "does not make", el_quote(entry->name, q, sizeof q), entry->gguf_merged);
+                       "adapter %s runs on llama.cpp only as a merged variant of the base, which this library does not "
+                       "make", el_quote(entry->name, q, sizeof q));
     char *source_path = NULL, *gguf_path = NULL;
     el_bytes source = {0}, gguf = {0};
     char digest[EL_SHA256_HEX];

@@ -29,15 +29,39 @@ static char *dup_string(const cJSON *item) {
     return cJSON_IsString(item) && item->valuestring ? el_strdup(item->valuestring) : NULL;
 }
 
-/* Python's repr of a JSON value, for "format version X" messages. */
+/* Python's repr() of a parsed JSON value, as the Python runtime's messages show it (bounded). */
 static void json_repr(const cJSON *item, char *buf, size_t size) {
-    if (!item || cJSON_IsNull(item)) snprintf(buf, size, "None");
-    else if (cJSON_IsBool(item)) snprintf(buf, size, "%s", cJSON_IsTrue(item) ? "True" : "False");
-    else if (cJSON_IsString(item)) el_quote(item->valuestring, buf, size);
-    else if (cJSON_IsNumber(item) && item->valuedouble == (double)(long long)item->valuedouble)
-        snprintf(buf, size, "%lld", (long long)item->valuedouble);
-    else if (cJSON_IsNumber(item)) snprintf(buf, size, "%g", item->valuedouble);
-    else snprintf(buf, size, "%s", cJSON_IsArray(item) ? "[...]" : "{...}");
+    size_t o = 0;
+    buf[0] = '\0';
+#define PUT(...) (o += (size_t)snprintf(buf + o, o < size ? size - o : 0, __VA_ARGS__), o = o < size ? o : size - 1)
+    if (!item || cJSON_IsNull(item)) {
+        PUT("None");
+    } else if (cJSON_IsBool(item)) {
+        PUT("%s", cJSON_IsTrue(item) ? "True" : "False");
+    } else if (cJSON_IsString(item)) {
+        char q[512];
+        PUT("%s", el_quote(item->valuestring, q, sizeof q));
+    } else if (cJSON_IsNumber(item)) {
+        double v = item->valuedouble;
+        if (v == (double)(long long)v && v > -1e15 && v < 1e15) PUT("%lld", (long long)v);
+        else PUT("%.17g", v);
+    } else { /* a list or a dict: its items in order */
+        bool dict = cJSON_IsObject(item);
+        PUT("%c", dict ? '{' : '[');
+        const cJSON *child;
+        cJSON_ArrayForEach(child, item) {
+            char inner[256];
+            if (child != item->child) PUT(", ");
+            if (dict) {
+                char q[256];
+                PUT("%s: ", el_quote(child->string, q, sizeof q));
+            }
+            json_repr(child, inner, sizeof inner);
+            PUT("%s", inner);
+        }
+        PUT("%c", dict ? '}' : ']');
+    }
+#undef PUT
 }
 
 static bool is_int(const cJSON *item) {
@@ -78,6 +102,21 @@ el_status el_bundle_resolve(const el_bundle *b, const char *rel, char **out) {
     }
     *out = full;
     return EL_OK;
+}
+
+/* el_bundle_resolve for an entry of bundle.json as parsed: a value that is no string is named as it is. */
+static el_status resolve_item(const el_bundle *b, const cJSON *item) {
+    char *full = NULL;
+    el_status st;
+    if (cJSON_IsString(item) && item->valuestring[0]) {
+        st = el_bundle_resolve(b, item->valuestring, &full);
+    } else {
+        char repr[512];
+        json_repr(item, repr, sizeof repr);
+        st = el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: file entry %s is not a relative path", repr);
+    }
+    free(full);
+    return st;
 }
 
 const el_adapter_entry *el_bundle_adapter(const el_bundle *b, const char *name) {
@@ -149,104 +188,128 @@ static el_status bad_config(const el_bundle *b, const char *what) {
     return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: bad model config (%s)", what);
 }
 
+#define BAD_CONFIG "the model config is corrupt; use the config.json the model was trained with"
+
+/* edge_lora/bundle.py's REQUIRED_MODEL_KEYS, then ModelConfig.validate's checks, in their order. */
 static el_status parse_model(el_bundle *b, const cJSON *model) {
-    const char *positive[] = {"vocab_size", "hidden_size", "intermediate_size", "num_hidden_layers",
-                              "num_attention_heads", "num_key_value_heads", "head_dim"};
+    static const char *required[] = {"architecture", "vocab_size", "hidden_size", "intermediate_size",
+                                     "num_hidden_layers", "num_attention_heads", "num_key_value_heads", "head_dim"};
+    enum { N = sizeof required / sizeof *required };
+    char what[512] = "missing ";
+    size_t o = strlen(what);
+    int n_missing = 0;
+    for (int i = 0; i < N; i++)
+        if (!cJSON_GetObjectItemCaseSensitive(model, required[i]))
+            o += (size_t)snprintf(what + o, sizeof what - o, "%s%s", n_missing++ ? ", " : "", required[i]);
+    if (n_missing) return bad_config(b, what);
     const cJSON *arch = cJSON_GetObjectItemCaseSensitive(model, "architecture");
-    if (!cJSON_IsString(arch)) return bad_config(b, "architecture is missing");
-    for (size_t i = 0; i < sizeof positive / sizeof *positive; i++) {
-        const cJSON *v = cJSON_GetObjectItemCaseSensitive(model, positive[i]);
-        if (!is_int(v) || v->valuedouble <= 0 || v->valuedouble > INT32_MAX) {
-            char what[128];
-            snprintf(what, sizeof what, "config value %s must be positive", positive[i]);
+    if (!cJSON_IsString(arch)) return bad_config(b, "architecture is not a string");
+    int64_t v[N];
+    for (int i = 1; i < N; i++) {
+        const cJSON *item = cJSON_GetObjectItemCaseSensitive(model, required[i]);
+        if (!is_int(item)) {
+            snprintf(what, sizeof what, "%s is not an integer", required[i]);
             return bad_config(b, what);
         }
+        v[i] = (int64_t)item->valuedouble;
     }
+    for (int i = 1; i < N; i++)
+        if (v[i] <= 0)
+            return el_fail(EL_ERR_BUNDLE, b->manifest, BAD_CONFIG, "config value %s must be positive", required[i]);
+    if (v[5] % v[6])
+        return el_fail(EL_ERR_BUNDLE, b->manifest, BAD_CONFIG, "num_attention_heads must be a multiple of num_key_value_heads");
+    if (v[7] % 2) return el_fail(EL_ERR_BUNDLE, b->manifest, BAD_CONFIG, "head_dim must be even for rotary embeddings");
+    for (int i = 1; i < N; i++)
+        if (v[i] > INT32_MAX) {
+            snprintf(what, sizeof what, "%s is too large", required[i]);
+            return bad_config(b, what);
+        }
     b->architecture = el_strdup(arch->valuestring);
-    b->vocab_size = (int32_t)cJSON_GetObjectItemCaseSensitive(model, "vocab_size")->valuedouble;
-    b->hidden_size = (int32_t)cJSON_GetObjectItemCaseSensitive(model, "hidden_size")->valuedouble;
+    b->vocab_size = (int32_t)v[1];
+    b->hidden_size = (int32_t)v[2];
     const cJSON *pos = cJSON_GetObjectItemCaseSensitive(model, "max_position_embeddings");
     b->max_position_embeddings = is_int(pos) && pos->valuedouble > 0 && pos->valuedouble < INT32_MAX
                                      ? (int32_t)pos->valuedouble
                                      : 2048;
     b->tie_word_embeddings = cJSON_IsTrue(cJSON_GetObjectItemCaseSensitive(model, "tie_word_embeddings"));
-    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(model, "eos_token_id");
+    const cJSON *eos = cJSON_GetObjectItemCaseSensitive(model, "eos_token_id"), *e;
     b->n_eos = 0;
     if (is_int(eos)) b->eos[b->n_eos++] = (int32_t)eos->valuedouble;
-    const cJSON *e;
     if (cJSON_IsArray(eos))
         cJSON_ArrayForEach(e, eos) if (is_int(e) && b->n_eos < 16) b->eos[b->n_eos++] = (int32_t)e->valuedouble;
     return b->architecture ? EL_OK : el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
 }
 
-static el_status parse_backends(el_bundle *b, const cJSON *backends) {
-    const cJSON *list;
+/* The shapes edge_lora/bundle.py checks before any path: backends list objects, adapters are objects. */
+static el_status check_shapes(const el_bundle *b, const cJSON *backends, const cJSON *adapters) {
+    const cJSON *list, *e;
     cJSON_ArrayForEach(list, backends) {
-        const cJSON *e;
-        if (!cJSON_IsArray(list)) goto bad;
-        cJSON_ArrayForEach(e, list) if (!cJSON_IsObject(e)) goto bad;
+        bool ok = cJSON_IsArray(list);
+        if (ok) cJSON_ArrayForEach(e, list) ok &= cJSON_IsObject(e);
+        if (!ok)
+            return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: each backend lists entries as objects");
     }
-    const cJSON *gguf = cJSON_GetObjectItemCaseSensitive(backends, "gguf");
-    int n = cJSON_GetArraySize(gguf);
-    b->gguf_quants = calloc((size_t)n + 1, sizeof(char *));
-    b->gguf_models = calloc((size_t)n + 1, sizeof(char *));
-    if (!b->gguf_quants || !b->gguf_models) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+    char q[600];
+    cJSON_ArrayForEach(e, adapters) if (!cJSON_IsObject(e)) return el_fail(
+        EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: adapter %s is not an object", el_quote(e->string, q, sizeof q));
+    return EL_OK;
+}
+
+/* Every file bundle.json names stays inside the bundle: the tokenizer, the files, the backends' models,
+ * the adapters' files (in the entry's own key order), as edge_lora/bundle.py checks them. */
+static el_status check_paths(const el_bundle *b, const cJSON *raw) {
+    el_status st = resolve_item(b, cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(raw, "tokenizer"),
+                                                                     "tokenizer"));
+    const cJSON *e, *list, *k;
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(raw, "files")) {
+        if (st) return st;
+        char *full = NULL;
+        st = el_bundle_resolve(b, e->string, &full);
+        free(full);
+    }
+    cJSON_ArrayForEach(list, cJSON_GetObjectItemCaseSensitive(raw, "backends")) {
+        cJSON_ArrayForEach(e, list) {
+            if (st) return st;
+            st = resolve_item(b, cJSON_GetObjectItemCaseSensitive(e, "model"));
+        }
+    }
+    cJSON_ArrayForEach(e, cJSON_GetObjectItemCaseSensitive(raw, "adapters")) {
+        cJSON_ArrayForEach(k, e) {
+            if (st) return st;
+            if (strcmp(k->string, "source") == 0 || strcmp(k->string, "onnx") == 0 || strcmp(k->string, "gguf") == 0)
+                st = resolve_item(b, k);
+        }
+    }
+    return st;
+}
+
+static el_status copy_entries(el_bundle *b, const cJSON *raw) {
+    const cJSON *gguf = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(raw, "backends"), "gguf");
+    const cJSON *adapters = cJSON_GetObjectItemCaseSensitive(raw, "adapters");
+    const cJSON *files = cJSON_GetObjectItemCaseSensitive(raw, "files");
+    size_t n_gguf = (size_t)cJSON_GetArraySize(gguf), n_adapters = (size_t)cJSON_GetArraySize(adapters);
+    b->gguf_quants = calloc(n_gguf + 1, sizeof(char *));
+    b->gguf_models = calloc(n_gguf + 1, sizeof(char *));
+    b->adapters = calloc(n_adapters + 1, sizeof *b->adapters);
+    b->files = calloc((size_t)cJSON_GetArraySize(files) + 1, sizeof *b->files);
+    if (!b->gguf_quants || !b->gguf_models || !b->adapters || !b->files)
+        return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
     const cJSON *e;
     cJSON_ArrayForEach(e, gguf) {
         b->gguf_quants[b->n_gguf] = dup_string(cJSON_GetObjectItemCaseSensitive(e, "quant"));
-        b->gguf_models[b->n_gguf] = dup_string(cJSON_GetObjectItemCaseSensitive(e, "model"));
-        char *full = NULL;
-        el_status st = el_bundle_resolve(b, b->gguf_models[b->n_gguf], &full);
-        b->n_gguf++;
-        free(full);
-        if (st) return st;
+        b->gguf_models[b->n_gguf++] = dup_string(cJSON_GetObjectItemCaseSensitive(e, "model"));
     }
-    return EL_OK;
-bad:
-    return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: each backend lists entries as objects");
-}
-
-static el_status parse_adapters(el_bundle *b, const cJSON *adapters) {
-    int n = cJSON_GetArraySize(adapters);
-    b->adapters = calloc((size_t)n + 1, sizeof *b->adapters);
-    if (!b->adapters) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
-    const cJSON *e;
-    char q[600];
     cJSON_ArrayForEach(e, adapters) {
         el_adapter_entry *a = &b->adapters[b->n_adapters++];
         a->name = el_strdup(e->string);
-        if (!cJSON_IsObject(e))
-            return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json: adapter %s is not an object",
-                           el_quote(e->string, q, sizeof q));
-        const char *keys[] = {"source", "onnx", "gguf"};
-        for (int k = 0; k < 3; k++) { /* every file an entry names must stay inside the bundle */
-            const cJSON *v = cJSON_GetObjectItemCaseSensitive(e, keys[k]);
-            if (!v) continue;
-            char *full = NULL;
-            el_status st = el_bundle_resolve(b, cJSON_IsString(v) ? v->valuestring : NULL, &full);
-            free(full);
-            if (st) return st;
-        }
         a->source = dup_string(cJSON_GetObjectItemCaseSensitive(e, "source"));
         a->gguf = dup_string(cJSON_GetObjectItemCaseSensitive(e, "gguf"));
         a->gguf_merged = dup_string(cJSON_GetObjectItemCaseSensitive(e, "gguf_merged"));
     }
-    return EL_OK;
-}
-
-static el_status parse_files(el_bundle *b, const cJSON *files) {
-    int n = cJSON_GetArraySize(files);
-    b->files = calloc((size_t)n + 1, sizeof *b->files);
-    if (!b->files) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
-    const cJSON *e;
     cJSON_ArrayForEach(e, files) {
         el_file_record *f = &b->files[b->n_files++];
         f->rel = el_strdup(e->string);
         f->bytes = -1;
-        char *full = NULL;
-        el_status st = el_bundle_resolve(b, e->string, &full);
-        free(full);
-        if (st) return st;
         const cJSON *sha = cJSON_GetObjectItemCaseSensitive(e, "sha256");
         const cJSON *bytes = cJSON_GetObjectItemCaseSensitive(e, "bytes");
         if (cJSON_IsString(sha) && strlen(sha->valuestring) < EL_SHA256_HEX) strcpy(f->sha256, sha->valuestring);
@@ -254,6 +317,27 @@ static el_status parse_files(el_bundle *b, const cJSON *files) {
         if (is_int(bytes) && bytes->valuedouble >= 0) f->bytes = (int64_t)bytes->valuedouble;
     }
     return EL_OK;
+}
+
+/* The deepest nesting of arrays and objects (outside strings): Python's parser gives up with a
+ * RecursionError near 1000 levels, cJSON at CJSON_NESTING_LIMIT (1000). */
+static int nesting_depth(const char *text, size_t size) {
+    int depth = 0, deepest = 0;
+    bool in_string = false;
+    for (size_t i = 0; i < size; i++) {
+        char c = text[i];
+        if (in_string) {
+            if (c == '\\') i++;
+            else if (c == '"') in_string = false;
+        } else if (c == '"') {
+            in_string = true;
+        } else if (c == '[' || c == '{') {
+            if (++depth > deepest) deepest = depth;
+        } else if (c == ']' || c == '}') {
+            depth--;
+        }
+    }
+    return deepest;
 }
 
 el_status el_bundle_parse(const char *root, const char *text, size_t size, el_bundle *b) {
@@ -264,7 +348,9 @@ el_status el_bundle_parse(const char *root, const char *text, size_t size, el_bu
     if (!valid_utf8((const unsigned char *)text, size))
         return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json is not valid JSON (UnicodeDecodeError)");
     cJSON *raw = cJSON_ParseWithLengthOpts(text, size + 1, NULL, true); /* + its terminator: nothing after the value */
-    if (!raw) return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json is not valid JSON (JSONDecodeError)");
+    if (!raw)
+        return el_fail(EL_ERR_BUNDLE, b->manifest, REEXPORT, "bundle.json is not valid JSON (%s)",
+                       nesting_depth(text, size) >= 1000 ? "RecursionError" : "JSONDecodeError");
     el_status st = EL_OK;
     const cJSON *format = cJSON_GetObjectItemCaseSensitive(raw, "format");
     if (!cJSON_IsObject(raw) || !cJSON_IsString(format) || strcmp(format->valuestring, FORMAT) != 0) {
@@ -291,14 +377,10 @@ el_status el_bundle_parse(const char *root, const char *text, size_t size, el_bu
     }
     if ((st = parse_model(b, cJSON_GetObjectItemCaseSensitive(raw, "model")))) goto done;
     b->base_fingerprint = dup_string(cJSON_GetObjectItemCaseSensitive(raw, "base_fingerprint"));
-    /* the order of edge_lora/bundle.py's path checks: tokenizer, files, backends, adapters */
-    const cJSON *tok = cJSON_GetObjectItemCaseSensitive(cJSON_GetObjectItemCaseSensitive(raw, "tokenizer"), "tokenizer");
-    char *full = NULL;
-    if ((st = el_bundle_resolve(b, cJSON_IsString(tok) ? tok->valuestring : NULL, &full))) goto done;
-    free(full);
-    if ((st = parse_files(b, cJSON_GetObjectItemCaseSensitive(raw, "files")))) goto done;
-    if ((st = parse_backends(b, cJSON_GetObjectItemCaseSensitive(raw, "backends")))) goto done;
-    st = parse_adapters(b, cJSON_GetObjectItemCaseSensitive(raw, "adapters"));
+    const cJSON *backends = cJSON_GetObjectItemCaseSensitive(raw, "backends");
+    if ((st = check_shapes(b, backends, cJSON_GetObjectItemCaseSensitive(raw, "adapters")))) goto done;
+    if ((st = check_paths(b, raw))) goto done;
+    st = copy_entries(b, raw);
 done:
     cJSON_Delete(raw);
     return st;
