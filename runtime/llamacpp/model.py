@@ -10,6 +10,8 @@ from pathlib import Path
 from edge_lora.errors import EdgeLoraError
 from runtime.llamacpp.lib import GpuDevice, default_extra_bufts, llama_cpp
 
+LOAD_MODE_NONE, LOAD_MODE_MMAP = 0, 1  # enum llama_load_mode
+
 
 class Model:
     """A loaded llama_model (weights only); free() releases it and every adapter loaded on it."""
@@ -37,8 +39,10 @@ class Model:
         params.devices = ctypes.cast(self._devices, ctypes.c_void_p)
         params.use_extra_bufts = default_extra_bufts() if use_extra_bufts is None else bool(use_extra_bufts)
         self.use_extra_bufts = bool(params.use_extra_bufts)
-        params.use_mmap = not (self.use_extra_bufts and not devices) if use_mmap is None else bool(use_mmap)
-        self.use_mmap = bool(params.use_mmap)
+        self.use_mmap = not (self.use_extra_bufts and not devices) if use_mmap is None else bool(use_mmap)
+        # llama.h's load_mode (use_mmap is gone from llama_model_params; setting it on the ctypes struct
+        # did nothing): LLAMA_LOAD_MODE_MMAP maps the file, LLAMA_LOAD_MODE_NONE reads it
+        params.load_mode = LOAD_MODE_MMAP if self.use_mmap else LOAD_MODE_NONE
         self.ptr = lib.llama_model_load_from_file(os.fspath(self.path).encode(), params)
         if not self.ptr:
             raise EdgeLoraError(
