@@ -294,3 +294,15 @@ def test_under_address_and_undefined_sanitizers(bundle):
         done = subprocess.run(argv, capture_output=True, text=True, timeout=600, env={**os.environ, **env})
         assert done.returncode == 0, done.stderr[-3000:]
         assert "runtime error" not in done.stderr, done.stderr[-3000:]  # UBSan reports without failing
+
+
+def test_dora_is_refused_with_a_way_out(lib, model_dirs, tmp_path):
+    from runtime.native import NativeError
+
+    md = ModelDir(model_dirs["llama"])
+    dora = random_adapter(md, seed=4, dora=True)
+    root = build_bundle(md.path, tmp_path / "b", {"d": dora}, backends=("gguf",))
+    with lib.open(root) as engine:
+        with pytest.raises(NativeError, match="merged variant of the base.*hint: run it on the Python"):
+            engine.add_adapter("d")
+        assert engine.n_adapters == 0
