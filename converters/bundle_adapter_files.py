@@ -16,7 +16,7 @@ import numpy as np
 from converters.bundle_staging import write_via_temp
 from edge_lora.adapter import Adapter
 from edge_lora.adapter_dtype import GGUF_DTYPE, SOURCE_DTYPE, rounded
-from edge_lora.bundle import sha256_file
+from edge_lora.bundle import VARIANTS_KEY, sha256_file
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.lora_adapter import merged_variant_reason
@@ -66,9 +66,11 @@ def write_adapter(
     backends: list[str],
     stem: str | None = None,
     dtype: str = "fp32",
+    merged_variants: bool = False,
 ) -> dict:
     """The adapter's source file plus one file per backend (named ``stem``, default ``name``);
-    returns its manifest entry."""
+    returns its manifest entry. ``merged_variants``: an adapter no GGUF LoRA can express also ships
+    merged into a copy of each GGUF base of the bundle (for runtimes that cannot merge, the C library)."""
     stem = stem or name
     folder = root / "adapters"
     folder.mkdir(parents=True, exist_ok=True)
@@ -90,7 +92,24 @@ def write_adapter(
         print(f"note: adapter {name!r}: {note}", file=sys.stderr)
     for backend in [b for b in BACKENDS if b in backends]:
         _write_backend_file(root, folder, stem, name, backend, adapter, config, dtype, entry)
+    if merged_variants and "gguf" in backends and merged_variant_reason(adapter, config):
+        entry[VARIANTS_KEY] = _write_merged_variants(root, stem, adapter, config)
     return entry
+
+
+def _write_merged_variants(root: Path, stem: str, adapter: Adapter, config: ModelConfig) -> dict:
+    """The adapter merged at scale 1 into a copy of each GGUF base (``gguf/model-<quant>.gguf``), each
+    tensor in its base's type (runtime/llamacpp/merge.py, precision "base"): what the Python runtime
+    makes at add_adapter, made once here. ``{quant: file}``."""
+    from runtime.llamacpp.merge import write_merged_gguf
+
+    variants = {}
+    for base in sorted((root / "gguf").glob("model-*.gguf")):
+        quant = base.stem.removeprefix("model-")
+        rel = f"adapters/{stem}.merged-{quant}.gguf"
+        write_via_temp(root / rel, lambda p, base=base: write_merged_gguf(base, p, config, adapter, 1.0))
+        variants[quant] = rel
+    return variants
 
 
 def _write_backend_file(

@@ -24,7 +24,7 @@ from converters.bundle_staging import check_target, hash_files, make_readable, m
 from edge_lora import __version__
 from edge_lora.adapter import Adapter
 from edge_lora.adapter_dtype import check_adapter_dtype
-from edge_lora.bundle import Bundle, sha256_file, write_manifest
+from edge_lora.bundle import Bundle, adapter_files, sha256_file, write_manifest
 from edge_lora.chat_template import TEMPLATE_FILE
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format import quant as gguf_quant
@@ -64,6 +64,9 @@ class ExportOptions:
     gguf_quants: list[str] = field(default_factory=lambda: ["q4_0"])
     force: bool = False  # replace an existing bundle at the target
     adapter_dtype: str = "fp32"  # adapter files' values: fp32, fp16, int8 (edge_lora/adapter_dtype.py)
+    # adapters no GGUF LoRA can express (DoRA, LoRA on a tied head) also merged into a copy of each GGUF
+    # base, for runtimes that cannot merge at add time (the C library); a base-sized file each
+    gguf_merged_variants: bool = False
     # per-column input importance from calibration text (edge_lora/importance.py): weighs the 4-bit
     # quantizers' scale search; written into the bundle so the trainer can rebuild the same base
     importance: Importance | None = None
@@ -219,6 +222,7 @@ def _write_bundle(
                 model.config,
                 list(manifest["backends"]),
                 dtype=options.adapter_dtype,
+                merged_variants=options.gguf_merged_variants,
             )
     with progress.step("hashing files and writing bundle.json"):
         make_readable(staging)
@@ -233,6 +237,7 @@ def add_adapter(
     replace: bool = False,
     show_progress: bool = True,
     adapter_dtype: str = "fp32",
+    gguf_merged_variants: bool = False,
 ) -> dict:
     """Add one adapter to an existing bundle without touching its base; returns its manifest entry."""
     bundle = Bundle.open(bundle_dir)
@@ -255,25 +260,29 @@ def add_adapter(
         # torn bundle if the process died before the new bundle.json is in place
         stem = f"{name}-{os.urandom(4).hex()}" if name in bundle.adapters else name
         entry = write_adapter(
-            bundle.root, name, adapter, bundle.config, list(bundle.backends), stem=stem, dtype=adapter_dtype
+            bundle.root,
+            name,
+            adapter,
+            bundle.config,
+            list(bundle.backends),
+            stem=stem,
+            dtype=adapter_dtype,
+            merged_variants=gguf_merged_variants,
         )
         make_readable(bundle.root / "adapters")
     with progress.step("updating bundle.json"):
         manifest = {k: v for k, v in bundle.raw.items() if k not in ("format", "format_version")}
         old = bundle.adapters.get(name, {})
-        files = {
-            k: v for k, v in bundle.files.items() if k not in {old.get(b) for b in ("source", "onnx", "gguf")}
-        }
-        for key in ("source", "onnx", "gguf"):
-            if key in entry:
-                path = bundle.root / entry[key]
-                files[entry[key]] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
+        files = {k: v for k, v in bundle.files.items() if k not in set(adapter_files(old))}
+        for rel in adapter_files(entry):
+            path = bundle.root / rel
+            files[rel] = {"sha256": sha256_file(path), "bytes": path.stat().st_size}
         manifest["adapters"] = {**bundle.adapters, name: entry}
         manifest["files"] = dict(sorted(files.items()))
         write_manifest(bundle.root, manifest)
-    for key in ("source", "onnx", "gguf"):  # a replaced adapter's files that the new one no longer uses
-        if old.get(key) and old[key] not in files:
-            (bundle.root / old[key]).unlink(missing_ok=True)
+    for rel in adapter_files(old):  # a replaced adapter's files that the new one no longer uses
+        if rel not in files:
+            (bundle.root / rel).unlink(missing_ok=True)
     return entry
 
 

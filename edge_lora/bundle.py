@@ -11,7 +11,8 @@ bundle.json (format version 1)::
         "gguf": [{"quant": "q4_0", "model": "gguf/model-q4_0.gguf"}]
       },
       "adapters": {"sql": {"source": "adapters/sql.safetensors", "scale": 1.0,
-                           "onnx": "adapters/sql.onnx_adapter", "gguf": "adapters/sql.gguf"}},
+                           "onnx": "adapters/sql.onnx_adapter", "gguf": "adapters/sql.gguf"},
+                   "dora": {"source": ..., "gguf_variants": {"q4_0": "adapters/dora.merged-q4_0.gguf"}}},
       "files": {"adapters/sql.safetensors": {"sha256": "...", "bytes": 123}, ...}
     }
 
@@ -36,6 +37,21 @@ FORMAT = "edge-lora-bundle"
 FORMAT_VERSION = 1
 MANIFEST = "bundle.json"
 MAX_MANIFEST_BYTES = 16 * 1024 * 1024
+ADAPTER_FILE_KEYS = ("source", "onnx", "gguf")
+# an adapter no GGUF LoRA can express (DoRA, LoRA on a tied head) may ship merged into a copy of each
+# GGUF base: {"quant": "adapters/<name>.merged-<quant>.gguf"} (export --gguf-merged-variants)
+VARIANTS_KEY = "gguf_variants"
+
+
+def adapter_files(entry: dict) -> list[str]:
+    """Every file an adapter entry of bundle.json names, in the entry's order (its merged variants last)."""
+    files = [v for k, v in entry.items() if k in ADAPTER_FILE_KEYS]
+    variants = entry.get(VARIANTS_KEY)
+    if isinstance(variants, dict):
+        files += list(variants.values())
+    elif variants is not None:
+        files.append(variants)  # not a mapping: refused by the path check as it is
+    return files
 
 
 @dataclass
@@ -91,7 +107,7 @@ class Bundle:
                     path=self.manifest_path,
                     hint="re-export the bundle",
                 )
-            refs += [v for k, v in entry.items() if k in ("source", "onnx", "gguf")]
+            refs += adapter_files(entry)
         for ref in refs:
             self.resolve(ref)
 

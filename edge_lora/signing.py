@@ -25,7 +25,7 @@ from pathlib import Path
 from typing import TYPE_CHECKING
 
 from edge_lora.atomic import atomic_write_bytes, atomic_write_text
-from edge_lora.bundle import Bundle, FileHashes, sha256_file
+from edge_lora.bundle import Bundle, FileHashes, adapter_files, sha256_file
 from edge_lora.errors import EdgeLoraError
 
 if TYPE_CHECKING:
@@ -330,9 +330,7 @@ def verify_bundle(root: str | os.PathLike, trusted_keys: TrustedKeys | None = No
 
 
 def _adapter_files(bundle: Bundle) -> set[str]:
-    return {
-        v for entry in bundle.adapters.values() for k, v in entry.items() if k in ("source", "onnx", "gguf")
-    }
+    return {rel for entry in bundle.adapters.values() for rel in adapter_files(entry)}
 
 
 class AdapterTrust:

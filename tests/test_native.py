@@ -11,6 +11,7 @@ import pytest
 from factories import build_bundle, random_adapter
 from native_build import ROOT, build
 
+from edge_lora.bundle import Bundle
 from edge_lora.model_dir import ModelDir
 from runtime.sampling import SamplingParams
 
@@ -52,13 +53,17 @@ def bundle(model_dirs, tmp_path_factory):
     return build_bundle(md.path, root, adapters, backends=("gguf",), gguf_quants=("f32", "q8_0"))
 
 
-def _python(bundle, quant="f32", **options):
+def _python_engine(bundle, quant, names, **options):
     import runtime
 
     engine = runtime.load(bundle, backend="llamacpp", quant=quant, precise=True, threads=2, **options)
-    for name in ("a", "b", "tok"):
+    for name in names:
         engine.add_adapter(name)
     return engine
+
+
+def _python(bundle, quant="f32", **options):
+    return _python_engine(bundle, quant, ("a", "b", "tok"), **options)
 
 
 def _native(lib, bundle, quant="f32", **options):
@@ -296,13 +301,43 @@ def test_under_address_and_undefined_sanitizers(bundle):
         assert "runtime error" not in done.stderr, done.stderr[-3000:]  # UBSan reports without failing
 
 
-def test_dora_is_refused_with_a_way_out(lib, model_dirs, tmp_path):
+@pytest.mark.slow
+def test_dora_runs_as_the_bundles_merged_variant(lib, model_dirs, tmp_path):
+    """DoRA has no GGUF LoRA: with export --gguf-merged-variants the bundle ships it merged into a copy of
+    each GGUF base, which the library (and the Python runtime, instead of merging at add time) runs."""
+    from converters.export import AdapterSource, ExportOptions, export_bundle
     from runtime.native import NativeError
 
     md = ModelDir(model_dirs["llama"])
-    dora = random_adapter(md, seed=4, dora=True)
-    root = build_bundle(md.path, tmp_path / "b", {"d": dora}, backends=("gguf",))
-    with lib.open(root) as engine:
-        with pytest.raises(NativeError, match="merged variant of the base.*hint: run it on the Python"):
+    random_adapter(md, seed=4, dora=True, std=0.3).save(tmp_path / "d.safetensors")
+    random_adapter(md, seed=1, std=0.3).save(tmp_path / "a.safetensors")
+    sources = [AdapterSource(tmp_path / "d.safetensors", "d"), AdapterSource(tmp_path / "a.safetensors", "a")]
+    options = ExportOptions(backends=["gguf"], gguf_quants=["f32"])
+    plain = export_bundle(md.path, tmp_path / "plain", sources, options)
+    with lib.open(plain) as engine:
+        with pytest.raises(NativeError, match="ships none for f32.*hint: export the bundle with --gguf-merg"):
             engine.add_adapter("d")
         assert engine.n_adapters == 0
+    options = ExportOptions(backends=["gguf"], gguf_quants=["f32", "q8_0"], gguf_merged_variants=True)
+    shipped = export_bundle(md.path, tmp_path / "shipped", sources, options)
+    assert sorted(Bundle.open(shipped).adapters["d"]["gguf_variants"]) == ["f32", "q8_0"]
+    for quant in ("f32", "q8_0"):
+        python = _python_engine(shipped, quant, ("d", "a"))
+        assert python._adapters["d"].handle.variant.shipped  # the bundle's file, not one merged at add
+        greedy = SamplingParams(max_new_tokens=10)
+        with lib.open(shipped, quant=quant, precise=True, threads=2) as native:
+            native.add_adapter("d")
+            native.add_adapter("a")
+            for adapters in ({"d": 1.0}, {}, {"a": 1.0}, {"d": 1.0}):
+                want = python.generate_ids(PROMPT, greedy, adapters=adapters)
+                assert native.generate(PROMPT, adapters, max_new_tokens=10) == want, (quant, adapters)
+                want = python.logits(PROMPT, adapters=adapters)
+                np.testing.assert_allclose(native.logits(PROMPT, adapters), want, atol=1e-4)
+            for adapters in ({"d": 0.5}, {"d": 1.0, "a": 1.0}):  # a variant runs alone, at scale 1
+                want = _python_error(python.generate_ids, PROMPT, greedy, adapters=adapters)
+                assert "alone and at scale 1.0 only" in want
+                assert _native_error(native.generate, PROMPT, adapters, max_new_tokens=10) == want
+            native.remove_adapter("d")  # the variant's context goes; the base serves on
+            base = python.generate_ids(PROMPT, greedy, adapters={})
+            assert native.generate(PROMPT, {}, max_new_tokens=10) == base
+        python.close()

@@ -86,8 +86,14 @@ def _fits(adapter: Adapter, base: tuple[ModelConfig, str | None, TokenId] | None
         return {"fits": False, "why": str(err)}
 
 
+def _has_variants(entry: dict) -> bool:
+    from edge_lora.bundle import VARIANTS_KEY
+
+    return isinstance(entry.get(VARIANTS_KEY), dict)
+
+
 def _bundle(path: Path) -> dict:
-    from edge_lora.bundle import Bundle
+    from edge_lora.bundle import VARIANTS_KEY, Bundle, adapter_files
 
     b = Bundle.open(path)
     files = lambda rel: b.files.get(rel, {}).get("bytes")  # noqa: E731
@@ -118,8 +124,10 @@ def _bundle(path: Path) -> dict:
                 "rank": e.get("rank"),
                 "backends": [k for k in ("onnx", "gguf") if k in e],
                 **({"gguf_merged_variant": e["gguf_merged"]} if "gguf_merged" in e else {}),
+                # shipped merged into a copy of these GGUF bases (export --gguf-merged-variants)
+                **({"gguf_variants": sorted(e[VARIANTS_KEY])} if _has_variants(e) else {}),
                 **({"added_tokens": _tokens(e["added_tokens"])} if e.get("added_tokens") else {}),
-                "bytes": sum(files(e[k]) or 0 for k in ("source", "onnx", "gguf") if k in e),
+                "bytes": sum(files(rel) or 0 for rel in adapter_files(e)),
             }
             for n, e in b.adapters.items()
         },

@@ -63,6 +63,13 @@ def add_export_arguments(sub: argparse._SubParsersAction, common: argparse.Argum
         "input dtype); default fp32",
     )
     p.add_argument(
+        "--gguf-merged-variants",
+        action="store_true",
+        help="an adapter no GGUF LoRA can express (DoRA, LoRA on a tied head) also ships merged into a "
+        "copy of each GGUF base, for runtimes that cannot merge at add time (the C library); a base-sized "
+        "file each",
+    )
+    p.add_argument(
         "--calibration",
         default="auto",
         metavar="auto|none|FILE",
@@ -90,6 +97,7 @@ def run_export(args: argparse.Namespace) -> int:
             replace=args.replace,
             show_progress=not args.quiet,
             adapter_dtype=args.adapter_dtype,
+            gguf_merged_variants=args.gguf_merged_variants,
         )
         where = ", ".join(k for k in ("onnx", "gguf") if k in entry)
         print(f"added adapter {source.name!r} to {bundle} (rank {entry['rank']}; {where or 'source only'})")
@@ -107,6 +115,7 @@ def run_export(args: argparse.Namespace) -> int:
         gguf_quants=_csv(args.gguf_quant),
         force=args.force,
         adapter_dtype=args.adapter_dtype,
+        gguf_merged_variants=args.gguf_merged_variants,
     )
     options.validate()
     quants = options.onnx_quants * ("onnx" in options.backends) + options.gguf_quants * (

@@ -14,6 +14,9 @@
 void el_loaded_free(el_loaded *a) {
     if (!a) return;
     if (a->lora) llama_adapter_lora_free(a->lora);
+    if (a->variant_ctx) llama_free(a->variant_ctx);
+    if (a->variant_model) llama_model_free(a->variant_model);
+    free(a->variant_reason);
     el_adapter_meta_free(&a->meta);
     free(a->name);
     free(a);
@@ -79,12 +82,48 @@ static el_status load_lora(el_engine *e, const char *path, const el_bytes *bytes
     return EL_OK;
 }
 
+/* An adapter no GGUF LoRA can express (DoRA, LoRA on a tied head) runs as the bundle's merged copy of
+ * the engine's GGUF base (export --gguf-merged-variants), on a context of its own. */
+static el_status load_variant(el_engine *e, const el_adapter_entry *entry, el_loaded *a) {
+    char q[300];
+    const char *rel = NULL;
+    for (int i = 0; i < entry->n_variants && !rel; i++)
+        if (strcmp(entry->variant_quants[i], e->quant) == 0) rel = entry->variant_files[i];
+    if (!rel)
+        return el_fail(EL_ERR_INCOMPATIBLE, e->bundle.root,
+                       "export the bundle with --gguf-merged-variants, or run it on the Python runtime",
+                       "adapter %s runs on llama.cpp only as a merged variant of the base, and the bundle ships "
+                       "none for %s", el_quote(entry->name, q, sizeof q), e->quant);
+    char *path = NULL;
+    el_status st = el_bundle_resolve(&e->bundle, rel, &path);
+    if (!st && !el_is_file(path))
+        st = el_fail(EL_ERR_BUNDLE, e->bundle.root, "re-export the bundle", "bundle file %s is missing or not a file",
+                     el_quote(rel, q, sizeof q));
+    if (!st && (e->verify_hashes || e->checked_trust)) { /* a base-sized file: hashed as it streams, loaded by path */
+        char digest[EL_SHA256_HEX];
+        st = el_sha256_file(path, digest);
+        if (!st && e->verify_hashes) st = el_bundle_check_digest(&e->bundle, rel, digest);
+        if (!st && e->checked_trust) st = el_trust_vouch(&e->trust, &e->bundle, path, rel, true, digest);
+    }
+    if (!st && !(a->variant_model = el_load_gguf(e, path))) st = EL_ERR_BACKEND;
+    if (!st && llama_vocab_n_tokens(llama_model_get_vocab(a->variant_model)) != e->n_vocab)
+        st = el_fail(EL_ERR_BUNDLE, path, "re-export the bundle", "the merged variant's vocabulary is not the base's");
+    if (!st) {
+        pthread_mutex_lock(&e->ctx_lock);
+        a->variant_ctx = el_make_context(e, a->variant_model, e->n_ctx_start);
+        pthread_mutex_unlock(&e->ctx_lock);
+        if (!a->variant_ctx) st = EL_ERR_BACKEND;
+    }
+    /* bundle.json's note reads "merged into a variant of the base at add_adapter (REASON)": keep REASON */
+    const char *why = strchr(entry->gguf_merged, '(');
+    a->variant_reason = el_strdup(why ? why + 1 : entry->gguf_merged);
+    if (a->variant_reason && why && *a->variant_reason) a->variant_reason[strlen(a->variant_reason) - 1] = '\0';
+    free(path);
+    return st;
+}
+
 static el_status add_from_bundle(el_engine *e, const el_adapter_entry *entry, el_loaded *a) {
     char q[300];
-    if (!entry->gguf && entry->gguf_merged) /* bundle.json says why: DoRA, or a LoRA on a tied head */
-        return el_fail(EL_ERR_INCOMPATIBLE, e->bundle.root, "run it on the Python runtime, or merge it into the base at export",
-                       "adapter %s runs on llama.cpp only as a merged variant of the base, which this library does not "
-                       "make", el_quote(entry->name, q, sizeof q));
     char *source_path = NULL, *gguf_path = NULL;
     el_bytes source = {0}, gguf = {0};
     char digest[EL_SHA256_HEX];
@@ -98,7 +137,9 @@ static el_status add_from_bundle(el_engine *e, const el_adapter_entry *entry, el
     el_bytes_free(&source);
     if (!st) st = fingerprint_fits(e, source_path, a->meta.architecture, a->meta.fingerprint);
     if (!st) st = el_check_new_token_strings(e, source_path, &a->meta.rows);
-    if (!st && a->meta.n_modules > 0) {
+    if (!st && !entry->gguf && entry->gguf_merged) {
+        st = load_variant(e, entry, a);
+    } else if (!st && a->meta.n_modules > 0) {
         if (!entry->gguf) {
             st = el_fail(EL_ERR_BUNDLE, e->bundle.root, "export the bundle with --backends gguf",
                          "adapter %s has no GGUF file in the bundle", el_quote(entry->name, q, sizeof q));
@@ -183,6 +224,20 @@ el_status el_engine_add_adapter(el_engine *e, const char *name, const char *path
     return raced ? already(name) : el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
 }
 
+/* Under the context lock: nothing of `a` stays active (its LoRA on the context, its variant's context). */
+static void leave(el_engine *e, const el_loaded *a) {
+    bool cached = false;
+    for (int i = 0; e->cache_valid && i < e->cache_set.n; i++) cached |= e->cache_set.items[i].adapter == a;
+    if (a->variant_ctx && e->ctx == a->variant_ctx) {
+        el_activate(e, e->base_ctx);
+        llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
+    } else if (cached) {
+        el_forget_cache(e);
+        e->cache_valid = false;
+        llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
+    }
+}
+
 el_status el_engine_remove_adapter(el_engine *e, const char *name) {
     el_clear_error();
     if (!e || !name) return el_fail(EL_ERR_ARGUMENT, NULL, NULL, "engine or name is NULL");
@@ -204,13 +259,7 @@ el_status el_engine_remove_adapter(el_engine *e, const char *name) {
     bool in_use = a->users > 0;
     pthread_mutex_unlock(&e->registry);
     pthread_mutex_lock(&e->ctx_lock);
-    bool cached = false;
-    for (int i = 0; e->cache_valid && i < e->cache_set.n; i++) cached |= e->cache_set.items[i].adapter == a;
-    if (cached) { /* off the context before llama.cpp frees it */
-        el_forget_cache(e);
-        e->cache_valid = false;
-        llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
-    }
+    leave(e, a);
     if (!in_use) el_loaded_free(a);
     pthread_mutex_unlock(&e->ctx_lock);
     return EL_OK; /* in use: the last request holding it frees it (el_set_release) */
@@ -291,13 +340,7 @@ void el_set_release(el_engine *e, el_set *set) {
     if (n_gone) {
         pthread_mutex_lock(&e->ctx_lock);
         for (int i = 0; i < n_gone; i++) {
-            bool cached = false;
-            for (int k = 0; e->cache_valid && k < e->cache_set.n; k++) cached |= e->cache_set.items[k].adapter == gone[i];
-            if (cached) {
-                el_forget_cache(e);
-                e->cache_valid = false;
-                llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
-            }
+            leave(e, gone[i]);
             el_loaded_free(gone[i]);
         }
         pthread_mutex_unlock(&e->ctx_lock);

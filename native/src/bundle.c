@@ -279,6 +279,12 @@ static el_status check_paths(const el_bundle *b, const cJSON *raw) {
             if (strcmp(k->string, "source") == 0 || strcmp(k->string, "onnx") == 0 || strcmp(k->string, "gguf") == 0)
                 st = resolve_item(b, k);
         }
+        const cJSON *variants = cJSON_GetObjectItemCaseSensitive(e, "gguf_variants"); /* last, as adapter_files() */
+        if (cJSON_IsObject(variants)) {
+            cJSON_ArrayForEach(k, variants) if (!st) st = resolve_item(b, k);
+        } else if (variants && !st) {
+            st = resolve_item(b, variants);
+        }
     }
     return st;
 }
@@ -305,6 +311,15 @@ static el_status copy_entries(el_bundle *b, const cJSON *raw) {
         a->source = dup_string(cJSON_GetObjectItemCaseSensitive(e, "source"));
         a->gguf = dup_string(cJSON_GetObjectItemCaseSensitive(e, "gguf"));
         a->gguf_merged = dup_string(cJSON_GetObjectItemCaseSensitive(e, "gguf_merged"));
+        const cJSON *variants = cJSON_GetObjectItemCaseSensitive(e, "gguf_variants"), *v;
+        size_t n_variants = (size_t)cJSON_GetArraySize(variants);
+        a->variant_quants = calloc(n_variants + 1, sizeof(char *));
+        a->variant_files = calloc(n_variants + 1, sizeof(char *));
+        if (!a->variant_quants || !a->variant_files) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+        cJSON_ArrayForEach(v, variants) {
+            a->variant_quants[a->n_variants] = el_strdup(v->string);
+            a->variant_files[a->n_variants++] = dup_string(v);
+        }
     }
     cJSON_ArrayForEach(e, files) {
         el_file_record *f = &b->files[b->n_files++];
@@ -426,6 +441,12 @@ void el_bundle_free(el_bundle *b) {
         free(b->adapters[i].source);
         free(b->adapters[i].gguf);
         free(b->adapters[i].gguf_merged);
+        for (int k = 0; k < b->adapters[i].n_variants; k++) {
+            free(b->adapters[i].variant_quants[k]);
+            free(b->adapters[i].variant_files[k]);
+        }
+        free(b->adapters[i].variant_quants);
+        free(b->adapters[i].variant_files);
     }
     free(b->adapters);
     for (int i = 0; i < b->n_files; i++) free(b->files[i].rel);

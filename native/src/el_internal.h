@@ -55,6 +55,8 @@ typedef struct el_adapter_entry {
     char *source;      /* the adapter file (.safetensors) */
     char *gguf;        /* its GGUF LoRA, NULL when the bundle has none */
     char *gguf_merged; /* why it runs as a merged variant of the base instead, NULL otherwise */
+    char **variant_quants, **variant_files; /* its merged copies of the GGUF bases (gguf_variants) */
+    int n_variants;
 } el_adapter_entry;
 
 typedef struct el_bundle {

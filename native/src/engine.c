@@ -68,11 +68,11 @@ static el_status sha256_file(const char *path, char hex[EL_SHA256_HEX]) {
     return EL_OK;
 }
 
-static el_status new_context(el_engine *e, int32_t n_ctx) {
+/* A context of n_ctx positions over a model (the base or a merged variant); NULL with the error set. */
+struct llama_context *el_make_context(el_engine *e, struct llama_model *model, int32_t n_ctx) {
     struct llama_context_params cp = llama_context_default_params();
     cp.n_ctx = (uint32_t)n_ctx;
-    e->ctx_batch = e->n_batch < n_ctx ? e->n_batch : n_ctx; /* llama_decode takes no more per call */
-    cp.n_batch = cp.n_ubatch = (uint32_t)e->ctx_batch;
+    cp.n_batch = cp.n_ubatch = (uint32_t)(e->n_batch < n_ctx ? e->n_batch : n_ctx);
     cp.n_seq_max = 1;
     cp.no_perf = true;
     cp.n_threads = cp.n_threads_batch = e->n_threads;
@@ -80,16 +80,42 @@ static el_status new_context(el_engine *e, int32_t n_ctx) {
         cp.type_k = cp.type_v = GGML_TYPE_F32;
         cp.flash_attn_type = LLAMA_FLASH_ATTN_TYPE_DISABLED;
     }
-    e->ctx = llama_init_from_model(e->model, cp);
-    if (!e->ctx)
-        return el_fail(EL_ERR_BACKEND, e->model_path, "lower n_ctx (memory) or n_gpu_layers",
-                       "llama.cpp could not create a context of %d tokens", n_ctx);
-    e->n_ctx = n_ctx;
+    struct llama_context *ctx = llama_init_from_model(model, cp);
+    if (!ctx)
+        el_fail(EL_ERR_BACKEND, e->model_path, "lower n_ctx (memory) or n_gpu_layers",
+                "llama.cpp could not create a context of %d tokens", n_ctx);
+    return ctx;
+}
+
+/* Requests run on ctx from now on: its cache is unknown to us, its hidden states off. */
+void el_activate(el_engine *e, struct llama_context *ctx) {
+    e->ctx = ctx;
+    e->n_ctx = (int32_t)llama_n_ctx(ctx);
+    e->ctx_batch = e->n_batch < e->n_ctx ? e->n_batch : e->n_ctx; /* llama_decode takes no more per call */
+    llama_set_embeddings(ctx, false);
     e->hidden_on = false;
     e->cache_valid = false;
     e->n_cache = 0;
-    return EL_OK;
+    llama_memory_clear(llama_get_memory(ctx), false);
 }
+
+/* The base GGUF or a merged variant, with the engine's model settings. */
+struct llama_model *el_load_gguf(el_engine *e, const char *path) {
+    struct llama_model_params mp = llama_model_default_params();
+    static ggml_backend_dev_t no_devices[1] = {NULL}; /* every tensor and op on the CPU, even in a GPU build */
+    mp.devices = no_devices;
+    mp.n_gpu_layers = 0;
+    mp.use_extra_bufts = !cpu_has_amx();
+    /* repacked weights are copied out of a mapping, whose pages then stay as a second copy: read the file */
+    mp.load_mode = mp.use_extra_bufts ? LLAMA_LOAD_MODE_NONE : LLAMA_LOAD_MODE_MMAP;
+    struct llama_model *model = llama_model_load_from_file(path, mp);
+    if (!model)
+        el_fail(EL_ERR_BACKEND, path, "the file is corrupt, truncated or from a newer format; re-export the bundle",
+                "llama.cpp could not load this GGUF model");
+    return model;
+}
+
+el_status el_sha256_file(const char *path, char hex[EL_SHA256_HEX]) { return sha256_file(path, hex); }
 
 static el_status load_model(el_engine *e, const char *quant) {
     el_bundle *b = &e->bundle;
@@ -112,17 +138,9 @@ static el_status load_model(el_engine *e, const char *quant) {
         char hex[EL_SHA256_HEX];
         if ((st = sha256_file(e->model_path, hex)) || (st = el_bundle_check_digest(b, rel, hex))) return st;
     }
-    struct llama_model_params mp = llama_model_default_params();
-    static ggml_backend_dev_t no_devices[1] = {NULL}; /* every tensor and op on the CPU, even in a GPU build */
-    mp.devices = no_devices;
-    mp.n_gpu_layers = 0;
-    mp.use_extra_bufts = !cpu_has_amx();
-    /* repacked weights are copied out of a mapping, whose pages then stay as a second copy: read the file */
-    mp.load_mode = mp.use_extra_bufts ? LLAMA_LOAD_MODE_NONE : LLAMA_LOAD_MODE_MMAP;
-    e->model = llama_model_load_from_file(e->model_path, mp);
-    if (!e->model)
-        return el_fail(EL_ERR_BACKEND, e->model_path, "the file is corrupt, truncated or from a newer format; re-export the bundle",
-                       "llama.cpp could not load this GGUF model");
+    e->quant = el_strdup(b->gguf_quants[pick] ? b->gguf_quants[pick] : "");
+    e->model = el_load_gguf(e, e->model_path);
+    if (!e->model || !e->quant) return e->model ? el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory") : EL_ERR_BACKEND;
     e->vocab = llama_model_get_vocab(e->model);
     e->n_vocab = llama_vocab_n_tokens(e->vocab);
     e->n_embd = llama_model_n_embd(e->model);
@@ -163,7 +181,10 @@ el_status el_engine_open(const char *bundle_dir, const el_engine_params *params,
         int32_t model_max = e->bundle.max_position_embeddings;
         e->n_ctx_max = p.n_ctx > 0 ? p.n_ctx : (model_max < DEFAULT_MAX_CTX ? model_max : DEFAULT_MAX_CTX);
         int32_t start = p.n_ctx_start > 0 ? p.n_ctx_start : DEFAULT_START_CTX;
-        st = new_context(e, start < e->n_ctx_max ? start : e->n_ctx_max);
+        e->n_ctx_start = start < e->n_ctx_max ? start : e->n_ctx_max;
+        e->base_ctx = el_make_context(e, e->model, e->n_ctx_start);
+        if (e->base_ctx) el_activate(e, e->base_ctx);
+        else st = EL_ERR_BACKEND;
     }
     if (!st) {
         e->batch = llama_batch_init(e->n_batch, 0, 1);
@@ -188,15 +209,16 @@ void el_engine_free(el_engine *e) {
     free(e->default_set.items);
     free(e->cache_set.items);
     free(e->cache_tokens);
-    if (e->ctx) {
+    if (e->base_ctx) { /* a merged variant's context went with its adapter above */
         llama_batch_free(e->batch);
         if (e->have_embd_batch) llama_batch_free(e->embd_batch);
-        llama_free(e->ctx);
+        llama_free(e->base_ctx);
     }
     if (e->model) llama_model_free(e->model);
     el_trust_free(&e->trust);
     el_bundle_free(&e->bundle);
     free(e->model_path);
+    free(e->quant);
     pthread_mutex_destroy(&e->registry);
     pthread_mutex_destroy(&e->ctx_lock);
     free(e);
@@ -239,14 +261,26 @@ static el_status apply_set(el_engine *e, const el_set *set) {
     return EL_OK;
 }
 
-/* Activate a set; a different one drops the whole KV cache (runtime/llamacpp/backend.py, _use_set). */
+/* Activate a set; a different one drops the whole KV cache (runtime/llamacpp/backend.py, _use_set). A set
+ * holding an adapter that runs as a merged variant of the base runs on the variant's own context. */
 static el_status use_set(el_engine *e, const el_set *set) {
-    for (int i = 0; i < set->n; i++)
+    const el_loaded *variant = NULL;
+    for (int i = 0; i < set->n; i++) {
         if (set->items[i].adapter->removed) return apply_set(e, set); /* says which */
+        if (set->items[i].adapter->variant_ctx) variant = set->items[i].adapter;
+    }
+    if (variant && (set->n > 1 || set->items[0].scale != 1.0f)) {
+        char q[300];
+        return el_fail(EL_ERR_INCOMPATIBLE, NULL, "stack or scale it on the ONNX backend, or engine.merge() it into the base",
+                       "adapter %s runs on llama.cpp as a merged variant of the base (%s): alone and at scale 1.0 only",
+                       el_quote(variant->name, q, sizeof q), variant->variant_reason);
+    }
     if (e->cache_valid && same_set(set, &e->cache_set)) return EL_OK;
+    struct llama_context *target = variant ? variant->variant_ctx : e->base_ctx;
+    if (e->ctx != target) el_activate(e, target);
     e->cache_valid = false;
     el_forget_cache(e);
-    el_status st = apply_set(e, set);
+    el_status st = variant ? EL_OK : apply_set(e, set);
     if (st) return st;
     el_set_item *items = realloc(e->cache_set.items, ((size_t)set->n + 1) * sizeof *items);
     if (!items) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
@@ -257,16 +291,25 @@ static el_status use_set(el_engine *e, const el_set *set) {
     return EL_OK;
 }
 
-/* At least `needed` positions: the context made again at double size (at most n_ctx_max). */
+/* At least `needed` positions: the active context made again at double size (at most n_ctx_max), for
+ * whichever model it runs (the base or a variant). Beyond n_ctx_max the decode refuses, saying so. */
 static el_status make_room(el_engine *e, size_t needed, const el_set *set) {
     if ((int64_t)needed <= e->n_ctx || e->n_ctx >= e->n_ctx_max) return EL_OK;
     int32_t size = 2 * e->n_ctx > (int32_t)needed ? 2 * e->n_ctx : (int32_t)needed;
     if (size > e->n_ctx_max) size = e->n_ctx_max;
-    int32_t old = e->n_ctx;
-    llama_free(e->ctx); /* first: the two caches are never held at once */
-    e->ctx = NULL;
-    if (new_context(e, size) != EL_OK && new_context(e, old) != EL_OK) return EL_ERR_BACKEND;
-    e->cache_valid = false;
+    struct llama_context *old = e->ctx;
+    el_loaded *owner = NULL;
+    for (int i = 0; i < set->n && !owner; i++)
+        if (set->items[i].adapter->variant_ctx == old) owner = set->items[i].adapter;
+    const struct llama_model *model = llama_get_model(old);
+    int32_t old_size = e->n_ctx;
+    llama_free(old); /* first: the two caches are never held at once */
+    struct llama_context *fresh = el_make_context(e, (struct llama_model *)model, size);
+    if (!fresh) fresh = el_make_context(e, (struct llama_model *)model, old_size); /* keep serving at the old size */
+    if (!fresh) abort(); /* the context it replaces was just this size: only a broken allocator lands here */
+    if (owner) owner->variant_ctx = fresh;
+    else e->base_ctx = fresh;
+    el_activate(e, fresh);
     return use_set(e, set);
 }
 

@@ -13,6 +13,9 @@ typedef struct el_loaded {
     el_adapter_meta meta;            /* its fingerprint and token rows */
     int users;                       /* requests holding it (under the registry lock) */
     bool removed;                    /* removed while requests held it: freed by the last one */
+    struct llama_model *variant_model; /* DoRA, LoRA on a tied head: the bundle's merged copy of the base */
+    struct llama_context *variant_ctx; /* and its own context (requests with it alone run there) */
+    char *variant_reason;
 } el_loaded;
 
 typedef struct el_set_item {
@@ -38,7 +41,7 @@ struct el_engine {
     el_trust trust;
     bool checked_trust; /* trusted keys given: every adapter must be vouched for */
     bool verify_hashes;
-    int32_t n_threads, n_ctx_max, n_batch;
+    int32_t n_threads, n_ctx_max, n_ctx_start, n_batch;
     bool precise;
     struct llama_model *model;
     const struct llama_vocab *vocab;
@@ -48,8 +51,10 @@ struct el_engine {
     int n_adapters;
     el_set default_set;
     pthread_mutex_t ctx_lock; /* everything below: a llama_context is not thread-safe */
-    struct llama_context *ctx;
-    int32_t n_ctx;     /* positions of the current context (doubles up to n_ctx_max) */
+    struct llama_context *ctx;      /* the active context: the base's, or a merged variant's */
+    struct llama_context *base_ctx; /* the base's */
+    char *quant;                    /* the GGUF base's quant ("q4_0"), which picks a merged variant's file */
+    int32_t n_ctx;     /* positions of the active context (doubles up to n_ctx_max) */
     int32_t ctx_batch; /* tokens per llama_decode on it: min(n_batch, n_ctx) */
     struct llama_batch batch, embd_batch;
     bool have_embd_batch, hidden_on, tainted;
@@ -72,6 +77,10 @@ int32_t el_vocab_to_model(const el_vocab *v, int32_t id);
 void el_vocab_from_model(const el_vocab *v, const float *model_logits, float *out);
 el_status el_check_new_token_strings(el_engine *e, const char *path, const el_token_rows *rows);
 /* engine.c */
+struct llama_context *el_make_context(el_engine *e, struct llama_model *model, int32_t n_ctx);
+void el_activate(el_engine *e, struct llama_context *ctx);
+struct llama_model *el_load_gguf(el_engine *e, const char *path);
+el_status el_sha256_file(const char *path, char hex[EL_SHA256_HEX]);
 el_status el_advance(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *history, size_t n,
                      float *logits_out /* [n_vocab + rows] */);
 el_status el_full_logits(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *ids, size_t n,

@@ -14,6 +14,7 @@ from dataclasses import dataclass
 from pathlib import Path
 
 from edge_lora.adapter import Adapter
+from edge_lora.bundle import VARIANTS_KEY
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.lora_adapter import (
     check_llamacpp_can_apply,
@@ -34,13 +35,15 @@ class MergedVariant:
     model: object
     ctx: object
     add_seconds: float
+    shipped: bool = False  # the bundle's own file (export --gguf-merged-variants): never deleted
 
     def free(self) -> None:
         if self.ctx is not None:
             self.ctx.free()
             self.model.free()
         self.ctx = self.model = None
-        self.path.unlink(missing_ok=True)
+        if not self.shipped:
+            self.path.unlink(missing_ok=True)
 
 
 @dataclass
@@ -62,6 +65,9 @@ class LlamaCppAdapters:
     def _attach(self, name: str, adapter: Adapter, source: Path) -> LoraHandle:
         reason = merged_variant_reason(adapter, self.config)
         if reason:
+            shipped = self._shipped_variant(name, source, reason)
+            if shipped is not None:
+                return LoraHandle(None, variant=shipped)
             with self._scratch_lock:  # merged outside the context lock: requests keep decoding meanwhile
                 return LoraHandle(None, variant=self._make_variant(name, adapter, reason))
         check_llamacpp_can_apply(adapter, self.config, path=source)
@@ -92,6 +98,34 @@ class LlamaCppAdapters:
             path.unlink(missing_ok=True)
             raise
         return MergedVariant(reason, path, model, ctx, time.perf_counter() - start)
+
+    def _shipped_variant(self, name: str, source: Path, reason: str) -> MergedVariant | None:
+        """The bundle's own merged variant of this adapter for the engine's GGUF base (export
+        --gguf-merged-variants), hash-checked and vouched for like the adapter's other files; None when
+        the bundle ships none or the base was merged into since (a variant of the old base)."""
+        entry = self.bundle.adapters.get(name) or {}
+        variants = entry.get(VARIANTS_KEY)
+        if self._merged or not isinstance(variants, dict) or self.quant not in variants:
+            return None
+        own = entry.get("source") and self.bundle.resolve(entry["source"]).resolve() == Path(source).resolve()
+        if not own:
+            return None  # added from a file of its own, not the bundle's adapter
+        start = time.perf_counter()
+        rel = variants[self.quant]
+        path = self.bundle.require(rel)
+        if self.verify_hashes or self.trust is not None:
+            digest = self.bundle.hashes.sha256(path)
+            if self.verify_hashes:
+                self.bundle.check_digest(rel, digest)
+            if self.trust is not None:
+                self.trust.vouch(path, entry, rel, digest)
+        model = self._new_model(path)
+        try:
+            ctx = self._new_context(model)
+        except BaseException:
+            model.free()
+            raise
+        return MergedVariant(reason, path, model, ctx, time.perf_counter() - start, shipped=True)
 
     def _reload_lora(self, loaded: LoadedAdapter) -> object:
         """Load an adapter again on a new model (after a merge); the caller holds the context lock,
