@@ -45,6 +45,7 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-train", action="store_true", help="skip the training benchmark")
     parser.add_argument("--no-scaling", action="store_true", help="skip the scaling sweeps")
     parser.add_argument("--no-quality", action="store_true", help="skip the real-model quality rows")
+    parser.add_argument("--no-native", action="store_true", help="skip the C library's rows (native/)")
     parser.add_argument(
         "--only",
         choices=["quality"],
@@ -79,6 +80,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.scaling &= not args.no_scaling
     plan.gpu &= args.device != "cpu"
     plan.quality &= not args.no_quality
+    plan.native &= not args.no_native
     results = run_quality_only(plan) if args.only == "quality" else run_all(plan, Path(args.out))
     results["summary"] = report.summarize(results)
     (Path(args.out) / "partial.json").unlink(missing_ok=True)
@@ -113,6 +115,9 @@ def run_all(plan: Plan, out: Path) -> dict:
         results["models"][shape] = bench_model(plan.for_shape(shape), shape)
         # a killed run keeps what it measured
         (out / "partial.json").parent.mkdir(parents=True, exist_ok=True)
+        (out / "partial.json").write_text(json.dumps(results, indent=1))
+    if plan.native and native_shape(plan):
+        results["native"] = run_native(plan)
         (out / "partial.json").write_text(json.dumps(results, indent=1))
     say("== memory bandwidth")
     working = sorted(
@@ -155,6 +160,26 @@ def run_quality(plan: Plan) -> dict:
         return quality_bench.run(quality_bench.QualityPlan.make(plan.quick, plan.threads), say=say)
     except Exception as err:  # noqa: BLE001  reported with the run, and in the exit status
         say(f"[quality] {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {str(err)[-600:]}"}
+
+
+def native_shape(plan: Plan) -> bool:
+    """The C library's rows run on the SmolLM2 shape's bundle, beside its decode rows (when it is run)."""
+    from benchmarks.native_bench import SHAPE
+
+    return SHAPE in plan.shapes
+
+
+def run_native(plan: Plan) -> dict:
+    """The C library against the Python runtime and llama.cpp (benchmarks.native_bench): where the
+    library cannot be built, {"skipped": line}; any other failure is kept as {"error": ...}."""
+    from benchmarks import native_bench
+
+    say("== C library (native/)")
+    try:
+        return native_bench.run(plan, say=say)
+    except Exception as err:  # noqa: BLE001  reported with the run, the other sections still written
+        say(f"[native] {type(err).__name__}: {err}")
         return {"error": f"{type(err).__name__}: {str(err)[-600:]}"}
 
 

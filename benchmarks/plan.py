@@ -26,6 +26,7 @@ class Plan:
     scaling: bool = True
     gpu: bool = True  # GPU rows on the first shape, when a GPU device is present (benchmarks.gpu_bench)
     quality: bool = True  # the real-model quality rows (benchmarks.quality_bench)
+    native: bool = True  # the C library's rows on the SmolLM2 shape's bundle (benchmarks.native_bench)
 
     @classmethod
     def make(cls, quick: bool, shapes: list[str] | None = None) -> Plan:

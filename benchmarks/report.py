@@ -108,6 +108,10 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
             from benchmarks.gpu_bench import markdown
 
             lines += markdown(model["gpu"])
+    if results.get("native"):
+        from benchmarks.native_bench import markdown as native_markdown
+
+        lines += native_markdown(results["native"])
     if results.get("train"):
         lines += train_markdown(results["train"])
     if results.get("qat"):

@@ -11,6 +11,7 @@ Each worker loads one engine once (ours or a peer), then answers commands:
 A process per engine keeps memory numbers clean and lets the runner interleave every engine in
 rounds (the machine drifts by tens of percent between minutes). Cases: "base" (no adapter), "a"
 (one rank-16 adapter, unmerged), "ab" (two stacked), "merged" (a worker whose engine merged "a").
+Kind "native" is the C library (benchmarks.native_bench.NativeWorker).
 
     python -m benchmarks.worker '{"kind": "ours-onnx", ...}'   (the runner starts these)
 """
@@ -161,6 +162,10 @@ def _worker(spec: dict):
     kind = spec["kind"]
     if kind.startswith("ours-"):
         return Ours(spec)
+    if kind == "native":  # the C library through runtime/native.py (benchmarks.native_bench)
+        from benchmarks.native_bench import NativeWorker
+
+        return NativeWorker(spec)
     from benchmarks import peers
 
     return peers.make(spec)
