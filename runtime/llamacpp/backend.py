@@ -37,12 +37,16 @@ from runtime.llamacpp.adapters import LlamaCppAdapters
 from runtime.llamacpp.context import Context
 from runtime.llamacpp.merge import check_precision
 from runtime.llamacpp.model import Model
+from runtime.prefix_cache import PrefixCache
 
 DEFAULT_MAX_CTX = 4096
 # positions a context starts with; it doubles (up to n_ctx) when a request needs more: llama.cpp zeroes
 # its whole KV cache at creation, so a 2048-position f16 cache cost 47 MB of RSS (SmolLM2-135M) whether
 # a request used 96 positions or all of them
 DEFAULT_START_CTX = 256
+# KV prefixes kept across adapter switches (runtime/prefix_cache.py): 64 MiB hold ~2,800 positions of
+# SmolLM2-135M's f16 cache (23 KB each), e.g. a 512-token system prompt under five adapter sets
+DEFAULT_PREFIX_CACHE_BYTES = 64 << 20
 
 
 class LlamaCppEngine(LlamaCppAdapters, Engine):
@@ -66,6 +70,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         mmap: bool | None = None,
         merge_precision: str = "base",
         n_ctx_start: int | None = DEFAULT_START_CTX,
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         """``precise``: f32 KV cache, no flash attention (for evaluation: logits within ~1e-5 of
         PyTorch). Memory (docs/mobile.md): the weights are one copy (``mmap=None`` maps the file, or reads it
@@ -82,7 +87,10 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
         every tensor and op on the CPU even in a GPU build. ``merge_precision``: what ``merge`` (and a
         merged variant) writes a 4/5-bit base's merged tensors as: ``"base"`` its own type, at its speed,
-        rounded to keep the adapter (:mod:`runtime.llamacpp.merge`); ``"q8_0"`` closer to unmerged, slower."""
+        rounded to keep the adapter (:mod:`runtime.llamacpp.merge`); ``"q8_0"`` closer to unmerged, slower.
+        ``prefix_cache_bytes``: KV prefixes kept across adapter switches (:mod:`runtime.prefix_cache`): a
+        request whose set was not the last one's restores the longest prefix of its tokens saved under its
+        own set instead of evaluating it again; 0 turns it off."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         lib.silence_log(verbose)
         self.device, self._gpus = (CPU, []) if check_device(device) == "cpu" else lib.find_gpu(device)
@@ -110,6 +118,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self._scratch_lock = threading.Lock()  # taken before _ctx_lock, never inside it
         self._ctx_lock = threading.Lock()  # a llama_context is not thread-safe
         self._model = self._ctx = None
+        self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None
         self._load(self._model_path)
 
     # --- model and context --------------------------------------------------------------
@@ -157,7 +166,10 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self._model, self._ctx = model, ctx
         self._base_ctx = ctx
         self._cache_key: tuple | None = None  # adapter set the cached tokens were computed under
+        self._cache_ident: tuple | None = None  # the same with the adapters' identities (prefix cache key)
         self._cache_tokens: list[int] = []
+        if self._prefixes is not None:
+            self._prefixes.clear()  # states of another base (a merge reloads the model)
 
     def _unload(self) -> None:
         base_ctx = getattr(self, "_base_ctx", None)  # self._ctx may be a merged variant's, freed with it
@@ -227,17 +239,41 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
                 f"({loaded[merged[0]].handle.variant.reason}): alone and at scale 1.0 only",
                 hint="stack or scale it on the ONNX backend, or engine.merge() it into the base",
             )
-        self._cache_key = None
+        self._save_prefix()  # the set it leaves: a later request under it starts from these tokens
+        self._cache_key = self._cache_ident = None
         self._forget_cache()
         self._ctx = loaded[merged[0]].handle.variant.ctx if merged else self._base_ctx
+        ident = (key, tuple(id(h) for h in handles))
         if merged:
             self._forget_cache()  # it may hold the tokens of an earlier request on it
-            self._cache_key = key
+            self._cache_key, self._cache_ident = key, ident
             return
         self._forget_cache()
         used = [(h.ptr, s) for (_, s), h in zip(key, handles) if not h.empty]  # an empty one: new tokens only
         self._ctx.set_adapters([p for p, _ in used], [s for _, s in used])
-        self._cache_key = key
+        self._cache_key, self._cache_ident = key, ident
+
+    def _save_prefix(self) -> None:
+        """The active context's tokens and KV state into the prefix cache, under the active set."""
+        if self._prefixes is None or self._cache_ident is None or not self._cache_tokens:
+            return
+        blob = self._ctx.save_state()
+        if blob is not None:
+            self._prefixes.put(self._cache_ident, self._cache_tokens, blob, blob.nbytes)
+
+    def _restore_prefix(self, history: list[int]) -> None:
+        """With nothing cached under the active set, the longest saved prefix of ``history`` (leaving
+        at least one token to evaluate for its logits)."""
+        if self._prefixes is None or self._cache_tokens or self._cache_ident is None or len(history) < 2:
+            return
+        found = self._prefixes.best(self._cache_ident, history, len(history) - 1)
+        if found is None:
+            return
+        n, blob = found
+        if self._ctx.load_state(blob) and self._ctx.truncate(n):
+            self._cache_tokens = list(history[:n])
+        else:
+            self._forget_cache()
 
     def _make_room(
         self, needed: int, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
@@ -248,6 +284,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         if needed <= old.n_ctx or old.n_ctx >= self._n_ctx:
             return
         size = min(self._n_ctx, max(needed, 2 * old.n_ctx))
+        self._save_prefix()  # restored into the new context by the caller
         old.free()  # first: the two caches are never held at once
         try:
             new = self._new_context(old.model, size)
@@ -258,7 +295,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         for la in self._adapters.values():
             if la.handle.variant is not None and la.handle.variant.ctx is old:
                 la.handle.variant.ctx = new
-        self._ctx, self._cache_key, self._cache_tokens = new, None, []
+        self._ctx, self._cache_key, self._cache_ident, self._cache_tokens = new, None, None, []
         self._use_set(adapter_set, loaded)
 
     def _forget_cache(self) -> None:
@@ -272,6 +309,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         with self._ctx_lock:
             self._use_set(adapter_set, loaded)
             self._make_room(len(history), adapter_set, loaded)
+            self._restore_prefix(history)
             cached = self._cache_tokens
             common = 0
             limit = min(len(cached), len(history) - 1)  # always evaluate at least one token for its logits
@@ -325,6 +363,14 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
             "use_extra_bufts": self._model.use_extra_bufts,
             "precise": self._precise,
             "merge_precision": self._merge_precision,
+            "prefix_cache": None
+            if self._prefixes is None
+            else {
+                "max_bytes": self._prefixes.max_bytes,
+                "bytes": self._prefixes.nbytes,
+                "entries": len(self._prefixes),
+                **self._prefixes.stats.as_dict(),
+            },
             "mmap": self._model.use_mmap,
             "n_batch": self._base_ctx.n_batch,
             "n_ubatch": self._base_ctx.n_ubatch,

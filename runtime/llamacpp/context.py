@@ -84,6 +84,26 @@ class Context:
         llama_cpp().llama_memory_clear(self.memory, self._tainted)
         self._tainted = False
 
+    def save_state(self) -> np.ndarray | None:
+        """The sequence's KV state as bytes (``llama_state_seq_get_data``), None when it holds NaN/Inf."""
+        if self._tainted:
+            return None
+        lib = llama_cpp()
+        size = lib.llama_state_seq_get_size(self.ptr, 0)
+        blob = np.empty(size, np.uint8)
+        dst = blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8))
+        written = lib.llama_state_seq_get_data(self.ptr, dst, size, 0)
+        return blob[:written] if written else None
+
+    def load_state(self, blob: np.ndarray) -> bool:
+        """Replace the sequence's KV state with a saved one; False when llama.cpp refuses it (then clear)."""
+        lib = llama_cpp()
+        lib.llama_memory_clear(self.memory, False)
+        done = lib.llama_state_seq_set_data(
+            self.ptr, blob.ctypes.data_as(ctypes.POINTER(ctypes.c_uint8)), blob.nbytes, 0
+        )
+        return bool(done)
+
     def truncate(self, keep: int) -> bool:
         """Drop cached positions >= keep; False when the cache cannot cut there (then clear it)."""
         return bool(llama_cpp().llama_memory_seq_rm(self.memory, 0, keep, -1))
