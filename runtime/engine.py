@@ -292,7 +292,7 @@ class Engine(ABC):
         vocab = self.added_vocab(loaded)  # ids past its size (padding, replaced-row slots) are never sampled
         self._check_ids(ids, vocab.size)
         sampler = Sampler(params)
-        state = self._new_state(chosen, loaded)
+        state = self._request_state(chosen, loaded)
         eos = set(self.config.eos_token_id) | set(params.stop_token_ids)
         history = list(ids)
         try:
@@ -354,6 +354,11 @@ class Engine(ABC):
 
     @abstractmethod
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState: ...
+
+    def _request_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
+        """The state a generation runs on: :meth:`_new_state`, which a backend may wrap (the ONNX
+        engine's prefix reuse, :class:`runtime.prefix_cache.PrefixReuse`)."""
+        return self._new_state(adapter_set, loaded)
 
     @abstractmethod
     def _full_logits(

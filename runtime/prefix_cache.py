@@ -14,6 +14,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+from runtime.engine import DecodeState
+
 
 @dataclass
 class PrefixStats:
@@ -102,3 +104,31 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.drop(lambda _key: True)
+
+
+class PrefixReuse(DecodeState):
+    """A request's decode state (one with ``take_kv`` / ``put_kv``, e.g. the ONNX CPU state) that starts
+    from the longest prefix the cache holds under its set, and leaves its own KV there when it closes
+    (handed over, not copied)."""
+
+    def __init__(self, state: object, cache: PrefixCache, set_key: Hashable) -> None:
+        self.state, self.cache, self.set_key = state, cache, set_key
+        self.fed: list[int] = []
+
+    def feed(self, token_ids: list[int]) -> object:
+        ids = [int(t) for t in token_ids]
+        if not self.fed and len(ids) > 1:
+            found = self.cache.best(self.set_key, ids, len(ids) - 1)
+            if found is not None:
+                n, kv = found
+                self.state.put_kv(kv, n)
+                self.fed, ids = ids[:n], ids[n:]
+        logits = self.state.feed(ids)
+        self.fed += ids
+        return logits
+
+    def close(self) -> None:
+        kv = self.state.take_kv()
+        if kv is not None and len(self.fed) == kv[1]:  # a failed feed leaves its positions unknown
+            self.cache.put(self.set_key, self.fed, kv, sum(a.nbytes for a in kv[0]))
+        self.state.close()

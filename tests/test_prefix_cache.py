@@ -50,13 +50,15 @@ def bundle(model_dirs, tmp_path_factory):
     a, b = random_adapter(md, seed=1, std=0.3), random_adapter(md, seed=2, std=0.3)
     adapters = {"a": a, "b": b, "tok": tok}
     root = tmp_path_factory.mktemp("prefix") / "b"
-    return build_bundle(md.path, root, adapters, backends=("gguf",), gguf_quants=("f32",))
+    return build_bundle(md.path, root, adapters, backends=("gguf", "onnx"), gguf_quants=("f32",))
 
 
-def _engine(bundle, **options):
+def _engine(bundle, backend="llamacpp", **options):
     import runtime
 
-    engine = runtime.load(bundle, backend="llamacpp", precise=True, threads=2, **options)
+    if backend == "llamacpp":
+        options["precise"] = True
+    engine = runtime.load(bundle, backend=backend, threads=2, **options)
     for name in ("a", "b", "tok"):
         engine.add_adapter(name)
     return engine
@@ -112,3 +114,35 @@ def test_removed_adapter_states_are_dropped_and_the_bound_holds(bundle):
     engine.generate_ids([5] * 40, greedy, adapters={"a": 1.0})  # only the new adapter's own state serves
     assert engine.info()["prefix_cache"]["hits"] >= before
     engine.close()
+
+
+def test_onnx_requests_start_from_a_prefix_left_under_their_set(bundle):
+    system = [int(t) for t in np.random.default_rng(1).integers(3, 300, 150)]
+    turns = [
+        ({"a": 1.0}, system + [5]),
+        ({"b": 1.0}, system + [6]),
+        ({"a": 1.0}, system + [7, 8]),  # a's own prefix: restored
+        ({"a": 1.0, "b": 0.5}, system + [9]),
+        ({"b": 1.0}, system + [6, 10]),  # b's whole prompt and more
+        ({"tok": 1.0}, system + [300]),
+        ({"tok": 1.0}, system + [300, 11]),
+        ({}, system + [12]),
+        ({}, system + [13]),
+    ]
+    greedy = SamplingParams(max_new_tokens=5)
+    cached, fresh = _engine(bundle, "onnx"), _engine(bundle, "onnx", prefix_cache_bytes=0)
+    assert cached.session_api == "c"
+    for adapters, prompt in turns:
+        assert cached.generate_ids(prompt, greedy, adapters=adapters) == fresh.generate_ids(
+            prompt, greedy, adapters=adapters
+        ), adapters
+    stats = cached.info()["prefix_cache"]
+    assert stats["hits"] == 4 and stats["tokens_reused"] >= 4 * len(system), stats
+    assert 0 < stats["bytes"] <= stats["max_bytes"]
+    ids = system + [14, 15]
+    state = cached._request_state({"a": 1.0}, {"a": cached._adapters["a"]})
+    np.testing.assert_allclose(state.feed(ids), fresh.logits(ids, adapters={"a": 1.0})[-1], atol=1e-4, rtol=0)
+    state.close()
+    cached.remove_adapter("a")
+    kept_sets = [set_key[0] for set_key, _tokens in cached._prefixes._entries]
+    assert not any(name == "a" for names in kept_sets for name, _scale in names), "a's states kept"

@@ -43,9 +43,13 @@ from runtime.onnx.decode_states import OnnxState, SharedKVState
 from runtime.onnx.device import WEBGPU, DeviceTensors, find_webgpu
 from runtime.onnx.request import DecodeSetup
 from runtime.onnx.sessions import DEVICE_PROVIDERS, Background, PythonSessions, SessionSpec, resolve_providers
+from runtime.prefix_cache import PrefixCache, PrefixReuse
 
 __all__ = ["OnnxEngine", "resolve_providers"]
 SESSION_APIS = ("auto", "c", "python")
+# KV prefixes left by requests (runtime/prefix_cache.py): float32 KV of SmolLM2-135M is 46 KB a position,
+# so 64 MiB hold ~1,400 positions, e.g. a 512-token system prompt under two or three adapter sets
+DEFAULT_PREFIX_CACHE_BYTES = 64 << 20
 
 
 class OnnxEngine(Engine):
@@ -73,6 +77,7 @@ class OnnxEngine(Engine):
         device: str = "cpu",
         profile_dir: str | os.PathLike | None = None,
         session_api: str = "auto",
+        prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
     ) -> None:
         """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
         feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
@@ -82,8 +87,13 @@ class OnnxEngine(Engine):
         for base-only requests (on the CPU's C API path at no second copy of the weights; on the
         Python binding's CPU path, ``None`` keeps it only until the first adapter); ``False``: the
         LoRA graph alone. ``session_api``: ``"auto"`` takes the C API for the CPU's fast variant and
-        the Python binding elsewhere; ``"python"`` forces the binding (to compare)."""
+        the Python binding elsewhere; ``"python"`` forces the binding (to compare).
+        ``prefix_cache_bytes``: on the C API path, each request leaves its KV cache in a bounded store
+        (:mod:`runtime.prefix_cache`) and a later one under the same set starts from the longest prefix
+        it shares with one there (a system prompt is evaluated once per set, not once per request);
+        0 turns it off."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
+        self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None
         if session_api not in SESSION_APIS:
             raise EdgeLoraError(
                 f"unknown session_api {session_api!r}", hint=f"choose {', '.join(SESSION_APIS)}"
@@ -221,12 +231,22 @@ class OnnxEngine(Engine):
 
     def _detach(self, name: str, handle: object) -> None:
         self.adapter_sets.detach(name)
+        if self._prefixes is not None:  # states computed with it: never restored again
+            self._prefixes.drop(lambda key: id(handle) in key[1])
 
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
         choice = self.adapter_sets.choice(adapter_set, loaded)
         if self.session_api == "c":
             return CpuKVState(self.decode_setup, choice)
         return (SharedKVState if self.shared_kv else OnnxState)(self.decode_setup, choice)
+
+    def _request_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
+        state = self._new_state(adapter_set, loaded)
+        if self._prefixes is None or not isinstance(state, CpuKVState):
+            return state
+        names = sorted(adapter_set)
+        key = (tuple((n, adapter_set[n]) for n in names), tuple(id(loaded[n].handle) for n in names))
+        return PrefixReuse(state, self._prefixes, key)
 
     def _full_logits(
         self, ids: list[int], adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
@@ -239,6 +259,8 @@ class OnnxEngine(Engine):
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
         self.sessions.wait()  # a session still opening in the background finishes first
+        if self._prefixes is not None:
+            self._prefixes.clear()  # states of the base before the merge
         replaced = self.weights.merge(loaded.adapter, scale)
         # DoRA norms are of the weights the layer now holds (PEFT: the merged base); cached sets hold old ones
         dora = [other for other in self._adapters.values() if other.handle.get("dora")]
@@ -261,6 +283,14 @@ class OnnxEngine(Engine):
             "variant": self.layout["variant"],
             "providers": self.sessions.spec.providers,
             "session_api": self.session_api,
+            "prefix_cache": None
+            if self._prefixes is None or self.session_api != "c"
+            else {
+                "max_bytes": self._prefixes.max_bytes,
+                "bytes": self._prefixes.nbytes,
+                "entries": len(self._prefixes),
+                **self._prefixes.stats.as_dict(),
+            },
             "plain_session": self.sessions.plain is not None,
             "device": device,
         }

@@ -96,6 +96,23 @@ class CpuKVState(BoundState):
         self.binding = self._owner = self.logits = None
         self.cache = []
 
+    def take_kv(self) -> tuple[list[np.ndarray], int] | None:
+        """The KV buffers and how many positions they hold, handed over (the state is done with them:
+        no copy); None before the first feed."""
+        if not self.length:
+            return None
+        taken, self.cache = self.cache, []
+        return taken, self.length
+
+    def put_kv(self, kv: tuple[list[np.ndarray], int], n: int) -> None:
+        """Start from the first ``n`` positions of a saved state (before the first feed)."""
+        arrays, length = kv
+        n = min(n, length)
+        self._reserve(n)
+        for buffer, saved in zip(self.cache, arrays):
+            buffer[:, :, :n] = saved[:, :, :n]
+        self.length = n
+
     def _bind_ids(self, token_ids: list[int]) -> None:
         value = self.setup.sessions.value
         if self.added:  # new tokens in the set: base ids clamped, and each position's row of the table
