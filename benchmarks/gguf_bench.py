@@ -190,6 +190,8 @@ def _one_request(engine, prompt, new_tokens, adapters) -> tuple[float, float]:
     chosen, loaded = engine._request_set(adapters)
     state = engine._new_state(chosen, loaded)
     engine._forget_cache()  # prefill from an empty cache, as a new conversation would
+    if engine._prefixes is not None:  # and no prefix saved under an earlier switch (runtime.prefix_cache)
+        engine._prefixes.clear()
     sampler = Sampler(SamplingParams(max_new_tokens=new_tokens))
     t0 = time.perf_counter()
     logits = state.feed(prompt)
