@@ -85,7 +85,7 @@ def merged_gguf(model, quant: str) -> Path:
     file."""
     from edge_lora.adapter import Adapter
     from edge_lora.bundle import Bundle
-    from runtime.llamacpp.merge import write_merged_gguf
+    from edge_lora.gguf_format.merge import write_merged_gguf
 
     out = model.root / "peers" / f"merged-a-{quant}.gguf"
     if not out.is_file():

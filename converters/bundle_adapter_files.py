@@ -99,9 +99,9 @@ def write_adapter(
 
 def _write_merged_variants(root: Path, stem: str, adapter: Adapter, config: ModelConfig) -> dict:
     """The adapter merged at scale 1 into a copy of each GGUF base (``gguf/model-<quant>.gguf``), each
-    tensor in its base's type (runtime/llamacpp/merge.py, precision "base"): what the Python runtime
+    tensor in its base's type (edge_lora/gguf_format/merge.py, precision "base"): what the Python runtime
     makes at add_adapter, made once here. ``{quant: file}``."""
-    from runtime.llamacpp.merge import write_merged_gguf
+    from edge_lora.gguf_format.merge import write_merged_gguf
 
     variants = {}
     for base in sorted((root / "gguf").glob("model-*.gguf")):

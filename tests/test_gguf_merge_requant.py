@@ -8,8 +8,8 @@ from factories import build_bundle, random_adapter
 
 from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.quant import GRID_TYPES, block_grid, fit_grid, pack_codes
+from edge_lora.gguf_format.requant import BlockGrid, round_to_grid
 from edge_lora.model_dir import ModelDir
-from runtime.llamacpp.requant import BlockGrid, round_to_grid
 
 PROMPT = [5, 17, 42, 99, 120, 7, 33, 64, 3, 250, 11, 90]
 

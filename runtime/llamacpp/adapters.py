@@ -85,7 +85,7 @@ class LlamaCppAdapters:
 
     def _make_variant(self, name: str, adapter: Adapter, reason: str) -> MergedVariant:
         """The current base with ``adapter`` merged in at scale 1, loaded as a model of its own."""
-        from runtime.llamacpp.merge import write_merged_gguf
+        from edge_lora.gguf_format.merge import write_merged_gguf
 
         start = time.perf_counter()
         path = Path(self._tmp.name) / f"variant-{name}-{os.urandom(4).hex()}.gguf"
@@ -195,7 +195,7 @@ class LlamaCppAdapters:
             handle.ptr = None
 
     def _merge(self, name: str, loaded: LoadedAdapter, scale: float) -> None:
-        from runtime.llamacpp.merge import write_merged_gguf
+        from edge_lora.gguf_format.merge import write_merged_gguf
 
         with self._ctx_lock:
             merged = Path(self._tmp.name) / f"merged-{len(self._merged)}-{name}.gguf"

@@ -29,13 +29,13 @@ import numpy as np
 
 from edge_lora.bundle import Bundle
 from edge_lora.errors import EdgeLoraError
+from edge_lora.gguf_format.merge import check_precision
 from edge_lora.gguf_format.names import FINGERPRINT_KEY
 from runtime.devices import CPU, check_device
 from runtime.engine import DecodeState, Engine, LoadedAdapter
 from runtime.llamacpp import lib
 from runtime.llamacpp.adapters import LlamaCppAdapters
 from runtime.llamacpp.context import Context
-from runtime.llamacpp.merge import check_precision
 from runtime.llamacpp.model import Model
 from runtime.prefix_cache import PrefixCache
 
@@ -87,7 +87,8 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         (Vulkan, Metal, CUDA: whichever llama-cpp-python was built with); ``device="cpu"`` keeps
         every tensor and op on the CPU even in a GPU build. ``merge_precision``: what ``merge`` (and a
         merged variant) writes a 4/5-bit base's merged tensors as: ``"base"`` its own type, at its speed,
-        rounded to keep the adapter (:mod:`runtime.llamacpp.merge`); ``"q8_0"`` closer to unmerged, slower.
+        rounded to keep the adapter (:mod:`edge_lora.gguf_format.merge`); ``"q8_0"`` closer to unmerged,
+        slower.
         ``prefix_cache_bytes``: KV prefixes kept across adapter switches (:mod:`runtime.prefix_cache`): a
         request whose set was not the last one's restores the longest prefix of its tokens saved under its
         own set instead of evaluating it again; 0 turns it off."""

@@ -6,7 +6,7 @@ tensor of a base below 8 bits becomes:
 - ``"base"`` (default): the base's own type (q4_0, q4_1, q5_0, q5_1), so the merged model decodes at
   the base's speed. Rounded to the nearest grid point the adapter's delta, mostly under half a
   step, would vanish (merged about as far from unmerged as the base is); so the values are chosen
-  on the base's own block grid with the adapter-aware rounding of :mod:`runtime.llamacpp.requant`.
+  on the base's own block grid with the adapter-aware rounding of :mod:`edge_lora.gguf_format.requant`.
   K-quants have no such encoder here and go to q8_0.
 - ``"q8_0"``: q8_0 (f16 where a row does not split into 32-value blocks): the delta survives nearly
   whole (merged vs unmerged logit std 0.13 on the Qwen2.5-0.5B shape, q4_k_m), but q8_0 decodes at
@@ -29,7 +29,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.gguf_format.file_write import write_gguf
 from edge_lora.gguf_format.names import gguf_arch, gguf_module, to_gguf_rows
 from edge_lora.gguf_format.quant import GRID_TYPES, block_grid, decode, encode, fit_grid, pack_codes
-from runtime.llamacpp.requant import BlockGrid, round_to_grid
+from edge_lora.gguf_format.requant import BlockGrid, round_to_grid
 
 if TYPE_CHECKING:
     import gguf
