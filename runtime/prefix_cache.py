@@ -108,8 +108,7 @@ class PrefixCache:
 
 class PrefixReuse(DecodeState):
     """A request's decode state (one with ``take_kv`` / ``put_kv``, e.g. the ONNX CPU state) that starts
-    from the longest prefix the cache holds under its set, and leaves its own KV there when it closes
-    (handed over, not copied)."""
+    from the longest prefix the cache holds under its set, and leaves its own KV there when it closes."""
 
     def __init__(self, state: object, cache: PrefixCache, set_key: Hashable) -> None:
         self.state, self.cache, self.set_key = state, cache, set_key

@@ -48,8 +48,9 @@ from runtime.prefix_cache import PrefixCache, PrefixReuse
 __all__ = ["OnnxEngine", "resolve_providers"]
 SESSION_APIS = ("auto", "c", "python")
 # KV prefixes left by requests (runtime/prefix_cache.py): float32 KV of SmolLM2-135M is 46 KB a position,
-# so 64 MiB hold ~1,400 positions, e.g. a 512-token system prompt under two or three adapter sets
-DEFAULT_PREFIX_CACHE_BYTES = 64 << 20
+# so 32 MiB hold ~700 positions, e.g. one 512-token system prompt under one set; every request leaves its
+# KV there, so the store is full after a few requests: the bound is what it costs
+DEFAULT_PREFIX_CACHE_BYTES = 32 << 20
 
 
 class OnnxEngine(Engine):

@@ -97,12 +97,11 @@ class CpuKVState(BoundState):
         self.cache = []
 
     def take_kv(self) -> tuple[list[np.ndarray], int] | None:
-        """The KV buffers and how many positions they hold, handed over (the state is done with them:
-        no copy); None before the first feed."""
+        """The positions the KV buffers hold, copied out at their length (a buffer's capacity can be
+        twice that: a kept prefix costs only its positions); None before the first feed."""
         if not self.length:
             return None
-        taken, self.cache = self.cache, []
-        return taken, self.length
+        return [np.ascontiguousarray(buffer[:, :, : self.length]) for buffer in self.cache], self.length
 
     def put_kv(self, kv: tuple[list[np.ndarray], int], n: int) -> None:
         """Start from the first ``n`` positions of a saved state (before the first feed)."""
