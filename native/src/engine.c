@@ -348,8 +348,13 @@ static el_status row_logits(el_engine *e, const el_vocab *v, int32_t i, float *o
             out[e->n_vocab + r] = (float)acc;
         }
     }
-    for (int32_t k = 0; k < e->n_vocab + rows; k++)
-        if (!(out[k] - out[k] == 0)) e->tainted = true; /* NaN or Inf */
+    uint32_t non_finite = 0; /* NaN or Inf: an all-ones exponent; a bit test the compiler vectorizes */
+    for (int32_t k = 0; k < e->n_vocab + rows; k++) {
+        uint32_t bits;
+        memcpy(&bits, &out[k], sizeof bits);
+        non_finite |= (bits & 0x7f800000u) == 0x7f800000u;
+    }
+    if (non_finite) e->tainted = true;
     return EL_OK;
 }
 
@@ -571,8 +576,12 @@ el_status el_engine_generate(el_engine *e, const int32_t *prompt, size_t n_promp
     size_t n = n_prompt;
     if ((st = el_advance(e, &s, &v, mhistory, n, raw))) goto done;
     for (int32_t step = 0; step < params.max_new_tokens; step++) {
-        el_vocab_from_model(&v, raw, logits);
-        int32_t token = el_sampler_pick(&sampler, logits, v.size, history, n);
+        const float *view = raw; /* the model's columns are the request's, unless ids were replaced */
+        if (v.n_replaced) {
+            el_vocab_from_model(&v, raw, logits);
+            view = logits;
+        }
+        int32_t token = el_sampler_pick(&sampler, view, v.size, history, n);
         if (token < 0) {
             st = el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
             break;

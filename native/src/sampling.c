@@ -58,6 +58,12 @@ static int by_prob_desc(const void *a, const void *b) {
 
 int32_t el_sampler_pick(el_sampler *s, const float *logits, int32_t n_vocab, const int32_t *history, size_t n_history) {
     const el_sampling *p = &s->params;
+    if (p->temperature == 0 && p->repetition_penalty == 1.0f) { /* greedy: the first maximum, no copy */
+        int32_t best = 0;
+        for (int32_t i = 1; i < n_vocab; i++)
+            if (logits[i] > logits[best]) best = i;
+        return best;
+    }
     if (reserve(s, (size_t)n_vocab) != EL_OK) return -1;
     float *v = s->scratch;
     memcpy(v, logits, (size_t)n_vocab * sizeof(float));
