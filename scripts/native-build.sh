@@ -18,6 +18,7 @@ sanitize=${EDGE_LORA_SANITIZE:-}
 key=$( (find native -type f \( -name '*.c' -o -name '*.h' -o -name CMakeLists.txt \) -print0 | sort -z | xargs -0 sha256sum;
         sha256sum "$include/llama.h" "$lib/libllama.so"; echo "$sanitize") | sha256sum | cut -c1-16)
 build=${1:-${EDGE_LORA_CACHE:-$HOME/.cache/edge-lora}/native/$key${sanitize:+-san}}
+mkdir -p "$(dirname "$build")"  # the log lands beside the build folder, before cmake makes it
 if [ ! -f "$build/done" ]; then
   cmake -S native -B "$build" -G Ninja -DCMAKE_BUILD_TYPE=RelWithDebInfo \
     -DEDGE_LORA_LLAMA_INCLUDE_DIR="$include" -DEDGE_LORA_LLAMA_LIB_DIR="$lib" \
