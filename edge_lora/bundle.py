@@ -22,6 +22,7 @@ symlinks out). A bundle is valid only once bundle.json is in place: writers put 
 
 from __future__ import annotations
 
+import dataclasses
 import json
 import os
 from dataclasses import dataclass, field
@@ -258,16 +259,12 @@ def _check_manifest(raw: object, manifest: Path) -> None:
             )
 
 
-# bundle.json's model keys a config cannot do without, in ModelConfig's order (the C library checks the same)
-REQUIRED_MODEL_KEYS = (
-    "architecture",
-    "vocab_size",
-    "hidden_size",
-    "intermediate_size",
-    "num_hidden_layers",
-    "num_attention_heads",
-    "num_key_value_heads",
-    "head_dim",
+# bundle.json's model keys a config cannot do without: ModelConfig's fields with no default, in its
+# order (architecture, then the sizes; the C library checks the same list)
+REQUIRED_MODEL_KEYS = tuple(
+    f.name
+    for f in dataclasses.fields(ModelConfig)
+    if f.default is dataclasses.MISSING and f.default_factory is dataclasses.MISSING
 )
 
 

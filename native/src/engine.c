@@ -51,7 +51,7 @@ static bool cpu_has_amx(void) { /* llama.cpp's AMX buffer type crashed on Q8_0/Q
     return amx;
 }
 
-static el_status sha256_file(const char *path, char hex[EL_SHA256_HEX]) {
+el_status el_sha256_file(const char *path, char hex[EL_SHA256_HEX]) {
     FILE *f = fopen(path, "rb");
     if (!f) return el_fail(EL_ERR_IO, path, NULL, "cannot open the file");
     crypto_hash_sha256_state state;
@@ -115,8 +115,6 @@ struct llama_model *el_load_gguf(el_engine *e, const char *path) {
     return model;
 }
 
-el_status el_sha256_file(const char *path, char hex[EL_SHA256_HEX]) { return sha256_file(path, hex); }
-
 static el_status load_model(el_engine *e, const char *quant) {
     el_bundle *b = &e->bundle;
     int pick = -1;
@@ -136,7 +134,7 @@ static el_status load_model(el_engine *e, const char *quant) {
     if (e->verify_hashes) {
         if (!el_bundle_file(b, rel) || !el_bundle_file(b, rel)->sha256[0]) return el_bundle_check_digest(b, rel, "");
         char hex[EL_SHA256_HEX];
-        if ((st = sha256_file(e->model_path, hex)) || (st = el_bundle_check_digest(b, rel, hex))) return st;
+        if ((st = el_sha256_file(e->model_path, hex)) || (st = el_bundle_check_digest(b, rel, hex))) return st;
     }
     e->quant = el_strdup(b->gguf_quants[pick] ? b->gguf_quants[pick] : "");
     e->model = el_load_gguf(e, e->model_path);
