@@ -114,6 +114,15 @@ def read_peft_config(path: Path) -> dict:
         raise EdgeLoraError(
             "fan_in_fan_out adapters (GPT-2 Conv1D) do not fit the Llama family", path=cfg_path
         )
+    invocation = cfg.get("alora_invocation_tokens")
+    if invocation is not None and not (
+        isinstance(invocation, list) and invocation and all(type(i) is int and i >= 0 for i in invocation)
+    ):
+        raise EdgeLoraError(
+            "adapter_config.json: alora_invocation_tokens must be a non-empty list of token ids",
+            path=cfg_path,
+            hint=_RESAVE,
+        )
     return cfg
 
 
@@ -268,6 +277,7 @@ def _adapter(
         base_fingerprint=base_fingerprint,
         rslora=bool(cfg.get("use_rslora", False)),
         target_modules=sorted(modules),
+        invocation_tokens=list(cfg.get("alora_invocation_tokens") or []),
         extra={
             "imported_from": "peft",
             "base_model_name_or_path": cfg.get("base_model_name_or_path"),
@@ -335,6 +345,7 @@ def export_peft(
         "rank_pattern": {re.escape(m): k for m, k in ranks.items() if k != r},
         "alpha_pattern": {re.escape(m): a for m, a in alphas.items() if a != alpha},
         "fan_in_fan_out": False,
+        **({"alora_invocation_tokens": list(adapter.invocation_tokens)} if adapter.activated else {}),
         "init_lora_weights": True,
         "inference_mode": True,
     }

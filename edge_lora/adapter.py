@@ -25,6 +25,7 @@ from edge_lora.adapter_format import (
     EMBED_ROWS,
     FORMAT_VERSION,
     HEAD_ROWS,
+    INVOCATION_KEY,
     LORA_TENSOR,
     METADATA_KEY,
     REMAKE,
@@ -68,12 +69,20 @@ class Adapter:
     replaced_tokens: list[int] = field(default_factory=list)  # base ids whose rows this adapter replaces
     replaced_embed_rows: np.ndarray | None = None  # [n_replaced, hidden]
     replaced_head_rows: np.ndarray | None = None  # [n_replaced, hidden], untied bases only
+    # activated LoRA (aLoRA, PEFT's ``alora_invocation_tokens``): the adapter acts only from the start of
+    # the last occurrence of these base-vocabulary ids in the prompt on; empty: active everywhere
+    invocation_tokens: list[int] = field(default_factory=list)
     extra: dict = field(default_factory=dict)  # free-form provenance (trainer settings, source)
 
     @property
     def token_rows(self) -> bool:
         """Whether it adds tokens or replaces base tokens' rows (its requests see another vocabulary)."""
         return bool(self.added_tokens or self.replaced_tokens)
+
+    @property
+    def activated(self) -> bool:
+        """An activated adapter (aLoRA): the prompt before its invocation tokens is the base's."""
+        return bool(self.invocation_tokens)
 
     @property
     def dora(self) -> bool:
@@ -121,6 +130,7 @@ class Adapter:
             },
             "added_tokens": self.added_tokens,
             **({"replaced_tokens": [int(i) for i in self.replaced_tokens]} if self.replaced_tokens else {}),
+            **({INVOCATION_KEY: [int(i) for i in self.invocation_tokens]} if self.invocation_tokens else {}),
             "extra": self.extra,
         }
 
@@ -187,9 +197,12 @@ class Adapter:
             replaced_tokens=list(meta.get("replaced_tokens") or []),
             replaced_embed_rows=rows.get(REPLACED_EMBED_ROWS),
             replaced_head_rows=rows.get(REPLACED_HEAD_ROWS),
+            invocation_tokens=list(meta.get(INVOCATION_KEY) or []),
             extra=meta.get("extra") or {},
         )
         check_token_rows(adapter, path)
+        if adapter.activated and adapter.dora:  # PEFT has no aLoRA variant of DoRA either
+            raise EdgeLoraError("an activated adapter (aLoRA) cannot be DoRA", path=path, hint=REMAKE)
         if base is not None or base_fingerprint is not None or base_token_id is not None:
             adapter.check_fits(base, base_fingerprint, path=path, base_token_id=base_token_id)
         return adapter
@@ -238,6 +251,13 @@ class Adapter:
                     hint="wrong base model?",
                 )
         check_token_rows_fit(self, base, path)
+        past = [i for i in self.invocation_tokens if i >= base.vocab_size]
+        if past:
+            raise EdgeLoraError(
+                f"invocation token ids {past[:4]} are past the base vocabulary ({base.vocab_size} tokens)",
+                path=path,
+                hint="wrong base model?",
+            )
 
 
 def _read_checked(

@@ -22,6 +22,8 @@ HEAD_ROWS = "lm_head.added_rows"
 # the metadata's "replaced_tokens"; like the new tokens' rows they apply only while the adapter is active
 REPLACED_EMBED_ROWS = "model.embed_tokens.replaced_rows"
 REPLACED_HEAD_ROWS = "lm_head.replaced_rows"
+# activated LoRA (aLoRA): base-vocabulary ids whose last occurrence in a prompt starts the adapter's action
+INVOCATION_KEY = "alora_invocation_tokens"
 ROW_TENSORS = (EMBED_ROWS, HEAD_ROWS, REPLACED_EMBED_ROWS, REPLACED_HEAD_ROWS)
 REMAKE = "the file is corrupt or not written by edge-lora: train or export the adapter again"
 LORA_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
@@ -66,6 +68,15 @@ def read_metadata(st: SafetensorsFile, path: str | os.PathLike) -> dict:
     ):
         raise EdgeLoraError(
             "adapter metadata 'replaced_tokens' is not a list of distinct token ids", path=path, hint=REMAKE
+        )
+    invocation = meta.get(INVOCATION_KEY)
+    if invocation is not None and not (
+        isinstance(invocation, list) and invocation and all(type(i) is int and i >= 0 for i in invocation)
+    ):
+        raise EdgeLoraError(
+            f"adapter metadata {INVOCATION_KEY!r} is not a non-empty list of token ids",
+            path=path,
+            hint=REMAKE,
         )
     if not isinstance(meta["base"].get("fingerprint"), (str, type(None))):
         raise EdgeLoraError("adapter metadata base fingerprint is not a string", path=path, hint=REMAKE)

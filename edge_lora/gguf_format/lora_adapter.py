@@ -36,8 +36,9 @@ UNSUPPORTED_HINT = (
 
 def merged_variant_reason(adapter: Adapter, config: ModelConfig) -> str | None:
     """Why stock llama.cpp's run-time LoRA cannot apply this adapter while a merged model can (the
-    runtime then makes a merged variant when the adapter is added); None: a GGUF LoRA does it."""
-    if adapter.embed_rows is not None or adapter.head_rows is not None:
+    runtime then makes a merged variant when the adapter is added); None: a GGUF LoRA does it, or
+    nothing can (an activated adapter acts on part of a prompt: no merge expresses it)."""
+    if adapter.embed_rows is not None or adapter.head_rows is not None or adapter.activated:
         return None  # new tokens: not a merge's business
     if adapter.dora:
         return "DoRA rescales whole weight rows, which llama.cpp's run-time LoRA cannot express"
@@ -126,6 +127,13 @@ def adapter_writer(adapter: Adapter, config: ModelConfig, dtype: str = "f32") ->
     writer.add_string(gguf.Keys.Adapter.TYPE, "lora")
     writer.add_float32(gguf.Keys.Adapter.LORA_ALPHA, alpha)
     writer.add_string(FINGERPRINT_KEY, adapter.base_fingerprint or "")  # an empty string is not written
+    if adapter.activated:  # llama.cpp refuses any element type but uint32 (llama-adapter.cpp)
+        writer.add_key_value(
+            gguf.Keys.Adapter.ALORA_INVOCATION_TOKENS,
+            [int(i) for i in adapter.invocation_tokens],
+            gguf.GGUFValueType.ARRAY,
+            gguf.GGUFValueType.UINT32,
+        )
     for base_name, pair in tensors.items():
         for suffix, arr in zip(("lora_a", "lora_b"), pair):
             qtype = _tensor_type(arr, dtype)
