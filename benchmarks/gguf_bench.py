@@ -216,7 +216,7 @@ def _raw_decode_rate(engine, prompt, new_tokens) -> float:
                 ctx.decode([7], len(prompt) + i)
             rates.append(new_tokens / (time.perf_counter() - t0))
         ctx.clear()
-        engine._cache_tokens = []
+        engine._cache_keys, engine._last_state = [], None
     return max(rates)
 
 
@@ -235,7 +235,7 @@ def _swap_latency(engine, n: int) -> tuple[float, float]:
             times.append((time.perf_counter() - t0) * 1e3)
         ctx.set_adapters([], [])
         ctx.clear()
-        engine._cache_key, engine._cache_tokens = (), []
+        engine._applied, engine._cache_keys, engine._last_state = (), [], None
     return float(np.percentile(times, 50)), float(np.percentile(times, 99))
 
 

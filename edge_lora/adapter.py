@@ -203,6 +203,10 @@ class Adapter:
         check_token_rows(adapter, path)
         if adapter.activated and adapter.dora:  # PEFT has no aLoRA variant of DoRA either
             raise EdgeLoraError("an activated adapter (aLoRA) cannot be DoRA", path=path, hint=REMAKE)
+        if adapter.activated and adapter.token_rows:  # its prompt before the invocation is the base's
+            raise EdgeLoraError(
+                "an activated adapter (aLoRA) cannot add or replace tokens", path=path, hint=REMAKE
+            )
         if base is not None or base_fingerprint is not None or base_token_id is not None:
             adapter.check_fits(base, base_fingerprint, path=path, base_token_id=base_token_id)
         return adapter

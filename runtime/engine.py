@@ -24,6 +24,7 @@ from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import MAX_HEADER_BYTES
 from edge_lora.signing import AdapterTrust
 from edge_lora.targets import linear_modules
+from runtime.activation import Segment, activation_plan
 from runtime.new_tokens import AddedVocab, combine
 from runtime.sampling import Sampler, SamplingParams
 from runtime.tokenizer import StreamDecoder, Tokenizer
@@ -45,12 +46,33 @@ class LoadedAdapter:
     handle: object  # the backend's own representation
 
 
+_ONNX_C_HINT = "run activated adapters on the llama.cpp backend or the ONNX backend's CPU path"
+
+
 class DecodeState(ABC):
     """One request's decoding state (its KV cache) under one fixed adapter set."""
 
     @abstractmethod
     def feed(self, token_ids: list[int]) -> np.ndarray:
         """Append tokens; return the logits ``[vocab]`` after the last one."""
+
+    def prefill(self, token_ids: list[int]) -> None:
+        """Append tokens whose logits nobody reads (a prompt segment before an activated adapter's)."""
+        self.feed(token_ids)
+
+    def feed_all(self, token_ids: list[int]) -> np.ndarray:
+        """Append tokens; return the logits ``[len(token_ids), vocab]`` at each of them (evaluation of a
+        prompt cut into segments: :meth:`Engine.logits` with activated adapters)."""
+        raise EdgeLoraError(f"{type(self).__name__} returns no logits per position", hint=_ONNX_C_HINT)
+
+    def adopt(self, previous: DecodeState) -> None:
+        """Continue from ``previous`` (closed here once its positions are this state's): a request goes on
+        under a wider adapter set without evaluating them again (activated adapters)."""
+        raise EdgeLoraError(
+            f"{type(self).__name__} cannot continue another state's KV cache, which activated adapters "
+            "(aLoRA) need",
+            hint=_ONNX_C_HINT,
+        )
 
     def close(self) -> None:  # noqa: B027 (optional: a state with nothing to free needs none)
         pass
@@ -181,6 +203,11 @@ class Engine(ABC):
                     f"adapter {name!r} adds tokens or token rows, which a merge into the base cannot keep",
                     hint="run it unmerged, per request",
                 )
+            if loaded.adapter.activated:  # it acts on part of a prompt: a merge would act on all of it
+                raise EdgeLoraError(
+                    f"adapter {name!r} is an activated adapter (aLoRA), which no merge can express",
+                    hint="run it unmerged, per request",
+                )
             self._merge(name, loaded, float(scale))
             self._merged[name] = self._merged.get(name, 0.0) + float(scale)
 
@@ -238,7 +265,24 @@ class Engine(ABC):
         chosen, loaded = self._request_set(adapters)
         vocab = self.added_vocab(loaded)
         self._check_ids(ids, vocab.size)
-        return vocab.from_model(self._full_logits(vocab.to_model(ids), chosen, loaded))
+        plan = self._plan(ids, chosen, loaded)
+        if len(plan) == 1:
+            return vocab.from_model(self._full_logits(vocab.to_model(ids), plan[0].adapters, loaded))
+        # activated adapters: each segment under its own set, on the KV of the ones before it
+        state, parts = self._new_state(plan[0].adapters, loaded), []
+        try:
+            for segment, end in zip(plan, [s.start for s in plan[1:]] + [len(ids)]):
+                if segment.start:
+                    state = self._activate(state, segment.adapters, loaded, fresh=True)
+                parts.append(state.feed_all(vocab.to_model(ids[segment.start : end])))
+        finally:
+            state.close()
+        return vocab.from_model(np.concatenate(parts))
+
+    def _plan(
+        self, ids: list[int], chosen: dict[str, float], loaded: dict[str, LoadedAdapter]
+    ) -> list[Segment]:
+        return activation_plan(ids, chosen, {n: la.adapter for n, la in loaded.items()})
 
     def generate(
         self,
@@ -292,11 +336,18 @@ class Engine(ABC):
         vocab = self.added_vocab(loaded)  # ids past its size (padding, replaced-row slots) are never sampled
         self._check_ids(ids, vocab.size)
         sampler = Sampler(params)
-        state = self._request_state(chosen, loaded)
+        plan = self._plan(ids, chosen, loaded)  # more than one segment: activated adapters (aLoRA)
+        state = self._request_state(plan[0].adapters, loaded)
         eos = set(self.config.eos_token_id) | set(params.stop_token_ids)
         history = list(ids)
         try:
-            logits = state.feed(vocab.to_model(ids))
+            for segment, end in zip(plan, [s.start for s in plan[1:]] + [len(ids)]):
+                if segment.start:
+                    state = self._activate(state, segment.adapters, loaded)
+                if end < len(ids):
+                    state.prefill(vocab.to_model(ids[segment.start : end]))
+                else:
+                    logits = state.feed(vocab.to_model(ids[segment.start :]))
             for _ in range(params.max_new_tokens):
                 token = sampler(vocab.from_model(logits), history)
                 if token in eos:
@@ -359,6 +410,24 @@ class Engine(ABC):
         """The state a generation runs on: :meth:`_new_state`, which a backend may wrap (the ONNX
         engine's prefix reuse, :class:`runtime.prefix_cache.PrefixReuse`)."""
         return self._new_state(adapter_set, loaded)
+
+    def _activate(
+        self,
+        state: DecodeState,
+        adapter_set: dict[str, float],
+        loaded: dict[str, LoadedAdapter],
+        fresh: bool = False,
+    ) -> DecodeState:
+        """The state a request goes on with when more adapters act from here on (activated adapters): by
+        default a state of the wider set that takes over ``state``'s KV cache (:meth:`DecodeState.adopt`).
+        ``fresh``: no prefix store (evaluation)."""
+        new = self._new_state(adapter_set, loaded) if fresh else self._request_state(adapter_set, loaded)
+        try:
+            new.adopt(state)
+        except BaseException:
+            new.close()
+            raise
+        return new
 
     @abstractmethod
     def _full_logits(

@@ -1,5 +1,7 @@
 """KV prefixes kept across adapter switches: a bounded, least-recently-used store of a backend's saved KV
-state, keyed by (adapter set with scales, the tokens it covers).
+state, keyed by (a set key, the positions it covers). A position is whatever the backend compares (the
+ONNX engine: a token id, its set in the set key; llama.cpp: a token with its set's identity, since one
+state there can hold positions of several sets, as an activated adapter's request does).
 
 A request whose set was not the last one's does not start from nothing: the longest stored prefix of its
 tokens under its own set is restored, and only the rest is evaluated. What a backend saves is its own
@@ -57,7 +59,7 @@ class PrefixCache:
         """Keep ``blob`` (the state after ``tokens`` under ``set_key``); False when it cannot fit at all.
         A stored entry that is a prefix of the new one under the same set is dropped: the new one serves
         every request the old one could."""
-        tokens = tuple(int(t) for t in tokens)
+        tokens = tuple(tokens)
         if not tokens or nbytes > self.max_bytes:
             return False
         with self._lock:
@@ -76,7 +78,7 @@ class PrefixCache:
         """The stored state under ``set_key`` sharing the longest prefix with ``history`` (at most ``limit``
         tokens): ``(that length, its blob)``, now the most recently used; None when none shares a token.
         The blob may cover more tokens than that length: the caller cuts the state back to it."""
-        history = tuple(int(t) for t in history)
+        history = tuple(history)
         with self._lock:
             found = None
             for key, entry in self._entries.items():
@@ -96,14 +98,15 @@ class PrefixCache:
             self.stats.tokens_reused += n
             return n, entry.blob
 
-    def drop(self, predicate: Callable[[Hashable], bool]) -> None:
-        """Forget every entry whose set key satisfies ``predicate`` (an adapter removed, the base merged)."""
+    def drop(self, predicate: Callable[[tuple[Hashable, tuple]], bool]) -> None:
+        """Forget every entry whose ``(set key, tokens)`` satisfies ``predicate`` (an adapter removed, the
+        base merged)."""
         with self._lock:
-            for key in [k for k in self._entries if predicate(k[0])]:
+            for key in [k for k in self._entries if predicate(k)]:
                 self._bytes -= self._entries.pop(key).nbytes
 
     def clear(self) -> None:
-        self.drop(lambda _key: True)
+        self.drop(lambda _entry: True)
 
 
 class PrefixReuse(DecodeState):
@@ -115,19 +118,53 @@ class PrefixReuse(DecodeState):
         self.fed: list[int] = []
 
     def feed(self, token_ids: list[int]) -> object:
-        ids = [int(t) for t in token_ids]
-        if not self.fed and len(ids) > 1:
-            found = self.cache.best(self.set_key, ids, len(ids) - 1)
-            if found is not None:
-                n, kv = found
-                self.state.put_kv(kv, n)
-                self.fed, ids = ids[:n], ids[n:]
+        ids = self._restore([int(t) for t in token_ids], 1)  # the store compares positions as plain ints
         logits = self.state.feed(ids)
         self.fed += ids
         return logits
 
-    def close(self) -> None:
+    def prefill(self, token_ids: list[int]) -> None:
+        ids = self._restore([int(t) for t in token_ids], 0)
+        if ids:
+            self.state.prefill(ids)
+            self.fed += ids
+
+    def _restore(self, ids: list[int], keep: int) -> list[int]:
+        """On the first feed, the longest stored prefix of ``ids`` leaving at least ``keep`` of them to
+        evaluate; returns those left."""
+        if self.fed or len(ids) <= keep:
+            return ids
+        found = self.cache.best(self.set_key, ids, len(ids) - keep)
+        if found is None:
+            return ids
+        n, kv = found
+        self.state.put_kv(kv, n)
+        self.fed = ids[:n]
+        return ids[n:]
+
+    def feed_all(self, token_ids: list[int]) -> object:
+        logits = self.state.feed_all(token_ids)
+        self.fed += [int(t) for t in token_ids]
+        return logits
+
+    def adopt(self, previous: DecodeState) -> None:
+        """Go on from ``previous``'s positions (an activated adapter's segment after the base's): they
+        are left in the store under ``previous``'s set, where the next request's first segment finds them,
+        and its buffers become this state's."""
+        inner = previous.state if isinstance(previous, PrefixReuse) else previous
+        if isinstance(previous, PrefixReuse):
+            previous._leave()
+        self.state.adopt(inner)
+        self.fed = list(getattr(previous, "fed", []))
+        if len(self.fed) != getattr(self.state, "length", len(self.fed)):
+            self.fed = []  # a state not wrapped before: its tokens are unknown, so nothing of it is stored
+
+    def _leave(self) -> None:
+        """Its KV into the store (a copy at its length), the state left open."""
         kv = self.state.take_kv()
         if kv is not None and len(self.fed) == kv[1]:  # a failed feed leaves its positions unknown
             self.cache.put(self.set_key, self.fed, kv, sum(a.nbytes for a in kv[0]))
+
+    def close(self) -> None:
+        self._leave()  # nothing when its positions went to another state (adopt) or it is closed
         self.state.close()

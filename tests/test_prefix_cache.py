@@ -35,7 +35,7 @@ def test_bound_in_bytes_least_recently_used_out():
     assert not cache.put("d", [1], "d", 26)  # larger than the whole bound: not kept
     cache.put("a", [1, 2, 3], "a123", 10)  # extends "a": the shorter one goes
     assert len(cache) == 2 and cache.best("a", [1, 2, 3, 4], limit=3) == (3, "a123")
-    cache.drop(lambda key: key == "a")
+    cache.drop(lambda entry: entry[0] == "a")
     assert cache.best("a", [1, 2], limit=1) is None
 
 

@@ -181,11 +181,13 @@ class LlamaCppAdapters:
     def _detach(self, name: str, handle: LoraHandle) -> None:
         with self._ctx_lock:
             if self._prefixes is not None:  # states computed with it: never restored again
-                self._prefixes.drop(lambda ident: id(handle) in ident[1])
-            if self._cache_key and any(n == name for n, _ in self._cache_key):
+                self._prefixes.drop(lambda entry: any(id(handle) in ident[1] for _, ident in entry[1]))
+            if any(id(handle) in ident[1] for ident in {ident for _, ident in self._cache_keys}):
+                self._forget_cache()
+            if self._applied and any(n == name for n, _ in self._applied):
                 self._forget_cache()
                 # off a merged variant about to be freed
-                self._ctx, self._cache_key, self._cache_ident = self._base_ctx, None, None
+                self._ctx, self._applied = self._base_ctx, None
                 self._ctx.set_adapters([], [])
                 self._forget_cache()
             if handle.variant is not None:

@@ -120,6 +120,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self._ctx_lock = threading.Lock()  # a llama_context is not thread-safe
         self._model = self._ctx = None
         self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None
+        self._evaluated = 0  # positions llama.cpp evaluated (not reused from a cache): info()
         self._load(self._model_path)
 
     # --- model and context --------------------------------------------------------------
@@ -166,9 +167,11 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         # self._ctx is the context requests run on: the base's, or a merged variant's (see _use_set)
         self._model, self._ctx = model, ctx
         self._base_ctx = ctx
-        self._cache_key: tuple | None = None  # adapter set the cached tokens were computed under
-        self._cache_ident: tuple | None = None  # the same with the adapters' identities (prefix cache key)
-        self._cache_tokens: list[int] = []
+        self._applied: tuple | None = None  # the adapter set llama.cpp applies on self._ctx now
+        # one key per cached position: (token, the identity of the adapter set it was evaluated under), so
+        # that a request reuses exactly the positions that it would compute alike (runtime.activation)
+        self._cache_keys: list[tuple[int, tuple]] = []
+        self._last_state: _State | None = None  # the request whose positions the context holds, all of them
         if self._prefixes is not None:
             self._prefixes.clear()  # states of another base (a merge reloads the model)
 
@@ -200,27 +203,58 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
 
     # --- inference ------------------------------------------------------------------------
 
+    @property
+    def _cache_tokens(self) -> list[int]:
+        """The tokens whose keys and values the active context holds."""
+        return [t for t, _ in self._cache_keys]
+
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
         return _State(self, adapter_set, loaded)
+
+    def _activate(
+        self,
+        state: DecodeState,
+        adapter_set: dict[str, float],
+        loaded: dict[str, LoadedAdapter],
+        fresh: bool = False,
+    ) -> DecodeState:
+        """One shared context: the same state goes on, its next positions under the wider set."""
+        state.segments.append((len(state.history), dict(adapter_set)))
+        return state
 
     def _full_logits(
         self, ids: list[int], adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
     ) -> np.ndarray:
-        with self._ctx_lock:
-            self._use_set(adapter_set, loaded)
-            self._make_room(len(ids), adapter_set, loaded)
-            self._forget_cache()
-            logits = self._decode(ids, 0, loaded, all_logits=True)
-            self._cache_tokens = list(ids)
-            return logits
+        return _State(self, adapter_set, loaded).feed_all(ids)
+
+    def _set_ident(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> tuple:
+        """What positions evaluated under ``adapter_set`` depend on: the names, the scales and the very
+        adapters loaded (an adapter removed and added again under its name is another one)."""
+        key = tuple(sorted(adapter_set.items()))
+        return key, tuple(id(loaded[n].handle) for n, _ in key)
 
     def _use_set(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> None:
-        """Activate an adapter set; a different set invalidates the whole KV cache. An adapter that
-        runs as a merged variant switches ``self._ctx`` to the variant's context (alone, at scale 1)."""
+        """Apply an adapter set. An adapter that runs as a merged variant switches ``self._ctx`` to the
+        variant's context (alone, at scale 1); the cached positions are the other context's then, so they
+        go to the prefix store and the context starts empty. Within one context the cache stays: its
+        positions' keys say under which set each was evaluated."""
         key = tuple(sorted(adapter_set.items()))
-        if key == self._cache_key:
+        if key == self._applied:
             return
-        handles = [loaded[n].handle for n, _ in key]
+        ctx = self._set_context(key, loaded)
+        if ctx is not self._ctx:
+            self._save_prefix()  # the context it leaves: a later request there starts from these positions
+            self._forget_cache()
+            self._ctx, self._applied = ctx, None
+            self._forget_cache()  # it may hold the positions of an earlier request on it
+        if ctx is self._base_ctx:
+            # an empty handle: an adapter of new tokens only, no tensors for llama.cpp
+            used = [(loaded[n].handle.ptr, s) for n, s in key if not loaded[n].handle.empty]
+            self._ctx.set_adapters([p for p, _ in used], [s for _, s in used])
+        self._applied = key
+
+    def _set_context(self, key: tuple, loaded: dict[str, LoadedAdapter]) -> object:
+        """The context a set runs on (the base's, or a merged variant's); refuses a set that cannot run."""
         gone = [
             n
             for n, _ in key
@@ -240,52 +274,57 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
                 f"({loaded[merged[0]].handle.variant.reason}): alone and at scale 1.0 only",
                 hint="stack or scale it on the ONNX backend, or engine.merge() it into the base",
             )
-        self._save_prefix()  # the set it leaves: a later request under it starts from these tokens
-        self._cache_key = self._cache_ident = None
-        self._forget_cache()
-        self._ctx = loaded[merged[0]].handle.variant.ctx if merged else self._base_ctx
-        ident = (key, tuple(id(h) for h in handles))
-        if merged:
-            self._forget_cache()  # it may hold the tokens of an earlier request on it
-            self._cache_key, self._cache_ident = key, ident
-            return
-        self._forget_cache()
-        used = [(h.ptr, s) for (_, s), h in zip(key, handles) if not h.empty]  # an empty one: new tokens only
-        self._ctx.set_adapters([p for p, _ in used], [s for _, s in used])
-        self._cache_key, self._cache_ident = key, ident
+        return loaded[merged[0]].handle.variant.ctx if merged else self._base_ctx
+
+    def _context_tag(self) -> object:
+        """Which model the active context runs: the base (None) or a merged variant (its context)."""
+        return None if self._ctx is self._base_ctx else id(self._ctx)
 
     def _save_prefix(self) -> None:
-        """The active context's tokens and KV state into the prefix cache, under the active set."""
-        if self._prefixes is None or self._cache_ident is None or not self._cache_tokens:
+        """The active context's positions and KV state into the prefix store."""
+        if self._prefixes is None or not self._cache_keys:
             return
         blob = self._ctx.save_state()
         if blob is not None:
-            self._prefixes.put(self._cache_ident, self._cache_tokens, blob, blob.nbytes)
+            self._prefixes.put(self._context_tag(), self._cache_keys, blob, blob.nbytes)
 
-    def _restore_prefix(self, history: list[int]) -> None:
-        """With nothing cached under the active set, the longest saved prefix of ``history`` (leaving
-        at least one token to evaluate for its logits)."""
-        if self._prefixes is None or self._cache_tokens or self._cache_ident is None or len(history) < 2:
-            return
-        found = self._prefixes.best(self._cache_ident, history, len(history) - 1)
-        if found is None:
-            return
-        n, blob = found
-        if self._ctx.load_state(blob) and self._ctx.truncate(n):
-            self._cache_tokens = list(history[:n])
-        else:
+    def _reuse(self, keys: list[tuple[int, tuple]], limit: int) -> int:
+        """Bring the context to the longest prefix of ``keys`` (at most ``limit`` positions) that it or the
+        prefix store holds; returns its length. Positions dropped that were evaluated under another set
+        than the request's (an adapter switch) go to the store first: a later request under that set
+        starts from them."""
+        cached = self._cache_keys
+        common, stop = 0, min(len(cached), limit)
+        while common < stop and cached[common] == keys[common]:
+            common += 1
+        stored = None
+        if self._prefixes is not None and common < limit:
+            stored = self._prefixes.best(self._context_tag(), keys, limit)
+        switched = common < len(cached) and common < len(keys) and cached[common][1] != keys[common][1]
+        if switched and not (stored and stored[0] <= common):
+            self._save_prefix()
+        if stored is not None and stored[0] > common:
+            n, blob = stored
+            if self._ctx.load_state(blob) and self._ctx.truncate(n):
+                self._cache_keys = list(keys[:n])
+                return n
             self._forget_cache()
+            return 0
+        if common < len(cached) and not self._ctx.truncate(common):
+            self._forget_cache()
+            return 0
+        self._cache_keys = cached[:common]
+        return common
 
-    def _make_room(
-        self, needed: int, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
-    ) -> None:
+    def _make_room(self, needed: int) -> None:
         """Give the active context at least ``needed`` positions (doubling, at most n_ctx): made again,
-        its cache empty, the adapter set applied to it. Beyond n_ctx the decode refuses, saying so."""
+        its cache empty (its positions in the prefix store, restored by the caller), no adapters applied.
+        Beyond n_ctx the decode refuses, saying so."""
         old = self._ctx
         if needed <= old.n_ctx or old.n_ctx >= self._n_ctx:
             return
         size = min(self._n_ctx, max(needed, 2 * old.n_ctx))
-        self._save_prefix()  # restored into the new context by the caller
+        self._save_prefix()
         old.free()  # first: the two caches are never held at once
         try:
             new = self._new_context(old.model, size)
@@ -296,37 +335,47 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         for la in self._adapters.values():
             if la.handle.variant is not None and la.handle.variant.ctx is old:
                 la.handle.variant.ctx = new
-        self._ctx, self._cache_key, self._cache_ident, self._cache_tokens = new, None, None, []
-        self._use_set(adapter_set, loaded)
+        self._ctx, self._applied, self._cache_keys = new, None, []
 
     def _forget_cache(self) -> None:
         self._ctx.clear()
-        self._cache_tokens = []
+        self._cache_keys, self._last_state = [], None
 
-    def _advance(
-        self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter], history: list[int]
-    ) -> np.ndarray:
-        """Logits after ``history``, reusing the cached prefix computed under the same adapter set."""
+    def _advance(self, state: _State, fed: int, wanted: str = "last") -> np.ndarray | None:
+        """``state.history`` evaluated, reusing the longest prefix the context or the prefix store holds
+        under the same sets, the rest segment by segment, each under its own set. Returns the logits
+        ``wanted``: after the last position (``"last"``), at each of the last ``fed`` (``"all"``), or
+        none (``"none"``: a prompt segment before an activated adapter's)."""
+        all_logits = wanted == "all"
+        history, loaded = state.history, state.loaded
         with self._ctx_lock:
-            self._use_set(adapter_set, loaded)
-            self._make_room(len(history), adapter_set, loaded)
-            self._restore_prefix(history)
-            cached = self._cache_tokens
-            common = 0
-            limit = min(len(cached), len(history) - 1)  # always evaluate at least one token for its logits
-            while common < limit and cached[common] == history[common]:
-                common += 1
-            if common < len(cached) and not self._ctx.truncate(common):
-                self._ctx.clear()
-                common = 0
-            self._cache_tokens = cached[:common]
+            for _, adapter_set in state.segments[:-1]:  # refuses a set a segment cannot run (gone, variants)
+                self._set_context(tuple(sorted(adapter_set.items())), loaded)
+            self._use_set(state.segments[-1][1], loaded)
+            self._make_room(len(history))
+            keys = state.keys()
+            if self._last_state is state and len(self._cache_keys) == len(history) - fed and not all_logits:
+                common = len(self._cache_keys)  # the context holds this request's positions: a decode step
+            else:
+                # evaluate at least the positions whose logits are asked for
+                common = self._reuse(keys, len(history) - {"last": 1, "all": fed, "none": 0}[wanted])
+            self._last_state = None
+            outputs = []
             try:
-                logits = self._decode(history[common:], common, loaded)
+                for begin, end, adapter_set in state.runs(common):
+                    self._use_set(adapter_set, loaded)
+                    outputs.append(self._decode(history[begin:end], begin, loaded, all_logits=all_logits))
+                    self._cache_keys = keys[:end]
+                    self._evaluated += end - begin
             except BaseException:
                 self._forget_cache()  # a half-evaluated batch leaves the cache unknown
                 raise
-            self._cache_tokens = list(history)
-            return logits
+            self._last_state = state
+            if wanted == "none":
+                return None
+            if not all_logits:
+                return outputs[-1]
+            return np.concatenate(outputs)[-fed:]
 
     def _decode(
         self, ids: list[int], start: int, loaded: dict[str, LoadedAdapter], all_logits: bool = False
@@ -372,6 +421,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
                 "entries": len(self._prefixes),
                 **self._prefixes.stats.as_dict(),
             },
+            "evaluated_positions": self._evaluated,
             "mmap": self._model.use_mmap,
             "n_batch": self._base_ctx.n_batch,
             "n_ubatch": self._base_ctx.n_ubatch,
@@ -380,14 +430,50 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
 
 
 class _State(DecodeState):
-    """A request's tokens; the shared context is brought to them on each feed (prefix reuse)."""
+    """A request's tokens and the adapter set each of its segments runs under (one segment unless
+    activated adapters join later: :mod:`runtime.activation`); the shared context is brought to them on
+    each feed (prefix reuse)."""
 
     def __init__(
         self, engine: LlamaCppEngine, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]
     ) -> None:
-        self.engine, self.adapter_set, self.loaded = engine, dict(adapter_set), loaded
+        self.engine, self.loaded = engine, loaded
         self.history: list[int] = []
+        self.segments: list[tuple[int, dict[str, float]]] = [(0, dict(adapter_set))]
+        self._keys: list[tuple[int, tuple]] = []
+
+    @property
+    def adapter_set(self) -> dict[str, float]:
+        """The set its next tokens run under."""
+        return self.segments[-1][1]
+
+    def keys(self) -> list[tuple[int, tuple]]:
+        """Each position's (token, set identity): what its keys and values depend on. Segments only
+        start at the end of the history, so the keys of earlier positions never change."""
+        done = len(self._keys)
+        if done < len(self.history):
+            for begin, end, adapter_set in self.runs(done):
+                set_id = self.engine._set_ident(adapter_set, self.loaded)
+                self._keys += [(t, set_id) for t in self.history[begin:end]]
+        return self._keys
+
+    def runs(self, begin: int) -> list[tuple[int, int, dict[str, float]]]:
+        """``(start, end, set)`` of the positions from ``begin`` on, one per segment they touch."""
+        bounds = [s for s, _ in self.segments[1:]] + [len(self.history)]
+        return [
+            (max(start, begin), end, adapter_set)
+            for (start, adapter_set), end in zip(self.segments, bounds)
+            if end > begin and end > start
+        ]
 
     def feed(self, token_ids: list[int]) -> np.ndarray:
         self.history.extend(int(t) for t in token_ids)
-        return self.engine._advance(self.adapter_set, self.loaded, self.history)
+        return self.engine._advance(self, len(token_ids))
+
+    def prefill(self, token_ids: list[int]) -> None:
+        self.history.extend(int(t) for t in token_ids)
+        self.engine._advance(self, len(token_ids), "none")
+
+    def feed_all(self, token_ids: list[int]) -> np.ndarray:
+        self.history.extend(int(t) for t in token_ids)
+        return self.engine._advance(self, len(token_ids), "all")

@@ -233,7 +233,7 @@ class OnnxEngine(Engine):
     def _detach(self, name: str, handle: object) -> None:
         self.adapter_sets.detach(name)
         if self._prefixes is not None:  # states computed with it: never restored again
-            self._prefixes.drop(lambda key: id(handle) in key[1])
+            self._prefixes.drop(lambda entry: id(handle) in entry[0][1])
 
     def _new_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
         choice = self.adapter_sets.choice(adapter_set, loaded)

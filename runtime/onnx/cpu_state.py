@@ -5,11 +5,14 @@ buffers that GroupQueryAttention updates in place, every input bound once, a ste
 
 from __future__ import annotations
 
+import contextlib
+
 import numpy as np
 
 from edge_lora.errors import EdgeLoraError, first_line
 from edge_lora.onnx_format import lora_feeds, names
 from runtime.engine import DecodeState
+from runtime.onnx.device import DEVICE_LOCK
 from runtime.onnx.ort_capi import OrtError
 from runtime.onnx.request import DecodeSetup, RequestChoice
 
@@ -31,6 +34,24 @@ class BoundState(DecodeState):
         if self.logits is None or self.logits.shape[1] != rows:
             self.logits = np.empty((1, rows, self.width), np.float32)
             self.binding.bind_ortvalue_output(names.LOGITS, sessions.value(self.logits))
+
+    def feed_all(self, token_ids: list[int]) -> np.ndarray:
+        return self.run(token_ids)[0].copy()
+
+    def adopt(self, previous: DecodeState) -> None:
+        """Take over ``previous``'s KV buffers (same layout: both states of the fast variant), bound to this
+        state's binding as they are: nothing is copied."""
+        if type(previous) is not type(self) or previous.setup is not self.setup:
+            super().adopt(previous)
+        gpu = getattr(self, "gpu", None)
+        with DEVICE_LOCK if gpu else contextlib.nullcontext():
+            for (past, present), buffer in zip(self.setup.cache_names, previous.cache):
+                value = buffer if gpu else self.setup.sessions.value(buffer)  # GPU: already device values
+                self.binding.bind_ortvalue_input(past, value)
+                self.binding.bind_ortvalue_output(present, value)
+        self.cache, self.length, self.capacity = previous.cache, previous.length, previous.capacity
+        previous.cache = []
+        previous.close()
 
     def _grown_capacity(self, total: int) -> int:
         """The capacity that holds ``total`` positions: double, at least the next block, never past the
@@ -95,6 +116,7 @@ class CpuKVState(BoundState):
             self.binding.close()
         self.binding = self._owner = self.logits = None
         self.cache = []
+        self.length = self.capacity = 0
 
     def take_kv(self) -> tuple[list[np.ndarray], int] | None:
         """The positions the KV buffers hold, copied out at their length (a buffer's capacity can be

@@ -76,6 +76,17 @@ class OnnxState(DecodeState):
     def feed(self, token_ids: list[int]) -> np.ndarray:
         return self.run(token_ids, last_only=True)[0, -1]
 
+    def feed_all(self, token_ids: list[int]) -> np.ndarray:
+        return self.run(token_ids)[0].copy()
+
+    def adopt(self, previous: DecodeState) -> None:
+        """Take over ``previous``'s KV values (the same KV inputs in every session of a variant)."""
+        if type(previous) is not type(self) or previous.setup is not self.setup:
+            super().adopt(previous)
+        self.past, self.length = previous.past, previous.length
+        previous.past = []
+        previous.close()
+
     def close(self) -> None:
         self.past = []
         self._owner = None
