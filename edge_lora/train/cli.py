@@ -90,6 +90,13 @@ def _add_lora_flags(lora: argparse._ArgumentGroup) -> None:
         default=S,
         help="comma-separated new tokens; only their embedding (and output) rows are trained",
     )
+    lora.add_argument(
+        "--alora-invocation",
+        default=S,
+        metavar="TEXT",
+        help="activated LoRA (PEFT's aLoRA): the adapter acts only from the last occurrence of TEXT's "
+        "tokens in each example on (the base before it); every example must contain it before its response",
+    )
 
 
 def _add_optimisation_flags(opt: argparse._ArgumentGroup) -> None:

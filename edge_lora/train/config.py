@@ -44,6 +44,8 @@ class TrainConfig:
     dora: bool = False
     lora_plus_ratio: float = 0.0  # LoRA+: lr(B) = ratio * lr; 0 = off (16 is the paper's default)
     add_tokens: list[str] = field(default_factory=list)
+    # activated LoRA (aLoRA): the adapter acts only from the last occurrence of this text's tokens on
+    alora_invocation: str | None = None
     # optimisation
     lr: float = 2e-4
     min_lr_ratio: float = 0.0  # cosine decays to lr * min_lr_ratio
@@ -180,6 +182,16 @@ class TrainConfig:
                 "early stopping (--patience) needs periodic evaluation",
                 hint="add --eval-every N and an eval set",
             )
+        if self.alora_invocation is not None:
+            if not self.alora_invocation:
+                raise EdgeLoraError(
+                    "alora-invocation is empty", hint="give the text that invokes the adapter, or drop it"
+                )
+            if self.dora:
+                raise EdgeLoraError(
+                    "--alora-invocation cannot be combined with --dora (PEFT has no activated DoRA either)",
+                    hint="drop one of them",
+                )
         if self.keep_checkpoints < 1:
             raise EdgeLoraError("keep-checkpoints must be at least 1")
 

@@ -10,6 +10,12 @@ One example per line, any of:
   gets ChatML.
 
 The whole file is checked before training starts; every bad line is reported as ``file:line``.
+
+Activated LoRA (``--alora-invocation``): every example must contain the invocation tokens (as the text
+tokenizes inside the example) with at least one target token after their last occurrence's start;
+otherwise the adapter could not change that example's loss, and the run is refused naming the examples.
+Target tokens at or before the invocation are kept (they train nothing: the model is the base there)
+and counted, so the trainer can warn about them (``stats["before_invocation"]``).
 """
 
 from __future__ import annotations
@@ -147,6 +153,7 @@ class Formatter:
         # new tokens get the ids after the model's embedding rows (config.vocab_size), which can exceed the
         # tokenizer's size (Qwen2.5 pads 151665 tokens to 151936 rows): the tokenizer's ids are moved up
         self.new_id_shift = md.config.vocab_size - self.base_vocab if self.added_tokens else 0
+        self.model_vocab = md.config.vocab_size
         self.template = ChatTemplate.find(md.tokenizer_config, md.path)
         self.template_source = self.template.origin
         self.eos_id = self._id(self.template.special.get("eos_token"))
@@ -179,6 +186,22 @@ class Formatter:
         """``text`` as the model's ids (new tokens after its rows), special tokens added as the
         tokenizer does."""
         return self._model_ids(self.tokenizer.encode(text).ids).tolist()
+
+    def invocation_tokens(self, text: str) -> list[int]:
+        """An aLoRA invocation ``text`` as the model's ids, with no special tokens added (as a completion
+        or a rendered conversation is tokenized); refused when it has none or uses a new token."""
+        ids = self._model_ids(self.tokenizer.encode(text, add_special_tokens=False).ids).tolist()
+        if not ids:
+            raise EdgeLoraError(
+                f"--alora-invocation {text!r} tokenizes to no tokens",
+                hint="give the text that marks the start of the adapter's turn",
+            )
+        if any(i >= self.model_vocab for i in ids):
+            raise EdgeLoraError(
+                f"--alora-invocation {text!r} uses a token from --add-tokens",
+                hint="the invocation must be made of the base's own tokens",
+            )
+        return ids
 
     def decode(self, ids: list[int]) -> str:
         """The model's ids back to text (the inverse of the new tokens' move)."""
@@ -219,11 +242,20 @@ class Formatter:
 
 
 def build_examples(
-    records: list[dict], formatter: Formatter, seq_len: int, *, packing: bool = False
+    records: list[dict],
+    formatter: Formatter,
+    seq_len: int,
+    *,
+    packing: bool = False,
+    invocation: list[int] | None = None,
+    path: str | os.PathLike | None = None,
 ) -> tuple[list[Example], dict]:
-    """Tokenize, truncate to ``seq_len``, drop examples with nothing left to learn, optionally pack."""
+    """Tokenize, truncate to ``seq_len``, drop examples with nothing left to learn, optionally pack.
+    With aLoRA ``invocation`` tokens, each kept example is checked (see the module docstring; ``path``
+    names the data file in the error)."""
     examples, stats = [], {"examples": len(records), "truncated": 0, "dropped": 0}
-    for record in records:
+    missing, unreached, before = [], [], 0  # example numbers (1-based, as in the file)
+    for k, record in enumerate(records, 1):
         ex = formatter.encode(record)
         if len(ex.ids) > seq_len:
             stats["truncated"] += 1
@@ -231,10 +263,59 @@ def build_examples(
         if ex.targets == 0:
             stats["dropped"] += 1
             continue
+        if invocation:
+            start = invocation_start(ex.ids, invocation)
+            if start < 0:
+                missing.append(k)
+            elif not ex.mask[start + 1 :].any():  # token t is predicted at position t-1 >= start
+                unreached.append(k)
+            else:
+                before += bool(ex.mask[1 : start + 1].any())
         examples.append(ex)
+    if invocation:
+        _refuse_unactivated(missing, unreached, len(records), invocation, path)
+        stats["before_invocation"] = before
     if packing:
         examples = pack(examples, seq_len)
     return examples, stats
+
+
+def invocation_start(ids: np.ndarray, invocation: list[int]) -> int:
+    """Where the last occurrence of ``invocation`` in ``ids`` starts, or -1 (PEFT's aLoRA rule)."""
+    n = len(invocation)
+    if n == 0 or len(ids) < n:
+        return -1
+    windows = np.lib.stride_tricks.sliding_window_view(np.asarray(ids), n)
+    hits = np.flatnonzero((windows == np.asarray(invocation, dtype=windows.dtype)).all(1))
+    return int(hits[-1]) if len(hits) else -1
+
+
+def _refuse_unactivated(
+    missing: list[int],
+    unreached: list[int],
+    total: int,
+    invocation: list[int],
+    path: str | os.PathLike | None,
+) -> None:
+    def which(numbers: list[int]) -> str:
+        more = f" and {len(numbers) - MAX_REPORTED} more" if len(numbers) > MAX_REPORTED else ""
+        return ", ".join(map(str, numbers[:MAX_REPORTED])) + more
+
+    if missing:
+        raise EdgeLoraError(
+            f"{len(missing)} of {total} examples lack the aLoRA invocation tokens {invocation} "
+            f"(examples {which(missing)})",
+            path=path,
+            hint="put the --alora-invocation text right before each response, within --seq-len, where "
+            "it tokenizes as it does alone (e.g. starting with a special token)",
+        )
+    if unreached:
+        raise EdgeLoraError(
+            f"in {len(unreached)} of {total} examples no target token follows the aLoRA invocation, so "
+            f"the adapter cannot change their loss (examples {which(unreached)})",
+            path=path,
+            hint="put the --alora-invocation text before the response, not inside or after it",
+        )
 
 
 def pack(examples: list[Example], seq_len: int) -> list[Example]:

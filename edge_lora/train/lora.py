@@ -4,11 +4,16 @@
 DoRA rescales each output row of the adapted weight to a learned magnitude ``m``:
 ``y = m / ||W + s B A||_row * (W + s B A) x + b``.
 Initialisation follows PEFT: A Kaiming-uniform, B zeros, so a fresh adapter changes nothing.
+
+Activated LoRA (aLoRA, PEFT's ``alora_invocation_tokens``): the low-rank path is added only at the
+positions from the start of the last occurrence of the invocation tokens on (:class:`Activation`,
+shared by the model and its LoRA layers); before it the model is the base, exactly.
 """
 
 from __future__ import annotations
 
 import math
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TypeVar
 
@@ -34,6 +39,7 @@ class LoraConfig:
     dora: bool = False
     rank_pattern: dict[str, int] = field(default_factory=dict)  # module-name regex/suffix -> rank
     alpha_pattern: dict[str, float] = field(default_factory=dict)
+    invocation_tokens: list[int] = field(default_factory=list)  # aLoRA; empty = active everywhere
 
     def rank_for(self, module: str) -> int:
         return _pattern_value(self.rank_pattern, module, self.rank)
@@ -49,6 +55,67 @@ def _pattern_value(patterns: dict[str, T], module: str, default: T) -> T:
         if module == key or module.endswith("." + key) or re.fullmatch(key, module):
             return value
     return default
+
+
+def activation_mask(
+    input_ids: torch.Tensor, invocation: Sequence[int], segments: torch.Tensor | None = None
+) -> torch.Tensor:
+    """``[B, T]`` bool: where an activated adapter acts. PEFT's rule (``calculate_alora_offsets``):
+    position ``t`` of a row is active when it is at or after the start of the last occurrence of
+    ``invocation`` in the row; a row without one is not active anywhere. PEFT counts the offset back
+    from the row's end, which is the same index, with left or right padding alike.
+
+    Packed rows (``segments``, see ``data.pack``): the rule holds per segment, as if each example were
+    its own row; an occurrence must lie inside one segment, and padding (segment -1) has none."""
+    b, t = input_ids.shape
+    n = len(invocation)
+    pos = torch.arange(t, device=input_ids.device)
+    if n == 0 or t < n:
+        return torch.zeros((b, t), dtype=torch.bool, device=input_ids.device)
+    tokens = torch.as_tensor(list(invocation), dtype=input_ids.dtype, device=input_ids.device)
+    found = (input_ids.unfold(1, n, 1) == tokens).all(-1)  # [B, T - n + 1]: an occurrence starts here
+    if segments is not None:
+        first, last = segments[:, : t - n + 1], segments[:, n - 1 :]
+        found &= (first == last) & (first >= 0)  # segments are contiguous: both ends in one = inside it
+    starts = torch.full((b, t), -1, dtype=torch.long, device=input_ids.device)
+    starts[:, : t - n + 1] = torch.where(found, pos[: t - n + 1], -1)
+    if segments is None:
+        begin = starts.amax(1, keepdim=True)
+    else:  # the last start of each segment, spread back over its positions (padding: its own bucket)
+        seg = torch.where(segments < 0, t, segments).long()
+        buckets = torch.full((b, t + 1), -1, dtype=torch.long, device=input_ids.device)
+        begin = buckets.scatter_reduce(1, seg, starts, "amax").gather(1, seg)
+    return (begin >= 0) & (pos >= begin)
+
+
+class Activation:
+    """The invocation tokens of an activated adapter and the positions of the batch now in the model
+    that it acts on, shared by the model (``CausalLM.alora``, which sets them from the input ids each
+    forward) and its LoRA layers (which read them)."""
+
+    def __init__(self, invocation_tokens: Sequence[int]):
+        if not invocation_tokens:
+            raise EdgeLoraError("an activated adapter (aLoRA) needs at least one invocation token")
+        self.tokens = [int(i) for i in invocation_tokens]
+        # (shape [B, T], flat indices of the active positions): one host sync per forward, not per layer
+        self.current: tuple[tuple[int, int], torch.Tensor] | None = None
+
+    def select(
+        self, input_ids: torch.Tensor, segments: torch.Tensor | None = None
+    ) -> tuple[tuple[int, int], torch.Tensor]:
+        """Compute the batch's active positions and make them current; returns them (a checkpointed
+        layer makes them current again when it is recomputed)."""
+        mask = activation_mask(input_ids, self.tokens, segments)
+        self.current = (tuple(mask.shape), mask.reshape(-1).nonzero().squeeze(1))
+        return self.current
+
+    def rows(self, x: torch.Tensor) -> torch.Tensor:
+        if self.current is None or tuple(x.shape[:-1]) != self.current[0]:
+            raise EdgeLoraError(
+                "an activated LoRA layer ran without its batch's positions",
+                hint="call the model (CausalLM.forward or hidden_states) with the ids, not the layer alone",
+            )
+        return self.current[1]
 
 
 class LoRALinear(nn.Module):
@@ -74,6 +141,7 @@ class LoRALinear(nn.Module):
         nn.init.kaiming_uniform_(self.lora_A, a=math.sqrt(5))
         self.lora_magnitude = nn.Parameter(self._base_weight().norm(dim=1).detach().clone()) if dora else None
         self.merged = False
+        self.activation: Activation | None = None  # aLoRA: set by apply_lora / load_adapter_into
 
     @property
     def in_features(self) -> int:
@@ -94,6 +162,8 @@ class LoRALinear(nn.Module):
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if self.merged:
             return self.base(x)
+        if self.activation is not None:
+            return self._activated_forward(x)
         if self.lora_magnitude is None:
             # one addmm adds the scaled low-rank path onto the base output: no full-size multiply by
             # the scale and no separate add, forward or backward (the scale lands on [N, r] tensors)
@@ -117,10 +187,24 @@ class LoRALinear(nn.Module):
         out = (ratio - 1) * base_out + ratio * lora_out
         return self.base(x) + out
 
+    def _activated_forward(self, x: torch.Tensor) -> torch.Tensor:
+        """aLoRA as PEFT's ``ALoraLinearVariant``: the low-rank path computed on, and added at, the
+        active positions only; elsewhere the output is the base's, bit for bit."""
+        rows = self.activation.rows(x)
+        base = self.base(x)
+        picked = x.reshape(-1, x.shape[-1]).index_select(0, rows)
+        delta = F.linear(F.linear(self.dropout(picked), self.lora_A), self.lora_B)
+        flat = base.reshape(-1, base.shape[-1])
+        return flat.index_add(0, rows, delta.to(flat.dtype), alpha=self.scaling).view(base.shape)
+
     @torch.no_grad()
     def merge(self) -> None:
         if self.merged:
             return
+        if self.activation is not None:
+            raise EdgeLoraError(
+                "an activated adapter (aLoRA) cannot be merged: it acts only after its invocation tokens"
+            )
         if not self.base.weight.is_floating_point():
             raise EdgeLoraError("cannot merge into a quantized training base; merge at export instead")
         self._orig = self.base.weight.detach().clone()
@@ -145,6 +229,11 @@ def _parent(model: nn.Module, name: str) -> tuple[nn.Module, str]:
 
 def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
     """Freeze the model and wrap the targeted linear layers; returns the wrapped module names."""
+    if config.invocation_tokens and config.dora:
+        raise EdgeLoraError(
+            "an activated adapter (aLoRA) cannot be DoRA (PEFT has no such variant either)",
+            hint="drop --dora or --alora-invocation",
+        )
     for p in model.parameters():
         p.requires_grad_(False)
     names = select_targets(model.config, config.targets)
@@ -167,7 +256,16 @@ def apply_lora(model: nn.Module, config: LoraConfig) -> list[str]:
                 config.dora,
             ),
         )
+    _set_activation(model, config.invocation_tokens)
     return names
+
+
+def _set_activation(model: nn.Module, invocation_tokens: Sequence[int]) -> None:
+    """Make the model (and all its LoRA layers) activated by ``invocation_tokens``, or plain if empty."""
+    activation = Activation(invocation_tokens) if invocation_tokens else None
+    model.alora = activation
+    for layer in lora_layers(model).values():
+        layer.activation = activation
 
 
 def lora_layers(model: nn.Module) -> dict[str, LoRALinear]:
@@ -191,7 +289,8 @@ def unmerge_all(model: nn.Module) -> None:
 def to_adapter(
     model: nn.Module, config: LoraConfig, base_fingerprint: str | None, extra: dict | None = None
 ) -> Adapter:
-    """The model's LoRA weights as an :class:`Adapter` ready to save."""
+    """The model's LoRA weights as an :class:`Adapter` ready to save (activated as the model is)."""
+    activation = getattr(model, "alora", None)
     modules = {}
     for name, layer in lora_layers(model).items():
         mag = None if layer.lora_magnitude is None else layer.lora_magnitude.detach().float().cpu().numpy()
@@ -207,6 +306,7 @@ def to_adapter(
         base_fingerprint=base_fingerprint,
         rslora=config.rslora,
         target_modules=sorted(modules),
+        invocation_tokens=list(activation.tokens) if activation is not None else [],
         extra=extra or {},
     )
 
@@ -227,3 +327,4 @@ def load_adapter_into(model: nn.Module, adapter: Adapter, dropout: float = 0.0) 
             if w.magnitude is not None:
                 layer.lora_magnitude.copy_(torch.from_numpy(np.ascontiguousarray(w.magnitude)))
         setattr(parent, child, layer)
+    _set_activation(model, adapter.invocation_tokens)

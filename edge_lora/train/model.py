@@ -7,6 +7,7 @@ module names are the canonical ones. Logits match transformers' within 1e-4 in f
 from __future__ import annotations
 
 import os
+from typing import TYPE_CHECKING
 
 import numpy as np
 import torch
@@ -17,6 +18,9 @@ from torch.autograd.function import FunctionCtx
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
+
+if TYPE_CHECKING:
+    from edge_lora.train.lora import Activation
 
 
 def _sdpa_supports_gqa() -> bool:
@@ -184,6 +188,7 @@ class CausalLM(nn.Module):
         if config.tie_word_embeddings:
             self.lm_head.weight = self.model.embed_tokens.weight
         self.gradient_checkpointing = False
+        self.alora: Activation | None = None  # an activated adapter's LoRA layers (see train.lora)
 
     def causal_mask(
         self, t: int, attention_mask: torch.Tensor | None, device: torch.device | str | None
@@ -219,8 +224,10 @@ class CausalLM(nn.Module):
         segments: torch.Tensor | None = None,
     ) -> torch.Tensor:
         """``segments`` (packed rows, see ``data.pack``) keeps each example's attention and positions
-        to itself."""
+        to itself. An activated adapter (``self.alora``) gets its positions from ``input_ids`` here,
+        per example of a packed row; they stay current for ``lm_head`` until the next call."""
         b, t = input_ids.shape
+        active = None if self.alora is None else self.alora.select(input_ids, segments)
         x = self.model.embed_tokens(input_ids)
         if segments is not None:
             mask, positions = self.packed_mask(segments)
@@ -231,11 +238,29 @@ class CausalLM(nn.Module):
             needs_mask = attention_mask is not None or (window and t > window)
             mask = self.causal_mask(t, attention_mask, input_ids.device) if needs_mask else None
         for layer in self.model.layers:
-            if self.gradient_checkpointing and self.training:
+            if self.gradient_checkpointing and self.training and active is not None:
+                x = torch.utils.checkpoint.checkpoint(
+                    self._activated_layer, layer, active, x, cos, sin, mask, use_reentrant=False
+                )
+            elif self.gradient_checkpointing and self.training:
                 x = torch.utils.checkpoint.checkpoint(layer, x, cos, sin, mask, use_reentrant=False)
             else:
                 x = layer(x, cos, sin, mask)
         return self.model.norm(x)
+
+    def _activated_layer(
+        self,
+        layer: DecoderLayer,
+        active: tuple,
+        x: torch.Tensor,
+        cos: torch.Tensor,
+        sin: torch.Tensor,
+        mask: torch.Tensor | None,
+    ) -> torch.Tensor:
+        """A checkpointed layer of an activated model: its recomputation in the backward pass sees this
+        batch's positions, whatever ran since."""
+        self.alora.current = active
+        return layer(x, cos, sin, mask)
 
     def forward(self, input_ids: torch.Tensor, attention_mask: torch.Tensor | None = None) -> torch.Tensor:
         return self.lm_head(self.hidden_states(input_ids, attention_mask))

@@ -120,7 +120,7 @@ class TrainModule(nn.Module):
             return linear_cross_entropy(hidden[:, :-1][picked], ids[:, 1:][picked], weight, extra)
 
 
-def lora_config(cfg: TrainConfig) -> LoraConfig:
+def lora_config(cfg: TrainConfig, invocation: list[int] | None = None) -> LoraConfig:
     return LoraConfig(
         rank=cfg.rank,
         alpha=cfg.alpha,
@@ -128,15 +128,24 @@ def lora_config(cfg: TrainConfig) -> LoraConfig:
         targets=cfg.targets,
         rslora=cfg.rslora,
         dora=cfg.dora,
+        invocation_tokens=list(invocation or []),
     )
 
 
-def build_model(md: ModelDir, cfg: TrainConfig, device: torch.device | None = None) -> CausalLM:
+def build_model(
+    md: ModelDir, cfg: TrainConfig, device: torch.device | None = None, invocation: list[int] | None = None
+) -> CausalLM:
     """The run's model: its frozen base in bf16 when that is the compute dtype; kept in fp32 when
-    ``auto`` has to measure first (``model.compute_dtype`` None: :mod:`.dtype_probe`)."""
+    ``auto`` has to measure first (``model.compute_dtype`` None: :mod:`.dtype_probe`). An aLoRA run's
+    ``invocation`` tokens (tokenized from ``cfg.alora_invocation`` here when not given) activate it."""
+    if cfg.alora_invocation and not invocation:
+        from edge_lora.train.data import Formatter
+
+        invocation = Formatter(md, cfg.add_tokens).invocation_tokens(cfg.alora_invocation)
     importance = load_base_importance(cfg.base_importance) if cfg.base_importance else None
     model = load_model(md, cfg.base_quant, cfg.quant_group_size, importance)
-    apply_lora(model, lora_config(cfg))  # freezes everything, then adds trainable A/B (and magnitudes)
+    # freezes everything, then adds trainable A/B (and magnitudes); activated when invocation is given
+    apply_lora(model, lora_config(cfg, invocation))
     add_new_tokens(model, len(cfg.add_tokens))
     # the frozen base's size: a quantized base keeps its codes in buffers, not parameters
     frozen = sum(p.numel() for p in model.parameters() if not p.requires_grad)

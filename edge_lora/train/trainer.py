@@ -61,13 +61,15 @@ def _train(cfg: TrainConfig) -> dict:
     md = ModelDir(cfg.model)
     fingerprint = md.fingerprint
     formatter = Formatter(md, cfg.add_tokens)
-    train_ex, eval_ex, stats = load_examples(cfg, formatter)  # every line checked before anything else
+    invocation = formatter.invocation_tokens(cfg.alora_invocation) if cfg.alora_invocation else []
+    # every line checked before anything else
+    train_ex, eval_ex, stats = load_examples(cfg, formatter, invocation)
     global_batch = cfg.batch_size * cfg.grad_accum * dist.world
     sampler = StepSampler(len(train_ex), global_batch, cfg.seed)
     total = cfg.steps or max(1, math.ceil(cfg.epochs * sampler.steps_per_epoch))
 
     torch.manual_seed(cfg.seed)  # same LoRA initialisation on every rank
-    model = build_model(md, cfg, dist.device).to(dist.device)
+    model = build_model(md, cfg, dist.device, invocation).to(dist.device)
     module = TrainModule(model)
     params = {n: p for n, p in module.named_parameters() if p.requires_grad}
     optimizer = build_optimizer(params, cfg)
@@ -142,14 +144,26 @@ def _train(cfg: TrainConfig) -> dict:
     return summary
 
 
-def load_examples(cfg: TrainConfig, formatter: Formatter) -> tuple[list[Example], list[Example], dict]:
+def load_examples(
+    cfg: TrainConfig, formatter: Formatter, invocation: list[int] | None = None
+) -> tuple[list[Example], list[Example], dict]:
     """``(train, eval, stats)``: the tokenized examples (eval carved off train without an eval file)
-    and the truncation statistics of the training data."""
+    and the truncation statistics of the training data. With aLoRA ``invocation`` tokens, every
+    example (eval file too) must contain them before a target token (``data.build_examples``)."""
     train_records = read_jsonl(cfg.data)
     eval_records = read_jsonl(cfg.eval_data) if cfg.eval_data else None
-    train_ex, stats = build_examples(train_records, formatter, cfg.seq_len, packing=cfg.packing)
+    train_ex, stats = build_examples(
+        train_records, formatter, cfg.seq_len, packing=cfg.packing, invocation=invocation, path=cfg.data
+    )
     if eval_records is not None:
-        eval_ex, _ = build_examples(eval_records, formatter, cfg.seq_len, packing=cfg.packing)
+        eval_ex, _ = build_examples(
+            eval_records,
+            formatter,
+            cfg.seq_len,
+            packing=cfg.packing,
+            invocation=invocation,
+            path=cfg.eval_data,
+        )
     else:
         train_ex, eval_ex = split_eval(train_ex, cfg.eval_split, cfg.seed)
     if cfg.max_eval_samples:
@@ -253,6 +267,12 @@ def _announce_start(
         f"{total} steps of {global_batch} sequences, "
         f"device {dist.device}{f' x{dist.world}' if dist.world > 1 else ''}, base {cfg.base_quant}"
     )
+    if stats.get("before_invocation"):
+        bar.message(
+            f"warning: {stats['before_invocation']} of {len(train_ex)} training examples have target tokens "
+            "before the aLoRA invocation: the model is the base there, so they train nothing "
+            "(prompt/completion data keeps the loss on the response only)"
+        )
     log.write(
         {
             "event": "start",
@@ -316,6 +336,7 @@ def save_adapter(
             if k not in ("model", "data", "eval_data", "out", "log_file", "checkpoint_dir", "resume")
         },
         "data": Path(cfg.data).name,
+        **({"alora_invocation": cfg.alora_invocation} if cfg.alora_invocation else {}),
         "result": {k: summary[k] for k in ("steps", "best_eval_loss", "last_eval_loss", "stopped_early")},
     }
     adapter = to_adapter(model, lora_config(cfg), fingerprint, extra=extra)
