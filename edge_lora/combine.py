@@ -97,6 +97,12 @@ def combine_adapters(sources: list[Source], config: CombineConfig) -> Adapter:
             f"adapter {who!r} adds or replaces token rows, which only cat and linear carry",
             hint="combine it with --method cat or linear",
         )
+    invocations = {tuple(s.adapter.invocation_tokens) for s in sources}
+    if len(invocations) > 1:  # one combined adapter has one place where it starts to act
+        raise EdgeLoraError(
+            "activated adapters (aLoRA) combine only with others of the same invocation tokens",
+            hint="stack them per request instead: each acts from its own invocation",
+        )
     tokens = union_tokens([(s.name, s.adapter) for s in sources])
     rank = config.rank or max(max((w.rank for w in s.adapter.modules.values()), default=1) for s in sources)
     modules = {}
@@ -116,6 +122,7 @@ def combine_adapters(sources: list[Source], config: CombineConfig) -> Adapter:
         ),
         rslora=False,
         target_modules=sorted(modules),
+        invocation_tokens=list(next(iter(invocations))),
         extra={"combined": provenance(sources, config, method, rank)},
     )
     tokens.apply_to(combined)

@@ -213,3 +213,14 @@ def test_onnx_reuses_the_base_prefix_across_activated_adapters(made):
     stats = engine.info()["prefix_cache"]
     # the second request's base segment (the system prompt) came from the first one's
     assert stats["hits"] == 1 and stats["tokens_reused"] == len(system), stats
+
+
+def test_combine_keeps_one_invocation(made):
+    from edge_lora.combine import CombineConfig, Source, combine_adapters
+
+    md, dirs, _ = made
+    x, y = import_peft(dirs["x"], base=md.config), import_peft(dirs["y"], base=md.config)
+    halves = combine_adapters([Source("x", x, 0.5), Source("x2", x, 0.5)], CombineConfig("cat"))
+    assert halves.invocation_tokens == INVOKE_X
+    with pytest.raises(EdgeLoraError, match="same invocation tokens"):
+        combine_adapters([Source("x", x, 1.0), Source("y", y, 1.0)], CombineConfig("cat"))

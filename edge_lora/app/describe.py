@@ -147,6 +147,7 @@ def _adapter_summary(adapter: Adapter) -> dict:
         "parameters": adapter.num_parameters(),
         "added_tokens": _tokens(adapter.added_tokens),
         "replaced_token_rows": adapter.replaced_tokens[:16] or None,
+        "activated_by": adapter.invocation_tokens or None,  # aLoRA: acts from these ids on
         "combined": adapter.extra.get("combined"),  # provenance of `edge-lora combine`
     }
 
@@ -250,6 +251,7 @@ def _gguf(path: Path) -> dict:
         "architecture": arch,
         "layers": field(f"{arch}.block_count"),
         "alpha": field("adapter.lora.alpha"),
+        "activated_by": field("adapter.alora.invocation_tokens"),
         "tensors": len(reader.tensors),
         "tensor_types": kinds,
         "bytes": _size(path),
