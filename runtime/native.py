@@ -83,6 +83,11 @@ class NativeLibrary:
             "el_engine_add_adapter": ([c.c_void_p, c.c_char_p, c.c_char_p], c.c_int),
             "el_engine_remove_adapter": ([c.c_void_p, c.c_char_p], c.c_int),
             "el_engine_n_adapters": ([c.c_void_p], c.c_int32),
+            "el_engine_adapter_invocation": (
+                [c.c_void_p, c.c_char_p, p(c.c_int32), c.c_size_t, p(c.c_size_t)],
+                c.c_int,
+            ),
+            "el_engine_n_evaluated": ([c.c_void_p], c.c_int64),
             "el_engine_set_adapters": ([c.c_void_p, p(_Scale), c.c_size_t], c.c_int),
             "el_engine_n_vocab": ([c.c_void_p, p(_Scale), c.c_size_t, p(c.c_int32)], c.c_int),
             "el_engine_tokenize": (
@@ -184,6 +189,24 @@ class NativeEngine:
     @property
     def n_adapters(self) -> int:
         return self._c.el_engine_n_adapters(self.handle)
+
+    def invocation(self, name: str) -> list[int]:
+        """An activated adapter's (aLoRA) invocation token ids; [] for an ordinary adapter."""
+        n = ctypes.c_size_t()
+        status = self._c.el_engine_adapter_invocation(self.handle, name.encode(), None, 0, ctypes.byref(n))
+        if status != 1:  # EL_ERR_ARGUMENT: more ids than the capacity of 0, their count in n
+            self._lib.check(status)
+            return []
+        buf = (ctypes.c_int32 * n.value)()
+        self._lib.check(
+            self._c.el_engine_adapter_invocation(self.handle, name.encode(), buf, n.value, ctypes.byref(n))
+        )
+        return list(buf)
+
+    @property
+    def evaluated_positions(self) -> int:
+        """Positions llama.cpp evaluated (the Python engine's info()['evaluated_positions'])."""
+        return self._c.el_engine_n_evaluated(self.handle)
 
     def set_adapters(self, adapters: dict[str, float]) -> None:
         items, n = _set(adapters)

@@ -96,6 +96,6 @@ emulate() {  # QEMU_CPU, llama.cpp build, log name, then the program and its arg
 for core in "${CORES[@]}"; do
   cpu=${core%%:*} arch=${core#*:}
   emulate "$cpu" "$arch" "fuzz-$cpu" "$build/fuzz_parsers" native/fuzz/corpus "$FUZZ_ITERATIONS"
-  emulate "$cpu" "$arch" "test-$cpu" "$build/test_edge_lora" "$bundle" a b
+  emulate "$cpu" "$arch" "test-$cpu" "$build/test_edge_lora" "$bundle" a b x
 done
 say "done in $(($(date +%s) - start)) s"

@@ -1,7 +1,9 @@
 """The C library (native/, include/edge_lora.h) against the Python runtime on the same bundles: the
-same greedy tokens and logits (base, one adapter, stacked, swapped, new tokens, q8_0), the same
-one-line refusals of bad bundles, adapters and signatures; its own C test program and fuzz driver."""
+same greedy tokens and logits (base, one adapter, stacked, swapped, new tokens, activated adapters, q8_0),
+the same one-line refusals of bad bundles, adapters and signatures; its own C test program and fuzz
+driver."""
 
+import json
 import os
 import subprocess
 from pathlib import Path
@@ -17,6 +19,9 @@ from runtime.sampling import SamplingParams
 
 PROMPT = [5, 17, 42, 99, 120, 7, 33]
 SETS = [{}, {"a": 1.0}, {"b": 1.0}, {"a": 1.0, "b": 0.5}, {"a": 1.0}, {"tok": 1.0}, {"a": 0.7, "tok": 1.0}]
+INVOKE_X = [11, 12, 13]  # activated adapters' (aLoRA) invocation tokens
+INVOKE_Y = [21, 22]
+ALL = ("a", "b", "tok", "x", "y")
 
 
 @pytest.fixture(scope="module")
@@ -41,6 +46,11 @@ def _with_new_tokens(md: ModelDir, seed: int = 3):
     return adapter
 
 
+def _activated(adapter, invocation):
+    adapter.invocation_tokens = list(invocation)
+    return adapter
+
+
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
@@ -48,6 +58,8 @@ def bundle(model_dirs, tmp_path_factory):
         "a": random_adapter(md, seed=1, std=0.3),
         "b": random_adapter(md, seed=2, rank=8, rslora=True, std=0.3),
         "tok": _with_new_tokens(md),
+        "x": _activated(random_adapter(md, seed=11, std=0.2), INVOKE_X),
+        "y": _activated(random_adapter(md, seed=12, rank=2, std=0.4), INVOKE_Y),
     }
     root = tmp_path_factory.mktemp("native") / "b"
     return build_bundle(md.path, root, adapters, backends=("gguf",), gguf_quants=("f32", "q8_0"))
@@ -66,16 +78,17 @@ def _python(bundle, quant="f32", **options):
     return _python_engine(bundle, quant, ("a", "b", "tok"), **options)
 
 
-def _native(lib, bundle, quant="f32", **options):
+def _native(lib, bundle, quant="f32", names=("a", "b", "tok"), **options):
     engine = lib.open(bundle, quant=quant, precise=True, threads=2, **options)
-    for name in ("a", "b", "tok"):
+    for name in names:
         engine.add_adapter(name)
     return engine
 
 
 def test_c_test_program(native_dir, bundle):
     program = native_dir / "test_edge_lora"
-    done = subprocess.run([str(program), str(bundle), "a", "b"], capture_output=True, text=True, timeout=300)
+    argv = [str(program), str(bundle), "a", "b", "x"]
+    done = subprocess.run(argv, capture_output=True, text=True, timeout=300)
     assert done.returncode == 0, done.stderr[-2000:]
 
 
@@ -103,6 +116,114 @@ def test_same_greedy_tokens_and_logits_as_python(lib, bundle, quant):
             assert got.shape == want.shape
             np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=str(adapters))
     python.close()
+
+
+# --- activated adapters (aLoRA) ---------------------------------------------------------------
+
+
+def _prompt(seed: int, n: int) -> list[int]:
+    return [int(t) for t in np.random.default_rng(seed).integers(30, 300, n)]  # no invocation token by chance
+
+
+@pytest.mark.parametrize("quant", ["f32", "q8_0"])
+def test_activated_adapters_same_tokens_and_logits_as_python(lib, bundle, quant):
+    """Requests taking turns on one system prompt: an activated adapter alone, stacked with an ordinary
+    one, two in one set, prompts without the invocation; each position evaluated under the adapters
+    acting there (runtime/activation.py), the cache of the base prefix shared."""
+    python = _python_engine(bundle, quant, ALL)
+    system, new = _prompt(3, 60), python.config.vocab_size
+    turns = [
+        ({"x": 1.0}, system + [40, 41] + INVOKE_X),
+        ({"y": 1.0}, system + [40, 41] + INVOKE_Y),
+        ({}, system + [42]),
+        ({"x": 1.0, "a": 0.5}, system + [43] + INVOKE_X + [44]),  # stacked with an ordinary adapter
+        ({"x": 1.0, "y": 0.8}, system + INVOKE_Y + [45] + INVOKE_X),  # two activated: three segments
+        ({"x": 1.0}, system + INVOKE_X + [46] + INVOKE_X + [47]),  # the last occurrence counts
+        ({"y": 1.0}, system + [48]),  # no invocation: the base everywhere
+        ({"x": 1.0, "b": 1.0}, system + [49] + INVOKE_Y),  # no invocation of x: b alone
+        ({"x": 0.5, "tok": 1.0}, system + [new] + INVOKE_X),  # an ordinary adapter's new token before it
+        ({"y": 1.0}, system + [40, 41] + INVOKE_Y + [46]),
+    ]
+    greedy = SamplingParams(max_new_tokens=8)
+    with _native(lib, bundle, quant, names=ALL) as native:
+        for adapters, prompt in turns:
+            want = python.generate_ids(prompt, greedy, adapters=adapters)
+            assert native.generate(prompt, adapters, max_new_tokens=8) == want, (adapters, prompt[60:])
+            want = python.logits(prompt, adapters=adapters)
+            got = native.logits(prompt, adapters)
+            np.testing.assert_allclose(got, want, atol=1e-4, rtol=0, err_msg=str((adapters, prompt[60:])))
+        # x acts from its invocation on and not before it
+        prompt = system + [40] + INVOKE_X + [41]
+        got, base = native.logits(prompt, {"x": 1.0}), native.logits(prompt, {})
+        start = len(system) + 1
+        np.testing.assert_allclose(got[:start], base[:start], atol=1e-5, rtol=0)
+        assert np.abs(got[start:] - base[start:]).max() > 0.05
+    python.close()
+
+
+def test_activated_adapters_reuse_the_base_prefix(lib, bundle, model_dirs, tmp_path):
+    """x, then y, then the base on one system prompt: each later request evaluates only what follows the
+    system prompt, in the library as in the Python engine (info()['evaluated_positions'])."""
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
+    from runtime.native import NativeError
+
+    python = _python_engine(bundle, "f32", ("x", "y"))
+    system = _prompt(4, 150)
+    turns = [({"x": 1.0}, system + INVOKE_X), ({"y": 1.0}, system + INVOKE_Y), ({}, system + [42])]
+    greedy = SamplingParams(max_new_tokens=3)
+    with _native(lib, bundle, names=("x", "y", "a")) as native:
+        assert native.invocation("x") == INVOKE_X and native.invocation("y") == INVOKE_Y
+        assert native.invocation("a") == []
+        with pytest.raises(NativeError, match="no adapter 'nope' is loaded"):
+            native.invocation("nope")
+        for i, (adapters, prompt) in enumerate(turns):
+            before, python_before = native.evaluated_positions, python.info()["evaluated_positions"]
+            out = native.generate(prompt, adapters, max_new_tokens=3)
+            assert out == python.generate_ids(prompt, greedy, adapters=adapters), adapters
+            fresh = len(prompt) - (len(system) if i else 0)
+            assert python.info()["evaluated_positions"] - python_before == fresh + len(out)
+            # the library does not evaluate the last token when max_new_tokens ends the request
+            assert native.evaluated_positions - before == fresh + len(out) - (len(out) == 3), adapters
+        # by path: llama.cpp reads the invocation from the GGUF (adapter.alora.invocation_tokens)
+        md = ModelDir(model_dirs["llama"])
+        activated = _activated(random_adapter(md, seed=11, std=0.2), INVOKE_X)
+        native.add_adapter("xp", export_gguf_adapter(activated, md.config, tmp_path / "xp.gguf"))
+        assert native.invocation("xp") == INVOKE_X
+        for prompt in (system + INVOKE_X + [50], system + [50]):
+            want = native.generate(prompt, {"x": 1.0}, max_new_tokens=6)
+            assert native.generate(prompt, {"xp": 1.0}, max_new_tokens=6) == want
+    python.close()
+
+
+def _with_metadata(path: Path, out: Path, **changes) -> None:
+    """An adapter file with keys of its edge_lora metadata changed (the tensors as they were)."""
+    data = path.read_bytes()
+    n = int.from_bytes(data[:8], "little")
+    header = json.loads(data[8 : 8 + n])
+    meta = json.loads(header["__metadata__"]["edge_lora"])
+    header["__metadata__"]["edge_lora"] = json.dumps({**meta, **changes})
+    raw = json.dumps(header).encode()
+    raw += b" " * (-len(raw) % 8)
+    out.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
+
+
+def test_bad_activated_adapters_refused_with_the_same_message(lib, bundle_copy, model_dirs, tmp_path):
+    md = ModelDir(model_dirs["llama"])
+    source = bundle_copy / "adapters" / "x.safetensors"
+    original = tmp_path / "x.safetensors"
+    original.write_bytes(source.read_bytes())
+    key = "alora_invocation_tokens"
+    for bad in ("hi", [], [-1], [1.5], [True], {"0": 1}):
+        _with_metadata(original, source, **{key: bad})
+        assert "is not a non-empty list of token ids" in _same_refusal(
+            lib, bundle_copy, "x", verify_hashes=False
+        )
+    _with_metadata(original, source, **{key: [5, md.config.vocab_size + 7]})
+    assert "are past the base vocabulary" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
+    _activated(random_adapter(md, seed=5, dora=True), INVOKE_X).save(source)
+    assert "cannot be DoRA" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
+    _activated(_with_new_tokens(md), INVOKE_X).save(source)
+    assert "cannot add or replace tokens" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
 
 
 # --- the same refusals ------------------------------------------------------------------------
@@ -292,7 +413,7 @@ def test_under_address_and_undefined_sanitizers(bundle):
         "UBSAN_OPTIONS": "print_stacktrace=1",
     }
     runs = [
-        [str(sanitized / "test_edge_lora"), str(bundle), "a", "b"],
+        [str(sanitized / "test_edge_lora"), str(bundle), "a", "b", "x"],
         [str(sanitized / "fuzz_parsers"), str(ROOT / "native" / "fuzz" / "corpus"), "200000"],
     ]
     for argv in runs:

@@ -33,13 +33,17 @@ def main() -> None:
         rows = np.random.default_rng(0).normal(0, 1, (2, md.config.hidden_size))
         adapter.embed_rows = rows.astype(np.float32)
         adapter.head_rows = adapter.embed_rows.copy()
-        bundle = build_bundle(md.path, tmp / "bundle", {"sql": adapter}, backends=("gguf",))
+        activated = random_adapter(md, seed=2, rank=1, modules=["model.layers.0.self_attn.v_proj"])
+        activated.invocation_tokens = [11, 12, 13]  # aLoRA: its metadata's alora_invocation_tokens
+        adapters = {"sql": adapter, "alora": activated}
+        bundle = build_bundle(md.path, tmp / "bundle", adapters, backends=("gguf",))
         key, _ = generate_keypair(tmp / "key")
         sign_bundle(bundle, key)
         seeds = {
             "bundle.json": b"\x00" + (bundle / "bundle.json").read_bytes(),
             "bundle.json.sig": b"\x01" + (bundle / "bundle.json.sig").read_bytes(),
             "adapter.safetensors": b"\x02" + (bundle / "adapters" / "sql.safetensors").read_bytes(),
+            "adapter_alora.safetensors": b"\x02" + (bundle / "adapters" / "alora.safetensors").read_bytes(),
         }
     for name, data in seeds.items():
         (out / name).write_bytes(data)

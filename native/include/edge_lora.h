@@ -4,8 +4,13 @@
  * Python runtime makes (SHA-256 against bundle.json, Ed25519 signatures against trusted keys, the
  * base's content fingerprint, new-token rows), and generates with a per-request adapter set: any
  * number of adapters, each with its own scale. Several threads may generate at once, each with its
- * own set; they take turns on one llama.cpp context, reusing the cached prompt prefix only under
- * the same set.
+ * own set; they take turns on one llama.cpp context, reusing each cached position only when it was
+ * evaluated under the set the request evaluates it under.
+ *
+ * Activated adapters (aLoRA: GGUF key adapter.alora.invocation_tokens, PEFT's alora_invocation_tokens)
+ * act only from the start of the last occurrence of their invocation tokens in the prompt on, and on
+ * every generated token; in a prompt without them they act nowhere. The positions before an invocation
+ * are evaluated without them, so requests of different activated adapters share that prefix's cache.
  *
  * Conventions (as llama.h): opaque handles, explicit frees, plain C types. Every call that can
  * fail returns an el_status; el_last_error() then holds the one-line message the Python runtime
@@ -99,6 +104,11 @@ EL_API int32_t el_engine_n_adapters(const el_engine *engine);
 /* The name of the i-th loaded adapter (valid until it is removed), NULL past the end. */
 EL_API const char *el_engine_adapter_name(const el_engine *engine, int32_t i);
 
+/* An activated adapter's (aLoRA) invocation token ids; *n_tokens 0 for an ordinary adapter. When the
+ * count exceeds capacity, EL_ERR_ARGUMENT with the count set (as tokenize). */
+EL_API el_status el_engine_adapter_invocation(el_engine *engine, const char *name, int32_t *tokens,
+                                              size_t capacity, size_t *n_tokens);
+
 /* The set requests use when they pass set == NULL; n_set 0: the base alone. */
 EL_API el_status el_engine_set_adapters(el_engine *engine, const el_adapter_scale *set, size_t n_set);
 
@@ -106,6 +116,8 @@ EL_API el_status el_engine_set_adapters(el_engine *engine, const el_adapter_scal
 EL_API el_status el_engine_n_vocab(el_engine *engine, const el_adapter_scale *set, size_t n_set,
                                    int32_t *n_vocab);
 EL_API int32_t el_engine_n_ctx(const el_engine *engine);
+/* Positions llama.cpp has evaluated since open (those reused from the KV cache not counted). */
+EL_API int64_t el_engine_n_evaluated(const el_engine *engine);
 EL_API const char *el_engine_base_fingerprint(const el_engine *engine);
 
 /* Text to base token ids (llama.cpp's tokenizer of the base GGUF; add_special: BOS as the model

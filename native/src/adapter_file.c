@@ -14,6 +14,8 @@
 #define CORRUPT "the file is corrupt or truncated: copy or export it again"
 #define FORMAT_VERSION 1
 #define MAX_HEADER (100u * 1000u * 1000u)
+#define INVOCATION_KEY "alora_invocation_tokens"
+#define MAGNITUDE ".lora_magnitude"
 
 static const char *ROW_TENSORS[4] = {"model.embed_tokens.added_rows", "lm_head.added_rows",
                                      "model.embed_tokens.replaced_rows", "lm_head.replaced_rows"};
@@ -123,6 +125,21 @@ static el_status parse_metadata(const char *path, const cJSON *header, int32_t v
             return el_fail(EL_ERR_INCOMPATIBLE, path, REMAKE,
                            "adapter metadata 'replaced_tokens' is not a list of distinct token ids");
     }
+    const cJSON *invocation = cJSON_GetObjectItemCaseSensitive(meta, INVOCATION_KEY);
+    if (invocation && !cJSON_IsNull(invocation)) { /* activated adapter (aLoRA): non-negative base ids */
+        bool ok = cJSON_IsArray(invocation) && cJSON_GetArraySize(invocation) > 0;
+        const cJSON *list = ok ? invocation : NULL;
+        cJSON_ArrayForEach(t, list) ok &= cJSON_IsNumber(t) && t->valuedouble >= 0 && t->valuedouble < 9e15 &&
+                                           t->valuedouble == (double)(int64_t)t->valuedouble;
+        if (!ok)
+            return el_fail(EL_ERR_INCOMPATIBLE, path, REMAKE,
+                           "adapter metadata '" INVOCATION_KEY "' is not a non-empty list of token ids");
+        m->n_invocation = cJSON_GetArraySize(invocation);
+        m->invocation = malloc((size_t)m->n_invocation * sizeof(int64_t));
+        if (!m->invocation) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+        int i = 0;
+        cJSON_ArrayForEach(t, invocation) m->invocation[i++] = (int64_t)t->valuedouble;
+    }
     const cJSON *fp = cJSON_GetObjectItemCaseSensitive(base, "fingerprint");
     if (fp && !cJSON_IsNull(fp) && !cJSON_IsString(fp))
         return el_fail(EL_ERR_INCOMPATIBLE, path, REMAKE, "adapter metadata base fingerprint is not a string");
@@ -196,6 +213,16 @@ el_status el_adapter_parse(const char *path, const uint8_t *data, size_t size, i
         st = el_fail(EL_ERR_INCOMPATIBLE, path, "import the adapter again",
                      "adapter replaces base token rows on a base with an untied output layer but holds no output "
                      "rows for them");
+    bool dora = false; /* DoRA: a magnitude vector beside a module's A and B */
+    const cJSON *tensor;
+    cJSON_ArrayForEach(tensor, header) {
+        size_t len = tensor->string ? strlen(tensor->string) : 0;
+        dora |= len > strlen(MAGNITUDE) && strcmp(tensor->string + len - strlen(MAGNITUDE), MAGNITUDE) == 0;
+    }
+    if (!st && m->n_invocation && dora) /* PEFT has no aLoRA variant of DoRA either */
+        st = el_fail(EL_ERR_INCOMPATIBLE, path, REMAKE, "an activated adapter (aLoRA) cannot be DoRA");
+    if (!st && m->n_invocation && (m->rows.n_added || m->rows.n_replaced)) /* its prompt before the invocation is the base's */
+        st = el_fail(EL_ERR_INCOMPATIBLE, path, REMAKE, "an activated adapter (aLoRA) cannot add or replace tokens");
     size_t total = (size_t)(m->rows.n_added + m->rows.n_replaced) * (size_t)hidden;
     if (!st && total) { /* one table of new rows then replaced rows, as runtime/new_tokens.py stacks them */
         m->rows.embed = malloc(total * sizeof(float));
@@ -224,5 +251,6 @@ void el_adapter_meta_free(el_adapter_meta *m) {
     free(m->rows.replaced);
     free(m->rows.embed);
     free(m->rows.head);
+    free(m->invocation);
     memset(m, 0, sizeof *m);
 }

@@ -13,6 +13,7 @@
 
 void el_loaded_free(el_loaded *a) {
     if (!a) return;
+    free(a->invocation);
     if (a->lora) llama_adapter_lora_free(a->lora);
     if (a->variant_ctx) llama_free(a->variant_ctx);
     if (a->variant_model) llama_model_free(a->variant_model);
@@ -51,6 +52,25 @@ static el_status fingerprint_fits(const el_engine *e, const char *path, const ch
     if (!fingerprint || !*fingerprint || !base || !*base || strcmp(fingerprint, base) == 0) return EL_OK;
     return el_fail(EL_ERR_INCOMPATIBLE, path, "wrong base model? export the adapter's own base, or retrain the adapter on this one",
                    "adapter was made for base %s %.19s\xe2\x80\xa6, not this base (%.19s\xe2\x80\xa6)", arch, fingerprint, base);
+}
+
+/* An activated adapter's (aLoRA) invocation tokens: base ids (runtime's Adapter.check_fits), kept. */
+static el_status take_invocation(const el_engine *e, const char *path, const int64_t *ids, size_t n, el_loaded *a) {
+    char past[160] = "";
+    size_t o = 0;
+    int n_past = 0;
+    for (size_t i = 0; i < n; i++)
+        if (ids[i] >= e->n_vocab && n_past++ < 4)
+            o += (size_t)snprintf(past + o, sizeof past - o, "%s%lld", o ? ", " : "", (long long)ids[i]);
+    if (n_past)
+        return el_fail(EL_ERR_INCOMPATIBLE, path, "wrong base model?",
+                       "invocation token ids [%s] are past the base vocabulary (%d tokens)", past, e->n_vocab);
+    if (!n) return EL_OK;
+    a->invocation = malloc(n * sizeof(int32_t));
+    if (!a->invocation) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+    for (size_t i = 0; i < n; i++) a->invocation[i] = (int32_t)ids[i];
+    a->n_invocation = (int)n;
+    return EL_OK;
 }
 
 /* A file's bytes: from the bundle (hash-checked unless verify_hashes is off), or from a path. */
@@ -137,6 +157,11 @@ static el_status add_from_bundle(el_engine *e, const el_adapter_entry *entry, el
     el_bytes_free(&source);
     if (!st) st = fingerprint_fits(e, source_path, a->meta.architecture, a->meta.fingerprint);
     if (!st) st = el_check_new_token_strings(e, source_path, &a->meta.rows);
+    if (!st) st = take_invocation(e, source_path, a->meta.invocation, (size_t)a->meta.n_invocation, a);
+    if (!st && a->n_invocation && !entry->gguf && entry->gguf_merged) /* bundle.json edited: export writes none */
+        st = el_fail(EL_ERR_BUNDLE, e->bundle.root, "re-export the bundle",
+                     "adapter %s is an activated adapter (aLoRA), which no merged variant of the base can express",
+                     el_quote(entry->name, q, sizeof q));
     if (!st && !entry->gguf && entry->gguf_merged) {
         st = load_variant(e, entry, a);
     } else if (!st && a->meta.n_modules > 0) {
@@ -175,7 +200,18 @@ static el_status add_from_path(el_engine *e, const char *path, el_loaded *a) {
     llama_adapter_meta_val_str(a->lora, FINGERPRINT_KEY, fingerprint, sizeof fingerprint);
     llama_adapter_meta_val_str(a->lora, "general.architecture", arch, sizeof arch);
     a->meta.n_modules = 1;
-    return fingerprint_fits(e, path, arch, fingerprint);
+    st = fingerprint_fits(e, path, arch, fingerprint);
+    /* an activated adapter (aLoRA): llama.cpp reads its invocation from adapter.alora.invocation_tokens */
+    uint64_t n = st ? 0 : llama_adapter_get_alora_n_invocation_tokens(a->lora);
+    const llama_token *tokens = n ? llama_adapter_get_alora_invocation_tokens(a->lora) : NULL;
+    if (n && tokens) {
+        int64_t *ids = malloc(n * sizeof(int64_t));
+        if (!ids) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+        for (uint64_t i = 0; i < n; i++) ids[i] = (uint32_t)tokens[i]; /* stored as uint32 in the GGUF */
+        st = take_invocation(e, path, ids, (size_t)n, a);
+        free(ids);
+    }
+    return st;
 }
 
 el_status el_engine_add_adapter(el_engine *e, const char *name, const char *path) {
@@ -224,20 +260,6 @@ el_status el_engine_add_adapter(el_engine *e, const char *name, const char *path
     return raced ? already(name) : el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
 }
 
-/* Under the context lock: nothing of `a` stays active (its LoRA on the context, its variant's context). */
-static void leave(el_engine *e, const el_loaded *a) {
-    bool cached = false;
-    for (int i = 0; e->cache_valid && i < e->cache_set.n; i++) cached |= e->cache_set.items[i].adapter == a;
-    if (a->variant_ctx && e->ctx == a->variant_ctx) {
-        el_activate(e, e->base_ctx);
-        llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
-    } else if (cached) {
-        el_forget_cache(e);
-        e->cache_valid = false;
-        llama_set_adapters_lora(e->ctx, NULL, 0, NULL);
-    }
-}
-
 el_status el_engine_remove_adapter(el_engine *e, const char *name) {
     el_clear_error();
     if (!e || !name) return el_fail(EL_ERR_ARGUMENT, NULL, NULL, "engine or name is NULL");
@@ -259,7 +281,7 @@ el_status el_engine_remove_adapter(el_engine *e, const char *name) {
     bool in_use = a->users > 0;
     pthread_mutex_unlock(&e->registry);
     pthread_mutex_lock(&e->ctx_lock);
-    leave(e, a);
+    el_cache_leave(e, a);
     if (!in_use) el_loaded_free(a);
     pthread_mutex_unlock(&e->ctx_lock);
     return EL_OK; /* in use: the last request holding it frees it (el_set_release) */
@@ -340,7 +362,7 @@ void el_set_release(el_engine *e, el_set *set) {
     if (n_gone) {
         pthread_mutex_lock(&e->ctx_lock);
         for (int i = 0; i < n_gone; i++) {
-            leave(e, gone[i]);
+            el_cache_leave(e, gone[i]);
             el_loaded_free(gone[i]);
         }
         pthread_mutex_unlock(&e->ctx_lock);
@@ -361,6 +383,25 @@ el_status el_engine_set_adapters(el_engine *e, const el_adapter_scale *set, size
         e->default_set = resolved;
     } else {
         free(resolved.items);
+    }
+    pthread_mutex_unlock(&e->registry);
+    return st;
+}
+
+el_status el_engine_adapter_invocation(el_engine *e, const char *name, int32_t *tokens, size_t capacity,
+                                       size_t *n_tokens) {
+    el_clear_error();
+    if (!e || !name || !n_tokens || (!tokens && capacity))
+        return el_fail(EL_ERR_ARGUMENT, NULL, NULL, "engine, name, tokens or n_tokens is NULL");
+    pthread_mutex_lock(&e->registry);
+    const el_loaded *a = find(e, name, NULL);
+    el_status st = a ? EL_OK : not_loaded(e, name);
+    if (a) {
+        *n_tokens = (size_t)a->n_invocation;
+        if (*n_tokens > capacity)
+            st = el_fail(EL_ERR_ARGUMENT, NULL, NULL, "tokens holds %zu ids, %zu are needed", capacity, *n_tokens);
+        else if (*n_tokens)
+            memcpy(tokens, a->invocation, *n_tokens * sizeof(int32_t));
     }
     pthread_mutex_unlock(&e->registry);
     return st;

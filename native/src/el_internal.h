@@ -132,6 +132,8 @@ typedef struct el_adapter_meta {
     char *architecture;
     int n_modules;      /* LoRA modules (0: new tokens only) */
     el_token_rows rows;
+    int64_t *invocation; /* an activated adapter's (aLoRA) invocation tokens, as listed; NULL otherwise */
+    int n_invocation;
 } el_adapter_meta;
 
 /* An edge-lora adapter file (safetensors) parsed: its metadata, and its token rows as float32. */

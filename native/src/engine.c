@@ -1,6 +1,7 @@
 /* The engine: a bundle's GGUF base on llama.cpp, one shared context that requests take turns on
- * (the cached prefix reused only under the same adapter set, as runtime/llamacpp/backend.py), and
- * the generation loop of runtime/engine.py. */
+ * (each cached position reused only by a request that would evaluate it under the same adapter set,
+ * as runtime/llamacpp/backend.py), activated adapters (aLoRA) as runtime/activation.py, and the
+ * generation loop of runtime/engine.py. */
 #include <sodium.h>
 #include <stdio.h>
 #include <stdlib.h>
@@ -14,6 +15,8 @@
 #define FINGERPRINT_KEY "edge_lora.base_fingerprint"
 
 static pthread_once_t backend_once = PTHREAD_ONCE_INIT;
+
+static void runs_truncate(el_engine *e, size_t n);
 
 static void quiet_log(enum ggml_log_level level, const char *text, void *user) {
     (void)level, (void)text, (void)user;
@@ -94,8 +97,8 @@ void el_activate(el_engine *e, struct llama_context *ctx) {
     e->ctx_batch = e->n_batch < e->n_ctx ? e->n_batch : e->n_ctx; /* llama_decode takes no more per call */
     llama_set_embeddings(ctx, false);
     e->hidden_on = false;
-    e->cache_valid = false;
     e->n_cache = 0;
+    runs_truncate(e, 0);
     llama_memory_clear(llama_get_memory(ctx), false);
 }
 
@@ -205,7 +208,9 @@ void el_engine_free(el_engine *e) {
     for (int i = 0; i < e->n_adapters; i++) el_loaded_free(e->adapters[i]); /* before the model they live on */
     free(e->adapters);
     free(e->default_set.items);
-    free(e->cache_set.items);
+    free(e->applied.items);
+    runs_truncate(e, 0);
+    free(e->runs);
     free(e->cache_tokens);
     if (e->base_ctx) { /* a merged variant's context went with its adapter above */
         llama_batch_free(e->batch);
@@ -231,68 +236,147 @@ static bool same_set(const el_set *a, const el_set *b) {
     return true;
 }
 
+static bool set_holds(const el_set *set, const el_loaded *a) {
+    for (int i = 0; i < set->n; i++)
+        if (set->items[i].adapter == a) return true;
+    return false;
+}
+
+static el_status copy_set(el_set *dst, const el_set *src) {
+    el_set_item *items = realloc(dst->items, ((size_t)src->n + 1) * sizeof *items);
+    if (!items) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+    if (src->n) memcpy(items, src->items, (size_t)src->n * sizeof *items);
+    dst->items = items;
+    dst->n = src->n;
+    return EL_OK;
+}
+
+/* The cache's runs from position n on dropped (n 0: all of them). */
+static void runs_truncate(el_engine *e, size_t n) {
+    while (e->n_runs && e->runs[e->n_runs - 1].start >= n) {
+        el_segment *run = &e->runs[--e->n_runs];
+        free(run->set.items);
+        run->set.items = NULL;
+        run->set.n = 0;
+    }
+}
+
 void el_forget_cache(el_engine *e) {
     llama_memory_clear(llama_get_memory(e->ctx), e->tainted); /* zeroed only after NaN/Inf (a masked NaN poisons) */
     e->tainted = false;
     e->n_cache = 0;
+    runs_truncate(e, 0);
 }
 
+/* Positions begin..end of history, just evaluated under set, recorded as the cache's (it held begin). */
+static el_status cache_extend(el_engine *e, const int32_t *history, size_t begin, size_t end, const el_set *set) {
+    if (end > e->cap_cache) {
+        int32_t *grown = realloc(e->cache_tokens, end * 2 * sizeof(int32_t));
+        if (!grown) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+        e->cache_tokens = grown;
+        e->cap_cache = end * 2;
+    }
+    if (!e->n_runs || !same_set(&e->runs[e->n_runs - 1].set, set)) {
+        if (e->n_runs == e->cap_runs) {
+            int cap = e->cap_runs ? 2 * e->cap_runs : 4;
+            el_segment *grown = realloc(e->runs, (size_t)cap * sizeof *grown);
+            if (!grown) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+            e->runs = grown;
+            e->cap_runs = cap;
+        }
+        el_segment *run = &e->runs[e->n_runs];
+        run->start = begin;
+        run->set.items = NULL;
+        el_status st = copy_set(&run->set, set);
+        if (st) return st;
+        e->n_runs++;
+    }
+    memcpy(e->cache_tokens + begin, history + begin, (end - begin) * sizeof(int32_t));
+    e->n_cache = end;
+    return EL_OK;
+}
+
+/* The longest prefix of history (at most limit positions) the context holds evaluated under the very set
+ * the plan gives each position: a base prefix serves every activated adapter's request. */
+static size_t common_prefix(const el_engine *e, const el_segment *plan, int n_plan, const int32_t *history,
+                            size_t limit) {
+    size_t common = 0, stop = e->n_cache < limit ? e->n_cache : limit;
+    int c = 0, r = 0, seen_c = -1, seen_r = -1;
+    bool match = false;
+    while (common < stop) {
+        while (c + 1 < e->n_runs && e->runs[c + 1].start <= common) c++;
+        while (r + 1 < n_plan && plan[r + 1].start <= common) r++;
+        if (c != seen_c || r != seen_r) { /* sets compared once per pair of runs */
+            match = same_set(&e->runs[c].set, &plan[r].set);
+            seen_c = c, seen_r = r;
+        }
+        if (!match || e->cache_tokens[common] != history[common]) break;
+        common++;
+    }
+    return common;
+}
+
+void el_cache_leave(el_engine *e, const el_loaded *a) {
+    bool cached = false;
+    for (int i = 0; i < e->n_runs; i++) cached |= set_holds(&e->runs[i].set, a);
+    if (a->variant_ctx && e->ctx == a->variant_ctx) {
+        el_activate(e, e->base_ctx);
+    } else if (cached) {
+        el_forget_cache(e);
+    }
+    if (e->applied_valid && set_holds(&e->applied, a)) { /* the base context lets go of its LoRA */
+        llama_set_adapters_lora(e->base_ctx, NULL, 0, NULL);
+        e->applied.n = 0;
+    }
+}
+
+/* The context a set runs on (the base's, or a merged variant's); refuses a set that cannot run. */
+static el_status set_context(el_engine *e, const el_set *set, struct llama_context **target) {
+    const el_loaded *variant = NULL;
+    char q[300];
+    for (int i = 0; i < set->n; i++) {
+        const el_loaded *a = set->items[i].adapter;
+        if (a->removed)
+            return el_fail(EL_ERR_NOT_FOUND, NULL, "add it again, or retry without it",
+                           "adapter %s was removed while this request ran", el_quote(a->name, q, sizeof q));
+        if (a->variant_ctx) variant = a;
+    }
+    if (variant && (set->n > 1 || set->items[0].scale != 1.0f))
+        return el_fail(EL_ERR_INCOMPATIBLE, NULL, "stack or scale it on the ONNX backend, or engine.merge() it into the base",
+                       "adapter %s runs on llama.cpp as a merged variant of the base (%s): alone and at scale 1.0 only",
+                       el_quote(variant->name, q, sizeof q), variant->variant_reason);
+    *target = variant ? variant->variant_ctx : e->base_ctx;
+    return EL_OK;
+}
+
+/* Apply a set on the active context. Within one context the cache stays: its runs say under which set
+ * each position was evaluated (runtime/llamacpp/backend.py, _use_set). A variant's context has no LoRA. */
 static el_status apply_set(el_engine *e, const el_set *set) {
+    if (e->ctx != e->base_ctx || (e->applied_valid && same_set(set, &e->applied))) return EL_OK;
     struct llama_adapter_lora *loras[64];
     float scales[64];
     size_t n = 0;
     for (int i = 0; i < set->n; i++) {
         el_loaded *a = set->items[i].adapter;
-        if (a->removed) {
-            char q[300];
-            return el_fail(EL_ERR_NOT_FOUND, NULL, "add it again, or retry without it",
-                           "adapter %s was removed while this request ran", el_quote(a->name, q, sizeof q));
-        }
         if (!a->lora) continue; /* new tokens only */
         if (n == 64) return el_fail(EL_ERR_ARGUMENT, NULL, NULL, "at most 64 adapters in one set");
         loras[n] = a->lora;
         scales[n++] = set->items[i].scale;
     }
+    e->applied_valid = false;
     if (llama_set_adapters_lora(e->ctx, n ? loras : NULL, n, n ? scales : NULL) != 0)
         return el_fail(EL_ERR_BACKEND, e->model_path, "an adapter may belong to another base model",
                        "llama.cpp refused the adapter set");
-    return EL_OK;
-}
-
-/* Activate a set; a different one drops the whole KV cache (runtime/llamacpp/backend.py, _use_set). A set
- * holding an adapter that runs as a merged variant of the base runs on the variant's own context. */
-static el_status use_set(el_engine *e, const el_set *set) {
-    const el_loaded *variant = NULL;
-    for (int i = 0; i < set->n; i++) {
-        if (set->items[i].adapter->removed) return apply_set(e, set); /* says which */
-        if (set->items[i].adapter->variant_ctx) variant = set->items[i].adapter;
-    }
-    if (variant && (set->n > 1 || set->items[0].scale != 1.0f)) {
-        char q[300];
-        return el_fail(EL_ERR_INCOMPATIBLE, NULL, "stack or scale it on the ONNX backend, or engine.merge() it into the base",
-                       "adapter %s runs on llama.cpp as a merged variant of the base (%s): alone and at scale 1.0 only",
-                       el_quote(variant->name, q, sizeof q), variant->variant_reason);
-    }
-    if (e->cache_valid && same_set(set, &e->cache_set)) return EL_OK;
-    struct llama_context *target = variant ? variant->variant_ctx : e->base_ctx;
-    if (e->ctx != target) el_activate(e, target);
-    e->cache_valid = false;
-    el_forget_cache(e);
-    el_status st = variant ? EL_OK : apply_set(e, set);
-    if (st) return st;
-    el_set_item *items = realloc(e->cache_set.items, ((size_t)set->n + 1) * sizeof *items);
-    if (!items) return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
-    if (set->n) memcpy(items, set->items, (size_t)set->n * sizeof *items);
-    e->cache_set.items = items;
-    e->cache_set.n = set->n;
-    e->cache_valid = true;
-    return EL_OK;
+    el_status st = copy_set(&e->applied, set);
+    e->applied_valid = st == EL_OK;
+    return st;
 }
 
 /* At least `needed` positions: the active context made again at double size (at most n_ctx_max), for
- * whichever model it runs (the base or a variant). Beyond n_ctx_max the decode refuses, saying so. */
-static el_status make_room(el_engine *e, size_t needed, const el_set *set) {
-    if ((int64_t)needed <= e->n_ctx || e->n_ctx >= e->n_ctx_max) return EL_OK;
+ * whichever model it runs (the base or a variant), empty, no LoRA applied. Beyond n_ctx_max the decode
+ * refuses, saying so. */
+static void make_room(el_engine *e, size_t needed, const el_set *set) {
+    if ((int64_t)needed <= e->n_ctx || e->n_ctx >= e->n_ctx_max) return;
     int32_t size = 2 * e->n_ctx > (int32_t)needed ? 2 * e->n_ctx : (int32_t)needed;
     if (size > e->n_ctx_max) size = e->n_ctx_max;
     struct llama_context *old = e->ctx;
@@ -305,10 +389,25 @@ static el_status make_room(el_engine *e, size_t needed, const el_set *set) {
     struct llama_context *fresh = el_make_context(e, (struct llama_model *)model, size);
     if (!fresh) fresh = el_make_context(e, (struct llama_model *)model, old_size); /* keep serving at the old size */
     if (!fresh) abort(); /* the context it replaces was just this size: only a broken allocator lands here */
-    if (owner) owner->variant_ctx = fresh;
-    else e->base_ctx = fresh;
+    if (owner) {
+        owner->variant_ctx = fresh;
+    } else {
+        e->base_ctx = fresh;
+        e->applied_valid = false;
+    }
     el_activate(e, fresh);
-    return use_set(e, set);
+}
+
+/* Every segment's set checked (the request's own context), that context active with room for n. */
+static el_status prepare(el_engine *e, const el_segment *plan, int n_plan, size_t n) {
+    struct llama_context *target = NULL;
+    for (int k = 0; k < n_plan; k++) {
+        el_status st = set_context(e, &plan[k].set, &target);
+        if (st) return st;
+    }
+    if (e->ctx != target) el_activate(e, target); /* its cache is another request's: emptied */
+    make_room(e, n, &plan[n_plan - 1].set);
+    return EL_OK;
 }
 
 static el_status decode_batch(el_engine *e, struct llama_batch *b) {
@@ -356,13 +455,17 @@ static el_status row_logits(el_engine *e, const el_vocab *v, int32_t i, float *o
     return EL_OK;
 }
 
-/* Evaluate ids at positions start..; logits of the last position, or of every one (all). Runs of
- * base ids go in as tokens, runs of added ids as their embedding rows (llama_batch.embd). */
-static el_status decode(el_engine *e, const el_vocab *v, const int32_t *ids, size_t n, size_t start, bool all,
+typedef enum { WANT_NONE, WANT_LAST, WANT_ALL } el_want; /* which logits a decode returns */
+
+/* Evaluate ids at positions start..; logits of none (a prompt segment before an activated adapter's),
+ * of the last position, or of every one. Runs of base ids go in as tokens, runs of added ids as their
+ * embedding rows (llama_batch.embd). */
+static el_status decode(el_engine *e, const el_vocab *v, const int32_t *ids, size_t n, size_t start, el_want want,
                         float *out) {
     if ((int64_t)(start + n) > e->n_ctx)
         return el_fail(EL_ERR_CONTEXT, NULL, "raise n_ctx or shorten the prompt", "%zu tokens exceed the context of %d",
                        start + n, e->n_ctx);
+    bool all = want == WANT_ALL, last = want == WANT_LAST;
     int rows = v->n_new + v->n_replaced;
     size_t width = (size_t)e->n_vocab + (size_t)rows;
     size_t i = 0;
@@ -379,12 +482,12 @@ static el_status decode(el_engine *e, const el_vocab *v, const int32_t *ids, siz
         struct llama_batch *b = added ? &e->embd_batch : &e->batch;
         size_t m = j - i;
         /* the last position alone when only it is wanted and hidden states are on (they cost every position) */
-        if (rows && !all && last_run && m > 1) {
+        if (rows && last && last_run && m > 1) {
             j = n - 1;
             m = j - i;
         }
         b->n_tokens = (int32_t)m;
-        bool want_any = all || (j == n);
+        bool want_any = all || (last && j == n);
         hidden_states(e, rows && want_any);
         for (size_t k = 0; k < m; k++) {
             if (added) memcpy(b->embd + k * (size_t)e->n_embd, v->embed + (size_t)(ids[i + k] - e->n_vocab) * (size_t)e->n_embd,
@@ -393,74 +496,139 @@ static el_status decode(el_engine *e, const el_vocab *v, const int32_t *ids, siz
             b->pos[k] = (llama_pos)(start + i + k);
             b->n_seq_id[k] = 1;
             b->seq_id[k][0] = 0;
-            b->logits[k] = all || (j == n && k == m - 1);
+            b->logits[k] = all || (last && j == n && k == m - 1);
         }
         el_status st = decode_batch(e, b);
         if (st) return st;
         if (all)
             for (size_t k = 0; k < m; k++)
                 if ((st = row_logits(e, v, (int32_t)k, out + (i + k) * width))) return st;
-        if (!all && j == n && (st = row_logits(e, v, -1, out))) return st;
+        if (last && j == n && (st = row_logits(e, v, -1, out))) return st;
         i = j;
     }
     return EL_OK;
 }
 
-el_status el_advance(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *history, size_t n,
-                     float *logits_out) {
-    pthread_mutex_lock(&e->ctx_lock);
-    el_status st = use_set(e, set);
-    if (!st) st = make_room(e, n, set);
-    if (!st) {
-        size_t common = 0, limit = e->n_cache < n - 1 ? e->n_cache : n - 1; /* at least one token for logits */
-        while (common < limit && e->cache_tokens[common] == history[common]) common++;
-        if (common < e->n_cache && !llama_memory_seq_rm(llama_get_memory(e->ctx), 0, (llama_pos)common, -1)) {
-            el_forget_cache(e);
-            common = 0;
-        }
-        e->n_cache = common;
-        st = decode(e, v, history + common, n - common, common, false, logits_out);
-        if (st) {
-            el_forget_cache(e); /* a half-evaluated batch leaves the cache unknown */
-        } else {
-            if (n > e->cap_cache) {
-                int32_t *grown = realloc(e->cache_tokens, n * 2 * sizeof(int32_t));
-                if (!grown) {
-                    el_forget_cache(e);
-                    st = el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
-                    goto done;
-                }
-                e->cache_tokens = grown;
-                e->cap_cache = n * 2;
-            }
-            memcpy(e->cache_tokens, history, n * sizeof(int32_t));
-            e->n_cache = n;
+/* history[from..n) evaluated segment by segment, each under its own set; recorded as the cache's. */
+static el_status evaluate(el_engine *e, const el_segment *plan, int n_plan, const el_vocab *v, const int32_t *history,
+                          size_t n, size_t from, el_want want, float *out) {
+    size_t width = (size_t)e->n_vocab + (size_t)(v->n_new + v->n_replaced);
+    el_status st = EL_OK;
+    for (int k = 0; k < n_plan && !st; k++) {
+        size_t begin = plan[k].start > from ? plan[k].start : from;
+        size_t end = k + 1 < n_plan ? plan[k + 1].start : n;
+        if (end <= begin) continue;
+        el_want here = end < n ? (want == WANT_ALL ? WANT_ALL : WANT_NONE) : want;
+        if (!(st = apply_set(e, &plan[k].set)) &&
+            !(st = decode(e, v, history + begin, end - begin, begin, here, want == WANT_ALL ? out + begin * width : out))) {
+            e->evaluated += (int64_t)(end - begin);
+            st = cache_extend(e, history, begin, end, &plan[k].set);
         }
     }
-done:
+    if (st) el_forget_cache(e); /* a half-evaluated batch leaves the cache unknown */
+    return st;
+}
+
+el_status el_advance(el_engine *e, const el_segment *plan, int n_plan, const el_vocab *v, const int32_t *history,
+                     size_t n, float *logits_out) {
+    pthread_mutex_lock(&e->ctx_lock);
+    el_status st = prepare(e, plan, n_plan, n);
+    if (!st) {
+        size_t common = common_prefix(e, plan, n_plan, history, n - 1); /* at least one token for logits */
+        if (common < e->n_cache) { /* after NaN/Inf the dropped cells are zeroed: a masked NaN still poisons */
+            if (!e->tainted && llama_memory_seq_rm(llama_get_memory(e->ctx), 0, (llama_pos)common, -1)) {
+                e->n_cache = common;
+                runs_truncate(e, common);
+            } else {
+                el_forget_cache(e);
+                common = 0;
+            }
+        }
+        st = evaluate(e, plan, n_plan, v, history, n, common, WANT_LAST, logits_out);
+    }
     pthread_mutex_unlock(&e->ctx_lock);
     return st;
 }
 
-el_status el_full_logits(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *ids, size_t n, float *out) {
+el_status el_full_logits(el_engine *e, const el_segment *plan, int n_plan, const el_vocab *v, const int32_t *ids,
+                         size_t n, float *out) {
     pthread_mutex_lock(&e->ctx_lock);
-    el_status st = use_set(e, set);
-    if (!st) st = make_room(e, n, set);
+    el_status st = prepare(e, plan, n_plan, n);
     if (!st) {
         el_forget_cache(e);
-        st = decode(e, v, ids, n, 0, true, out);
-        if (st) el_forget_cache(e);
-        else if (n <= e->cap_cache || (e->cache_tokens = realloc(e->cache_tokens, n * sizeof(int32_t)))) {
-            if (n > e->cap_cache) e->cap_cache = n;
-            memcpy(e->cache_tokens, ids, n * sizeof(int32_t));
-            e->n_cache = n;
-        } else {
-            e->cap_cache = 0;
-            el_forget_cache(e);
-        }
+        st = evaluate(e, plan, n_plan, v, ids, n, 0, WANT_ALL, out);
     }
     pthread_mutex_unlock(&e->ctx_lock);
     return st;
+}
+
+/* --- activated adapters (aLoRA): where each adapter of a request starts to act ----------------- */
+
+/* The start of the last occurrence of pattern in ids; -1 when it does not occur. */
+static long last_occurrence(const int32_t *ids, size_t n, const int32_t *pattern, int m) {
+    if (m <= 0 || (size_t)m > n) return -1;
+    for (size_t start = n - (size_t)m + 1; start-- > 0;)
+        if (ids[start] == pattern[0] && memcmp(ids + start, pattern, (size_t)m * sizeof(int32_t)) == 0)
+            return (long)start;
+    return -1;
+}
+
+void el_plan_free(el_segment *segments, int n_segments) {
+    for (int k = 0; segments && k < n_segments; k++) free(segments[k].set.items);
+    free(segments);
+}
+
+/* runtime/activation.py, activation_plan: an activated adapter acts from the start of the last
+ * occurrence of its invocation tokens on and nowhere in a prompt without them; an ordinary one acts
+ * everywhere. One segment per distinct start, under the adapters acting from there (in the set's order). */
+el_status el_plan(const el_set *set, const int32_t *ids, size_t n, el_segment **out, int *n_out) {
+    *out = NULL;
+    *n_out = 0;
+    size_t slots = (size_t)set->n + 1;
+    long *starts = malloc(slots * sizeof *starts);
+    el_segment *plan = calloc(slots, sizeof *plan);
+    int n_plan = 1; /* plan[0].start == 0 */
+    if (!starts || !plan) {
+        free(starts);
+        free(plan);
+        return el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+    }
+    for (int i = 0; i < set->n; i++) {
+        const el_loaded *a = set->items[i].adapter;
+        starts[i] = a->n_invocation ? last_occurrence(ids, n, a->invocation, a->n_invocation) : 0;
+        bool known = false;
+        for (int k = 0; k < n_plan; k++) known |= starts[i] < 0 || plan[k].start == (size_t)starts[i];
+        if (known) continue;
+        int k = n_plan++; /* kept ascending */
+        for (; k > 0 && plan[k - 1].start > (size_t)starts[i]; k--) plan[k] = plan[k - 1];
+        plan[k].start = (size_t)starts[i];
+    }
+    el_status st = EL_OK;
+    for (int k = 0; k < n_plan && !st; k++) {
+        plan[k].set.items = calloc(slots, sizeof *plan[k].set.items);
+        if (!plan[k].set.items) {
+            st = el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
+            break;
+        }
+        for (int i = 0; i < set->n; i++)
+            if (starts[i] >= 0 && (size_t)starts[i] <= plan[k].start) plan[k].set.items[plan[k].set.n++] = set->items[i];
+    }
+    free(starts);
+    if (st) {
+        el_plan_free(plan, n_plan);
+        return st;
+    }
+    *out = plan;
+    *n_out = n_plan;
+    return EL_OK;
+}
+
+int64_t el_engine_n_evaluated(const el_engine *e) {
+    if (!e) return 0;
+    pthread_mutex_lock((pthread_mutex_t *)&e->ctx_lock);
+    int64_t n = e->evaluated;
+    pthread_mutex_unlock((pthread_mutex_t *)&e->ctx_lock);
+    return n;
 }
 
 /* --- requests -------------------------------------------------------------------------------- */
@@ -521,6 +689,8 @@ el_status el_engine_logits(el_engine *e, const int32_t *ids, size_t n, const el_
     size_t width = (size_t)e->n_vocab + (size_t)(v.n_new + v.n_replaced);
     float *raw = NULL;
     int32_t *mids = NULL;
+    el_segment *plan = NULL;
+    int n_plan = 0;
     if ((st = check_ids(e, ids, n, v.size))) goto done;
     if (capacity < n * (size_t)v.size) {
         st = el_fail(EL_ERR_ARGUMENT, NULL, NULL, "out holds %zu floats, %zu x %d are needed", capacity, n, v.size);
@@ -532,9 +702,11 @@ el_status el_engine_logits(el_engine *e, const int32_t *ids, size_t n, const el_
         st = el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
         goto done;
     }
-    if ((st = el_full_logits(e, &s, &v, mids, n, raw))) goto done;
+    if ((st = el_plan(&s, ids, n, &plan, &n_plan))) goto done; /* activated adapters: more than one segment */
+    if ((st = el_full_logits(e, plan, n_plan, &v, mids, n, raw))) goto done;
     for (size_t i = 0; i < n; i++) el_vocab_from_model(&v, raw + i * width, out + i * (size_t)v.size);
 done:
+    el_plan_free(plan, n_plan);
     free(raw);
     free(mids);
     end_request(e, &s, &v);
@@ -564,6 +736,8 @@ el_status el_engine_generate(el_engine *e, const int32_t *prompt, size_t n_promp
     int32_t *history = malloc(cap * sizeof(int32_t)), *mhistory = malloc(cap * sizeof(int32_t));
     float *raw = malloc(width * sizeof(float)), *logits = malloc((size_t)v.size * sizeof(float));
     size_t produced = 0;
+    el_segment *plan = NULL; /* more than one segment: activated adapters (aLoRA) */
+    int n_plan = 0;
     if (!history || !mhistory || !raw || !logits) {
         st = el_fail(EL_ERR_MEMORY, NULL, NULL, "out of memory");
         goto done;
@@ -572,7 +746,8 @@ el_status el_engine_generate(el_engine *e, const int32_t *prompt, size_t n_promp
     memcpy(history, prompt, n_prompt * sizeof(int32_t));
     for (size_t i = 0; i < n_prompt; i++) mhistory[i] = el_vocab_to_model(&v, prompt[i]);
     size_t n = n_prompt;
-    if ((st = el_advance(e, &s, &v, mhistory, n, raw))) goto done;
+    if ((st = el_plan(&s, prompt, n_prompt, &plan, &n_plan))) goto done;
+    if ((st = el_advance(e, plan, n_plan, &v, mhistory, n, raw))) goto done; /* generation: the last set */
     for (int32_t step = 0; step < params.max_new_tokens; step++) {
         const float *view = raw; /* the model's columns are the request's, unless ids were replaced */
         if (v.n_replaced) {
@@ -601,10 +776,11 @@ el_status el_engine_generate(el_engine *e, const int32_t *prompt, size_t n_promp
             break;
         }
         if ((int64_t)n >= e->n_ctx_max || step + 1 == params.max_new_tokens) break;
-        if ((st = el_advance(e, &s, &v, mhistory, n, raw))) break;
+        if ((st = el_advance(e, plan, n_plan, &v, mhistory, n, raw))) break;
     }
 done:
     if (n_out) *n_out = produced;
+    el_plan_free(plan, n_plan);
     free(history);
     free(mhistory);
     free(raw);

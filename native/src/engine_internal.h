@@ -16,6 +16,8 @@ typedef struct el_loaded {
     struct llama_model *variant_model; /* DoRA, LoRA on a tied head: the bundle's merged copy of the base */
     struct llama_context *variant_ctx; /* and its own context (requests with it alone run there) */
     char *variant_reason;
+    int32_t *invocation; /* an activated adapter (aLoRA): it acts from the last occurrence of these on */
+    int n_invocation;
 } el_loaded;
 
 typedef struct el_set_item {
@@ -27,6 +29,11 @@ typedef struct el_set { /* a request's adapters, sorted by name, no zero scales 
     el_set_item *items;
     int n;
 } el_set;
+
+typedef struct el_segment { /* positions from start on run under set (runtime/activation.py, Segment) */
+    size_t start;
+    el_set set; /* items borrowed from the request's set (its users held) or owned by the cache's runs */
+} el_segment;
 
 typedef struct el_vocab { /* runtime/new_tokens.py's AddedVocab for one set */
     int32_t base, size;   /* size: base + new tokens */
@@ -58,10 +65,15 @@ struct el_engine {
     int32_t ctx_batch; /* tokens per llama_decode on it: min(n_batch, n_ctx) */
     struct llama_batch batch, embd_batch;
     bool have_embd_batch, hidden_on, tainted;
-    el_set cache_set; /* the set the cached tokens were computed under; cache_valid says whether any */
-    bool cache_valid;
+    el_set applied; /* the set llama.cpp applies on ctx now; applied_valid says whether it is known */
+    bool applied_valid;
+    /* the positions the active context holds: their tokens, and the set each was evaluated under as runs
+     * (start ascending, runs[0].start == 0, items owned); a request reuses a position only when both match */
     int32_t *cache_tokens;
     size_t n_cache, cap_cache;
+    el_segment *runs;
+    int n_runs, cap_runs;
+    int64_t evaluated; /* positions llama.cpp evaluated (not reused from the cache) */
     char *model_path;
 };
 
@@ -81,10 +93,17 @@ struct llama_context *el_make_context(el_engine *e, struct llama_model *model, i
 void el_activate(el_engine *e, struct llama_context *ctx);
 struct llama_model *el_load_gguf(el_engine *e, const char *path);
 el_status el_sha256_file(const char *path, char hex[EL_SHA256_HEX]);
-el_status el_advance(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *history, size_t n,
-                     float *logits_out /* [n_vocab + rows] */);
-el_status el_full_logits(el_engine *e, const el_set *set, const el_vocab *v, const int32_t *ids, size_t n,
-                         float *out /* [n x (n_vocab + rows)] */);
+/* A request's prompt cut where its activated adapters start (the first segment starts at 0); *segments
+ * (malloc'd, items too) freed with el_plan_free. */
+el_status el_plan(const el_set *set, const int32_t *ids, size_t n, el_segment **segments, int *n_segments);
+void el_plan_free(el_segment *segments, int n_segments);
+/* history evaluated, each segment under its set, the cached prefix reused position by position */
+el_status el_advance(el_engine *e, const el_segment *plan, int n_plan, const el_vocab *v, const int32_t *history,
+                     size_t n, float *logits_out /* [n_vocab + rows] */);
+el_status el_full_logits(el_engine *e, const el_segment *plan, int n_plan, const el_vocab *v, const int32_t *ids,
+                         size_t n, float *out /* [n x (n_vocab + rows)] */);
 void el_forget_cache(el_engine *e);
+/* Under the context lock: nothing cached or applied holds `a` any more (before it is freed). */
+void el_cache_leave(el_engine *e, const el_loaded *a);
 
 #endif

@@ -1,9 +1,11 @@
 /* The C test program: the library on a bundle the Python tests export (tests/test_native.py runs it).
- *   test_edge_lora BUNDLE_DIR ADAPTER_A ADAPTER_B
+ *   test_edge_lora BUNDLE_DIR ADAPTER_A ADAPTER_B [ACTIVATED]
  * Checks, each against the library itself (tests/test_native.py checks it against the Python
  * runtime): hot swaps and stacked sets equal fresh engines, the KV prefix reused only under the same
  * set, per-request sets from several threads, cancel, remove while a request holds an adapter, and
- * the errors (codes and one-line messages) for the caller's mistakes. */
+ * the errors (codes and one-line messages) for the caller's mistakes. With ACTIVATED (an activated
+ * adapter, aLoRA, whose invocation is not in PROMPT): it acts only from its invocation on, the base
+ * prefix before it is shared with other requests, and threads with it get what they get alone. */
 #include <pthread.h>
 #include <stdbool.h>
 #include <stdio.h>
@@ -30,13 +32,18 @@ static const size_t N_PROMPT = sizeof PROMPT / sizeof *PROMPT;
 
 typedef struct { int32_t ids[N_NEW]; size_t n; } result;
 
-static result greedy(el_engine *e, const el_adapter_scale *set, size_t n_set) {
+static result greedy_on(el_engine *e, const int32_t *prompt, size_t n_prompt, const el_adapter_scale *set,
+                        size_t n_set, int32_t max_new) {
     result r = {{0}, 0};
     el_sampling s = el_sampling_default();
-    s.max_new_tokens = N_NEW;
-    MUST(el_engine_generate(e, PROMPT, N_PROMPT, set ? set : (const el_adapter_scale *)"", n_set, &s, NULL, NULL,
+    s.max_new_tokens = max_new;
+    MUST(el_engine_generate(e, prompt, n_prompt, set ? set : (const el_adapter_scale *)"", n_set, &s, NULL, NULL,
                             r.ids, N_NEW, &r.n));
     return r;
+}
+
+static result greedy(el_engine *e, const el_adapter_scale *set, size_t n_set) {
+    return greedy_on(e, PROMPT, N_PROMPT, set, n_set, N_NEW);
 }
 
 static bool same(result a, result b) { return a.n == b.n && memcmp(a.ids, b.ids, a.n * sizeof(int32_t)) == 0; }
@@ -56,20 +63,112 @@ static int stop_after_two(int32_t token, void *user) {
     return ++*(int *)user >= 2;
 }
 
-typedef struct { el_engine *e; el_adapter_scale set[2]; size_t n_set; result out; int rounds; bool ok; } job;
+typedef struct {
+    el_engine *e;
+    el_adapter_scale set[2];
+    size_t n_set;
+    result out;
+    int rounds;
+    bool ok;
+    const int32_t *prompt; /* NULL: PROMPT */
+    size_t n_prompt;
+} job;
 
 static void *run_job(void *arg) {
     job *j = arg;
-    result first = greedy(j->e, j->set, j->n_set);
+    const int32_t *prompt = j->prompt ? j->prompt : PROMPT;
+    size_t n_prompt = j->prompt ? j->n_prompt : N_PROMPT;
+    result first = greedy_on(j->e, prompt, n_prompt, j->set, j->n_set, N_NEW);
     j->ok = true;
-    for (int i = 0; i < j->rounds; i++) j->ok &= same(greedy(j->e, j->set, j->n_set), first);
+    for (int i = 0; i < j->rounds; i++) j->ok &= same(greedy_on(j->e, prompt, n_prompt, j->set, j->n_set, N_NEW), first);
     j->out = first;
     return NULL;
 }
 
+/* An activated adapter x (aLoRA) beside the ordinary adapter a. */
+static void check_activated(const char *dir, const char *a, const char *x) {
+    el_engine *e = open_engine(dir);
+    MUST(el_engine_add_adapter(e, a, NULL));
+    MUST(el_engine_add_adapter(e, x, NULL));
+    int32_t inv[16];
+    size_t n_inv = 0, n_none = 1;
+    CHECK(el_engine_adapter_invocation(e, x, NULL, 0, &n_inv) == EL_ERR_ARGUMENT && n_inv > 0 && n_inv <= 16,
+          "the invocation's length (%zu) with no room for it", n_inv);
+    if (n_inv == 0 || n_inv > 16) {
+        el_engine_free(e);
+        return;
+    }
+    MUST(el_engine_adapter_invocation(e, x, inv, 16, &n_inv));
+    MUST(el_engine_adapter_invocation(e, a, inv + n_inv, 0, &n_none));
+    CHECK(n_none == 0, "an ordinary adapter has no invocation");
+    CHECK(el_engine_adapter_invocation(e, "nope", inv, 16, &n_none) == EL_ERR_NOT_FOUND, "unknown adapter");
+
+    int32_t with[64], later[64]; /* PROMPT, the invocation (at most 16), one more token */
+    memcpy(with, PROMPT, sizeof PROMPT);
+    memcpy(with + N_PROMPT, inv, n_inv * sizeof(int32_t));
+    with[N_PROMPT + n_inv] = 50;
+    size_t n_with = N_PROMPT + n_inv + 1;
+    memcpy(later, with, n_with * sizeof(int32_t));
+    later[n_with - 1] = 51;
+    el_adapter_scale only_x = {x, 1.0f}, both[2] = {{a, 0.5f}, {x, 1.0f}};
+
+    /* no invocation: the activated adapter acts nowhere */
+    CHECK(same(greedy(e, &only_x, 1), greedy(e, NULL, 0)), "x without its invocation is the base");
+    el_adapter_scale half_a = {a, 0.5f};
+    CHECK(same(greedy(e, both, 2), greedy(e, &half_a, 1)), "a and x without x's invocation is a alone");
+    /* with it: x acts from the invocation on, the base before it */
+    result rx = greedy_on(e, with, n_with, &only_x, 1, N_NEW), rb = greedy_on(e, with, n_with, NULL, 0, N_NEW);
+    result rboth = greedy_on(e, with, n_with, both, 2, N_NEW);
+    CHECK(!same(rx, rb), "x changes the output after its invocation");
+    int32_t n_vocab = 0;
+    MUST(el_engine_n_vocab(e, NULL, 0, &n_vocab));
+    float *lx = malloc(n_with * (size_t)n_vocab * sizeof(float)), *lb = malloc(n_with * (size_t)n_vocab * sizeof(float));
+    MUST(el_engine_logits(e, with, n_with, &only_x, 1, lx, n_with * (size_t)n_vocab));
+    MUST(el_engine_logits(e, with, n_with, NULL, 0, lb, n_with * (size_t)n_vocab));
+    float before = 0, after = 0;
+    for (size_t i = 0; i < n_with * (size_t)n_vocab; i++) {
+        float d = lx[i] > lb[i] ? lx[i] - lb[i] : lb[i] - lx[i];
+        if (i < N_PROMPT * (size_t)n_vocab) before = d > before ? d : before;
+        else after = d > after ? d : after;
+    }
+    CHECK(before < 1e-4f && after > 1e-3f, "x's logits: max |diff| to the base %g before its invocation, %g after",
+          (double)before, (double)after);
+    free(lx);
+    free(lb);
+
+    /* the base prefix is shared: x, then the base, then x again evaluate only what follows PROMPT */
+    greedy_on(e, with, n_with, &only_x, 1, 1);
+    int64_t mark = el_engine_n_evaluated(e);
+    greedy_on(e, PROMPT, N_PROMPT - 1, NULL, 0, 1); /* a prefix of the cache: one position for its logits */
+    CHECK(el_engine_n_evaluated(e) - mark == 1, "the base after x evaluated %lld positions",
+          (long long)(el_engine_n_evaluated(e) - mark));
+    greedy_on(e, with, n_with, &only_x, 1, 1);
+    mark = el_engine_n_evaluated(e);
+    result again = greedy_on(e, later, n_with, &only_x, 1, N_NEW);
+    CHECK(el_engine_n_evaluated(e) - mark == 1 + (int64_t)again.n - (again.n == N_NEW),
+          "x after x evaluated %lld positions", (long long)(el_engine_n_evaluated(e) - mark));
+    el_engine *fresh = open_engine(dir);
+    MUST(el_engine_add_adapter(fresh, x, NULL));
+    CHECK(same(greedy_on(fresh, later, n_with, &only_x, 1, N_NEW), again), "x equals a fresh engine");
+    CHECK(same(greedy_on(fresh, with, n_with, &only_x, 1, N_NEW), rx), "x equals a fresh engine");
+    el_engine_free(fresh);
+
+    /* threads with and without it take turns on the one context */
+    job jobs[3] = {{.e = e, .set = {{x, 1.0f}}, .n_set = 1, .rounds = 3, .prompt = with, .n_prompt = n_with},
+                   {.e = e, .n_set = 0, .rounds = 3, .prompt = with, .n_prompt = n_with},
+                   {.e = e, .set = {{a, 0.5f}, {x, 1.0f}}, .n_set = 2, .rounds = 3, .prompt = with, .n_prompt = n_with}};
+    pthread_t threads[3];
+    for (int i = 0; i < 3; i++) pthread_create(&threads[i], NULL, run_job, &jobs[i]);
+    for (int i = 0; i < 3; i++) pthread_join(threads[i], NULL);
+    CHECK(jobs[0].ok && same(jobs[0].out, rx), "thread x");
+    CHECK(jobs[1].ok && same(jobs[1].out, rb), "thread base");
+    CHECK(jobs[2].ok && same(jobs[2].out, rboth), "thread a and x");
+    el_engine_free(e);
+}
+
 int main(int argc, char **argv) {
-    if (argc != 4) {
-        fprintf(stderr, "usage: %s BUNDLE_DIR ADAPTER_A ADAPTER_B\n", argv[0]);
+    if (argc != 4 && argc != 5) {
+        fprintf(stderr, "usage: %s BUNDLE_DIR ADAPTER_A ADAPTER_B [ACTIVATED]\n", argv[0]);
         return 2;
     }
     const char *dir = argv[1], *a = argv[2], *b = argv[3];
@@ -171,6 +270,7 @@ int main(int argc, char **argv) {
 
     el_engine_free(e);
     el_engine_free(NULL);
+    if (argc == 5) check_activated(dir, a, argv[4]);
     if (failures) {
         fprintf(stderr, "%d check(s) failed\n", failures);
         return 1;

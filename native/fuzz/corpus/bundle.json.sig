@@ -2,8 +2,8 @@
   "format": "edge-lora-signature",
   "version": 1,
   "algorithm": "ed25519",
-  "key_id": "193ba3862f3fe97a",
+  "key_id": "4647391e848a3338",
   "file": "bundle.json",
-  "sha256": "001162fcedd52f028fd3aab542df075d4137985c6b8d3d582b99726d94da1b3b",
-  "signature": "5ETuMd1QOkLqzgxvplQDjcGLlsHQTWFpS+hA0KB3aBk8C+SV0EuVDw8UxUe80T37cGpVlUCXKOdh8SnvFbEQBA=="
+  "sha256": "9a903d00674206ba43dd3d9a019790f6b04e46e101cb0f850f54e7d766971de8",
+  "signature": "3kvRXnp1GsMDO+LlUTpfFyCVJlWAytRoOZi98cK1OfGGLcQbJoxqbyu5PLSj88bOBowmSxVKzLiUAlPTuxCNDw=="
 }
