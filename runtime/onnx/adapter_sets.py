@@ -22,6 +22,7 @@ from edge_lora.onnx_format.weight_store import WeightStore
 from runtime.engine import LoadedAdapter
 from runtime.new_tokens import AddedVocab
 from runtime.onnx.request import RequestChoice
+from runtime.onnx.specialised import is_lora_input, shape_of
 
 LORA_DTYPES = {"float32": np.float32, "float16": np.float16}
 SET_CACHE_SIZE = 8
@@ -180,5 +181,14 @@ class AdapterSets:
                 return RequestChoice(plain if plain is not None else sessions.lora, {})
             return RequestChoice(sessions.lora, self._on_device(self._no_adapters, {}))
         entry = self.feeds_for(adapter_set, loaded)
+        special = getattr(sessions, "specialised", None)
+        if special is not None:  # the CPU's C API path: the graph of the set's shape once it is built
+            shape = entry.get("shape")
+            if shape is None:
+                shape = entry["shape"] = shape_of(entry["arrays"])
+            session = special.get(shape)
+            if session is not None:
+                feeds = {k: v for k, v in entry["values"].items() if k in shape or not is_lora_input(k)}
+                return RequestChoice(session, feeds, owner=entry)
         values = self._on_device(entry, entry["values"]) if self.gpu else entry["values"]
         return RequestChoice(sessions.lora, values)

@@ -43,6 +43,7 @@ from runtime.onnx.decode_states import OnnxState, SharedKVState
 from runtime.onnx.device import WEBGPU, DeviceTensors, find_webgpu
 from runtime.onnx.request import DecodeSetup
 from runtime.onnx.sessions import DEVICE_PROVIDERS, Background, PythonSessions, SessionSpec, resolve_providers
+from runtime.onnx.specialised import DEFAULT_CAPACITY as DEFAULT_SPECIALISED
 from runtime.prefix_cache import PrefixCache, PrefixReuse
 
 __all__ = ["OnnxEngine", "resolve_providers"]
@@ -79,6 +80,7 @@ class OnnxEngine(Engine):
         profile_dir: str | os.PathLike | None = None,
         session_api: str = "auto",
         prefix_cache_bytes: int = DEFAULT_PREFIX_CACHE_BYTES,
+        specialise: int = DEFAULT_SPECIALISED,
     ) -> None:
         """``device="gpu"`` runs on ONNX Runtime's WebGPU provider with the KV cache and the LoRA
         feeds resident on the device (``auto``: a hardware GPU if there is one, else the CPU);
@@ -92,7 +94,10 @@ class OnnxEngine(Engine):
         ``prefix_cache_bytes``: on the C API path, each request leaves its KV cache in a bounded store
         (:mod:`runtime.prefix_cache`) and a later one under the same set starts from the longest prefix
         it shares with one there (a system prompt is evaluated once per set, not once per request);
-        0 turns it off."""
+        0 turns it off. ``specialise``: on the C API path, how many adapter sets get a session of their
+        own with their LoRA weights as constants (:mod:`runtime.onnx.specialised`), built in the
+        background on a set's first request and taken by its requests once ready (least recently used
+        out); 0 turns it off."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None
         if session_api not in SESSION_APIS:
@@ -127,7 +132,7 @@ class OnnxEngine(Engine):
         self.weights = WeightStore(self.layout, self.data_path)
         try:
             if self.session_api == "c":
-                self.sessions = CpuSessions(spec, plain_session)
+                self.sessions = CpuSessions(spec, plain_session, specialise)
             else:
                 self.sessions = PythonSessions(spec, plain_until_adapter=plain_session is None and not gpu)
             self.sessions.open(adapters_loaded=False)
@@ -197,6 +202,12 @@ class OnnxEngine(Engine):
         return self.bundle.verify_file(rel) if self.verify_hashes else self.bundle.require(rel)
 
     # --- the parts' faces ---------------------------------------------------------------
+
+    def wait_specialised(self) -> None:
+        """Until the specialised session being built (if any) is ready: for tests and benchmarks that
+        measure the state an app reaches after a set's first request."""
+        if self.session_api == "c":
+            self.sessions.specialised.wait()
 
     def prepare_for_adapters(self) -> None:
         """Open the LoRA session now and wait for it, so that the first request with an adapter does
@@ -293,5 +304,6 @@ class OnnxEngine(Engine):
                 **self._prefixes.stats.as_dict(),
             },
             "plain_session": self.sessions.plain is not None,
+            "specialised": self.sessions.specialised.info() if self.session_api == "c" else None,
             "device": device,
         }

@@ -25,6 +25,7 @@ from runtime.mapped_pages import dropping_pages, release_pages, trim_heap
 from runtime.onnx.ort_capi import ELEMENT_TYPES, OrtApi, Tensor
 from runtime.onnx.ort_session import PrepackedWeights, Session, SessionConfig
 from runtime.onnx.sessions import Background, SessionSet, SessionSpec
+from runtime.onnx.specialised import DEFAULT_CAPACITY, SpecialisedSessions
 
 
 def shared_weights(api: OrtApi, layout: dict, data: np.memmap, data_path: Path) -> dict[str, Tensor]:
@@ -51,7 +52,9 @@ def shared_weights(api: OrtApi, layout: dict, data: np.memmap, data_path: Path) 
 class CpuSessions(SessionSet):
     """Both graphs through the C API over shared weights; merged weights replace shared tensors."""
 
-    def __init__(self, spec: SessionSpec, plain_session: bool | None) -> None:
+    def __init__(
+        self, spec: SessionSpec, plain_session: bool | None, specialise: int = DEFAULT_CAPACITY
+    ) -> None:
         self.api = OrtApi.get()
         self.spec = spec
         self.keep_plain = plain_session is not False and spec.plain_path is not None
@@ -68,6 +71,9 @@ class CpuSessions(SessionSet):
         self._masks: dict[int, Tensor] = {}
         self._mask_lock = threading.Lock()
         self._profiled: list[Session] = []
+        self.container: PrepackedWeights | None = None
+        # sessions specialised to one adapter set each (runtime/onnx/specialised.py), over the same weights
+        self.specialised = SpecialisedSessions(self._specialised_session, spec.model_path, specialise)
 
     def value(self, array: np.ndarray) -> Tensor:
         return Tensor(self.api, np.ascontiguousarray(array))
@@ -80,9 +86,12 @@ class CpuSessions(SessionSet):
                 found = self._masks[total] = Tensor(self.api, ones[:, :total])
             return found
 
-    def _session(self, path: Path, container: PrepackedWeights) -> Session:
+    def _specialised_session(self, model_bytes: bytes) -> Session:
+        return self._session(self.spec.model_path, self.container, model_bytes)
+
+    def _session(self, path: Path, container: PrepackedWeights, model_bytes: bytes | None = None) -> Session:
         with dropping_pages(self.data_map):  # the pages ORT reads to prepack: out as it goes
-            session = Session(path, self.config, container, self.weights)
+            session = Session(path, self.config, container, self.weights, model_bytes)
         release_pages(self.spec.data_path)  # any it mapped itself (initializers not shared)
         trim_heap()
         if self.config.profile_prefix:
@@ -95,6 +104,8 @@ class CpuSessions(SessionSet):
         container = PrepackedWeights(
             self.api
         )  # a fresh one: a merge's old weights leave with the old sessions
+        self.container = container
+        self.specialised.drop(lambda _key: True)  # sessions over weights a merge replaced
         lora = Background(lambda: self._session(self.spec.model_path, container))
         if not self.keep_plain:
             session = lora.result()

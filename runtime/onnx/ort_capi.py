@@ -54,6 +54,10 @@ _STATUS_CALLS = {
         168,
         [c_void_p, c_char_p, c_void_p, c_void_p, POINTER(c_void_p)],
     ),
+    "CreateSessionFromArrayWithPrepackedWeightsContainer": (
+        169,
+        [c_void_p, c_void_p, c_size_t, c_void_p, c_void_p, POINTER(c_void_p)],
+    ),
 }
 _RELEASES = {
     "ReleaseEnv": 92,

@@ -48,20 +48,36 @@ class Session:
         config: SessionConfig,
         container: PrepackedWeights,
         overrides: dict[str, Tensor] | None = None,
+        model_bytes: bytes | None = None,
     ) -> None:
+        """``model_bytes``: a graph made in memory (:mod:`runtime.onnx.specialised`) in place of the file
+        at ``path``, whose folder holds the external data it names."""
         self.api = api = container.api
         self.path, self.container = path, container
         self.overrides = dict(overrides or {})
         options = api._out(api.CreateSessionOptions)
         try:
             self._configure(options, config)
-            self.handle = api._out(
-                api.CreateSessionWithPrepackedWeightsContainer,
-                api.env,
-                os.fsencode(path),
-                options,
-                container.handle,
-            )
+            if model_bytes is None:
+                self.handle = api._out(
+                    api.CreateSessionWithPrepackedWeightsContainer,
+                    api.env,
+                    os.fsencode(path),
+                    options,
+                    container.handle,
+                )
+            else:
+                key = b"session.model_external_initializers_file_folder_path"
+                api.AddSessionConfigEntry(options, key, os.fsencode(path.parent))
+                buffer = ctypes.create_string_buffer(model_bytes, len(model_bytes))
+                self.handle = api._out(
+                    api.CreateSessionFromArrayWithPrepackedWeightsContainer,
+                    api.env,
+                    buffer,
+                    len(model_bytes),
+                    options,
+                    container.handle,
+                )
         except OrtError as err:
             raise EdgeLoraError(
                 f"ONNX Runtime cannot load the model ({first_line(err)})",
