@@ -16,6 +16,7 @@ import runtime
 from converters.export import AdapterSource, ExportOptions, export_bundle
 from converters.peft import export_peft, import_peft
 from edge_lora.adapter import Adapter
+from edge_lora.app.describe import describe
 from edge_lora.errors import EdgeLoraError
 from edge_lora.model_dir import ModelDir
 from runtime.activation import activation_plan, last_occurrence
@@ -94,6 +95,9 @@ def test_import_and_export_carry_the_invocation(made, tmp_path):
     path = tmp_path / "x.safetensors"
     adapter.save(path)
     assert Adapter.load(path).invocation_tokens == INVOKE_X
+    assert describe(path)["activated_by"] == INVOKE_X  # edge-lora inspect says so
+    gguf = next((bundle / "adapters").glob("x*.gguf"))
+    assert describe(gguf)["activated_by"] == INVOKE_X  # the key llama.cpp reads
     again = export_peft(Adapter.load(path), tmp_path / "peft")
     assert json.loads((again / "adapter_config.json").read_text())["alora_invocation_tokens"] == INVOKE_X
     ids = _prompt(0, 10, INVOKE_X)
