@@ -47,6 +47,9 @@ def _parser() -> argparse.ArgumentParser:
     parser.add_argument("--no-quality", action="store_true", help="skip the real-model quality rows")
     parser.add_argument("--no-native", action="store_true", help="skip the C library's rows (native/)")
     parser.add_argument(
+        "--no-workload", action="store_true", help="skip the multi-adapter workload (adapters taking turns)"
+    )
+    parser.add_argument(
         "--only",
         choices=["quality"],
         help="run only these rows (quality: the real-model quality rows; no README update)",
@@ -81,6 +84,7 @@ def main(argv: list[str] | None = None) -> int:
     plan.gpu &= args.device != "cpu"
     plan.quality &= not args.no_quality
     plan.native &= not args.no_native
+    plan.workload &= not args.no_workload
     results = run_quality_only(plan) if args.only == "quality" else run_all(plan, Path(args.out))
     results["summary"] = report.summarize(results)
     (Path(args.out) / "partial.json").unlink(missing_ok=True)

@@ -2,8 +2,9 @@
 
 ``bench_model`` prepares the model and its peers' files (ORT GenAI's builds, llama.cpp's merged GGUF
 and adapter GGUFs by dtype), runs every engine in interleaved rounds (decode, then the swap / add
-extras, memory and, on the first shape, the scaling sweeps), then the cold starts from fresh
-processes and the GPU rows; it returns the shape's raw results with its files' sizes and config.
+extras, memory and, on the first shape, the scaling sweeps), the multi-adapter workload, then the cold
+starts from fresh processes and the GPU rows; it returns the shape's raw results with its files' sizes
+and config.
 """
 
 from __future__ import annotations
@@ -33,6 +34,7 @@ def bench_model(plan: Plan, shape: str) -> dict:
     built = {k: v for k, v in genai.items() if not k.endswith("_error")}
     planned = plan_workers(plan, model, built, merged, str(extra), lora_files)
     decode, extras, memory, scaling = _run_engines(plan, model, shape, planned)
+    workload = _workload(plan, model) if plan.workload else {}
     cold = _cold_starts(plan, model)
     gpu = _gpu_rows(plan, model) if plan.gpu else {}
     return {
@@ -44,6 +46,7 @@ def bench_model(plan: Plan, shape: str) -> dict:
         "cold": cold,
         "gpu": gpu,
         "scaling": scaling,
+        "workload": workload,
         "files": file_sizes(model, plan),
         "config": config_dict(model),
         "lora_files": {
@@ -107,6 +110,19 @@ def _run_engines(plan: Plan, model, shape: str, planned: list) -> tuple[dict, di
         for w in workers:
             w.stop()
     return decode, extras, memory, scaling
+
+
+def _workload(plan: Plan, model) -> dict:
+    """The multi-adapter workload (benchmarks.workload_bench), after the decode rows' workers stopped; a
+    failure is kept as {"error": ...} so the rest of the run goes on."""
+    from benchmarks import workload_bench
+
+    say("  workload: one system prompt, three adapters taking turns")
+    try:
+        return workload_bench.run_for_model(plan, model, say=say)
+    except Exception as err:  # noqa: BLE001  reported with the run, the other sections still written
+        say(f"[workload] {type(err).__name__}: {err}")
+        return {"error": f"{type(err).__name__}: {str(err)[-600:]}"}
 
 
 def _cold_starts(plan: Plan, model) -> dict:

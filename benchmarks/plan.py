@@ -27,6 +27,12 @@ class Plan:
     gpu: bool = True  # GPU rows on the first shape, when a GPU device is present (benchmarks.gpu_bench)
     quality: bool = True  # the real-model quality rows (benchmarks.quality_bench)
     native: bool = True  # the C library's rows on the SmolLM2 shape's bundle (benchmarks.native_bench)
+    # the multi-adapter workload (benchmarks.workload_bench): one system prompt, three adapters taking turns
+    workload: bool = True
+    workload_system: int = 512
+    workload_requests: int = 12
+    workload_new_tokens: int = 64
+    workload_rounds: int = 3
 
     @classmethod
     def make(cls, quick: bool, shapes: list[str] | None = None) -> Plan:
@@ -42,6 +48,10 @@ class Plan:
                 rounds=3,
                 swaps=20,
                 merged=False,
+                workload_system=128,
+                workload_requests=6,
+                workload_new_tokens=16,
+                workload_rounds=2,
             )
         return cls(
             False,

@@ -101,6 +101,11 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
     for shape, model in results["models"].items():
         lines += dtype_markdown(shape, model)
     for shape, model in results["models"].items():
+        if model.get("workload"):
+            from benchmarks.workload_bench import markdown as workload_markdown
+
+            lines += workload_markdown(shape, model["workload"])
+    for shape, model in results["models"].items():
         lines += memory_markdown(shape, model, results)
         lines += loaded_markdown(shape, model)
     for model in results["models"].values():

@@ -126,7 +126,12 @@ def targets(results: dict, shape: str, info: dict) -> list[dict]:
                 f"{ours_a}, roofline {roof:.1f} tok/s",
             )
         )
-    return out + _swap_and_add_targets(info) + _cold_start_targets(results, shape, info)
+    return (
+        out
+        + _swap_and_add_targets(info)
+        + _cold_start_targets(results, shape, info)
+        + _workload_targets(info)
+    )
 
 
 def _versus_peer_targets(
@@ -295,6 +300,19 @@ def _swap_and_add_targets(info: dict) -> list[dict]:
                 )
             )
     return out
+
+
+def _workload_targets(info: dict) -> list[dict]:
+    """The multi-adapter workload (issue 33), per engine of ours against the best peer: time per request
+    >= 2x, time to first token after a switch >= 5x (benchmarks.workload_bench)."""
+    workload = info.get("workload") or {}
+    if "ratios" not in workload:
+        return []
+    from benchmarks.workload_bench import targets as workload_targets
+
+    return [
+        _target(t["target"], t["value"], t["goal"], t["met"], t["detail"]) for t in workload_targets(workload)
+    ]
 
 
 def _cold_start_targets(results: dict, shape: str, info: dict) -> list[dict]:

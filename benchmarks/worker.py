@@ -5,13 +5,15 @@ Each worker loads one engine once (ours or a peer), then answers commands:
     {"op": "decode", "case": "a"}     one greedy request: prompt prefill, then timed decode steps
     {"op": "extras"}                  swap latency, first step after a swap, adding an adapter
     {"op": "scaling", ...}            the scaling sweeps (see benchmarks.scaling)
+    {"op": "workload", ...}           requests taking turns between adapters (benchmarks.workload_bench)
     {"op": "rss"}                     current and peak resident memory of this process
     {"op": "quit"}
 
 A process per engine keeps memory numbers clean and lets the runner interleave every engine in
 rounds (the machine drifts by tens of percent between minutes). Cases: "base" (no adapter), "a"
 (one rank-16 adapter, unmerged), "ab" (two stacked), "merged" (a worker whose engine merged "a").
-Kind "native" is the C library (benchmarks.native_bench.NativeWorker).
+Kind "native" is the C library (benchmarks.native_bench.NativeWorker); kinds "workload-*" are the
+workload's engines (benchmarks.workload_bench).
 
     python -m benchmarks.worker '{"kind": "ours-onnx", ...}'   (the runner starts these)
 """
@@ -166,6 +168,10 @@ def _worker(spec: dict):
         from benchmarks.native_bench import NativeWorker
 
         return NativeWorker(spec)
+    if kind.startswith("workload-"):
+        from benchmarks.workload_bench import make
+
+        return make(spec)
     from benchmarks import peers
 
     return peers.make(spec)
@@ -212,6 +218,8 @@ def main() -> int:
                 from benchmarks.scaling import sweep
 
                 out = sweep(worker, cmd)
+            elif op == "workload":
+                out = worker.workload(cmd)
             elif op == "rss":
                 out = rss()
             elif op == "quit":

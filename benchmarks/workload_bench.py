@@ -1,0 +1,707 @@
+"""The multi-adapter workload (issue 33): one system prompt, three adapters taking turns on it.
+
+    python -m benchmarks.workload_bench [--quick] [--shape S] [--rounds N] [--json PATH]
+    (and a section of python -m benchmarks: results["models"][shape]["workload"], the Summary's
+    "<shape>: workload" table and its two targets)
+
+The app this project exists for: one system prompt (512 tokens; 128 in the quick run), then requests
+that take turns between three rank-16 all-linear adapters ("a", "b" from the bundle, "c" made here),
+each with a short user turn of its own after the shared system prompt (16 tokens, distinct per request),
+greedy, 64 new tokens each (16 in the quick run), 12 requests (6). Every engine gets the same requests
+in the same order, each in its own worker process (benchmarks.worker), the engines' order rotated per
+round; each round has a system prompt of its own (a new app session: nothing of an earlier round is
+reused). Before the first round each engine runs one request of the workload's full length and one
+short one per adapter on unrelated tokens (graphs built, buffers grown), untimed.
+
+    edge-lora onnx / llama.cpp   runtime.load(bundle, backend=...) with its default settings (the
+                                 prefix store on, runtime/prefix_cache.py), add_adapter x3, then
+                                 engine._token_loop (what generate / generate_ids run) per request
+                                 with adapters={name: 1.0}: a request under an adapter whose system
+                                 prompt is in the store restores it instead of evaluating it again.
+                                 Where the default store cannot hold the workload's prefixes
+                                 (``store_bytes``), one more row with a store that can, as an app
+                                 would set it (prefix_cache_bytes).
+    llama.cpp                    llama-cpp-python's ``Llama`` on the same GGUF (the decode rows' settings:
+                                 flash attention, extra buffer types where the CPU allows), the three
+                                 GGUF LoRAs loaded once (``llama_adapter_lora_init``) and switched per
+                                 request with ``llama_set_adapters_lora``; at a switch its KV cache is
+                                 cleared, as llama-server clears a slot's cached prompt when a request's
+                                 LoRA set differs from the slot's last one (``launch_slot_with_task``,
+                                 ``lora_should_clear_cache``: kept only for activated LoRAs); under an
+                                 unchanged set ``Llama.generate`` reuses the longest common prefix, as
+                                 the server's prompt cache does.
+    ORT GenAI                    onnxruntime-genai on our exported ONNX folder with the three
+                                 ``.onnx_adapter`` files in one ``og.Adapters``: one generator per request
+                                 (``set_active_adapter`` takes one adapter per generator), so every
+                                 request evaluates the whole prompt.
+
+Per request: wall time (the call to its last token) and time to the first token. Every request follows
+a switch (the adapters take turns); each adapter's first request of a round finds nothing of the system
+prompt under its set, so time to first token is reported for the others ("after a switch", the target's)
+and for those first ones apart. Time per request is over all requests. Ratios are the best peer's time
+over ours, paired per round (median). Greedy tokens of ours are compared with the peer on the same file
+(llama.cpp on the GGUF, ORT GenAI on the ONNX folder): the share of requests whose first token agrees,
+and whose tokens all agree; reported, not asserted (random weights have near ties).
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+import time
+from abc import ABC, abstractmethod
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from pathlib import Path
+
+import numpy as np
+
+from benchmarks import pool
+from benchmarks.pool import median, paired_ratio
+
+ADAPTERS = ("a", "b", "c")
+USER_TOKENS = 16  # each request's own user turn after the system prompt
+ID_LOW, ID_HIGH = 3, 250  # random prompt ids, as benchmarks.probes.prompt_ids draws them
+GOAL_WALL, GOAL_TTFT = 2.0, 5.0  # best peer / ours: time per request, time to first token after a switch
+OURS = "edge-lora"
+
+
+def say(msg: str) -> None:
+    print(msg, file=sys.stderr, flush=True)
+
+
+# --- the workload ------------------------------------------------------------------------------
+
+
+@dataclass
+class Workload:
+    """What one round asks: a system prompt of ``system`` tokens, ``requests`` requests taking turns
+    between ``adapters``, each ``system + its own user turn``, ``new_tokens`` greedy tokens each."""
+
+    system: int
+    requests: int
+    new_tokens: int
+    adapters: tuple[str, ...] = ADAPTERS
+    user: int = USER_TOKENS
+
+    def round(self, index: int) -> list[tuple[str, list[int]]]:
+        """Round ``index``'s requests: (adapter, prompt ids); a system prompt of its own per round."""
+        rng = np.random.default_rng(1000 + index)
+        system = [int(t) for t in rng.integers(ID_LOW, ID_HIGH, self.system)]
+        return [
+            (
+                self.adapters[i % len(self.adapters)],
+                system + [int(t) for t in rng.integers(ID_LOW, ID_HIGH, self.user)],
+            )
+            for i in range(self.requests)
+        ]
+
+    @property
+    def positions(self) -> int:
+        """The most KV positions one request holds."""
+        return self.system + self.user + self.new_tokens + 1
+
+    def warmup(self) -> list[tuple[str, list[int], int]]:
+        """Untimed, before the first round: one request of the workload's full length (contexts grown,
+        graphs built for its prompt size), then a short one per adapter; ids the rounds' prompts never
+        start with."""
+        rng = np.random.default_rng(7)
+        ids = [int(t) for t in rng.integers(ID_HIGH, ID_HIGH + 40, self.system + self.user)]
+        return [(self.adapters[0], ids, self.new_tokens)] + [(n, ids[:8], 2) for n in self.adapters]
+
+
+def first_of_adapter(requests: list[tuple[str, list[int]]]) -> list[bool]:
+    """Whether each request is the first of its adapter in the round (nothing of it to restore)."""
+    seen: set[str] = set()
+    out = []
+    for name, _ in requests:
+        out.append(name not in seen)
+        seen.add(name)
+    return out
+
+
+# --- the engines, in their worker processes ------------------------------------------------------
+
+
+class _Timed(ABC):
+    """A workload engine: ``request(name, ids, n)`` yields its tokens one by one; ``workload`` times
+    each request from the call to its first and its last token."""
+
+    @abstractmethod
+    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
+        """One greedy request under adapter ``name`` alone, its tokens as they come (stops at eos)."""
+
+    def warm(self, warmup: list) -> None:
+        for name, ids, n in warmup:
+            for _ in self.request(name, list(ids), n):
+                pass
+
+    def workload(self, cmd: dict) -> dict:
+        rows = []
+        for name, ids in cmd["requests"]:
+            t0 = time.perf_counter()
+            tokens, first = [], None
+            for token in self.request(name, list(ids), cmd["new_tokens"]):
+                if first is None:
+                    first = time.perf_counter()
+                tokens.append(int(token))
+            end = time.perf_counter()
+            rows.append(
+                {
+                    "adapter": name,
+                    "wall_ms": (end - t0) * 1e3,
+                    "ttft_ms": ((first or end) - t0) * 1e3,
+                    "tokens": tokens,
+                }
+            )
+        return {"requests": rows, **self.stats()}
+
+    def stats(self) -> dict:
+        return {}
+
+
+class OursWorkload(_Timed):
+    """edge-lora's engine, its adapters added: a request is ``engine._token_loop`` (generate_ids' loop)."""
+
+    def __init__(self, engine: object):
+        from runtime.sampling import SamplingParams
+
+        self.engine, self.params = engine, SamplingParams
+        self._seen = self._prefix_stats()
+
+    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
+        return self.engine._token_loop(ids, self.params(max_new_tokens=new_tokens), {name: 1.0})
+
+    def _prefix_stats(self) -> dict:
+        return dict(self.engine.info().get("prefix_cache") or {})
+
+    def stats(self) -> dict:
+        """The prefix store over this call: its counters' increase, its bytes and bound now."""
+        now = self._prefix_stats()
+        keys = ("saved", "hits", "misses", "evicted", "tokens_reused")
+        delta = {k: now[k] - self._seen.get(k, 0) for k in keys if k in now}
+        self._seen = now
+        if not now:
+            return {"prefix_cache": None}
+        return {"prefix_cache": {**delta, "bytes": now.get("bytes"), "max_bytes": now.get("max_bytes")}}
+
+
+def load_ours(spec: dict) -> OursWorkload:
+    """A worker's engine (kind "workload-ours"): runtime.load with the backend's defaults (plus
+    ``engine_options``), the adapters added (a path, or None for the bundle's own), warmed."""
+    import runtime
+
+    options = {"quant": spec["quant"], "threads": spec["threads"], **spec.get("engine_options", {})}
+    t0 = time.perf_counter()
+    engine = runtime.load(spec["bundle"], backend=spec["backend"], **options)
+    for name, path in spec["adapters"].items():
+        engine.add_adapter(name, path)
+    out = OursWorkload(engine)
+    out.load_s = time.perf_counter() - t0
+    out.warm(spec.get("warmup", []))
+    out.stats()  # the warm-up's counters are not the workload's
+    return out
+
+
+class LlamaCppWorkload(_Timed):
+    """llama-cpp-python's ``Llama`` on the GGUF with every LoRA loaded once; a request under another set
+    than the last one's switches with ``llama_set_adapters_lora`` and clears the KV cache (llama-server's
+    rule, see the module's docstring); under the same set ``generate`` reuses the common prefix."""
+
+    def __init__(self, spec: dict):
+        import ctypes
+
+        import llama_cpp
+
+        from benchmarks.peers import LlamaCppPeer
+
+        t0 = time.perf_counter()
+        self.llm = LlamaCppPeer({**spec, "lora": None}).llm  # the decode rows' peer settings
+        self.capi, self.ctypes = llama_cpp, ctypes
+        from llama_cpp._utils import suppress_stdout_stderr
+
+        self.loras = {}
+        for name, path in spec["loras"].items():
+            # it logs a line per tensor to stderr (as Llama's own lora_path load, kept quiet the same way):
+            # 22 KB an adapter, which would fill the worker's stderr pipe
+            with suppress_stdout_stderr(disable=False):
+                handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode())
+            if not handle:
+                raise RuntimeError(f"{path}: llama.cpp could not load this LoRA (hint: re-export it)")
+            self.llm._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
+            self.loras[name] = handle
+        self.active: str | None = None
+        self.eos = set(spec["eos"])
+        self.load_s = time.perf_counter() - t0
+        self.warm(spec.get("warmup", []))
+
+    def _switch(self, name: str) -> None:
+        capi = self.capi
+        adapters = (capi.llama_adapter_lora_p_ctypes * 1)(self.loras[name])
+        scales = (self.ctypes.c_float * 1)(1.0)
+        if capi.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
+            raise RuntimeError(f"llama_set_adapters_lora failed for {name!r}")
+        self.llm.reset()  # no cached tokens: the next generate evaluates its whole prompt
+        capi.llama_memory_clear(capi.llama_get_memory(self.llm._ctx.ctx), False)
+        self.active = name
+
+    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
+        if name != self.active:
+            self._switch(name)
+        stream = self.llm.generate(
+            ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
+        )
+        try:
+            for _ in range(new_tokens):
+                token = next(stream)
+                if token in self.eos:
+                    return
+                yield token
+        finally:
+            stream.close()
+
+
+class GenAIWorkload(_Timed):
+    """onnxruntime-genai on our ONNX folder, every ``.onnx_adapter`` in one ``og.Adapters``; a request is
+    a new generator with its adapter active (the prompt evaluated whole)."""
+
+    def __init__(self, spec: dict):
+        import onnxruntime_genai as og
+
+        from benchmarks.peers import GenAIPeer
+
+        t0 = time.perf_counter()
+        self.og = og
+        self.model = GenAIPeer({**spec, "adapter": None}).model  # the decode rows' peer settings
+        self.adapters = og.Adapters(self.model)
+        for name, path in spec["onnx_adapters"].items():
+            self.adapters.load(str(path), name)
+        self.eos = set(spec["eos"])
+        self.load_s = time.perf_counter() - t0
+        self.warm(spec.get("warmup", []))
+
+    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
+        og = self.og
+        params = og.GeneratorParams(self.model)
+        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
+        gen = og.Generator(self.model, params)
+        try:
+            gen.set_active_adapter(self.adapters, name)
+            gen.append_tokens(ids)  # runs the prompt; the next call picks from its logits
+            for i in range(new_tokens):
+                if i and gen.is_done():
+                    return
+                gen.generate_next_token()
+                token = int(gen.get_next_tokens()[0])
+                if token in self.eos:
+                    return
+                yield token
+        finally:
+            del gen
+
+
+def make(spec: dict) -> _Timed:
+    """benchmarks.worker's engine for a "workload-*" kind."""
+    kinds = {
+        "workload-ours": load_ours,
+        "workload-llamacpp": LlamaCppWorkload,
+        "workload-genai": GenAIWorkload,
+    }
+    return kinds[spec["kind"]](spec)
+
+
+# --- the files and workers of one model ---------------------------------------------------------
+
+
+@dataclass
+class Files:
+    """The bundle and each adapter's files: ``safetensors`` None = the bundle's own (ours add it by name)."""
+
+    bundle: Path
+    onnx_quant: str
+    gguf_quant: str
+    adapters: dict[str, dict] = field(default_factory=dict)  # name -> {"safetensors", "gguf", "onnx_adapter"}
+
+    @property
+    def gguf(self) -> Path:
+        return self.bundle / "gguf" / f"model-{self.gguf_quant}.gguf"
+
+    @property
+    def onnx_folder(self) -> Path:
+        return self.bundle / "onnx" / f"{self.onnx_quant}-fast"
+
+    @classmethod
+    def from_bundle(cls, bundle: Path, onnx_quant: str, gguf_quant: str, names: tuple[str, ...]) -> Files:
+        """Every adapter shipped by the bundle (its .gguf and .onnx_adapter beside its .safetensors)."""
+        bundle = Path(bundle)
+        adapters = {
+            n: {
+                "safetensors": None,
+                "gguf": bundle / "adapters" / f"{n}.gguf",
+                "onnx_adapter": bundle / "adapters" / f"{n}.onnx_adapter",
+            }
+            for n in names
+        }
+        return cls(bundle, onnx_quant, gguf_quant, adapters)
+
+
+def model_files(model: object, onnx_quant: str, gguf_quant: str) -> Files:
+    """The benchmark model's files: adapters "a" and "b" from its bundle, and a third, "c" (rank 16, seed
+    3, as models.ADAPTERS seeds a and b), made here once as our .safetensors and exported beside it as
+    the GGUF LoRA and .onnx_adapter the peers read (cached per exporter version)."""
+    from benchmarks.models import RANK, exporters_digest, extra_adapter
+    from converters.onnx_adapter import export_onnx_adapter
+    from edge_lora.adapter import Adapter
+    from edge_lora.gguf_format.lora_adapter import export_gguf_adapter
+    from edge_lora.model_dir import ModelDir
+
+    files = Files.from_bundle(model.bundle, onnx_quant, gguf_quant, ("a", "b"))
+    source = extra_adapter(model, "workload-c", RANK, 3)
+    folder = model.root / "workload"
+    gguf, onnx = folder / f"c-{exporters_digest()}.gguf", folder / f"c-{exporters_digest()}.onnx_adapter"
+    if not gguf.is_file() or not onnx.is_file():
+        folder.mkdir(parents=True, exist_ok=True)
+        config = ModelDir(model.hf_dir).config
+        adapter = Adapter.load(source, base=config)
+        export_gguf_adapter(adapter, config, gguf)
+        export_onnx_adapter(adapter, config, onnx)
+    files.adapters["c"] = {"safetensors": source, "gguf": gguf, "onnx_adapter": onnx}
+    return files
+
+
+def kv_bytes_per_position(config: object, backend: str) -> int:
+    """One position's KV cache as each backend's prefix store keeps it: float32 on ONNX Runtime's CPU
+    path, llama.cpp's default f16."""
+    per = config.num_hidden_layers * config.num_key_value_heads * config.head_dim * 2
+    return per * (4 if backend == "onnx" else 2)
+
+
+def store_states(backend: str, adapters: int) -> int:
+    """How many requests' states the prefix store must hold so that each adapter's next turn still finds
+    its system prompt there, least recently used out. ONNX Runtime: every request leaves its state in the
+    store and the one it restored from stays, so an adapter's entry must outlive the others' turns, two
+    entries each: 2n - 1 (the store's LRU replayed on the workload's pattern: 4 states serve 2 of 3 later
+    requests, 5 all). llama.cpp: the running request's KV stays in the context until the next switch
+    saves it: n + 1 (measured on SmolLM2-135M's shape: 4 states held, every later request served)."""
+    return 2 * adapters - 1 if backend == "onnx" else adapters + 1
+
+
+def store_bytes(config: object, backend: str, workload: Workload) -> int:
+    """A prefix store that holds the workload's prefixes (``store_states`` requests' states of its
+    longest request), rounded up to 8 MiB."""
+    states = store_states(backend, len(workload.adapters))
+    need = states * workload.positions * kv_bytes_per_position(config, backend)
+    return -(-need // (8 << 20)) * (8 << 20)
+
+
+def default_store_bytes(backend: str) -> int:
+    """The backend's default prefix store bound (runtime.onnx.backend / runtime.llamacpp.backend)."""
+    if backend == "onnx":
+        from runtime.onnx.backend import DEFAULT_PREFIX_CACHE_BYTES
+    else:
+        from runtime.llamacpp.backend import DEFAULT_PREFIX_CACHE_BYTES
+    return DEFAULT_PREFIX_CACHE_BYTES
+
+
+def workers(files: Files, workload: Workload, threads: int, config: object) -> list[pool.Worker]:
+    """Ours on each backend (defaults; and a store sized for the workload where the default is smaller),
+    then the two peers."""
+    common = {"threads": threads, "prompt": 8, "new_tokens": 1, "warmup": workload.warmup()}
+    eos = list(config.eos_token_id)
+    ours = {
+        "kind": "workload-ours",
+        "bundle": str(files.bundle),
+        "adapters": {
+            n: (str(f["safetensors"]) if f["safetensors"] else None) for n, f in files.adapters.items()
+        },
+        **common,
+    }
+    out = []
+    for backend, engine, quant in (
+        ("onnx", "onnx", files.onnx_quant),
+        ("llamacpp", "llama.cpp", files.gguf_quant),
+    ):
+        spec = {**ours, "backend": backend, "quant": quant}
+        out.append(pool.Worker(f"{OURS} {engine} {quant}", spec, ["workload"]))
+        sized = store_bytes(config, backend, workload)
+        if sized > default_store_bytes(backend):
+            options = {"prefix_cache_bytes": sized}
+            label = f"{OURS} {engine} {quant}, prefix store {sized >> 20} MiB"
+            out.append(pool.Worker(label, {**spec, "engine_options": options}, ["workload"]))
+    loras = {n: str(f["gguf"]) for n, f in files.adapters.items()}
+    out.append(
+        pool.Worker(
+            f"llama.cpp {files.gguf_quant}",
+            {"kind": "workload-llamacpp", "gguf": str(files.gguf), "loras": loras, "eos": eos, **common},
+            ["workload"],
+        )
+    )
+    onnx_adapters = {n: str(f["onnx_adapter"]) for n, f in files.adapters.items()}
+    out.append(
+        pool.Worker(
+            f"ORT GenAI on our {files.onnx_quant}",
+            {
+                "kind": "workload-genai",
+                "folder": str(files.onnx_folder),
+                "onnx_adapters": onnx_adapters,
+                "eos": eos,
+                **common,
+            },
+            ["workload"],
+        )
+    )
+    return out
+
+
+# --- the section ------------------------------------------------------------------------------------
+
+
+def run(
+    files: Files, workload: Workload, threads: int, rounds: int, say: Callable[[str], None] = say
+) -> dict:
+    """Every engine through ``rounds`` rounds of the workload; the rows, medians, ratios and agreement."""
+    from edge_lora.bundle import Bundle
+
+    config = Bundle.open(files.bundle).config
+    started = time.time()
+    planned = workers(files, workload, threads, config)
+    alive = pool.start_all(planned, say)
+    runs: dict[str, list] = {w.label: [] for w in planned}
+    try:
+        for r in range(rounds):
+            requests = workload.round(r)
+            shift = r % max(1, len(alive))
+            for w in alive[shift:] + alive[:shift]:
+                out = w.ask("workload", requests=requests, new_tokens=workload.new_tokens)
+                if "error" in out:
+                    say(f"  workload {w.label}: {out['error']}")
+                runs[w.label].append(out)
+            say(
+                f"  workload round {r + 1}/{rounds}: "
+                + ", ".join(
+                    f"{label.replace(OURS + ' ', 'ours ')} {_mean_ms(x[-1], 'wall_ms'):.0f} ms"
+                    for label, x in runs.items()
+                    if x and "requests" in x[-1]
+                )
+            )
+        errors = {w.label: w.info.get("error") for w in planned if w.info.get("error")}
+    finally:
+        for w in alive:
+            w.stop()
+    firsts = first_of_adapter(workload.round(0))
+    return summarize(
+        {
+            "system": workload.system,
+            "user": workload.user,
+            "requests": workload.requests,
+            "new_tokens": workload.new_tokens,
+            "adapters": list(workload.adapters),
+            "rounds": rounds,
+            "threads": threads,
+            "onnx_quant": files.onnx_quant,
+            "gguf_quant": files.gguf_quant,
+            "first_of_adapter": firsts,
+            "engines": {label: {"rounds": x, "load_s": _load_s(planned, label)} for label, x in runs.items()},
+            "errors": errors,
+            "wall_s": time.time() - started,
+        }
+    )
+
+
+def _load_s(planned: list[pool.Worker], label: str) -> float | None:
+    return next((w.info.get("load_s") for w in planned if w.label == label), None)
+
+
+def _mean_ms(out: dict, key: str, pick: list[bool] | None = None) -> float | None:
+    rows = out.get("requests") or []
+    values = [r[key] for i, r in enumerate(rows) if pick is None or pick[i]]
+    return float(np.mean(values)) if values else None
+
+
+def summarize(section: dict) -> dict:
+    """Per engine and round: mean wall ms per request, mean time to first token after a switch (each
+    adapter's first request left out) and for those first requests; their medians over rounds; the best
+    peer's time over ours, paired per round; the token agreement with the peer on the same file. The
+    requests' tokens are dropped from the stored rounds afterwards (their counts kept)."""
+    firsts = section["first_of_adapter"]
+    later = [not f for f in firsts]
+    per_round: dict[str, dict[str, list]] = {}
+    for label, engine in section["engines"].items():
+        outs = engine["rounds"]
+        per_round[label] = {
+            "wall_ms": [_mean_ms(o, "wall_ms") for o in outs],
+            "ttft_switch_ms": [_mean_ms(o, "ttft_ms", later) for o in outs],
+            "ttft_first_ms": [_mean_ms(o, "ttft_ms", firsts) for o in outs],
+        }
+    section["per_round"] = per_round
+    section["medians"] = {label: {k: median(v) for k, v in m.items()} for label, m in per_round.items()}
+    section["agreement"] = agreement(section)
+    peers = [label for label in per_round if not label.startswith(OURS)]
+    section["ratios"] = {}
+    for label in [x for x in per_round if x.startswith(OURS)]:
+        row = {}
+        for key, name in (("wall_ms", "wall"), ("ttft_switch_ms", "ttft")):
+            best = _best_peer(section["medians"], peers, key)
+            row[f"{name}_peer"] = best
+            row[f"{name}_x"] = paired_ratio(per_round[best][key], per_round[label][key]) if best else None
+        section["ratios"][label] = row
+    for engine in section["engines"].values():
+        for out in engine["rounds"]:
+            for r in out.get("requests") or []:
+                r["tokens"] = len(r["tokens"]) if isinstance(r["tokens"], list) else r["tokens"]
+    return section
+
+
+def _best_peer(medians: dict, peers: list[str], key: str) -> str | None:
+    timed = [p for p in peers if medians[p].get(key)]
+    return min(timed, key=lambda p: medians[p][key]) if timed else None
+
+
+def agreement(section: dict) -> dict:
+    """Ours against the peer running the same file, request by request over every round: the share whose
+    first token is equal, and whose tokens are all equal."""
+    out = {}
+    engines = section["engines"]
+    pairs = [
+        (f"{OURS} onnx {section['onnx_quant']}", f"ORT GenAI on our {section['onnx_quant']}"),
+        (f"{OURS} llama.cpp {section['gguf_quant']}", f"llama.cpp {section['gguf_quant']}"),
+    ]
+    for ours, peer in pairs:
+        if ours not in engines or peer not in engines:
+            continue
+        first = same = n = 0
+        for a, b in zip(engines[ours]["rounds"], engines[peer]["rounds"]):
+            for x, y in zip(a.get("requests") or [], b.get("requests") or []):
+                if not isinstance(x["tokens"], list) or not isinstance(y["tokens"], list):
+                    continue
+                n += 1
+                first += x["tokens"][:1] == y["tokens"][:1]
+                same += x["tokens"] == y["tokens"]
+        if n:
+            out[f"{ours} vs {peer}"] = {"requests": n, "first_token": first / n, "all_tokens": same / n}
+    return out
+
+
+def targets(section: dict) -> list[dict]:
+    """Per engine of ours: the workload's two targets against the best peer (benchmarks.target_checks)."""
+    out = []
+    for label, r in (section.get("ratios") or {}).items():
+        for key, goal, what in (
+            ("wall", GOAL_WALL, "time per request"),
+            ("ttft", GOAL_TTFT, "time to first token after a switch"),
+        ):
+            value = r.get(f"{key}_x")
+            out.append(
+                {
+                    "target": f"workload: {what}, best peer / ours ({label})",
+                    "value": value,
+                    "goal": f">= {goal:g}",
+                    "met": value is not None and value >= goal,
+                    "detail": f"vs {r.get(f'{key}_peer')}; {_workload_line(section)}",
+                }
+            )
+    return out
+
+
+def _workload_line(section: dict) -> str:
+    return (
+        f"system prompt {section['system']} tokens, {len(section['adapters'])} adapters taking turns, "
+        f"{section['requests']} requests of {section['new_tokens']} new tokens, {section['rounds']} rounds"
+    )
+
+
+def _fmt(v: float | None, digits: int = 0) -> str:
+    return "n/a" if v is None else f"{v:.{digits}f}"
+
+
+def markdown(shape: str, section: dict) -> list[str]:
+    """The Summary's "<shape>: workload" table: per engine, mean ms per request, time to first token
+    after a switch and for each adapter's first request, the ratios to the best peer, the prefix store."""
+    if "error" in section:
+        return [f"### {shape}: workload", "", f"Failed: {section['error'][-300:]}", ""]
+    lines = [
+        f"### {shape}: workload (one system prompt, adapters taking turns)",
+        "",
+        f"{_workload_line(section)}; user turns of {section['user']} tokens, greedy, {section['threads']} "
+        "threads, each engine in its own process, engines rotated per round (medians of per-round means). "
+        "TTFT after a switch leaves out each adapter's first request of a round (its system prompt is in "
+        "no store yet; column 'first'); ms per request counts every request. x = best peer's time / ours, "
+        "paired per round.",
+        "",
+        "| engine | ms per request | x | TTFT ms after a switch | x | TTFT ms, first | prefix store hits |",
+        "|---|---|---|---|---|---|---|",
+    ]
+    med, ratios = section["medians"], section.get("ratios", {})
+    for label, m in med.items():
+        r = ratios.get(label, {})
+        hits = _hits(section["engines"][label]["rounds"])
+        lines.append(
+            f"| {label} | {_fmt(m['wall_ms'])} | {_fmt(r.get('wall_x'), 2) if r else ''} | "
+            f"{_fmt(m['ttft_switch_ms'])} | {_fmt(r.get('ttft_x'), 2) if r else ''} | "
+            f"{_fmt(m['ttft_first_ms'])} | {hits} |"
+        )
+    for pair, a in section.get("agreement", {}).items():
+        lines.append("")
+        lines.append(
+            f"Greedy tokens, {pair}: first token equal in {100 * a['first_token']:.0f}% of {a['requests']} "
+            f"requests, all tokens in {100 * a['all_tokens']:.0f}%."
+        )
+    for label, err in (section.get("errors") or {}).items():
+        lines.append(f"{label} did not run: {str(err).splitlines()[-1][:200]}")
+    return lines + [""]
+
+
+def _hits(rounds: list[dict]) -> str:
+    """The prefix store's hits / lookups over every round (ours), or "" (a peer)."""
+    stats = [o.get("prefix_cache") for o in rounds if o.get("prefix_cache")]
+    if not stats:
+        return ""
+    hits = sum(s.get("hits", 0) for s in stats)
+    return f"{hits} / {hits + sum(s.get('misses', 0) for s in stats)}"
+
+
+# --- the runner's entry points ----------------------------------------------------------------------
+
+
+def plan_workload(plan: object) -> Workload:
+    """The plan's workload (benchmarks.plan.Plan: workload_system, _requests, _new_tokens)."""
+    return Workload(plan.workload_system, plan.workload_requests, plan.workload_new_tokens)
+
+
+def run_for_model(plan: object, model: object, say: Callable[[str], None] = say) -> dict:
+    """The section on one benchmark model (4-bit: its first ONNX and GGUF quants)."""
+    files = model_files(model, plan.onnx_quants[0], plan.gguf_quants[0])
+    return run(files, plan_workload(plan), plan.threads, plan.workload_rounds, say=say)
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = argparse.ArgumentParser(
+        prog="python -m benchmarks.workload_bench", description=__doc__.splitlines()[0]
+    )
+    parser.add_argument(
+        "--quick", action="store_true", help="the CI form's sizes (128-token system prompt, 6 x 16)"
+    )
+    parser.add_argument("--shape", default="smollm2-135m", help="smollm2-135m or qwen2.5-0.5b")
+    parser.add_argument("--rounds", type=int, help="rounds (default: the plan's)")
+    parser.add_argument("--json", type=Path, help="also write the raw results here")
+    args = parser.parse_args(argv)
+    from benchmarks import models
+    from benchmarks.plan import Plan
+
+    plan = Plan.make(args.quick, [args.shape])
+    if args.rounds:
+        plan.workload_rounds = args.rounds
+    # only the 4-bit files it runs: a cached bundle of the quick run serves the full sizes too
+    model = models.prepare(args.shape, {"onnx": plan.onnx_quants[:1], "gguf": plan.gguf_quants[:1]}, say)
+    out = run_for_model(plan, model)
+    print("\n".join(markdown(args.shape, out)))
+    for t in targets(out):
+        print(f"{t['target']}: {_fmt(t['value'], 2)} (goal {t['goal']}, {'met' if t['met'] else 'not met'})")
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=1) + "\n")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
