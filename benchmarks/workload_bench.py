@@ -380,11 +380,11 @@ def kv_bytes_per_position(config: object, backend: str) -> int:
 def store_states(backend: str, adapters: int) -> int:
     """How many requests' states the prefix store must hold so that each adapter's next turn still finds
     its system prompt there, least recently used out. ONNX Runtime: every request leaves its state in the
-    store and the one it restored from stays, so an adapter's entry must outlive the others' turns, two
-    entries each: 2n - 1 (the store's LRU replayed on the workload's pattern: 4 states serve 2 of 3 later
-    requests, 5 all). llama.cpp: the running request's KV stays in the context until the next switch
-    saves it: n + 1 (measured on SmolLM2-135M's shape: 4 states held, every later request served)."""
-    return 2 * adapters - 1 if backend == "onnx" else adapters + 1
+    store, which replaces the earlier state of its set on the same prompt (runtime.prefix_cache keeps one
+    copy of a shared prompt per set): n (the store's LRU replayed on the workload's pattern). llama.cpp:
+    the running request's KV stays in the context until the next switch saves it: n + 1 (measured on
+    SmolLM2-135M's shape: 4 states held, every later request served)."""
+    return adapters if backend == "onnx" else adapters + 1
 
 
 def store_bytes(config: object, backend: str, workload: Workload) -> int:

@@ -57,13 +57,14 @@ class PrefixCache:
 
     def put(self, set_key: Hashable, tokens: Sequence[int], blob: object, nbytes: int) -> bool:
         """Keep ``blob`` (the state after ``tokens`` under ``set_key``); False when it cannot fit at all.
-        A stored entry that is a prefix of the new one under the same set is dropped: the new one serves
-        every request the old one could."""
+        A stored entry under the same set that shares at least three quarters of its positions with the
+        new one is dropped: the new one serves nearly all it could (requests on one system prompt would
+        otherwise each keep a copy of it; an entry that is a prefix of the new one is the extreme case)."""
         tokens = tuple(tokens)
         if not tokens or nbytes > self.max_bytes:
             return False
         with self._lock:
-            for key in [k for k in self._entries if k[0] == set_key and tokens[: len(k[1])] == k[1]]:
+            for key in [k for k in self._entries if k[0] == set_key and _covered(k[1], tokens)]:
                 self._bytes -= self._entries.pop(key).nbytes
             self._entries[(set_key, tokens)] = _Entry(tokens, blob, nbytes)
             self._bytes += nbytes
@@ -107,6 +108,14 @@ class PrefixCache:
 
     def clear(self) -> None:
         self.drop(lambda _entry: True)
+
+
+def _covered(old: tuple, new: tuple) -> bool:
+    """Whether ``new`` shares at least three quarters of ``old``'s positions from the start."""
+    n, stop = 0, min(len(old), len(new))
+    while n < stop and old[n] == new[n]:
+        n += 1
+    return 4 * n >= 3 * len(old)
 
 
 class PrefixReuse(DecodeState):

@@ -117,8 +117,8 @@ def test_a_store_too_small_for_the_workload_gets_a_sized_row(tmp_path):
     per = 30 * 3 * 64 * 2
     assert wb.kv_bytes_per_position(config, "onnx") == per * 4
     assert wb.kv_bytes_per_position(config, "llamacpp") == per * 2
-    assert wb.store_states("onnx", 3) == 5 and wb.store_states("llamacpp", 3) == 4
-    need = 5 * full.positions * per * 4
+    assert wb.store_states("onnx", 3) == 3 and wb.store_states("llamacpp", 3) == 4
+    need = 3 * full.positions * per * 4
     sized = wb.store_bytes(config, "onnx", full)
     assert sized >= need and sized % (8 << 20) == 0 and sized - need < 8 << 20
     assert wb.store_bytes(config, "llamacpp", full) <= wb.default_store_bytes("llamacpp")
@@ -139,8 +139,8 @@ def test_a_store_too_small_for_the_workload_gets_a_sized_row(tmp_path):
 
 def test_the_store_rule_replays_the_stores_own_eviction():
     """``store_states`` on ONNX against runtime.prefix_cache.PrefixCache itself: each request looks up
-    its adapter's prefix and leaves its own state; with 2n - 1 states every later turn finds the system
-    prompt, with one fewer some do not."""
+    its adapter's prefix and leaves its own state (replacing its set's earlier one); with n states every
+    later turn finds the system prompt, with one fewer some do not."""
     from runtime.prefix_cache import PrefixCache
 
     def later_hits(states: int) -> int:

@@ -39,6 +39,18 @@ def test_bound_in_bytes_least_recently_used_out():
     assert cache.best("a", [1, 2], limit=1) is None
 
 
+def test_siblings_on_one_prompt_keep_one_copy_of_it():
+    """Requests on one system prompt under one set: the newest state serves the prompt for all of them."""
+    cache = PrefixCache(max_bytes=10_000)
+    system = list(range(100))
+    for user in range(5):
+        cache.put("a", system + [1000 + user] * 10, f"s{user}", 100)
+    assert len(cache) == 1 and cache.best("a", system + [7], limit=100) == (100, "s4")
+    cache.put("a", system[:40] + [5] * 60, "other", 100)  # another prompt that shares less: both kept
+    cache.put("b", system + [9] * 10, "b", 100)  # another set: kept
+    assert len(cache) == 3
+
+
 @pytest.fixture(scope="module")
 def bundle(model_dirs, tmp_path_factory):
     md = ModelDir(model_dirs["llama"])
