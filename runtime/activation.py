@@ -21,7 +21,8 @@ from edge_lora.adapter import Adapter
 @dataclass(frozen=True)
 class Segment:
     start: int  # the first prompt position it covers
-    adapters: dict[str, float]  # the adapters acting from there on, with their scales
+    end: int  # one past its last
+    adapters: dict[str, float]  # the adapters acting from its start on, with their scales
 
 
 def last_occurrence(ids: Sequence[int], pattern: Sequence[int]) -> int | None:
@@ -50,6 +51,6 @@ def activation_plan(
             starts[name] = start
     points = sorted({0, *starts.values()})
     return [
-        Segment(p, {n: float(s) for n, s in adapter_set.items() if n in starts and starts[n] <= p})
-        for p in points
+        Segment(p, end, {n: float(s) for n, s in adapter_set.items() if n in starts and starts[n] <= p})
+        for p, end in zip(points, [*points[1:], len(ids)])
     ]

@@ -271,10 +271,10 @@ class Engine(ABC):
         # activated adapters: each segment under its own set, on the KV of the ones before it
         state, parts = self._new_state(plan[0].adapters, loaded), []
         try:
-            for segment, end in zip(plan, [s.start for s in plan[1:]] + [len(ids)]):
+            for segment in plan:
                 if segment.start:
                     state = self._activate(state, segment.adapters, loaded, fresh=True)
-                parts.append(state.feed_all(vocab.to_model(ids[segment.start : end])))
+                parts.append(state.feed_all(vocab.to_model(ids[segment.start : segment.end])))
         finally:
             state.close()
         return vocab.from_model(np.concatenate(parts))
@@ -341,11 +341,11 @@ class Engine(ABC):
         eos = set(self.config.eos_token_id) | set(params.stop_token_ids)
         history = list(ids)
         try:
-            for segment, end in zip(plan, [s.start for s in plan[1:]] + [len(ids)]):
+            for segment in plan:
                 if segment.start:
                     state = self._activate(state, segment.adapters, loaded)
-                if end < len(ids):
-                    state.prefill(vocab.to_model(ids[segment.start : end]))
+                if segment.end < len(ids):
+                    state.prefill(vocab.to_model(ids[segment.start : segment.end]))
                 else:
                     logits = state.feed(vocab.to_model(ids[segment.start :]))
             for _ in range(params.max_new_tokens):

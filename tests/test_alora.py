@@ -83,9 +83,14 @@ def test_the_plan_follows_peft():
     plain = Adapter(modules={}, base_architecture="t")
     adapters = {"x": x, "plain": plain}
     plan = activation_plan([1, 7, 8, 2, 7, 8, 3], {"x": 1.0, "plain": 0.5}, adapters)
-    assert [(s.start, s.adapters) for s in plan] == [(0, {"plain": 0.5}), (4, {"x": 1.0, "plain": 0.5})]
+    assert [(s.start, s.end, s.adapters) for s in plan] == [
+        (0, 4, {"plain": 0.5}),
+        (4, 7, {"x": 1.0, "plain": 0.5}),
+    ]
     # no invocation: the activated adapter acts nowhere, the request is one segment
-    assert [(s.start, s.adapters) for s in activation_plan([1, 2, 3], {"x": 1.0}, adapters)] == [(0, {})]
+    assert [(s.start, s.end, s.adapters) for s in activation_plan([1, 2, 3], {"x": 1.0}, adapters)] == [
+        (0, 3, {})
+    ]
 
 
 def test_import_and_export_carry_the_invocation(made, tmp_path):
