@@ -2,15 +2,20 @@
 
 from __future__ import annotations
 
+import collections
 import json
 import os
 import statistics
 import subprocess
 import sys
+import threading
 from dataclasses import dataclass, field
 from pathlib import Path
 
 ROOT = Path(__file__).resolve().parents[1]
+STDERR_LINES = 200  # the tail of a worker's stderr kept for the message when it dies
+STDERR_LINE_CHARS = 2000  # a longer line is kept cut to this
+STDERR_MESSAGE_CHARS = 300  # the end of it that a dead worker's error message carries
 
 
 def _env(threads: int) -> dict:
@@ -36,7 +41,11 @@ def run_once(spec: dict, timeout: float = 300) -> dict:
 
 @dataclass
 class Worker:
-    """One engine in its own process; ``ask`` sends a command and waits for the answer."""
+    """One engine in its own process; ``ask`` sends a command and waits for the answer.
+
+    Its stderr is read all the time by a thread of ours into a bounded tail (the last ``STDERR_LINES``
+    lines): a worker that logs more than a pipe holds (64 KB; llama.cpp's LoRA loader logs a line per
+    tensor) would otherwise block on its next write while we wait for its answer."""
 
     label: str  # e.g. "edge-lora onnx int4"
     spec: dict
@@ -44,24 +53,42 @@ class Worker:
     proc: subprocess.Popen | None = None
     info: dict = field(default_factory=dict)
     dead: bool = False
+    argv: list[str] | None = None  # the command; None: python -m benchmarks.worker SPEC
+    stderr_tail: collections.deque = field(default_factory=lambda: collections.deque(maxlen=STDERR_LINES))
+    _reader: threading.Thread | None = field(default=None, repr=False)
 
     def start(self) -> None:
         self.proc = subprocess.Popen(
-            [sys.executable, "-m", "benchmarks.worker", json.dumps(self.spec)],
+            self.argv or [sys.executable, "-m", "benchmarks.worker", json.dumps(self.spec)],
             cwd=ROOT,
             env=_env(self.spec.get("threads", 2)),
             stdin=subprocess.PIPE,
             stdout=subprocess.PIPE,
             stderr=subprocess.PIPE,
             text=True,
+            errors="replace",
         )
+        self.stderr_tail.clear()
+        self._reader = threading.Thread(
+            target=_drain,
+            args=(self.proc.stderr, self.stderr_tail),
+            name=f"stderr of {self.label}",
+            daemon=True,
+        )
+        self._reader.start()
         self.info = self._read()
+
+    def stderr_text(self) -> str:
+        """The tail of the worker's stderr read so far."""
+        return "".join(list(self.stderr_tail))
 
     def _read(self) -> dict:
         line = self.proc.stdout.readline()
         if not line:
             self.proc.wait()
-            err = f"exit status {self.proc.returncode}: " + self.proc.stderr.read()[-1500:]
+            self._reader.join(timeout=5)  # the pipe is at its end once the process is gone (or its children)
+            # its last words: the callers keep the first 400-600 characters of the message
+            err = f"exit status {self.proc.returncode}: " + self.stderr_text()[-STDERR_MESSAGE_CHARS:]
             raise RuntimeError(f"worker {self.label} died: {err}")
         return json.loads(line)
 
@@ -87,6 +114,15 @@ class Worker:
                 self.proc.wait(timeout=30)
             except subprocess.TimeoutExpired:
                 self.proc.kill()
+
+
+def _drain(stream, tail: collections.deque) -> None:
+    """Read ``stream`` to its end, keeping its last lines (each cut to ``STDERR_LINE_CHARS``) in ``tail``."""
+    try:
+        for line in stream:
+            tail.append(line if len(line) <= STDERR_LINE_CHARS else line[:STDERR_LINE_CHARS] + " [cut]\n")
+    except (OSError, ValueError):  # the pipe closed under us: nothing more to keep
+        pass
 
 
 def start_all(workers: list[Worker], say=print) -> list[Worker]:
