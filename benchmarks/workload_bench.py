@@ -34,6 +34,19 @@ short one per adapter on unrelated tokens (graphs built, buffers grown), untimed
                                  ``.onnx_adapter`` files in one ``og.Adapters``: one generator per request
                                  (``set_active_adapter`` takes one adapter per generator), so every
                                  request evaluates the whole prompt.
+    edge-lora ..., activated     ours on each backend again, default settings, with the same three
+    adapters (aLoRA)             adapters' weights made activated (``invocation_tokens``: ``INVOCATIONS``,
+                                 two base ids of their own per adapter; written as adapter files for the
+                                 run and added by path) and each request's prompt followed by its
+                                 adapter's invocation: the system prompt and user turn are the base's, so
+                                 every adapter's request reuses the base's KV of the system prompt (on
+                                 llama.cpp in the live context, keyed per position; on ONNX Runtime from
+                                 the prefix store under the base set, which the default store holds).
+                                 Their ratios are to the best peer of the ordinary workload in the same
+                                 round: the peer rows are the ordinary ones (llama-server keeps a slot's
+                                 cache across aLoRA switches, but llama-cpp-python's API has no activated
+                                 adapters, and ORT GenAI has none). Their target lines are informative,
+                                 apart from the ordinary rows' targets.
 
 Per request: wall time (the call to its last token) and time to the first token. Every request follows
 a switch (the adapters take turns); each adapter's first request of a round finds nothing of the system
@@ -49,6 +62,7 @@ from __future__ import annotations
 import argparse
 import json
 import sys
+import tempfile
 import time
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Iterator
@@ -65,6 +79,10 @@ USER_TOKENS = 16  # each request's own user turn after the system prompt
 ID_LOW, ID_HIGH = 3, 250  # random prompt ids, as benchmarks.probes.prompt_ids draws them
 GOAL_WALL, GOAL_TTFT = 2.0, 5.0  # best peer / ours: time per request, time to first token after a switch
 OURS = "edge-lora"
+ALORA = "activated adapters (aLoRA)"  # the label suffix of ours with the adapters made activated
+# each adapter's invocation when made activated: base ids that neither the rounds' prompts (ID_LOW..ID_HIGH)
+# nor the warm-up's (ID_HIGH..ID_HIGH + 40) draw, distinct per adapter
+INVOCATIONS = {"a": (290, 291), "b": (292, 293), "c": (294, 295)}
 
 
 def say(msg: str) -> None:
@@ -85,30 +103,37 @@ class Workload:
     adapters: tuple[str, ...] = ADAPTERS
     user: int = USER_TOKENS
 
-    def round(self, index: int) -> list[tuple[str, list[int]]]:
-        """Round ``index``'s requests: (adapter, prompt ids); a system prompt of its own per round."""
+    def round(self, index: int, invocations: dict | None = None) -> list[tuple[str, list[int]]]:
+        """Round ``index``'s requests: (adapter, prompt ids); a system prompt of its own per round. With
+        ``invocations`` (adapter -> ids) each prompt ends with its adapter's (activated adapters)."""
         rng = np.random.default_rng(1000 + index)
         system = [int(t) for t in rng.integers(ID_LOW, ID_HIGH, self.system)]
-        return [
-            (
-                self.adapters[i % len(self.adapters)],
-                system + [int(t) for t in rng.integers(ID_LOW, ID_HIGH, self.user)],
-            )
-            for i in range(self.requests)
-        ]
+        out = []
+        for i in range(self.requests):
+            name = self.adapters[i % len(self.adapters)]
+            ids = system + [int(t) for t in rng.integers(ID_LOW, ID_HIGH, self.user)]
+            out.append((name, ids + _invocation(invocations, name)))
+        return out
 
     @property
     def positions(self) -> int:
         """The most KV positions one request holds."""
         return self.system + self.user + self.new_tokens + 1
 
-    def warmup(self) -> list[tuple[str, list[int], int]]:
+    def warmup(self, invocations: dict | None = None) -> list[tuple[str, list[int], int]]:
         """Untimed, before the first round: one request of the workload's full length (contexts grown,
         graphs built for its prompt size), then a short one per adapter; ids the rounds' prompts never
-        start with."""
+        start with (each followed by its adapter's invocation, given ``invocations``)."""
         rng = np.random.default_rng(7)
         ids = [int(t) for t in rng.integers(ID_HIGH, ID_HIGH + 40, self.system + self.user)]
-        return [(self.adapters[0], ids, self.new_tokens)] + [(n, ids[:8], 2) for n in self.adapters]
+        first = self.adapters[0]
+        return [(first, ids + _invocation(invocations, first), self.new_tokens)] + [
+            (n, ids[:8] + _invocation(invocations, n), 2) for n in self.adapters
+        ]
+
+
+def _invocation(invocations: dict | None, name: str) -> list[int]:
+    return [int(t) for t in (invocations or {}).get(name, ())]
 
 
 def first_of_adapter(requests: list[tuple[str, list[int]]]) -> list[bool]:
@@ -174,17 +199,27 @@ class OursWorkload(_Timed):
         return self.engine._token_loop(ids, self.params(max_new_tokens=new_tokens), {name: 1.0})
 
     def _prefix_stats(self) -> dict:
-        return dict(self.engine.info().get("prefix_cache") or {})
+        info = self.engine.info()
+        out = dict(info.get("prefix_cache") or {})
+        if "evaluated_positions" in info:  # llama.cpp: positions it evaluated (prompts and new tokens)
+            out["evaluated_positions"] = info["evaluated_positions"]
+        return out
 
     def stats(self) -> dict:
-        """The prefix store over this call: its counters' increase, its bytes and bound now."""
+        """The prefix store over this call: its counters' increase, its bytes and bound now; on llama.cpp
+        the positions evaluated over this call (``evaluated_positions``: what its live context and the
+        store did not hold)."""
         now = self._prefix_stats()
         keys = ("saved", "hits", "misses", "evicted", "tokens_reused")
         delta = {k: now[k] - self._seen.get(k, 0) for k in keys if k in now}
+        out: dict = {}
+        if "evaluated_positions" in now:
+            out["evaluated_positions"] = now["evaluated_positions"] - self._seen.get("evaluated_positions", 0)
         self._seen = now
-        if not now:
-            return {"prefix_cache": None}
-        return {"prefix_cache": {**delta, "bytes": now.get("bytes"), "max_bytes": now.get("max_bytes")}}
+        if "max_bytes" not in now:
+            return {"prefix_cache": None, **out}
+        store = {**delta, "bytes": now.get("bytes"), "max_bytes": now.get("max_bytes")}
+        return {"prefix_cache": store, **out}
 
 
 def load_ours(spec: dict) -> OursWorkload:
@@ -370,6 +405,31 @@ def model_files(model: object, onnx_quant: str, gguf_quant: str) -> Files:
     return files
 
 
+def activated_files(files: Files, config: object, folder: Path) -> dict[str, Path]:
+    """Each adapter's weights made activated (``INVOCATIONS``), written as our adapter file in ``folder``
+    (the bundle's own read from the bundle), for ours to add by path; the weights' dtype kept."""
+    from dataclasses import replace
+
+    from edge_lora.adapter import Adapter
+    from edge_lora.bundle import Bundle
+
+    bundle, out = None, {}
+    for name, f in files.adapters.items():
+        source = f["safetensors"]
+        if source is None:
+            bundle = bundle or Bundle.open(files.bundle)
+            entry = bundle.adapters.get(name)
+            if entry is None:
+                raise RuntimeError(f"{files.bundle}: the bundle has no adapter {name!r} (hint: re-export it)")
+            source = bundle.require(entry["source"])
+        adapter = Adapter.load(source, base=config)
+        activated = replace(adapter, invocation_tokens=_invocation(INVOCATIONS, name))
+        path = Path(folder) / f"{name}-activated.safetensors"
+        activated.save(path, dtype=next(iter(adapter.modules.values())).a.dtype)
+        out[name] = path
+    return out
+
+
 def kv_bytes_per_position(config: object, backend: str) -> int:
     """One position's KV cache as each backend's prefix store keeps it: float32 on ONNX Runtime's CPU
     path, llama.cpp's default f16."""
@@ -404,9 +464,12 @@ def default_store_bytes(backend: str) -> int:
     return DEFAULT_PREFIX_CACHE_BYTES
 
 
-def workers(files: Files, workload: Workload, threads: int, config: object) -> list[pool.Worker]:
-    """Ours on each backend (defaults; and a store sized for the workload where the default is smaller),
-    then the two peers."""
+def workers(
+    files: Files, workload: Workload, threads: int, config: object, activated: dict | None = None
+) -> list[pool.Worker]:
+    """Ours on each backend (defaults; and a store sized for the workload where the default is smaller;
+    given ``activated``, adapter -> the activated adapter file, ours with them, defaults), then the two
+    peers."""
     common = {"threads": threads, "prompt": 8, "new_tokens": 1, "warmup": workload.warmup()}
     eos = list(config.eos_token_id)
     ours = {
@@ -429,6 +492,14 @@ def workers(files: Files, workload: Workload, threads: int, config: object) -> l
             options = {"prefix_cache_bytes": sized}
             label = f"{OURS} {engine} {quant}, prefix store {sized >> 20} MiB"
             out.append(pool.Worker(label, {**spec, "engine_options": options}, ["workload"]))
+        if activated:
+            alora = {
+                **spec,
+                "adapters": {n: str(p) for n, p in activated.items()},
+                "invocations": {n: list(INVOCATIONS[n]) for n in activated},
+                "warmup": workload.warmup(INVOCATIONS),
+            }
+            out.append(pool.Worker(f"{OURS} {engine} {quant}, {ALORA}", alora, ["workload"]))
     loras = {n: str(f["gguf"]) for n, f in files.adapters.items()}
     out.append(
         pool.Worker(
@@ -465,14 +536,15 @@ def run(
 
     config = Bundle.open(files.bundle).config
     started = time.time()
-    planned = workers(files, workload, threads, config)
+    scratch = tempfile.TemporaryDirectory(prefix="workload-alora-")  # the activated adapter files
+    planned = workers(files, workload, threads, config, activated_files(files, config, Path(scratch.name)))
     alive = pool.start_all(planned, say)
     runs: dict[str, list] = {w.label: [] for w in planned}
     try:
         for r in range(rounds):
-            requests = workload.round(r)
             shift = r % max(1, len(alive))
             for w in alive[shift:] + alive[:shift]:
+                requests = workload.round(r, w.spec.get("invocations"))
                 out = w.ask("workload", requests=requests, new_tokens=workload.new_tokens)
                 if "error" in out:
                     say(f"  workload {w.label}: {out['error']}")
@@ -489,6 +561,7 @@ def run(
     finally:
         for w in alive:
             w.stop()
+        scratch.cleanup()
     firsts = first_of_adapter(workload.round(0))
     return summarize(
         {
@@ -497,6 +570,7 @@ def run(
             "requests": workload.requests,
             "new_tokens": workload.new_tokens,
             "adapters": list(workload.adapters),
+            "invocations": {n: list(INVOCATIONS[n]) for n in workload.adapters},
             "rounds": rounds,
             "threads": threads,
             "onnx_quant": files.onnx_quant,
@@ -584,21 +658,32 @@ def agreement(section: dict) -> dict:
 
 
 def targets(section: dict) -> list[dict]:
-    """Per engine of ours: the workload's two targets against the best peer (benchmarks.target_checks)."""
+    """Per engine of ours: the workload's two targets against the best peer (benchmarks.target_checks).
+    Ours with activated adapters get lines of their own, marked informative: their requests end with an
+    invocation the peers' do not, and the peers are the ordinary workload's."""
     out = []
     for label, r in (section.get("ratios") or {}).items():
+        activated = label.endswith(ALORA)
         for key, goal, what in (
             ("wall", GOAL_WALL, "time per request"),
             ("ttft", GOAL_TTFT, "time to first token after a switch"),
         ):
             value = r.get(f"{key}_x")
+            name = f"workload: {what}, best peer / ours ({label})"
+            detail = f"vs {r.get(f'{key}_peer')}; {_workload_line(section)}"
+            if activated:
+                name = (
+                    f"workload with {ALORA}, informative: {what}, best peer of the ordinary workload / "
+                    f"ours ({label})"
+                )
+                detail = f"informative, not the issue's target (the peers ran ordinary adapters); {detail}"
             out.append(
                 {
-                    "target": f"workload: {what}, best peer / ours ({label})",
+                    "target": name,
                     "value": value,
                     "goal": f">= {goal:g}",
                     "met": value is not None and value >= goal,
-                    "detail": f"vs {r.get(f'{key}_peer')}; {_workload_line(section)}",
+                    "detail": detail,
                 }
             )
     return out
@@ -627,19 +712,33 @@ def markdown(shape: str, section: dict) -> list[str]:
         "threads, each engine in its own process, engines rotated per round (medians of per-round means). "
         "TTFT after a switch leaves out each adapter's first request of a round (its system prompt is in "
         "no store yet; column 'first'); ms per request counts every request. x = best peer's time / ours, "
-        "paired per round.",
+        "paired per round."
+        + (
+            f" Rows '..., {ALORA}': ours with the same adapters made activated (each request's prompt "
+            "followed by its adapter's invocation, "
+            + ", ".join(f"{n}: {list(t)}" for n, t in (section.get("invocations") or {}).items())
+            + "), so the system prompt's KV is the base's and shared by all three; x against the ordinary "
+            "workload's best peer (the peers have no activated adapters here)."
+            if any(label.endswith(ALORA) for label in section.get("medians", {}))
+            else ""
+        )
+        + " Positions evaluated: llama.cpp's, prompts and new tokens, per round (the round's prompts hold "
+        f"{section['requests'] * (section['system'] + section['user'])} before any invocation; what the "
+        "context and the prefix store held was not evaluated again).",
         "",
-        "| engine | ms per request | x | TTFT ms after a switch | x | TTFT ms, first | prefix store hits |",
-        "|---|---|---|---|---|---|---|",
+        "| engine | ms per request | x | TTFT ms after a switch | x | TTFT ms, first | prefix store hits "
+        "| positions evaluated |",
+        "|---|---|---|---|---|---|---|---|",
     ]
     med, ratios = section["medians"], section.get("ratios", {})
     for label, m in med.items():
         r = ratios.get(label, {})
-        hits = _hits(section["engines"][label]["rounds"])
+        rounds = section["engines"][label]["rounds"]
+        hits, evaluated = _hits(rounds), median([o.get("evaluated_positions") for o in rounds])
         lines.append(
             f"| {label} | {_fmt(m['wall_ms'])} | {_fmt(r.get('wall_x'), 2) if r else ''} | "
             f"{_fmt(m['ttft_switch_ms'])} | {_fmt(r.get('ttft_x'), 2) if r else ''} | "
-            f"{_fmt(m['ttft_first_ms'])} | {hits} |"
+            f"{_fmt(m['ttft_first_ms'])} | {hits} | {'' if evaluated is None else _fmt(evaluated)} |"
         )
     for pair, a in section.get("agreement", {}).items():
         lines.append("")

@@ -40,6 +40,15 @@ def test_requests_take_turns_after_one_system_prompt():
     warm = TINY.warmup()
     assert [n for n, _, _ in warm] == ["a", "a", "b", "c"] and len(warm[0][1]) == TINY.system + TINY.user
     assert all(t >= wb.ID_HIGH for _, ids, _ in warm for t in ids)  # never a prefix of a round's prompt
+    # activated adapters: the same prompts, each followed by its adapter's invocation (in no prompt else)
+    activated = TINY.round(0, wb.INVOCATIONS)
+    assert [(n, ids[: -len(wb.INVOCATIONS[n])]) for n, ids in activated] == reqs
+    assert all(tuple(ids[-len(wb.INVOCATIONS[n]) :]) == wb.INVOCATIONS[n] for n, ids in activated)
+    assert len(set(wb.INVOCATIONS.values())) == len(wb.ADAPTERS)
+    drawn = {t for _, ids in reqs for t in ids} | {t for _, ids, _ in warm for t in ids}
+    assert not drawn & {t for inv in wb.INVOCATIONS.values() for t in inv}
+    warm = TINY.warmup(wb.INVOCATIONS)
+    assert all(tuple(ids[-2:]) == wb.INVOCATIONS[n] for n, ids, _ in warm)
 
 
 def _engine(bundle, backend: str, **options):
@@ -73,12 +82,70 @@ def test_ours_gives_a_fresh_engines_tokens_with_the_system_prompt_restored(bundl
         assert row["tokens"] == want, name
 
 
+@pytest.fixture(scope="module")
+def activated(bundle, tmp_path_factory):
+    """The bundle's three adapters made activated (the section's files), adapter -> path."""
+    from edge_lora.bundle import Bundle
+
+    files = wb.Files.from_bundle(bundle, "fp32", "f32", wb.ADAPTERS)
+    return wb.activated_files(files, Bundle.open(bundle).config, tmp_path_factory.mktemp("activated"))
+
+
+def _activated_engine(bundle, backend: str, activated: dict, **options):
+    import runtime
+
+    quant = "fp32" if backend == "onnx" else "f32"
+    engine = runtime.load(bundle, backend=backend, quant=quant, threads=1, **options)
+    for name, path in activated.items():
+        engine.add_adapter(name, path)
+    return engine
+
+
+@pytest.mark.parametrize("backend", ["onnx", "llamacpp"])
+def test_activated_adapters_give_a_fresh_engines_tokens_on_the_shared_base_prefix(bundle, activated, backend):
+    """The aLoRA rows' engine (default settings) on the activated requests: every request's tokens equal a
+    fresh engine's (no prefix store); the system prompt is the base's for all three adapters, so on ONNX
+    the default store serves it to every request after the round's first, and llama.cpp evaluates no
+    request's system prompt but the first one's."""
+    from edge_lora.adapter import Adapter
+
+    for name, path in activated.items():
+        assert tuple(Adapter.load(path).invocation_tokens) == wb.INVOCATIONS[name]
+    ours = wb.OursWorkload(_activated_engine(bundle, backend, activated))
+    ours.warm(TINY.warmup(wb.INVOCATIONS))
+    ours.stats()
+    reqs = TINY.round(0, wb.INVOCATIONS)
+    out = ours.workload({"requests": reqs, "new_tokens": TINY.new_tokens})
+    rows = out["requests"]
+    if backend == "onnx":
+        store = out["prefix_cache"]
+        assert store["max_bytes"] == wb.default_store_bytes("onnx")
+        assert store["hits"] > 0 and store["hits"] >= len(reqs) - 1, store
+        assert store["tokens_reused"] >= (len(reqs) - 1) * TINY.system, store
+    else:
+        prompts = sum(len(ids) for _, ids in reqs)
+        generated = sum(len(r["tokens"]) for r in rows)
+        # the first request's whole prompt; the others' user turn, invocation and new tokens only
+        assert out["evaluated_positions"] <= prompts - (len(reqs) - 1) * TINY.system + generated
+    for (name, ids), row in zip(reqs, rows):
+        fresh = _activated_engine(bundle, backend, {name: activated[name]}, prefix_cache_bytes=0)
+        want = fresh.generate_ids(ids, SamplingParams(max_new_tokens=TINY.new_tokens), adapters={name: 1.0})
+        assert row["tokens"] == want, name
+
+
 def test_the_section_through_its_workers(bundle):
-    """Ours on both backends and the two peers, one round in worker processes: the stored rows, the
-    per-engine table with its ratios to the best peer, the agreement lines and the four targets."""
+    """Ours on both backends (ordinary and activated adapters) and the two peers, one round in worker
+    processes: the stored rows, the per-engine table with its ratios to the best peer, the agreement
+    lines, the four targets and the activated rows' four informative lines."""
     files = wb.Files.from_bundle(bundle, "fp32", "f32", wb.ADAPTERS)
     section = wb.run(files, TINY, threads=1, rounds=1, say=lambda _msg: None)
-    labels = ["edge-lora onnx fp32", "edge-lora llama.cpp f32", "llama.cpp f32", "ORT GenAI on our fp32"]
+    alora = [
+        "edge-lora onnx fp32, activated adapters (aLoRA)",
+        "edge-lora llama.cpp f32, activated adapters (aLoRA)",
+    ]
+    ours = ["edge-lora onnx fp32", alora[0], "edge-lora llama.cpp f32", alora[1]]
+    peers = ["llama.cpp f32", "ORT GenAI on our fp32"]
+    labels = ours + peers
     assert list(section["engines"]) == labels and section["errors"] == {}
     for label in labels:
         (out,) = section["engines"][label]["rounds"]
@@ -87,11 +154,18 @@ def test_the_section_through_its_workers(bundle):
         m = section["medians"][label]
         assert m["wall_ms"] > 0 and m["ttft_switch_ms"] > 0 and m["ttft_first_ms"] > 0
         assert ("prefix_cache" in out) == label.startswith("edge-lora")
-    for label in labels[:2]:
+    (out,) = section["engines"][alora[0]]["rounds"]
+    assert out["prefix_cache"]["hits"] >= TINY.requests - 1  # the default store serves the base prefix
+    (out,) = section["engines"][alora[1]]["rounds"]  # llama.cpp: the system prompt evaluated once
+    prompts = sum(len(ids) for _, ids in TINY.round(0, wb.INVOCATIONS))
+    generated = sum(r["tokens"] for r in out["requests"])
+    assert out["evaluated_positions"] <= prompts - (TINY.requests - 1) * TINY.system + generated
+    assert section["invocations"] == {n: list(t) for n, t in wb.INVOCATIONS.items()}
+    for label in ours:
         r = section["ratios"][label]
-        assert r["wall_peer"] in labels[2:] and r["ttft_peer"] in labels[2:]
+        assert r["wall_peer"] in peers and r["ttft_peer"] in peers
         best = section["medians"][r["wall_peer"]]["wall_ms"]
-        assert best == min(section["medians"][p]["wall_ms"] for p in labels[2:])
+        assert best == min(section["medians"][p]["wall_ms"] for p in peers)
         assert r["wall_x"] == pytest.approx(best / section["medians"][label]["wall_ms"])
     assert set(section["agreement"]) == {
         "edge-lora onnx fp32 vs ORT GenAI on our fp32",
@@ -100,11 +174,20 @@ def test_the_section_through_its_workers(bundle):
     for a in section["agreement"].values():
         assert a["requests"] == TINY.requests and 0 <= a["all_tokens"] <= a["first_token"] <= 1
     targets = wb.targets(section)
-    assert len(targets) == 4 and {t["goal"] for t in targets} == {">= 2", ">= 5"}
+    assert len(targets) == 8 and {t["goal"] for t in targets} == {">= 2", ">= 5"}
     assert all(t["met"] == (t["value"] >= float(t["goal"][3:])) for t in targets)
+    ordinary = [t for t in targets if t["target"].startswith("workload: ")]
+    informative = [t for t in targets if "informative" in t["target"]]
+    assert len(ordinary) == len(informative) == 4
+    assert not any("aLoRA" in t["target"] for t in ordinary)
+    assert all(
+        t["target"].endswith(f"({label})") for t, label in zip(informative, [alora[0]] * 2 + [alora[1]] * 2)
+    )
     lines = wb.markdown("tiny", section)
     assert lines[0] == "### tiny: workload (one system prompt, adapters taking turns)"
-    assert sum(line.startswith("| edge-lora") for line in lines) == 2
+    assert sum(line.startswith("| edge-lora") for line in lines) == 4
+    assert sum(line.startswith(f"| {label} |") for line in lines for label in alora) == 2
+    assert "made activated" in lines[2]
     assert any(line.startswith("Greedy tokens, edge-lora llama.cpp f32 vs llama.cpp f32") for line in lines)
 
 
@@ -231,5 +314,5 @@ def test_the_report_carries_the_rows_and_targets():
     assert ttft["value"] == pytest.approx(7.5) and ttft["met"] and "vs llama.cpp q4_0" in ttft["detail"]
     text = report.summary_markdown(results)
     assert "### smollm2-135m: workload (one system prompt, adapters taking turns)" in text
-    assert "| edge-lora llama.cpp q4_0 | 10 | 3.00 | 2 | 7.50 | 2 | 1 / 1 |" in text
+    assert "| edge-lora llama.cpp q4_0 | 10 | 3.00 | 2 | 7.50 | 2 | 1 / 1 |  |" in text
     assert "qwen2.5-0.5b: workload" not in text  # a shape without the section: no table
