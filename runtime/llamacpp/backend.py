@@ -301,7 +301,7 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         if self._prefixes is not None and common < limit:
             stored = self._prefixes.best(self._context_tag(), keys, limit)
         switched = common < len(cached) and common < len(keys) and cached[common][1] != keys[common][1]
-        if switched and not (stored and stored[0] <= common):
+        if switched:
             self._save_prefix()
         if stored is not None and stored[0] > common:
             n, blob = stored
