@@ -94,9 +94,9 @@ class OnnxEngine(Engine):
         ``prefix_cache_bytes``: on the C API path, each request leaves its KV cache in a bounded store
         (:mod:`runtime.prefix_cache`) and a later one under the same set starts from the longest prefix
         it shares with one there (a system prompt is evaluated once per set, not once per request);
-        0 turns it off. ``specialise``: on the C API path, how many adapter sets get a session of their
-        own with their LoRA weights as constants (:mod:`runtime.onnx.specialised`), built in the
-        background on a set's first request and taken by its requests once ready (least recently used
+        0 turns it off. ``specialise``: on the C API path, how many adapter-set shapes (the LoRA groups
+        a set feeds) get a graph cut to them (:mod:`runtime.onnx.specialised`), built in the background
+        on the first request of that shape and taken by its requests once ready (least recently used
         out); 0 turns it off."""
         super().__init__(bundle, verify_hashes=verify_hashes, trusted_keys=trusted_keys)
         self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None

@@ -72,7 +72,7 @@ class CpuSessions(SessionSet):
         self._mask_lock = threading.Lock()
         self._profiled: list[Session] = []
         self.container: PrepackedWeights | None = None
-        # sessions specialised to one adapter set each (runtime/onnx/specialised.py), over the same weights
+        # sessions cut to an adapter set's shape (runtime/onnx/specialised.py), over the same weights
         self.specialised = SpecialisedSessions(self._specialised_session, spec.model_path, specialise)
 
     def value(self, array: np.ndarray) -> Tensor:

@@ -5,9 +5,10 @@ and a DoRA rescale (a multiply by 1 unless the set is DoRA) whatever the set tou
 graph keeps only what a set of its shape uses: the side paths of the groups it feeds, and the DoRA
 rescales only where it feeds them. The LoRA weights stay feeds, so one such session serves every set of
 that shape (most adapters target every linear layer: one session) and costs no copy of them. On
-SmolLM2-135M int4 (2 threads) a decode step with a rank-16 adapter on every linear layer cost +28% over
-the plain graph through the LoRA session and +19% through the specialised one; making the LoRA weights
-constants as well (+14%) cost ~80 MB of memory per set, so it was not kept (docs/backend-notes.md).
+SmolLM2-135M int4 (2 threads) a decode step over the plain graph's cost: rank 16 on q_proj and v_proj
++16% through the LoRA session, +8% through the specialised one; rank 16 on every linear layer +37..44%
+and +30..36%. Making the LoRA weights constants as well cost ~80 MB of memory per set for a few points,
+so it was not kept (docs/backend-notes.md).
 
 A specialised session is built in the background on the first request of its shape, over the same
 shared weights and prepacked-weights container as the other sessions; requests take it once it is
