@@ -555,3 +555,26 @@ def test_webgpu_kv_cache_grows_on_the_device(tmp_path, webgpu_device):
     assert (
         gpu.info()["device"]["uploads"]["kv"]["count"] == 2 * md.config.num_hidden_layers
     )  # K and V of each layer, once
+
+
+def test_activated_adapter_on_the_gpu_equals_the_cpu(bundles, backend, tmp_path):
+    """An activated adapter (aLoRA) on the GPU: the prompt cut at its invocation, the KV handed from the
+    base's segment to the adapter's on the device (ONNX: the device buffers, llama.cpp: one context)."""
+    from edge_lora.adapter import Adapter
+
+    bundle = bundles("llama")
+    quant = BACKENDS[backend][0]
+    ids = prompts(bundle)[2]
+    activated = Adapter.load(bundle.parent / "llama-a.safetensors")
+    activated.invocation_tokens = ids[5:7]
+    activated.save(tmp_path / "x.safetensors")
+    engines = {}
+    for device in ("gpu", "cpu"):
+        engines[device] = open_engine(bundle, backend, quant, device, adapters=("b",))
+        engines[device].add_adapter("x", tmp_path / "x.safetensors")
+    gpu, cpu = engines["gpu"], engines["cpu"]
+    for adapters in ({"x": 1.0}, {"x": 1.0, "b": 0.5}):  # alone, and after an ordinary adapter's segment
+        assert np.abs(gpu.logits(ids, adapters=adapters) - cpu.logits(ids, adapters=adapters)).max() < 1e-3
+    moved = np.abs(cpu.logits(ids, adapters={"x": 1.0}) - cpu.logits(ids)).max(axis=1)
+    assert moved[:5].max() < 1e-5 and moved[5:].max() > 0.05  # the base before the invocation
+    assert greedy(gpu, ids, {"x": 1.0}) == greedy(cpu, ids, {"x": 1.0})
