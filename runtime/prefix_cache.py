@@ -16,6 +16,8 @@ from collections import OrderedDict
 from collections.abc import Callable, Hashable, Sequence
 from dataclasses import dataclass, field
 
+import numpy as np
+
 from runtime.engine import DecodeState
 
 
@@ -125,6 +127,8 @@ class PrefixReuse(DecodeState):
     def __init__(self, state: object, cache: PrefixCache, set_key: Hashable) -> None:
         self.state, self.cache, self.set_key = state, cache, set_key
         self.fed: list[int] = []
+        # the segments before this state's (activated adapters): (their set key, how many positions)
+        self.earlier: list[tuple[Hashable, int]] = []
 
     def feed(self, token_ids: list[int]) -> object:
         ids = self._restore([int(t) for t in token_ids], 1)  # the store compares positions as plain ints
@@ -157,22 +161,26 @@ class PrefixReuse(DecodeState):
         return logits
 
     def adopt(self, previous: DecodeState) -> None:
-        """Go on from ``previous``'s positions (an activated adapter's segment after the base's): they
-        are left in the store under ``previous``'s set, where the next request's first segment finds them,
-        and its buffers become this state's."""
-        inner = previous.state if isinstance(previous, PrefixReuse) else previous
-        if isinstance(previous, PrefixReuse):
-            previous._leave()
-        self.state.adopt(inner)
-        self.fed = list(getattr(previous, "fed", []))
-        if len(self.fed) != getattr(self.state, "length", len(self.fed)):
-            self.fed = []  # a state not wrapped before: its tokens are unknown, so nothing of it is stored
+        """Go on from ``previous``'s positions (an activated adapter's segment after the base's): its
+        buffers become this state's, and when this one closes, those first positions are left in the store
+        under ``previous``'s set too (where the next request's first segment finds them), off the path to
+        this request's first token."""
+        wrapped = isinstance(previous, PrefixReuse)
+        self.state.adopt(previous.state if wrapped else previous)
+        self.fed = list(previous.fed) if wrapped else []  # unwrapped: its tokens are unknown, nothing stored
+        if wrapped:
+            self.earlier = [*previous.earlier, (previous.set_key, len(previous.fed))]
 
     def _leave(self) -> None:
-        """Its KV into the store (a copy at its length), the state left open."""
+        """Its KV into the store (a copy at its length; the earlier segments' positions under their sets
+        too), the state left open."""
         kv = self.state.take_kv()
-        if kv is not None and len(self.fed) == kv[1]:  # a failed feed leaves its positions unknown
-            self.cache.put(self.set_key, self.fed, kv, sum(a.nbytes for a in kv[0]))
+        if kv is None or len(self.fed) != kv[1]:  # a failed feed leaves its positions unknown
+            return
+        for set_key, n in self.earlier:
+            part = [np.ascontiguousarray(a[:, :, :n]) for a in kv[0]]
+            self.cache.put(set_key, self.fed[:n], (part, n), sum(a.nbytes for a in part))
+        self.cache.put(self.set_key, self.fed, kv, sum(a.nbytes for a in kv[0]))
 
     def close(self) -> None:
         self._leave()  # nothing when its positions went to another state (adopt) or it is closed
