@@ -192,32 +192,34 @@ def test_the_section_through_its_workers(bundle):
 
 
 def test_a_store_too_small_for_the_workload_gets_a_sized_row(tmp_path):
-    """SmolLM2-135M's shape at the full workload: three adapters' prefixes outgrow the ONNX default
-    (32 MiB of float32 KV), so a row with a store that holds them joins the default one; llama.cpp's
-    default (64 MiB, f16) holds them."""
+    """SmolLM2-135M's shape: the full workload's three prefixes fit both defaults (ONNX 96 MiB of float32
+    KV, llama.cpp 64 MiB of f16); a 2048-token system prompt outgrows both, and rows with stores that
+    hold it join the default ones."""
     config = SimpleNamespace(num_hidden_layers=30, num_key_value_heads=3, head_dim=64, eos_token_id=[2])
-    full = wb.Workload(system=512, requests=12, new_tokens=64)
     per = 30 * 3 * 64 * 2
     assert wb.kv_bytes_per_position(config, "onnx") == per * 4
     assert wb.kv_bytes_per_position(config, "llamacpp") == per * 2
     assert wb.store_states("onnx", 3) == 3 and wb.store_states("llamacpp", 3) == 4
-    need = 3 * full.positions * per * 4
-    sized = wb.store_bytes(config, "onnx", full)
-    assert sized >= need and sized % (8 << 20) == 0 and sized - need < 8 << 20
-    assert wb.store_bytes(config, "llamacpp", full) <= wb.default_store_bytes("llamacpp")
     files = wb.Files.from_bundle(tmp_path, "int4", "q4_0", wb.ADAPTERS)
-    planned = wb.workers(files, full, 2, config)
+    full = wb.Workload(system=512, requests=12, new_tokens=64)
+    for backend in ("onnx", "llamacpp"):
+        assert wb.store_bytes(config, backend, full) <= wb.default_store_bytes(backend)
+    assert len(wb.workers(files, full, 2, config)) == 4  # no sized rows
+    long = wb.Workload(system=2048, requests=12, new_tokens=64)
+    need = 3 * long.positions * per * 4
+    sized = {b: wb.store_bytes(config, b, long) for b in ("onnx", "llamacpp")}
+    assert sized["onnx"] >= need and sized["onnx"] % (8 << 20) == 0 and sized["onnx"] - need < 8 << 20
+    planned = wb.workers(files, long, 2, config)
     assert [w.label for w in planned] == [
         "edge-lora onnx int4",
-        f"edge-lora onnx int4, prefix store {sized >> 20} MiB",
+        f"edge-lora onnx int4, prefix store {sized['onnx'] >> 20} MiB",
         "edge-lora llama.cpp q4_0",
+        f"edge-lora llama.cpp q4_0, prefix store {sized['llamacpp'] >> 20} MiB",
         "llama.cpp q4_0",
         "ORT GenAI on our int4",
     ]
-    assert planned[1].spec["engine_options"] == {"prefix_cache_bytes": sized}
+    assert planned[1].spec["engine_options"] == {"prefix_cache_bytes": sized["onnx"]}
     assert planned[1].spec["backend"] == "onnx" and "engine_options" not in planned[0].spec
-    tiny = wb.Workload(system=16, requests=6, new_tokens=4)  # fits every default: no sized rows
-    assert len(wb.workers(files, tiny, 2, config)) == 4
 
 
 def test_the_store_rule_replays_the_stores_own_eviction():

@@ -49,9 +49,11 @@ from runtime.prefix_cache import PrefixCache, PrefixReuse
 __all__ = ["OnnxEngine", "resolve_providers"]
 SESSION_APIS = ("auto", "c", "python")
 # KV prefixes left by requests (runtime/prefix_cache.py): float32 KV of SmolLM2-135M is 46 KB a position,
-# so 32 MiB hold ~700 positions, e.g. one 512-token system prompt under one set; every request leaves its
-# KV there, so the store is full after a few requests: the bound is what it costs
-DEFAULT_PREFIX_CACHE_BYTES = 32 << 20
+# so 96 MiB hold ~2,100 positions, e.g. a 512-token system prompt under three sets (a request's state
+# replaces its set's earlier one on the same prompt); every request leaves its KV there, so the store
+# fills as sets take turns: the bound is what it may cost (32 MiB held one set's: the workload row's
+# default ONNX engine found no prefix at all)
+DEFAULT_PREFIX_CACHE_BYTES = 96 << 20
 
 
 class OnnxEngine(Engine):
