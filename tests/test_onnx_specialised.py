@@ -48,7 +48,7 @@ def _ready(engine, adapters):
 def test_specialised_session_computes_what_the_feeds_compute(setup, adapters):
     md, root = setup
     generic = OnnxEngine(root, quant="fp32", specialise=0)
-    special = OnnxEngine(root, quant="fp32")
+    special = OnnxEngine(root, quant="fp32", specialise=2)
     for engine in (generic, special):
         for name in adapters:
             engine.add_adapter(name)
@@ -100,7 +100,7 @@ def test_one_session_per_shape_and_merge_forgets_it_and_zero_turns_it_off(setup)
     engine.merge("a")  # the base changed under it
     assert engine.info()["specialised"]["ready"] == 0
     np.testing.assert_allclose(engine.logits(ids), before, atol=1e-4)
-    off = OnnxEngine(root, quant="fp32", specialise=0)
+    off = OnnxEngine(root, quant="fp32")  # off by default
     off.add_adapter("a")
     _ready(off, {"a": 1.0})
     assert off.info()["specialised"]["built"] == 0

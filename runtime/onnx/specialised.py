@@ -13,7 +13,9 @@ so it was not kept (docs/backend-notes.md).
 A specialised session is built in the background on the first request of its shape, over the same
 shared weights and prepacked-weights container as the other sessions; requests take it once it is
 ready and the LoRA session until then, so adding an adapter stays fast. At most ``capacity`` shapes are
-kept, least recently used out.
+kept, least recently used out. It is opt-in (``OnnxEngine(specialise=N)``): its results equal the LoRA
+session's bit for bit on x86-64, but on ARM64 (int8, under QEMU) they differed in the last bits, so a
+set's logits would change when its build lands.
 """
 
 from __future__ import annotations
@@ -29,7 +31,10 @@ from edge_lora.onnx_format import names
 from edge_lora.onnx_format.graph_prune import node_names, prune_nodes
 
 LORA_ADD, DORA_MUL = "/lora/Add", "/lora/DoraScale"  # the node names of a group's side path and rescale
-DEFAULT_CAPACITY = 2
+# off unless the app asks: the cut graph's kernels and fusions can round differently from the LoRA session's
+# (ARM64 int8: a set's logits changed in the last bits once its specialised session was ready), and a
+# set's results must not depend on when a background build finished
+DEFAULT_CAPACITY = 0
 
 
 def shape_of(arrays: dict[str, np.ndarray]) -> tuple[str, ...]:
@@ -61,7 +66,9 @@ def is_lora_input(name: str) -> bool:
 class SpecialisedSessions:
     """The specialised sessions of an engine, by shape: ready ones, and at most one being built."""
 
-    def __init__(self, build: Callable[[bytes], object], model_path: Path, capacity: int = DEFAULT_CAPACITY):
+    def __init__(
+        self, build: Callable[[bytes], object], model_path: Path, capacity: int = DEFAULT_CAPACITY
+    ) -> None:
         self._build, self.model_path, self.capacity = build, model_path, capacity
         self._ready: OrderedDict[Hashable, object] = OrderedDict()
         self._building: tuple[Hashable, threading.Thread] | None = None
