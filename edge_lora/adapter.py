@@ -41,7 +41,13 @@ from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
 from edge_lora.safetensors_file import SafetensorsFile, save_tensors
 from edge_lora.targets import linear_modules
-from edge_lora.token_rows import TokenId, check_new_token_strings, check_token_rows, check_token_rows_fit
+from edge_lora.token_rows import (
+    TokenId,
+    check_ids_in_vocab,
+    check_new_token_strings,
+    check_token_rows,
+    check_token_rows_fit,
+)
 
 
 @dataclass
@@ -255,13 +261,7 @@ class Adapter:
                     hint="wrong base model?",
                 )
         check_token_rows_fit(self, base, path)
-        past = [i for i in self.invocation_tokens if i >= base.vocab_size]
-        if past:
-            raise EdgeLoraError(
-                f"invocation token ids {past[:4]} are past the base vocabulary ({base.vocab_size} tokens)",
-                path=path,
-                hint="wrong base model?",
-            )
+        check_ids_in_vocab("invocation token ids", self.invocation_tokens, base, path)
 
 
 def _read_checked(

@@ -90,13 +90,7 @@ def check_token_rows_fit(adapter: Adapter, base: ModelConfig, path: PathLike = N
                 path=path,
                 hint="wrong base model?",
             )
-    bad = [i for i in adapter.replaced_tokens if i >= base.vocab_size]
-    if bad:
-        raise EdgeLoraError(
-            f"replaced token ids {bad[:4]} are past the base vocabulary ({base.vocab_size} tokens)",
-            path=path,
-            hint="wrong base model?",
-        )
+    check_ids_in_vocab("replaced token ids", adapter.replaced_tokens, base, path)
     if base.tie_word_embeddings:
         return
     if adapter.added_tokens and adapter.head_rows is None:
@@ -140,3 +134,14 @@ def base_token_ids(tokenizer_path: str | os.PathLike) -> TokenId:
             hint="the tokenizer.json is corrupt or not a fast-tokenizer file",
         ) from None
     return tok.token_to_id
+
+
+def check_ids_in_vocab(what: str, ids: list[int], base: ModelConfig, path: PathLike = None) -> None:
+    """Refuse base token ids past the base vocabulary (an adapter made for another base)."""
+    past = [i for i in ids if i >= base.vocab_size]
+    if past:
+        raise EdgeLoraError(
+            f"{what} {past[:4]} are past the base vocabulary ({base.vocab_size} tokens)",
+            path=path,
+            hint="wrong base model?",
+        )
