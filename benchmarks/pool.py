@@ -141,12 +141,36 @@ def start_all(workers: list[Worker], say=print) -> list[Worker]:
     return alive
 
 
-def rounds(workers: list[Worker], n_rounds: int, say=print) -> dict[str, list[float | None]]:
-    """Every (worker, case) once per round, the order rotated each round; decode tok/s per round."""
+def restart_all(workers: list[Worker], first: int, say=print) -> None:
+    """Stop every worker, then start each again in a fresh process, the start order rotated to begin at
+    ``first``; one that cannot start again is marked dead (its later rounds read None)."""
+    for w in workers:
+        w.stop()
+    for w in workers[first:] + workers[:first]:
+        try:
+            w.start()
+            w.dead = False
+        except Exception as err:  # noqa: BLE001  reported in its rounds, as a worker that died
+            say(f"  could not start {w.label} again: {str(err)[:400]}")
+            w.dead = True
+            w.info = {"error": str(err)[:400]}
+
+
+def rounds(
+    workers: list[Worker], n_rounds: int, say=print, fresh_every: int = 0
+) -> dict[str, list[float | None]]:
+    """Every (worker, case) once per round, the order rotated each round; decode tok/s per round.
+
+    ``fresh_every`` K > 0: every K rounds each engine moves to a fresh process, started in a rotated
+    order. Two processes of one engine differ by up to 5% in decode speed for their whole life (the
+    first one started was the slowest in three runs of benchmarks.native_bench with twin workers), so a
+    ratio with a tighter goal than that needs its median over several processes per engine."""
     configs = [(w, c) for w in workers for c in w.cases]
     results: dict[str, list] = {f"{w.label}|{c}": [] for w, c in configs}
     prefill: dict[str, list] = {k: [] for k in results}
     for r in range(n_rounds):
+        if fresh_every > 0 and r > 0 and r % fresh_every == 0:
+            restart_all(workers, (r // fresh_every) % len(workers), say)
         shift = r % len(configs)
         for w, c in configs[shift:] + configs[:shift]:
             key = f"{w.label}|{c}"

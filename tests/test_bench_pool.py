@@ -1,6 +1,6 @@
 """benchmarks.pool's worker processes: a worker that logs far more than a pipe holds to stderr still
 answers (its stderr is read all the time, not only when it dies), and a worker that dies reports the tail
-of its stderr."""
+of its stderr; rounds with ``fresh_every`` move every engine to a new process on schedule."""
 
 from __future__ import annotations
 
@@ -72,3 +72,41 @@ def test_long_lines_are_kept_cut():
     pool._drain(Stream(), tail)
     assert list(tail)[0] == "short\n"
     assert len(list(tail)[1]) < pool.STDERR_LINE_CHARS + 10 and list(tail)[1].endswith(" [cut]\n")
+
+
+# a worker whose "decode" answers with its process id (as tok_s)
+PID_WORKER = r"""
+import json, os, sys
+print(json.dumps({"rss_mb": 1.0, "load_s": 0.0}), flush=True)
+for line in sys.stdin:
+    cmd = json.loads(line)
+    if cmd["op"] == "quit":
+        break
+    print(json.dumps({"tok_s": os.getpid(), "prefill_ms": 1.0}), flush=True)
+"""
+
+
+def test_rounds_move_each_engine_to_a_fresh_process_every_k_rounds_in_a_rotated_start_order(monkeypatch):
+    argv = [sys.executable, "-c", PID_WORKER]
+    workers = [pool.Worker(name, {"threads": 1}, ["base"], argv=argv) for name in "xyz"]
+    starts = []
+    real_start = pool.Worker.start
+
+    def start(self):
+        real_start(self)
+        starts.append(self.label)
+
+    monkeypatch.setattr(pool.Worker, "start", start)
+    try:
+        alive = pool.start_all(workers, say=lambda _m: None)
+        got = pool.rounds(alive, 6, say=lambda _m: None, fresh_every=2)["tok_s"]
+    finally:
+        for w in workers:
+            w.stop()
+    for name in "xyz":
+        pids = got[f"{name}|base"]
+        # rounds 0-1 in one process, 2-3 in a second, 4-5 in a third
+        assert pids[0] == pids[1] and pids[2] == pids[3] and pids[4] == pids[5]
+        assert len({pids[0], pids[2], pids[4]}) == 3
+    # the first start in list order, then each restart begins one engine further on
+    assert starts == ["x", "y", "z", "y", "z", "x", "z", "x", "y"]
