@@ -90,8 +90,8 @@ def memory_why(label: str, x: dict, base_rss: float, parts: dict, met: bool) -> 
 
 
 def memory_budget_parts(info: dict, label: str, plan: dict, x: dict | None = None) -> dict:
-    """file + adapter + KV (MB) for a cold-start row; ``x`` (the row) names its quant and n_ctx (older
-    runs: the label)."""
+    """file + adapter + KV (MB) for a cold-start row, plus what its prefix store holds after the
+    requests; ``x`` (the row) names its quant and n_ctx (older runs: the label)."""
     x = x or {}
     config = model_config(info["config"])
     quant = x.get("quant") or label.replace(" one session", "").replace(" two sessions", "").split()[-1]
@@ -108,4 +108,7 @@ def memory_budget_parts(info: dict, label: str, plan: dict, x: dict | None = Non
     else:  # the ONNX engine's fp32 KV buffers grow in steps of 256 positions
         kv = roofline.kv_bytes(config, -(-(plan["prompt"] + plan["new_tokens"]) // 256) * 256, 4)
         adapter = files["adapter"]["safetensors_mb"]
-    return {"file": files[quant]["file_mb"], "adapter": adapter, "KV": kv / 1e6}
+    parts = {"file": files[quant]["file_mb"], "adapter": adapter, "KV": kv / 1e6}
+    if x.get("prefix_store_mb"):  # KV kept across requests by the prefix store, within its bound
+        parts["prefix store"] = x["prefix_store_mb"]
+    return parts

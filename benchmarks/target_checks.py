@@ -339,7 +339,7 @@ def _cold_start_targets(results: dict, shape: str, info: dict) -> list[dict]:
         r = (x["peak_rss_mb"] - base_rss) / budget
         out.append(
             _target(
-                f"peak RSS / (file + adapter + KV), {setting(label, x)} ({label})",
+                f"peak RSS / ({' + '.join(parts)}), {setting(label, x)} ({label})",
                 r,
                 "<= 1.3",
                 r <= 1.3,

@@ -130,6 +130,8 @@ def cold_start(spec: dict) -> dict:
         "n_ctx": info.get("n_ctx"),
         "kv_positions": info.get("kv_positions"),
         "mmap": info.get("mmap"),
+        # KV the prefix store keeps for later requests (runtime.prefix_cache): part of the footprint
+        "prefix_store_mb": ((info.get("prefix_cache") or {}).get("bytes") or 0) / 1e6,
         **rss(),
     }
 
