@@ -22,6 +22,7 @@ import numpy as np
 
 from converters.peft_tokens import BaseRows, check_config, take_tokens
 from edge_lora.adapter import Adapter, LoraWeights
+from edge_lora.adapter_format import INVOCATION_KEY, is_invocation_list
 from edge_lora.atomic import atomic_write_text
 from edge_lora.config import ModelConfig
 from edge_lora.errors import EdgeLoraError
@@ -114,10 +115,8 @@ def read_peft_config(path: Path) -> dict:
         raise EdgeLoraError(
             "fan_in_fan_out adapters (GPT-2 Conv1D) do not fit the Llama family", path=cfg_path
         )
-    invocation = cfg.get("alora_invocation_tokens")
-    if invocation is not None and not (
-        isinstance(invocation, list) and invocation and all(type(i) is int and i >= 0 for i in invocation)
-    ):
+    invocation = cfg.get(INVOCATION_KEY)
+    if invocation is not None and not is_invocation_list(invocation):
         raise EdgeLoraError(
             "adapter_config.json: alora_invocation_tokens must be a non-empty list of token ids",
             path=cfg_path,

@@ -29,6 +29,12 @@ REMAKE = "the file is corrupt or not written by edge-lora: train or export the a
 LORA_TENSOR = re.compile(r"^(?P<module>.+)\.(?P<part>lora_A|lora_B|lora_magnitude)$")
 
 
+def is_invocation_list(value: object) -> bool:
+    """Whether ``value`` is what an activated adapter's invocation may be: a non-empty list of
+    non-negative ints (JSON ``3.0`` or ``true`` are not ids). The vocabulary bound is checked on load."""
+    return isinstance(value, list) and bool(value) and all(type(i) is int and i >= 0 for i in value)
+
+
 def read_metadata(st: SafetensorsFile, path: str | os.PathLike) -> dict:
     raw = st.metadata.get(METADATA_KEY)
     if raw is None:
@@ -70,9 +76,7 @@ def read_metadata(st: SafetensorsFile, path: str | os.PathLike) -> dict:
             "adapter metadata 'replaced_tokens' is not a list of distinct token ids", path=path, hint=REMAKE
         )
     invocation = meta.get(INVOCATION_KEY)
-    if invocation is not None and not (
-        isinstance(invocation, list) and invocation and all(type(i) is int and i >= 0 for i in invocation)
-    ):
+    if invocation is not None and not is_invocation_list(invocation):
         raise EdgeLoraError(
             f"adapter metadata {INVOCATION_KEY!r} is not a non-empty list of token ids",
             path=path,
