@@ -162,8 +162,8 @@ def rounds(
     """Every (worker, case) once per round, the order rotated each round; decode tok/s per round.
 
     ``fresh_every`` K > 0: every K rounds each engine moves to a fresh process, started in a rotated
-    order. Two processes of one engine differ by up to 5% in decode speed for their whole life (the
-    first one started was the slowest in three runs of benchmarks.native_bench with twin workers), so a
+    order. Two processes of one engine differed by 5% in decode speed for their whole life (two runs of
+    benchmarks.native_bench's workers with twins; in both the twin started first was the slower), so a
     ratio with a tighter goal than that needs its median over several processes per engine."""
     configs = [(w, c) for w in workers for c in w.cases]
     results: dict[str, list] = {f"{w.label}|{c}": [] for w, c in configs}

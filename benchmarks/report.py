@@ -102,7 +102,7 @@ def summary_markdown(results: dict, pngs: list[Path] | None = None, rel_to: Path
         lines += dtype_markdown(shape, model)
     for shape, model in results["models"].items():
         if model.get("workload"):
-            from benchmarks.workload_bench import markdown as workload_markdown
+            from benchmarks.workload_report import markdown as workload_markdown
 
             lines += workload_markdown(shape, model["workload"])
     for shape, model in results["models"].items():

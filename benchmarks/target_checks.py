@@ -308,7 +308,7 @@ def _workload_targets(info: dict) -> list[dict]:
     workload = info.get("workload") or {}
     if "ratios" not in workload:
         return []
-    from benchmarks.workload_bench import targets as workload_targets
+    from benchmarks.workload_report import targets as workload_targets
 
     return [
         _target(t["target"], t["value"], t["goal"], t["met"], t["detail"]) for t in workload_targets(workload)

@@ -13,7 +13,7 @@ A process per engine keeps memory numbers clean and lets the runner interleave e
 rounds (the machine drifts by tens of percent between minutes). Cases: "base" (no adapter), "a"
 (one rank-16 adapter, unmerged), "ab" (two stacked), "merged" (a worker whose engine merged "a").
 Kind "native" is the C library (benchmarks.native_bench.NativeWorker); kinds "workload-*" are the
-workload's engines (benchmarks.workload_bench).
+workload's engines (benchmarks.workload_engines).
 
     python -m benchmarks.worker '{"kind": "ours-onnx", ...}'   (the runner starts these)
 """
@@ -171,7 +171,7 @@ def _worker(spec: dict):
 
         return NativeWorker(spec)
     if kind.startswith("workload-"):
-        from benchmarks.workload_bench import make
+        from benchmarks.workload_engines import make
 
         return make(spec)
     from benchmarks import peers

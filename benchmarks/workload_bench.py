@@ -55,6 +55,9 @@ and for those first ones apart. Time per request is over all requests. Ratios ar
 over ours, paired per round (median). Greedy tokens of ours are compared with the peer on the same file
 (llama.cpp on the GGUF, ORT GenAI on the ONNX folder): the share of requests whose first token agrees,
 and whose tokens all agree; reported, not asserted (random weights have near ties).
+
+This module makes the requests, the files and the workers; the engines are benchmarks.workload_engines,
+the numbers (medians, ratios, targets, the table) benchmarks.workload_report.
 """
 
 from __future__ import annotations
@@ -64,22 +67,18 @@ import json
 import sys
 import tempfile
 import time
-from abc import ABC, abstractmethod
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
 import numpy as np
 
 from benchmarks import pool
-from benchmarks.pool import median, paired_ratio
+from benchmarks.workload_report import ALORA, OURS, fmt, markdown, mean_ms, summarize, targets
 
 ADAPTERS = ("a", "b", "c")
 USER_TOKENS = 16  # each request's own user turn after the system prompt
 ID_LOW, ID_HIGH = 3, 250  # random prompt ids, as benchmarks.probes.prompt_ids draws them
-GOAL_WALL, GOAL_TTFT = 2.0, 5.0  # best peer / ours: time per request, time to first token after a switch
-OURS = "edge-lora"
-ALORA = "activated adapters (aLoRA)"  # the label suffix of ours with the adapters made activated
 # each adapter's invocation when made activated: base ids that neither the rounds' prompts (ID_LOW..ID_HIGH)
 # nor the warm-up's (ID_HIGH..ID_HIGH + 40) draw, distinct per adapter
 INVOCATIONS = {"a": (290, 291), "b": (292, 293), "c": (294, 295)}
@@ -144,206 +143,6 @@ def first_of_adapter(requests: list[tuple[str, list[int]]]) -> list[bool]:
         out.append(name not in seen)
         seen.add(name)
     return out
-
-
-# --- the engines, in their worker processes ------------------------------------------------------
-
-
-class _Timed(ABC):
-    """A workload engine: ``request(name, ids, n)`` yields its tokens one by one; ``workload`` times
-    each request from the call to its first and its last token."""
-
-    @abstractmethod
-    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
-        """One greedy request under adapter ``name`` alone, its tokens as they come (stops at eos)."""
-
-    def warm(self, warmup: list) -> None:
-        for name, ids, n in warmup:
-            for _ in self.request(name, list(ids), n):
-                pass
-
-    def workload(self, cmd: dict) -> dict:
-        rows = []
-        for name, ids in cmd["requests"]:
-            t0 = time.perf_counter()
-            tokens, first = [], None
-            for token in self.request(name, list(ids), cmd["new_tokens"]):
-                if first is None:
-                    first = time.perf_counter()
-                tokens.append(int(token))
-            end = time.perf_counter()
-            rows.append(
-                {
-                    "adapter": name,
-                    "wall_ms": (end - t0) * 1e3,
-                    "ttft_ms": ((first or end) - t0) * 1e3,
-                    "tokens": tokens,
-                }
-            )
-        return {"requests": rows, **self.stats()}
-
-    def stats(self) -> dict:
-        return {}
-
-
-class OursWorkload(_Timed):
-    """edge-lora's engine, its adapters added: a request is ``engine._token_loop`` (generate_ids' loop)."""
-
-    def __init__(self, engine: object):
-        from runtime.sampling import SamplingParams
-
-        self.engine, self.params = engine, SamplingParams
-        self._seen = self._prefix_stats()
-
-    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
-        return self.engine._token_loop(ids, self.params(max_new_tokens=new_tokens), {name: 1.0})
-
-    def _prefix_stats(self) -> dict:
-        info = self.engine.info()
-        out = dict(info.get("prefix_cache") or {})
-        if "evaluated_positions" in info:  # llama.cpp: positions it evaluated (prompts and new tokens)
-            out["evaluated_positions"] = info["evaluated_positions"]
-        return out
-
-    def stats(self) -> dict:
-        """The prefix store over this call: its counters' increase, its bytes and bound now; on llama.cpp
-        the positions evaluated over this call (``evaluated_positions``: what its live context and the
-        store did not hold)."""
-        now = self._prefix_stats()
-        keys = ("saved", "hits", "misses", "evicted", "tokens_reused")
-        delta = {k: now[k] - self._seen.get(k, 0) for k in keys if k in now}
-        out: dict = {}
-        if "evaluated_positions" in now:
-            out["evaluated_positions"] = now["evaluated_positions"] - self._seen.get("evaluated_positions", 0)
-        self._seen = now
-        if "max_bytes" not in now:
-            return {"prefix_cache": None, **out}
-        store = {**delta, "bytes": now.get("bytes"), "max_bytes": now.get("max_bytes")}
-        return {"prefix_cache": store, **out}
-
-
-def load_ours(spec: dict) -> OursWorkload:
-    """A worker's engine (kind "workload-ours"): runtime.load with the backend's defaults (plus
-    ``engine_options``), the adapters added (a path, or None for the bundle's own), warmed."""
-    import runtime
-
-    options = {"quant": spec["quant"], "threads": spec["threads"], **spec.get("engine_options", {})}
-    t0 = time.perf_counter()
-    engine = runtime.load(spec["bundle"], backend=spec["backend"], **options)
-    for name, path in spec["adapters"].items():
-        engine.add_adapter(name, path)
-    out = OursWorkload(engine)
-    out.load_s = time.perf_counter() - t0
-    out.warm(spec.get("warmup", []))
-    out.stats()  # the warm-up's counters are not the workload's
-    return out
-
-
-class LlamaCppWorkload(_Timed):
-    """llama-cpp-python's ``Llama`` on the GGUF with every LoRA loaded once; a request under another set
-    than the last one's switches with ``llama_set_adapters_lora`` and clears the KV cache (llama-server's
-    rule, see the module's docstring); under the same set ``generate`` reuses the common prefix."""
-
-    def __init__(self, spec: dict):
-        import ctypes
-
-        import llama_cpp
-
-        from benchmarks.peers import LlamaCppPeer
-
-        t0 = time.perf_counter()
-        self.llm = LlamaCppPeer({**spec, "lora": None}).llm  # the decode rows' peer settings
-        self.capi, self.ctypes = llama_cpp, ctypes
-        from llama_cpp._utils import suppress_stdout_stderr
-
-        self.loras = {}
-        for name, path in spec["loras"].items():
-            # it logs a line per tensor to stderr (as Llama's own lora_path load, kept quiet the same way):
-            # 22 KB an adapter, which would fill the worker's stderr pipe
-            with suppress_stdout_stderr(disable=False):
-                handle = llama_cpp.llama_adapter_lora_init(self.llm._model.model, str(path).encode())
-            if not handle:
-                raise RuntimeError(f"{path}: llama.cpp could not load this LoRA (hint: re-export it)")
-            self.llm._stack.callback(llama_cpp.llama_adapter_lora_free, handle)
-            self.loras[name] = handle
-        self.active: str | None = None
-        self.eos = set(spec["eos"])
-        self.load_s = time.perf_counter() - t0
-        self.warm(spec.get("warmup", []))
-
-    def _switch(self, name: str) -> None:
-        capi = self.capi
-        adapters = (capi.llama_adapter_lora_p_ctypes * 1)(self.loras[name])
-        scales = (self.ctypes.c_float * 1)(1.0)
-        if capi.llama_set_adapters_lora(self.llm._ctx.ctx, adapters, 1, scales):
-            raise RuntimeError(f"llama_set_adapters_lora failed for {name!r}")
-        self.llm.reset()  # no cached tokens: the next generate evaluates its whole prompt
-        capi.llama_memory_clear(capi.llama_get_memory(self.llm._ctx.ctx), False)
-        self.active = name
-
-    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
-        if name != self.active:
-            self._switch(name)
-        stream = self.llm.generate(
-            ids, top_k=1, top_p=1.0, min_p=0.0, temp=0.0, repeat_penalty=1.0, reset=True
-        )
-        try:
-            for _ in range(new_tokens):
-                token = next(stream)
-                if token in self.eos:
-                    return
-                yield token
-        finally:
-            stream.close()
-
-
-class GenAIWorkload(_Timed):
-    """onnxruntime-genai on our ONNX folder, every ``.onnx_adapter`` in one ``og.Adapters``; a request is
-    a new generator with its adapter active (the prompt evaluated whole)."""
-
-    def __init__(self, spec: dict):
-        import onnxruntime_genai as og
-
-        from benchmarks.peers import GenAIPeer
-
-        t0 = time.perf_counter()
-        self.og = og
-        self.model = GenAIPeer({**spec, "adapter": None}).model  # the decode rows' peer settings
-        self.adapters = og.Adapters(self.model)
-        for name, path in spec["onnx_adapters"].items():
-            self.adapters.load(str(path), name)
-        self.eos = set(spec["eos"])
-        self.load_s = time.perf_counter() - t0
-        self.warm(spec.get("warmup", []))
-
-    def request(self, name: str, ids: list[int], new_tokens: int) -> Iterator[int]:
-        og = self.og
-        params = og.GeneratorParams(self.model)
-        params.set_search_options(max_length=len(ids) + new_tokens, do_sample=False)
-        gen = og.Generator(self.model, params)
-        try:
-            gen.set_active_adapter(self.adapters, name)
-            gen.append_tokens(ids)  # runs the prompt; the next call picks from its logits
-            for i in range(new_tokens):
-                if i and gen.is_done():
-                    return
-                gen.generate_next_token()
-                token = int(gen.get_next_tokens()[0])
-                if token in self.eos:
-                    return
-                yield token
-        finally:
-            del gen
-
-
-def make(spec: dict) -> _Timed:
-    """benchmarks.worker's engine for a "workload-*" kind."""
-    kinds = {
-        "workload-ours": load_ours,
-        "workload-llamacpp": LlamaCppWorkload,
-        "workload-genai": GenAIWorkload,
-    }
-    return kinds[spec["kind"]](spec)
 
 
 # --- the files and workers of one model ---------------------------------------------------------
@@ -552,7 +351,7 @@ def run(
             say(
                 f"  workload round {r + 1}/{rounds}: "
                 + ", ".join(
-                    f"{label.replace(OURS + ' ', 'ours ')} {_mean_ms(x[-1], 'wall_ms'):.0f} ms"
+                    f"{label.replace(OURS + ' ', 'ours ')} {mean_ms(x[-1], 'wall_ms'):.0f} ms"
                     for label, x in runs.items()
                     if x and "requests" in x[-1]
                 )
@@ -585,179 +384,6 @@ def run(
 
 def _load_s(planned: list[pool.Worker], label: str) -> float | None:
     return next((w.info.get("load_s") for w in planned if w.label == label), None)
-
-
-def _mean_ms(out: dict, key: str, pick: list[bool] | None = None) -> float | None:
-    rows = out.get("requests") or []
-    values = [r[key] for i, r in enumerate(rows) if pick is None or pick[i]]
-    return float(np.mean(values)) if values else None
-
-
-def summarize(section: dict) -> dict:
-    """Per engine and round: mean wall ms per request, mean time to first token after a switch (each
-    adapter's first request left out) and for those first requests; their medians over rounds; the best
-    peer's time over ours, paired per round; the token agreement with the peer on the same file. The
-    requests' tokens are dropped from the stored rounds afterwards (their counts kept)."""
-    firsts = section["first_of_adapter"]
-    later = [not f for f in firsts]
-    per_round: dict[str, dict[str, list]] = {}
-    for label, engine in section["engines"].items():
-        outs = engine["rounds"]
-        per_round[label] = {
-            "wall_ms": [_mean_ms(o, "wall_ms") for o in outs],
-            "ttft_switch_ms": [_mean_ms(o, "ttft_ms", later) for o in outs],
-            "ttft_first_ms": [_mean_ms(o, "ttft_ms", firsts) for o in outs],
-        }
-    section["per_round"] = per_round
-    section["medians"] = {label: {k: median(v) for k, v in m.items()} for label, m in per_round.items()}
-    section["agreement"] = agreement(section)
-    peers = [label for label in per_round if not label.startswith(OURS)]
-    section["ratios"] = {}
-    for label in [x for x in per_round if x.startswith(OURS)]:
-        row = {}
-        for key, name in (("wall_ms", "wall"), ("ttft_switch_ms", "ttft")):
-            best = _best_peer(section["medians"], peers, key)
-            row[f"{name}_peer"] = best
-            row[f"{name}_x"] = paired_ratio(per_round[best][key], per_round[label][key]) if best else None
-        section["ratios"][label] = row
-    for engine in section["engines"].values():
-        for out in engine["rounds"]:
-            for r in out.get("requests") or []:
-                r["tokens"] = len(r["tokens"]) if isinstance(r["tokens"], list) else r["tokens"]
-    return section
-
-
-def _best_peer(medians: dict, peers: list[str], key: str) -> str | None:
-    timed = [p for p in peers if medians[p].get(key)]
-    return min(timed, key=lambda p: medians[p][key]) if timed else None
-
-
-def agreement(section: dict) -> dict:
-    """Ours against the peer running the same file, request by request over every round: the share whose
-    first token is equal, and whose tokens are all equal."""
-    out = {}
-    engines = section["engines"]
-    pairs = [
-        (f"{OURS} onnx {section['onnx_quant']}", f"ORT GenAI on our {section['onnx_quant']}"),
-        (f"{OURS} llama.cpp {section['gguf_quant']}", f"llama.cpp {section['gguf_quant']}"),
-    ]
-    for ours, peer in pairs:
-        if ours not in engines or peer not in engines:
-            continue
-        first = same = n = 0
-        for a, b in zip(engines[ours]["rounds"], engines[peer]["rounds"]):
-            for x, y in zip(a.get("requests") or [], b.get("requests") or []):
-                if not isinstance(x["tokens"], list) or not isinstance(y["tokens"], list):
-                    continue
-                n += 1
-                first += x["tokens"][:1] == y["tokens"][:1]
-                same += x["tokens"] == y["tokens"]
-        if n:
-            out[f"{ours} vs {peer}"] = {"requests": n, "first_token": first / n, "all_tokens": same / n}
-    return out
-
-
-def targets(section: dict) -> list[dict]:
-    """Per engine of ours: the workload's two targets against the best peer (benchmarks.target_checks).
-    Ours with activated adapters get lines of their own, marked informative: their requests end with an
-    invocation the peers' do not, and the peers are the ordinary workload's."""
-    out = []
-    for label, r in (section.get("ratios") or {}).items():
-        activated = label.endswith(ALORA)
-        for key, goal, what in (
-            ("wall", GOAL_WALL, "time per request"),
-            ("ttft", GOAL_TTFT, "time to first token after a switch"),
-        ):
-            value = r.get(f"{key}_x")
-            name = f"workload: {what}, best peer / ours ({label})"
-            detail = f"vs {r.get(f'{key}_peer')}; {_workload_line(section)}"
-            if activated:
-                name = (
-                    f"workload with {ALORA}, informative: {what}, best peer of the ordinary workload / "
-                    f"ours ({label})"
-                )
-                detail = f"informative, not the issue's target (the peers ran ordinary adapters); {detail}"
-            out.append(
-                {
-                    "target": name,
-                    "value": value,
-                    "goal": f">= {goal:g}",
-                    "met": value is not None and value >= goal,
-                    "detail": detail,
-                }
-            )
-    return out
-
-
-def _workload_line(section: dict) -> str:
-    return (
-        f"system prompt {section['system']} tokens, {len(section['adapters'])} adapters taking turns, "
-        f"{section['requests']} requests of {section['new_tokens']} new tokens, {section['rounds']} rounds"
-    )
-
-
-def _fmt(v: float | None, digits: int = 0) -> str:
-    return "n/a" if v is None else f"{v:.{digits}f}"
-
-
-def markdown(shape: str, section: dict) -> list[str]:
-    """The Summary's "<shape>: workload" table: per engine, mean ms per request, time to first token
-    after a switch and for each adapter's first request, the ratios to the best peer, the prefix store."""
-    if "error" in section:
-        return [f"### {shape}: workload", "", f"Failed: {section['error'][-300:]}", ""]
-    lines = [
-        f"### {shape}: workload (one system prompt, adapters taking turns)",
-        "",
-        f"{_workload_line(section)}; user turns of {section['user']} tokens, greedy, {section['threads']} "
-        "threads, each engine in its own process, engines rotated per round (medians of per-round means). "
-        "TTFT after a switch leaves out each adapter's first request of a round (its system prompt is in "
-        "no store yet; column 'first'); ms per request counts every request. x = best peer's time / ours, "
-        "paired per round."
-        + (
-            f" Rows '..., {ALORA}': ours with the same adapters made activated (each request's prompt "
-            "followed by its adapter's invocation, "
-            + ", ".join(f"{n}: {list(t)}" for n, t in (section.get("invocations") or {}).items())
-            + "), so the system prompt's KV is the base's and shared by all three; x against the ordinary "
-            "workload's best peer (the peers have no activated adapters here)."
-            if any(label.endswith(ALORA) for label in section.get("medians", {}))
-            else ""
-        )
-        + " Positions evaluated: llama.cpp's, prompts and new tokens, per round (the round's prompts hold "
-        f"{section['requests'] * (section['system'] + section['user'])} before any invocation; what the "
-        "context and the prefix store held was not evaluated again).",
-        "",
-        "| engine | ms per request | x | TTFT ms after a switch | x | TTFT ms, first | prefix store hits "
-        "| positions evaluated |",
-        "|---|---|---|---|---|---|---|---|",
-    ]
-    med, ratios = section["medians"], section.get("ratios", {})
-    for label, m in med.items():
-        r = ratios.get(label, {})
-        rounds = section["engines"][label]["rounds"]
-        hits, evaluated = _hits(rounds), median([o.get("evaluated_positions") for o in rounds])
-        lines.append(
-            f"| {label} | {_fmt(m['wall_ms'])} | {_fmt(r.get('wall_x'), 2) if r else ''} | "
-            f"{_fmt(m['ttft_switch_ms'])} | {_fmt(r.get('ttft_x'), 2) if r else ''} | "
-            f"{_fmt(m['ttft_first_ms'])} | {hits} | {'' if evaluated is None else _fmt(evaluated)} |"
-        )
-    for pair, a in section.get("agreement", {}).items():
-        lines.append("")
-        lines.append(
-            f"Greedy tokens, {pair}: first token equal in {100 * a['first_token']:.0f}% of {a['requests']} "
-            f"requests, all tokens in {100 * a['all_tokens']:.0f}%."
-        )
-    for label, err in (section.get("errors") or {}).items():
-        lines.append(f"{label} did not run: {str(err).splitlines()[-1][:200]}")
-    return lines + [""]
-
-
-def _hits(rounds: list[dict]) -> str:
-    """The prefix store's hits / lookups over every round (ours), or "" (a peer)."""
-    stats = [o.get("prefix_cache") for o in rounds if o.get("prefix_cache")]
-    if not stats:
-        return ""
-    hits = sum(s.get("hits", 0) for s in stats)
-    return f"{hits} / {hits + sum(s.get('misses', 0) for s in stats)}"
 
 
 # --- the runner's entry points ----------------------------------------------------------------------
@@ -796,7 +422,7 @@ def main(argv: list[str] | None = None) -> int:
     out = run_for_model(plan, model)
     print("\n".join(markdown(args.shape, out)))
     for t in targets(out):
-        print(f"{t['target']}: {_fmt(t['value'], 2)} (goal {t['goal']}, {'met' if t['met'] else 'not met'})")
+        print(f"{t['target']}: {fmt(t['value'], 2)} (goal {t['goal']}, {'met' if t['met'] else 'not met'})")
     if args.json:
         args.json.write_text(json.dumps(out, indent=1) + "\n")
     return 0

@@ -11,6 +11,7 @@ import pytest
 from factories import build_bundle, random_adapter
 
 from benchmarks import workload_bench as wb
+from benchmarks import workload_engines, workload_report
 from edge_lora.model_dir import ModelDir
 from runtime.sampling import SamplingParams
 
@@ -65,7 +66,7 @@ def _engine(bundle, backend: str, **options):
 def test_ours_gives_a_fresh_engines_tokens_with_the_system_prompt_restored(bundle, backend):
     """Ours with its default prefix store, requests taking turns: each later request of an adapter finds
     the system prompt in the store, and every request's tokens equal a fresh engine's."""
-    ours = wb.OursWorkload(_engine(bundle, backend))
+    ours = workload_engines.OursWorkload(_engine(bundle, backend))
     ours.warm(TINY.warmup())
     ours.stats()
     reqs = TINY.round(0)
@@ -111,7 +112,7 @@ def test_activated_adapters_give_a_fresh_engines_tokens_on_the_shared_base_prefi
 
     for name, path in activated.items():
         assert tuple(Adapter.load(path).invocation_tokens) == wb.INVOCATIONS[name]
-    ours = wb.OursWorkload(_activated_engine(bundle, backend, activated))
+    ours = workload_engines.OursWorkload(_activated_engine(bundle, backend, activated))
     ours.warm(TINY.warmup(wb.INVOCATIONS))
     ours.stats()
     reqs = TINY.round(0, wb.INVOCATIONS)
@@ -173,7 +174,7 @@ def test_the_section_through_its_workers(bundle):
     }
     for a in section["agreement"].values():
         assert a["requests"] == TINY.requests and 0 <= a["all_tokens"] <= a["first_token"] <= 1
-    targets = wb.targets(section)
+    targets = workload_report.targets(section)
     assert len(targets) == 8 and {t["goal"] for t in targets} == {">= 2", ">= 5"}
     assert all(t["met"] == (t["value"] >= float(t["goal"][3:])) for t in targets)
     ordinary = [t for t in targets if t["target"].startswith("workload: ")]
@@ -183,7 +184,7 @@ def test_the_section_through_its_workers(bundle):
     assert all(
         t["target"].endswith(f"({label})") for t, label in zip(informative, [alora[0]] * 2 + [alora[1]] * 2)
     )
-    lines = wb.markdown("tiny", section)
+    lines = workload_report.markdown("tiny", section)
     assert lines[0] == "### tiny: workload (one system prompt, adapters taking turns)"
     assert sum(line.startswith("| edge-lora") for line in lines) == 4
     assert sum(line.startswith(f"| {label} |") for line in lines for label in alora) == 2
@@ -259,7 +260,7 @@ def test_summary_keeps_the_peers_best_and_pairs_rounds():
         "llama.cpp q4_0": [out([20] * 4, [10] * 4), out([30] * 4, [12] * 4)],
         "ORT GenAI on our int4": [out([40] * 4, [20] * 4), out([40] * 4, [20] * 4)],
     }
-    section = wb.summarize(
+    section = workload_report.summarize(
         {
             "first_of_adapter": firsts,
             "onnx_quant": "int4",
@@ -292,7 +293,7 @@ def test_the_report_carries_the_rows_and_targets():
     results = json.loads(stored.read_text())
     rows = [{"adapter": "a", "wall_ms": 10.0, "ttft_ms": 2.0, "tokens": [5]}] * 4
     peer = [{"adapter": "a", "wall_ms": 30.0, "ttft_ms": 15.0, "tokens": [5]}] * 4
-    section = wb.summarize(
+    section = workload_report.summarize(
         {
             **{k: 1 for k in ("system", "user", "requests", "new_tokens", "rounds", "threads")},
             "adapters": list(wb.ADAPTERS),

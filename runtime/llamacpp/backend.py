@@ -349,12 +349,15 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         all_logits = wanted == "all"
         history, loaded = state.history, state.loaded
         with self._ctx_lock:
-            for _, adapter_set in state.segments[:-1]:  # refuses a set a segment cannot run (gone, variants)
-                self._set_context(tuple(sorted(adapter_set.items())), loaded)
+            # a decode step of the request the context last served: its earlier segments were checked by
+            # the call that evaluated them, and their sets are within the last one (adapters only join)
+            step = self._last_state is state and not all_logits
+            for _, adapter_set in [] if step else state.segments[:-1]:
+                self._set_context(tuple(sorted(adapter_set.items())), loaded)  # refuses a gone set, variants
             self._use_set(state.segments[-1][1], loaded)
             self._make_room(len(history))
             keys = state.keys()
-            if self._last_state is state and len(self._cache_keys) == len(history) - fed and not all_logits:
+            if step and len(self._cache_keys) == len(history) - fed:
                 common = len(self._cache_keys)  # the context holds this request's positions: a decode step
             else:
                 # evaluate at least the positions whose logits are asked for
