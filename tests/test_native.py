@@ -195,13 +195,15 @@ def test_activated_adapters_reuse_the_base_prefix(lib, bundle, model_dirs, tmp_p
     python.close()
 
 
-def _with_metadata(path: Path, out: Path, **changes) -> None:
-    """An adapter file with keys of its edge_lora metadata changed (the tensors as they were)."""
+def _with_metadata(path: Path, out: Path, edit: tuple[str, str] = ("", ""), **changes) -> None:
+    """An adapter file with keys of its edge_lora metadata changed (the tensors as they were); ``edit``
+    replaces a text in the metadata's JSON (a number written as ``5e0``, which json.dumps never writes)."""
     data = path.read_bytes()
     n = int.from_bytes(data[:8], "little")
     header = json.loads(data[8 : 8 + n])
     meta = json.loads(header["__metadata__"]["edge_lora"])
-    header["__metadata__"]["edge_lora"] = json.dumps({**meta, **changes})
+    text = json.dumps({**meta, **changes})
+    header["__metadata__"]["edge_lora"] = text.replace(*edit) if edit[0] else text
     raw = json.dumps(header).encode()
     raw += b" " * (-len(raw) % 8)
     out.write_bytes(len(raw).to_bytes(8, "little") + raw + data[8 + n :])
@@ -213,11 +215,18 @@ def test_bad_activated_adapters_refused_with_the_same_message(lib, bundle_copy, 
     original = tmp_path / "x.safetensors"
     original.write_bytes(source.read_bytes())
     key = "alora_invocation_tokens"
-    for bad in ("hi", [], [-1], [1.5], [True], {"0": 1}):
+    # cJSON reads 3.0 and 5e0 as the number 3 and 5; Python's json as floats, refused as ids
+    for bad in ("hi", [], [-1], [1.5], [3.0], [2, 10.0], [True], {"0": 1}):
         _with_metadata(original, source, **{key: bad})
         assert "is not a non-empty list of token ids" in _same_refusal(
             lib, bundle_copy, "x", verify_hashes=False
         )
+    _with_metadata(original, source, edit=("[4, 5]", "[4, 5e0]"), **{key: [4, 5]})
+    assert "is not a non-empty list of token ids" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
+    _with_metadata(original, source, replaced_tokens=[3.0])
+    assert "is not a list of distinct token ids" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
+    _with_metadata(original, source, edit=("[3]", "[3E0]"), replaced_tokens=[3])
+    assert "is not a list of distinct token ids" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
     _with_metadata(original, source, **{key: [5, md.config.vocab_size + 7]})
     assert "are past the base vocabulary" in _same_refusal(lib, bundle_copy, "x", verify_hashes=False)
     _activated(random_adapter(md, seed=5, dora=True), INVOKE_X).save(source)

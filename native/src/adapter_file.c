@@ -114,8 +114,8 @@ static el_status parse_metadata(const char *path, const cJSON *header, int32_t v
     cJSON_ArrayForEach(t, added_list) if (!cJSON_IsString(t)) return el_fail(
         EL_ERR_INCOMPATIBLE, path, REMAKE, "adapter metadata lists non-string module or token names");
     const cJSON *replaced = cJSON_GetObjectItemCaseSensitive(meta, "replaced_tokens");
-    if (replaced && !cJSON_IsNull(replaced)) {
-        bool ok = cJSON_IsArray(replaced);
+    if (replaced && !cJSON_IsNull(replaced)) { /* ids written as integers: `3.0` is a float to Python */
+        bool ok = cJSON_IsArray(replaced) && el_json_member_integers(raw->valuestring, "replaced_tokens");
         const cJSON *list = ok ? replaced : NULL;
         cJSON_ArrayForEach(t, list) {
             ok &= cJSON_IsNumber(t) && t->valuedouble == (double)(int64_t)t->valuedouble;
@@ -127,7 +127,8 @@ static el_status parse_metadata(const char *path, const cJSON *header, int32_t v
     }
     const cJSON *invocation = cJSON_GetObjectItemCaseSensitive(meta, INVOCATION_KEY);
     if (invocation && !cJSON_IsNull(invocation)) { /* activated adapter (aLoRA): non-negative base ids */
-        bool ok = cJSON_IsArray(invocation) && cJSON_GetArraySize(invocation) > 0;
+        bool ok = cJSON_IsArray(invocation) && cJSON_GetArraySize(invocation) > 0 &&
+                  el_json_member_integers(raw->valuestring, INVOCATION_KEY);
         const cJSON *list = ok ? invocation : NULL;
         cJSON_ArrayForEach(t, list) ok &= cJSON_IsNumber(t) && t->valuedouble >= 0 && t->valuedouble < 9e15 &&
                                            t->valuedouble == (double)(int64_t)t->valuedouble;

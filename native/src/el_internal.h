@@ -41,6 +41,9 @@ void el_bytes_free(el_bytes *bytes);
 void el_sha256_hex(const uint8_t *data, size_t size, char hex[EL_SHA256_HEX]);
 char *el_join(const char *dir, const char *rel); /* malloc'd "dir/rel" */
 char *el_strdup(const char *text);
+/* Whether the top-level member `key` of the JSON object `text` writes its numbers as integers (`3`,
+ * not `3.0` or `3e0`); true where it has none or is absent. A key written with escapes is not found. */
+bool el_json_member_integers(const char *text, const char *key);
 
 /* --- bundle.json (bundle.c) ---------------------------------------------------------------- */
 
