@@ -153,7 +153,8 @@ def test_logits_match_peft(made, backend, options):
         np.testing.assert_allclose(unmoved, _base_logits(md, plain), atol=TOL)
 
 
-@pytest.mark.parametrize("backend,options", BACKENDS)
+# the Python binding's bound state too: its segments hand over their KV buffers and leave prefixes
+@pytest.mark.parametrize("backend,options", [*BACKENDS, ("onnx", {"quant": "fp32", "session_api": "python"})])
 def test_generation_matches_peft_and_fresh_engines(made, backend, options):
     """Greedy requests taking turns between activated adapters, stacked with a plain one, on one system
     prompt: the tokens of a fresh engine per request, and PEFT's first token."""

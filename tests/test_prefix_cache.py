@@ -1,6 +1,6 @@
-"""KV prefixes kept across adapter switches (runtime/prefix_cache.py): the store's rules, and the llama.cpp
-engine giving a fresh engine's tokens and logits while it restores prefixes across interleaved, stacked
-and new-token sets."""
+"""KV prefixes kept across adapter switches (runtime/prefix_cache.py): the store's rules, and the engines
+(llama.cpp; ONNX Runtime's C API, Python binding and portable variant) giving a fresh engine's tokens and
+logits while they restore prefixes across interleaved, stacked and new-token sets."""
 
 import numpy as np
 import pytest
@@ -128,7 +128,8 @@ def test_removed_adapter_states_are_dropped_and_the_bound_holds(bundle):
     engine.close()
 
 
-def test_onnx_requests_start_from_a_prefix_left_under_their_set(bundle):
+@pytest.mark.parametrize("session_api", ["c", "python"])
+def test_onnx_requests_start_from_a_prefix_left_under_their_set(bundle, session_api):
     system = [int(t) for t in np.random.default_rng(1).integers(3, 300, 150)]
     turns = [
         ({"a": 1.0}, system + [5]),
@@ -142,8 +143,9 @@ def test_onnx_requests_start_from_a_prefix_left_under_their_set(bundle):
         ({}, system + [13]),
     ]
     greedy = SamplingParams(max_new_tokens=5)
-    cached, fresh = _engine(bundle, "onnx"), _engine(bundle, "onnx", prefix_cache_bytes=0)
-    assert cached.session_api == "c"
+    cached = _engine(bundle, "onnx", session_api=session_api)
+    fresh = _engine(bundle, "onnx", prefix_cache_bytes=0, session_api=session_api)
+    assert cached.session_api == session_api
     for adapters, prompt in turns:
         assert cached.generate_ids(prompt, greedy, adapters=adapters) == fresh.generate_ids(
             prompt, greedy, adapters=adapters
@@ -158,3 +160,27 @@ def test_onnx_requests_start_from_a_prefix_left_under_their_set(bundle):
     cached.remove_adapter("a")
     kept_sets = [set_key[0] for set_key, _tokens in cached._prefixes._entries]
     assert not any(name == "a" for names in kept_sets for name, _scale in names), "a's states kept"
+
+
+def test_the_portable_variant_keeps_prefixes_too(model_dirs, tmp_path):
+    """The Concat-cache state (new KV values each run): its positions are copied out at close and in
+    before a later request's first run, with a fresh engine's tokens."""
+    md = ModelDir(model_dirs["llama"])
+    adapters = {"a": random_adapter(md, seed=1, std=0.3), "b": random_adapter(md, seed=2, std=0.3)}
+    root = build_bundle(md.path, tmp_path / "p", adapters, onnx_variant="portable")
+    system = [int(t) for t in np.random.default_rng(2).integers(3, 300, 60)]
+    turns = [({"a": 1.0}, system + [5]), ({"b": 1.0}, system + [6]), ({"a": 1.0}, system + [7, 8])]
+    greedy = SamplingParams(max_new_tokens=4)
+    import runtime
+
+    engines = [runtime.load(root, threads=2, prefix_cache_bytes=size) for size in (8 << 20, 0)]
+    for engine in engines:
+        engine.add_adapter("a")
+        engine.add_adapter("b")
+    cached, fresh = engines
+    for adapters, prompt in turns:
+        assert cached.generate_ids(prompt, greedy, adapters=adapters) == fresh.generate_ids(
+            prompt, greedy, adapters=adapters
+        ), adapters
+    stats = cached.info()["prefix_cache"]
+    assert stats["hits"] == 1 and stats["tokens_reused"] >= len(system), stats

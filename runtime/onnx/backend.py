@@ -93,7 +93,7 @@ class OnnxEngine(Engine):
         Python binding's CPU path, ``None`` keeps it only until the first adapter); ``False``: the
         LoRA graph alone. ``session_api``: ``"auto"`` takes the C API for the CPU's fast variant and
         the Python binding elsewhere; ``"python"`` forces the binding (to compare).
-        ``prefix_cache_bytes``: on the C API path, each request leaves its KV cache in a bounded store
+        ``prefix_cache_bytes``: on the CPU, each request leaves its KV cache in a bounded store
         (:mod:`runtime.prefix_cache`) and a later one under the same set starts from the longest prefix
         it shares with one there (a system prompt is evaluated once per set, not once per request);
         0 turns it off. ``specialise``: on the C API path, how many adapter-set shapes (the LoRA groups
@@ -258,7 +258,7 @@ class OnnxEngine(Engine):
 
     def _request_state(self, adapter_set: dict[str, float], loaded: dict[str, LoadedAdapter]) -> DecodeState:
         state = self._new_state(adapter_set, loaded)
-        if self._prefixes is None or not isinstance(state, CpuKVState):
+        if self._prefixes is None or not getattr(state, "host_kv", False):
             return state
         names = sorted(adapter_set)
         key = (tuple((n, adapter_set[n]) for n in names), tuple(id(loaded[n].handle) for n in names))
@@ -300,7 +300,7 @@ class OnnxEngine(Engine):
             "providers": self.sessions.spec.providers,
             "session_api": self.session_api,
             "prefix_cache": None
-            if self._prefixes is None or self.session_api != "c"
+            if self._prefixes is None or self.gpu
             else {
                 "max_bytes": self._prefixes.max_bytes,
                 "bytes": self._prefixes.nbytes,

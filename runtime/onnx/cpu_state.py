@@ -53,6 +53,27 @@ class BoundState(DecodeState):
         previous.cache = []
         previous.close()
 
+    @property
+    def host_kv(self) -> bool:
+        """Whether its KV buffers are host arrays, which a prefix store can copy (not device memory)."""
+        return not getattr(self, "gpu", None)
+
+    def take_kv(self) -> tuple[list[np.ndarray], int] | None:
+        """The positions the KV buffers hold, copied out at their length (a buffer's capacity can be
+        twice that: a kept prefix costs only its positions); None before the first feed."""
+        if not self.length:
+            return None
+        return [np.ascontiguousarray(buffer[:, :, : self.length]) for buffer in self.cache], self.length
+
+    def put_kv(self, kv: tuple[list[np.ndarray], int], n: int) -> None:
+        """Start from the first ``n`` positions of a saved state (before the first feed)."""
+        arrays, length = kv
+        n = min(n, length)
+        self._reserve(n)
+        for buffer, saved in zip(self.cache, arrays):
+            buffer[:, :, :n] = saved[:, :, :n]
+        self.length = n
+
     def _grown_capacity(self, total: int) -> int:
         """The capacity that holds ``total`` positions: double, at least the next block, never past the
         context (refused there)."""
@@ -117,22 +138,6 @@ class CpuKVState(BoundState):
         self.binding = self._owner = self.logits = None
         self.cache = []
         self.length = self.capacity = 0
-
-    def take_kv(self) -> tuple[list[np.ndarray], int] | None:
-        """The positions the KV buffers hold, copied out at their length (a buffer's capacity can be
-        twice that: a kept prefix costs only its positions); None before the first feed."""
-        if not self.length:
-            return None
-        return [np.ascontiguousarray(buffer[:, :, : self.length]) for buffer in self.cache], self.length
-
-    def put_kv(self, kv: tuple[list[np.ndarray], int], n: int) -> None:
-        """Start from the first ``n`` positions of a saved state (before the first feed)."""
-        arrays, length = kv
-        n = min(n, length)
-        self._reserve(n)
-        for buffer, saved in zip(self.cache, arrays):
-            buffer[:, :, :n] = saved[:, :, :n]
-        self.length = n
 
     def _bind_ids(self, token_ids: list[int]) -> None:
         value = self.setup.sessions.value

@@ -79,6 +79,26 @@ class OnnxState(DecodeState):
     def feed_all(self, token_ids: list[int]) -> np.ndarray:
         return self.run(token_ids)[0].copy()
 
+    @property
+    def host_kv(self) -> bool:
+        """Whether its KV values are host memory, which a prefix store can copy (not a device's)."""
+        return self.setup.gpu is None
+
+    def take_kv(self) -> tuple[list[np.ndarray], int] | None:
+        """Its KV values as arrays (a copy: the store outlives the values); None before the first feed, and
+        where another provider left them in its device's memory."""
+        if not self.length or any(value.device_name().lower() != "cpu" for value in self.past):
+            return None
+        return [np.array(value.numpy()) for value in self.past], self.length
+
+    def put_kv(self, kv: tuple[list[np.ndarray], int], n: int) -> None:
+        """Start from the first ``n`` positions of a saved state (before the first feed)."""
+        arrays, length = kv
+        n = min(n, length)
+        value = self.setup.sessions.value
+        self.past = [value(np.ascontiguousarray(saved[:, :, :n])) for saved in arrays]
+        self.length = n
+
     def adopt(self, previous: DecodeState) -> None:
         """Take over ``previous``'s KV values (the same KV inputs in every session of a variant)."""
         if type(previous) is not type(self) or previous.setup is not self.setup:
