@@ -13,9 +13,10 @@ so it was not kept (docs/backend-notes.md).
 A specialised session is built in the background on the first request of its shape, over the same
 shared weights and prepacked-weights container as the other sessions; requests take it once it is
 ready and the LoRA session until then, so adding an adapter stays fast. At most ``capacity`` shapes are
-kept, least recently used out. It is opt-in (``OnnxEngine(specialise=N)``): its results equal the LoRA
-session's bit for bit on x86-64, but on ARM64 (int8, under QEMU) they differed in the last bits, so a
-set's logits would change when its build lands.
+kept, least recently used out. Its logits equal the LoRA session's bit for bit (every family and
+quantization of the tests, DoRA and new tokens included, on x86-64 and on ARM64 under QEMU), so a set's
+results do not change when its build lands; that needs the DoRA rescale kept before a bias (below). It
+is opt-in (``OnnxEngine(specialise=N)``) for its memory: see ``DEFAULT_CAPACITY``.
 """
 
 from __future__ import annotations
@@ -31,9 +32,9 @@ from edge_lora.onnx_format import names
 from edge_lora.onnx_format.graph_prune import node_names, prune_nodes
 
 LORA_ADD, DORA_MUL = "/lora/Add", "/lora/DoraScale"  # the node names of a group's side path and rescale
-# off unless the app asks: the cut graph's kernels and fusions can round differently from the LoRA session's
-# (ARM64 int8: a set's logits changed in the last bits once its specialised session was ready), and a
-# set's results must not depend on when a background build finished
+BIAS_ADD = "/BiasAdd"  # a group's bias (Qwen2: q, k, v) after its rescale (converters/onnx_decoder.py)
+# off unless the app asks: a build opens the graph again, +40 MB at peak on SmolLM2-135M int4 (276 -> 315 MB
+# for a fresh process that adds an adapter and runs a request), and takes CPU beside the first requests
 DEFAULT_CAPACITY = 0
 
 
@@ -47,14 +48,20 @@ def specialised_model(model_path: Path, shape: tuple[str, ...]) -> bytes:
     without their inputs; every other input (tokens, KV, LoRA weights, new-token rows) stays."""
     model = model_path.read_bytes()  # the graph only: the weights stay in the data file
     fed = set(shape)
+    nodes = node_names(model)
+    biased = {node[: -len(BIAS_ADD)] for node in nodes if node.endswith(BIAS_ADD)}
     bypass = set()
-    for node in node_names(model):
+    for node in nodes:
         if node.endswith(LORA_ADD):
             group = node[: -len(LORA_ADD)]
             if not {names.lora_a(group), names.lora_b(group)} <= fed:
                 bypass.add(node)
-        elif node.endswith(DORA_MUL) and names.dora_scale(node[: -len(DORA_MUL)]) not in fed:
-            bypass.add(node)
+        elif node.endswith(DORA_MUL):
+            group = node[: -len(DORA_MUL)]
+            # a rescale before a bias stays: without it ONNX Runtime fuses the bias into MatMulNBits,
+            # which rounds otherwise than the LoRA session (Qwen2's qkv bias: 3.6e-7 in the logits)
+            if names.dora_scale(group) not in fed and group not in biased:
+                bypass.add(node)
     return prune_nodes(model, bypass)
 
 
