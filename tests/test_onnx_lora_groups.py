@@ -61,6 +61,27 @@ def test_stack_lora_fills_block_diagonal_b_and_leaves_untouched_groups_out(model
     np.testing.assert_allclose(half[names.lora_b(group)], feeds[names.lora_b(group)][:5], atol=2e-3)
 
 
+def test_large_feed_blocks_are_mapped_zeroed_and_give_the_same_feeds(model_dirs, monkeypatch):
+    """Above POPULATE_FROM a set's feeds are one anonymous mapping filled by the kernel at once (no huge-page
+    compaction at first touch): zeroed, writable, aligned views; the feeds equal the small path's."""
+    views = lora_feeds.zeroed_views([(1000, 1100), (3, 5), (700, 900)], np.float32)
+    assert sum(v.nbytes for v in views) > lora_feeds.POPULATE_FROM
+    for view in views:
+        assert view.flags.writeable and view.dtype == np.float32 and not view.any()
+        assert view.ctypes.data % 64 == 0
+        view[...] = 1.0  # the views do not overlap
+    assert all((v == 1.0).all() for v in views)
+    md = ModelDir(model_dirs["llama"])
+    one = random_adapter(md, seed=3, rank=4)
+    slots = names.lora_slots(md.config)
+    small = lora_feeds.stack_lora([(one, 0.5)], slots)
+    monkeypatch.setattr(lora_feeds, "POPULATE_FROM", 0)
+    mapped = lora_feeds.stack_lora([(one, 0.5)], slots)
+    assert set(mapped) == set(small)
+    for name, value in small.items():
+        np.testing.assert_array_equal(mapped[name], value)
+
+
 def test_lora_groups_follow_the_fused_weights(model_dirs):
     md = ModelDir(model_dirs["llama"])
     groups = names.lora_groups(md.config)

@@ -6,6 +6,7 @@ build them here so the two agree byte for byte (see :mod:`.names` for the group 
 
 from __future__ import annotations
 
+import mmap
 from collections.abc import Collection
 from typing import TYPE_CHECKING
 
@@ -83,16 +84,35 @@ def zeroed_views(shapes: list[tuple[int, int]], dtype: DTypeLike, align: int = 6
     """Zeroed arrays of ``shapes``, each a view of ONE allocation starting on an ``align``-byte
     boundary. A set's feeds are tens of MB in a few hundred arrays: allocated one by one, each comes
     fresh from the kernel 4 KB page by page, and those page faults cost 3x the copying (SmolLM2-135M
-    r16); one large block comes in huge pages where the kernel offers them (numpy asks
-    for them above 4 MB: 29 MB of feeds in 7.5-10 ms instead of 19-21)."""
+    r16); one block is mapped whole (:func:`zeroed_block`)."""
     dtype = np.dtype(dtype)
     step = max(1, align // dtype.itemsize)
     offsets, total = [], 0
     for rows, cols in shapes:
         offsets.append(total)
         total += -(-rows * cols // step) * step
-    flat = np.zeros(total, dtype)
+    flat = zeroed_block(total, dtype)
     return [flat[o : o + r * c].reshape(r, c) for o, (r, c) in zip(offsets, shapes)]
+
+
+POPULATE_FROM = 4 << 20  # bytes: smaller blocks come from the allocator's own free memory
+
+
+def zeroed_block(n: int, dtype: DTypeLike) -> np.ndarray:
+    """``n`` zeros of ``dtype``; a large block is an anonymous mapping whose pages the kernel fills in
+    one call (``MAP_POPULATE``, Linux), then marked for huge pages that khugepaged assembles later.
+    ``np.zeros`` asks for huge pages at the first touch instead, and where the kernel has none free it
+    compacts memory then and there: a first add of a SmolLM2-135M adapter took 31 or 99-167 ms by that
+    luck (81 ms of it in the kernel for 29 MB), 10 ms for the mapping filled at once."""
+    dtype = np.dtype(dtype)
+    nbytes = n * dtype.itemsize
+    populate = getattr(mmap, "MAP_POPULATE", None)
+    if nbytes < POPULATE_FROM or populate is None:
+        return np.zeros(n, dtype)
+    block = mmap.mmap(-1, nbytes, flags=mmap.MAP_PRIVATE | mmap.MAP_ANONYMOUS | populate)
+    if hasattr(mmap, "MADV_HUGEPAGE"):
+        block.madvise(mmap.MADV_HUGEPAGE)
+    return np.frombuffer(block, dtype)  # the array keeps the mapping alive; unmapped with it
 
 
 def _pieces(
