@@ -121,6 +121,9 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
         self._model = self._ctx = None
         self._prefixes = PrefixCache(int(prefix_cache_bytes)) if prefix_cache_bytes > 0 else None
         self._evaluated = 0  # positions llama.cpp evaluated (not reused from a cache): info()
+        # an adapter added by path is converted with gguf-py, whose import took ~40 ms of the first such
+        # add: imported beside the model's load instead, which runs in C with the interpreter released
+        threading.Thread(target=_import_gguf_writer, name="edge-lora gguf import", daemon=True).start()
         self._load(self._model_path)
 
     # --- model and context --------------------------------------------------------------
@@ -430,6 +433,13 @@ class LlamaCppEngine(LlamaCppAdapters, Engine):
             "n_ubatch": self._base_ctx.n_ubatch,
             "device": self.device.describe(),
         }
+
+
+def _import_gguf_writer() -> None:
+    try:
+        import gguf  # noqa: F401
+    except ImportError:  # the conversion says so itself, with a hint, when it is needed
+        pass
 
 
 class _State(DecodeState):
