@@ -102,8 +102,9 @@ def zeroed_block(n: int, dtype: DTypeLike) -> np.ndarray:
     """``n`` zeros of ``dtype``; a large block is an anonymous mapping whose pages the kernel fills in
     one call (``MAP_POPULATE``, Linux), then marked for huge pages that khugepaged assembles later.
     ``np.zeros`` asks for huge pages at the first touch instead, and where the kernel has none free it
-    compacts memory then and there: a first add of a SmolLM2-135M adapter took 31 or 99-167 ms by that
-    luck (81 ms of it in the kernel for 29 MB), 10 ms for the mapping filled at once."""
+    compacts memory then and there: adding a SmolLM2-135M adapter beside others took 31 or 99-167 ms by
+    that luck (81 ms of it in the kernel for 29 MB), 33-36 ms with the mapping filled at once. The cost:
+    an add right after a remove no longer reuses the memory the allocator kept (20 -> 27-29 ms)."""
     dtype = np.dtype(dtype)
     nbytes = n * dtype.itemsize
     populate = getattr(mmap, "MAP_POPULATE", None)
