@@ -278,7 +278,7 @@ def run(plan: Plan, bundle: Path | None = None, say=say) -> dict:
     planned = workers(plan, bundle, lib)
     alive = pool.start_all(planned, say)
     try:
-        decode = pool.rounds(alive, plan.rounds, say, fresh_every=FRESH_EVERY)
+        decode = pool.rounds(alive, plan.native_rounds, say, fresh_every=FRESH_EVERY)
         memory_now = {w.label: {**w.ask("rss"), "after_load_rss_mb": w.info.get("rss_mb")} for w in alive}
         errors = {w.label: {"error": w.info.get("error")} for w in planned}  # before stop's own "quit"
     finally:
@@ -301,7 +301,7 @@ def run(plan: Plan, bundle: Path | None = None, say=say) -> dict:
         "threads": plan.threads,
         "prompt": plan.prompt,
         "new_tokens": plan.new_tokens,
-        "rounds": plan.rounds,
+        "rounds": plan.native_rounds,
         "fresh_every": FRESH_EVERY,
         "timing": "library: token-callback timestamps; the others: their decode rows' loops",
         "decode": decode,
@@ -391,7 +391,7 @@ def main(argv: list[str] | None = None) -> int:
         prog="python -m benchmarks.native_bench", description=__doc__.splitlines()[0]
     )
     parser.add_argument("--quick", action="store_true", help="the CI form's sizes: short requests, 3 rounds")
-    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the plan's)")
+    parser.add_argument("--rounds", type=int, help="interleaved rounds (default: the plan's native_rounds)")
     parser.add_argument("--json", type=Path, help="also write the raw results here")
     parser.add_argument(
         "--bundle",
@@ -407,7 +407,7 @@ def main(argv: list[str] | None = None) -> int:
 
     plan = Plan.make(args.quick)
     if args.rounds:
-        plan.rounds = args.rounds
+        plan.native_rounds = args.rounds
     out = run(plan, args.bundle)
     print("\n".join(markdown(out)))
     if args.json:
