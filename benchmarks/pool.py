@@ -146,14 +146,9 @@ def restart_all(workers: list[Worker], first: int, say=print) -> None:
     ``first``; one that cannot start again is marked dead (its later rounds read None)."""
     for w in workers:
         w.stop()
-    for w in workers[first:] + workers[:first]:
-        try:
-            w.start()
-            w.dead = False
-        except Exception as err:  # noqa: BLE001  reported in its rounds, as a worker that died
-            say(f"  could not start {w.label} again: {str(err)[:400]}")
-            w.dead = True
-            w.info = {"error": str(err)[:400]}
+    started = {id(w) for w in start_all(workers[first:] + workers[:first], say)}
+    for w in workers:
+        w.dead = id(w) not in started
 
 
 def rounds(

@@ -38,9 +38,8 @@ static const char *skip_value(const char *p, bool *integers) {
             const char *start = p;
             while (*p && !strchr(" \t\n\r,:]}", *p)) p++;
             bool number = *start == '-' || (*start >= '0' && *start <= '9');
-            if (integers && number && memchr(start, '.', (size_t)(p - start))) *integers = false;
-            if (integers && number && (memchr(start, 'e', (size_t)(p - start)) || memchr(start, 'E', (size_t)(p - start))))
-                *integers = false;
+            for (const char *c = start; integers && number && c < p; c++)
+                if (*c == '.' || *c == 'e' || *c == 'E') *integers = false;
         }
     } while (*p && depth > 0);
     return p;
